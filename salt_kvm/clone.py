@@ -1,0 +1,294 @@
+"""Clone a base domain: linked (qcow2 overlay) or full copies of its disks.
+
+``plan_clone`` reads the base and checks everything before anything is made;
+``clone_domain`` then creates volumes and defines the new domain, recording an
+undo step for each so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import libvirt
+from lxml import etree
+
+from . import names
+from .domxml import Disk, Domain
+from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
+from .rollback import Rollback
+
+log = logging.getLogger(__name__)
+
+STRATEGY_QUICK = "quick"
+STRATEGY_FULL = "full"
+STRATEGIES = (STRATEGY_QUICK, STRATEGY_FULL)
+MAC_PREFIX = "52:54:00"  # QEMU's locally administered range, as libvirt uses
+
+
+@dataclass
+class DiskPlan:
+    target: str
+    base_path: str
+    base_format: str
+    base_capacity: int
+    pool: str
+    volume_name: str
+    capacity: int
+    format: str
+
+
+@dataclass
+class ClonePlan:
+    name: str
+    base: str
+    strategy: str
+    virt_type: str
+    xml: Domain
+    disks: list[DiskPlan] = field(default_factory=list)
+
+
+def _volume_format(vol: libvirt.virStorageVol) -> str:
+    fmt = etree.fromstring(vol.XMLDesc(0).encode()).find("target/format")
+    return (fmt.get("type") if fmt is not None else None) or "raw"
+
+
+def _lookup_volume(conn: libvirt.virConnect, disk: Disk) -> libvirt.virStorageVol:
+    try:
+        if disk.source_pool and disk.source_volume:
+            return conn.storagePoolLookupByName(disk.source_pool).storageVolLookupByName(
+                disk.source_volume
+            )
+        return conn.storageVolLookupByPath(disk.path)
+    except libvirt.libvirtError as exc:
+        raise SaltKvmError(
+            f"the base disk {disk.path or disk.source_volume!r} ({disk.target_dev}) is not a "
+            "volume of a libvirt storage pool; put its directory in a pool "
+            "(virsh pool-define-as NAME dir --target DIR) so salt-kvm can clone it"
+        ) from exc
+
+
+def _is_clonable(disk: Disk) -> bool:
+    flags = {child.tag for child in disk.node}
+    return disk.device == Disk.DEVICE_DISK and not ({"readonly", "shareable"} & flags)
+
+
+def used_macs(conn: libvirt.virConnect) -> set[str]:
+    macs = set()
+    for dom in conn.listAllDomains(0):
+        for iface in Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).interfaces:
+            if iface.mac:
+                macs.add(iface.mac.lower())
+    return macs
+
+
+def new_mac(taken: set[str], rng: random.Random | None = None) -> str:
+    rng = rng or random.SystemRandom()
+    for _ in range(1000):
+        mac = MAC_PREFIX + "".join(f":{rng.randrange(256):02x}" for _ in range(3))
+        if mac not in taken:
+            taken.add(mac)
+            return mac
+    raise SaltKvmError("could not find a free MAC address in 52:54:00:xx:xx:xx")
+
+
+def prepare_identity(xml: Domain, name: str, virt_type: str, taken_macs: set[str]) -> Domain:
+    """Give the copy of the base definition its own identity (pure XML work)."""
+    xml.node.attrib.pop("id", None)
+    xml.type = virt_type
+    xml.name = name
+    xml.uuid = None  # libvirt makes a new one
+    metadata = xml.node.find("metadata")
+    if metadata is not None:
+        xml.node.remove(metadata)
+    for iface in xml.interfaces:
+        iface.mac = new_mac(taken_macs)
+        iface.target_dev = None
+    devices = xml.node.find("devices")
+    if devices is None:
+        return xml
+    for graphics in devices.findall("graphics"):
+        for attr in ("port", "tlsPort", "websocket"):
+            graphics.attrib.pop(attr, None)
+        graphics.set("autoport", "yes")
+    for chardev in (
+        devices.findall("serial") + devices.findall("console") + devices.findall("channel")
+    ):
+        source = chardev.find("source")
+        if source is not None and chardev.get("type") in ("pty", "unix"):
+            # libvirt allocates a new pty / agent socket path per domain.
+            source.attrib.pop("path", None)
+            if not source.attrib:
+                chardev.remove(source)
+    for disk in xml.disks:
+        if disk.device == Disk.DEVICE_CDROM:
+            source = disk.node.find("source")
+            if source is not None:
+                disk.node.remove(source)  # eject: a base's ISO is not the clone's
+    return xml
+
+
+def plan_clone(
+    conn: libvirt.virConnect,
+    base_name: str,
+    name: str,
+    strategy: str = STRATEGY_QUICK,
+    virt_type: str | None = None,
+    root_size: int | None = None,
+) -> ClonePlan:
+    """Check the request against the hypervisor; create nothing."""
+    names.check_vm_name(name)
+    if strategy not in STRATEGIES:
+        raise SpecError("clone_strategy", f"{strategy!r} is not a clone strategy", STRATEGIES)
+    try:
+        base = conn.lookupByName(base_name)
+    except libvirt.libvirtError as exc:
+        raise NotFoundError(
+            f"base_domain: no domain named {base_name!r} on {conn.getURI()}"
+        ) from exc
+    try:
+        conn.lookupByName(name)
+    except libvirt.libvirtError:
+        pass
+    else:
+        raise ConflictError(f"a domain named {name!r} already exists on {conn.getURI()}")
+    if strategy == STRATEGY_QUICK and base.isActive():
+        raise ConflictError(
+            f"base domain {base_name!r} is running: a quick (linked) clone needs it shut off, "
+            "since the running guest holds the write lock on its disk and would change the "
+            "backing image under the clone. Shut it down or use clone_strategy: full"
+        )
+    xml = Domain(base.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    plan = ClonePlan(name, base_name, strategy, virt_type or xml.type or "kvm", xml)
+    clonable = [d for d in xml.disks if _is_clonable(d)]
+    if not clonable:
+        raise SaltKvmError(f"base domain {base_name!r} has no disk to clone")
+    for index, disk in enumerate(clonable):
+        vol = _lookup_volume(conn, disk)
+        pool = vol.storagePoolLookupByVolume()
+        base_format = _volume_format(vol)
+        fmt = "qcow2" if strategy == STRATEGY_QUICK else base_format
+        _, capacity, _ = vol.info()
+        volume_name = (
+            names.root_volume_name(name, fmt)
+            if index == 0
+            else names.extra_volume_name(name, disk.target_dev, fmt)
+        )
+        wanted = capacity
+        if index == 0 and root_size is not None:
+            if root_size < capacity:
+                raise SpecError(
+                    "disk_size",
+                    f"{root_size} bytes is smaller than the base disk ({capacity} bytes); "
+                    "disks can only grow",
+                    f"at least {capacity} bytes",
+                )
+            wanted = root_size
+        if volume_name in pool.listVolumes():
+            raise ConflictError(
+                f"volume {volume_name!r} already exists in pool {pool.name()!r}; "
+                "salt-kvm will not overwrite it"
+            )
+        plan.disks.append(
+            DiskPlan(
+                target=disk.target_dev,
+                base_path=vol.path(),
+                base_format=base_format,
+                base_capacity=capacity,
+                pool=pool.name(),
+                volume_name=volume_name,
+                capacity=wanted,
+                format=fmt,
+            )
+        )
+    return plan
+
+
+def _volume_xml(disk: DiskPlan, with_backing: bool) -> str:
+    vol = etree.Element("volume", type="file")
+    etree.SubElement(vol, "name").text = disk.volume_name
+    etree.SubElement(vol, "capacity", unit="bytes").text = str(
+        disk.capacity if with_backing else disk.base_capacity
+    )
+    target = etree.SubElement(vol, "target")
+    etree.SubElement(target, "format", type=disk.format)
+    perms = etree.SubElement(target, "permissions")
+    etree.SubElement(perms, "mode").text = "0600"
+    if with_backing:
+        backing = etree.SubElement(vol, "backingStore")
+        etree.SubElement(backing, "path").text = disk.base_path
+        etree.SubElement(backing, "format", type=disk.base_format)
+    return etree.tostring(vol, encoding="unicode")
+
+
+def create_volume(
+    conn: libvirt.virConnect, plan: ClonePlan, disk: DiskPlan
+) -> libvirt.virStorageVol:
+    pool = conn.storagePoolLookupByName(disk.pool)
+    if plan.strategy == STRATEGY_QUICK:
+        return pool.createXML(_volume_xml(disk, with_backing=True), 0)
+    base_vol = conn.storageVolLookupByPath(disk.base_path)
+    vol = pool.createXMLFrom(_volume_xml(disk, with_backing=False), base_vol, 0)
+    if disk.capacity > disk.base_capacity:
+        vol.resize(disk.capacity, 0)
+    return vol
+
+
+def _delete_volume(vol: libvirt.virStorageVol) -> None:
+    vol.delete(0)
+
+
+def clone_domain(
+    conn: libvirt.virConnect, plan: ClonePlan, rollback: Rollback
+) -> libvirt.virDomain:
+    """Create the planned volumes and define the clone; undo steps go to ``rollback``."""
+    taken = used_macs(conn)
+    xml = prepare_identity(plan.xml, plan.name, plan.virt_type, taken)
+    clonable = [d for d in xml.disks if _is_clonable(d)]
+    created = []
+    for disk_xml, disk in zip(clonable, plan.disks, strict=True):
+        vol = create_volume(conn, plan, disk)
+        rollback.add(f"volume {vol.path()}", lambda v=vol: _delete_volume(v))
+        created.append(vol.path())
+        disk_xml.path = vol.path()
+        disk_xml.driver_type = disk.format
+    xml.set_managed_info(
+        {
+            "base": plan.base,
+            "strategy": plan.strategy,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "volumes": created,
+        }
+    )
+    return define(conn, xml, rollback)
+
+
+def define(conn: libvirt.virConnect, xml: Domain, rollback: Rollback) -> libvirt.virDomain:
+    try:
+        dom = conn.defineXML(xml.to_xml())
+    except libvirt.libvirtError as exc:
+        raise SaltKvmError(f"libvirt refused the definition of {xml.name!r}: {exc}") from exc
+    rollback.add(f"domain {xml.name}", lambda: undefine(dom))
+    return dom
+
+
+def undefine(dom: libvirt.virDomain) -> None:
+    """Stop and undefine, taking libvirt's per-domain state (managed save,
+    snapshot and checkpoint metadata, NVRAM) with it, as far as the driver can."""
+    if dom.isActive():
+        dom.destroy()
+    base = (
+        libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+    )
+    for flags in (base | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA, base):
+        try:
+            dom.undefineFlags(flags)
+            return
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_INVALID_ARG:
+                raise
+    dom.undefine()

@@ -1,0 +1,94 @@
+"""libvirt connections and what the hypervisor behind one can do."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import libvirt
+
+from .errors import SaltKvmError, SpecError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "qemu:///system"
+VIRT_KVM = "kvm"
+VIRT_QEMU = "qemu"
+VIRT_AUTO = "auto"
+VIRT_TYPES = (VIRT_KVM, VIRT_QEMU, VIRT_AUTO)
+
+
+def _silence_libvirt_stderr() -> None:
+    # libvirt prints every error to stderr by default; we raise them instead.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+_silence_libvirt_stderr()
+
+
+def open_connection(
+    uri: str = DEFAULT_URI, username: str | None = None, password: str | None = None
+) -> libvirt.virConnect:
+    """Open ``uri``; with credentials, answer libvirt's auth callbacks with them."""
+    try:
+        if username is None and password is None:
+            return libvirt.open(uri)
+
+        def answer(creds, _data):
+            for cred in creds:
+                if cred[0] == libvirt.VIR_CRED_AUTHNAME:
+                    cred[4] = username
+                elif cred[0] == libvirt.VIR_CRED_PASSPHRASE:
+                    cred[4] = password
+            return 0
+
+        auth = [[libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE], answer, None]
+        return libvirt.openAuth(uri, auth, 0)
+    except libvirt.libvirtError as exc:
+        raise SaltKvmError(f"cannot connect to libvirt at {uri!r}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def connected(uri: str = DEFAULT_URI, **auth: str | None) -> Iterator[libvirt.virConnect]:
+    conn = open_connection(uri, **auth)
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
+def kvm_available(conn: libvirt.virConnect) -> bool:
+    """Whether libvirt offers hardware acceleration (``type='kvm'``) for x86_64 guests."""
+    try:
+        conn.getDomainCapabilities(None, "x86_64", None, VIRT_KVM, 0)
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
+def check_virt_type(value: object, key: str = "virt_type") -> str:
+    if value is None:
+        return VIRT_AUTO
+    if value not in VIRT_TYPES:
+        raise SpecError(key, f"{value!r} is not a domain type", VIRT_TYPES)
+    return value
+
+
+def resolve_virt_type(conn: libvirt.virConnect, wanted: str, base_type: str | None) -> str:
+    """The domain type a new guest gets.
+
+    ``auto`` keeps the base domain's type (its owner booted it that way) unless
+    that is ``kvm`` and this host cannot offer it; with no base, ``kvm`` when
+    available, else ``qemu`` (TCG emulation).
+    """
+    if wanted != VIRT_AUTO:
+        if wanted == VIRT_KVM and not kvm_available(conn):
+            raise SpecError(
+                "virt_type", f"kvm is not available on {conn.getURI()}", ("qemu", "auto")
+            )
+        return wanted
+    if base_type == VIRT_QEMU:
+        return VIRT_QEMU
+    return VIRT_KVM if kvm_available(conn) else VIRT_QEMU

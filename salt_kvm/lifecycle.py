@@ -1,0 +1,47 @@
+"""Start, stop and remove the domains salt-kvm manages."""
+
+from __future__ import annotations
+
+import logging
+
+import libvirt
+
+from .clone import undefine
+from .domxml import Domain
+from .errors import NotFoundError, SaltKvmError
+
+log = logging.getLogger(__name__)
+
+
+def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        raise NotFoundError(f"no domain named {name!r} on {conn.getURI()}") from exc
+
+
+def managed_info(dom: libvirt.virDomain) -> dict | None:
+    return Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).managed_info()
+
+
+def remove(conn: libvirt.virConnect, name: str) -> dict:
+    """Remove a salt-kvm domain and the volumes salt-kvm created for it.
+
+    Never touches the base's volumes nor disks attached from elsewhere (those
+    are not listed in the domain's salt-kvm metadata). Returns what was removed.
+    """
+    dom = lookup(conn, name)
+    info = managed_info(dom)
+    if info is None:
+        raise SaltKvmError(
+            f"{name!r} was not created by salt-kvm (no salt-kvm metadata); refusing to remove it"
+        )
+    undefine(dom)
+    removed = []
+    for path in info.get("volumes") or []:
+        try:
+            conn.storageVolLookupByPath(path).delete(0)
+            removed.append(path)
+        except libvirt.libvirtError as exc:
+            log.warning("volume %s of %s was not removed: %s", path, name, exc)
+    return {"domain": name, "volumes": removed}

@@ -1,0 +1,64 @@
+"""Sizes: the one place where size strings and units are parsed."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import SpecError
+
+KIB = 1024
+MIB = 1024**2
+GIB = 1024**3
+TIB = 1024**4
+
+_FACTORS = {
+    "": None,  # the caller's default unit
+    "b": 1,
+    "k": KIB,
+    "kb": KIB,
+    "kib": KIB,
+    "m": MIB,
+    "mb": MIB,
+    "mib": MIB,
+    "g": GIB,
+    "gb": GIB,
+    "gib": GIB,
+    "t": TIB,
+    "tb": TIB,
+    "tib": TIB,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+ACCEPTED_SIZE = "a number in {unit}, or a string such as 512M, 2G, 2GB, 1.5GiB (binary units)"
+
+
+def parse_size(value: object, key: str, default_unit: int) -> int:
+    """Return ``value`` in bytes. A bare number is in ``default_unit`` bytes.
+
+    Units are binary (``2GB`` is 2 GiB), as libvirt and qemu-img read them.
+    """
+    unit_name = {MIB: "MiB", GIB: "GiB", 1: "bytes"}.get(default_unit, f"{default_unit}-byte units")
+    accepted = ACCEPTED_SIZE.format(unit=unit_name)
+    if isinstance(value, bool):
+        raise SpecError(key, f"{value!r} is not a size", accepted)
+    if isinstance(value, int | float):
+        number, factor = float(value), default_unit
+    elif isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if not match or match.group(2).lower() not in _FACTORS:
+            raise SpecError(key, f"{value!r} is not a size", accepted)
+        number = float(match.group(1))
+        factor = _FACTORS[match.group(2).lower()] or default_unit
+    else:
+        raise SpecError(key, f"{value!r} is not a size", accepted)
+    size = int(number * factor)
+    if size <= 0:
+        raise SpecError(key, f"{value!r} must be greater than zero", accepted)
+    return size
+
+
+def human_size(size: int) -> str:
+    """``2147483648`` -> ``2G``: the shortest exact binary form."""
+    for suffix, factor in (("T", TIB), ("G", GIB), ("M", MIB), ("K", KIB)):
+        if size % factor == 0:
+            return f"{size // factor}{suffix}"
+    return f"{size}B"

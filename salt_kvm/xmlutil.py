@@ -1,0 +1,102 @@
+"""A small lxml toolkit: typed properties bound to XPath-like paths.
+
+In the spirit of virt-manager's ``XMLProperty``: a device class declares
+``driver_type = XMLProperty("./driver/@type")`` and reads or writes it as an
+attribute; missing elements are created on write, and ``None`` removes.
+Paths are limited to ``./a/b``, ``./a/b/@attr`` and ``./@attr`` forms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lxml import etree
+
+
+def parse(xml: str | bytes) -> etree._Element:
+    parser = etree.XMLParser(remove_blank_text=True, resolve_entities=False, no_network=True)
+    if isinstance(xml, str):
+        xml = xml.encode()
+    return etree.fromstring(xml, parser)
+
+
+def tostring(node: etree._Element) -> str:
+    return etree.tostring(node, pretty_print=True, encoding="unicode")
+
+
+def _split(path: str) -> tuple[list[str], str | None]:
+    if not path.startswith("./"):
+        raise ValueError(f"XMLProperty paths start with './': {path!r}")
+    parts = [p for p in path[2:].split("/") if p]
+    attr = None
+    if parts and parts[-1].startswith("@"):
+        attr = parts.pop()[1:]
+    return parts, attr
+
+
+def find_or_create(node: etree._Element, parts: list[str]) -> etree._Element:
+    for tag in parts:
+        child = node.find(tag)
+        if child is None:
+            child = etree.SubElement(node, tag)
+        node = child
+    return node
+
+
+class XMLProperty:
+    """A value stored at ``path`` below the object's ``node``."""
+
+    def __init__(self, path: str, kind: Callable[[str], Any] = str):
+        self.path = path
+        self.kind = kind
+        self.parts, self.attr = _split(path)
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        target = obj.node
+        for tag in self.parts:
+            target = target.find(tag)
+            if target is None:
+                return None
+        raw = target.get(self.attr) if self.attr else target.text
+        if raw is None:
+            return None
+        if self.kind is bool:
+            return raw in ("yes", "on", "true", "1")
+        return self.kind(raw)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if value is None:
+            self._remove(obj.node)
+            return
+        if isinstance(value, bool):
+            value = "yes" if value else "no"
+        target = find_or_create(obj.node, self.parts)
+        if self.attr:
+            target.set(self.attr, str(value))
+        else:
+            target.text = str(value)
+
+    def _remove(self, node: etree._Element) -> None:
+        for tag in self.parts:
+            node = node.find(tag)
+            if node is None:
+                return
+        if self.attr:
+            node.attrib.pop(self.attr, None)
+        elif node is not None and node.getparent() is not None:
+            node.getparent().remove(node)
+
+
+class XMLObject:
+    """Base for objects that wrap one element; subclasses declare properties."""
+
+    TAG = ""
+
+    def __init__(self, node: etree._Element | None = None):
+        self.node = node if node is not None else etree.Element(self.TAG)
+
+    def to_xml(self) -> str:
+        return tostring(self.node)

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Import the cached test image into the pool and define it as a shut-off base domain.
+
+Usage: define-test-base.py IMAGE KEY
+
+Idempotent: a base domain already made from the image with KEY is kept. The
+domain type is probed: ``kvm`` when a guest really boots with it (reaches its
+DHCP lease), else ``qemu`` (TCG). Prints the base domain's name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+import libvirt
+from lxml import etree
+
+from salt_kvm import addresses, clone, connection
+from salt_kvm.domxml import Domain, new_domain
+from salt_kvm.rollback import Rollback
+
+POOL = os.environ.get("SALT_KVM_POOL", "default")
+NETWORK = os.environ.get("SALT_KVM_TEST_NET", "salt-kvm-test")
+BASE = os.environ.get("SALT_KVM_BASE_DOMAIN", "salt-kvm-base-debian12")
+PROBE_TIMEOUT = 180
+MARK = "salt-kvm test base, image "
+
+
+def log(msg: str) -> None:
+    print(f"[salt-kvm {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def existing_base(conn: libvirt.virConnect, key: str) -> bool:
+    try:
+        dom = conn.lookupByName(BASE)
+    except libvirt.libvirtError:
+        return False
+    xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    if xml.description == MARK + key and all(os.path.exists(d.path or "") for d in xml.disks):
+        return True
+    log(f"replacing base domain {BASE} (made from another image)")
+    old_paths = [d.path for d in xml.disks if d.path]
+    clone.undefine(dom)
+    for path in old_paths:
+        try:
+            conn.storageVolLookupByPath(path).delete(0)
+        except libvirt.libvirtError:
+            pass
+    return False
+
+
+def import_volume(conn: libvirt.virConnect, image: str, key: str) -> str:
+    pool = conn.storagePoolLookupByName(POOL)
+    target_dir = Domain(pool.XMLDesc(0)).node.findtext("target/path")
+    path = os.path.join(target_dir, f"{BASE}-{key}.qcow2")
+    if not os.path.exists(path):
+        shutil.copyfile(image, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    pool.refresh(0)
+    return path
+
+
+def boots_with(conn: libvirt.virConnect, virt_type: str, disk: str) -> bool:
+    """Boot a throwaway guest (transient disk) and wait for its DHCP lease."""
+    xml = new_domain(f"{BASE}-probe", virt_type, 512, 1, disk, networks=(NETWORK,))
+    mac = clone.new_mac(clone.used_macs(conn))
+    xml.interfaces[0].mac = mac
+    etree.SubElement(xml.disks[0].node, "transient")  # writes go to a throwaway overlay
+    try:
+        dom = conn.createXML(xml.to_xml(), 0)
+    except libvirt.libvirtError as exc:
+        log(f"{virt_type}: guest does not start: {exc}")
+        return False
+    try:
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        while time.monotonic() < deadline:
+            state, reason = dom.state()
+            if state != libvirt.VIR_DOMAIN_RUNNING:
+                log(f"{virt_type}: guest stopped running (state {state}, reason {reason})")
+                return False
+            if addresses.addresses_from(dom, addresses.SOURCE_LEASE, [mac]):
+                return True
+            time.sleep(0.5)
+        log(f"{virt_type}: no DHCP lease within {PROBE_TIMEOUT}s")
+        return False
+    finally:
+        try:
+            dom.destroy()
+        except libvirt.libvirtError:
+            pass
+
+
+def main() -> int:
+    image, key = sys.argv[1], sys.argv[2]
+    with connection.connected() as conn:
+        if existing_base(conn, key):
+            log(f"base domain {BASE} is up to date")
+            print(BASE)
+            return 0
+        path = import_volume(conn, image, key)
+        candidates = [connection.VIRT_KVM] if connection.kvm_available(conn) else []
+        virt_type = connection.VIRT_QEMU
+        for candidate in candidates:
+            log(f"probing whether a guest boots with type {candidate}")
+            if boots_with(conn, candidate, path):
+                virt_type = candidate
+                break
+        log(f"base domain {BASE}: type {virt_type}")
+        xml = new_domain(BASE, virt_type, 1024, 1, path, networks=(NETWORK,))
+        xml.description = MARK + key
+        clone.define(conn, xml, Rollback())
+    print(BASE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

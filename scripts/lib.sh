@@ -1,0 +1,22 @@
+# Shared helpers for the salt-kvm scripts. Sourced, never run.
+# Every path and name the scripts agree on is defined here once.
+
+SALT_KVM_HOME="${SALT_KVM_HOME:-/opt/salt-kvm}"          # venvs, wheels
+SALT_KVM_CACHE="${SALT_KVM_CACHE:-/var/cache/salt-kvm}"   # guest images
+SALT_KVM_POOL="${SALT_KVM_POOL:-default}"
+SALT_KVM_POOL_DIR="${SALT_KVM_POOL_DIR:-/var/lib/libvirt/images}"
+# The isolated network the tests own: guests reach the host (salt-master) and
+# nothing else.
+SALT_KVM_TEST_NET="${SALT_KVM_TEST_NET:-salt-kvm-test}"
+SALT_KVM_TEST_NET_PREFIX="${SALT_KVM_TEST_NET_PREFIX:-192.168.213}"
+SALT_KVM_BASE_DOMAIN="${SALT_KVM_BASE_DOMAIN:-salt-kvm-base-debian12}"
+SALT_VERSION="${SALT_VERSION:-3008.3}"
+SALT_3007_VERSION="${SALT_3007_VERSION:-3007.8}"
+VIRSH="virsh -q -c qemu:///system"
+
+log() { printf '[salt-kvm %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+need_root() { [ "$(id -u)" = 0 ] || die "run as root"; }
+
+# pip, minus this kind of machine's noise about absent local index folders.
+pip_quiet() { "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2); }

@@ -1,0 +1,24 @@
+import pytest
+
+from salt_kvm import host
+from salt_kvm.errors import SaltKvmError, SpecError
+
+
+def test_info_names_the_hypervisor(conn):
+    facts = host.info(conn)
+    assert facts["uri"] == "test:///default"
+    assert "default-pool" in facts["pools"]
+    assert facts["kvm_available"] is False
+
+
+def test_ensure_dir_pool_is_idempotent(conn, tmp_path):
+    changes = host.ensure_dir_pool(conn, "images", str(tmp_path))
+    assert changes["old"] is None and changes["new"]["active"] is True
+    assert host.ensure_dir_pool(conn, "images", str(tmp_path)) == {}
+
+
+def test_ensure_dir_pool_refuses_to_move_a_pool(conn, tmp_path):
+    with pytest.raises(SaltKvmError, match="already exists"):
+        host.ensure_dir_pool(conn, "default-pool", str(tmp_path))
+    with pytest.raises(SpecError):
+        host.ensure_dir_pool(conn, "x", "relative/path")
