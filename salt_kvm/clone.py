@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import libvirt
@@ -241,11 +242,22 @@ def _delete_volume(vol: libvirt.virStorageVol) -> None:
 
 
 def clone_domain(
-    conn: libvirt.virConnect, plan: ClonePlan, rollback: Rollback
+    conn: libvirt.virConnect,
+    plan: ClonePlan,
+    rollback: Rollback,
+    customize: Callable[[Domain], None] | None = None,
+    validate: bool = True,
+    info: dict | None = None,
 ) -> libvirt.virDomain:
-    """Create the planned volumes and define the clone; undo steps go to ``rollback``."""
+    """Create the planned volumes and define the clone; undo steps go to ``rollback``.
+
+    ``customize`` edits the clone's XML (sizing, NICs) before it is defined;
+    ``info`` adds fields to the salt-kvm metadata tag.
+    """
     taken = used_macs(conn)
     xml = prepare_identity(plan.xml, plan.name, plan.virt_type, taken)
+    if customize is not None:
+        customize(xml)
     clonable = [d for d in xml.disks if _is_clonable(d)]
     created = []
     for disk_xml, disk in zip(clonable, plan.disks, strict=True):
@@ -260,14 +272,19 @@ def clone_domain(
             "strategy": plan.strategy,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "volumes": created,
+            **(info or {}),
         }
     )
-    return define(conn, xml, rollback)
+    return define(conn, xml, rollback, validate)
 
 
-def define(conn: libvirt.virConnect, xml: Domain, rollback: Rollback) -> libvirt.virDomain:
+def define(
+    conn: libvirt.virConnect, xml: Domain, rollback: Rollback, validate: bool = False
+) -> libvirt.virDomain:
+    """Define ``xml``; with ``validate``, libvirt checks it against its schema first."""
+    flags = libvirt.VIR_DOMAIN_DEFINE_VALIDATE if validate else 0
     try:
-        dom = conn.defineXML(xml.to_xml())
+        dom = conn.defineXMLFlags(xml.to_xml(), flags)
     except libvirt.libvirtError as exc:
         raise SaltKvmError(f"libvirt refused the definition of {xml.name!r}: {exc}") from exc
     rollback.add(f"domain {xml.name}", lambda: undefine(dom))

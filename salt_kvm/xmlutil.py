@@ -86,7 +86,10 @@ class XMLProperty:
                 return
         if self.attr:
             node.attrib.pop(self.attr, None)
-        elif node is not None and node.getparent() is not None:
+            if node.attrib or len(node) or (node.text or "").strip() or not self.parts:
+                return
+        # An element left with nothing in it is removed too (<target/> is invalid).
+        if node.getparent() is not None:
             node.getparent().remove(node)
 
 

@@ -2,7 +2,8 @@
 salt-kvm's libvirt cloud driver for salt-cloud.
 
 A drop-in replacement for the ``libvirt`` driver of Salt 3007 (dropped from
-Salt 3008): the same provider and profile keys, with the same meaning.
+Salt 3008): the same provider and profile keys, with the same meaning, plus
+sizing, NICs, DHCP reservations, virt_type and faster address learning.
 
 .. code-block:: yaml
 
@@ -11,19 +12,35 @@ Salt 3008): the same provider and profile keys, with the same meaning.
       driver: libvirt
       url: qemu:///system
 
-See the salt-kvm documentation for every profile key.
+    # /etc/salt/cloud.profiles.d/kvm.conf
+    centos7:
+      provider: local-kvm
+      base_domain: base-centos7-64
+      ip_source: ip-learning
+      ssh_username: root
+      password: my-very-secret-password
+
+See the salt-kvm documentation (docs/cloud.rst) for every key.
 """
 
 import logging
+import time
 
-from salt.exceptions import SaltCloudSystemExit
+import salt.config as config
+import salt.utils.cloud
+import salt.utils.yaml
+from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
 
 try:
-    import libvirt  # noqa: F401
+    import libvirt
 
-    from salt_kvm import __version__, host
+    from salt_kvm import __version__, host, inventory, lifecycle, provision
+    from salt_kvm import deploy as ssh_deploy
+    from salt_kvm import ssh as ssh_lib
     from salt_kvm.connection import connected
-    from salt_kvm.errors import SaltKvmError
+    from salt_kvm.errors import SaltKvmError, SpecError
+    from salt_kvm.rollback import Rollback
+    from salt_kvm.spec import build_spec
 
     HAS_LIBS = True
 except ImportError as _exc:  # pragma: no cover - depends on the master
@@ -32,6 +49,43 @@ except ImportError as _exc:  # pragma: no cover - depends on the master
 
 log = logging.getLogger(__name__)
 __virtualname__ = "libvirt"
+
+# Profile keys read into the VM spec (salt_kvm.spec validates them).
+SPEC_KEYS = (
+    "base_domain",
+    "clone_strategy",
+    "virt_type",
+    "ip_source",
+    "validate_xml",
+    "wait_for_ip_timeout",
+    "wait_for_ip_interval",
+    "cpus",
+    "cpu_options",
+    "numa",
+    "memory",
+    "disk_size",
+    "disk",
+    "description",
+    "desc",
+    "autostart",
+    "onboot",
+    "keymap",
+    "vhost",
+    "cpuunits",
+    "nics",
+    "deploy",
+    "deploy_method",
+    "ssh_username",
+    "ssh_port",
+    "password",
+    "private_key",
+    "ssh_agent",
+    "image",
+    "swap",
+    "host",
+    "nameserver",
+)
+DEFAULT_MINION_TIMEOUT = 300
 
 
 def __virtual__():
@@ -49,23 +103,386 @@ def _active_provider():
 
 def get_configured_provider():
     """Return the first configured provider of this driver (needs ``url``)."""
-    import salt.config as config
-
     return config.is_provider_configured(__opts__, _active_provider(), ("url",))
 
 
-def _provider_url():
-    import salt.config as config
-
-    provider = get_configured_provider()
+def _provider_value(key, default=None):
+    provider = get_configured_provider() or {}
     return config.get_cloud_config_value(
-        "url", provider or {}, __opts__, search_global=False, default="qemu:///system"
+        key, provider, __opts__, search_global=False, default=default
     )
+
+
+def _connect(vm_=None):
+    source = vm_ if vm_ is not None else (get_configured_provider() or {})
+    get = lambda key, default=None: config.get_cloud_config_value(  # noqa: E731
+        key, source, __opts__, search_global=False, default=default
+    )
+    return connected(
+        get("url", "qemu:///system"),
+        username=get("libvirt_username"),
+        password=get("libvirt_password"),
+    )
+
+
+def _fire(name, step, args):
+    __utils__["cloud.fire_event"](
+        "event",
+        f"{step} instance" if step != "waiting_for_ip" else "waiting for ip",
+        f"salt/cloud/{name}/{step}",
+        args=args,
+        sock_dir=__opts__["sock_dir"],
+        transport=__opts__.get("transport", "zeromq"),
+    )
+
+
+def _profile_values(vm_):
+    values = {"name": vm_.get("name")}
+    for key in SPEC_KEYS:
+        value = config.get_cloud_config_value(key, vm_, __opts__, search_global=False)
+        if value is not None:
+            values[key] = value
+    return values
+
+
+def _spec(vm_):
+    try:
+        return build_spec(_profile_values(vm_))
+    except SpecError as exc:
+        raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc
+
+
+# ---- create ------------------------------------------------------------------
+
+
+def create(vm_):
+    """
+    Clone the profile's base domain into a new guest, boot it, learn its IP
+    and make it a minion.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -p centos7 vm1
+    """
+    name = vm_["name"]
+    spec = _spec(vm_)  # bad input stops here, before anything is made
+    started = time.monotonic()
+
+    def emit(step, data):
+        _fire(name, step, {**data, "elapsed": round(time.monotonic() - started, 2)})
+
+    emit(
+        "creating",
+        __utils__["cloud.filter_event"]("creating", vm_, ["name", "profile", "provider", "driver"]),
+    )
+    rollback = Rollback()
+    try:
+        with _connect(vm_) as conn:
+            guest = provision.create(conn, spec, rollback, emit)
+            vm_["ssh_host"] = guest.addresses[0]
+            result = {"name": name, "ip_address": guest.addresses[0], "addresses": guest.addresses}
+            if spec.deploy.enabled:
+                emit("deploying", {"name": name, "ip_address": guest.addresses[0]})
+                result["deploy"] = _deploy(vm_, spec, guest, rollback)
+            rollback.forget()
+            result.update(inventory.describe(conn, guest.domain))
+    except Exception as exc:
+        failed = rollback.run()
+        leftover = f"; could not remove: {', '.join(failed)}" if failed else ""
+        if isinstance(exc, SpecError):
+            raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc
+        raise SaltCloudSystemExit(
+            f"creating {name} failed: {exc}. Everything this run created was removed{leftover}."
+        ) from exc
+    guest.mark("total")
+    result["timings"] = dict(guest.timings)
+    emit("created", {"name": name, "ip_address": guest.addresses[0], "timings": result["timings"]})
+    return result
+
+
+def _deploy_value(vm_, key, default=None):
+    return config.get_cloud_config_value(key, vm_, __opts__, default=default)
+
+
+def _deploy(vm_, spec, guest, rollback):
+    name = vm_["name"]
+    minion_conf = salt.utils.cloud.minion_config(__opts__, vm_)
+    script_name = _deploy_value(vm_, "script", "bootstrap-salt")
+    script = salt.utils.cloud.os_script(script_name, vm_, __opts__, minion_conf)
+    if not script and not _deploy_value(vm_, "deploy_command"):
+        raise SaltCloudConfigError(
+            f"script: no deploy script named {script_name!r} in "
+            f"{__opts__['deploy_scripts_search_path']}"
+        )
+    priv, pub = salt.utils.cloud.gen_keys(_deploy_value(vm_, "keysize", 2048))
+    files = {"minion.pem": (priv.encode(), 0o600), "minion.pub": (pub.encode(), 0o600)}
+    grains = minion_conf.pop("grains", {})
+    if grains:
+        files["grains"] = (salt.utils.cloud.salt_config_to_yaml(grains).encode(), 0o600)
+    minion_conf["grains"] = {
+        "salt-cloud": {
+            "driver": vm_.get("driver"),
+            "provider": vm_.get("provider"),
+            "profile": vm_.get("profile"),
+        }
+    }
+    files["minion"] = (salt.utils.cloud.salt_config_to_yaml(minion_conf).encode(), 0o600)
+    key_id = name if "append_domain" not in vm_ else f"{name}.{vm_['append_domain']}"
+    salt.utils.cloud.accept_key(__opts__["pki_dir"], pub, key_id)
+    rollback.add(
+        f"minion key {key_id}", lambda: salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)
+    )
+
+    bundle = ssh_deploy.Bundle(
+        files=files,
+        script=script.encode() if script else None,
+        deploy_command=_deploy_value(vm_, "deploy_command"),
+        script_args=_deploy_value(vm_, "script_args"),
+        bootstrap_style="bootstrap-salt" in str(script_name),
+        force_minion_config=bool(_deploy_value(vm_, "force_minion_config", False)),
+        tmp_dir=_deploy_value(vm_, "tmp_dir", ssh_deploy.DEFAULT_TMP_DIR),
+        keep_tmp=bool(__opts__.get("keep_tmp", False)),
+        sudo=bool(_deploy_value(vm_, "sudo", spec.deploy.ssh_username != "root")),
+        sudo_password=_deploy_value(vm_, "sudo_password") or spec.deploy.password,
+        hostname=name.split(".", 1)[0],
+    )
+    private_key = None
+    if spec.deploy.private_key:
+        try:
+            with open(spec.deploy.private_key) as handle:
+                private_key = handle.read()
+        except OSError as exc:
+            raise SaltCloudConfigError(
+                f"private_key: cannot read {spec.deploy.private_key!r}: {exc}"
+            ) from exc
+    minion_timeout = float(_deploy_value(vm_, "wait_for_minion_timeout", DEFAULT_MINION_TIMEOUT))
+    listener = _minion_listener() if minion_timeout > 0 else None
+    try:
+        with ssh_lib.connect(
+            guest.addresses[0],
+            spec.deploy.ssh_username,
+            password=spec.deploy.password,
+            private_key=private_key,
+            allow_agent=spec.deploy.ssh_agent,
+            port=spec.deploy.ssh_port,
+            timeout=spec.wait_for_ip_timeout,
+        ) as session:
+            guest.mark("ssh")
+            ssh_deploy.run(session, bundle)
+        guest.mark("deploy")
+        if listener is not None:
+            _wait_for_minion(listener, key_id, minion_timeout)
+            guest.mark("minion")
+    finally:
+        if listener is not None:
+            listener.destroy()
+    return {"method": "ssh", "minion_id": key_id}
+
+
+def _minion_listener():
+    """Subscribe to the master's event bus before the minion can start."""
+    try:
+        import salt.utils.event
+
+        return salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=True)
+    except Exception as exc:  # noqa: BLE001 - no local master: nothing to wait on
+        log.warning("not waiting for the minion: no master event bus here (%s)", exc)
+        return None
+
+
+def _wait_for_minion(listener, minion_id, timeout):
+    deadline = time.monotonic() + timeout
+    tag = f"salt/minion/{minion_id}/start"
+    while time.monotonic() < deadline:
+        event = listener.get_event(
+            wait=min(1.0, max(0.1, deadline - time.monotonic())), tag=tag, full=True
+        )
+        if event:
+            return
+    raise SaltKvmError(f"the minion {minion_id} did not connect to the master within {timeout:g}s")
+
+
+# ---- destroy and actions -----------------------------------------------------
+
+
+def destroy(name, call=None):
+    """
+    Remove a guest salt-kvm created: the domain, the volumes it created (never
+    the base's), its DHCP reservations and its minion key.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -d vm1
+    """
+    if call == "function":
+        raise SaltCloudSystemExit("destroy is an action: use -d or -a destroy")
+    _fire(name, "destroying", {"name": name})
+    try:
+        with _connect() as conn:
+            dom = lifecycle.lookup(conn, name)
+            info = lifecycle.managed_info(dom) or {}
+            removed = lifecycle.remove(conn, name)
+            removed["reservations"] = provision.release_reservations(conn, info)
+    except SaltKvmError as exc:
+        raise SaltCloudSystemExit(str(exc)) from exc
+    salt.utils.cloud.remove_key(__opts__["pki_dir"], name)
+    _fire(name, "destroyed", {"name": name})
+    return {"destroyed": True, **removed}
+
+
+def _action(name, call, what, fn):
+    if call != "action":
+        raise SaltCloudSystemExit(f"{what} is an action: use -a {what}")
+    try:
+        with _connect() as conn:
+            dom = lifecycle.lookup(conn, name)
+            if lifecycle.managed_info(dom) is None:
+                raise SaltKvmError(f"{name!r} was not created by salt-kvm")
+            fn(dom)
+            return {name: inventory.describe(conn, dom)["state"]}
+    except (SaltKvmError, libvirt.libvirtError) as exc:
+        raise SaltCloudSystemExit(str(exc)) from exc
+
+
+def start(name, call=None):
+    """
+    Start a stopped guest.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -a start vm1
+    """
+    return _action(name, call, "start", lambda dom: dom.isActive() or dom.create())
+
+
+def stop(name, call=None):
+    """
+    Shut a guest down (ACPI; the guest decides how fast).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -a stop vm1
+    """
+    return _action(name, call, "stop", lambda dom: dom.isActive() and dom.shutdown())
+
+
+def reboot(name, call=None):
+    """
+    Reboot a running guest.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -a reboot vm1
+    """
+    return _action(name, call, "reboot", lambda dom: dom.reboot(0))
+
+
+def show_instance(name, call=None):
+    """
+    Show a guest's state, addresses, size and base.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -a show_instance vm1
+    """
+    if call != "action":
+        raise SaltCloudSystemExit("show_instance is an action: use -a show_instance")
+    try:
+        with _connect() as conn:
+            return inventory.describe(conn, lifecycle.lookup(conn, name))
+    except SaltKvmError as exc:
+        raise SaltCloudSystemExit(str(exc)) from exc
+
+
+def list_nodes_full(call=None):
+    """
+    Every guest salt-kvm created on this provider's hypervisor, with all details.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -F
+    """
+    if call == "action":
+        raise SaltCloudSystemExit("list_nodes_full is a function: use -F or -f list_nodes_full")
+    with _connect() as conn:
+        return inventory.managed(conn)
+
+
+def list_nodes(call=None):
+    """
+    Every guest salt-kvm created, with the fields salt-cloud -Q shows.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -Q
+    """
+    if call == "action":
+        raise SaltCloudSystemExit("list_nodes is a function: use -Q or -f list_nodes")
+    keys = ("id", "name", "state", "public_ips", "private_ips", "size", "image")
+    return {name: {k: node.get(k) for k in keys} for name, node in list_nodes_full().items()}
+
+
+def list_nodes_select(call=None):
+    """
+    The fields of ``query.selection`` for every guest salt-kvm created.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -S
+    """
+    return salt.utils.cloud.list_nodes_select(list_nodes_full(), __opts__["query.selection"], call)
+
+
+def avail_images(call=None):
+    """
+    Domains usable as ``base_domain``: shut-off domains salt-kvm did not create.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud --list-images my-kvm-provider
+    """
+    if call == "action":
+        raise SaltCloudSystemExit("avail_images is a function: use --list-images")
+    with _connect() as conn:
+        return inventory.base_domains(conn)
+
+
+def avail_sizes(call=None):
+    """
+    libvirt has no fixed sizes: profiles set ``cpus``, ``memory`` and ``disk_size``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud --list-sizes my-kvm-provider
+    """
+    return {}
 
 
 def avail_locations(call=None):
     """
-    List the hypervisor this provider manages, with its versions.
+    The hypervisor this provider manages, with its versions.
 
     CLI Example:
 
@@ -75,9 +492,9 @@ def avail_locations(call=None):
     """
     if call == "action":
         raise SaltCloudSystemExit("avail_locations is a function: use -f or --list-locations")
-    url = _provider_url()
+    url = _provider_value("url", "qemu:///system")
     try:
-        with connected(url) as conn:
+        with _connect() as conn:
             facts = host.info(conn)
     except SaltKvmError as exc:
         raise SaltCloudSystemExit(str(exc)) from exc

@@ -1,0 +1,90 @@
+"""DHCP host reservations on libvirt-managed networks (pre-provisioned name/MAC/IP)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import libvirt
+from lxml import etree
+
+from .errors import ConflictError, NotFoundError, SpecError
+
+LIVE_AND_CONFIG = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+
+
+def _network(conn: libvirt.virConnect, name: str) -> libvirt.virNetwork:
+    try:
+        return conn.networkLookupByName(name)
+    except libvirt.libvirtError as exc:
+        raise NotFoundError(f"no libvirt network named {name!r}") from exc
+
+
+def _host_xml(mac: str, ip: str, name: str) -> str:
+    return etree.tostring(etree.Element("host", mac=mac, name=name, ip=ip), encoding="unicode")
+
+
+def _flags(net: libvirt.virNetwork) -> int:
+    return LIVE_AND_CONFIG if net.isActive() else libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+
+
+def check(conn: libvirt.virConnect, network: str, mac: str, ip: str, key: str) -> None:
+    """Refuse, before anything is made, a reservation the network cannot take."""
+    net = _network(conn, network)
+    xml = etree.fromstring(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE).encode())
+    address = ipaddress.ip_address(ip)
+    for ip_node in xml.findall("ip"):
+        if ip_node.find("dhcp") is None or ip_node.get("address") is None:
+            continue
+        prefix = (
+            ip_node.get("prefix")
+            or ipaddress.IPv4Network(f"0.0.0.0/{ip_node.get('netmask', '255.255.255.0')}").prefixlen
+        )
+        subnet = ipaddress.ip_network(f"{ip_node.get('address')}/{prefix}", strict=False)
+        if address not in subnet:
+            continue
+        if address == ipaddress.ip_address(ip_node.get("address")):
+            raise SpecError(key, f"{ip} is the network's own address", f"an address in {subnet}")
+        for host in ip_node.findall("dhcp/host"):
+            if host.get("ip") == ip and (host.get("mac") or "").lower() != mac:
+                raise ConflictError(
+                    f"{key}: {ip} is already reserved on network {network!r} for {host.get('mac')}"
+                )
+            if (host.get("mac") or "").lower() == mac and host.get("ip") != ip:
+                raise ConflictError(
+                    f"{key}: {mac} already has a reservation for {host.get('ip')} on {network!r}"
+                )
+        return
+    raise SpecError(
+        key, f"{ip} is not in a DHCP subnet of network {network!r}", "an address of that network"
+    )
+
+
+def reserve(conn: libvirt.virConnect, network: str, mac: str, ip: str, name: str) -> bool:
+    """Add the reservation; ``False`` when it already existed (nothing to undo)."""
+    net = _network(conn, network)
+    xml = etree.fromstring(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE).encode())
+    for host in xml.findall("ip/dhcp/host"):
+        if (host.get("mac") or "").lower() == mac and host.get("ip") == ip:
+            return False
+    net.update(
+        libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+        libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+        -1,
+        _host_xml(mac, ip, name),
+        _flags(net),
+    )
+    return True
+
+
+def release(conn: libvirt.virConnect, network: str, mac: str, ip: str) -> None:
+    net = _network(conn, network)
+    xml = etree.fromstring(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE).encode())
+    for host in xml.findall("ip/dhcp/host"):
+        if (host.get("mac") or "").lower() == mac and host.get("ip") == ip:
+            net.update(
+                libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
+                libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                -1,
+                etree.tostring(host, encoding="unicode"),
+                _flags(net),
+            )
