@@ -43,7 +43,9 @@ def usable(address: str) -> bool:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    return not (ip.is_link_local or ip.is_loopback or ip.is_unspecified or ip.is_multicast)
+    return not (
+        ip.is_link_local or ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_reserved
+    )
 
 
 def domain_macs(dom: libvirt.virDomain) -> list[str]:

@@ -45,14 +45,16 @@ def _set_numa(xml: Domain, spec: VMSpec) -> None:
     total = spec.memory_mib or xml.memory_mib() or 1024
     fixed = sum(c.memory_mib or 0 for c in spec.numa)
     flexible = [c for c in spec.numa if c.memory_mib is None]
-    share = (total - fixed) // len(flexible) if flexible else 0
+    # spec validation guarantees room when cells give sizes; the base's memory
+    # is only used when no cell does (then it is split evenly).
+    share = max(1, (total - fixed) // len(flexible)) if flexible else 0
     for cell in spec.numa:
         etree.SubElement(
             numa,
             "cell",
             id=str(cell.id),
             cpus=cell.cpus,
-            memory=str(cell.memory_mib or share),
+            memory=str(share if cell.memory_mib is None else cell.memory_mib),
             unit="MiB",
         )
 
@@ -73,8 +75,8 @@ def _nic_element(nic: NicSpec, vhost: bool) -> etree._Element:
 
 def _set_nics(xml: Domain, spec: VMSpec) -> None:
     if spec.nics is not None:
-        devices = xml.node.find("devices")
         xml.remove_devices("interface")
+        devices = xml.node.find("devices")
         for nic in spec.nics:
             devices.append(_nic_element(nic, spec.vhost))
     elif spec.vhost:

@@ -158,23 +158,24 @@ def _seconds(value: Any, key: str, minimum: float) -> float:
     return number
 
 
-def _str(values: dict, key: str, required: bool = False) -> str | None:
+def _str(values: dict, key: str, required: bool = False, label: str | None = None) -> str | None:
+    label = label or key
     value = values.get(key)
     if value is None or value == "":
         if required:
-            raise SpecError(key, "is required", "a non-empty string")
+            raise SpecError(label, "is required", "a non-empty string")
         return None
     if not isinstance(value, str | int | float) or isinstance(value, bool):
-        raise SpecError(key, f"{value!r} is not a string", "a string")
+        raise SpecError(label, f"{value!r} is not a string", "a string")
     return str(value)
 
 
-def _one_of(values: dict, key: str, choices: tuple, default: Any) -> Any:
+def _one_of(values: dict, key: str, choices: tuple, default: Any, label: str | None = None) -> Any:
     value = values.get(key, default)
     if value is None:
         value = default
     if value not in choices:
-        raise SpecError(key, f"{value!r} is not allowed", choices)
+        raise SpecError(label or key, f"{value!r} is not allowed", choices)
     return value
 
 
@@ -182,7 +183,7 @@ def _one_of(values: dict, key: str, choices: tuple, default: Any) -> Any:
 
 
 def parse_cpu_options(value: Any, cpus: int | None, key: str = "cpu_options") -> CpuTopology:
-    """``"cores=2,threads=1,sockets=1,maxcpus=4"`` (SlapOS/QEMU -smp) or a dict."""
+    """``"cores=2,threads=2,sockets=1,maxcpus=4"`` (SlapOS/QEMU -smp) or a dict."""
     accepted = "cores=N,threads=N,sockets=N,maxcpus=N (any subset), or a mapping of those keys"
     if isinstance(value, str):
         items = {}
@@ -218,17 +219,24 @@ def parse_cpu_options(value: Any, cpus: int | None, key: str = "cpu_options") ->
             "values whose product equals maxcpus",
         )
     if cpus is not None and cpus > maxcpus:
-        raise SpecError("cpus", f"{cpus} is more than maxcpus {maxcpus}", f"at most {maxcpus}")
+        raise SpecError(
+            "cpus",
+            f"{cpus} is more than the {maxcpus} vCPUs of cpu_options "
+            f"(sockets*cores*threads = {sockets}*{cores}*{threads})",
+            f"at most {maxcpus}, or a larger cpu_options topology",
+        )
     return CpuTopology(sockets, cores, threads, maxcpus)
 
 
 _CPU_LIST_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
 
-def _cpu_ids(cpus: str) -> set[int]:
+def _cpu_ids(cpus: str, key: str) -> set[int]:
     ids: set[int] = set()
     for part in cpus.split(","):
         low, _, high = part.partition("-")
+        if int(high or low) < int(low):
+            raise SpecError(key, f"CPU range {part!r} runs backwards", "ranges like 0-3")
         ids.update(range(int(low), int(high or low) + 1))
     return ids
 
@@ -242,15 +250,20 @@ def parse_numa(value: Any, vcpus: int, key: str = "numa") -> list[NumaCell]:
             parts = word.split(",")
             if parts[0] != "node":
                 raise SpecError(key, f"{word!r} does not start with 'node'", accepted)
-            entry = {}
+            entry: dict[str, str] = {}
             for part in parts[1:]:
                 name, sep, val = part.partition("=")
                 if not sep:
-                    # "cpus=1,3,7": a bare number continues the cpu list
-                    if part.isdigit() and "cpus" in entry:
+                    # "cpus=1,3,7" or "cpus=0,4-6": a bare CPU (range) continues the list
+                    if _CPU_LIST_RE.match(part) and "cpus" in entry:
                         entry["cpus"] += "," + part
                         continue
                     raise SpecError(key, f"{part!r} in {word!r} is not key=value", accepted)
+                if name == "cpus" and "cpus" in entry:
+                    entry["cpus"] += "," + val  # QEMU's repeated cpus= adds CPUs
+                    continue
+                if name in entry:
+                    raise SpecError(key, f"{name!r} is given twice in {word!r}", accepted)
                 entry[name] = val
             entries.append(entry)
     elif isinstance(value, list):
@@ -267,7 +280,7 @@ def parse_numa(value: Any, vcpus: int, key: str = "numa") -> list[NumaCell]:
             raise SpecError(
                 key, f"cpus {cpus!r} of node {node_id} is not a CPU list", "e.g. 0-3 or 1,3,7"
             )
-        ids = _cpu_ids(cpus)
+        ids = _cpu_ids(cpus, key)
         if node_id in seen_ids:
             raise SpecError(key, f"node id {node_id} is used twice", "distinct node ids")
         if ids & seen_cpus:
@@ -281,7 +294,14 @@ def parse_numa(value: Any, vcpus: int, key: str = "numa") -> list[NumaCell]:
                 f"CPU ids from 0 to {vcpus - 1}",
             )
         mem = entry.get("mem", entry.get("memory"))
-        mem_mib = parse_size(mem, f"{key}.mem", MIB) // MIB if mem is not None else None
+        mem_mib = None
+        if mem is not None:
+            mem_bytes = parse_size(mem, f"{key}.mem", MIB)
+            if mem_bytes % MIB:
+                raise SpecError(
+                    f"{key}.mem", f"{mem!r} is not a whole number of MiB", "e.g. 512M, 1G"
+                )
+            mem_mib = mem_bytes // MIB
         seen_ids.add(node_id)
         seen_cpus |= ids
         cells.append(NumaCell(node_id, cpus, mem_mib))
@@ -305,9 +325,9 @@ def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
         if bool(item.get("network")) == bool(item.get("bridge")):
             raise SpecError(where, "needs exactly one of network or bridge", ("network", "bridge"))
         nic = NicSpec(
-            network=_str(item, "network"),
-            bridge=_str(item, "bridge"),
-            model=_one_of(item, "model", NIC_MODELS, DEFAULTS["nic_model"]),
+            network=_str(item, "network", label=f"{where}.network"),
+            bridge=_str(item, "bridge", label=f"{where}.bridge"),
+            model=_one_of(item, "model", NIC_MODELS, DEFAULTS["nic_model"], f"{where}.model"),
         )
         if item.get("mac") is not None:
             mac = str(item["mac"]).lower()
@@ -343,6 +363,29 @@ def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
     return nics
 
 
+def _check_numa_memory(numa: list[NumaCell], memory_mib: int | None) -> None:
+    """Cells with fixed sizes need the total, and must leave room for the others."""
+    fixed = [c for c in numa if c.memory_mib is not None]
+    if not fixed:
+        return  # the memory is shared evenly among the cells
+    if memory_mib is None:
+        raise SpecError(
+            "memory",
+            "is required when numa cells give their own mem",
+            "memory in MiB or as 2G, covering all cells",
+        )
+    given = sum(c.memory_mib for c in fixed)
+    flexible = len(numa) - len(fixed)
+    left = memory_mib - given
+    if left < 0 or (flexible and left < flexible) or (not flexible and left != 0):
+        raise SpecError(
+            "numa",
+            f"cells with mem take {given} MiB of memory {memory_mib} MiB, leaving {left} MiB "
+            f"for {flexible} other cell(s)",
+            "cell sizes adding up to memory (or less, with cells without mem sharing the rest)",
+        )
+
+
 # ---- the whole profile -----------------------------------------------------
 
 
@@ -353,7 +396,7 @@ def build_spec(values: dict) -> VMSpec:
             raise SpecError(key, f"is not supported: {why}", "leave it out")
 
     name = names.check_vm_name(values.get("name"))
-    if values.get("image") not in (None, "") and not values.get("base_domain"):
+    if values.get("image") not in (None, ""):
         raise SpecError(
             "image",
             "building guests from an image URL or file is not supported yet",

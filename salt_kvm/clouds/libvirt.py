@@ -167,7 +167,19 @@ def create(vm_):
         salt-cloud -p centos7 vm1
     """
     name = vm_["name"]
-    spec = _spec(vm_)  # bad input stops here, before anything is made
+    rollback = Rollback()
+    if vm_.get("pub_key"):
+        # salt-cloud accepted this minion's key before calling us: a failed
+        # create (even on bad input) must not leave it behind.
+        key_id = _minion_id(vm_)
+        rollback.add(
+            f"minion key {key_id}", lambda: salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)
+        )
+    try:
+        spec = _spec(vm_)  # bad input stops here, before anything is made
+    except SaltCloudConfigError:
+        rollback.run()
+        raise
     started = time.monotonic()
 
     def emit(step, data):
@@ -177,7 +189,6 @@ def create(vm_):
         "creating",
         __utils__["cloud.filter_event"]("creating", vm_, ["name", "profile", "provider", "driver"]),
     )
-    rollback = Rollback()
     try:
         with _connect(vm_) as conn:
             guest = provision.create(conn, spec, rollback, emit)
@@ -202,6 +213,15 @@ def create(vm_):
     return result
 
 
+def _minion_id(vm_):
+    """The key id salt-cloud uses: the minion config's id (or the VM name) + append_domain."""
+    minion = config.get_cloud_config_value("minion", vm_, __opts__, default={}) or {}
+    key_id = minion.get("id", vm_["name"])
+    if minion.get("append_domain"):
+        key_id = f"{key_id}.{minion['append_domain']}"
+    return key_id
+
+
 def _deploy_value(vm_, key, default=None):
     return config.get_cloud_config_value(key, vm_, __opts__, default=default)
 
@@ -216,7 +236,12 @@ def _deploy(vm_, spec, guest, rollback):
             f"script: no deploy script named {script_name!r} in "
             f"{__opts__['deploy_scripts_search_path']}"
         )
-    priv, pub = salt.utils.cloud.gen_keys(_deploy_value(vm_, "keysize", 2048))
+    # salt-cloud has usually made and accepted the keys already (vm_ carries them).
+    if not vm_.get("pub_key") or not vm_.get("priv_key"):
+        vm_["priv_key"], vm_["pub_key"] = salt.utils.cloud.gen_keys(
+            _deploy_value(vm_, "keysize", 2048)
+        )
+    priv, pub = vm_["priv_key"], vm_["pub_key"]
     files = {"minion.pem": (priv.encode(), 0o600), "minion.pub": (pub.encode(), 0o600)}
     grains = minion_conf.pop("grains", {})
     if grains:
@@ -229,11 +254,8 @@ def _deploy(vm_, spec, guest, rollback):
         }
     }
     files["minion"] = (salt.utils.cloud.salt_config_to_yaml(minion_conf).encode(), 0o600)
-    key_id = name if "append_domain" not in vm_ else f"{name}.{vm_['append_domain']}"
+    key_id = _minion_id(vm_)
     salt.utils.cloud.accept_key(__opts__["pki_dir"], pub, key_id)
-    rollback.add(
-        f"minion key {key_id}", lambda: salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)
-    )
 
     bundle = ssh_deploy.Bundle(
         files=files,

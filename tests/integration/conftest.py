@@ -10,7 +10,7 @@ import uuid
 import libvirt
 import pytest
 
-from salt_kvm import lifecycle
+from salt_kvm import connection, lifecycle  # noqa: F401 - silences libvirt's stderr
 from salt_kvm.domxml import Domain
 
 URI = "qemu:///system"

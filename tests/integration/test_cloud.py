@@ -71,3 +71,51 @@ def test_profile_makes_a_sized_minion_that_pings(hv, salt, base_domain, pool_vol
     finally:
         salt.cloud("-d", name)
     assert_gone(hv, salt, name, before, pool_volumes)
+
+
+def cloud_error(proc, name):
+    """salt-cloud reports a failed create in its output (and log), not always in its exit code."""
+    text = proc.stdout + proc.stderr
+    try:
+        out = json.loads(proc.stdout)
+        text += json.dumps(out)
+    except json.JSONDecodeError:
+        pass
+    return text
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"wait_for_ip_timeout": 3}, "got no IP address from ip-learning within 3s"),
+        ({"nics": ["skt-no-such-network"]}, "skt-no-such-network"),
+    ],
+    ids=["ip-timeout", "libvirt-start-error"],
+)
+def test_failures_leave_nothing_behind(hv, salt, base_domain, pool_volumes, extra, message):
+    name = unique("fault")
+    before = pool_volumes()
+    salt.write_profiles({"fault": sized_profile(base_domain, **extra)}, "fault.conf")
+    proc = salt.cloud("-p", "fault", name, check=False)
+    assert message in cloud_error(proc, name)
+    assert "Everything this run created was removed" in cloud_error(proc, name)
+    assert_gone(hv, salt, name, before, pool_volumes)
+
+
+def test_wrong_ssh_password_leaves_nothing_behind(hv, salt, base_domain, pool_volumes):
+    name = unique("badpw")
+    before = pool_volumes()
+    salt.write_profiles({"badpw": sized_profile(base_domain, password="wrong")}, "badpw.conf")
+    proc = salt.cloud("-p", "badpw", name, check=False)
+    assert "SSH login as 'root'" in cloud_error(proc, name)
+    assert_gone(hv, salt, name, before, pool_volumes)
+
+
+def test_bad_profile_value_names_the_key_and_creates_nothing(hv, salt, base_domain, pool_volumes):
+    name = unique("badkey")
+    before = pool_volumes()
+    salt.write_profiles({"badkey": sized_profile(base_domain, clone_strategy="linked")}, "bk.conf")
+    proc = salt.cloud("-p", "badkey", name, check=False)
+    text = cloud_error(proc, name)
+    assert "clone_strategy" in text and "quick, full" in text
+    assert_gone(hv, salt, name, before, pool_volumes)
