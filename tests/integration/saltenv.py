@@ -30,6 +30,7 @@ class SaltEnv:
     root: Path
     conf: Path
     process: subprocess.Popen
+    bin: Path = BIN
 
     @property
     def pki(self) -> Path:
@@ -39,7 +40,7 @@ class SaltEnv:
         self, *cmd: str, check: bool = True, timeout: float = 900
     ) -> subprocess.CompletedProcess:
         proc = subprocess.run(
-            [str(BIN / cmd[0]), "-c", str(self.conf), *cmd[1:]],
+            [str(self.bin / cmd[0]), "-c", str(self.conf), *cmd[1:]],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -86,7 +87,8 @@ class SaltEnv:
         (self.conf / "cloud.providers.d" / name).write_text(yaml.safe_dump(providers))
 
 
-def start_master(root: Path) -> SaltEnv:
+def start_master(root: Path, bin_dir: Path = BIN) -> SaltEnv:
+    """Start a salt-master from ``bin_dir`` (a virtualenv's bin: Salt 3008 or 3007)."""
     conf = root / "etc"
     for sub in ("cloud.profiles.d", "cloud.providers.d", "cloud.maps.d", "cloud.deploy.d"):
         (conf / sub).mkdir(parents=True, exist_ok=True)
@@ -120,11 +122,11 @@ def start_master(root: Path) -> SaltEnv:
     # No internet here: salt-cloud's default script name runs the offline one.
     shutil.copy(script, deploy_d / "bootstrap-salt.sh")
     process = subprocess.Popen(
-        [str(BIN / "salt-master"), "-c", str(conf), "--log-level=warning"],
+        [str(bin_dir / "salt-master"), "-c", str(conf), "--log-level=warning"],
         stdout=open(root / "master.stdout", "w"),
         stderr=subprocess.STDOUT,
     )
-    env = SaltEnv(root, conf, process)
+    env = SaltEnv(root, conf, process, bin_dir)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:

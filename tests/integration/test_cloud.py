@@ -2,12 +2,18 @@
 and a real salt-master: profiles become minions that answer test.ping."""
 
 import json
+import os
+import time
+from pathlib import Path
 
 import libvirt
 import pytest
+import yaml
 
 from . import saltenv
 from .conftest import GUEST_PASSWORD, GUEST_USER, unique
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "profiles.example"
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +125,111 @@ def test_bad_profile_value_names_the_key_and_creates_nothing(hv, salt, base_doma
     text = cloud_error(proc, name)
     assert "clone_strategy" in text and "quick, full" in text
     assert_gone(hv, salt, name, before, pool_volumes)
+
+
+def test_salt_3007_docs_profile_works_with_names_credentials_and_master_changed(
+    hv, salt, base_domain, pool_volumes
+):
+    """The seed profile (full clone, legacy deploy_command, script_args -F, grains)."""
+    profiles = yaml.safe_load((EXAMPLES / "cloud.profiles.d" / "centos7.conf").read_text())
+    profile = profiles["centos7"]
+    profile.update(provider="test-kvm", base_domain=base_domain, password=GUEST_PASSWORD)
+    profile["minion"].update(saltenv.minion_settings())
+    assert profile["deploy_command"] == "sh /tmp/.saltcloud/deploy.sh"
+    salt.write_profiles({"centos7": profile}, "centos7.conf")
+    name = unique("centos7")
+    before = pool_volumes()
+    salt.cloud("-p", "centos7", name)
+    try:
+        assert salt.salt(name, "test.ping") == {name: True}
+        assert salt.salt(name, "grains.item", "clones-are-awesome")[name] == {
+            "clones-are-awesome": True
+        }
+        # a full clone: the guest's disk has no backing file
+        vol = hv.storageVolLookupByPath(f"/var/lib/libvirt/images/{name}.qcow2")
+        assert "<backingStore" not in vol.XMLDesc(0) or "<backingStore/>" in vol.XMLDesc(0)
+    finally:
+        salt.cloud("-d", name)
+    assert_gone(hv, salt, name, before, pool_volumes)
+
+
+def test_parallel_map_of_three(hv, salt, base_domain, pool_volumes):
+    names = [unique(f"map{i}") for i in range(3)]
+    before = pool_volumes()
+    salt.write_profiles({"mapped": sized_profile(base_domain, memory=512)}, "mapped.conf")
+    mapfile = salt.conf / "cloud.maps.d" / "three.map"
+    mapfile.write_text(yaml.safe_dump({"mapped": names}))
+    salt.cloud("-P", "-m", str(mapfile))
+    try:
+        nodes = json.loads(salt.cloud("-F").stdout)["test-kvm"]["libvirt"]
+        ours = {n: nodes[n] for n in names}
+        macs = {node["macs"][0] for node in ours.values()}
+        ips = {node["private_ips"][0] for node in ours.values()}
+        assert len(macs) == 3 and len(ips) == 3
+        pings = salt.salt("skt-map*", "test.ping")
+        assert {n: pings.get(n) for n in names} == {n: True for n in names}
+    finally:
+        salt.cloud("-d", *names)
+    for name in names:
+        assert_gone(hv, salt, name, before, pool_volumes)
+
+
+def test_reserved_address_actions_and_listing(hv, salt, base_domain, pool_volumes):
+    """A NIC with mac+ip gets that address through a DHCP reservation; the
+    actions work on the guest; -d takes the reservation away too."""
+    name = unique("resv")
+    mac, ip = "52:54:00:5a:1e:77", f"{saltenv.TEST_NET_PREFIX}.77"
+    network = hv.networkLookupByName("salt-kvm-test")
+    before = pool_volumes()
+    salt.write_profiles(
+        {
+            "resv": sized_profile(
+                base_domain, nics=[{"network": "salt-kvm-test", "mac": mac, "ip": ip}]
+            )
+        },
+        "resv.conf",
+    )
+    salt.cloud("-p", "resv", name)
+    try:
+        assert f"ip='{ip}'" in network.XMLDesc(0)
+        shown = json.loads(salt.cloud("-a", "show_instance", name).stdout)
+        assert json.dumps(shown).count(ip) >= 1
+        assert salt.salt(name, "cmd.run", "ip -4 -o addr show eth0")[name].count(ip) == 1
+        images = json.loads(salt.cloud("--list-images", "test-kvm").stdout)
+        assert base_domain in json.dumps(images) and name not in json.dumps(images)
+        salt.cloud("-a", "stop", name)
+        dom = hv.lookupByName(name)
+        for _ in range(240):
+            if not dom.isActive():
+                break
+            time.sleep(0.5)
+        assert not dom.isActive()
+        salt.cloud("-a", "start", name)
+        assert dom.isActive()
+    finally:
+        salt.cloud("-d", name)
+    assert f"ip='{ip}'" not in network.XMLDesc(0)
+    assert_gone(hv, salt, name, before, pool_volumes)
+
+
+def test_salt_3007_master_and_salt_cloud_use_salt_kvm(
+    hv, tmp_path_factory, base_domain, pool_volumes
+):
+    """On Salt 3007, salt-kvm's driver replaces Salt's own libvirt driver."""
+    venv = Path(os.environ.get("SALT_KVM_VENV_3007", "/opt/salt-kvm/venv-3007"))
+    env = saltenv.start_master(tmp_path_factory.mktemp("salt3007"), venv / "bin")
+    try:
+        env.write_providers(saltenv.provider())
+        env.write_profiles({"sized": sized_profile(base_domain, cpus=2)})
+        assert "3007" in env.run("salt-cloud", "--version").stdout
+        name = unique("s3007")
+        before = pool_volumes()
+        info = created(env.cloud("-p", "sized", name), name)
+        try:
+            assert info["vcpus"] == 2 and info["base_domain"] == base_domain  # salt-kvm's answer
+            assert env.salt(name, "test.ping") == {name: True}
+        finally:
+            env.cloud("-d", name)
+        assert_gone(hv, env, name, before, pool_volumes)
+    finally:
+        saltenv.stop_master(env)
