@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import libvirt
 
@@ -45,3 +46,21 @@ def remove(conn: libvirt.virConnect, name: str) -> dict:
         except libvirt.libvirtError as exc:
             log.warning("volume %s of %s was not removed: %s", path, name, exc)
     return {"domain": name, "volumes": removed}
+
+
+def shutdown(dom: libvirt.virDomain, timeout: float = 180, interval: float = 0.5) -> bool:
+    """Ask the guest to power off (guest agent first, then the ACPI button) and
+    wait until it has; ``False`` if it is still running after ``timeout``."""
+    if not dom.isActive():
+        return True
+    flags = libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT | libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
+    try:
+        dom.shutdownFlags(flags)
+    except libvirt.libvirtError:
+        dom.shutdown()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not dom.isActive():
+            return True
+        time.sleep(interval)
+    return False

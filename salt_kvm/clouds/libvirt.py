@@ -385,7 +385,8 @@ def start(name, call=None):
 
 def stop(name, call=None):
     """
-    Shut a guest down (ACPI; the guest decides how fast).
+    Shut a guest down cleanly (guest agent, else the ACPI power button) and
+    wait until it is off (``stop_timeout`` seconds in the provider, default 180).
 
     CLI Example:
 
@@ -393,7 +394,13 @@ def stop(name, call=None):
 
         salt-cloud -a stop vm1
     """
-    return _action(name, call, "stop", lambda dom: dom.isActive() and dom.shutdown())
+    timeout = float(_provider_value("stop_timeout", 180))
+
+    def stop_domain(dom):
+        if not lifecycle.shutdown(dom, timeout):
+            raise SaltKvmError(f"{name} is still running {timeout:g}s after the shutdown request")
+
+    return _action(name, call, "stop", stop_domain)
 
 
 def reboot(name, call=None):

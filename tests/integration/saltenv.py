@@ -31,6 +31,10 @@ class SaltEnv:
     conf: Path
     process: subprocess.Popen
     bin: Path = BIN
+    ret_port: int = RET_PORT
+
+    def minion_settings(self) -> dict:
+        return {"master": MASTER_ADDRESS, "master_port": self.ret_port}
 
     @property
     def pki(self) -> Path:
@@ -77,6 +81,38 @@ class SaltEnv:
         except json.JSONDecodeError:
             return {"_error": proc.stdout + proc.stderr}
 
+    def watch_events(self, tagmatch: str) -> subprocess.Popen:
+        """``salt-run state.event``: one ``tag<TAB>json`` line per matching event."""
+        proc = subprocess.Popen(
+            [
+                str(self.bin / "salt-run"),
+                "-c",
+                str(self.conf),
+                "state.event",
+                f"tagmatch={tagmatch}",
+                "pretty=False",
+                "--log-level=quiet",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        time.sleep(3)  # let it subscribe before anything fires
+        return proc
+
+    @staticmethod
+    def collected_events(proc: subprocess.Popen) -> list[tuple[str, dict]]:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        events = []
+        for line in out.splitlines():
+            tag, _, data = line.partition("\t")
+            try:
+                events.append((tag, json.loads(data)))
+            except json.JSONDecodeError:
+                continue
+        return events
+
     def accepted_keys(self) -> set[str]:
         return {p.name for p in (self.pki / "minions").glob("*")}
 
@@ -87,8 +123,9 @@ class SaltEnv:
         (self.conf / "cloud.providers.d" / name).write_text(yaml.safe_dump(providers))
 
 
-def start_master(root: Path, bin_dir: Path = BIN) -> SaltEnv:
-    """Start a salt-master from ``bin_dir`` (a virtualenv's bin: Salt 3008 or 3007)."""
+def start_master(root: Path, bin_dir: Path = BIN, port_offset: int = 0) -> SaltEnv:
+    """Start a salt-master from ``bin_dir`` (a virtualenv's bin: Salt 3008 or 3007),
+    on the test ports shifted by ``port_offset`` (so two masters can run)."""
     conf = root / "etc"
     for sub in ("cloud.profiles.d", "cloud.providers.d", "cloud.maps.d", "cloud.deploy.d"):
         (conf / sub).mkdir(parents=True, exist_ok=True)
@@ -100,8 +137,8 @@ def start_master(root: Path, bin_dir: Path = BIN) -> SaltEnv:
         "log_file": str(root / "master.log"),
         "log_level_logfile": "info",
         "interface": MASTER_ADDRESS,
-        "publish_port": PUBLISH_PORT,
-        "ret_port": RET_PORT,
+        "publish_port": PUBLISH_PORT + port_offset,
+        "ret_port": RET_PORT + port_offset,
         "user": "root",
         "auto_accept": False,
         "worker_threads": 2,
@@ -126,7 +163,7 @@ def start_master(root: Path, bin_dir: Path = BIN) -> SaltEnv:
         stdout=open(root / "master.stdout", "w"),
         stderr=subprocess.STDOUT,
     )
-    env = SaltEnv(root, conf, process, bin_dir)
+    env = SaltEnv(root, conf, process, bin_dir, RET_PORT + port_offset)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -148,7 +185,3 @@ def stop_master(env: SaltEnv) -> None:
 
 def provider(name: str = "test-kvm") -> dict:
     return {name: {"driver": "libvirt", "url": "qemu:///system"}}
-
-
-def minion_settings() -> dict:
-    return {"master": MASTER_ADDRESS, "master_port": RET_PORT}

@@ -24,7 +24,7 @@ def salt(tmp_path_factory, hv):
     saltenv.stop_master(env)
 
 
-def sized_profile(base_domain, **extra):
+def sized_profile(base_domain, env, **extra):
     profile = {
         "provider": "test-kvm",
         "base_domain": base_domain,
@@ -33,7 +33,7 @@ def sized_profile(base_domain, **extra):
         "ssh_username": GUEST_USER,
         "password": GUEST_PASSWORD,
         "script": "salt-preinstalled",
-        "minion": saltenv.minion_settings(),
+        "minion": env.minion_settings(),
         "grains": {"role": "salt-kvm-test"},
     }
     profile.update(extra)
@@ -60,9 +60,17 @@ def test_profile_makes_a_sized_minion_that_pings(hv, salt, base_domain, pool_vol
     name = unique("sized")
     before = pool_volumes()
     salt.write_profiles(
-        {"sized": sized_profile(base_domain, cpus=2, memory="768MB", disk_size="4G")}, "sized.conf"
+        {"sized": sized_profile(base_domain, salt, cpus=2, memory="768MB", disk_size="4G")},
+        "sized.conf",
     )
+    watcher = salt.watch_events(f"salt/cloud/{name}/*")
     proc = salt.cloud("-p", "sized", name)
+    events = salt.collected_events(watcher)
+    steps = [tag.rsplit("/", 1)[1] for tag, _ in events]
+    assert steps == ["creating", "requesting", "waiting_for_ip", "deploying", "created"], events
+    assert all(
+        "elapsed" in data["data"] if "data" in data else "elapsed" in data for _, data in events
+    )
     try:
         info = created(proc, name)
         assert info["vcpus"] == 2 and info["memory_mib"] == 768
@@ -101,7 +109,7 @@ def cloud_error(proc, name):
 def test_failures_leave_nothing_behind(hv, salt, base_domain, pool_volumes, extra, message):
     name = unique("fault")
     before = pool_volumes()
-    salt.write_profiles({"fault": sized_profile(base_domain, **extra)}, "fault.conf")
+    salt.write_profiles({"fault": sized_profile(base_domain, salt, **extra)}, "fault.conf")
     proc = salt.cloud("-p", "fault", name, check=False)
     assert message in cloud_error(proc, name)
     assert "Everything this run created was removed" in cloud_error(proc, name)
@@ -111,7 +119,7 @@ def test_failures_leave_nothing_behind(hv, salt, base_domain, pool_volumes, extr
 def test_wrong_ssh_password_leaves_nothing_behind(hv, salt, base_domain, pool_volumes):
     name = unique("badpw")
     before = pool_volumes()
-    salt.write_profiles({"badpw": sized_profile(base_domain, password="wrong")}, "badpw.conf")
+    salt.write_profiles({"badpw": sized_profile(base_domain, salt, password="wrong")}, "badpw.conf")
     proc = salt.cloud("-p", "badpw", name, check=False)
     assert "SSH login as 'root'" in cloud_error(proc, name)
     assert_gone(hv, salt, name, before, pool_volumes)
@@ -120,7 +128,9 @@ def test_wrong_ssh_password_leaves_nothing_behind(hv, salt, base_domain, pool_vo
 def test_bad_profile_value_names_the_key_and_creates_nothing(hv, salt, base_domain, pool_volumes):
     name = unique("badkey")
     before = pool_volumes()
-    salt.write_profiles({"badkey": sized_profile(base_domain, clone_strategy="linked")}, "bk.conf")
+    salt.write_profiles(
+        {"badkey": sized_profile(base_domain, salt, clone_strategy="linked")}, "bk.conf"
+    )
     proc = salt.cloud("-p", "badkey", name, check=False)
     text = cloud_error(proc, name)
     assert "clone_strategy" in text and "quick, full" in text
@@ -134,7 +144,7 @@ def test_salt_3007_docs_profile_works_with_names_credentials_and_master_changed(
     profiles = yaml.safe_load((EXAMPLES / "cloud.profiles.d" / "centos7.conf").read_text())
     profile = profiles["centos7"]
     profile.update(provider="test-kvm", base_domain=base_domain, password=GUEST_PASSWORD)
-    profile["minion"].update(saltenv.minion_settings())
+    profile["minion"].update(salt.minion_settings())
     assert profile["deploy_command"] == "sh /tmp/.saltcloud/deploy.sh"
     salt.write_profiles({"centos7": profile}, "centos7.conf")
     name = unique("centos7")
@@ -156,7 +166,7 @@ def test_salt_3007_docs_profile_works_with_names_credentials_and_master_changed(
 def test_parallel_map_of_three(hv, salt, base_domain, pool_volumes):
     names = [unique(f"map{i}") for i in range(3)]
     before = pool_volumes()
-    salt.write_profiles({"mapped": sized_profile(base_domain, memory=512)}, "mapped.conf")
+    salt.write_profiles({"mapped": sized_profile(base_domain, salt, memory=512)}, "mapped.conf")
     mapfile = salt.conf / "cloud.maps.d" / "three.map"
     mapfile.write_text(yaml.safe_dump({"mapped": names}))
     salt.cloud("-P", "-m", str(mapfile))
@@ -184,7 +194,7 @@ def test_reserved_address_actions_and_listing(hv, salt, base_domain, pool_volume
     salt.write_profiles(
         {
             "resv": sized_profile(
-                base_domain, nics=[{"network": "salt-kvm-test", "mac": mac, "ip": ip}]
+                base_domain, salt, nics=[{"network": "salt-kvm-test", "mac": mac, "ip": ip}]
             )
         },
         "resv.conf",
@@ -217,10 +227,10 @@ def test_salt_3007_master_and_salt_cloud_use_salt_kvm(
 ):
     """On Salt 3007, salt-kvm's driver replaces Salt's own libvirt driver."""
     venv = Path(os.environ.get("SALT_KVM_VENV_3007", "/opt/salt-kvm/venv-3007"))
-    env = saltenv.start_master(tmp_path_factory.mktemp("salt3007"), venv / "bin")
+    env = saltenv.start_master(tmp_path_factory.mktemp("salt3007"), venv / "bin", port_offset=10)
     try:
         env.write_providers(saltenv.provider())
-        env.write_profiles({"sized": sized_profile(base_domain, cpus=2)})
+        env.write_profiles({"sized": sized_profile(base_domain, env, cpus=2)})
         assert "3007" in env.run("salt-cloud", "--version").stdout
         name = unique("s3007")
         before = pool_volumes()
