@@ -1,7 +1,8 @@
 """Exceptions of the salt-kvm library.
 
 Loader modules translate them into Salt's forms (``SaltCloudConfigError``,
-``CommandExecutionError``, state comments); the library never imports Salt.
+``CommandExecutionError``, state comments). The library does not import Salt;
+only the loader-side helpers ``saltutil`` and ``cloud_deploy`` do.
 """
 
 from __future__ import annotations

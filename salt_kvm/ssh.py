@@ -3,7 +3,6 @@ for every upload and command (one TCP connection and one authentication)."""
 
 from __future__ import annotations
 
-import io
 import logging
 import socket
 import time
@@ -70,7 +69,6 @@ def connect(
     username: str,
     password: str | None = None,
     key_filename: str | None = None,
-    private_key: str | None = None,
     allow_agent: bool = False,
     port: int = 22,
     timeout: float = 300,
@@ -82,7 +80,6 @@ def connect(
         if time.monotonic() >= deadline:
             raise TimeoutError_(f"sshd on {host}:{port} did not answer within {timeout:g}s")
         time.sleep(interval)
-    pkey = paramiko.PKey.from_private_key(io.StringIO(private_key)) if private_key else None
     while True:
         client = paramiko.SSHClient()
         # New guests have new host keys by design; there is nothing to pin yet.
@@ -94,7 +91,6 @@ def connect(
                 username=username,
                 password=password,
                 key_filename=key_filename,
-                pkey=pkey,
                 allow_agent=allow_agent,
                 look_for_keys=False,
                 timeout=10,

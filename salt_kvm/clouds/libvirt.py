@@ -34,9 +34,7 @@ from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
 try:
     import libvirt
 
-    from salt_kvm import __version__, host, inventory, lifecycle, provision
-    from salt_kvm import deploy as ssh_deploy
-    from salt_kvm import ssh as ssh_lib
+    from salt_kvm import __version__, cloud_deploy, host, inventory, lifecycle, provision
     from salt_kvm.connection import connected
     from salt_kvm.errors import SaltKvmError, SpecError
     from salt_kvm.rollback import Rollback
@@ -85,7 +83,6 @@ SPEC_KEYS = (
     "host",
     "nameserver",
 )
-DEFAULT_MINION_TIMEOUT = 300
 
 
 def __virtual__():
@@ -171,7 +168,7 @@ def create(vm_):
     if vm_.get("pub_key"):
         # salt-cloud accepted this minion's key before calling us: a failed
         # create (even on bad input) must not leave it behind.
-        key_id = _minion_id(vm_)
+        key_id = cloud_deploy.minion_id(__opts__, vm_)
         rollback.add(
             f"minion key {key_id}", lambda: salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)
         )
@@ -196,7 +193,7 @@ def create(vm_):
             result = {"name": name, "ip_address": guest.addresses[0], "addresses": guest.addresses}
             if spec.deploy.enabled:
                 emit("deploying", {"name": name, "ip_address": guest.addresses[0]})
-                result["deploy"] = _deploy(vm_, spec, guest, rollback)
+                result["deploy"] = cloud_deploy.deploy(__opts__, vm_, spec, guest)
             rollback.forget()
             result.update(inventory.describe(conn, guest.domain))
     except Exception as exc:
@@ -211,119 +208,6 @@ def create(vm_):
     result["timings"] = dict(guest.timings)
     emit("created", {"name": name, "ip_address": guest.addresses[0], "timings": result["timings"]})
     return result
-
-
-def _minion_id(vm_):
-    """The key id salt-cloud uses: the minion config's id (or the VM name) + append_domain."""
-    minion = config.get_cloud_config_value("minion", vm_, __opts__, default={}) or {}
-    key_id = minion.get("id", vm_["name"])
-    if minion.get("append_domain"):
-        key_id = f"{key_id}.{minion['append_domain']}"
-    return key_id
-
-
-def _deploy_value(vm_, key, default=None):
-    return config.get_cloud_config_value(key, vm_, __opts__, default=default)
-
-
-def _deploy(vm_, spec, guest, rollback):
-    name = vm_["name"]
-    minion_conf = salt.utils.cloud.minion_config(__opts__, vm_)
-    script_name = _deploy_value(vm_, "script", "bootstrap-salt")
-    script = salt.utils.cloud.os_script(script_name, vm_, __opts__, minion_conf)
-    if not script and not _deploy_value(vm_, "deploy_command"):
-        raise SaltCloudConfigError(
-            f"script: no deploy script named {script_name!r} in "
-            f"{__opts__['deploy_scripts_search_path']}"
-        )
-    # salt-cloud has usually made and accepted the keys already (vm_ carries them).
-    if not vm_.get("pub_key") or not vm_.get("priv_key"):
-        vm_["priv_key"], vm_["pub_key"] = salt.utils.cloud.gen_keys(
-            _deploy_value(vm_, "keysize", 2048)
-        )
-    priv, pub = vm_["priv_key"], vm_["pub_key"]
-    files = {"minion.pem": (priv.encode(), 0o600), "minion.pub": (pub.encode(), 0o600)}
-    grains = minion_conf.pop("grains", {})
-    if grains:
-        files["grains"] = (salt.utils.cloud.salt_config_to_yaml(grains).encode(), 0o600)
-    minion_conf["grains"] = {
-        "salt-cloud": {
-            "driver": vm_.get("driver"),
-            "provider": vm_.get("provider"),
-            "profile": vm_.get("profile"),
-        }
-    }
-    files["minion"] = (salt.utils.cloud.salt_config_to_yaml(minion_conf).encode(), 0o600)
-    key_id = _minion_id(vm_)
-    salt.utils.cloud.accept_key(__opts__["pki_dir"], pub, key_id)
-
-    bundle = ssh_deploy.Bundle(
-        files=files,
-        script=script.encode() if script else None,
-        deploy_command=_deploy_value(vm_, "deploy_command"),
-        script_args=_deploy_value(vm_, "script_args"),
-        bootstrap_style="bootstrap-salt" in str(script_name),
-        force_minion_config=bool(_deploy_value(vm_, "force_minion_config", False)),
-        tmp_dir=_deploy_value(vm_, "tmp_dir", ssh_deploy.DEFAULT_TMP_DIR),
-        keep_tmp=bool(__opts__.get("keep_tmp", False)),
-        sudo=bool(_deploy_value(vm_, "sudo", spec.deploy.ssh_username != "root")),
-        sudo_password=_deploy_value(vm_, "sudo_password") or spec.deploy.password,
-        hostname=name.split(".", 1)[0],
-    )
-    private_key = None
-    if spec.deploy.private_key:
-        try:
-            with open(spec.deploy.private_key) as handle:
-                private_key = handle.read()
-        except OSError as exc:
-            raise SaltCloudConfigError(
-                f"private_key: cannot read {spec.deploy.private_key!r}: {exc}"
-            ) from exc
-    minion_timeout = float(_deploy_value(vm_, "wait_for_minion_timeout", DEFAULT_MINION_TIMEOUT))
-    listener = _minion_listener() if minion_timeout > 0 else None
-    try:
-        with ssh_lib.connect(
-            guest.addresses[0],
-            spec.deploy.ssh_username,
-            password=spec.deploy.password,
-            private_key=private_key,
-            allow_agent=spec.deploy.ssh_agent,
-            port=spec.deploy.ssh_port,
-            timeout=spec.wait_for_ip_timeout,
-        ) as session:
-            guest.mark("ssh")
-            ssh_deploy.run(session, bundle)
-        guest.mark("deploy")
-        if listener is not None:
-            _wait_for_minion(listener, key_id, minion_timeout)
-            guest.mark("minion")
-    finally:
-        if listener is not None:
-            listener.destroy()
-    return {"method": "ssh", "minion_id": key_id}
-
-
-def _minion_listener():
-    """Subscribe to the master's event bus before the minion can start."""
-    try:
-        import salt.utils.event
-
-        return salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=True)
-    except Exception as exc:  # noqa: BLE001 - no local master: nothing to wait on
-        log.warning("not waiting for the minion: no master event bus here (%s)", exc)
-        return None
-
-
-def _wait_for_minion(listener, minion_id, timeout):
-    deadline = time.monotonic() + timeout
-    tag = f"salt/minion/{minion_id}/start"
-    while time.monotonic() < deadline:
-        event = listener.get_event(
-            wait=min(1.0, max(0.1, deadline - time.monotonic())), tag=tag, full=True
-        )
-        if event:
-            return
-    raise SaltKvmError(f"the minion {minion_id} did not connect to the master within {timeout:g}s")
 
 
 # ---- destroy and actions -----------------------------------------------------

@@ -3,14 +3,8 @@
 import pytest
 
 from salt_kvm.errors import SpecError
-from salt_kvm.spec import (
-    CpuTopology,
-    NicSpec,
-    NumaCell,
-    build_spec,
-    parse_cpu_options,
-    parse_numa,
-)
+from salt_kvm.spec import NicSpec, build_spec
+from salt_kvm.topology import CpuTopology, NumaCell, parse_cpu_options, parse_numa
 from salt_kvm.units import GIB, MIB
 
 MINIMAL = {"name": "vm1", "base_domain": "base", "password": "pw"}

@@ -1,0 +1,128 @@
+"""salt-cloud's deploy for salt-kvm guests: Salt's own helpers build the files
+(minion config, keys, grains, the deploy script), salt_kvm.deploy runs them
+in one SSH session, and the master's event bus tells when the minion is up."""
+
+import logging
+import os
+import time
+
+import salt.config as config
+import salt.utils.cloud
+from salt.exceptions import SaltCloudConfigError
+
+from . import deploy as ssh_deploy
+from . import ssh as ssh_lib
+from .errors import SaltKvmError
+from .provision import Guest
+from .spec import VMSpec
+
+log = logging.getLogger(__name__)
+DEFAULT_MINION_TIMEOUT = 300
+
+
+def minion_id(opts: dict, vm_: dict) -> str:
+    """The key id salt-cloud uses: the minion config's id (or the VM name) + append_domain."""
+    minion = config.get_cloud_config_value("minion", vm_, opts, default={}) or {}
+    key_id = minion.get("id", vm_["name"])
+    if minion.get("append_domain"):
+        key_id = f"{key_id}.{minion['append_domain']}"
+    return key_id
+
+
+def _value(opts: dict, vm_: dict, key: str, default=None):
+    return config.get_cloud_config_value(key, vm_, opts, default=default)
+
+
+def deploy(opts: dict, vm_: dict, spec: VMSpec, guest: Guest) -> dict:
+    """Make ``guest`` a minion the way salt-cloud does (files + deploy script), in
+    one SSH session, then wait until the minion has started on the master."""
+    name = vm_["name"]
+    minion_conf = salt.utils.cloud.minion_config(opts, vm_)
+    script_name = _value(opts, vm_, "script", "bootstrap-salt")
+    script = salt.utils.cloud.os_script(script_name, vm_, opts, minion_conf)
+    if not script and not _value(opts, vm_, "deploy_command"):
+        raise SaltCloudConfigError(
+            f"script: no deploy script named {script_name!r} in "
+            f"{opts['deploy_scripts_search_path']}"
+        )
+    # salt-cloud has usually made and accepted the keys already (vm_ carries them).
+    if not vm_.get("pub_key") or not vm_.get("priv_key"):
+        vm_["priv_key"], vm_["pub_key"] = salt.utils.cloud.gen_keys(
+            _value(opts, vm_, "keysize", 2048)
+        )
+    priv, pub = vm_["priv_key"], vm_["pub_key"]
+    files = {"minion.pem": (priv.encode(), 0o600), "minion.pub": (pub.encode(), 0o600)}
+    grains = minion_conf.pop("grains", {})
+    if grains:
+        files["grains"] = (salt.utils.cloud.salt_config_to_yaml(grains).encode(), 0o600)
+    minion_conf["grains"] = {
+        "salt-cloud": {
+            "driver": vm_.get("driver"),
+            "provider": vm_.get("provider"),
+            "profile": vm_.get("profile"),
+        }
+    }
+    files["minion"] = (salt.utils.cloud.salt_config_to_yaml(minion_conf).encode(), 0o600)
+    key_id = minion_id(opts, vm_)
+    salt.utils.cloud.accept_key(opts["pki_dir"], pub, key_id)
+
+    bundle = ssh_deploy.Bundle(
+        files=files,
+        script=script.encode() if script else None,
+        deploy_command=_value(opts, vm_, "deploy_command"),
+        script_args=_value(opts, vm_, "script_args"),
+        bootstrap_style="bootstrap-salt" in str(script_name),
+        force_minion_config=bool(_value(opts, vm_, "force_minion_config", False)),
+        tmp_dir=_value(opts, vm_, "tmp_dir", ssh_deploy.DEFAULT_TMP_DIR),
+        keep_tmp=bool(opts.get("keep_tmp", False)),
+        sudo=bool(_value(opts, vm_, "sudo", spec.deploy.ssh_username != "root")),
+        sudo_password=_value(opts, vm_, "sudo_password") or spec.deploy.password,
+        hostname=name.split(".", 1)[0],
+    )
+    if spec.deploy.private_key and not os.access(spec.deploy.private_key, os.R_OK):
+        raise SaltCloudConfigError(f"private_key: cannot read {spec.deploy.private_key!r}")
+    minion_timeout = float(_value(opts, vm_, "wait_for_minion_timeout", DEFAULT_MINION_TIMEOUT))
+    listener = _minion_listener(opts) if minion_timeout > 0 else None
+    try:
+        with ssh_lib.connect(
+            guest.addresses[0],
+            spec.deploy.ssh_username,
+            password=spec.deploy.password,
+            key_filename=spec.deploy.private_key,
+            allow_agent=spec.deploy.ssh_agent,
+            port=spec.deploy.ssh_port,
+            timeout=spec.wait_for_ip_timeout,
+        ) as session:
+            guest.mark("ssh")
+            ssh_deploy.run(session, bundle)
+        guest.mark("deploy")
+        if listener is not None:
+            _wait_for_minion(listener, key_id, minion_timeout)
+            guest.mark("minion")
+    finally:
+        if listener is not None:
+            listener.destroy()
+    return {"method": "ssh", "minion_id": key_id}
+
+
+def _minion_listener(opts: dict):
+    """Subscribe to the master's event bus before the minion can start."""
+    try:
+        import salt.utils.event
+
+        return salt.utils.event.get_master_event(opts, opts["sock_dir"], listen=True)
+    except Exception as exc:  # noqa: BLE001 - no local master: nothing to wait on
+        log.warning("not waiting for the minion: no master event bus here (%s)", exc)
+        return None
+
+
+def _wait_for_minion(listener, minion_id, timeout):
+    deadline = time.monotonic() + timeout
+    tag = f"salt/minion/{minion_id}/start"
+    while time.monotonic() < deadline:
+        event = listener.get_event(
+            wait=min(1.0, max(0.1, deadline - time.monotonic())), tag=tag, full=True
+        )
+        if event:
+            return
+    raise SaltKvmError(f"the minion {minion_id} did not connect to the master within {timeout:g}s")
