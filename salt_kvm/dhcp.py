@@ -19,6 +19,17 @@ def _network(conn: libvirt.virConnect, name: str) -> libvirt.virNetwork:
         raise NotFoundError(f"no libvirt network named {name!r}") from exc
 
 
+def _config_xml(net: libvirt.virNetwork) -> etree._Element:
+    """The persistent definition (where reservations are kept), as the driver allows."""
+    try:
+        text = net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_INVALID_ARG:
+            raise
+        text = net.XMLDesc(0)
+    return etree.fromstring(text.encode())
+
+
 def _host_xml(mac: str, ip: str, name: str) -> str:
     return etree.tostring(etree.Element("host", mac=mac, name=name, ip=ip), encoding="unicode")
 
@@ -30,7 +41,7 @@ def _flags(net: libvirt.virNetwork) -> int:
 def check(conn: libvirt.virConnect, network: str, mac: str, ip: str, key: str) -> None:
     """Refuse, before anything is made, a reservation the network cannot take."""
     net = _network(conn, network)
-    xml = etree.fromstring(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE).encode())
+    xml = _config_xml(net)
     address = ipaddress.ip_address(ip)
     for ip_node in xml.findall("ip"):
         if ip_node.find("dhcp") is None or ip_node.get("address") is None:
@@ -62,7 +73,7 @@ def check(conn: libvirt.virConnect, network: str, mac: str, ip: str, key: str) -
 def reserve(conn: libvirt.virConnect, network: str, mac: str, ip: str, name: str) -> bool:
     """Add the reservation; ``False`` when it already existed (nothing to undo)."""
     net = _network(conn, network)
-    xml = etree.fromstring(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE).encode())
+    xml = _config_xml(net)
     for host in xml.findall("ip/dhcp/host"):
         if (host.get("mac") or "").lower() == mac and host.get("ip") == ip:
             return False
@@ -78,7 +89,7 @@ def reserve(conn: libvirt.virConnect, network: str, mac: str, ip: str, name: str
 
 def release(conn: libvirt.virConnect, network: str, mac: str, ip: str) -> None:
     net = _network(conn, network)
-    xml = etree.fromstring(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE).encode())
+    xml = _config_xml(net)
     for host in xml.findall("ip/dhcp/host"):
         if (host.get("mac") or "").lower() == mac and host.get("ip") == ip:
             net.update(

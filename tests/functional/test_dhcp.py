@@ -1,0 +1,42 @@
+import pytest
+
+from salt_kvm import dhcp
+from salt_kvm.errors import ConflictError, NotFoundError, SpecError
+
+MAC, OTHER = "52:54:00:00:00:0a", "52:54:00:00:00:0b"
+
+
+def hosts(conn):
+    xml = conn.networkLookupByName("default").XMLDesc(0)
+    return xml.count("<host ")
+
+
+def test_reserve_is_idempotent_and_release_removes_it(conn):
+    dhcp.check(conn, "default", MAC, "192.168.122.50", "nics[0].ip")
+    assert dhcp.reserve(conn, "default", MAC, "192.168.122.50", "vm1") is True
+    assert dhcp.reserve(conn, "default", MAC, "192.168.122.50", "vm1") is False
+    assert hosts(conn) == 1
+    dhcp.release(conn, "default", MAC, "192.168.122.50")
+    assert hosts(conn) == 0
+
+
+@pytest.mark.parametrize(
+    "mac,ip,error",
+    [
+        (OTHER, "192.168.122.50", ConflictError),  # the address belongs to another MAC
+        (MAC, "192.168.122.51", ConflictError),  # this MAC has another address
+        (OTHER, "10.9.9.9", SpecError),  # not in the network
+        (OTHER, "192.168.122.1", SpecError),  # the network's own address
+    ],
+)
+def test_conflicting_reservations_are_refused_before_anything_changes(conn, mac, ip, error):
+    dhcp.reserve(conn, "default", MAC, "192.168.122.50", "vm1")
+    with pytest.raises(error) as err:
+        dhcp.check(conn, "default", mac, ip, "nics[0].ip")
+    assert "nics[0].ip" in str(err.value)
+    assert hosts(conn) == 1
+
+
+def test_unknown_network(conn):
+    with pytest.raises(NotFoundError, match="no libvirt network"):
+        dhcp.check(conn, "nope", MAC, "192.168.122.50", "nics[0].ip")
