@@ -82,6 +82,8 @@ def test_profile_makes_a_sized_minion_that_pings(hv, salt, base_domain, pool_vol
         assert 600 * 1024 < mem_kib <= 768 * 1024
         disk = int(salt.salt(name, "cmd.run", "lsblk -bdno SIZE /dev/vda")[name])
         assert disk == 4 * 1024**3
+        rootfs = int(salt.salt(name, "cmd.run", "df -B1 --output=size / | tail -1")[name])
+        assert rootfs > 3.5 * 1024**3  # the image's 3 GiB root grew with the disk
     finally:
         salt.cloud("-d", name)
     assert_gone(hv, salt, name, before, pool_volumes)
