@@ -5,6 +5,7 @@ in one SSH session, and the master's event bus tells when the minion is up."""
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import salt.config as config
 import salt.utils.cloud
@@ -33,9 +34,16 @@ def _value(opts: dict, vm_: dict, key: str, default=None):
     return config.get_cloud_config_value(key, vm_, opts, default=default)
 
 
-def deploy(opts: dict, vm_: dict, spec: VMSpec, guest: Guest) -> dict:
-    """Make ``guest`` a minion the way salt-cloud does (files + deploy script), in
-    one SSH session, then wait until the minion has started on the master."""
+@dataclass
+class Plan:
+    bundle: ssh_deploy.Bundle
+    key_id: str
+    minion_timeout: float
+
+
+def prepare(opts: dict, vm_: dict, spec: VMSpec) -> Plan:
+    """Everything the deploy needs, checked before any guest exists: the minion
+    config (a master is set), the deploy script (found), keys, credentials."""
     name = vm_["name"]
     minion_conf = salt.utils.cloud.minion_config(opts, vm_)
     script_name = _value(opts, vm_, "script", "bootstrap-salt")
@@ -64,7 +72,6 @@ def deploy(opts: dict, vm_: dict, spec: VMSpec, guest: Guest) -> dict:
     }
     files["minion"] = (salt.utils.cloud.salt_config_to_yaml(minion_conf).encode(), 0o600)
     key_id = minion_id(opts, vm_)
-    salt.utils.cloud.accept_key(opts["pki_dir"], pub, key_id)
 
     bundle = ssh_deploy.Bundle(
         files=files,
@@ -81,7 +88,22 @@ def deploy(opts: dict, vm_: dict, spec: VMSpec, guest: Guest) -> dict:
     )
     if spec.deploy.private_key and not os.access(spec.deploy.private_key, os.R_OK):
         raise SaltCloudConfigError(f"private_key: cannot read {spec.deploy.private_key!r}")
-    minion_timeout = float(_value(opts, vm_, "wait_for_minion_timeout", DEFAULT_MINION_TIMEOUT))
+    timeout = _value(opts, vm_, "wait_for_minion_timeout", DEFAULT_MINION_TIMEOUT)
+    try:
+        minion_timeout = float(timeout)
+    except (TypeError, ValueError):
+        raise SaltCloudConfigError(
+            f"wait_for_minion_timeout: {timeout!r} is not a number of seconds (accepted: 0 to "
+            "not wait, or seconds)"
+        ) from None
+    return Plan(bundle, key_id, minion_timeout)
+
+
+def run(opts: dict, plan: Plan, spec: VMSpec, guest: Guest) -> dict:
+    """Make ``guest`` a minion the way salt-cloud does (files + deploy script), in
+    one SSH session, then wait until the minion has started on the master."""
+    bundle, key_id, minion_timeout = plan.bundle, plan.key_id, plan.minion_timeout
+    salt.utils.cloud.accept_key(opts["pki_dir"], vm_pub(bundle), key_id)
     listener = _minion_listener(opts) if minion_timeout > 0 else None
     try:
         with ssh_lib.connect(
@@ -103,6 +125,10 @@ def deploy(opts: dict, vm_: dict, spec: VMSpec, guest: Guest) -> dict:
         if listener is not None:
             listener.destroy()
     return {"method": "ssh", "minion_id": key_id}
+
+
+def vm_pub(bundle: ssh_deploy.Bundle) -> str:
+    return bundle.files["minion.pub"][0].decode()
 
 
 def _minion_listener(opts: dict):

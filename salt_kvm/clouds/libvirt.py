@@ -173,7 +173,9 @@ def create(vm_):
             f"minion key {key_id}", lambda: salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)
         )
     try:
-        spec = _spec(vm_)  # bad input stops here, before anything is made
+        # Bad input stops here, before anything is made.
+        spec = _spec(vm_)
+        deploy_plan = cloud_deploy.prepare(__opts__, vm_, spec) if spec.deploy.enabled else None
     except SaltCloudConfigError:
         rollback.run()
         raise
@@ -191,11 +193,11 @@ def create(vm_):
             guest = provision.create(conn, spec, rollback, emit)
             vm_["ssh_host"] = guest.addresses[0]
             result = {"name": name, "ip_address": guest.addresses[0], "addresses": guest.addresses}
-            if spec.deploy.enabled:
+            if deploy_plan is not None:
                 emit("deploying", {"name": name, "ip_address": guest.addresses[0]})
-                result["deploy"] = cloud_deploy.deploy(__opts__, vm_, spec, guest)
-            rollback.forget()
+                result["deploy"] = cloud_deploy.run(__opts__, deploy_plan, spec, guest)
             result.update(inventory.describe(conn, guest.domain))
+            rollback.forget()
     except Exception as exc:
         failed = rollback.run()
         leftover = f"; could not remove: {', '.join(failed)}" if failed else ""

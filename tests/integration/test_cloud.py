@@ -127,15 +127,29 @@ def test_wrong_ssh_password_leaves_nothing_behind(hv, salt, base_domain, pool_vo
     assert_gone(hv, salt, name, before, pool_volumes)
 
 
-def test_bad_profile_value_names_the_key_and_creates_nothing(hv, salt, base_domain, pool_volumes):
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        ({"clone_strategy": "linked"}, ["clone_strategy", "quick, full"]),
+        ({"memory": "lots"}, ["memory", "2G"]),
+        ({"script": "no-such-script"}, ["script", "no-such-script"]),
+        ({"wait_for_minion_timeout": "soon"}, ["wait_for_minion_timeout", "seconds"]),
+        ({"nics": [{"network": "salt-kvm-test", "ip": "192.168.213.9"}]}, ["nics[0].ip", "mac"]),
+    ],
+    ids=["clone_strategy", "memory", "script", "minion-timeout", "ip-without-mac"],
+)
+def test_bad_profile_value_names_the_key_and_creates_nothing(
+    hv, salt, base_domain, pool_volumes, extra, expected
+):
     name = unique("badkey")
     before = pool_volumes()
-    salt.write_profiles(
-        {"badkey": sized_profile(base_domain, salt, clone_strategy="linked")}, "bk.conf"
-    )
+    domains = {d.name() for d in hv.listAllDomains(0)}
+    salt.write_profiles({"badkey": sized_profile(base_domain, salt, **extra)}, "bk.conf")
     proc = salt.cloud("-p", "badkey", name, check=False)
     text = cloud_error(proc, name)
-    assert "clone_strategy" in text and "quick, full" in text
+    for word in expected:
+        assert word in text, text
+    assert {d.name() for d in hv.listAllDomains(0)} == domains
     assert_gone(hv, salt, name, before, pool_volumes)
 
 
