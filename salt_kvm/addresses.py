@@ -85,6 +85,32 @@ def lookup(dom: libvirt.virDomain, source: str, macs: Iterable[str] | None = Non
     return []
 
 
+_STATE_NAMES = {
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+}
+
+
+def _check_running(dom: libvirt.virDomain) -> None:
+    """Fail at once when the guest stopped running: its address will never come.
+
+    A guest that pauses right after start is typically a KVM guest on a host
+    where hardware virtualization does not work (e.g. nested KVM).
+    """
+    state, reason = dom.state()
+    if state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
+        return
+    message = (
+        f"{dom.name()} stopped running ({_STATE_NAMES.get(state, state)}, reason {reason}) "
+        "while waiting for its IP address"
+    )
+    if state == libvirt.VIR_DOMAIN_PAUSED:
+        message += "; if this host cannot run KVM guests, set virt_type: qemu"
+    raise TimeoutError_(message)
+
+
 def wait_for_addresses(
     dom: libvirt.virDomain,
     source: str,
@@ -101,8 +127,7 @@ def wait_for_addresses(
         found = lookup(dom, source, macs)
         if found:
             return found
-        if not dom.isActive():
-            raise TimeoutError_(f"{dom.name()} stopped while waiting for its IP address")
+        _check_running(dom)
         if clock() >= deadline:
             raise TimeoutError_(
                 f"{dom.name()} got no IP address from {source} within {timeout:g}s "

@@ -47,8 +47,10 @@ def prepare(opts: dict, vm_: dict, spec: VMSpec) -> Plan:
     name = vm_["name"]
     minion_conf = salt.utils.cloud.minion_config(opts, vm_)
     script_name = _value(opts, vm_, "script", "bootstrap-salt")
-    script = salt.utils.cloud.os_script(script_name, vm_, opts, minion_conf)
-    if not script and not _value(opts, vm_, "deploy_command"):
+    script = None
+    if spec.deploy.method == "ssh":
+        script = salt.utils.cloud.os_script(script_name, vm_, opts, minion_conf)
+    if spec.deploy.method == "ssh" and not script and not _value(opts, vm_, "deploy_command"):
         raise SaltCloudConfigError(
             f"script: no deploy script named {script_name!r} in "
             f"{opts['deploy_scripts_search_path']}"
@@ -97,6 +99,42 @@ def prepare(opts: dict, vm_: dict, spec: VMSpec) -> Plan:
             "not wait, or seconds)"
         ) from None
     return Plan(bundle, key_id, minion_timeout)
+
+
+def cloud_config(plan: Plan) -> dict:
+    """The same files as the SSH deploy, as cloud-init ``write_files``, and the
+    minion (re)started once they are in place. No script runs: the image must
+    already have Salt (as with the salt-preinstalled deploy script)."""
+    targets = {
+        "minion": ("/etc/salt/minion", "0644"),
+        "minion.pem": ("/etc/salt/pki/minion/minion.pem", "0600"),
+        "minion.pub": ("/etc/salt/pki/minion/minion.pub", "0644"),
+        "grains": ("/etc/salt/grains", "0644"),
+    }
+    files = [
+        {"path": path, "permissions": mode, "owner": "root:root", "content": data.decode()}
+        for name, (data, _) in plan.bundle.files.items()
+        for path, mode in [targets[name]]
+    ]
+    return {
+        "write_files": files,
+        "runcmd": [["sh", "-c", "systemctl enable salt-minion; systemctl restart salt-minion"]],
+    }
+
+
+def listen(opts: dict, plan: Plan):
+    """Subscribe to the master's bus (before the guest can start its minion)."""
+    salt.utils.cloud.accept_key(opts["pki_dir"], vm_pub(plan.bundle), plan.key_id)
+    return _minion_listener(opts) if plan.minion_timeout > 0 else None
+
+
+def wait(listener, plan: Plan, guest: Guest) -> None:
+    if listener is not None:
+        try:
+            _wait_for_minion(listener, plan.key_id, plan.minion_timeout)
+            guest.mark("minion")
+        finally:
+            listener.destroy()
 
 
 def run(opts: dict, plan: Plan, spec: VMSpec, guest: Guest) -> dict:

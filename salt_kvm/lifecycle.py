@@ -39,7 +39,8 @@ def remove(conn: libvirt.virConnect, name: str) -> dict:
         )
     undefine(dom)
     removed = []
-    for path in info.get("volumes") or []:
+    seed = [info["seed"]] if info.get("seed") else []
+    for path in [*(info.get("volumes") or []), *seed]:
         try:
             conn.storageVolLookupByPath(path).delete(0)
             removed.append(path)

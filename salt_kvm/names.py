@@ -36,3 +36,7 @@ def root_volume_name(vm: str, fmt: str) -> str:
 
 def extra_volume_name(vm: str, target: str, fmt: str) -> str:
     return f"{vm}-{target}.{fmt}"
+
+
+def seed_volume_name(vm: str) -> str:
+    return f"{vm}-seed.iso"

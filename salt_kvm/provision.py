@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from . import addresses, clone, connection, dhcp, lifecycle, sizing
+from . import addresses, clone, connection, dhcp, lifecycle, names, seed, sizing
 from .domxml import Domain
 from .errors import ConflictError, SaltKvmError
 from .rollback import Rollback
@@ -30,6 +30,8 @@ class Guest:
     macs: list[str]
     addresses: list[str] = field(default_factory=list)
     existed: bool = False
+    seed_path: str | None = None
+    seed_target: str | None = None
     started: float = field(default_factory=time.monotonic)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -47,12 +49,14 @@ def _check_fixed_macs(conn: libvirt.virConnect, spec: VMSpec) -> None:
             dhcp.check(conn, nic.network, nic.mac, nic.ip, f"nics[{index}].ip")
 
 
-def _customize(spec: VMSpec, taken: set[str]) -> Callable[[Domain], None]:
+def _customize(spec: VMSpec, taken: set[str], guest: Guest) -> Callable[[Domain], None]:
     def customize(xml: Domain) -> None:
         sizing.apply(xml, spec)
         for iface in xml.interfaces:
             if not iface.mac:
                 iface.mac = clone.new_mac(taken)
+        if guest.seed_path:
+            guest.seed_target = seed.attach(xml, guest.seed_path)
 
     return customize
 
@@ -70,15 +74,24 @@ def _reserve(conn, spec: VMSpec, rollback: Rollback) -> list[str]:
     return made
 
 
-def create(conn: libvirt.virConnect, spec: VMSpec, rollback: Rollback, emit: Emit) -> Guest:
-    """Clone and boot ``spec``; return the running guest with its addresses."""
+def create(
+    conn: libvirt.virConnect,
+    spec: VMSpec,
+    rollback: Rollback,
+    emit: Emit,
+    seed_iso: bytes | None = None,
+) -> Guest:
+    """Clone and boot ``spec``; return the running guest with its addresses.
+
+    ``seed_iso`` (a NoCloud ISO) is attached to a new clone's first boot.
+    """
     started = time.monotonic()
     existing = _existing(conn, spec.name)
     if existing is not None:
         guest = Guest(spec.name, existing, addresses.domain_macs(existing), existed=True)
         emit("requesting", {"name": spec.name, "existing": True})
     else:
-        guest = _clone(conn, spec, rollback, emit)
+        guest = _clone(conn, spec, rollback, emit, seed_iso)
     guest.started = started
     guest.mark("clone")
     if not guest.domain.isActive():
@@ -111,7 +124,9 @@ def _existing(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
     return dom
 
 
-def _clone(conn: libvirt.virConnect, spec: VMSpec, rollback: Rollback, emit: Emit) -> Guest:
+def _clone(
+    conn: libvirt.virConnect, spec: VMSpec, rollback: Rollback, emit: Emit, seed_iso: bytes | None
+) -> Guest:
     base_type = None
     if _has(conn, spec.base_domain):
         base = conn.lookupByName(spec.base_domain)
@@ -131,17 +146,47 @@ def _clone(conn: libvirt.virConnect, spec: VMSpec, rollback: Rollback, emit: Emi
         },
     )
     reservations = _reserve(conn, spec, rollback)
-    dom = clone.clone_domain(
+    guest = Guest(spec.name, None, [])
+    info: dict = {"reservations": reservations} if reservations else {}
+    if seed_iso is not None:
+        vol = seed.upload(conn, plan.disks[0].pool, names.seed_volume_name(spec.name), seed_iso)
+        seed_path = vol.path()
+        rollback.add(f"seed volume {seed_path}", lambda: _delete_path(conn, seed_path))
+        guest.seed_path = info["seed"] = seed_path
+    guest.domain = clone.clone_domain(
         conn,
         plan,
         rollback,
-        customize=_customize(spec, clone.used_macs(conn)),
+        customize=_customize(spec, clone.used_macs(conn), guest),
         validate=spec.validate_xml,
-        info={"reservations": reservations} if reservations else None,
+        info=info or None,
     )
     if spec.autostart:
-        dom.setAutostart(1)
-    return Guest(spec.name, dom, addresses.domain_macs(dom))
+        guest.domain.setAutostart(1)
+    guest.macs = addresses.domain_macs(guest.domain)
+    return guest
+
+
+def _delete_path(conn: libvirt.virConnect, path: str) -> None:
+    try:
+        vol = conn.storageVolLookupByPath(path)
+    except libvirt.libvirtError:
+        return  # already gone (the seed is deleted after first boot)
+    vol.delete(0)
+
+
+def detach_seed(conn: libvirt.virConnect, guest: Guest) -> None:
+    """The guest has read its seed: eject it and delete the volume (keys in it)."""
+    if not guest.seed_path:
+        return
+    seed.eject(guest.domain, guest.seed_target)
+    conn.storageVolLookupByPath(guest.seed_path).delete(0)
+    xml = Domain(guest.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    info = xml.managed_info() or {}
+    info.pop("seed", None)
+    xml.set_managed_info(info)
+    conn.defineXML(xml.to_xml())
+    guest.seed_path = guest.seed_target = None
 
 
 def _has(conn, name):

@@ -31,7 +31,7 @@ DEFAULTS = {
     "deploy_method": "ssh",
     "nic_model": "virtio",
 }
-DEPLOY_METHODS = ("ssh", "none")
+DEPLOY_METHODS = ("ssh", "cloud-init", "none")
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "ne2k_pci", "pcnet")
 NIC_KEYS = ("network", "bridge", "mac", "ip", "model")
 KEYMAP_RE = re.compile(r"^[a-z]{2}(-[a-z]{2,5})?$")
@@ -210,7 +210,8 @@ def build_spec(values: dict) -> VMSpec:
         private_key=text(values, "private_key"),
         ssh_agent=boolean(values, "ssh_agent", False),
     )
-    if deploy.enabled and not (deploy.password or deploy.private_key or deploy.ssh_agent):
+    needs_ssh = deploy.enabled and deploy.method == "ssh"
+    if needs_ssh and not (deploy.password or deploy.private_key or deploy.ssh_agent):
         raise SpecError(
             "password",
             "an SSH deploy needs credentials",

@@ -34,7 +34,7 @@ from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
 try:
     import libvirt
 
-    from salt_kvm import __version__, cloud_deploy, host, inventory, lifecycle, provision
+    from salt_kvm import __version__, cloud_deploy, host, inventory, lifecycle, provision, seed
     from salt_kvm.connection import connected
     from salt_kvm.errors import SaltKvmError, SpecError
     from salt_kvm.rollback import Rollback
@@ -133,6 +133,32 @@ def _fire(name, step, args):
     )
 
 
+def _create_seeded(conn, vm_, spec, plan, rollback, emit):
+    """deploy_method: cloud-init: the minion's config and accepted keys go in a
+    NoCloud seed before the first boot; no SSH. The seed is ejected and deleted
+    as soon as the minion has started."""
+    user_data = cloud_deploy.cloud_config(plan)
+    listener = cloud_deploy.listen(__opts__, plan)
+    try:
+        emit("deploying", {"name": vm_["name"], "method": "cloud-init"})
+        guest = provision.create(
+            conn, spec, rollback, emit, seed_iso=seed.nocloud(vm_["name"], user_data)
+        )
+        cloud_deploy.wait(listener, plan, guest)
+        listener = None  # wait() closed it
+    finally:
+        if listener is not None:
+            listener.destroy()
+    provision.detach_seed(conn, guest)
+    return {
+        "_guest": guest,
+        "name": vm_["name"],
+        "ip_address": guest.addresses[0],
+        "addresses": guest.addresses,
+        "deploy": {"method": "cloud-init", "minion_id": plan.key_id},
+    }
+
+
 def _profile_values(vm_):
     values = {"name": vm_.get("name")}
     for key in SPEC_KEYS:
@@ -190,12 +216,20 @@ def create(vm_):
     )
     try:
         with _connect(vm_) as conn:
-            guest = provision.create(conn, spec, rollback, emit)
-            vm_["ssh_host"] = guest.addresses[0]
-            result = {"name": name, "ip_address": guest.addresses[0], "addresses": guest.addresses}
-            if deploy_plan is not None:
-                emit("deploying", {"name": name, "ip_address": guest.addresses[0]})
-                result["deploy"] = cloud_deploy.run(__opts__, deploy_plan, spec, guest)
+            if spec.deploy.enabled and spec.deploy.method == "cloud-init":
+                result = _create_seeded(conn, vm_, spec, deploy_plan, rollback, emit)
+                guest = result.pop("_guest")
+            else:
+                guest = provision.create(conn, spec, rollback, emit)
+                vm_["ssh_host"] = guest.addresses[0]
+                result = {
+                    "name": name,
+                    "ip_address": guest.addresses[0],
+                    "addresses": guest.addresses,
+                }
+                if deploy_plan is not None:
+                    emit("deploying", {"name": name, "ip_address": guest.addresses[0]})
+                    result["deploy"] = cloud_deploy.run(__opts__, deploy_plan, spec, guest)
             result.update(inventory.describe(conn, guest.domain))
             rollback.forget()
     except Exception as exc:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import libvirt
 import pytest
 
@@ -6,10 +8,13 @@ from salt_kvm.domxml import new_domain
 GIB = 1024**3
 
 
+NODE = Path(__file__).with_name("testnode.xml")
+
+
 @pytest.fixture
 def conn():
-    """A fresh test:///default hypervisor: every open starts from the same state."""
-    conn = libvirt.open("test:///default")
+    """A private test-driver hypervisor: every test starts from the same state."""
+    conn = libvirt.open(f"test://{NODE}")
     yield conn
     conn.close()
 

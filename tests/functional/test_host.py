@@ -6,7 +6,7 @@ from salt_kvm.errors import SaltKvmError, SpecError
 
 def test_info_names_the_hypervisor(conn):
     facts = host.info(conn)
-    assert facts["uri"] == "test:///default"
+    assert facts["uri"].startswith("test://")
     assert "default-pool" in facts["pools"]
     assert facts["kvm_available"] is False
 

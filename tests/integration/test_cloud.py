@@ -259,3 +259,24 @@ def test_salt_3007_master_and_salt_cloud_use_salt_kvm(
         assert_gone(hv, env, name, before, pool_volumes)
     finally:
         saltenv.stop_master(env)
+
+
+def test_cloud_init_deploy_needs_no_ssh_and_leaves_no_seed(hv, salt, base_domain, pool_volumes):
+    """deploy_method: cloud-init: minion config and accepted keys in a NoCloud
+    seed; no SSH credentials at all; the seed is ejected and deleted."""
+    name = unique("seeded")
+    before = pool_volumes()
+    profile = sized_profile(base_domain, salt, deploy_method="cloud-init")
+    del profile["password"], profile["script"]
+    salt.write_profiles({"seeded": profile}, "seeded.conf")
+    info = created(salt.cloud("-p", "seeded", name), name)
+    try:
+        assert info["deploy"]["method"] == "cloud-init"
+        assert salt.salt(name, "test.ping") == {name: True}
+        assert pool_volumes() == before | {f"{name}.qcow2"}  # no seed volume left
+        cdroms = [d for d in info["disks"] if d["device"] == "cdrom"]
+        assert cdroms and all(d["path"] is None for d in cdroms)
+        assert salt.salt(name, "grains.item", "host")[name] == {"host": name}
+    finally:
+        salt.cloud("-d", name)
+    assert_gone(hv, salt, name, before, pool_volumes)

@@ -33,9 +33,10 @@ def test_check_source_accepts_3007_names_and_aliases():
 class FakeDomain:
     """Answers interfaceAddresses like libvirt does, per source."""
 
-    def __init__(self, answers, active=True):
+    def __init__(self, answers, active=True, state=libvirt.VIR_DOMAIN_RUNNING):
         self.answers = answers
         self.active = active
+        self._state = state if active else libvirt.VIR_DOMAIN_SHUTOFF
 
     def interfaceAddresses(self, source, flags):  # noqa: N802 - libvirt's name
         answer = self.answers.get(source)
@@ -45,6 +46,9 @@ class FakeDomain:
 
     def isActive(self):  # noqa: N802
         return self.active
+
+    def state(self):
+        return self._state, 0
 
     def name(self):
         return "vm1"
@@ -109,4 +113,16 @@ def test_wait_stops_when_the_guest_dies():
     with pytest.raises(TimeoutError_, match="stopped"):
         addresses.wait_for_addresses(
             dom, "ip-learning", 5, macs=["52:54:00:00:00:01"], sleep=lambda s: None
+        )
+
+
+def test_wait_stops_at_once_when_the_guest_pauses_and_suggests_tcg():
+    dom = FakeDomain({}, state=libvirt.VIR_DOMAIN_PAUSED)
+    with pytest.raises(TimeoutError_, match="paused.*virt_type: qemu"):
+        addresses.wait_for_addresses(
+            dom,
+            "ip-learning",
+            600,
+            macs=["52:54:00:00:00:01"],
+            sleep=lambda s: pytest.fail("should not wait"),
         )

@@ -1,0 +1,87 @@
+"""provision.create on libvirt's test driver: the whole path except a real boot."""
+
+import pytest
+
+from salt_kvm import provision
+from salt_kvm.domxml import Domain
+from salt_kvm.errors import ConflictError
+from salt_kvm.rollback import Rollback
+from salt_kvm.spec import build_spec
+
+
+def spec(**values):
+    base = {
+        "name": "vm1",
+        "base_domain": "base",
+        "password": "pw",
+        "clone_strategy": "quick",
+        "virt_type": "auto",
+    }
+    base.update(values)
+    return build_spec(base)
+
+
+def state(conn, pool):
+    pool.refresh(0)
+    return (
+        sorted(d.name() for d in conn.listAllDomains(0)),
+        sorted(pool.listVolumes()),
+        conn.networkLookupByName("default").XMLDesc(0).count("<host "),
+    )
+
+
+def test_create_boots_sizes_reserves_and_learns_the_address(conn, pool, base):
+    events = []
+    nic = {"network": "default", "mac": "52:54:00:12:34:56", "ip": "192.168.122.60"}
+    guest = provision.create(
+        conn,
+        spec(cpus=2, memory="1G", autostart=True, nics=[nic]),
+        Rollback(),
+        lambda step, data: events.append(step),
+    )
+    assert [e for e in events] == ["requesting", "waiting_for_ip"]
+    assert guest.domain.isActive() and guest.domain.autostart()
+    assert guest.macs == ["52:54:00:12:34:56"] and guest.addresses
+    xml = Domain(guest.domain.XMLDesc(0))
+    assert xml.vcpus == 2 and xml.memory_mib() == 1024
+    assert xml.managed_info()["reservations"] == ["default|52:54:00:12:34:56|192.168.122.60"]
+    assert set(guest.timings) >= {"clone", "start", "ip"}
+
+
+def test_creating_an_existing_managed_domain_does_not_clone_again(conn, pool, base):
+    provision.create(conn, spec(), Rollback(), lambda *a: None)
+    before = state(conn, pool)
+    again = provision.create(conn, spec(), Rollback(), lambda *a: None)
+    assert again.existed and state(conn, pool) == before
+
+
+def test_a_domain_salt_kvm_did_not_create_is_never_taken_over(conn, pool, base):
+    with pytest.raises(ConflictError, match="not created by salt-kvm"):
+        provision.create(conn, spec(name="test"), Rollback(), lambda *a: None)
+
+
+def test_a_mac_in_use_is_refused_before_anything_is_made(conn, pool, base):
+    before = state(conn, pool)
+    with pytest.raises(ConflictError, match="52:54:00:00:00:01"):
+        provision.create(
+            conn,
+            spec(nics=[{"network": "default", "mac": "52:54:00:00:00:01"}]),
+            Rollback(),
+            lambda *a: None,
+        )
+    assert state(conn, pool) == before
+
+
+def test_a_failure_after_creation_rolls_everything_back(conn, pool, base):
+    before = state(conn, pool)
+
+    def fail_while_waiting(step, data):
+        if step == "waiting_for_ip":
+            raise RuntimeError("injected")
+
+    rollback = Rollback()
+    nic = {"network": "default", "mac": "52:54:00:12:34:57", "ip": "192.168.122.61"}
+    with pytest.raises(RuntimeError, match="injected"):
+        with rollback:
+            provision.create(conn, spec(nics=[nic]), rollback, fail_while_waiting)
+    assert state(conn, pool) == before
