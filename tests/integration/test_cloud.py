@@ -105,8 +105,10 @@ def cloud_error(proc, name):
     [
         ({"wait_for_ip_timeout": 3}, "got no IP address from ip-learning within 3s"),
         ({"nics": ["skt-no-such-network"]}, "skt-no-such-network"),
+        # valid for the profile, refused by libvirt's define (machine type limit)
+        ({"cpus": 300}, "Maximum CPUs greater than specified machine type limit"),
     ],
-    ids=["ip-timeout", "libvirt-start-error"],
+    ids=["ip-timeout", "libvirt-start-error", "libvirt-define-error"],
 )
 def test_failures_leave_nothing_behind(hv, salt, base_domain, pool_volumes, extra, message):
     name = unique("fault")
