@@ -248,13 +248,15 @@ def clone_domain(
     customize: Callable[[Domain], None] | None = None,
     validate: bool = True,
     info: dict | None = None,
+    taken: set[str] | None = None,
 ) -> libvirt.virDomain:
     """Create the planned volumes and define the clone; undo steps go to ``rollback``.
 
     ``customize`` edits the clone's XML (sizing, NICs) before it is defined;
-    ``info`` adds fields to the salt-kvm metadata tag.
+    ``info`` adds fields to the salt-kvm metadata tag; ``taken`` is the host's
+    MACs if the caller already listed them (new ones are added to it).
     """
-    taken = used_macs(conn)
+    taken = used_macs(conn) if taken is None else taken
     xml = prepare_identity(plan.xml, plan.name, plan.virt_type, taken)
     if customize is not None:
         customize(xml)

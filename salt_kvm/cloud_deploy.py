@@ -2,9 +2,11 @@
 (minion config, keys, grains, the deploy script), salt_kvm.deploy runs them
 in one SSH session, and the master's event bus tells when the minion is up."""
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import salt.config as config
@@ -38,6 +40,7 @@ def _value(opts: dict, vm_: dict, key: str, default=None):
 class Plan:
     bundle: ssh_deploy.Bundle
     key_id: str
+    pub: str
     minion_timeout: float
 
 
@@ -98,7 +101,7 @@ def prepare(opts: dict, vm_: dict, spec: VMSpec) -> Plan:
             f"wait_for_minion_timeout: {timeout!r} is not a number of seconds (accepted: 0 to "
             "not wait, or seconds)"
         ) from None
-    return Plan(bundle, key_id, minion_timeout)
+    return Plan(bundle, key_id, pub, minion_timeout)
 
 
 def cloud_config(plan: Plan) -> dict:
@@ -122,28 +125,27 @@ def cloud_config(plan: Plan) -> dict:
     }
 
 
-def listen(opts: dict, plan: Plan):
-    """Subscribe to the master's bus (before the guest can start its minion)."""
-    salt.utils.cloud.accept_key(opts["pki_dir"], vm_pub(plan.bundle), plan.key_id)
-    return _minion_listener(opts) if plan.minion_timeout > 0 else None
-
-
-def wait(listener, plan: Plan, guest: Guest) -> None:
-    if listener is not None:
-        try:
+@contextlib.contextmanager
+def minion_watch(opts: dict, plan: Plan, guest_of: Callable[[], Guest | None]):
+    """Accept the minion's key and subscribe to the master's bus before the guest
+    can start its minion; on leaving the block without an error, wait for the
+    minion's start event (``wait_for_minion_timeout``; 0: do not wait)."""
+    salt.utils.cloud.accept_key(opts["pki_dir"], plan.pub, plan.key_id)
+    listener = _minion_listener(opts) if plan.minion_timeout > 0 else None
+    try:
+        yield
+        if listener is not None:
             _wait_for_minion(listener, plan.key_id, plan.minion_timeout)
-            guest.mark("minion")
-        finally:
+            guest_of().mark("minion")
+    finally:
+        if listener is not None:
             listener.destroy()
 
 
 def run(opts: dict, plan: Plan, spec: VMSpec, guest: Guest) -> dict:
     """Make ``guest`` a minion the way salt-cloud does (files + deploy script), in
     one SSH session, then wait until the minion has started on the master."""
-    bundle, key_id, minion_timeout = plan.bundle, plan.key_id, plan.minion_timeout
-    salt.utils.cloud.accept_key(opts["pki_dir"], vm_pub(bundle), key_id)
-    listener = _minion_listener(opts) if minion_timeout > 0 else None
-    try:
+    with minion_watch(opts, plan, lambda: guest):
         with ssh_lib.connect(
             guest.addresses[0],
             spec.deploy.ssh_username,
@@ -154,19 +156,9 @@ def run(opts: dict, plan: Plan, spec: VMSpec, guest: Guest) -> dict:
             timeout=spec.wait_for_ip_timeout,
         ) as session:
             guest.mark("ssh")
-            ssh_deploy.run(session, bundle)
+            ssh_deploy.run(session, plan.bundle)
         guest.mark("deploy")
-        if listener is not None:
-            _wait_for_minion(listener, key_id, minion_timeout)
-            guest.mark("minion")
-    finally:
-        if listener is not None:
-            listener.destroy()
-    return {"method": "ssh", "minion_id": key_id}
-
-
-def vm_pub(bundle: ssh_deploy.Bundle) -> str:
-    return bundle.files["minion.pub"][0].decode()
+    return {"method": "ssh", "minion_id": plan.key_id}
 
 
 def _minion_listener(opts: dict):

@@ -26,6 +26,10 @@ STATES = {
 }
 
 
+def state_of(dom: libvirt.virDomain) -> str:
+    return STATES.get(dom.state()[0], "unknown")
+
+
 def lease_table(conn: libvirt.virConnect) -> dict[str, list[str]]:
     """MAC → usable leased addresses, over every active libvirt network."""
     table: dict[str, list[str]] = {}
@@ -56,7 +60,7 @@ def _disk_sizes(conn: libvirt.virConnect, xml: Domain) -> list[dict]:
 def describe(conn: libvirt.virConnect, dom: libvirt.virDomain, leases: dict | None = None) -> dict:
     xml = Domain(dom.XMLDesc(0))
     info = xml.managed_info() or {}
-    state = STATES.get(dom.state()[0], "unknown")
+    state = state_of(dom)
     leases = lease_table(conn) if leases is None else leases
     macs = [i.mac.lower() for i in xml.interfaces if i.mac]
     ips = [ip for mac in macs for ip in leases.get(mac, [])] if state == "running" else []

@@ -40,8 +40,7 @@ class Guest:
         self.timings[step] = round(time.monotonic() - self.started, 2)
 
 
-def _check_fixed_macs(conn: libvirt.virConnect, spec: VMSpec) -> None:
-    taken = clone.used_macs(conn)
+def _check_fixed_macs(conn: libvirt.virConnect, spec: VMSpec, taken: set[str]) -> None:
     for index, nic in enumerate(spec.nics or []):
         if nic.mac and nic.mac in taken:
             raise ConflictError(f"nics[{index}].mac: {nic.mac} is already used by another domain")
@@ -127,15 +126,13 @@ def _existing(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
 def _clone(
     conn: libvirt.virConnect, spec: VMSpec, rollback: Rollback, emit: Emit, seed_iso: bytes | None
 ) -> Guest:
-    base_type = None
-    if _has(conn, spec.base_domain):
-        base = conn.lookupByName(spec.base_domain)
-        base_type = Domain(base.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).type
-    virt_type = connection.resolve_virt_type(conn, spec.virt_type, base_type)
     plan = clone.plan_clone(
-        conn, spec.base_domain, spec.name, spec.clone_strategy, virt_type, spec.disk_size
+        conn, spec.base_domain, spec.name, spec.clone_strategy, None, spec.disk_size
     )
-    _check_fixed_macs(conn, spec)
+    # plan.xml is still the base's definition here: its type is the base's.
+    virt_type = plan.virt_type = connection.resolve_virt_type(conn, spec.virt_type, plan.xml.type)
+    taken = clone.used_macs(conn)
+    _check_fixed_macs(conn, spec, taken)
     emit(
         "requesting",
         {
@@ -157,9 +154,10 @@ def _clone(
         conn,
         plan,
         rollback,
-        customize=_customize(spec, clone.used_macs(conn), guest),
+        customize=_customize(spec, taken, guest),
         validate=spec.validate_xml,
         info=info or None,
+        taken=taken,
     )
     if spec.autostart:
         guest.domain.setAutostart(1)
@@ -187,14 +185,6 @@ def detach_seed(conn: libvirt.virConnect, guest: Guest) -> None:
     xml.set_managed_info(info)
     conn.defineXML(xml.to_xml())
     guest.seed_path = guest.seed_target = None
-
-
-def _has(conn, name):
-    try:
-        conn.lookupByName(name)
-        return True
-    except libvirt.libvirtError:
-        return False
 
 
 def _stop(dom: libvirt.virDomain) -> None:

@@ -59,6 +59,12 @@ def _set_numa(xml: Domain, spec: VMSpec) -> None:
         )
 
 
+def _use_vhost(iface: Interface) -> None:
+    """vhost-net is a virtio backend: other models keep QEMU's userspace one."""
+    if iface.model == "virtio":
+        find_or_create(iface.node, ["driver"]).set("name", "vhost")
+
+
 def _nic_element(nic: NicSpec, vhost: bool) -> etree._Element:
     iface = Interface(etree.Element("interface", type="network" if nic.network else "bridge"))
     if nic.mac:
@@ -68,8 +74,8 @@ def _nic_element(nic: NicSpec, vhost: bool) -> etree._Element:
     else:
         iface.source_bridge = nic.bridge
     iface.model = nic.model
-    if vhost and nic.model == "virtio":
-        find_or_create(iface.node, ["driver"]).set("name", "vhost")
+    if vhost:
+        _use_vhost(iface)
     return iface.node
 
 
@@ -81,8 +87,7 @@ def _set_nics(xml: Domain, spec: VMSpec) -> None:
             devices.append(_nic_element(nic, spec.vhost))
     elif spec.vhost:
         for iface in xml.interfaces:
-            if iface.model == "virtio":
-                find_or_create(iface.node, ["driver"]).set("name", "vhost")
+            _use_vhost(iface)
 
 
 def apply(xml: Domain, spec: VMSpec) -> Domain:

@@ -138,25 +138,13 @@ def _create_seeded(conn, vm_, spec, plan, rollback, emit):
     NoCloud seed before the first boot; no SSH. The seed is ejected and deleted
     as soon as the minion has started."""
     user_data = cloud_deploy.cloud_config(plan)
-    listener = cloud_deploy.listen(__opts__, plan)
-    try:
+    created = []
+    with cloud_deploy.minion_watch(__opts__, plan, lambda: created[0]):
         emit("deploying", {"name": vm_["name"], "method": "cloud-init"})
-        guest = provision.create(
-            conn, spec, rollback, emit, seed_iso=seed.nocloud(vm_["name"], user_data)
-        )
-        cloud_deploy.wait(listener, plan, guest)
-        listener = None  # wait() closed it
-    finally:
-        if listener is not None:
-            listener.destroy()
-    provision.detach_seed(conn, guest)
-    return {
-        "_guest": guest,
-        "name": vm_["name"],
-        "ip_address": guest.addresses[0],
-        "addresses": guest.addresses,
-        "deploy": {"method": "cloud-init", "minion_id": plan.key_id},
-    }
+        seed_iso = seed.nocloud(vm_["name"], user_data)
+        created.append(provision.create(conn, spec, rollback, emit, seed_iso=seed_iso))
+    provision.detach_seed(conn, created[0])
+    return created[0], {"method": "cloud-init", "minion_id": plan.key_id}
 
 
 def _profile_values(vm_):
@@ -216,20 +204,18 @@ def create(vm_):
     )
     try:
         with _connect(vm_) as conn:
-            if spec.deploy.enabled and spec.deploy.method == "cloud-init":
-                result = _create_seeded(conn, vm_, spec, deploy_plan, rollback, emit)
-                guest = result.pop("_guest")
+            deployed = None
+            if deploy_plan is not None and spec.deploy.method == "cloud-init":
+                guest, deployed = _create_seeded(conn, vm_, spec, deploy_plan, rollback, emit)
             else:
                 guest = provision.create(conn, spec, rollback, emit)
                 vm_["ssh_host"] = guest.addresses[0]
-                result = {
-                    "name": name,
-                    "ip_address": guest.addresses[0],
-                    "addresses": guest.addresses,
-                }
                 if deploy_plan is not None:
                     emit("deploying", {"name": name, "ip_address": guest.addresses[0]})
-                    result["deploy"] = cloud_deploy.run(__opts__, deploy_plan, spec, guest)
+                    deployed = cloud_deploy.run(__opts__, deploy_plan, spec, guest)
+            result = {"name": name, "ip_address": guest.addresses[0], "addresses": guest.addresses}
+            if deployed is not None:
+                result["deploy"] = deployed
             result.update(inventory.describe(conn, guest.domain))
             rollback.forget()
     except Exception as exc:
@@ -285,7 +271,7 @@ def _action(name, call, what, fn):
             if lifecycle.managed_info(dom) is None:
                 raise SaltKvmError(f"{name!r} was not created by salt-kvm")
             fn(dom)
-            return {name: inventory.describe(conn, dom)["state"]}
+            return {name: inventory.state_of(dom)}
     except (SaltKvmError, libvirt.libvirtError) as exc:
         raise SaltCloudSystemExit(str(exc)) from exc
 
