@@ -18,7 +18,9 @@ BASE = os.environ.get("SALT_KVM_BASE_DOMAIN", "salt-kvm-base-debian12")
 NETWORK = os.environ.get("SALT_KVM_TEST_NET", "salt-kvm-test")
 POOL = os.environ.get("SALT_KVM_POOL", "default")
 GUEST_USER, GUEST_PASSWORD = "root", "salt-kvm"
-PREFIX = "skt-"  # every guest the tests make is named skt-*
+# Every guest (and so every volume) the tests make is named PREFIX*; a worktree
+# running the tier beside another sets its own prefix and port base.
+PREFIX = os.environ.get("SALT_KVM_TEST_PREFIX", "skt-")
 HOW = "build the test bed first: scripts/run-tests"
 
 
@@ -59,6 +61,6 @@ def pool_volumes(hv):
     def listing():
         pool = hv.storagePoolLookupByName(POOL)
         pool.refresh(0)
-        return set(pool.listVolumes())
+        return {v for v in pool.listVolumes() if v.startswith(PREFIX)}
 
     return listing

@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TEST_NET_PREFIX = os.environ.get("SALT_KVM_TEST_NET_PREFIX", "192.168.213")
 MASTER_ADDRESS = f"{TEST_NET_PREFIX}.1"
-PUBLISH_PORT, RET_PORT = 45505, 45506
+_PORT_BASE = int(os.environ.get("SALT_KVM_TEST_PORT_BASE", "45505"))
+PUBLISH_PORT, RET_PORT = _PORT_BASE, _PORT_BASE + 1
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from . import saltenv
-from .conftest import GUEST_PASSWORD, GUEST_USER, unique
+from .conftest import GUEST_PASSWORD, GUEST_USER, PREFIX, unique
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "profiles.example"
 
@@ -194,7 +194,7 @@ def test_parallel_map_of_three(hv, salt, base_domain, pool_volumes):
         macs = {node["macs"][0] for node in ours.values()}
         ips = {node["private_ips"][0] for node in ours.values()}
         assert len(macs) == 3 and len(ips) == 3
-        pings = salt.salt("skt-map*", "test.ping")
+        pings = salt.salt(f"{PREFIX}map*", "test.ping")
         assert {n: pings.get(n) for n in names} == {n: True for n in names}
     finally:
         salt.cloud("-d", *names)
