@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import urllib.parse
 
 import libvirt
 from lxml import etree
@@ -156,6 +157,7 @@ def apply(
             "rules", f"{len(wanted)} rules are more than the maximum", f"at most {max_rules}"
         )
     if wanted and placement is None:
+        check_local(conn, "rules")
         placement = locate(conn, domain)
     with store.locked():
         entries = store.load()
@@ -235,7 +237,26 @@ def remove(conn, domain: str, guest_port=None, host_port=None, proto="tcp", **kw
 
 def forget(domain: str, store: Store | None = None) -> dict:
     """Drop a (removed) domain's forwards; no libvirt needed."""
+    store = store or Store()
+    if domain not in store.load():
+        return {}
     return apply(None, domain, [], store=store)
+
+
+def check_local(conn: libvirt.virConnect, key: str = "nat_rules") -> None:
+    """Forwards are programmed in this host's kernel: the hypervisor must be this host."""
+    parsed = urllib.parse.urlparse(conn.getURI())
+    if parsed.hostname not in (None, "", "localhost"):
+        raise SpecError(
+            key,
+            f"forwards are made in the kernel of the host salt-kvm runs on, not {parsed.hostname}",
+            "a local libvirt URI (qemu:///system); or run kvm_nat on the hypervisor's minion",
+        )
+
+
+def check_free(domain: str, rules: list[nat.Rule], store: Store | None = None) -> None:
+    """Refuse, before anything is made, forwards whose host ports are taken."""
+    _check_free((store or Store()).load(), domain, rules)
 
 
 def listing(domain: str | None = None, store: Store | None = None) -> dict[str, dict]:

@@ -42,7 +42,11 @@ def on_network(name: str, operation: str, store: Store) -> list[str]:
         return []
     entries = store.load()
     mine = {d for d, e in entries.items() if e.placement.network == name}
-    done = [f"{tap} on {br}" for tap, br in hostnet.running_taps(name, mine) if hostnet.reattach(tap, br)]
+    done = [
+        f"{tap} on {br}"
+        for tap, br in hostnet.running_taps(name, mine)
+        if hostnet.reattach(tap, br)
+    ]
     return done + forwards.reapply(store)
 
 
@@ -94,13 +98,20 @@ def _script(driver: str, state: Path) -> str:
         "# Written by kvm_nat.install_hooks; libvirtd reads hooks when it starts.\n"
         "import sys\n"
         f"sys.path.insert(0, {str(package_parent)!r})\n"
-        "from salt_kvm import nathook\n"
+        "try:\n"
+        "    from salt_kvm import nathook\n"
+        "except Exception as exc:  # never block libvirt: a hook failure stops the guest\n"
+        "    print(f'salt-kvm NAT hook not loaded: {exc}', file=sys.stderr)\n"
+        "    sys.exit(0)\n"
         f"sys.exit(nathook.main({driver!r}, sys.argv[1:], state={str(state)!r}))\n"
     )
 
 
-def install(hooks_dir: Path | str = HOOKS_DIR, state: Path | str | None = None) -> list[str]:
-    """Write the hook scripts (idempotent); returns the files written."""
+def install(
+    hooks_dir: Path | str = HOOKS_DIR, state: Path | str | None = None, test: bool = False
+) -> list[str]:
+    """Write the hook scripts (idempotent); returns the files written (or, with
+    ``test``, that would be)."""
     hooks_dir = Path(hooks_dir)
     state = Store(state).path
     written = []
@@ -109,12 +120,14 @@ def install(hooks_dir: Path | str = HOOKS_DIR, state: Path | str | None = None) 
         text = _script(driver, state)
         if path.exists() and path.read_text() == text and os.access(path, os.X_OK):
             continue
+        written.append(str(path))
+        if test:
+            continue
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
         tmp.chmod(0o755)
         tmp.replace(path)
-        written.append(str(path))
     return written
 
 
