@@ -99,7 +99,9 @@ def locate(conn: libvirt.virConnect, name: str) -> Placement:
 # ---- changing the set --------------------------------------------------------
 
 
-def _check_free(entries: dict[str, Entry], domain: str, rules: list[nat.Rule]) -> None:
+def _check_free(
+    entries: dict[str, Entry], domain: str, rules: list[nat.Rule], busy: set[tuple[str, int]]
+) -> None:
     ours = {r.key for r in entries.get(domain, Entry([], None)).rules}
     for rule in rules:
         for other, entry in entries.items():
@@ -110,7 +112,7 @@ def _check_free(entries: dict[str, Entry], domain: str, rules: list[nat.Rule]) -
                     raise ConflictError(
                         f"host port {rule.host}/{rule.proto} is already forwarded to {other}"
                     )
-        if rule.key not in ours and hostnet.listening(rule.proto, rule.host):
+        if rule.key not in ours and (rule.proto, rule.host) in busy:
             raise ConflictError(
                 f"host port {rule.host}/{rule.proto} is in use by a process on the host"
             )
@@ -150,34 +152,61 @@ def apply(
     The guest's address is looked up again, so a re-apply follows a guest
     whose address changed.
     """
+    placements = {domain: placement} if placement is not None else None
+    changes = apply_all(conn, {domain: rules}, max_rules, store, test, placements)
+    return changes.get(domain, {})
+
+
+def apply_all(
+    conn: libvirt.virConnect | None,
+    wanted: dict[str, object],
+    max_rules: int = nat.DEFAULT_MAX_RULES,
+    store: Store | None = None,
+    test: bool = False,
+    placements: dict[str, Placement] | None = None,
+) -> dict[str, dict]:
+    """Set the forwards of several domains in ONE nft transaction; domain → old/new."""
     store = store or Store()
-    wanted = rules if _is_rule_list(rules) else nat.parse_rules(rules, "rules", max_rules)
-    if len(wanted) > max_rules:
-        raise SpecError(
-            "rules", f"{len(wanted)} rules are more than the maximum", f"at most {max_rules}"
-        )
-    if wanted and placement is None:
-        check_local(conn, "rules")
-        placement = locate(conn, domain)
+    parsed = {}
+    for domain, rules in wanted.items():
+        rules = rules if _is_rule_list(rules) else nat.parse_rules(rules, "rules", max_rules)
+        if len(rules) > max_rules:
+            raise SpecError(
+                "rules", f"{len(rules)} rules are more than the maximum", f"at most {max_rules}"
+            )
+        parsed[domain] = rules
+    placements = dict(placements or {})
+    for domain, rules in parsed.items():
+        if rules and domain not in placements:
+            check_local(conn, "rules")
+            placements[domain] = locate(conn, domain)
     with store.locked():
         entries = store.load()
         before = dict(entries)
-        old_entry = entries.get(domain)
-        old = old_entry.rules if old_entry else []
-        _check_free(entries, domain, wanted)
-        if wanted:
-            entries[domain] = Entry(wanted, placement)
-        else:
-            entries.pop(domain, None)
-        moved = bool(old_entry and wanted and old_entry.placement != placement)
-        changes = _changes(old, wanted)
-        if moved and not changes:
-            changes = {
-                "old": {"address": old_entry.placement.address},
-                "new": {"address": placement.address},
-            }
+        busy = hostnet.local_ports()
+        changes = {}
+        for domain, rules in parsed.items():
+            change = _set(entries, domain, rules, placements.get(domain), busy)
+            if change:
+                changes[domain] = change
         if not test and (changes or not _active(entries)):
             _commit(store, entries, before)
+    return changes
+
+
+def _set(entries, domain, rules, placement, busy) -> dict:
+    old_entry = entries.get(domain)
+    _check_free(entries, domain, rules, busy)
+    if rules:
+        entries[domain] = Entry(rules, placement)
+    else:
+        entries.pop(domain, None)
+    changes = _changes(old_entry.rules if old_entry else [], rules)
+    if not changes and old_entry and rules and old_entry.placement != placement:
+        changes = {
+            "old": {"address": old_entry.placement.address},
+            "new": {"address": placement.address},
+        }
     return changes
 
 
@@ -256,7 +285,7 @@ def check_local(conn: libvirt.virConnect, key: str = "nat_rules") -> None:
 
 def check_free(domain: str, rules: list[nat.Rule], store: Store | None = None) -> None:
     """Refuse, before anything is made, forwards whose host ports are taken."""
-    _check_free((store or Store()).load(), domain, rules)
+    _check_free((store or Store()).load(), domain, rules, hostnet.local_ports())
 
 
 def listing(domain: str | None = None, store: Store | None = None) -> dict[str, dict]:

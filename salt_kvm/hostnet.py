@@ -151,9 +151,9 @@ def _local_ports(proto: str) -> set[tuple[str, int]]:
     return found
 
 
-def listening(proto: str, port: int) -> bool:
-    """Whether a host process already took ``port``: a forward would hide it."""
-    return any(p == port for _, p in _local_ports(proto))
+def local_ports() -> set[tuple[str, int]]:
+    """(proto, port) taken by host processes (any address): a forward would hide them."""
+    return {(proto, port) for proto in nat.PROTOCOLS for _, port in _local_ports(proto)}
 
 
 # ---- guests' bridge ports ----------------------------------------------------

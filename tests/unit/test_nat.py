@@ -109,16 +109,18 @@ def test_ruleset_structure():
     assert list(chains) == ["guard", "prerouting", "output", "postrouting"]
     assert chains["guard"] == ['iifname { "virbr1", "virbr2" } ip daddr 127.0.0.0/8 drop']
     mark = "ct mark set ct mark or 0x100000"
-    assert (
-        chains["prerouting"]
-        == chains["output"]
-        == [
-            f'fib daddr type local tcp dport 10022 {mark} dnat to 192.168.214.11:22 comment "vm1|tcp||10022"',
-            f'fib daddr type local udp dport 5353 {mark} dnat to 192.168.214.11:53 comment "vm1|udp||5353"',
-            f'fib daddr type local tcp dport 10122 {mark} dnat to 192.168.214.12:22 comment "vm2|tcp||10122"',
-            f'ip daddr 192.0.2.2 tcp dport 8080 {mark} dnat to 192.168.215.5:80 comment "vm3|tcp|192.0.2.2|8080"',
-        ]
-    )
+
+    def dnat(match, proto, port, to, comment):
+        return f'{match} {proto} dport {port} {mark} dnat to {to} comment "{comment}"'
+
+    local = "fib daddr type local"
+    assert chains["prerouting"] == chains["output"]
+    assert chains["prerouting"] == [
+        dnat(local, "tcp", 10022, "192.168.214.11:22", "vm1|tcp||10022"),
+        dnat(local, "udp", 5353, "192.168.214.11:53", "vm1|udp||5353"),
+        dnat(local, "tcp", 10122, "192.168.214.12:22", "vm2|tcp||10122"),
+        dnat("ip daddr 192.0.2.2", "tcp", 8080, "192.168.215.5:80", "vm3|tcp|192.0.2.2|8080"),
+    ]
     marked = "ct mark and 0x100000 == 0x100000"
     assert chains["postrouting"] == [
         f"{marked} ip saddr 127.0.0.0/8 masquerade",
