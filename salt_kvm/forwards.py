@@ -126,10 +126,24 @@ def _commit(store: Store, entries: dict[str, Entry], before: dict[str, Entry]) -
     except OSError as exc:
         hostnet.replace_table(nat.script(all_forwards(before)))
         raise SaltKvmError(f"could not write {store.path}: {exc}; nothing changed") from exc
+    host_settings(entries)
+
+
+def host_settings(entries: dict[str, Entry]) -> list[str]:
+    """What the forwards need beside the table, re-done by every apply and hook:
+    route_localnet on their bridges, hairpin on their guests' ports, the accept
+    ahead of libvirt's rejects."""
+    done = []
     for bridge in sorted({e.placement.bridge for e in entries.values()}):
-        hostnet.route_localnet(bridge)
-    if entries:
-        hostnet.ensure_forward_accept()
+        if hostnet.route_localnet(bridge):
+            done.append(f"route_localnet on {bridge}")
+    for name, entry in sorted(entries.items()):
+        for tap, _ in hostnet.running_taps(entry.placement.network, {name}):
+            if hostnet.hairpin(tap):
+                done.append(f"hairpin on {tap}")
+    if entries and hostnet.ensure_forward_accept():
+        done.append("forward accept")
+    return done
 
 
 def _changes(old: list[nat.Rule], new: list[nat.Rule]) -> dict:
@@ -311,12 +325,7 @@ def reapply(store: Store | None = None) -> list[str]:
     store = store or Store()
     with store.locked():
         entries = store.load()
-        done = []
-        for bridge in sorted({e.placement.bridge for e in entries.values()}):
-            if hostnet.route_localnet(bridge):
-                done.append(f"route_localnet on {bridge}")
-        if entries and hostnet.ensure_forward_accept():
-            done.append("forward accept")
+        done = host_settings(entries)
         if not _active(entries):
             hostnet.replace_table(nat.script(all_forwards(entries)))
             done.append("table")

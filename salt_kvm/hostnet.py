@@ -194,3 +194,17 @@ def reattach(tap: str, bridge: str) -> bool:
     _run(["ip", "link", "set", "dev", tap, "master", bridge])
     _run(["ip", "link", "set", "dev", tap, "up"])
     return True
+
+
+def hairpin(tap: str) -> bool:
+    """Let a guest reach its own forward; whether it changed.
+
+    With br_netfilter (bridge-nf-call-iptables=1, as here), DNAT back onto the
+    same bridge is bridged, not routed: the frame must leave through the port
+    it came in on, which a bridge port only does in hairpin mode.
+    """
+    path = Path(f"/sys/class/net/{tap}/brport/hairpin_mode")
+    if not path.exists() or path.read_text().strip() == "1":
+        return False
+    path.write_text("1\n")
+    return True
