@@ -52,6 +52,8 @@ def network_xml(index, prefix):
 
 @pytest.fixture(scope="module")
 def conn():
+    if nathook.install():
+        restart_libvirtd()  # libvirtd finds hook scripts only when it starts
     with connection.connected(URI) as c:
         yield c
 
@@ -90,7 +92,6 @@ def boot(name, network):
 
 @pytest.fixture(scope="module")
 def guests(conn, networks, base_domain):
-    nathook.install()
     names = [unique("nat1"), unique("nat2")]
     nets = [networks[0][0].name(), networks[1][0].name()]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
