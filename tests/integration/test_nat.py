@@ -74,8 +74,9 @@ def networks(conn):
                 pass
 
 
-def boot(name, network):
+def boot(name, network, nat_rules=None):
     values = {
+        "nat_rules": nat_rules,
         "name": name,
         "base_domain": BASE,
         "clone_strategy": "quick",
@@ -95,7 +96,8 @@ def guests(conn, networks, base_domain):
     names = [unique("nat1"), unique("nat2")]
     nets = [networks[0][0].name(), networks[1][0].name()]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        macs = list(pool.map(boot, names, nets))
+        # vm2's forward comes from the profile key, applied by the create itself.
+        macs = list(pool.map(boot, names, nets, [None, [{"guest": 22, "host": 10122}]]))
     yield dict(zip(names, macs, strict=True))
     with connection.connected(URI) as fresh:
         from salt_kvm import lifecycle
@@ -214,7 +216,7 @@ def test_refusals_change_nothing(guests, tmp_path):
 
 def test_two_guests_each_reach_the_right_one_also_from_guests(guests):
     vm1, vm2 = guests
-    forwards.apply(None, vm2, [{"guest": 22, "host": 10122}], placement=_where(vm2))
+    assert forwards.current(vm2) == [nat.Rule(22, 10122)]
     assert guest_mac_via(10022) == guests[vm1]
     assert guest_mac_via(10122) == guests[vm2]
     probe = "import socket; s = socket.create_connection(('{}', {}), 10); print(s.recv(7).decode())"
