@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+os.environ.setdefault("SALT_KVM_TEST_PORT_BASE", "45550")  # beside a test run's master
 
 import libvirt  # noqa: E402
 import salt.client  # noqa: E402

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from . import addresses, clone, connection, dhcp, lifecycle, names, seed, sizing
+from . import addresses, clone, connection, dhcp, forwards, lifecycle, names, seed, sizing
 from .domxml import Domain
 from .errors import ConflictError, SaltKvmError
 from .rollback import Rollback
@@ -85,6 +85,9 @@ def create(
     ``seed_iso`` (a NoCloud ISO) is attached to a new clone's first boot.
     """
     started = time.monotonic()
+    if spec.nat_rules:
+        forwards.check_local(conn)
+        forwards.check_free(spec.name, spec.nat_rules)
     existing = _existing(conn, spec.name)
     if existing is not None:
         guest = Guest(spec.name, existing, addresses.domain_macs(existing), existed=True)
@@ -111,6 +114,10 @@ def create(
         guest.macs,
     )
     guest.mark("ip")
+    if spec.nat_rules:
+        forwards.apply(conn, spec.name, spec.nat_rules, max(len(spec.nat_rules), 1))
+        rollback.add(f"NAT forwards of {spec.name}", lambda: forwards.forget(spec.name))
+        guest.mark("nat")
     return guest
 
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import addresses, clone, connection, names
+from . import addresses, clone, connection, names, nat
 from .checks import boolean, one_of, seconds, text, whole_number
 from .errors import SpecError
 from .topology import CpuTopology, NumaCell, parse_cpu_options, parse_numa
@@ -89,6 +89,7 @@ class VMSpec:
     cpu_shares: int | None = None
     nics: list[NicSpec] | None = None
     deploy: DeploySpec = field(default_factory=DeploySpec)
+    nat_rules: list[nat.Rule] = field(default_factory=list)
 
 
 def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
@@ -249,4 +250,5 @@ def build_spec(values: dict) -> VMSpec:
         cpu_shares=cpu_shares,
         nics=nics,
         deploy=deploy,
+        nat_rules=nat.parse_rules(values.get("nat_rules"), "nat_rules"),
     )

@@ -34,7 +34,16 @@ from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
 try:
     import libvirt
 
-    from salt_kvm import __version__, cloud_deploy, host, inventory, lifecycle, provision, seed
+    from salt_kvm import (
+        __version__,
+        cloud_deploy,
+        forwards,
+        host,
+        inventory,
+        lifecycle,
+        provision,
+        seed,
+    )
     from salt_kvm.connection import connected, open_connection
     from salt_kvm.errors import SaltKvmError, SpecError
     from salt_kvm.rollback import Rollback
@@ -82,6 +91,7 @@ SPEC_KEYS = (
     "swap",
     "host",
     "nameserver",
+    "nat_rules",
 )
 
 
@@ -260,6 +270,7 @@ def destroy(name, call=None):
             info = lifecycle.managed_info(dom) or {}
             removed = lifecycle.remove(conn, name)
             removed["reservations"] = provision.release_reservations(conn, info)
+        removed["nat"] = forwards.forget(name)
     except SaltKvmError as exc:
         raise SaltCloudSystemExit(str(exc)) from exc
     salt.utils.cloud.remove_key(__opts__["pki_dir"], name)
@@ -329,7 +340,7 @@ def reboot(name, call=None):
 
 def show_instance(name, call=None):
     """
-    Show a guest's state, addresses, size and base.
+    Show a guest's state, addresses, size, base and NAT forwards.
 
     CLI Example:
 
@@ -341,7 +352,9 @@ def show_instance(name, call=None):
         raise SaltCloudSystemExit("show_instance is an action: use -a show_instance")
     try:
         with _connect() as conn:
-            return inventory.describe(conn, lifecycle.lookup(conn, name))
+            info = inventory.describe(conn, lifecycle.lookup(conn, name))
+        info["nat"] = forwards.listing(name).get(name, {}).get("forwards", [])
+        return info
     except SaltKvmError as exc:
         raise SaltCloudSystemExit(str(exc)) from exc
 
