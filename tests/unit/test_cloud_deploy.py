@@ -2,7 +2,6 @@ from salt_kvm import cloud_deploy
 from salt_kvm.deploy import Bundle
 
 
-
 def plan():
     files = {
         "minion.pem": (b"PRIVATE", 0o600),
