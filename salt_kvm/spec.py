@@ -13,6 +13,8 @@ from typing import Any
 
 from . import addresses, clone, connection, names
 from .checks import boolean, one_of, seconds, text, whole_number
+from .disks import ProfileDisks
+from .disks import parse_profile as parse_profile_disks
 from .errors import SpecError
 from .topology import CpuTopology, NumaCell, parse_cpu_options, parse_numa
 from .units import GIB, MIB, parse_size
@@ -89,6 +91,7 @@ class VMSpec:
     cpu_shares: int | None = None
     nics: list[NicSpec] | None = None
     deploy: DeploySpec = field(default_factory=DeploySpec)
+    disks: ProfileDisks = field(default_factory=ProfileDisks)
 
 
 def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
@@ -249,4 +252,5 @@ def build_spec(values: dict) -> VMSpec:
         cpu_shares=cpu_shares,
         nics=nics,
         deploy=deploy,
+        disks=parse_profile_disks(values),
     )

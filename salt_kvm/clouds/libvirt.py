@@ -34,7 +34,17 @@ from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
 try:
     import libvirt
 
-    from salt_kvm import __version__, cloud_deploy, host, inventory, lifecycle, provision, seed
+    from salt_kvm import (
+        __version__,
+        cloud_deploy,
+        diskops,
+        host,
+        inventory,
+        lifecycle,
+        provision,
+        seed,
+    )
+    from salt_kvm.checks import boolean
     from salt_kvm.connection import connected
     from salt_kvm.errors import SaltKvmError, SpecError
     from salt_kvm.rollback import Rollback
@@ -82,6 +92,9 @@ SPEC_KEYS = (
     "swap",
     "host",
     "nameserver",
+    "disks",
+    "delete_disks",
+    "disk_allowed_dirs",
 )
 
 
@@ -235,26 +248,32 @@ def create(vm_):
 # ---- destroy and actions -----------------------------------------------------
 
 
-def destroy(name, call=None):
+def destroy(name, kwargs=None, call=None):
     """
     Remove a guest salt-kvm created: the domain, the volumes it created (never
-    the base's), its DHCP reservations and its minion key.
+    the base's), its DHCP reservations and its minion key. External disks
+    (``disks:``) are kept unless the profile had ``delete_disks: true`` or the
+    call passes ``delete_disks=true``; disks attached from a path never go.
 
     CLI Example:
 
     .. code-block:: bash
 
         salt-cloud -d vm1
+        salt-cloud -a destroy vm1 delete_disks=true
     """
     if call == "function":
         raise SaltCloudSystemExit("destroy is an action: use -d or -a destroy")
     _fire(name, "destroying", {"name": name})
     try:
+        delete_disks = boolean(kwargs or {}, "delete_disks", False)
         with _connect() as conn:
             dom = lifecycle.lookup(conn, name)
             info = lifecycle.managed_info(dom) or {}
+            doomed, kept = diskops.split_for_destroy(dom, delete_disks)
             removed = lifecycle.remove(conn, name)
             removed["reservations"] = provision.release_reservations(conn, info)
+            removed.update(disks=diskops.delete_volumes(conn, doomed), kept_disks=kept)
     except SaltKvmError as exc:
         raise SaltCloudSystemExit(str(exc)) from exc
     salt.utils.cloud.remove_key(__opts__["pki_dir"], name)
