@@ -150,7 +150,11 @@ def _check_uses(spec: DiskSpec, path: str, uses: dict[str, list[Use]], domain: s
             )
 
 
-def _new_volume_source(conn: libvirt.virConnect, domain: str, spec: DiskSpec) -> None:
+def _new_volume_source(
+    conn: libvirt.virConnect, domain: str, spec: DiskSpec, created: dict[str, dict]
+) -> Source | None:
+    """None: the volume is to be made. A volume salt-kvm made earlier for this
+    domain's disk of the same name (detached without delete) is attached again."""
     pools = _pools(conn)
     try:
         pool = conn.storagePoolLookupByName(spec.pool)
@@ -160,11 +164,15 @@ def _new_volume_source(conn: libvirt.virConnect, domain: str, spec: DiskSpec) ->
         raise ConflictError(f"pool: {spec.pool!r} is not running (virsh pool-start {spec.pool})")
     pool.refresh(0)
     volume = names.extra_volume_name(domain, spec.name, spec.format)
-    if volume in pool.listVolumes():
+    if volume not in pool.listVolumes():
+        return None
+    path = pool.storageVolLookupByName(volume).path()
+    if created.get(path, {}).get("name") != spec.name:
         raise ConflictError(
-            f"volume {volume!r} already exists in pool {spec.pool!r}; salt-kvm will not "
-            "overwrite it (attach it with path= to use it)"
+            f"volume {volume!r} already exists in pool {spec.pool!r} and salt-kvm did not "
+            f"create it for this disk; it will not overwrite it (attach it with path=)"
         )
+    return Source(path=path, format=spec.format)
 
 
 def _existing_source(
@@ -201,10 +209,12 @@ def _existing_source(
     return Source(path=path, format=fmt, block=block)
 
 
-def _source(conn, domain, spec, allowed_dirs, uses) -> Source | None:
+def _source(conn, domain, spec, allowed_dirs, uses, created) -> Source | None:
     if spec.new:
-        _new_volume_source(conn, domain, spec)
-        return None
+        source = _new_volume_source(conn, domain, spec, created)
+        if source is not None:
+            _check_uses(spec, source.path, uses, domain)
+        return source
     return _existing_source(conn, domain, spec, allowed_dirs, uses)
 
 
@@ -255,8 +265,9 @@ def plan(
 ) -> AttachPlan:
     """Check ``spec`` against the domain and the hypervisor; change nothing."""
     flags = _flags(dom, live, persistent)
-    target = _choose_target(spec, dom.name(), _xmls(dom))
-    source = _source(conn, dom.name(), spec, allowed_dirs, path_uses(conn))
+    xmls = _xmls(dom)
+    target = _choose_target(spec, dom.name(), xmls)
+    source = _source(conn, dom.name(), spec, allowed_dirs, path_uses(conn), _created(*xmls))
     return AttachPlan(spec, target, flags, source)
 
 
@@ -266,7 +277,7 @@ def precheck(conn: libvirt.virConnect, domain: str, profile: ProfileDisks) -> No
         return
     uses = path_uses(conn)
     for spec in profile.disks:
-        _source(conn, domain, spec, profile.allowed_dirs, uses)
+        _source(conn, domain, spec, profile.allowed_dirs, uses, {})
 
 
 # ---- changes ----------------------------------------------------------------------
@@ -281,7 +292,7 @@ def _update_records(
             continue
         records = xml.created_disks()
         change(records)
-        element = disks_metadata_element(records) if records else None
+        element = disks_metadata_element(records, namespaced=False) if records else None
         text = etree.tostring(element, encoding="unicode") if element is not None else None
         dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, text, DISKS_PREFIX, DISKS_NS, flag)
 
@@ -392,9 +403,9 @@ def detach(
         flags |= CONFIG
     if not flags:
         raise SpecError("live", f"disk {name!r} is not where live/persistent point", "true")
-    if path:
-        _update_records(dom, flags & (CONFIG | (LIVE if dom.isActive() else 0)), _drop(path))
     if delete:
+        # Kept otherwise: attaching the disk again reuses the volume.
+        _update_records(dom, flags & (CONFIG | (LIVE if dom.isActive() else 0)), _drop(path))
         conn.storageVolLookupByPath(path).delete(0)
     return {"old": before, "new": None, "deleted": path if delete else None}
 

@@ -191,10 +191,14 @@ class Domain(XMLObject):
         return tostring(self.node)
 
 
-def disks_metadata_element(records: dict[str, dict]) -> etree._Element:
-    node = etree.Element(f"{{{DISKS_NS}}}disks", nsmap={DISKS_PREFIX: DISKS_NS})
+def disks_metadata_element(records: dict[str, dict], namespaced: bool = True) -> etree._Element:
+    """The created-disks tag; ``namespaced=False`` for ``virDomainSetMetadata``,
+    which puts the element in the namespace itself."""
+    ns = f"{{{DISKS_NS}}}" if namespaced else ""
+    nsmap = {DISKS_PREFIX: DISKS_NS} if namespaced else None
+    node = etree.Element(f"{ns}disks", nsmap=nsmap)
     for path, record in sorted(records.items()):
-        vol = etree.SubElement(node, f"{{{DISKS_NS}}}volume", name=record["name"])
+        vol = etree.SubElement(node, f"{ns}volume", name=record["name"])
         if record.get("delete_with_domain"):
             vol.set("delete-with-domain", "yes")
         vol.text = path
