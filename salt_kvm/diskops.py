@@ -12,8 +12,6 @@ apart and ``salt-cloud -d`` can decide whether to delete them.
 from __future__ import annotations
 
 import logging
-import os
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,36 +20,25 @@ import libvirt
 from lxml import etree
 
 from . import names
-from .clone import _volume_format
-from .disks import (
-    FORMATS,
-    DiskSpec,
-    ProfileDisks,
-    Source,
-    disk_element,
-    max_index,
-    target_index,
-    target_name,
-    within,
+from .diskcheck import (
+    CONFIG,
+    LIVE,
+    affect_flags,
+    choose_target,
+    created_records,
+    domain_xmls,
+    find_disk,
+    path_uses,
+    real,
+    source_of,
 )
+from .disks import DiskSpec, ProfileDisks, Source, disk_element, target_index
 from .domxml import DISKS_NS, DISKS_PREFIX, Disk, Domain, Volume, disks_metadata_element
 from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError, TimeoutError_
 from .rollback import Rollback
 from .units import human_size
 
 log = logging.getLogger(__name__)
-LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
-CONFIG = libvirt.VIR_DOMAIN_AFFECT_CONFIG
-
-
-@dataclass(frozen=True)
-class Use:
-    """One domain's use of a file or device."""
-
-    domain: str
-    target: str
-    readonly: bool
-    shareable: bool
 
 
 @dataclass
@@ -60,199 +47,6 @@ class AttachPlan:
     target: str
     flags: int
     source: Source | None  # None: a new volume, made at attach time
-
-
-def _real(path: str) -> str:
-    return os.path.realpath(path)
-
-
-def _xmls(dom: libvirt.virDomain) -> tuple[Domain | None, Domain | None]:
-    """(definition, running state): either is None when the domain has none."""
-    config = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) if dom.isPersistent() else None
-    live = Domain(dom.XMLDesc(0)) if dom.isActive() else None
-    return config, live
-
-
-def _find(xml: Domain | None, name: str) -> Disk | None:
-    if xml is None:
-        return None
-    return next((d for d in xml.disks if d.name == name), None)
-
-
-def _created(config: Domain | None, live: Domain | None) -> dict[str, dict]:
-    return {**(config.created_disks() if config else {}), **(live.created_disks() if live else {})}
-
-
-def path_uses(conn: libvirt.virConnect) -> dict[str, list[Use]]:
-    """Real path -> every use by a domain (definitions, running guests and
-    their backing chains, which count as read-only uses)."""
-    uses: dict[str, set[Use]] = {}
-    for dom in conn.listAllDomains(0):
-        for xml in _xmls(dom):
-            if xml is None:
-                continue
-            for disk in xml.disks:
-                if disk.path:
-                    use = Use(dom.name(), disk.target_dev, disk.readonly, disk.shareable)
-                    uses.setdefault(_real(disk.path), set()).add(use)
-                for backing in disk.backing_paths():
-                    use = Use(dom.name(), f"{disk.target_dev} backing", True, False)
-                    uses.setdefault(_real(backing), set()).add(use)
-    return {path: sorted(found, key=lambda u: (u.domain, u.target)) for path, found in uses.items()}
-
-
-def _pools(conn: libvirt.virConnect) -> dict[str, str]:
-    """Active pool name -> its directory."""
-    roots = {}
-    for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
-        path = etree.fromstring(pool.XMLDesc(0).encode()).findtext("target/path")
-        if path:
-            roots[pool.name()] = os.path.normpath(path)
-    return roots
-
-
-def _pool_volume(conn: libvirt.virConnect, path: str) -> libvirt.virStorageVol | None:
-    for name, root in _pools(conn).items():
-        if within(path, [root]):
-            conn.storagePoolLookupByName(name).refresh(0)  # a file copied in since
-    try:
-        return conn.storageVolLookupByPath(path)
-    except libvirt.libvirtError:
-        return None
-
-
-def _backed_by(conn: libvirt.virConnect, path: str) -> list[str]:
-    """Volumes whose backing file is ``path`` (overlays of a base image)."""
-    found = []
-    for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
-        for vol in pool.listAllVolumes(0):
-            try:
-                backing = Volume(vol.XMLDesc(0)).backing_path
-            except libvirt.libvirtError:
-                continue
-            if backing and _real(backing) == _real(path):
-                found.append(vol.path())
-    return found
-
-
-# ---- checks (nothing is changed) -------------------------------------------------
-
-
-def _check_uses(spec: DiskSpec, path: str, uses: dict[str, list[Use]], domain: str) -> None:
-    for use in uses.get(_real(path), []):
-        if use.domain == domain:
-            raise ConflictError(f"path: {path} is already attached to {domain} as {use.target}")
-        if not ((spec.shareable and use.shareable) or (spec.readonly and use.readonly)):
-            mode = "shareable" if use.shareable else "read-only" if use.readonly else "writable"
-            raise ConflictError(
-                f"path: {path} is used by domain {use.domain!r} ({use.target}, {mode}); "
-                "a path may be shared only when both sides are shareable or both readonly"
-            )
-
-
-def _new_volume_source(
-    conn: libvirt.virConnect, domain: str, spec: DiskSpec, created: dict[str, dict]
-) -> Source | None:
-    """None: the volume is to be made. A volume salt-kvm made earlier for this
-    domain's disk of the same name (detached without delete) is attached again."""
-    pools = _pools(conn)
-    try:
-        pool = conn.storagePoolLookupByName(spec.pool)
-    except libvirt.libvirtError:
-        raise SpecError("pool", f"no storage pool named {spec.pool!r}", sorted(pools)) from None
-    if not pool.isActive():
-        raise ConflictError(f"pool: {spec.pool!r} is not running (virsh pool-start {spec.pool})")
-    pool.refresh(0)
-    volume = names.extra_volume_name(domain, spec.name, spec.format)
-    if volume not in pool.listVolumes():
-        return None
-    path = pool.storageVolLookupByName(volume).path()
-    if created.get(path, {}).get("name") != spec.name:
-        raise ConflictError(
-            f"volume {volume!r} already exists in pool {spec.pool!r} and salt-kvm did not "
-            f"create it for this disk; it will not overwrite it (attach it with path=)"
-        )
-    return Source(path=path, format=spec.format)
-
-
-def _existing_source(
-    conn: libvirt.virConnect,
-    domain: str,
-    spec: DiskSpec,
-    allowed_dirs: tuple[str, ...],
-    uses: dict[str, list[Use]],
-) -> Source:
-    path = spec.path
-    roots = sorted(_pools(conn).values())
-    if not within(path, [*roots, *allowed_dirs]):
-        raise SpecError(
-            "path",
-            f"{path} is outside the storage pools and allowed directories",
-            f"a path under {', '.join([*roots, *allowed_dirs]) or '(none)'}; "
-            "allow more directories with kvm:disk:allowed_dirs (disk_allowed_dirs in a profile)",
-        )
-    vol = _pool_volume(conn, path)
-    if vol is None and not os.path.exists(path):
-        raise NotFoundError(f"path: {path} does not exist")
-    fmt = spec.format or (_volume_format(vol) if vol is not None else None)
-    if fmt is None:
-        raise SpecError("format", f"is required for {path} (not a pool volume)", FORMATS)
-    block = vol is None and stat.S_ISBLK(os.stat(path).st_mode)
-    _check_uses(spec, path, uses, domain)
-    if not spec.readonly:
-        overlays = _backed_by(conn, path)
-        if overlays:
-            raise ConflictError(
-                f"path: {path} is the backing file of {', '.join(overlays)}; writing to it "
-                "would corrupt them (attach it readonly)"
-            )
-    return Source(path=path, format=fmt, block=block)
-
-
-def _source(conn, domain, spec, allowed_dirs, uses, created) -> Source | None:
-    if spec.new:
-        source = _new_volume_source(conn, domain, spec, created)
-        if source is not None:
-            _check_uses(spec, source.path, uses, domain)
-        return source
-    return _existing_source(conn, domain, spec, allowed_dirs, uses)
-
-
-def _choose_target(spec: DiskSpec, domain: str, xmls: tuple[Domain | None, ...]) -> str:
-    present = [d for xml in xmls if xml is not None for d in xml.disks]
-    same = next((d for d in present if d.name == spec.name), None)
-    if same is not None:
-        raise ConflictError(
-            f"name: {domain} already has a disk named {spec.name!r} ({same.target_dev})"
-        )
-    used = {d.target_dev: d for d in present}
-    if spec.index is not None:
-        target = target_name(spec.bus, spec.index)
-        if target in used:
-            raise ConflictError(
-                f"index: {spec.index} ({target}) is already used by disk "
-                f"{used[target].name!r} of {domain}"
-            )
-        return target
-    for index in range(1, max_index(spec.bus) + 1):
-        if target_name(spec.bus, index) not in used:
-            return target_name(spec.bus, index)
-    raise ConflictError(f"index: {domain} has no free {spec.bus} target left")
-
-
-def _flags(dom: libvirt.virDomain, live: bool, persistent: bool) -> int:
-    flags = (LIVE if live and dom.isActive() else 0) | (
-        CONFIG if persistent and dom.isPersistent() else 0
-    )
-    if not flags:
-        if not dom.isActive():
-            raise SpecError(
-                "persistent",
-                f"{dom.name()} is not running: only its definition can take the disk",
-                "persistent: true, or start the domain first",
-            )
-        raise SpecError("live", "with persistent false the disk needs live: true", "true")
-    return flags
 
 
 def plan(
@@ -264,10 +58,12 @@ def plan(
     persistent: bool = True,
 ) -> AttachPlan:
     """Check ``spec`` against the domain and the hypervisor; change nothing."""
-    flags = _flags(dom, live, persistent)
-    xmls = _xmls(dom)
-    target = _choose_target(spec, dom.name(), xmls)
-    source = _source(conn, dom.name(), spec, allowed_dirs, path_uses(conn), _created(*xmls))
+    flags = affect_flags(dom, live, persistent)
+    xmls = domain_xmls(dom)
+    target = choose_target(spec, dom.name(), xmls)
+    source = source_of(
+        conn, dom.name(), spec, allowed_dirs, path_uses(conn), created_records(*xmls)
+    )
     return AttachPlan(spec, target, flags, source)
 
 
@@ -277,7 +73,7 @@ def precheck(conn: libvirt.virConnect, domain: str, profile: ProfileDisks) -> No
         return
     uses = path_uses(conn)
     for spec in profile.disks:
-        _source(conn, domain, spec, profile.allowed_dirs, uses, {})
+        source_of(conn, domain, spec, profile.allowed_dirs, uses, {})
 
 
 # ---- changes ----------------------------------------------------------------------
@@ -286,7 +82,7 @@ def precheck(conn: libvirt.virConnect, domain: str, profile: ProfileDisks) -> No
 def _update_records(
     dom: libvirt.virDomain, flags: int, change: Callable[[dict[str, dict]], None]
 ) -> None:
-    config, live = _xmls(dom)
+    config, live = domain_xmls(dom)
     for flag, xml in ((LIVE, live), (CONFIG, config)):
         if not flags & flag or xml is None:
             continue
@@ -365,7 +161,7 @@ def _detach_live(dom: libvirt.virDomain, disk: Disk, timeout: float, interval: f
     """Unplug from the running guest and wait until the guest has let it go."""
     dom.detachDeviceFlags(disk.to_xml(), LIVE)
     deadline = time.monotonic() + timeout
-    while dom.isActive() and _find(Domain(dom.XMLDesc(0)), disk.name) is not None:
+    while dom.isActive() and find_disk(Domain(dom.XMLDesc(0)), disk.name) is not None:
         if time.monotonic() >= deadline:
             raise TimeoutError_(
                 f"the guest did not release disk {disk.name!r} within {timeout:g}s; "
@@ -386,13 +182,13 @@ def detach(
 ) -> dict:
     """Detach disk ``name``; with ``delete``, also delete its volume, which must
     be one salt-kvm created and nobody else uses."""
-    config, live_xml = _xmls(dom)
-    in_config, in_live = _find(config, name), _find(live_xml, name)
+    config, live_xml = domain_xmls(dom)
+    in_config, in_live = find_disk(config, name), find_disk(live_xml, name)
     if in_config is None and in_live is None:
         raise NotFoundError(f"{dom.name()} has no disk named {name!r}")
     path = (in_live or in_config).path
     if delete:
-        _check_deletable(conn, dom, name, path, _created(config, live_xml), live, persistent)
+        _check_deletable(conn, dom, name, path, created_records(config, live_xml), live, persistent)
     before = describe(conn, dom)[name]
     flags = 0
     if in_live is not None and live:
@@ -421,7 +217,7 @@ def _check_deletable(conn, dom, name, path, created, live, persistent) -> None:
         )
     if not (live and persistent):
         raise SpecError("delete", "needs live and persistent true (detach everywhere)", "false")
-    others = [u for u in path_uses(conn).get(_real(path), []) if u.domain != dom.name()]
+    others = [u for u in path_uses(conn).get(real(path), []) if u.domain != dom.name()]
     if others:
         raise ConflictError(f"delete: {path} is also used by {others[0].domain!r}; it is kept")
 
@@ -429,8 +225,8 @@ def _check_deletable(conn, dom, name, path, created, live, persistent) -> None:
 def resize(conn: libvirt.virConnect, dom: libvirt.virDomain, name: str, size: int) -> dict:
     """Grow disk ``name`` to ``size`` bytes: live with blockResize when the guest
     runs, else the volume itself. ``{}`` when it already has that size."""
-    config, live_xml = _xmls(dom)
-    disk = _find(live_xml, name) or _find(config, name)
+    config, live_xml = domain_xmls(dom)
+    disk = find_disk(live_xml, name) or find_disk(config, name)
     if disk is None:
         raise NotFoundError(f"{dom.name()} has no disk named {name!r}")
     current = describe(conn, dom)[name]["size"]
@@ -448,10 +244,10 @@ def resize(conn: libvirt.virConnect, dom: libvirt.virDomain, name: str, size: in
     if disk.readonly or disk.type == "block":
         what = "read-only" if disk.readonly else "a block device (grow the device itself)"
         raise ConflictError(f"disk {name!r} is {what}; it is not resized")
-    others = [u for u in path_uses(conn).get(_real(disk.path), []) if u.domain != dom.name()]
+    others = [u for u in path_uses(conn).get(real(disk.path), []) if u.domain != dom.name()]
     if others:
         raise ConflictError(f"disk {name!r} is also used by {others[0].domain!r}; not resized")
-    if _find(live_xml, name) is not None:
+    if find_disk(live_xml, name) is not None:
         dom.blockResize(disk.target_dev, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
     else:
         try:
@@ -468,26 +264,28 @@ def resize(conn: libvirt.virConnect, dom: libvirt.virDomain, name: str, size: in
 
 
 def _sizes(conn, dom, disk: Disk, in_live: bool) -> tuple[int | None, int | None]:
+    """A pool volume's own numbers, else what the domain's block layer says."""
     if disk.path is None:
         return None, None
-    try:
-        if in_live or not dom.isActive():
-            capacity, allocation, _ = dom.blockInfo(disk.target_dev, 0)
-            return capacity, allocation
-    except libvirt.libvirtError:
-        pass
     try:
         _, capacity, allocation = conn.storageVolLookupByPath(disk.path).info()
         return capacity, allocation
     except libvirt.libvirtError:
-        return None, None
+        pass
+    if in_live or not dom.isActive():
+        try:
+            capacity, allocation, _ = dom.blockInfo(disk.target_dev, 0)
+            return capacity, allocation
+        except libvirt.libvirtError:
+            pass
+    return None, None
 
 
 def describe(conn: libvirt.virConnect, dom: libvirt.virDomain) -> dict[str, dict]:
     """Every disk of the domain by name (the running state's, then disks only
     in the definition), with size, allocation and whether salt-kvm created it."""
-    config, live = _xmls(dom)
-    created = _created(config, live)
+    config, live = domain_xmls(dom)
+    created = created_records(config, live)
     in_config = {d.target_dev for d in config.disks} if config else set()
     in_live = {d.target_dev for d in live.disks} if live else set()
     current = (live or config).disks
@@ -523,7 +321,7 @@ def describe(conn: libvirt.virConnect, dom: libvirt.virDomain) -> dict[str, dict
 def split_for_destroy(dom: libvirt.virDomain, delete: bool) -> tuple[list[str], list[str]]:
     """(volumes to delete with the domain, volumes to keep): only volumes
     salt-kvm created; the profile's ``delete_disks`` or ``delete`` decides."""
-    created = _created(*_xmls(dom))
+    created = created_records(*domain_xmls(dom))
     doomed = sorted(p for p, r in created.items() if delete or r["delete_with_domain"])
     return doomed, sorted(p for p in created if p not in doomed)
 
@@ -533,8 +331,8 @@ def delete_volumes(conn: libvirt.virConnect, paths: list[str]) -> list[str]:
     uses = path_uses(conn)
     deleted = []
     for path in paths:
-        if uses.get(_real(path)):
-            log.warning("volume %s is still used by %s; kept", path, uses[_real(path)][0].domain)
+        if uses.get(real(path)):
+            log.warning("volume %s is still used by %s; kept", path, uses[real(path)][0].domain)
             continue
         try:
             conn.storageVolLookupByPath(path).delete(0)
