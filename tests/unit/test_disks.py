@@ -173,3 +173,15 @@ def test_differences_a_state_reports_and_the_growth_it_applies():
     assert disks.differences(current, disks.parse_disk("data", {"size": "3G"})) == ([], 3 * GIB)
     fixed, _ = disks.differences(current, disks.parse_disk("data", {"size": "1G", "bus": "sata"}))
     assert len(fixed) == 2 and "bus" in fixed[0] and "only grow" in fixed[1]
+
+
+def test_the_example_profile_is_valid():
+    import pathlib
+
+    import yaml
+
+    path = pathlib.Path(__file__).parents[2] / "profiles.example/cloud.profiles.d/data-disks.conf"
+    (profile,) = yaml.safe_load(path.read_text()).values()
+    spec = build_spec({"name": "db1", **profile})
+    assert [d.name for d in spec.disks.disks] == ["data", "archive"]
+    assert spec.disks.allowed_dirs == ("/srv/images",) and spec.disks.delete is False
