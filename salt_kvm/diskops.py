@@ -1,10 +1,10 @@
 """External disks on a libvirt connection: list, attach, detach, resize.
 
-Every request is checked before anything is made: against the domain (name,
-index and target free), the storage pools and allowed directories, and every
-other domain on the connection (a path in use elsewhere is refused unless both
-sides are shareable or both read-only; a writable disk is refused on a file
-that backs another volume). Volumes salt-kvm creates are recorded in the
+Every request is checked before anything is made (``diskcheck``): against the
+domain (name, index and target free), the storage pools and allowed
+directories, and every other domain on the connection (a path in use elsewhere
+is refused unless both sides are shareable or both read-only; a writable disk
+is refused on a file that backs another volume). Volumes salt-kvm creates are recorded in the
 domain's ``<metadata>`` (``urn:salt-kvm:disks:1``) so ``list`` can tell them
 apart and ``salt-cloud -d`` can decide whether to delete them.
 """
