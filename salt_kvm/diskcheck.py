@@ -56,7 +56,13 @@ def path_uses(conn: libvirt.virConnect) -> dict[str, list[Use]]:
     their backing chains, which count as read-only uses)."""
     uses: dict[str, set[Use]] = {}
     for dom in conn.listAllDomains(0):
-        for xml in domain_xmls(dom):
+        try:
+            xmls = domain_xmls(dom)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                continue  # undefined since the listing: it uses nothing any more
+            raise
+        for xml in xmls:
             if xml is None:
                 continue
             for disk in xml.disks:
