@@ -5,9 +5,11 @@ every refusal on a cheap shut-off clone with its definition unchanged."""
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import libvirt
 import pytest
+import yaml
 
 from salt_kvm import addresses, clone, diskops, disks, lifecycle, ssh
 from salt_kvm.domxml import Domain
@@ -79,8 +81,11 @@ def raw_image(hv):
 @pytest.fixture(scope="module")
 def minion(tmp_path_factory):
     outside = tmp_path_factory.mktemp("allowed")
+    srv = tmp_path_factory.mktemp("srv")
     conf = minion_config(
-        tmp_path_factory.mktemp("minion"), kvm={"disk": {"allowed_dirs": [str(outside)]}}
+        tmp_path_factory.mktemp("minion"),
+        kvm={"disk": {"allowed_dirs": [str(outside)]}},
+        file_roots={"base": [str(srv)]},
     )
     return conf, outside
 
@@ -318,3 +323,20 @@ def test_module_refusals_through_salt_call(hv, stopped, minion):
     assert info["source"] == str(image) and info["persistent"] and not info["live"]
     salt_call(conf, "kvm_disk.detach", name, "extra")
     assert definition(stopped) == before
+
+
+def test_states_from_an_sls_with_state_apply(hv, stopped, minion):
+    """The hypervisor's highstate path: kvm_disk states in an sls file."""
+    conf, _ = minion
+    srv = yaml.safe_load((conf / "minion").read_text())["file_roots"]["base"][0]
+    sls = {
+        "scratch": {"kvm_disk.attached": [{"domain": stopped.name()}, {"size": "1G"}]},
+        "gone": {"kvm_disk.detached": [{"name": "never-there"}, {"domain": stopped.name()}]},
+    }
+    (Path(srv) / "disks.sls").write_text(yaml.safe_dump(sls))
+    first = salt_call(conf, "state.apply", "disks")
+    assert all(r["result"] is True for r in first.values()), first
+    assert sum(bool(r["changes"]) for r in first.values()) == 1
+    second = salt_call(conf, "state.apply", "disks")
+    assert all(r["result"] is True and not r["changes"] for r in second.values()), second
+    assert diskops.describe(hv, stopped)["scratch"]["created"]
