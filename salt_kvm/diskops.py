@@ -20,6 +20,7 @@ import libvirt
 from lxml import etree
 
 from . import names
+from .clone import delete_volume
 from .diskcheck import (
     CONFIG,
     LIVE,
@@ -124,17 +125,22 @@ def attach(
     try:
         source = attach_plan.source
         if source is None:
-            vol = _create_volume(conn, dom.name(), spec)
-            rollback.add(f"volume {vol.path()}", lambda: vol.delete(0))
-            source = Source(path=vol.path(), format=spec.format)
+            path = _create_volume(conn, dom.name(), spec).path()
+            rollback.add(f"volume {path}", lambda: delete_volume(rollback.live(conn), path))
+            source = Source(path=path, format=spec.format)
         xml = disk_element(spec, attach_plan.target, source).to_xml()
         try:
             dom.attachDeviceFlags(xml, attach_plan.flags)
         except libvirt.libvirtError as exc:
             raise SaltKvmError(f"libvirt refused disk {spec.name!r}: {exc}") from exc
+        uuid = dom.UUIDString()
         rollback.add(
             f"disk {spec.name} of {dom.name()}",
-            lambda: dom.detachDeviceFlags(xml, attach_plan.flags),
+            lambda: (
+                rollback.live(conn)
+                .lookupByUUIDString(uuid)
+                .detachDeviceFlags(xml, attach_plan.flags)
+            ),
         )
         if attach_plan.source is None:
             record = {"name": spec.name, "delete_with_domain": delete_with_domain}

@@ -67,7 +67,7 @@ def _reserve(conn, spec: VMSpec, rollback: Rollback) -> list[str]:
             if dhcp.reserve(conn, nic.network, nic.mac, nic.ip, spec.name):
                 rollback.add(
                     f"DHCP reservation {nic.ip} on {nic.network}",
-                    lambda n=nic: dhcp.release(conn, n.network, n.mac, n.ip),
+                    lambda n=nic: dhcp.release(rollback.live(conn), n.network, n.mac, n.ip),
                 )
             made.append(f"{nic.network}|{nic.mac}|{nic.ip}")
     return made
@@ -96,7 +96,11 @@ def create(
     if not guest.domain.isActive():
         guest.domain.create()
         if not guest.existed:
-            rollback.add(f"running {spec.name}", lambda: _stop(guest.domain))
+            uuid = guest.domain.UUIDString()
+            rollback.add(
+                f"running {spec.name}",
+                lambda: _stop(rollback.live(conn).lookupByUUIDString(uuid)),
+            )
     guest.mark("start")
     emit("waiting_for_ip", {"name": spec.name, "ip_source": spec.ip_source, "macs": guest.macs})
     guest.addresses = addresses.wait_for_addresses(
@@ -149,7 +153,9 @@ def _clone(
     if seed_iso is not None:
         vol = seed.upload(conn, plan.disks[0].pool, names.seed_volume_name(spec.name), seed_iso)
         seed_path = vol.path()
-        rollback.add(f"seed volume {seed_path}", lambda: _delete_path(conn, seed_path))
+        rollback.add(
+            f"seed volume {seed_path}", lambda: clone.delete_volume(rollback.live(conn), seed_path)
+        )
         guest.seed_path = info["seed"] = seed_path
     guest.domain = clone.clone_domain(
         conn,
@@ -165,14 +171,6 @@ def _clone(
         guest.domain.setAutostart(1)
     guest.macs = addresses.domain_macs(guest.domain)
     return guest
-
-
-def _delete_path(conn: libvirt.virConnect, path: str) -> None:
-    try:
-        vol = conn.storageVolLookupByPath(path)
-    except libvirt.libvirtError:
-        return  # already gone (the seed is deleted after first boot)
-    vol.delete(0)
 
 
 def detach_seed(conn: libvirt.virConnect, guest: Guest) -> None:

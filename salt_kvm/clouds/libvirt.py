@@ -45,7 +45,7 @@ try:
         seed,
     )
     from salt_kvm.checks import boolean
-    from salt_kvm.connection import connected
+    from salt_kvm.connection import connected, open_connection
     from salt_kvm.errors import SaltKvmError, SpecError
     from salt_kvm.rollback import Rollback
     from salt_kvm.spec import build_spec
@@ -123,16 +123,20 @@ def _provider_value(key, default=None):
     )
 
 
-def _connect(vm_=None):
+def _connection_args(vm_=None) -> dict:
     source = vm_ if vm_ is not None else (get_configured_provider() or {})
     get = lambda key, default=None: config.get_cloud_config_value(  # noqa: E731
         key, source, __opts__, search_global=False, default=default
     )
-    return connected(
-        get("url", "qemu:///system"),
-        username=get("libvirt_username"),
-        password=get("libvirt_password"),
-    )
+    return {
+        "uri": get("url", "qemu:///system"),
+        "username": get("libvirt_username"),
+        "password": get("libvirt_password"),
+    }
+
+
+def _connect(vm_=None):
+    return connected(**_connection_args(vm_))
 
 
 def _fire(name, step, args):
@@ -191,7 +195,7 @@ def create(vm_):
         salt-cloud -p centos7 vm1
     """
     name = vm_["name"]
-    rollback = Rollback()
+    rollback = Rollback(reconnect=lambda: open_connection(**_connection_args(vm_)))
     if vm_.get("pub_key"):
         # salt-cloud accepted this minion's key before calling us: a failed
         # create (even on bad input) must not leave it behind.
@@ -216,7 +220,7 @@ def create(vm_):
         __utils__["cloud.filter_event"]("creating", vm_, ["name", "profile", "provider", "driver"]),
     )
     try:
-        with _connect(vm_) as conn:
+        with _connect(vm_) as conn, rollback:
             deployed = None
             if deploy_plan is not None and spec.deploy.method == "cloud-init":
                 guest, deployed = _create_seeded(conn, vm_, spec, deploy_plan, rollback, emit)
@@ -232,7 +236,8 @@ def create(vm_):
             result.update(inventory.describe(conn, guest.domain))
             rollback.forget()
     except Exception as exc:
-        failed = rollback.run()
+        # The rollback ran on leaving the block, connection still open.
+        failed = rollback.failed or rollback.run()
         leftover = f"; could not remove: {', '.join(failed)}" if failed else ""
         if isinstance(exc, SpecError):
             raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc
