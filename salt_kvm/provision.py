@@ -13,7 +13,18 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from . import addresses, clone, connection, dhcp, forwards, lifecycle, names, seed, sizing
+from . import (
+    addresses,
+    clone,
+    connection,
+    dhcp,
+    diskops,
+    forwards,
+    lifecycle,
+    names,
+    seed,
+    sizing,
+)
 from .domxml import Domain
 from .errors import ConflictError, SaltKvmError
 from .rollback import Rollback
@@ -144,6 +155,7 @@ def _clone(
     virt_type = plan.virt_type = connection.resolve_virt_type(conn, spec.virt_type, plan.xml.type)
     taken = clone.used_macs(conn)
     _check_fixed_macs(conn, spec, taken)
+    diskops.precheck(conn, spec.name, spec.disks)
     emit(
         "requesting",
         {
@@ -172,6 +184,7 @@ def _clone(
         info=info or None,
         taken=taken,
     )
+    diskops.attach_profile(conn, guest.domain, spec.disks, rollback)
     if spec.autostart:
         guest.domain.setAutostart(1)
     guest.macs = addresses.domain_macs(guest.domain)

@@ -37,6 +37,7 @@ try:
     from salt_kvm import (
         __version__,
         cloud_deploy,
+        diskops,
         forwards,
         host,
         inventory,
@@ -44,6 +45,7 @@ try:
         provision,
         seed,
     )
+    from salt_kvm.checks import boolean
     from salt_kvm.connection import connected, open_connection
     from salt_kvm.errors import SaltKvmError, SpecError
     from salt_kvm.rollback import Rollback
@@ -92,6 +94,9 @@ SPEC_KEYS = (
     "host",
     "nameserver",
     "nat_rules",
+    "disks",
+    "delete_disks",
+    "disk_allowed_dirs",
 )
 
 
@@ -250,26 +255,32 @@ def create(vm_):
 # ---- destroy and actions -----------------------------------------------------
 
 
-def destroy(name, call=None):
+def destroy(name, kwargs=None, call=None):
     """
     Remove a guest salt-kvm created: the domain, the volumes it created (never
-    the base's), its DHCP reservations and its minion key.
+    the base's), its DHCP reservations and its minion key. External disks
+    (``disks:``) are kept unless the profile had ``delete_disks: true`` or the
+    call passes ``delete_disks=true``; disks attached from a path never go.
 
     CLI Example:
 
     .. code-block:: bash
 
         salt-cloud -d vm1
+        salt-cloud -a destroy vm1 delete_disks=true
     """
     if call == "function":
         raise SaltCloudSystemExit("destroy is an action: use -d or -a destroy")
     _fire(name, "destroying", {"name": name})
     try:
+        delete_disks = boolean(kwargs or {}, "delete_disks", False)
         with _connect() as conn:
             dom = lifecycle.lookup(conn, name)
             info = lifecycle.managed_info(dom) or {}
+            doomed, kept = diskops.split_for_destroy(dom, delete_disks)
             removed = lifecycle.remove(conn, name)
             removed["reservations"] = provision.release_reservations(conn, info)
+            removed.update(disks=diskops.delete_volumes(conn, doomed), kept_disks=kept)
         removed["nat"] = forwards.forget(name)
     except SaltKvmError as exc:
         raise SaltCloudSystemExit(str(exc)) from exc
