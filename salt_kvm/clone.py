@@ -79,7 +79,11 @@ def _is_clonable(disk: Disk) -> bool:
 def used_macs(conn: libvirt.virConnect) -> set[str]:
     macs = set()
     for dom in conn.listAllDomains(0):
-        for iface in Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).interfaces:
+        try:
+            xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        except libvirt.libvirtError:
+            continue  # undefined since the listing
+        for iface in xml.interfaces:
             if iface.mac:
                 macs.add(iface.mac.lower())
     return macs
