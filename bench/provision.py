@@ -125,7 +125,6 @@ def median(values: list[float]) -> float:
 
 
 def provisioning(conn, env, bin3007: Path, rounds: int) -> dict[str, list[dict]]:
-    env.write_providers({"bench-kvm": {"driver": "libvirt", "url": URI}})
     env.write_profiles(
         {
             "bare": profile(env, BASE, deploy_method="none", wait_for_ip_interval=0.1),
@@ -181,16 +180,17 @@ def main() -> None:
     conn = libvirt.open(URI)
     if "linked" in parts:
         linked.run(conn)
-    if "listing" in parts:
-        listing.run(conn)
-    if "provision" in parts:
-        with tempfile.TemporaryDirectory(prefix="salt-kvm-bench-") as root:
-            env = saltenv.start_master(Path(root))
-            try:
+    with tempfile.TemporaryDirectory(prefix="salt-kvm-bench-") as root:
+        env = saltenv.start_master(Path(root))
+        env.write_providers({"bench-kvm": {"driver": "libvirt", "url": URI}})
+        try:
+            if "listing" in parts:
+                listing.run(conn, env)
+            if "provision" in parts:
                 print(f"Provisioning: {args.rounds} rounds of bare, ssh, cloud-init, salt3007")
                 report(provisioning(conn, env, args.venv3007 / "bin", args.rounds))
-            finally:
-                saltenv.stop_master(env)
+        finally:
+            saltenv.stop_master(env)
 
 
 if __name__ == "__main__":
