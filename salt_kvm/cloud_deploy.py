@@ -104,10 +104,13 @@ def prepare(opts: dict, vm_: dict, spec: VMSpec) -> Plan:
     return Plan(bundle, key_id, pub, minion_timeout)
 
 
-# Start the minion as soon as cloud-init's first stage has written its files,
-# not in cloud-init's last stage (which a slow boot reaches many seconds later):
-# bootcmd (first stage, before write_files) queues a transient unit, once per
-# instance, ordered after that stage and waiting for write_files' last file.
+# Start the minion as soon as cloud-init's write_files has put its files in
+# place, not in cloud-init's last stage (and not after the rest of its first
+# stage: SSH host key generation alone takes ~20 s of a TCG guest). bootcmd runs
+# first, before write_files: it queues, once per instance, a transient unit that
+# waits for write_files' last file, then starts the minion ignoring the unit's
+# ordering (salt-minion is ordered after network-online.target, which waits for
+# cloud-init's whole first stage; the network is already up at this point).
 # runcmd (last stage) only covers a guest without systemd-run.
 SEEDED = "/run/salt-kvm/seeded"
 MINION_START = "systemctl enable salt-minion; systemctl restart salt-minion"
@@ -118,11 +121,14 @@ EARLY_START = [
     "systemd-run",
     "--no-block",
     "--unit=salt-kvm-minion-start",
-    "--property=After=cloud-init.service",
-    "--property=After=cloud-init-network.service",
+    # Not after basic.target: cloud-init's first stage runs before sysinit.target.
+    "--property=DefaultDependencies=no",
     "/bin/sh",
     "-c",
-    f"for i in $(seq 600); do [ -e {SEEDED} ] && break; sleep 0.2; done; {MINION_START}",
+    # No "$" here: systemd would take it for one of its own variables.
+    f"timeout 60 sh -c 'until [ -e {SEEDED} ]; do sleep 0.1; done'; "
+    "systemctl --no-reload enable salt-minion; "
+    "systemctl restart --no-block --job-mode=ignore-dependencies salt-minion",
 ]
 LATE_START = "command -v systemd-run >/dev/null 2>&1 || { " + MINION_START + "; }"
 
