@@ -34,7 +34,16 @@ from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
 try:
     import libvirt
 
-    from salt_kvm import __version__, cloud_deploy, host, inventory, lifecycle, provision, seed
+    from salt_kvm import (
+        __version__,
+        cloud_deploy,
+        host,
+        images,
+        inventory,
+        lifecycle,
+        provision,
+        seed,
+    )
     from salt_kvm.connection import connected
     from salt_kvm.errors import SaltKvmError, SpecError
     from salt_kvm.rollback import Rollback
@@ -79,6 +88,9 @@ SPEC_KEYS = (
     "private_key",
     "ssh_agent",
     "image",
+    "image_checksum",
+    "image_format",
+    "image_pool",
     "swap",
     "host",
     "nameserver",
@@ -435,3 +447,54 @@ def avail_locations(call=None):
         raise SaltCloudSystemExit(str(exc)) from exc
     facts["driver"] = f"salt-kvm {__version__}"
     return {url: facts}
+
+
+# ---- image cache ---------------------------------------------------------------
+
+
+def _image_function(call, what):
+    if call != "function":
+        raise SaltCloudSystemExit(f"{what} is a function: use -f {what} <provider>")
+
+
+def image_list(kwargs=None, call=None):
+    """
+    The base images cached in the hypervisor's pools (profile ``image:``), with
+    the domains that use them; ``pool=NAME`` lists one pool only.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -f image_list my-kvm-provider
+        salt-cloud -f image_list my-kvm-provider pool=default
+    """
+    _image_function(call, "image_list")
+    kwargs = kwargs or {}
+    try:
+        with _connect() as conn:
+            return images.list_images(conn, kwargs.get("pool"))
+    except SaltKvmError as exc:
+        raise SaltCloudSystemExit(str(exc)) from exc
+
+
+def image_delete(kwargs=None, call=None):
+    """
+    Delete a cached base image (``name=`` from ``image_list``); refused while
+    any domain's disk is the image or a linked clone of it.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -f image_delete my-kvm-provider name=image-sha256-0123abcd....qcow2
+    """
+    _image_function(call, "image_delete")
+    kwargs = kwargs or {}
+    if not kwargs.get("name"):
+        raise SaltCloudSystemExit("image_delete needs name=<a name from image_list>")
+    try:
+        with _connect() as conn:
+            return images.delete_image(conn, kwargs["name"], kwargs.get("pool"))
+    except SaltKvmError as exc:
+        raise SaltCloudSystemExit(str(exc)) from exc
