@@ -280,9 +280,11 @@ def _http_source(url: str, timeout: float) -> Source:
         with urllib.request.urlopen(head, timeout=timeout) as resp:
             headers = resp.headers
     except urllib.error.HTTPError as exc:
-        if exc.code not in (405, 501):  # a server without HEAD still serves GET
+        if exc.code in (404, 410):
             raise _http_error(url, exc) from exc
-        headers = exc.headers
+        # No HEAD (405/501), or a URL signed for GET only (403): the GET tells.
+        log.debug("image %s: HEAD answered %s; downloading without a validator", url, exc.code)
+        headers = {}
     except (OSError, http.client.HTTPException) as exc:
         raise _http_error(url, exc) from exc
     length = headers.get("Content-Length")

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import addresses, clone, connection, images, names
+from . import addresses, clone, cloudinit, connection, images, names
 from .checks import boolean, one_of, seconds, text, whole_number
 from .errors import SpecError
 from .topology import CpuTopology, NumaCell, parse_cpu_options, parse_numa
@@ -90,6 +90,7 @@ class VMSpec:
     nics: list[NicSpec] | None = None
     deploy: DeploySpec = field(default_factory=DeploySpec)
     image: images.ImageSpec | None = None
+    cloud_init: cloudinit.CloudInitSpec | None = None
 
 
 def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
@@ -237,6 +238,10 @@ def build_spec(values: dict) -> VMSpec:
             "password, private_key (a key file) or ssh_agent: true; or deploy: false",
         )
 
+    cloud_init = None
+    if values.get("cloud_init") not in (None, "", {}):
+        cloud_init = cloudinit.parse(values["cloud_init"])
+
     return VMSpec(
         name=name,
         base_domain=base,
@@ -269,4 +274,5 @@ def build_spec(values: dict) -> VMSpec:
         nics=nics,
         deploy=deploy,
         image=image,
+        cloud_init=cloud_init,
     )
