@@ -5,11 +5,12 @@ cloud-init``, the minion preseed. How they merge:
 
 * salt-kvm's own part is a cloud-config: the profile's ``authorized_keys``
   (a ``users`` entry for ``ssh_username``), ``files`` (``write_files``),
-  ``packages``, ``runcmd``, then the minion's files and its start command.
+  ``packages``, ``runcmd``, then the minion preseed (its files after the
+  profile's, so they are in place when its ``bootcmd`` starts the minion).
 * ``user_data`` that is a cloud-config (a YAML mapping, with or without the
   ``#cloud-config`` line) is merged with that part into ONE cloud-config:
   mappings merge key by key, lists are concatenated (the user_data's items
-  first, so the minion starts last), and for any other value user_data wins.
+  first), and for any other value user_data wins.
 * Any other ``user_data`` (a ``#!`` script, ``#cloud-boothook``, ``#include``,
   a ``## template: jinja`` cloud-config, a MIME multipart) becomes a MIME
   multipart: the user's part(s) first, salt-kvm's cloud-config last with

@@ -142,7 +142,10 @@ def managed(conn: libvirt.virConnect) -> dict[str, dict]:
     facts = gather(conn)
     result = {}
     for dom in facts.domains:
-        xml = Domain(dom.XMLDesc(0))
+        try:
+            xml = Domain(dom.XMLDesc(0))
+        except libvirt.libvirtError:
+            continue  # undefined since the listing
         if xml.managed_info() is not None:
             result[xml.name] = describe(conn, dom, facts, xml)
     return result
