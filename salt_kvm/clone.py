@@ -19,6 +19,7 @@ from lxml import etree
 from . import names
 from .domxml import Disk, Domain
 from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
+from .images import CachedImage
 from .rollback import Rollback
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class ClonePlan:
     virt_type: str
     xml: Domain
     disks: list[DiskPlan] = field(default_factory=list)
+    # Extra fields of the salt-kvm metadata tag (the image a guest is built on).
+    image_info: dict = field(default_factory=dict)
 
 
 def _volume_format(vol: libvirt.virStorageVol) -> str:
@@ -135,6 +138,69 @@ def prepare_identity(xml: Domain, name: str, virt_type: str, taken_macs: set[str
     return xml
 
 
+def check_name_free(conn: libvirt.virConnect, name: str) -> None:
+    try:
+        conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return
+    raise ConflictError(f"a domain named {name!r} already exists on {conn.getURI()}")
+
+
+def _disk_plan(
+    pool: libvirt.virStoragePool,
+    target: str,
+    base: tuple[str, str, int],
+    volume_name: str,
+    fmt: str,
+    root_size: int | None,
+) -> DiskPlan:
+    """One disk of the clone; ``base`` is the source's (path, format, capacity)."""
+    base_path, base_format, capacity = base
+    wanted = capacity
+    if root_size is not None:
+        if root_size < capacity:
+            raise SpecError(
+                "disk_size",
+                f"{root_size} bytes is smaller than the base disk ({capacity} bytes); "
+                "disks can only grow",
+                f"at least {capacity} bytes",
+            )
+        wanted = root_size
+    if volume_name in pool.listVolumes():
+        raise ConflictError(
+            f"volume {volume_name!r} already exists in pool {pool.name()!r}; "
+            "salt-kvm will not overwrite it"
+        )
+    return DiskPlan(target, base_path, base_format, capacity, pool.name(), volume_name, wanted, fmt)
+
+
+def plan_image(
+    conn: libvirt.virConnect,
+    image: CachedImage,
+    xml: Domain,
+    strategy: str = STRATEGY_QUICK,
+    root_size: int | None = None,
+) -> ClonePlan:
+    """Like ``plan_clone`` for a guest built on a cached image: ``xml`` is its
+    new definition (one disk, vda); the image is the backing volume (quick) or
+    is copied (full)."""
+    names.check_vm_name(xml.name)
+    if strategy not in STRATEGIES:
+        raise SpecError("clone_strategy", f"{strategy!r} is not a clone strategy", STRATEGIES)
+    check_name_free(conn, xml.name)
+    pool = conn.storagePoolLookupByName(image.pool)
+    fmt = "qcow2" if strategy == STRATEGY_QUICK else image.format
+    disk = _disk_plan(
+        pool,
+        "vda",
+        (image.path, image.format, image.capacity),
+        names.root_volume_name(xml.name, fmt),
+        fmt,
+        root_size,
+    )
+    return ClonePlan(xml.name, image.name, strategy, xml.type, xml, [disk])
+
+
 def plan_clone(
     conn: libvirt.virConnect,
     base_name: str,
@@ -153,12 +219,7 @@ def plan_clone(
         raise NotFoundError(
             f"base_domain: no domain named {base_name!r} on {conn.getURI()}"
         ) from exc
-    try:
-        conn.lookupByName(name)
-    except libvirt.libvirtError:
-        pass
-    else:
-        raise ConflictError(f"a domain named {name!r} already exists on {conn.getURI()}")
+    check_name_free(conn, name)
     if strategy == STRATEGY_QUICK and base.isActive():
         raise ConflictError(
             f"base domain {base_name!r} is running: a quick (linked) clone needs it shut off, "
@@ -181,31 +242,14 @@ def plan_clone(
             if index == 0
             else names.extra_volume_name(name, disk.target_dev, fmt)
         )
-        wanted = capacity
-        if index == 0 and root_size is not None:
-            if root_size < capacity:
-                raise SpecError(
-                    "disk_size",
-                    f"{root_size} bytes is smaller than the base disk ({capacity} bytes); "
-                    "disks can only grow",
-                    f"at least {capacity} bytes",
-                )
-            wanted = root_size
-        if volume_name in pool.listVolumes():
-            raise ConflictError(
-                f"volume {volume_name!r} already exists in pool {pool.name()!r}; "
-                "salt-kvm will not overwrite it"
-            )
         plan.disks.append(
-            DiskPlan(
-                target=disk.target_dev,
-                base_path=vol.path(),
-                base_format=base_format,
-                base_capacity=capacity,
-                pool=pool.name(),
-                volume_name=volume_name,
-                capacity=wanted,
-                format=fmt,
+            _disk_plan(
+                pool,
+                disk.target_dev,
+                (vol.path(), base_format, capacity),
+                volume_name,
+                fmt,
+                root_size if index == 0 else None,
             )
         )
     return plan

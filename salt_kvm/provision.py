@@ -20,18 +20,22 @@ from . import (
     dhcp,
     diskops,
     forwards,
+    images,
     lifecycle,
     names,
     seed,
     sizing,
 )
-from .domxml import Domain
+from .domxml import Domain, new_domain
 from .errors import ConflictError, SaltKvmError
 from .rollback import Rollback
 from .spec import VMSpec
 
 log = logging.getLogger(__name__)
 Emit = Callable[[str, dict], None]
+# A guest built on an image gets these unless the profile sizes it.
+IMAGE_MEMORY_MIB = 1024
+DEFAULT_NETWORK = "default"
 
 
 @dataclass
@@ -145,22 +149,54 @@ def _existing(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
     return dom
 
 
+def _plan_image(conn: libvirt.virConnect, spec: VMSpec, emit: Emit) -> clone.ClonePlan:
+    """Fetch (or find cached) the profile's image and plan a guest on it. The
+    domain is new: no base to copy the definition from."""
+    clone.check_name_free(conn, spec.name)
+
+    def progress(data: dict) -> None:
+        emit("downloading", {"name": spec.name, "image": spec.image.source, **data})
+
+    cached = images.ensure(conn, spec.image, progress)
+    virt_type = connection.resolve_virt_type(conn, spec.virt_type, None)
+    networks = tuple(n.network for n in spec.nics or [] if n.network) or (DEFAULT_NETWORK,)
+    xml = new_domain(
+        spec.name,
+        virt_type,
+        spec.memory_mib or IMAGE_MEMORY_MIB,
+        spec.cpus or 1,
+        cached.path,
+        cached.format,
+        networks=networks,
+    )
+    plan = clone.plan_image(conn, cached, xml, spec.clone_strategy, spec.disk_size)
+    plan.image_info = {"image": cached.name, "image_source": spec.image.source}
+    return plan
+
+
 def _clone(
     conn: libvirt.virConnect, spec: VMSpec, rollback: Rollback, emit: Emit, seed_iso: bytes | None
 ) -> Guest:
-    plan = clone.plan_clone(
-        conn, spec.base_domain, spec.name, spec.clone_strategy, None, spec.disk_size
-    )
-    # plan.xml is still the base's definition here: its type is the base's.
-    virt_type = plan.virt_type = connection.resolve_virt_type(conn, spec.virt_type, plan.xml.type)
     taken = clone.used_macs(conn)
     _check_fixed_macs(conn, spec, taken)
     diskops.precheck(conn, spec.name, spec.disks)
+    if spec.image is not None:
+        plan = _plan_image(conn, spec, emit)
+        virt_type = plan.virt_type
+    else:
+        plan = clone.plan_clone(
+            conn, spec.base_domain, spec.name, spec.clone_strategy, None, spec.disk_size
+        )
+        # plan.xml is still the base's definition here: its type is the base's.
+        virt_type = plan.virt_type = connection.resolve_virt_type(
+            conn, spec.virt_type, plan.xml.type
+        )
     emit(
         "requesting",
         {
             "name": spec.name,
             "base_domain": spec.base_domain,
+            "image": spec.image.source if spec.image else None,
             "clone_strategy": spec.clone_strategy,
             "virt_type": virt_type,
         },
@@ -168,6 +204,7 @@ def _clone(
     reservations = _reserve(conn, spec, rollback)
     guest = Guest(spec.name, None, [])
     info: dict = {"reservations": reservations} if reservations else {}
+    info.update(plan.image_info)
     if seed_iso is not None:
         vol = seed.upload(conn, plan.disks[0].pool, names.seed_volume_name(spec.name), seed_iso)
         seed_path = vol.path()

@@ -39,12 +39,20 @@ def iso(files: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
-def nocloud(name: str, user_data: dict, network_config: dict | None = None) -> bytes:
-    meta = {"instance-id": f"{name}-{uuid.uuid4()}", "local-hostname": name.split(".", 1)[0]}
-    files = {
-        "meta-data": yaml.safe_dump(meta).encode(),
-        "user-data": ("#cloud-config\n" + yaml.safe_dump(user_data, sort_keys=False)).encode(),
-    }
+def nocloud(
+    name: str,
+    user_data: dict | bytes,
+    network_config: dict | None = None,
+    meta_data: dict | None = None,
+) -> bytes:
+    """``user_data``: a cloud-config mapping, or ready user-data bytes (what
+    ``cloudinit.user_data`` builds). ``meta_data`` adds to the meta-data; the
+    instance-id is always new."""
+    meta = {"local-hostname": name.split(".", 1)[0], **(meta_data or {})}
+    meta["instance-id"] = f"{name}-{uuid.uuid4()}"
+    if isinstance(user_data, dict):
+        user_data = ("#cloud-config\n" + yaml.safe_dump(user_data, sort_keys=False)).encode()
+    files = {"meta-data": yaml.safe_dump(meta).encode(), "user-data": user_data}
     if network_config is not None:
         files["network-config"] = yaml.safe_dump(network_config).encode()
     return iso(files)

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import addresses, clone, connection, names, nat
+from . import addresses, clone, cloudinit, connection, images, names, nat
 from .checks import boolean, one_of, seconds, text, whole_number
 from .disks import ProfileDisks
 from .disks import parse_profile as parse_profile_disks
@@ -72,7 +72,7 @@ class DeploySpec:
 @dataclass
 class VMSpec:
     name: str
-    base_domain: str
+    base_domain: str | None
     clone_strategy: str
     virt_type: str
     ip_source: str
@@ -91,6 +91,8 @@ class VMSpec:
     cpu_shares: int | None = None
     nics: list[NicSpec] | None = None
     deploy: DeploySpec = field(default_factory=DeploySpec)
+    image: images.ImageSpec | None = None
+    cloud_init: cloudinit.CloudInitSpec | None = None
     nat_rules: list[nat.Rule] = field(default_factory=list)
     disks: ProfileDisks = field(default_factory=ProfileDisks)
 
@@ -152,6 +154,30 @@ def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
 
 # ---- the whole profile -----------------------------------------------------
 
+IMAGE_KEYS = ("image_checksum", "image_format", "image_pool")
+
+
+def _base_or_image(values: dict) -> tuple[str | None, images.ImageSpec | None]:
+    """A guest is cloned from a base domain or built on an image, never both."""
+    has_image = values.get("image") not in (None, "")
+    base = text(values, "base_domain")
+    if has_image and base:
+        raise SpecError(
+            "image", "base_domain and image exclude each other", ("base_domain", "image")
+        )
+    if has_image:
+        return None, images.parse_image(values)
+    for key in IMAGE_KEYS:
+        if values.get(key) not in (None, ""):
+            raise SpecError(key, "only applies with image", "image: a URL or file, or leave it out")
+    if not base:
+        raise SpecError(
+            "base_domain",
+            "is required (or image)",
+            "base_domain: a shut-off domain to clone, or image: a disk image URL or file",
+        )
+    return base, None
+
 
 def build_spec(values: dict) -> VMSpec:
     """Validate a profile's values (after salt-cloud merged provider and profile)."""
@@ -160,13 +186,7 @@ def build_spec(values: dict) -> VMSpec:
             raise SpecError(key, f"is not supported: {why}", "leave it out")
 
     name = names.check_vm_name(values.get("name"))
-    if values.get("image") not in (None, ""):
-        raise SpecError(
-            "image",
-            "building guests from an image URL or file is not supported yet",
-            "base_domain: the name of a shut-off domain to clone",
-        )
-    base = text(values, "base_domain", required=True)
+    base, image = _base_or_image(values)
     cpus_value = values.get("cpus")
     cpus = whole_number(cpus_value, "cpus", 1, 4096) if cpus_value is not None else None
     topology = None
@@ -222,6 +242,10 @@ def build_spec(values: dict) -> VMSpec:
             "password, private_key (a key file) or ssh_agent: true; or deploy: false",
         )
 
+    cloud_init = None
+    if values.get("cloud_init") not in (None, "", {}):
+        cloud_init = cloudinit.parse(values["cloud_init"])
+
     return VMSpec(
         name=name,
         base_domain=base,
@@ -253,6 +277,8 @@ def build_spec(values: dict) -> VMSpec:
         cpu_shares=cpu_shares,
         nics=nics,
         deploy=deploy,
+        image=image,
+        cloud_init=cloud_init,
         nat_rules=nat.parse_rules(values.get("nat_rules"), "nat_rules"),
         disks=parse_profile_disks(values),
     )

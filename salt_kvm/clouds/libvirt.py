@@ -37,13 +37,14 @@ try:
     from salt_kvm import (
         __version__,
         cloud_deploy,
+        cloudinit,
         diskops,
         forwards,
         host,
+        images,
         inventory,
         lifecycle,
         provision,
-        seed,
     )
     from salt_kvm.checks import boolean
     from salt_kvm.connection import connected, open_connection
@@ -90,6 +91,10 @@ SPEC_KEYS = (
     "private_key",
     "ssh_agent",
     "image",
+    "image_checksum",
+    "image_format",
+    "image_pool",
+    "cloud_init",
     "swap",
     "host",
     "nameserver",
@@ -152,15 +157,29 @@ def _fire(name, step, args):
     )
 
 
-def _create_seeded(conn, vm_, spec, plan, rollback, emit):
+def _seed_iso(vm_, spec, plan):
+    """The guest's NoCloud seed (None if it needs none), built before anything
+    is created: a bad template stops here."""
+    minion = None
+    if plan is not None and spec.deploy.method == "cloud-init":
+        minion = cloud_deploy.cloud_config(plan)
+    return cloudinit.seed_iso(
+        spec,
+        minion,
+        config.get_cloud_config_value("grains", vm_, __opts__, default={}),
+        minion_id=plan.key_id if plan is not None else vm_["name"],
+        profile=vm_.get("profile"),
+        provider=vm_.get("provider"),
+    )
+
+
+def _create_seeded(conn, vm_, spec, plan, rollback, emit, seed_iso):
     """deploy_method: cloud-init: the minion's config and accepted keys go in a
     NoCloud seed before the first boot; no SSH. The seed is ejected and deleted
     as soon as the minion has started."""
-    user_data = cloud_deploy.cloud_config(plan)
     created = []
     with cloud_deploy.minion_watch(__opts__, plan, lambda: created[0]):
         emit("deploying", {"name": vm_["name"], "method": "cloud-init"})
-        seed_iso = seed.nocloud(vm_["name"], user_data)
         created.append(provision.create(conn, spec, rollback, emit, seed_iso=seed_iso))
     provision.detach_seed(conn, created[0])
     return created[0], {"method": "cloud-init", "minion_id": plan.key_id}
@@ -209,6 +228,10 @@ def create(vm_):
         # Bad input stops here, before anything is made.
         spec = _spec(vm_)
         deploy_plan = cloud_deploy.prepare(__opts__, vm_, spec) if spec.deploy.enabled else None
+        seed_iso = _seed_iso(vm_, spec, deploy_plan)
+    except SpecError as exc:
+        rollback.run()
+        raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc
     except SaltCloudConfigError:
         rollback.run()
         raise
@@ -225,9 +248,14 @@ def create(vm_):
         with _connect(vm_) as conn, rollback:
             deployed = None
             if deploy_plan is not None and spec.deploy.method == "cloud-init":
-                guest, deployed = _create_seeded(conn, vm_, spec, deploy_plan, rollback, emit)
+                guest, deployed = _create_seeded(
+                    conn, vm_, spec, deploy_plan, rollback, emit, seed_iso
+                )
             else:
-                guest = provision.create(conn, spec, rollback, emit)
+                guest = provision.create(conn, spec, rollback, emit, seed_iso=seed_iso)
+                # cloud-init read the seed in its local stage, before the guest's
+                # network (and so its address) came up: it can go now.
+                provision.detach_seed(conn, guest)
                 vm_["ssh_host"] = guest.addresses[0]
                 if deploy_plan is not None:
                     emit("deploying", {"name": name, "ip_address": guest.addresses[0]})
@@ -464,3 +492,54 @@ def avail_locations(call=None):
         raise SaltCloudSystemExit(str(exc)) from exc
     facts["driver"] = f"salt-kvm {__version__}"
     return {url: facts}
+
+
+# ---- image cache ---------------------------------------------------------------
+
+
+def _image_function(call, what):
+    if call != "function":
+        raise SaltCloudSystemExit(f"{what} is a function: use -f {what} <provider>")
+
+
+def image_list(kwargs=None, call=None):
+    """
+    The base images cached in the hypervisor's pools (profile ``image:``), with
+    the domains that use them; ``pool=NAME`` lists one pool only.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -f image_list my-kvm-provider
+        salt-cloud -f image_list my-kvm-provider pool=default
+    """
+    _image_function(call, "image_list")
+    kwargs = kwargs or {}
+    try:
+        with _connect() as conn:
+            return images.list_images(conn, kwargs.get("pool"))
+    except SaltKvmError as exc:
+        raise SaltCloudSystemExit(str(exc)) from exc
+
+
+def image_delete(kwargs=None, call=None):
+    """
+    Delete a cached base image (``name=`` from ``image_list``); refused while
+    any domain's disk is the image or a linked clone of it.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -f image_delete my-kvm-provider name=image-sha256-0123abcd....qcow2
+    """
+    _image_function(call, "image_delete")
+    kwargs = kwargs or {}
+    if not kwargs.get("name"):
+        raise SaltCloudSystemExit("image_delete needs name=<a name from image_list>")
+    try:
+        with _connect() as conn:
+            return images.delete_image(conn, kwargs["name"], kwargs.get("pool"))
+    except SaltKvmError as exc:
+        raise SaltCloudSystemExit(str(exc)) from exc

@@ -351,8 +351,12 @@ REJECTIONS = [
     ("base_domain", None, "base_domain", {}),
     ("base_domain", "", "base_domain", {}),
     ("base_domain", ["base"], "base_domain", {}),
-    ("image", "http://example.com/debian.qcow2", "image", {"base_domain": None}),
-    ("image", "/var/lib/images/x.qcow2", "image", {"base_domain": ""}),
+    ("image", "http://127.0.0.1/debian.qcow2", "image", {}),  # and base_domain
+    ("image", "/no/such/x.qcow2", "image", {"base_domain": ""}),
+    ("image", "debian.qcow2", "image", {"base_domain": None}),
+    ("image_checksum", "sha256:" + "0" * 64, "image_checksum", {}),  # without image
+    ("image_format", "qcow2", "image_format", {}),
+    ("image_pool", "default", "image_pool", {}),
     # enums
     ("clone_strategy", "linked", "clone_strategy", {}),
     ("ip_source", "dhcp", "ip_source", {}),
@@ -509,3 +513,19 @@ def test_rejected(key, value, error_key, extra):
 )
 def test_empty_rejected_keys_are_ignored(key, value):
     assert spec(**{key: value}).name == "vm1"
+
+
+def test_image_replaces_base_domain():
+    s = build_spec(
+        {
+            "name": "vm1",
+            "image": "http://127.0.0.1/debian.qcow2",
+            "image_checksum": "sha256:" + "ab" * 32,
+            "password": "pw",
+        }
+    )
+    assert s.base_domain is None
+    assert s.image.source == "http://127.0.0.1/debian.qcow2"
+    assert str(s.image.checksum) == "sha256:" + "ab" * 32
+    assert (s.image.format, s.image.pool) == ("auto", "default")
+    assert spec().image is None

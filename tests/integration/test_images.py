@@ -1,0 +1,168 @@
+"""Profiles with ``image:``: a qcow2 (and a gzipped copy) served by a loopback
+HTTP server, fetched once into the pool through libvirt's upload stream, then
+booted as linked and full clones through real salt-cloud."""
+
+import hashlib
+import json
+import subprocess
+
+import libvirt
+import pytest
+
+from salt_kvm import images
+from tests.imageserver import ImageServer
+
+from . import saltenv
+from .conftest import BASE, GUEST_PASSWORD, GUEST_USER, NETWORK, POOL, unique
+from .test_cloud import assert_gone, cloud_error, created
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while data := handle.read(1 << 20):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory, hv, base_domain):
+    """A self-contained qcow2 of the test base's disk, and a gzipped copy."""
+    root = tmp_path_factory.mktemp("images")
+    (disk,) = [d for d in hv.lookupByName(BASE).XMLDesc(0).split("'") if d.endswith(".qcow2")]
+    plain, packed = root / "debian.qcow2", root / "debian.qcow2.gz"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "qcow2", disk, str(plain)], check=True)
+    with open(packed, "wb") as out:
+        subprocess.run(["gzip", "-1", "-c", str(plain)], stdout=out, check=True)
+    return {"plain": plain, "packed": packed, "sha256": sha256(plain)}
+
+
+@pytest.fixture(scope="module")
+def server(image_files):
+    srv = ImageServer(
+        {"/debian.qcow2": image_files["plain"], "/debian.qcow2.gz": image_files["packed"]}
+    )
+    yield srv
+    srv.close()
+
+
+def cache_volumes(hv):
+    pool = hv.storagePoolLookupByName(POOL)
+    pool.refresh(0)
+    return {v for v in pool.listVolumes() if images.parse_name(v)}
+
+
+@pytest.fixture(scope="module")
+def clean_cache(hv, image_files):
+    """No cached copy of the test image before or after the module."""
+    key = f"image-sha256-{image_files['sha256'][:32]}"
+
+    def clear():
+        for name in cache_volumes(hv):
+            if name.startswith(key):
+                images.delete_image(hv, name, POOL)
+
+    clear()
+    yield key
+    clear()
+
+
+@pytest.fixture(scope="module")
+def salt(tmp_path_factory, hv):
+    env = saltenv.start_master(tmp_path_factory.mktemp("salt"))
+    env.write_providers(saltenv.provider())
+    yield env
+    saltenv.stop_master(env)
+
+
+def image_profile(env, url, checksum, **extra):
+    profile = {
+        "provider": "test-kvm",
+        "image": url,
+        "image_checksum": f"sha256:{checksum}",
+        "virt_type": "qemu",  # TCG: KVM guests fail on this machine
+        "clone_strategy": "quick",
+        "memory": 1024,
+        "nics": [NETWORK],
+        "ssh_username": GUEST_USER,
+        "password": GUEST_PASSWORD,
+        "script": "salt-preinstalled",
+        "minion": env.minion_settings(),
+    }
+    profile.update(extra)
+    return profile
+
+
+def test_wrong_checksum_fails_and_leaves_nothing_in_the_pool(
+    hv, salt, server, image_files, clean_cache, pool_volumes
+):
+    name = unique("badsum")
+    before, cached_before = pool_volumes(), cache_volumes(hv)
+    wrong = "0" * 64
+    salt.write_profiles(
+        {"badsum": image_profile(salt, server.url("/debian.qcow2"), wrong)}, "badsum.conf"
+    )
+    proc = salt.cloud("-p", "badsum", name, check=False)
+    text = cloud_error(proc, name)
+    assert "image_checksum" in text and image_files["sha256"] in text, text
+    assert server.gets("/debian.qcow2") == 1
+    assert cache_volumes(hv) == cached_before  # no image, no partial download
+    assert_gone(hv, salt, name, before, pool_volumes)
+
+
+def test_gzipped_image_boots_a_minion_and_is_downloaded_once(
+    hv, salt, server, image_files, clean_cache, pool_volumes
+):
+    """The checksum of the decompressed qcow2 identifies the image: the gzipped
+    URL is fetched once; the plain URL and a second (full) clone reuse it."""
+    first, second = unique("img1"), unique("img2")
+    before = pool_volumes()
+    gz_url = server.url("/debian.qcow2.gz")
+    salt.write_profiles(
+        {
+            "img": image_profile(salt, gz_url, image_files["sha256"]),
+            "img-full": image_profile(
+                salt, gz_url, image_files["sha256"], clone_strategy="full", deploy=False
+            ),
+        },
+        "img.conf",
+    )
+    watcher = salt.watch_events(f"salt/cloud/{first}/*")
+    info = created(salt.cloud("-p", "img", first), first)
+    events = salt.collected_events(watcher)
+    try:
+        steps = [tag.rsplit("/", 1)[1] for tag, _ in events]
+        assert steps[0] == "creating" and "downloading" in steps, steps
+        progress = [data.get("data", data) for tag, data in events if tag.endswith("downloading")]
+        assert progress[-1]["received"] == image_files["packed"].stat().st_size
+        assert info["image"] == gz_url and info["base_domain"] is None
+        assert salt.salt(first, "test.ping") == {first: True}
+        assert server.gets("/debian.qcow2.gz") == 1
+
+        (cached,) = [v for v in cache_volumes(hv) if v.startswith(clean_cache)]
+        vol = hv.storageVolLookupByPath(f"/var/lib/libvirt/images/{first}.qcow2")
+        assert cached in vol.XMLDesc(0)  # the linked clone's backing volume
+
+        info2 = created(salt.cloud("-p", "img-full", second), second)
+        assert info2["private_ips"]
+        assert server.gets("/debian.qcow2.gz") == 1  # not downloaded again
+        spec = images.ImageSpec(
+            server.url("/debian.qcow2"),
+            images.imagefetch.parse_checksum(f"sha256:{image_files['sha256']}"),
+            pool=POOL,
+        )
+        assert images.ensure(hv, spec).name == cached
+        assert server.gets("/debian.qcow2") == 1  # only the wrong-checksum test's GET
+
+        listed = json.loads(salt.cloud("-f", "image_list", "test-kvm").stdout)
+        assert first in json.dumps(listed) and cached in json.dumps(listed)
+        refused = salt.cloud("-f", "image_delete", "test-kvm", f"name={cached}", check=False)
+        assert f"used by {first}" in cloud_error(refused, first)
+    finally:
+        salt.cloud("-d", first, second)
+    assert_gone(hv, salt, first, before, pool_volumes)
+    assert_gone(hv, salt, second, before, pool_volumes)
+    deleted = json.loads(salt.cloud("-f", "image_delete", "test-kvm", f"name={cached}").stdout)
+    assert cached in json.dumps(deleted)
+    with pytest.raises(libvirt.libvirtError):
+        hv.storagePoolLookupByName(POOL).storageVolLookupByName(cached)
