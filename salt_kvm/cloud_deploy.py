@@ -9,14 +9,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import libvirt
 import salt.config as config
 import salt.utils.cloud
 from salt.exceptions import SaltCloudConfigError
 
+from . import cloudinit, provision
 from . import deploy as ssh_deploy
 from . import ssh as ssh_lib
 from .errors import SaltKvmError
 from .provision import Guest
+from .rollback import Rollback
 from .spec import VMSpec
 
 log = logging.getLogger(__name__)
@@ -213,3 +216,49 @@ def _wait_for_minion(listener, minion_id, timeout):
         if event:
             return
     raise SaltKvmError(f"the minion {minion_id} did not connect to the master within {timeout:g}s")
+
+
+def seed_iso(opts: dict, vm_: dict, spec: VMSpec, plan: Plan | None) -> bytes | None:
+    """The guest's NoCloud seed (None if it needs none), built before anything
+    is created: a bad template stops here."""
+    minion = cloud_config(plan) if plan is not None and spec.deploy.method == "cloud-init" else None
+    return cloudinit.seed_iso(
+        spec,
+        minion,
+        config.get_cloud_config_value("grains", vm_, opts, default={}),
+        minion_id=plan.key_id if plan is not None else vm_["name"],
+        profile=vm_.get("profile"),
+        provider=vm_.get("provider"),
+    )
+
+
+def create(
+    opts: dict,
+    conn: libvirt.virConnect,
+    vm_: dict,
+    spec: VMSpec,
+    plan: Plan | None,
+    seed: bytes | None,
+    rollback: Rollback,
+    emit: provision.Emit,
+) -> tuple[Guest, dict | None]:
+    """Create the guest and make it a minion by the profile's ``deploy_method``;
+    returns the guest and what the deploy reports (None: no deploy)."""
+    if plan is not None and spec.deploy.method == "cloud-init":
+        # The minion's config and accepted keys are in the seed; no SSH. The
+        # seed is ejected and deleted as soon as the minion has started.
+        created: list[Guest] = []
+        with minion_watch(opts, plan, lambda: created[0]):
+            emit("deploying", {"name": spec.name, "method": "cloud-init"})
+            created.append(provision.create(conn, spec, rollback, emit, seed_iso=seed))
+        provision.detach_seed(conn, created[0])
+        return created[0], {"method": "cloud-init", "minion_id": plan.key_id}
+    guest = provision.create(conn, spec, rollback, emit, seed_iso=seed)
+    # cloud-init read the seed in its local stage, before the guest's network
+    # (and so its address) came up: it can go now.
+    provision.detach_seed(conn, guest)
+    vm_["ssh_host"] = guest.addresses[0]
+    if plan is None:
+        return guest, None
+    emit("deploying", {"name": spec.name, "ip_address": guest.addresses[0]})
+    return guest, run(opts, plan, spec, guest)

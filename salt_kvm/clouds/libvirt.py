@@ -37,7 +37,6 @@ try:
     from salt_kvm import (
         __version__,
         cloud_deploy,
-        cloudinit,
         diskops,
         forwards,
         host,
@@ -157,34 +156,6 @@ def _fire(name, step, args):
     )
 
 
-def _seed_iso(vm_, spec, plan):
-    """The guest's NoCloud seed (None if it needs none), built before anything
-    is created: a bad template stops here."""
-    minion = None
-    if plan is not None and spec.deploy.method == "cloud-init":
-        minion = cloud_deploy.cloud_config(plan)
-    return cloudinit.seed_iso(
-        spec,
-        minion,
-        config.get_cloud_config_value("grains", vm_, __opts__, default={}),
-        minion_id=plan.key_id if plan is not None else vm_["name"],
-        profile=vm_.get("profile"),
-        provider=vm_.get("provider"),
-    )
-
-
-def _create_seeded(conn, vm_, spec, plan, rollback, emit, seed_iso):
-    """deploy_method: cloud-init: the minion's config and accepted keys go in a
-    NoCloud seed before the first boot; no SSH. The seed is ejected and deleted
-    as soon as the minion has started."""
-    created = []
-    with cloud_deploy.minion_watch(__opts__, plan, lambda: created[0]):
-        emit("deploying", {"name": vm_["name"], "method": "cloud-init"})
-        created.append(provision.create(conn, spec, rollback, emit, seed_iso=seed_iso))
-    provision.detach_seed(conn, created[0])
-    return created[0], {"method": "cloud-init", "minion_id": plan.key_id}
-
-
 def _profile_values(vm_):
     values = {"name": vm_.get("name")}
     for key in SPEC_KEYS:
@@ -228,7 +199,7 @@ def create(vm_):
         # Bad input stops here, before anything is made.
         spec = _spec(vm_)
         deploy_plan = cloud_deploy.prepare(__opts__, vm_, spec) if spec.deploy.enabled else None
-        seed_iso = _seed_iso(vm_, spec, deploy_plan)
+        seed_iso = cloud_deploy.seed_iso(__opts__, vm_, spec, deploy_plan)
     except SpecError as exc:
         rollback.run()
         raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc
@@ -246,20 +217,9 @@ def create(vm_):
     )
     try:
         with _connect(vm_) as conn, rollback:
-            deployed = None
-            if deploy_plan is not None and spec.deploy.method == "cloud-init":
-                guest, deployed = _create_seeded(
-                    conn, vm_, spec, deploy_plan, rollback, emit, seed_iso
-                )
-            else:
-                guest = provision.create(conn, spec, rollback, emit, seed_iso=seed_iso)
-                # cloud-init read the seed in its local stage, before the guest's
-                # network (and so its address) came up: it can go now.
-                provision.detach_seed(conn, guest)
-                vm_["ssh_host"] = guest.addresses[0]
-                if deploy_plan is not None:
-                    emit("deploying", {"name": name, "ip_address": guest.addresses[0]})
-                    deployed = cloud_deploy.run(__opts__, deploy_plan, spec, guest)
+            guest, deployed = cloud_deploy.create(
+                __opts__, conn, vm_, spec, deploy_plan, seed_iso, rollback, emit
+            )
             result = {"name": name, "ip_address": guest.addresses[0], "addresses": guest.addresses}
             if deployed is not None:
                 result["deploy"] = deployed
