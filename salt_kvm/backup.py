@@ -14,6 +14,7 @@ it is destroyed again afterwards.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -89,10 +90,15 @@ def source_disks(dom: libvirt.virDomain, only: list[str] | None = None) -> list[
 
 
 # ---- checkpoints ------------------------------------------------------------------
-def our_checkpoints(dom: libvirt.virDomain) -> list[str]:
-    return sorted(
-        c.getName() for c in dom.listAllCheckpoints(0) if c.getName().startswith(CHECKPOINT_PREFIX)
-    )
+def store_tag(store: bs.Store) -> str:
+    """Checkpoints are per destination: two destinations never delete each other's."""
+    return hashlib.sha256(str(store.root).encode()).hexdigest()[:8]
+
+
+def our_checkpoints(dom: libvirt.virDomain, tag: str | None = None) -> list[str]:
+    """salt-kvm's checkpoints of ``dom`` (of one destination with ``tag``)."""
+    prefix = f"{CHECKPOINT_PREFIX}{tag}-" if tag else CHECKPOINT_PREFIX
+    return sorted(c.getName() for c in dom.listAllCheckpoints(0) if c.getName().startswith(prefix))
 
 
 def delete_checkpoint(dom: libvirt.virDomain, name: str) -> None:
@@ -141,7 +147,7 @@ def reconcile(dom: libvirt.virDomain, store: bs.Store, keep_checkpoint: str | No
             dom.destroy()
             done.append("powered off the domain an interrupted run had started paused")
     done += [f"removed {name}" for name in store.clean_partials()]
-    for name in our_checkpoints(dom):
+    for name in our_checkpoints(dom, store_tag(store)):
         if name != keep_checkpoint:
             delete_checkpoint(dom, name)
             done.append(f"deleted checkpoint {name}")
@@ -359,7 +365,7 @@ def _run(dom, store, point_id, disks, parent, reason, quiesce, emit) -> dict:
     emit("start", {**base, "kind": "incremental" if parent else "full", "reason": reason})
     partial = store.begin(point_id)
     capable = all(d.bitmaps for d in disks)
-    checkpoint = f"{CHECKPOINT_PREFIX}{point_id}" if capable else None
+    checkpoint = f"{CHECKPOINT_PREFIX}{store_tag(store)}-{point_id}" if capable else None
     all_targets = [d.target for d in source_disks(dom)]
     progress = _Progress(emit, base)
     try:
@@ -420,7 +426,7 @@ def _run(dom, store, point_id, disks, parent, reason, quiesce, emit) -> dict:
         store.clean_partials()
         emit("failed", {**base, "error": str(exc)})
         raise
-    for old in our_checkpoints(dom):  # only the newest checkpoint is needed
+    for old in our_checkpoints(dom, store_tag(store)):  # only the newest one is needed
         if old != checkpoint:
             delete_checkpoint(dom, old)
     result = {
