@@ -397,6 +397,7 @@ def _run(dom, store, point_id, disks, parent, reason, quiesce, emit) -> dict:
         images = _finish_images(point_id, disks, partial, parent)
         xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
         (partial / bs.DOMAIN_XML).write_text(xml)
+        os.chmod(partial / bs.DOMAIN_XML, 0o600)  # a secure dump: may hold passwords
         point = bs.Point(
             id=point_id,
             domain=dom.name(),

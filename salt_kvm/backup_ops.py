@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import posixpath
 import shlex
 import shutil
@@ -135,6 +136,7 @@ class _DirCopier:
             try:
                 for name, digest in _files(point):
                     shutil.copyfile(store.path(point, name), partial / name)
+                    os.chmod(partial / name, 0o600)
                     if digest and bs.sha256_file(partial / name) != digest:
                         raise SaltKvmError(f"copy of {point.id}/{name} has a wrong checksum")
                 self.target.commit(partial, point)
@@ -186,6 +188,7 @@ class _SshCopier:
             for name, digest in _files(point):
                 remote = posixpath.join(partial, name)
                 self.sftp.put(str(store.path(point, name)), remote)
+                self.sftp.chmod(remote, 0o600)
                 out = self._sh(f"sha256sum {shlex.quote(remote)}")
                 if digest and out.split()[0] != digest:
                     raise SaltKvmError(f"copy of {point.id}/{name} on {self.where.host} differs")

@@ -250,7 +250,10 @@ def test_shut_off_guest_backup_and_in_place_restore(hv, guest, dest):
     qemuimg.run("compare", "-q", "-U", guest.data_path, str(folder / "vdb.qcow2"))
 
 
-def _salt_call(tmp_path, *args):
+VENV_3007 = Path(os.environ.get("SALT_KVM_VENV_3007", "/opt/salt-kvm/venv-3007"))
+
+
+def _salt_call(tmp_path, *args, venv=None):
     conf = tmp_path / "etc"
     conf.mkdir(exist_ok=True)
     settings = {
@@ -264,7 +267,7 @@ def _salt_call(tmp_path, *args):
         "user": "root",
     }
     (conf / "minion").write_text(yaml.safe_dump(settings))
-    salt_call = Path(sys.executable).parent / "salt-call"
+    salt_call = (venv / "bin" if venv else Path(sys.executable).parent) / "salt-call"
     proc = subprocess.run(
         [str(salt_call), "--local", "-c", str(conf), "--out=json", "--log-level=quiet", *args],
         capture_output=True,
@@ -289,6 +292,8 @@ def test_state_backed_up_and_snapshot_states(hv, guest, tmp_path):
         assert ret["result"] is True and ret["changes"] == {}, ret
         listed = _salt_call(tmp_path, "kvm_backup.list", guest.name, where)
         assert len(listed) == 1
+        checked = _salt_call(tmp_path, "kvm_backup.verify", guest.name, where, venv=VENV_3007)
+        assert checked["ok"] is True and checked["checked"] == [listed[0]["id"]]
         snap = ["state.single", "kvm_backup.snapshot_present", guest.name, "snapshot=st1"]
         (ret,) = _salt_call(tmp_path, *snap, "test=True").values()
         assert ret["result"] is None
