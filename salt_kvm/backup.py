@@ -271,9 +271,18 @@ def _start_job(
     quiesce: str | bool,
     offline: bool,
 ) -> bool:
+    """Start the backup job; the guest is frozen only around its start, which is
+    the instant the backup captures."""
     frozen = False if offline else freeze(dom, quiesce)
     try:
         dom.backupBegin(_backup_xml(disks, partial, incremental), cp_xml, 0)
+    except libvirt.libvirtError as exc:
+        if "Permission denied" in str(exc):
+            raise SaltKvmError(
+                f"dest: QEMU (not root) cannot create the images in {partial.parent.parent}: "
+                "make every folder of the path traversable by it (chmod 711)"
+            ) from exc
+        raise
     finally:
         if frozen:
             thaw(dom)
