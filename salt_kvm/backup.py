@@ -446,6 +446,7 @@ def _run(dom, store, point_id, disks, parent, reason, quiesce, emit) -> dict:
         "new_chain_reason": reason if point.kind == bs.KIND_FULL else None,
         "duration": point.duration,
         "disk_bytes": {t: d.size for t, d in images.items()},
+        "job_seconds": round(stats["time_elapsed"] / 1000, 2) if "time_elapsed" in stats else None,
         "progress": {
             "processed": stats.get("disk_processed"),
             "total": stats.get("disk_total"),
