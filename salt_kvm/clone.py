@@ -79,7 +79,11 @@ def _is_clonable(disk: Disk) -> bool:
 def used_macs(conn: libvirt.virConnect) -> set[str]:
     macs = set()
     for dom in conn.listAllDomains(0):
-        for iface in Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).interfaces:
+        try:
+            xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        except libvirt.libvirtError:
+            continue  # undefined since the listing
+        for iface in xml.interfaces:
             if iface.mac:
                 macs.add(iface.mac.lower())
     return macs
@@ -241,7 +245,12 @@ def create_volume(
     return vol
 
 
-def _delete_volume(vol: libvirt.virStorageVol) -> None:
+def delete_volume(conn: libvirt.virConnect, path: str) -> None:
+    """Delete the volume at ``path``; one already gone is fine."""
+    try:
+        vol = conn.storageVolLookupByPath(path)
+    except libvirt.libvirtError:
+        return  # already gone
     vol.delete(0)
 
 
@@ -267,10 +276,10 @@ def clone_domain(
     clonable = [d for d in xml.disks if _is_clonable(d)]
     created = []
     for disk_xml, disk in zip(clonable, plan.disks, strict=True):
-        vol = create_volume(conn, plan, disk)
-        rollback.add(f"volume {vol.path()}", lambda v=vol: _delete_volume(v))
-        created.append(vol.path())
-        disk_xml.path = vol.path()
+        path = create_volume(conn, plan, disk).path()
+        rollback.add(f"volume {path}", lambda p=path: delete_volume(rollback.live(conn), p))
+        created.append(path)
+        disk_xml.path = path
         disk_xml.driver_type = disk.format
     xml.set_managed_info(
         {
@@ -293,7 +302,10 @@ def define(
         dom = conn.defineXMLFlags(xml.to_xml(), flags)
     except libvirt.libvirtError as exc:
         raise SaltKvmError(f"libvirt refused the definition of {xml.name!r}: {exc}") from exc
-    rollback.add(f"domain {xml.name}", lambda: undefine(dom))
+    uuid = dom.UUIDString()
+    rollback.add(
+        f"domain {xml.name}", lambda: undefine(rollback.live(conn).lookupByUUIDString(uuid))
+    )
     return dom
 
 

@@ -104,6 +104,29 @@ def prepare(opts: dict, vm_: dict, spec: VMSpec) -> Plan:
     return Plan(bundle, key_id, pub, minion_timeout)
 
 
+# Start the minion as soon as cloud-init's first stage has written its files,
+# not in cloud-init's last stage (which a slow boot reaches many seconds later):
+# bootcmd (first stage, before write_files) queues a transient unit, once per
+# instance, ordered after that stage and waiting for write_files' last file.
+# runcmd (last stage) only covers a guest without systemd-run.
+SEEDED = "/run/salt-kvm/seeded"
+MINION_START = "systemctl enable salt-minion; systemctl restart salt-minion"
+EARLY_START = [
+    "cloud-init-per",
+    "instance",
+    "salt-kvm-minion-start",
+    "systemd-run",
+    "--no-block",
+    "--unit=salt-kvm-minion-start",
+    "--property=After=cloud-init.service",
+    "--property=After=cloud-init-network.service",
+    "/bin/sh",
+    "-c",
+    f"for i in $(seq 600); do [ -e {SEEDED} ] && break; sleep 0.2; done; {MINION_START}",
+]
+LATE_START = "command -v systemd-run >/dev/null 2>&1 || { " + MINION_START + "; }"
+
+
 def cloud_config(plan: Plan) -> dict:
     """The same files as the SSH deploy, as cloud-init ``write_files``, and the
     minion (re)started once they are in place. No script runs: the image must
@@ -119,9 +142,11 @@ def cloud_config(plan: Plan) -> dict:
         for name, (data, _) in plan.bundle.files.items()
         for path, mode in [targets[name]]
     ]
+    files.append({"path": SEEDED, "permissions": "0600", "content": plan.key_id})
     return {
+        "bootcmd": [EARLY_START],
         "write_files": files,
-        "runcmd": [["sh", "-c", "systemctl enable salt-minion; systemctl restart salt-minion"]],
+        "runcmd": [["sh", "-c", LATE_START]],
     }
 
 

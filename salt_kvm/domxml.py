@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from lxml import etree
 
-from .xmlutil import XMLObject, XMLProperty, parse, tostring
+from .xmlutil import XMLFlag, XMLObject, XMLProperty, parse, tostring
 
 # Our tag in <metadata>: marks the domains salt-kvm created and what from.
 METADATA_NS = "urn:salt-kvm:instance:1"
 METADATA_PREFIX = "saltkvm"
+# Our second tag: the external disks whose volumes salt-kvm created (any domain).
+DISKS_NS = "urn:salt-kvm:disks:1"
+DISKS_PREFIX = "saltkvmdisks"
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 
@@ -28,10 +31,40 @@ class Disk(XMLObject):
     source_volume = XMLProperty("./source/@volume")
     target_dev = XMLProperty("./target/@dev")
     target_bus = XMLProperty("./target/@bus")
+    alias = XMLProperty("./alias/@name")
+    serial = XMLProperty("./serial")
+    readonly = XMLFlag("readonly")
+    shareable = XMLFlag("shareable")
+    # libvirt keeps aliases with this prefix (user aliases) across restarts.
+    USER_ALIAS_PREFIX = "ua-"
+
+    @property
+    def name(self) -> str | None:
+        """The name salt-kvm gave the disk (its user alias), else its target."""
+        alias = self.alias or ""
+        if alias.startswith(self.USER_ALIAS_PREFIX):
+            return alias[len(self.USER_ALIAS_PREFIX) :]
+        return self.target_dev
 
     @property
     def path(self) -> str | None:
         return self.source_file or self.source_dev
+
+    def set_block(self, dev: str) -> None:
+        """Point the disk at a block device."""
+        self.path = dev
+        self.type = "block"
+        self.source_file = None
+        self.source_dev = dev
+        source = self.node.find("source")
+        driver = self.node.find("driver")
+        if driver is not None:
+            driver.addnext(source)
+
+    def backing_paths(self) -> list[str]:
+        """The files below this disk in a running guest's backing chain."""
+        found = self.node.findall(".//backingStore/source")
+        return [s.get("file") or s.get("dev") for s in found if s.get("file") or s.get("dev")]
 
     @path.setter
     def path(self, value: str) -> None:
@@ -140,8 +173,54 @@ class Domain(XMLObject):
             metadata.remove(old)
         metadata.append(metadata_element(info))
 
+    def created_disks(self) -> dict[str, dict]:
+        """Volume path -> ``{"name", "delete_with_domain"}`` for the external
+        disks whose volumes salt-kvm created."""
+        node = self.node.find(f"metadata/{{{DISKS_NS}}}disks")
+        if node is None:
+            return {}
+        return {
+            (v.text or ""): {
+                "name": v.get("name"),
+                "delete_with_domain": v.get("delete-with-domain") == "yes",
+            }
+            for v in node.findall(f"{{{DISKS_NS}}}volume")
+        }
+
     def to_xml(self) -> str:
         return tostring(self.node)
+
+
+def disks_metadata_element(records: dict[str, dict], namespaced: bool = True) -> etree._Element:
+    """The created-disks tag; ``namespaced=False`` for ``virDomainSetMetadata``,
+    which puts the element in the namespace itself."""
+    ns = f"{{{DISKS_NS}}}" if namespaced else ""
+    nsmap = {DISKS_PREFIX: DISKS_NS} if namespaced else None
+    node = etree.Element(f"{ns}disks", nsmap=nsmap)
+    for path, record in sorted(records.items()):
+        vol = etree.SubElement(node, f"{ns}volume", name=record["name"])
+        if record.get("delete_with_domain"):
+            vol.set("delete-with-domain", "yes")
+        vol.text = path
+    return node
+
+
+class Volume(XMLObject):
+    """A storage volume definition (``pool.createXML``)."""
+
+    TAG = "volume"
+
+    name = XMLProperty("./name")
+    capacity = XMLProperty("./capacity", int)
+    allocation = XMLProperty("./allocation", int)
+    format = XMLProperty("./target/format/@type")
+    mode = XMLProperty("./target/permissions/mode")
+    backing_path = XMLProperty("./backingStore/path")
+
+    def __init__(self, xml: str | bytes | etree._Element | None = None):
+        if isinstance(xml, str | bytes):
+            xml = parse(xml)
+        super().__init__(xml)
 
 
 def metadata_element(info: dict[str, str | list[str]]) -> etree._Element:

@@ -7,6 +7,7 @@ listing does not grow in libvirt round trips with every guest's agent.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass, field
 
 import libvirt
 
@@ -44,31 +45,71 @@ def lease_table(conn: libvirt.virConnect) -> dict[str, list[str]]:
     return table
 
 
-def _disk_sizes(conn: libvirt.virConnect, xml: Domain) -> list[dict]:
+@dataclass
+class Facts:
+    """What bulk calls tell about many domains at once, keyed by UUID."""
+
+    domains: list[libvirt.virDomain] = field(default_factory=list)
+    stats: dict[str, dict] = field(default_factory=dict)
+    autostart: set[str] = field(default_factory=set)
+    leases: dict[str, list[str]] = field(default_factory=dict)
+
+
+_STATS = libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_BLOCK
+
+
+def gather(conn: libvirt.virConnect, doms: list[libvirt.virDomain] | None = None) -> Facts:
+    """State, disk capacities and autostart of ``doms`` (default: every domain) and
+    the lease table, in a fixed number of calls however many domains there are."""
+    if doms is None:
+        records = conn.getAllDomainStats(_STATS, 0)
+    else:
+        records = conn.domainListGetStats(doms, _STATS, 0)
+    autostart = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)
+    return Facts(
+        domains=[dom for dom, _ in records],
+        stats={dom.UUIDString(): stats for dom, stats in records},
+        autostart={dom.UUIDString() for dom in autostart},
+        leases=lease_table(conn),
+    )
+
+
+def _disk_sizes(xml: Domain, stats: dict) -> list[dict]:
+    capacity = {
+        stats.get(f"block.{i}.path"): stats.get(f"block.{i}.capacity")
+        for i in range(stats.get("block.count", 0))
+    }
     disks = []
     for disk in xml.disks:
         entry = {"target": disk.target_dev, "device": disk.device, "path": disk.path}
-        if disk.path and disk.device == "disk":
-            try:
-                entry["capacity"] = conn.storageVolLookupByPath(disk.path).info()[1]
-            except libvirt.libvirtError:
-                pass
+        if disk.path and disk.device == "disk" and capacity.get(disk.path) is not None:
+            entry["capacity"] = capacity[disk.path]
         disks.append(entry)
     return disks
 
 
-def describe(conn: libvirt.virConnect, dom: libvirt.virDomain, leases: dict | None = None) -> dict:
-    xml = Domain(dom.XMLDesc(0))
+def describe(
+    conn: libvirt.virConnect,
+    dom: libvirt.virDomain,
+    facts: Facts | None = None,
+    xml: Domain | None = None,
+) -> dict:
+    """One domain as salt-cloud shows it; ``facts`` from :func:`gather` when
+    describing many, so the only call per domain is its XML."""
+    facts = gather(conn, [dom]) if facts is None else facts
+    xml = Domain(dom.XMLDesc(0)) if xml is None else xml
+    stats = facts.stats.get(dom.UUIDString(), {})
     info = xml.managed_info() or {}
-    state = state_of(dom)
-    leases = lease_table(conn) if leases is None else leases
+    state = STATES.get(stats.get("state.state", libvirt.VIR_DOMAIN_NOSTATE), "unknown")
     macs = [i.mac.lower() for i in xml.interfaces if i.mac]
-    ips = [ip for mac in macs for ip in leases.get(mac, [])] if state == "running" else []
+    ips = [ip for mac in macs for ip in facts.leases.get(mac, [])] if state == "running" else []
     if state == "running" and not ips:
+        # Not on a libvirt network with DHCP (a bridge): the host's ARP table,
+        # one call for this domain only.
         ips = addresses.lookup(dom, addresses.SOURCE_ARP, macs)
     vcpu = xml.node.find("vcpu")
     vcpus = int(vcpu.get("current", vcpu.text)) if vcpu is not None else None
-    disks = _disk_sizes(conn, xml)
+    disks = _disk_sizes(xml, stats)
     root = next((d.get("capacity") for d in disks if d.get("capacity")), None)
     memory_mib = xml.memory_mib()
     size = f"{vcpus} vCPU, {memory_mib} MiB" + (f", {human_size(root)} disk" if root else "")
@@ -89,17 +130,24 @@ def describe(conn: libvirt.virConnect, dom: libvirt.virDomain, leases: dict | No
         "memory_mib": memory_mib,
         "macs": macs,
         "disks": disks,
-        "autostart": bool(dom.autostart()),
+        "autostart": dom.UUIDString() in facts.autostart,
         "description": xml.description,
     }
 
 
 def managed(conn: libvirt.virConnect) -> dict[str, dict]:
-    leases = lease_table(conn)
+    """Every guest salt-kvm created: bulk calls for state, disks, autostart and
+    leases, plus each domain's XML (libvirt has no bulk call for definitions,
+    and the XML is where the salt-kvm marker lives)."""
+    facts = gather(conn)
     result = {}
-    for dom in conn.listAllDomains(0):
-        if Domain(dom.XMLDesc(0)).managed_info() is not None:
-            result[dom.name()] = describe(conn, dom, leases)
+    for dom in facts.domains:
+        try:
+            xml = Domain(dom.XMLDesc(0))
+        except libvirt.libvirtError:
+            continue  # undefined since the listing
+        if xml.managed_info() is not None:
+            result[xml.name] = describe(conn, dom, facts, xml)
     return result
 
 

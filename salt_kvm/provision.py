@@ -13,7 +13,18 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from . import addresses, clone, connection, dhcp, lifecycle, names, seed, sizing
+from . import (
+    addresses,
+    clone,
+    connection,
+    dhcp,
+    diskops,
+    forwards,
+    lifecycle,
+    names,
+    seed,
+    sizing,
+)
 from .domxml import Domain
 from .errors import ConflictError, SaltKvmError
 from .rollback import Rollback
@@ -67,7 +78,7 @@ def _reserve(conn, spec: VMSpec, rollback: Rollback) -> list[str]:
             if dhcp.reserve(conn, nic.network, nic.mac, nic.ip, spec.name):
                 rollback.add(
                     f"DHCP reservation {nic.ip} on {nic.network}",
-                    lambda n=nic: dhcp.release(conn, n.network, n.mac, n.ip),
+                    lambda n=nic: dhcp.release(rollback.live(conn), n.network, n.mac, n.ip),
                 )
             made.append(f"{nic.network}|{nic.mac}|{nic.ip}")
     return made
@@ -85,6 +96,9 @@ def create(
     ``seed_iso`` (a NoCloud ISO) is attached to a new clone's first boot.
     """
     started = time.monotonic()
+    if spec.nat_rules:
+        forwards.check_local(conn)
+        forwards.check_free(spec.name, spec.nat_rules)
     existing = _existing(conn, spec.name)
     if existing is not None:
         guest = Guest(spec.name, existing, addresses.domain_macs(existing), existed=True)
@@ -96,7 +110,11 @@ def create(
     if not guest.domain.isActive():
         guest.domain.create()
         if not guest.existed:
-            rollback.add(f"running {spec.name}", lambda: _stop(guest.domain))
+            uuid = guest.domain.UUIDString()
+            rollback.add(
+                f"running {spec.name}",
+                lambda: _stop(rollback.live(conn).lookupByUUIDString(uuid)),
+            )
     guest.mark("start")
     emit("waiting_for_ip", {"name": spec.name, "ip_source": spec.ip_source, "macs": guest.macs})
     guest.addresses = addresses.wait_for_addresses(
@@ -107,6 +125,10 @@ def create(
         guest.macs,
     )
     guest.mark("ip")
+    if spec.nat_rules:
+        forwards.apply(conn, spec.name, spec.nat_rules, max(len(spec.nat_rules), 1))
+        rollback.add(f"NAT forwards of {spec.name}", lambda: forwards.forget(spec.name))
+        guest.mark("nat")
     return guest
 
 
@@ -133,6 +155,7 @@ def _clone(
     virt_type = plan.virt_type = connection.resolve_virt_type(conn, spec.virt_type, plan.xml.type)
     taken = clone.used_macs(conn)
     _check_fixed_macs(conn, spec, taken)
+    diskops.precheck(conn, spec.name, spec.disks)
     emit(
         "requesting",
         {
@@ -148,7 +171,9 @@ def _clone(
     if seed_iso is not None:
         vol = seed.upload(conn, plan.disks[0].pool, names.seed_volume_name(spec.name), seed_iso)
         seed_path = vol.path()
-        rollback.add(f"seed volume {seed_path}", lambda: _delete_path(conn, seed_path))
+        rollback.add(
+            f"seed volume {seed_path}", lambda: clone.delete_volume(rollback.live(conn), seed_path)
+        )
         guest.seed_path = info["seed"] = seed_path
     guest.domain = clone.clone_domain(
         conn,
@@ -159,18 +184,11 @@ def _clone(
         info=info or None,
         taken=taken,
     )
+    diskops.attach_profile(conn, guest.domain, spec.disks, rollback)
     if spec.autostart:
         guest.domain.setAutostart(1)
     guest.macs = addresses.domain_macs(guest.domain)
     return guest
-
-
-def _delete_path(conn: libvirt.virConnect, path: str) -> None:
-    try:
-        vol = conn.storageVolLookupByPath(path)
-    except libvirt.libvirtError:
-        return  # already gone (the seed is deleted after first boot)
-    vol.delete(0)
 
 
 def detach_seed(conn: libvirt.virConnect, guest: Guest) -> None:

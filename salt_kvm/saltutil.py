@@ -27,3 +27,12 @@ def hypervisor_uri(opts: dict, pillar: dict, uri: str | None = None) -> str:
 
 def connection_for(opts: dict, pillar: dict, uri: str | None = None):
     return connected(hypervisor_uri(opts, pillar, uri))
+
+
+def config_value(opts: dict, pillar: dict, key: str, default=None):
+    """A ``kvm:...`` setting: pillar first, then the minion config, else ``default``."""
+    for source in (pillar or {}, opts or {}):
+        value = _traverse(source, key)
+        if value is not None:
+            return value
+    return default

@@ -11,8 +11,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import addresses, clone, connection, names
+from . import addresses, clone, connection, names, nat
 from .checks import boolean, one_of, seconds, text, whole_number
+from .disks import ProfileDisks
+from .disks import parse_profile as parse_profile_disks
 from .errors import SpecError
 from .topology import CpuTopology, NumaCell, parse_cpu_options, parse_numa
 from .units import GIB, MIB, parse_size
@@ -89,6 +91,8 @@ class VMSpec:
     cpu_shares: int | None = None
     nics: list[NicSpec] | None = None
     deploy: DeploySpec = field(default_factory=DeploySpec)
+    nat_rules: list[nat.Rule] = field(default_factory=list)
+    disks: ProfileDisks = field(default_factory=ProfileDisks)
 
 
 def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
@@ -249,4 +253,6 @@ def build_spec(values: dict) -> VMSpec:
         cpu_shares=cpu_shares,
         nics=nics,
         deploy=deploy,
+        nat_rules=nat.parse_rules(values.get("nat_rules"), "nat_rules"),
+        disks=parse_profile_disks(values),
     )

@@ -103,3 +103,22 @@ class XMLObject:
 
     def to_xml(self) -> str:
         return tostring(self.node)
+
+
+class XMLFlag:
+    """An empty child element whose presence means true (``<readonly/>``)."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return obj.node.find(self.tag) is not None
+
+    def __set__(self, obj: Any, value: bool) -> None:
+        present = obj.node.find(self.tag)
+        if value and present is None:
+            etree.SubElement(obj.node, self.tag)
+        elif not value and present is not None:
+            obj.node.remove(present)

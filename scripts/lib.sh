@@ -20,3 +20,15 @@ need_root() { [ "$(id -u)" = 0 ] || die "run as root"; }
 
 # pip, minus this kind of machine's noise about absent local index folders.
 pip_quiet() { "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2); }
+
+# Salt 3007's wheel as built from its sdist carries no requirements: install
+# them from the sdist's own requirements files.
+salt3007_requirements() {
+  local dir="$SALT_KVM_CACHE/sdist/salt-$SALT_3007_VERSION"
+  if [ ! -d "$dir/requirements" ]; then
+    local tmp; tmp=$(mktemp -d)
+    pip_quiet python3 -m pip download -q --no-deps --no-binary :all: "salt==$SALT_3007_VERSION" -d "$tmp"
+    mkdir -p "$dir"; tar xzf "$tmp"/salt-*.tar.gz -C "$dir" --strip-components=1; rm -rf "$tmp"
+  fi
+  echo "$dir/requirements/zeromq.txt"
+}

@@ -34,8 +34,19 @@ from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
 try:
     import libvirt
 
-    from salt_kvm import __version__, cloud_deploy, host, inventory, lifecycle, provision, seed
-    from salt_kvm.connection import connected
+    from salt_kvm import (
+        __version__,
+        cloud_deploy,
+        diskops,
+        forwards,
+        host,
+        inventory,
+        lifecycle,
+        provision,
+        seed,
+    )
+    from salt_kvm.checks import boolean
+    from salt_kvm.connection import connected, open_connection
     from salt_kvm.errors import SaltKvmError, SpecError
     from salt_kvm.rollback import Rollback
     from salt_kvm.spec import build_spec
@@ -82,6 +93,10 @@ SPEC_KEYS = (
     "swap",
     "host",
     "nameserver",
+    "nat_rules",
+    "disks",
+    "delete_disks",
+    "disk_allowed_dirs",
 )
 
 
@@ -110,16 +125,20 @@ def _provider_value(key, default=None):
     )
 
 
-def _connect(vm_=None):
+def _connection_args(vm_=None) -> dict:
     source = vm_ if vm_ is not None else (get_configured_provider() or {})
     get = lambda key, default=None: config.get_cloud_config_value(  # noqa: E731
         key, source, __opts__, search_global=False, default=default
     )
-    return connected(
-        get("url", "qemu:///system"),
-        username=get("libvirt_username"),
-        password=get("libvirt_password"),
-    )
+    return {
+        "uri": get("url", "qemu:///system"),
+        "username": get("libvirt_username"),
+        "password": get("libvirt_password"),
+    }
+
+
+def _connect(vm_=None):
+    return connected(**_connection_args(vm_))
 
 
 def _fire(name, step, args):
@@ -178,7 +197,7 @@ def create(vm_):
         salt-cloud -p centos7 vm1
     """
     name = vm_["name"]
-    rollback = Rollback()
+    rollback = Rollback(reconnect=lambda: open_connection(**_connection_args(vm_)))
     if vm_.get("pub_key"):
         # salt-cloud accepted this minion's key before calling us: a failed
         # create (even on bad input) must not leave it behind.
@@ -203,7 +222,7 @@ def create(vm_):
         __utils__["cloud.filter_event"]("creating", vm_, ["name", "profile", "provider", "driver"]),
     )
     try:
-        with _connect(vm_) as conn:
+        with _connect(vm_) as conn, rollback:
             deployed = None
             if deploy_plan is not None and spec.deploy.method == "cloud-init":
                 guest, deployed = _create_seeded(conn, vm_, spec, deploy_plan, rollback, emit)
@@ -219,7 +238,8 @@ def create(vm_):
             result.update(inventory.describe(conn, guest.domain))
             rollback.forget()
     except Exception as exc:
-        failed = rollback.run()
+        # The rollback ran on leaving the block, connection still open.
+        failed = rollback.failed or rollback.run()
         leftover = f"; could not remove: {', '.join(failed)}" if failed else ""
         if isinstance(exc, SpecError):
             raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc
@@ -235,26 +255,33 @@ def create(vm_):
 # ---- destroy and actions -----------------------------------------------------
 
 
-def destroy(name, call=None):
+def destroy(name, kwargs=None, call=None):
     """
     Remove a guest salt-kvm created: the domain, the volumes it created (never
-    the base's), its DHCP reservations and its minion key.
+    the base's), its DHCP reservations and its minion key. External disks
+    (``disks:``) are kept unless the profile had ``delete_disks: true`` or the
+    call passes ``delete_disks=true``; disks attached from a path never go.
 
     CLI Example:
 
     .. code-block:: bash
 
         salt-cloud -d vm1
+        salt-cloud -a destroy vm1 delete_disks=true
     """
     if call == "function":
         raise SaltCloudSystemExit("destroy is an action: use -d or -a destroy")
     _fire(name, "destroying", {"name": name})
     try:
+        delete_disks = boolean(kwargs or {}, "delete_disks", False)
         with _connect() as conn:
             dom = lifecycle.lookup(conn, name)
             info = lifecycle.managed_info(dom) or {}
+            doomed, kept = diskops.split_for_destroy(dom, delete_disks)
             removed = lifecycle.remove(conn, name)
             removed["reservations"] = provision.release_reservations(conn, info)
+            removed.update(disks=diskops.delete_volumes(conn, doomed), kept_disks=kept)
+        removed["nat"] = forwards.forget(name)
     except SaltKvmError as exc:
         raise SaltCloudSystemExit(str(exc)) from exc
     salt.utils.cloud.remove_key(__opts__["pki_dir"], name)
@@ -324,7 +351,7 @@ def reboot(name, call=None):
 
 def show_instance(name, call=None):
     """
-    Show a guest's state, addresses, size and base.
+    Show a guest's state, addresses, size, base and NAT forwards.
 
     CLI Example:
 
@@ -336,7 +363,9 @@ def show_instance(name, call=None):
         raise SaltCloudSystemExit("show_instance is an action: use -a show_instance")
     try:
         with _connect() as conn:
-            return inventory.describe(conn, lifecycle.lookup(conn, name))
+            info = inventory.describe(conn, lifecycle.lookup(conn, name))
+        info["nat"] = forwards.listing(name).get(name, {}).get("forwards", [])
+        return info
     except SaltKvmError as exc:
         raise SaltCloudSystemExit(str(exc)) from exc
 

@@ -103,3 +103,40 @@ def test_remove_takes_the_clone_and_its_volumes_but_never_the_base(conn, pool, b
     with pytest.raises(SaltKvmError, match="not created by salt-kvm"):
         lifecycle.remove(conn, "base")
     assert conn.lookupByName("base")
+
+
+class _Broken:
+    """A connection that stops answering once the clone is made (libvirtd restarted)."""
+
+    def __init__(self, conn):
+        self._conn, self.alive = conn, True
+
+    def isAlive(self):  # noqa: N802 - libvirt's name
+        return self.alive
+
+    def __getattr__(self, attr):
+        if not self.alive:
+            raise libvirt.libvirtError("client socket is closed")
+        return getattr(self._conn, attr)
+
+
+class _Fresh(_Broken):
+    """The new connection (same private hypervisor); the rollback closes it."""
+
+    def close(self):
+        self.closed = True
+
+
+def test_rollback_reconnects_when_the_connection_broke(conn, pool, base):
+    broken, fresh = _Broken(conn), _Fresh(conn)
+    reconnects = []
+    rollback = Rollback(reconnect=lambda: reconnects.append(1) or fresh)
+    before = volumes(pool)
+    clone.clone_domain(broken, clone.plan_clone(conn, "base", "vm1", "quick", "test"), rollback)
+    assert volumes(pool) != before
+    broken.alive = False
+    assert rollback.run() == []
+    assert reconnects == [1] and fresh.closed
+    assert volumes(pool) == before
+    with pytest.raises(libvirt.libvirtError):
+        conn.lookupByName("vm1")

@@ -64,3 +64,10 @@ def pool_volumes(hv):
         return {v for v in pool.listVolumes() if v.startswith(PREFIX)}
 
     return listing
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules that restart libvirtd run last (whole, in their own order): every
+    libvirt connection open at that moment, like the session's ``hv``, dies."""
+    restarting = {item.module for item in items if item.get_closest_marker("restarts_libvirtd")}
+    items.sort(key=lambda item: item.module in restarting)

@@ -1,0 +1,172 @@
+"""
+NAT port forwards from the hypervisor to its guests (host port → guest port).
+
+Guest port ``p`` is forwarded from host port ``10000 + p`` unless a host port
+is given (SlapOS's ``nat-rules``); ``rules=True`` means ports 22, 80 and 443.
+The forwards live in salt-kvm's own nftables table, replaced in one
+transaction per call, and come back after network restarts, libvirtd
+restarts and reboots through libvirt hooks (``kvm_nat.install_hooks``).
+
+Settings (pillar or minion config): ``kvm:nat:max_rules`` (per domain,
+default 64), ``kvm:connection:uri``.
+"""
+
+import logging
+
+try:
+    import libvirt  # noqa: F401
+
+    from salt_kvm import forwards, hostnet, nat, nathook
+    from salt_kvm.errors import SaltKvmError
+    from salt_kvm.saltutil import config_value, connection_for
+
+    HAS_LIBS = True
+except ImportError as _exc:  # pragma: no cover - depends on the minion
+    HAS_LIBS = False
+    _IMPORT_ERROR = str(_exc)
+
+from salt.exceptions import CommandExecutionError
+
+log = logging.getLogger(__name__)
+__virtualname__ = "kvm_nat"
+__func_alias__ = {"list_": "list"}
+
+
+def __virtual__():
+    if not HAS_LIBS:
+        return (False, f"kvm_nat needs salt_kvm and libvirt-python: {_IMPORT_ERROR}")
+    missing = hostnet.available()
+    if missing:
+        return (False, f"kvm_nat: {missing}")
+    return __virtualname__
+
+
+def _max_rules():
+    return int(config_value(__opts__, __pillar__, "kvm:nat:max_rules", nat.DEFAULT_MAX_RULES))
+
+
+def _call(fn, uri=None):
+    try:
+        with connection_for(__opts__, __pillar__, uri) as conn:
+            return fn(conn)
+    except SaltKvmError as exc:
+        raise CommandExecutionError(str(exc)) from exc
+
+
+def add(name, guest_port, host_port=None, proto="tcp", host_address=None, uri=None):
+    """
+    Forward ``host_port`` (default 10000 + ``guest_port``) on the host to
+    ``guest_port`` of domain ``name``. Returns the changes (empty: it existed).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_nat.add vm1 22
+        salt hypervisor kvm_nat.add vm1 53 host_port=5353 proto=udp
+        salt hypervisor kvm_nat.add vm1 80 host_address=203.0.113.7
+    """
+    return _call(
+        lambda conn: forwards.add(
+            conn,
+            name,
+            guest_port,
+            host_port=host_port,
+            proto=proto,
+            host_address=host_address,
+            max_rules=_max_rules(),
+        ),
+        uri,
+    )
+
+
+def remove(name, guest_port=None, host_port=None, proto="tcp", uri=None):
+    """
+    Remove the forwards of domain ``name`` to ``guest_port`` (and/or from
+    ``host_port``). Returns the changes (empty: there was none).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_nat.remove vm1 22
+        salt hypervisor kvm_nat.remove vm1 host_port=5353 proto=udp
+    """
+    return _call(
+        lambda conn: forwards.remove(conn, name, guest_port, host_port=host_port, proto=proto), uri
+    )
+
+
+def list_(name=None):
+    """
+    The forwards of every domain (or of ``name``): ports, guest address, and
+    whether each one is in the kernel's table now.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_nat.list
+        salt hypervisor kvm_nat.list vm1
+    """
+    try:
+        return forwards.listing(name)
+    except SaltKvmError as exc:
+        raise CommandExecutionError(str(exc)) from exc
+
+
+def apply(name, rules=None, test=False, uri=None):
+    """
+    Make ``rules`` exactly the forwards of domain ``name``, in one transaction:
+    what is missing is added, what is not listed is removed, and the guest's
+    current address is used. ``rules``: a list of ports or of
+    ``{guest, host, proto, host_address}`` mappings, ``True`` for 22 80 443,
+    an empty list for none. Returns old/new (empty: nothing changed).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_nat.apply vm1 rules='[22, 80, 443]'
+        salt hypervisor kvm_nat.apply vm1 rules='[{guest: 53, host: 5353, proto: udp}]'
+        salt hypervisor kvm_nat.apply vm1 rules='[]'
+    """
+    return _call(
+        lambda conn: forwards.apply(
+            conn, name, rules if rules is not None else [], _max_rules(), test=bool(test)
+        ),
+        uri,
+    )
+
+
+def reapply(uri=None):
+    """
+    Look every domain with forwards up again (new addresses are followed,
+    removed domains lose their forwards) and put the table back if it is gone.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_nat.reapply
+    """
+    return _call(lambda conn: forwards.refresh(conn), uri)
+
+
+def install_hooks(hooks_dir="/etc/libvirt/hooks", test=False):
+    """
+    Install the libvirt hooks that keep forwards alive across network
+    restarts, libvirtd restarts and reboots. Returns the files written (with
+    ``test=True``: that would be written);
+    libvirtd must be restarted once after the first installation.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_nat.install_hooks
+    """
+    try:
+        return nathook.install(hooks_dir, test=bool(test))
+    except OSError as exc:
+        raise CommandExecutionError(f"cannot install the hooks: {exc}") from exc

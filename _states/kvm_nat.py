@@ -1,0 +1,122 @@
+"""
+NAT port forwards of a domain, converged to exactly the listed set.
+
+.. code-block:: yaml
+
+    vm1-forwards:
+      kvm_nat.forwarded:
+        - name: vm1
+        - rules:
+          - 22                       # host 10022 -> guest 22
+          - guest: 53
+            host: 5353
+            proto: udp
+
+    vm2-no-forwards:
+      kvm_nat.absent:
+        - name: vm2
+
+    nat-hooks:
+      kvm_nat.hooks_installed
+"""
+
+__virtualname__ = "kvm_nat"
+
+
+def __virtual__():
+    if "kvm_nat.apply" not in __salt__:
+        return (False, "the kvm_nat execution module is not available")
+    return __virtualname__
+
+
+def _converge(name, rules, uri, what):
+    ret = {"name": name, "result": True, "changes": {}, "comment": ""}
+    try:
+        would = __salt__["kvm_nat.apply"](name, rules=rules, test=True, uri=uri)
+    except Exception as exc:  # noqa: BLE001 - CommandExecutionError: refused, nothing changed
+        ret["result"] = False
+        ret["comment"] = f"Forwards of {name} not changed: {exc}"
+        return ret
+    if not would:
+        ret["comment"] = f"Forwards of {name} are {what}"
+        return ret
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["changes"] = would
+        ret["comment"] = f"Forwards of {name} would be made {what}"
+        return ret
+    try:
+        ret["changes"] = __salt__["kvm_nat.apply"](name, rules=rules, uri=uri)
+    except Exception as exc:  # noqa: BLE001
+        ret["result"] = False
+        ret["comment"] = f"Forwards of {name} not changed: {exc}"
+        return ret
+    ret["comment"] = f"Forwards of {name} are {what}"
+    return ret
+
+
+def forwarded(name, rules=True, uri=None):
+    """
+    Ensure domain ``name`` has exactly the forwards ``rules`` (as
+    ``kvm_nat.apply``: ports, mappings, or ``True`` for 22 80 443).
+
+    name
+        The domain.
+    rules
+        The whole set; forwards of the domain not listed are removed.
+    uri
+        libvirt URI; default from ``kvm:connection:uri`` or ``qemu:///system``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor state.single kvm_nat.forwarded vm1 rules='[22, 80]'
+    """
+    return _converge(name, rules, uri, f"as listed ({_describe(rules)})")
+
+
+def absent(name, uri=None):
+    """
+    Ensure domain ``name`` has no forwards.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor state.single kvm_nat.absent vm1
+    """
+    return _converge(name, [], uri, "absent")
+
+
+def hooks_installed(name="libvirt-hooks", hooks_dir="/etc/libvirt/hooks"):
+    """
+    Ensure salt-kvm's libvirt hooks (which keep forwards alive) are installed.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor state.single kvm_nat.hooks_installed
+    """
+    ret = {"name": name, "result": True, "changes": {}, "comment": "Hooks are installed"}
+    missing = __salt__["kvm_nat.install_hooks"](hooks_dir, test=True)
+    if not missing:
+        return ret
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["changes"] = {"written": missing}
+        ret["comment"] = "Hooks would be written"
+        return ret
+    written = __salt__["kvm_nat.install_hooks"](hooks_dir)
+    if written:
+        ret["changes"] = {"written": written, "note": "restart libvirtd once to load new hooks"}
+    return ret
+
+
+def _describe(rules):
+    if rules is True:
+        return "22 80 443"
+    if isinstance(rules, list):
+        return ", ".join(str(r.get("guest") if isinstance(r, dict) else r) for r in rules)
+    return str(rules)

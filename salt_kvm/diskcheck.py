@@ -1,0 +1,226 @@
+"""Checks for an external disk request against the domain and every other
+domain on the connection; nothing here changes anything."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+import libvirt
+from lxml import etree
+
+from . import names
+from .clone import _volume_format
+from .disks import FORMATS, DiskSpec, Source, max_index, target_name, within
+from .domxml import Disk, Domain, Volume
+from .errors import ConflictError, NotFoundError, SpecError
+
+LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
+CONFIG = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+
+
+@dataclass(frozen=True)
+class Use:
+    """One domain's use of a file or device."""
+
+    domain: str
+    target: str
+    readonly: bool
+    shareable: bool
+
+
+def real(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def domain_xmls(dom: libvirt.virDomain) -> tuple[Domain | None, Domain | None]:
+    """(definition, running state): either is None when the domain has none."""
+    config = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) if dom.isPersistent() else None
+    live = Domain(dom.XMLDesc(0)) if dom.isActive() else None
+    return config, live
+
+
+def find_disk(xml: Domain | None, name: str) -> Disk | None:
+    if xml is None:
+        return None
+    return next((d for d in xml.disks if d.name == name), None)
+
+
+def created_records(config: Domain | None, live: Domain | None) -> dict[str, dict]:
+    return {**(config.created_disks() if config else {}), **(live.created_disks() if live else {})}
+
+
+def path_uses(conn: libvirt.virConnect) -> dict[str, list[Use]]:
+    """Real path -> every use by a domain (definitions, running guests and
+    their backing chains, which count as read-only uses)."""
+    uses: dict[str, set[Use]] = {}
+    for dom in conn.listAllDomains(0):
+        try:
+            xmls = domain_xmls(dom)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                continue  # undefined since the listing: it uses nothing any more
+            raise
+        for xml in xmls:
+            if xml is None:
+                continue
+            for disk in xml.disks:
+                if disk.path:
+                    use = Use(dom.name(), disk.target_dev, disk.readonly, disk.shareable)
+                    uses.setdefault(real(disk.path), set()).add(use)
+                for backing in disk.backing_paths():
+                    use = Use(dom.name(), f"{disk.target_dev} backing", True, False)
+                    uses.setdefault(real(backing), set()).add(use)
+    return {path: sorted(found, key=lambda u: (u.domain, u.target)) for path, found in uses.items()}
+
+
+def pools(conn: libvirt.virConnect) -> dict[str, str]:
+    """Active pool name -> its directory."""
+    roots = {}
+    for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+        path = etree.fromstring(pool.XMLDesc(0).encode()).findtext("target/path")
+        if path:
+            roots[pool.name()] = os.path.normpath(path)
+    return roots
+
+
+def pool_volume(conn: libvirt.virConnect, path: str) -> libvirt.virStorageVol | None:
+    for name, root in pools(conn).items():
+        if within(path, [root]):
+            conn.storagePoolLookupByName(name).refresh(0)  # a file copied in since
+    try:
+        return conn.storageVolLookupByPath(path)
+    except libvirt.libvirtError:
+        return None
+
+
+def backed_by(conn: libvirt.virConnect, path: str) -> list[str]:
+    """Volumes whose backing file is ``path`` (overlays of a base image)."""
+    found = []
+    for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+        for vol in pool.listAllVolumes(0):
+            try:
+                backing = Volume(vol.XMLDesc(0)).backing_path
+            except libvirt.libvirtError:
+                continue
+            if backing and real(backing) == real(path):
+                found.append(vol.path())
+    return found
+
+
+def check_uses(spec: DiskSpec, path: str, uses: dict[str, list[Use]], domain: str) -> None:
+    for use in uses.get(real(path), []):
+        if use.domain == domain:
+            raise ConflictError(f"path: {path} is already attached to {domain} as {use.target}")
+        if not ((spec.shareable and use.shareable) or (spec.readonly and use.readonly)):
+            mode = "shareable" if use.shareable else "read-only" if use.readonly else "writable"
+            raise ConflictError(
+                f"path: {path} is used by domain {use.domain!r} ({use.target}, {mode}); "
+                "a path may be shared only when both sides are shareable or both readonly"
+            )
+
+
+def new_volume_source(
+    conn: libvirt.virConnect, domain: str, spec: DiskSpec, created: dict[str, dict]
+) -> Source | None:
+    """None: the volume is to be made. A volume salt-kvm made earlier for this
+    domain's disk of the same name (detached without delete) is attached again."""
+    try:
+        pool = conn.storagePoolLookupByName(spec.pool)
+    except libvirt.libvirtError:
+        known = sorted(pools(conn))
+        raise SpecError("pool", f"no storage pool named {spec.pool!r}", known) from None
+    if not pool.isActive():
+        raise ConflictError(f"pool: {spec.pool!r} is not running (virsh pool-start {spec.pool})")
+    pool.refresh(0)
+    volume = names.extra_volume_name(domain, spec.name, spec.format)
+    if volume not in pool.listVolumes():
+        return None
+    path = pool.storageVolLookupByName(volume).path()
+    if created.get(path, {}).get("name") != spec.name:
+        raise ConflictError(
+            f"volume {volume!r} already exists in pool {spec.pool!r} and salt-kvm did not "
+            f"create it for this disk; it will not overwrite it (attach it with path=)"
+        )
+    return Source(path=path, format=spec.format)
+
+
+def existing_source(
+    conn: libvirt.virConnect,
+    domain: str,
+    spec: DiskSpec,
+    allowed_dirs: tuple[str, ...],
+    uses: dict[str, list[Use]],
+) -> Source:
+    path = spec.path
+    roots = sorted(pools(conn).values())
+    if not within(path, [*roots, *allowed_dirs]):
+        raise SpecError(
+            "path",
+            f"{path} is outside the storage pools and allowed directories",
+            f"a path under {', '.join([*roots, *allowed_dirs]) or '(none)'}; "
+            "allow more directories with kvm:disk:allowed_dirs (disk_allowed_dirs in a profile)",
+        )
+    vol = pool_volume(conn, path)
+    if vol is None and not os.path.exists(path):
+        raise NotFoundError(f"path: {path} does not exist")
+    fmt = spec.format or (_volume_format(vol) if vol is not None else None)
+    if fmt is None:
+        raise SpecError("format", f"is required for {path} (not a pool volume)", FORMATS)
+    block = vol is None and stat.S_ISBLK(os.stat(path).st_mode)
+    check_uses(spec, path, uses, domain)
+    if not spec.readonly:
+        overlays = backed_by(conn, path)
+        if overlays:
+            raise ConflictError(
+                f"path: {path} is the backing file of {', '.join(overlays)}; writing to it "
+                "would corrupt them (attach it readonly)"
+            )
+    return Source(path=path, format=fmt, block=block)
+
+
+def source_of(conn, domain, spec, allowed_dirs, uses, created) -> Source | None:
+    if spec.new:
+        source = new_volume_source(conn, domain, spec, created)
+        if source is not None:
+            check_uses(spec, source.path, uses, domain)
+        return source
+    return existing_source(conn, domain, spec, allowed_dirs, uses)
+
+
+def choose_target(spec: DiskSpec, domain: str, xmls: tuple[Domain | None, ...]) -> str:
+    present = [d for xml in xmls if xml is not None for d in xml.disks]
+    same = next((d for d in present if d.name == spec.name), None)
+    if same is not None:
+        raise ConflictError(
+            f"name: {domain} already has a disk named {spec.name!r} ({same.target_dev})"
+        )
+    used = {d.target_dev: d for d in present}
+    if spec.index is not None:
+        target = target_name(spec.bus, spec.index)
+        if target in used:
+            raise ConflictError(
+                f"index: {spec.index} ({target}) is already used by disk "
+                f"{used[target].name!r} of {domain}"
+            )
+        return target
+    for index in range(1, max_index(spec.bus) + 1):
+        if target_name(spec.bus, index) not in used:
+            return target_name(spec.bus, index)
+    raise ConflictError(f"index: {domain} has no free {spec.bus} target left")
+
+
+def affect_flags(dom: libvirt.virDomain, live: bool, persistent: bool) -> int:
+    flags = (LIVE if live and dom.isActive() else 0) | (
+        CONFIG if persistent and dom.isPersistent() else 0
+    )
+    if not flags:
+        if not dom.isActive():
+            raise SpecError(
+                "persistent",
+                f"{dom.name()} is not running: only its definition can take the disk",
+                "persistent: true, or start the domain first",
+            )
+        raise SpecError("live", "with persistent false the disk needs live: true", "true")
+    return flags

@@ -1,0 +1,194 @@
+"""External disk checks, listing and rollback on libvirt's test driver (which
+cannot attach devices: that half is the integration tier's)."""
+
+import libvirt
+import pytest
+
+from salt_kvm import diskops, disks, provision
+from salt_kvm.domxml import DISKS_NS, DISKS_PREFIX, Domain, disks_metadata_element, new_domain
+from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
+from salt_kvm.rollback import Rollback
+from salt_kvm.spec import build_spec
+from salt_kvm.units import GIB
+from salt_kvm.xmlutil import tostring
+
+from .test_provision import spec as vm_spec
+from .test_provision import state
+
+
+def volume(pool, name, size=GIB, fmt="qcow2"):
+    return pool.createXML(
+        f"<volume><name>{name}</name><capacity>{size}</capacity>"
+        f"<target><format type='{fmt}'/></target></volume>",
+        0,
+    )
+
+
+def add_disk(conn, dom, path, target, readonly=False, shareable=False, name=None):
+    """Give a shut-off test domain another disk by redefining it."""
+    xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    spec = disks.DiskSpec(name=name or target, path=path, readonly=readonly, shareable=shareable)
+    disk = disks.disk_element(spec, target, disks.Source(path, "qcow2"))
+    if name is None:
+        disk.alias = disk.serial = None
+    xml._devices().append(disk.node)
+    return conn.defineXML(xml.to_xml())
+
+
+@pytest.fixture
+def other(conn, pool, base):
+    """A second domain using a writable, a read-only and a shareable volume."""
+    root = volume(pool, "other.qcow2")
+    dom = conn.defineXML(new_domain("other", "test", 512, 1, root.path()).to_xml())
+    add_disk(conn, dom, volume(pool, "ro.qcow2").path(), "vdb", readonly=True)
+    add_disk(conn, dom, volume(pool, "shared.qcow2").path(), "vdc", shareable=True)
+    return dom
+
+
+def definition(dom):
+    return dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+
+def plan(conn, dom, name="new", allowed=(), **values):
+    return diskops.plan(conn, dom, disks.parse_disk(name, values), allowed)
+
+
+def test_list_shows_every_disk_with_its_volume_size(conn, pool, base, other):
+    listed = diskops.describe(conn, other)
+    assert list(listed) == ["vda", "vdb", "vdc"]
+    assert listed["vdb"]["readonly"] and listed["vdc"]["shareable"]
+    assert listed["vda"]["size"] == GIB and listed["vda"]["index"] == 0
+    assert not any(d["created"] for d in listed.values())
+    assert all(d["persistent"] and not d["live"] for d in listed.values())
+
+
+def test_a_new_volume_and_paths_shared_the_safe_way_are_planned(conn, pool, base, other):
+    new = plan(conn, base, size="2G", pool="default-pool")
+    assert new.target == "vdb" and new.source is None
+    assert new.flags == libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    ro = plan(conn, base, path="/default-pool/ro.qcow2", readonly=True, index=3)
+    assert ro.target == "vdd" and ro.source.format == "qcow2"
+    shared = plan(conn, base, path="/default-pool/shared.qcow2", shareable=True, bus="scsi")
+    assert shared.target == "sdb"
+
+
+@pytest.mark.parametrize(
+    "values,error,match",
+    [
+        ({"path": "/default-pool/other.qcow2"}, ConflictError, "used by domain 'other' .vda"),
+        ({"path": "/default-pool/ro.qcow2"}, ConflictError, "read-only"),
+        ({"path": "/default-pool/shared.qcow2"}, ConflictError, "shareable"),
+        ({"path": "/default-pool/other.qcow2", "readonly": True}, ConflictError, "writable"),
+        ({"path": "/default-pool/base.qcow2"}, ConflictError, "already attached to base as vda"),
+        ({"path": "/etc/hostname", "format": "raw"}, SpecError, "^path: .*outside.*default-pool"),
+        ({"path": "/default-pool/nope.raw"}, SaltKvmError, "does not exist"),
+        ({"size": "1G", "pool": "nope"}, SpecError, r"^pool: .*\(accepted: default-pool\)"),
+        ({"size": "1G", "index": 0}, SpecError, "^index: "),
+    ],
+)
+def test_refusals_change_nothing(conn, pool, base, other, values, error, match):
+    before = definition(base), state(conn, pool)
+    with pytest.raises(error, match=match):
+        plan(conn, base, **values)
+    assert (definition(base), state(conn, pool)) == before
+
+
+def test_duplicate_name_index_target_and_volume_are_refused(conn, pool, base):
+    add_disk(conn, base, volume(pool, "d.qcow2").path(), "sdb", name="data")
+    before = definition(base)
+    with pytest.raises(ConflictError, match="^name: base already has a disk named 'data'"):
+        plan(conn, base, "data", size="1G")
+    with pytest.raises(ConflictError, match=r"^index: 1 \(sdb\) is already used by disk 'data'"):
+        plan(conn, base, size="1G", index=1, bus="sata")
+    with pytest.raises(SpecError, match="^name: 'vda' is not a disk name"):
+        plan(conn, base, "vda", size="1G")
+    volume(pool, "base-logs.qcow2")
+    with pytest.raises(ConflictError, match="'base-logs.qcow2' already exists"):
+        plan(conn, base, "logs", size="1G", pool="default-pool")
+    with pytest.raises(SpecError, match="^persistent: base is not running"):
+        diskops.plan(conn, base, disks.parse_disk("x", {"size": 1}), persistent=False)
+    assert definition(base) == before
+
+
+def test_allowed_dirs_open_a_directory_outside_the_pools(conn, base, tmp_path):
+    image = tmp_path / "a.raw"
+    image.write_bytes(b"\0" * 4096)
+    with pytest.raises(SpecError, match="kvm:disk:allowed_dirs"):
+        plan(conn, base, path=str(image), format="raw")
+    with pytest.raises(SpecError, match="^format: is required"):
+        plan(conn, base, allowed=(str(tmp_path),), path=str(image))
+    found = plan(conn, base, allowed=(str(tmp_path),), path=str(image), format="raw")
+    assert found.source.path == str(image) and not found.source.block
+
+
+def test_a_failed_attach_removes_the_volume_it_made(conn, pool, base):
+    """The test driver cannot attach devices: the half-done attach rolls back."""
+    before = definition(base), state(conn, pool)
+    with pytest.raises(SaltKvmError, match="libvirt refused disk 'data'"):
+        diskops.attach(conn, base, disks.parse_disk("data", {"size": "1G", "pool": "default-pool"}))
+    assert (definition(base), state(conn, pool)) == before
+
+
+def test_resize_refuses_to_shrink(conn, pool, base):
+    before = definition(base), state(conn, pool)
+    with pytest.raises(SpecError, match="^size: 512M is smaller than the current 1G"):
+        diskops.resize(conn, base, "vda", GIB // 2)
+    assert diskops.resize(conn, base, "vda", GIB) == {}
+    assert (definition(base), state(conn, pool)) == before
+
+
+def test_created_volumes_are_listed_and_deleted_with_the_domain_only_when_asked(conn, pool, base):
+    data = volume(pool, "base-data.qcow2").path()
+    keep = volume(pool, "base-keep.qcow2").path()
+    add_disk(conn, base, data, "vdb", name="data")
+    add_disk(conn, base, keep, "vdc", name="keep")
+    records = {
+        data: {"name": "data", "delete_with_domain": True},
+        keep: {"name": "keep", "delete_with_domain": False},
+    }
+    element = tostring(disks_metadata_element(records, namespaced=False))
+    config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    base.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, element, DISKS_PREFIX, DISKS_NS, config)
+    listed = diskops.describe(conn, base)
+    assert listed["data"]["created"] and listed["data"]["delete_with_domain"]
+    assert listed["keep"]["created"] and not listed["keep"]["delete_with_domain"]
+    assert diskops.split_for_destroy(base, delete=False) == ([data], [keep])
+    assert diskops.split_for_destroy(base, delete=True) == (sorted([data, keep]), [])
+    assert diskops.delete_volumes(conn, [data]) == []  # still attached: kept
+    base.undefine()
+    assert diskops.delete_volumes(conn, [data]) == [data]
+
+
+def test_profile_disks_are_checked_before_anything_is_cloned(conn, pool, base, other):
+    before = state(conn, pool)
+    with pytest.raises(ConflictError, match="used by domain 'other'"):
+        provision.create(
+            conn,
+            vm_spec(disks={"data": {"path": "/default-pool/other.qcow2"}}),
+            Rollback(),
+            lambda *a: None,
+        )
+    assert state(conn, pool) == before
+    with pytest.raises(SpecError, match="^disks.data.size: "):
+        build_spec(
+            {
+                "name": "vm1",
+                "base_domain": "base",
+                "password": "pw",
+                "disks": {"data": {"size": "x"}},
+            }
+        )
+
+
+def test_a_profile_disk_libvirt_refuses_rolls_the_clone_back(conn, pool, base):
+    before = state(conn, pool)
+    rollback = Rollback()
+    with pytest.raises(SaltKvmError, match="libvirt refused disk 'data'"):
+        with rollback:
+            provision.create(
+                conn,
+                vm_spec(disks={"data": {"size": "1G", "pool": "default-pool"}}),
+                rollback,
+                print,
+            )
+    assert state(conn, pool) == before

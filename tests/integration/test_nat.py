@@ -1,0 +1,284 @@
+"""NAT port forwards on booted guests, through the real kernel and libvirtd.
+
+Two guests on two libvirt NAT networks this module makes (never the shared
+ones): vm1 on the first, vm2 on the second, so vm2 reaching a forward to vm1
+crosses libvirt's forward rejects the way outside traffic does.
+"""
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+import yaml
+
+from salt_kvm import connection, forwards, hostnet, nat, nathook, provision, ssh
+from salt_kvm.errors import SaltKvmError
+from salt_kvm.natstore import Store
+from salt_kvm.rollback import Rollback
+from salt_kvm.spec import build_spec
+
+from .conftest import BASE, GUEST_PASSWORD, GUEST_USER, PREFIX, URI, unique
+
+NET_PREFIXES = os.environ.get("SALT_KVM_NAT_TEST_NETS", "192.168.214,192.168.215").split(",")
+STEM = PREFIX.strip("-")
+VENV_BIN = Path(sys.executable).parent
+UDP_RESPONDER = (
+    "import socket\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "s.bind(('0.0.0.0', 5353))\n"
+    "while True:\n"
+    "    data, peer = s.recvfrom(512)\n"
+    "    s.sendto(b'guest:' + data, peer)\n"
+)
+
+
+def network_xml(index, prefix):
+    return f"""<network>
+  <name>{STEM}-nat{index}</name>
+  <forward mode='nat'/>
+  <bridge name='virbr-{STEM}{index}' stp='on' delay='0'/>
+  <ip address='{prefix}.1' netmask='255.255.255.0'>
+    <dhcp><range start='{prefix}.100' end='{prefix}.250'/></dhcp>
+  </ip>
+</network>"""
+
+
+@pytest.fixture(scope="module")
+def conn():
+    if nathook.install():
+        restart_libvirtd()  # libvirtd finds hook scripts only when it starts
+    with connection.connected(URI) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def networks(conn):
+    made = []
+    for index, prefix in enumerate(NET_PREFIXES):
+        xml = network_xml(index, prefix)
+        made.append((conn.networkCreateXML(xml), xml))
+    yield made
+    with connection.connected(URI) as fresh:  # libvirtd may have restarted meanwhile
+        for _, xml in made:
+            name = xml.split("<name>")[1].split("<")[0]
+            try:
+                fresh.networkLookupByName(name).destroy()
+            except libvirt.libvirtError:
+                pass
+
+
+def boot(name, network, nat_rules=None):
+    values = {
+        "nat_rules": nat_rules,
+        "name": name,
+        "base_domain": BASE,
+        "clone_strategy": "quick",
+        "nics": [network],
+        "deploy": False,
+        "memory": "768MB",
+        "virt_type": "qemu",
+    }
+    with connection.connected(URI) as c, Rollback() as rollback:
+        guest = provision.create(c, build_spec(values), rollback, lambda *_: None)
+        rollback.forget()
+        return guest.macs[0]
+
+
+@pytest.fixture(scope="module")
+def guests(conn, networks, base_domain):
+    names = [unique("nat1"), unique("nat2")]
+    nets = [networks[0][0].name(), networks[1][0].name()]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        # vm2's forward comes from the profile key, applied by the create itself.
+        macs = list(pool.map(boot, names, nets, [None, [{"guest": 22, "host": 10122}]]))
+    yield dict(zip(names, macs, strict=True))
+    with connection.connected(URI) as fresh:
+        from salt_kvm import lifecycle
+
+        for name in names:
+            forwards.forget(name)
+            try:
+                lifecycle.remove(fresh, name)
+            except SaltKvmError:
+                pass
+
+
+def guest_mac_via(port, timeout=240):
+    with ssh.connect("127.0.0.1", GUEST_USER, GUEST_PASSWORD, port=port, timeout=timeout) as s:
+        return s.check("cat /sys/class/net/eth0/address").strip()
+
+
+def udp_ask(port, payload=b"ping", tries=30):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+        for _ in range(tries):
+            sock.sendto(payload, ("127.0.0.1", port))
+            try:
+                return sock.recvfrom(512)[0]
+            except TimeoutError:
+                continue
+    return None
+
+
+def kernel_and_state():
+    table = hostnet.nft("list", "table", "ip", nat.TABLE_NAME, check=False).stdout
+    state = Store().path.read_text() if Store().path.exists() else ""
+    return table, state
+
+
+def salt_call(tmp_path, *args):
+    conf = tmp_path / "etc"
+    if not (conf / "minion").exists():
+        conf.mkdir(parents=True)
+        settings = {
+            "root_dir": str(tmp_path / "root"),
+            "pki_dir": str(tmp_path / "pki"),
+            "cachedir": str(tmp_path / "cache"),
+            "sock_dir": str(tmp_path / "sock"),
+            "log_file": str(tmp_path / "log"),
+            "file_client": "local",
+            "id": "hv",
+            "user": "root",
+        }
+        (conf / "minion").write_text(yaml.safe_dump(settings))
+    cmd = [str(VENV_BIN / "salt-call"), "--local", "-c", str(conf), "--out=json"]
+    proc = subprocess.run(
+        [*cmd, "--log-level=quiet", *args], capture_output=True, text=True, timeout=300
+    )
+    return json.loads(proc.stdout)["local"] if proc.stdout.strip() else proc.stderr
+
+
+def test_apply_forwards_ssh_and_udp_into_the_guest(guests, tmp_path):
+    vm1 = next(iter(guests))
+    out = salt_call(tmp_path, "kvm_nat.apply", vm1, "rules=[22]")
+    assert out["new"] == [{"guest": 22, "host": 10022, "proto": "tcp", "host_address": None}]
+    assert guest_mac_via(10022) == guests[vm1]
+    rules = [22, {"guest": 5353, "proto": "udp"}]
+    assert forwards.apply(None, vm1, rules, placement=_where(vm1))["new"][1]["host"] == 15353
+    with ssh.connect("127.0.0.1", GUEST_USER, GUEST_PASSWORD, port=10022) as session:
+        session.put(UDP_RESPONDER.encode(), "/root/udp.py", 0o644)
+        session.check("nohup python3 /root/udp.py >/dev/null 2>&1 &")
+    assert udp_ask(15353) == b"guest:ping"
+    listed = salt_call(tmp_path, "kvm_nat.list", vm1)[vm1]
+    assert [(f["host"], f["proto"], f["active"]) for f in listed["forwards"]] == [
+        (10022, "tcp", True),
+        (15353, "udp", True),
+    ]
+
+
+def _where(name):
+    with connection.connected(URI) as c:
+        return forwards.locate(c, name)
+
+
+def test_refusals_change_nothing(guests, tmp_path):
+    vm1, vm2 = guests
+    before = kernel_and_state()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    busy_port = busy.getsockname()[1]
+    cases = [
+        ((vm2, "rules=[70000]"), "rules[0]: 70000 is out of range"),
+        ((vm2, "rules=[{guest: 22, proto: sctp}]"), "rules[0].proto: 'sctp' is not a protocol"),
+        ((vm2, "rules=[{guest: 22, host: 10022}]"), f"10022/tcp is already forwarded to {vm1}"),
+        ((vm2, f"rules=[{{guest: 22, host: {busy_port}}}]"), "in use by a process on the host"),
+        ((f"{PREFIX}no-such-domain", "rules=[22]"), "no domain named"),
+    ]
+    try:
+        for args, message in cases:
+            out = salt_call(tmp_path, "kvm_nat.apply", *args)
+            assert message in json.dumps(out), (args, out)
+            assert kernel_and_state() == before, args
+    finally:
+        busy.close()
+    with pytest.raises(SaltKvmError, match="at most 2"):
+        forwards.apply(None, vm2, [1, 2, 3], max_rules=2)
+    with connection.connected(URI) as c:
+        ghost = c.defineXML(
+            f"<domain type='qemu'><name>{PREFIX}nat-nonet</name><memory>65536</memory>"
+            "<os><type>hvm</type></os></domain>"
+        )
+        try:
+            with pytest.raises(SaltKvmError, match="no interface on an active libvirt-managed"):
+                forwards.apply(c, ghost.name(), [22])
+        finally:
+            ghost.undefine()
+    assert kernel_and_state() == before
+
+
+def test_two_guests_each_reach_the_right_one_also_from_guests(guests):
+    vm1, vm2 = guests
+    assert forwards.current(vm2) == [nat.Rule(22, 10122)]
+    assert guest_mac_via(10022) == guests[vm1]
+    assert guest_mac_via(10122) == guests[vm2]
+    probe = "import socket; s = socket.create_connection(('{}', {}), 10); print(s.recv(7).decode())"
+    gateway1, gateway2 = (f"{p}.1" for p in NET_PREFIXES)
+    with ssh.connect("127.0.0.1", GUEST_USER, GUEST_PASSWORD, port=10122) as on_vm2:
+        # From another network: through libvirt's forward rejects, as outside traffic.
+        assert on_vm2.check(f'python3 -c "{probe.format(gateway2, 10022)}"').strip() == "SSH-2.0"
+    with ssh.connect("127.0.0.1", GUEST_USER, GUEST_PASSWORD, port=10022) as on_vm1:
+        # Hairpin: vm1 reaches its own forward through the host.
+        assert on_vm1.check(f'python3 -c "{probe.format(gateway1, 10022)}"').strip() == "SSH-2.0"
+
+
+def test_state_twice_and_test_mode(guests, tmp_path):
+    vm1 = next(iter(guests))
+    single = ("state.single", "kvm_nat.forwarded", vm1)
+    rules = "rules=[22, {guest: 5353, proto: udp}, 80]"
+    before = kernel_and_state()
+    (dry,) = salt_call(tmp_path, *single, rules, "test=True").values()
+    assert dry["result"] is None and dry["changes"]["new"][1]["guest"] == 80
+    assert kernel_and_state() == before
+    (first,) = salt_call(tmp_path, *single, rules).values()
+    assert first["result"] is True and len(first["changes"]["new"]) == 3
+    (second,) = salt_call(tmp_path, *single, rules).values()
+    assert second["result"] is True and second["changes"] == {}
+    (dry_again,) = salt_call(tmp_path, *single, rules, "test=True").values()
+    assert dry_again["result"] is True and dry_again["changes"] == {}
+    (back,) = salt_call(tmp_path, *single, "rules=[22, {guest: 5353, proto: udp}]").values()
+    assert [r["guest"] for r in back["changes"]["new"]] == [22, 5353]
+    assert guest_mac_via(10022) == guests[vm1]
+
+
+def restart_libvirtd():
+    pid = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True).stdout.split()
+    if pid:
+        os.kill(int(pid[0]), 15)
+        while subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode == 0:
+            time.sleep(0.2)
+    subprocess.run(["libvirtd", "-d"], check=True)
+    for _ in range(150):
+        if subprocess.run(["virsh", "-c", URI, "version"], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError("libvirtd did not come back")
+
+
+@pytest.mark.restarts_libvirtd
+def test_forwards_come_back_after_network_and_libvirtd_restarts(guests, networks):
+    vm1, vm2 = guests
+    net, xml = networks[0]
+    # An empty kernel (as after a reboot) and a network restart: the network hook
+    # re-attaches the guest to the new bridge and rebuilds the table.
+    hostnet.nft("delete", "table", "ip", nat.TABLE_NAME)
+    net.destroy()
+    with connection.connected(URI) as c:
+        c.networkCreateXML(xml)
+    assert guest_mac_via(10022) == guests[vm1]
+    assert udp_ask(15353) == b"guest:ping"
+    # An empty kernel and a libvirtd restart: the qemu reconnect hook rebuilds it.
+    hostnet.nft("delete", "table", "ip", nat.TABLE_NAME)
+    subprocess.run(["iptables", "-w", "-D", "FORWARD", "-j", hostnet.ACCEPT_CHAIN], check=True)
+    restart_libvirtd()
+    assert guest_mac_via(10022) == guests[vm1]
+    assert guest_mac_via(10122) == guests[vm2]
+    rules = hostnet._iptables("-S", "FORWARD").stdout.splitlines()
+    assert rules[1] == f"-A FORWARD -j {hostnet.ACCEPT_CHAIN}"

@@ -1,0 +1,168 @@
+"""NAT rules: parsing (every refusal names the key) and the rendered ruleset."""
+
+import json
+
+import pytest
+
+from salt_kvm import nat, nathook
+from salt_kvm.errors import SpecError
+from salt_kvm.natstore import Entry, Placement, Store, all_forwards
+from salt_kvm.spec import build_spec
+
+R = nat.Rule
+
+
+def test_ports_map_to_10000_plus_port():
+    assert nat.host_port_for(22) == 10022
+    assert nat.parse_rules([22, "80"]) == [R(22, 10022), R(80, 10080)]
+
+
+def test_true_is_the_slapos_default():
+    assert [r.guest for r in nat.parse_rules(True)] == [22, 80, 443]
+    assert [r.host for r in nat.parse_rules(True)] == [10022, 10080, 10443]
+
+
+@pytest.mark.parametrize("empty", [None, False, "", []])
+def test_nothing_means_no_rules(empty):
+    assert nat.parse_rules(empty) == []
+
+
+def test_slapos_string_and_mappings():
+    assert nat.parse_rules("22 80  443") == nat.parse_rules(True)
+    rules = nat.parse_rules(
+        [{"guest": 53, "host": 5353, "proto": "UDP"}, {"guest": 80, "host_address": "192.0.2.2"}]
+    )
+    assert rules == [R(53, 5353, "udp"), R(80, 10080, "tcp", "192.0.2.2")]
+
+
+@pytest.mark.parametrize(
+    "value,key,accepted",
+    [
+        ([0], "nat_rules[0]", "1 to 65535"),
+        ([65536], "nat_rules[0]", "1 to 65535"),
+        (["ssh"], "nat_rules[0]", "1 to 65535"),
+        ([{"guest": 22, "host": 70000}], "nat_rules[0].host", "1 to 65535"),
+        ([{"guest": 22, "proto": "sctp"}], "nat_rules[0].proto", "tcp, udp"),
+        ([{"host": 22}], "nat_rules[0].guest", "1 to 65535"),
+        ([{"guest": 22, "port": 1}], "nat_rules[0]", "guest, host, proto, host_address"),
+        ([{"guest": 22, "host_address": "nowhere"}], "nat_rules[0].host_address", "address"),
+        ([60000], "nat_rules[0]", "explicit host port"),
+        ([22, {"guest": 23, "host": 10022}], "nat_rules[1]", "distinct host ports"),
+        (3.5, "nat_rules", "true (ports 22 80 443)"),
+    ],
+)
+def test_refusals_name_the_key(value, key, accepted):
+    with pytest.raises(SpecError) as err:
+        nat.parse_rules(value)
+    assert err.value.key == key
+    assert accepted in str(err.value)
+
+
+def test_more_rules_than_the_maximum():
+    with pytest.raises(SpecError, match="at most 2"):
+        nat.parse_rules([1, 2, 3], max_rules=2)
+
+
+def test_same_port_different_protocols_or_addresses_is_fine():
+    rules = nat.parse_rules(
+        [
+            {"guest": 53, "host": 5353, "proto": "udp"},
+            {"guest": 53, "host": 5353, "proto": "tcp"},
+            {"guest": 80, "host": 8080, "host_address": "192.0.2.2"},
+            {"guest": 81, "host": 8080, "host_address": "192.0.2.3"},
+        ]
+    )
+    assert len(rules) == 4
+    with pytest.raises(SpecError, match="used twice"):
+        nat.parse_rules(
+            [{"guest": 80, "host": 8080}, {"guest": 81, "host": 8080, "host_address": "192.0.2.3"}]
+        )
+
+
+def test_profile_key_goes_through_the_same_parser():
+    spec = build_spec({"name": "vm1", "base_domain": "b", "deploy": False, "nat_rules": True})
+    assert spec.nat_rules == nat.parse_rules(True)
+    with pytest.raises(SpecError) as err:
+        build_spec({"name": "vm1", "base_domain": "b", "deploy": False, "nat_rules": [99999]})
+    assert err.value.key == "nat_rules[0]"
+
+
+def fwd(domain, rule, address, bridge="virbr1", subnet="192.168.214.0/24"):
+    return nat.Forward(domain, rule, address, bridge, subnet)
+
+
+def test_ruleset_structure():
+    chains = nat.ruleset(
+        [
+            fwd("vm2", R(22, 10122), "192.168.214.12"),
+            fwd("vm1", R(22, 10022), "192.168.214.11"),
+            fwd("vm1", R(53, 5353, "udp"), "192.168.214.11"),
+            fwd(
+                "vm3",
+                R(80, 8080, "tcp", "192.0.2.2"),
+                "192.168.215.5",
+                "virbr2",
+                "192.168.215.0/24",
+            ),
+        ]
+    )
+    assert list(chains) == ["guard", "prerouting", "output", "postrouting"]
+    assert chains["guard"] == ['iifname { "virbr1", "virbr2" } ip daddr 127.0.0.0/8 drop']
+    mark = "ct mark set ct mark or 0x100000"
+
+    def dnat(match, proto, port, to, comment):
+        return f'{match} {proto} dport {port} {mark} dnat to {to} comment "{comment}"'
+
+    local = "fib daddr type local"
+    assert chains["prerouting"] == chains["output"]
+    assert chains["prerouting"] == [
+        dnat(local, "tcp", 10022, "192.168.214.11:22", "vm1|tcp||10022"),
+        dnat(local, "udp", 5353, "192.168.214.11:53", "vm1|udp||5353"),
+        dnat(local, "tcp", 10122, "192.168.214.12:22", "vm2|tcp||10122"),
+        dnat("ip daddr 192.0.2.2", "tcp", 8080, "192.168.215.5:80", "vm3|tcp|192.0.2.2|8080"),
+    ]
+    marked = "ct mark and 0x100000 == 0x100000"
+    assert chains["postrouting"] == [
+        f"{marked} ip saddr 127.0.0.0/8 masquerade",
+        f'{marked} oifname "virbr1" ip saddr 192.168.214.0/24 masquerade',
+        f'{marked} oifname "virbr2" ip saddr 192.168.215.0/24 masquerade',
+    ]
+
+
+def test_script_replaces_the_table_in_one_file():
+    text = nat.script([fwd("vm1", R(22, 10022), "192.168.214.11")])
+    lines = text.splitlines()
+    assert lines[:3] == ["add table ip salt_kvm", "delete table ip salt_kvm", "table ip salt_kvm {"]
+    assert "    type nat hook output priority -100; policy accept;" in lines
+    # No forwards: the table is removed, nothing else.
+    assert nat.script([]).splitlines() == ["add table ip salt_kvm", "delete table ip salt_kvm"]
+
+
+def test_comment_is_safe_for_any_domain_name():
+    assert nat.comment_for('we"ird name', R(22, 10022)) == "we_ird_name|tcp||10022"
+
+
+def test_store_round_trip(tmp_path):
+    store = Store(tmp_path / "nat.json")
+    assert store.load() == {}
+    placement = Placement(
+        "net", "virbr1", "192.168.214.0/24", "192.168.214.11", "52:54:00:00:00:01"
+    )
+    entries = {"vm1": Entry(nat.parse_rules([22, {"guest": 53, "proto": "udp"}]), placement)}
+    with store.locked():
+        store.save(entries)
+    assert store.load() == entries
+    assert json.loads((tmp_path / "nat.json").read_text())["version"] == 1
+    assert [f.comment for f in all_forwards(entries)] == ["vm1|tcp||10022", "vm1|udp||10053"]
+
+
+def test_hooks_install_is_idempotent(tmp_path):
+    written = nathook.install(tmp_path, state=tmp_path / "nat.json")
+    assert sorted(written) == [
+        str(tmp_path / "network.d" / "salt-kvm-nat"),
+        str(tmp_path / "qemu.d" / "salt-kvm-nat"),
+    ]
+    assert nathook.install(tmp_path, state=tmp_path / "nat.json", test=True) == []
+    assert nathook.install(tmp_path, state=tmp_path / "nat.json") == []
+    script = (tmp_path / "qemu.d" / "salt-kvm-nat").read_text()
+    assert script.startswith("#!") and "nathook.main('qemu'" in script
