@@ -355,11 +355,11 @@ def create(
         raise SpecError("full_every", f"{full_every!r} is not a number of points", "1 or more")
     dom = lookup(conn, name)
     store = bs.Store(dest, name)
+    chosen = source_disks(dom, disks)  # checked before anything is written
     with store.locked("backup"):
         points = store.points()
         latest = points[-1] if points else None
         cleaned = reconcile(dom, store, latest.checkpoint if latest else None)
-        chosen = source_disks(dom, disks)
         length = len([p for p in points if latest and p.chain == latest.chain])
         parent, reason = _plan_kind(dom, chosen, latest, full, full_every, length)
         point_id = bs.new_point_id({p.id for p in points})

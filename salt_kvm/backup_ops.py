@@ -99,6 +99,7 @@ def replicate(
     """Copy every complete point of ``domain`` not yet at ``target``; verify each there."""
     where = parse_target(target)
     store = bs.Store(dest, domain)
+    store.point(bs.LATEST)  # nothing to copy: fail before taking the lock (which writes)
     with store.locked("replicate"):
         if isinstance(where, Path):
             copier = _DirCopier(bs.Store(where, domain))

@@ -62,6 +62,7 @@ def restore(
         if target == name:
             target = None  # restoring onto itself is the in-place restore
     store = bs.Store(dest, name)
+    store.point(point)  # no such backup: fail before taking the lock (which writes)
     with store.locked("restore"):
         found, chain = checked_chain(store, point)
         started = time.monotonic()

@@ -19,7 +19,7 @@ import yaml
 
 from salt_kvm import backup, backup_ops, lifecycle, qemuimg, restore, snapshot
 from salt_kvm import backup_store as bs
-from salt_kvm.errors import ConflictError
+from salt_kvm.errors import ConflictError, SpecError
 
 from . import guests
 from .conftest import GUEST_PASSWORD, PREFIX, URI, unique
@@ -121,9 +121,21 @@ def test_full_incremental_and_restores(hv, guest, dest, state):
         guests.remove_guest(hv, target)
 
 
-def test_concurrent_run_is_refused(hv, guest, dest):
+def test_concurrent_run_and_bad_input_are_refused(hv, guest, dest):
     with bs.Store(dest, guest.name).locked("test"), pytest.raises(ConflictError, match="lock"):
         backup.create(hv, guest.name, dest)
+    empty = _dest("bad")
+    try:
+        with pytest.raises(SpecError, match="^disks: vdz not a disk.*accepted: vda, vdb"):
+            backup.create(hv, guest.name, empty, disks=["vdz"])
+        with pytest.raises(SpecError, match="^quiesce:.*auto"):
+            backup.create(hv, guest.name, empty, quiesce="maybe")
+        with pytest.raises(SpecError, match="^target:"):
+            restore.restore(hv, guest.name, dest, target="bad name!")
+        assert os.listdir(empty) == []
+        assert backup.our_checkpoints(guest.dom) and not bs.Store(dest, guest.name).partials()
+    finally:
+        shutil.rmtree(empty, ignore_errors=True)
 
 
 def test_kill_9_mid_backup_keeps_the_chain_and_next_run_continues(hv, guest, dest, state):

@@ -228,3 +228,13 @@ def test_events_go_to_the_bus_and_never_fail_a_backup():
     emit("done", {"boom": True})
     assert [t for t, _ in sent] == ["salt/kvm_backup/vm/progress", "salt/kvm_backup/vm/done"]
     assert module._emitter("vm", False) is None
+
+
+def test_nothing_to_restore_or_copy_writes_nothing(tmp_path):
+    from salt_kvm import restore
+
+    with pytest.raises(NotFoundError, match="no backups of vm"):
+        restore.restore(None, "vm", str(tmp_path), target="vm2")
+    with pytest.raises(NotFoundError, match="no backups of vm"):
+        backup_ops.replicate(str(tmp_path), "vm", str(tmp_path / "copy"))
+    assert list(tmp_path.iterdir()) == []
