@@ -41,6 +41,7 @@ CONSISTENCY_FROZEN = "frozen"
 CONSISTENCY_CRASH = "crash-consistent"
 CONSISTENCY_OFFLINE = "shut-off"
 POLL = 0.5
+MIN_LIBVIRT = 7_006_000  # the backup API with checkpoints, usable without tech-preview flags
 PROGRESS_EVERY = 2.0
 
 
@@ -353,6 +354,10 @@ def create(
         isinstance(full_every, bool) or not isinstance(full_every, int) or full_every < 1
     ):
         raise SpecError("full_every", f"{full_every!r} is not a number of points", "1 or more")
+    if conn.getLibVersion() < MIN_LIBVIRT:
+        raise SaltKvmError(
+            f"backups need libvirt 7.6 or later (backup API with checkpoints) on {conn.getURI()}"
+        )
     dom = lookup(conn, name)
     store = bs.Store(dest, name)
     chosen = source_disks(dom, disks)  # checked before anything is written
