@@ -263,6 +263,10 @@ def _volume_xml(disk: DiskPlan, with_backing: bool) -> str:
     )
     target = etree.SubElement(vol, "target")
     etree.SubElement(target, "format", type=disk.format)
+    if disk.format == "qcow2":
+        # libvirt writes qcow2 v2 unless told; v3 holds the persistent dirty
+        # bitmaps that incremental backups (checkpoints) need.
+        etree.SubElement(target, "compat").text = "1.1"
     perms = etree.SubElement(target, "permissions")
     etree.SubElement(perms, "mode").text = "0600"
     if with_backing:

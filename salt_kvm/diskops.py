@@ -100,6 +100,8 @@ def _create_volume(conn: libvirt.virConnect, domain: str, spec: DiskSpec):
     vol.capacity = spec.size
     vol.allocation = spec.size if spec.preallocation == "full" else 0
     vol.format = spec.format
+    if spec.format == "qcow2":
+        vol.compat = "1.1"
     vol.mode = "0600"
     metadata = spec.preallocation == "metadata"
     flags = libvirt.VIR_STORAGE_VOL_CREATE_PREALLOC_METADATA if metadata else 0

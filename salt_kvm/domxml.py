@@ -214,6 +214,9 @@ class Volume(XMLObject):
     capacity = XMLProperty("./capacity", int)
     allocation = XMLProperty("./allocation", int)
     format = XMLProperty("./target/format/@type")
+    # qcow2 v3 ("1.1"): libvirt writes v2 unless told, and v2 cannot hold the
+    # persistent dirty bitmaps incremental backups need.
+    compat = XMLProperty("./target/compat")
     mode = XMLProperty("./target/permissions/mode")
     backing_path = XMLProperty("./backingStore/path")
 

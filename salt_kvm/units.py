@@ -62,3 +62,23 @@ def human_size(size: int) -> str:
         if size % factor == 0:
             return f"{size // factor}{suffix}"
     return f"{size}B"
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+ACCEPTED_DURATION = "seconds, or a string such as 90s, 30m, 24h, 7d, 2w"
+
+
+def parse_duration(value: object, key: str) -> float:
+    """Return ``value`` in seconds; a bare number is seconds."""
+    if isinstance(value, bool):
+        raise SpecError(key, f"{value!r} is not a duration", ACCEPTED_DURATION)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION_RE.match(value.lower())):
+        seconds = float(match.group(1)) * _SECONDS[match.group(2)]
+    else:
+        raise SpecError(key, f"{value!r} is not a duration", ACCEPTED_DURATION)
+    if seconds <= 0:
+        raise SpecError(key, f"{value!r} must be greater than zero", ACCEPTED_DURATION)
+    return seconds

@@ -1,0 +1,271 @@
+"""
+Snapshots and backups of KVM guests, from the hypervisor minion.
+
+Backups use libvirt's backup API with checkpoints: the first backup of a
+domain into a destination is full, the next ones incremental. Each run fires
+``salt/kvm_backup/<domain>/<step>`` events (``start``, ``progress``, ``done``,
+``failed``) on the Salt event bus. See the backup page of the documentation.
+
+The libvirt URI comes from the ``uri`` argument, else the minion config or
+pillar key ``kvm:connection:uri``, else ``qemu:///system``.
+"""
+
+import logging
+
+try:
+    import libvirt  # noqa: F401
+
+    from salt_kvm import backup, backup_ops, qemuimg
+    from salt_kvm import restore as restoring
+    from salt_kvm import snapshot as snapshots
+    from salt_kvm.errors import SaltKvmError
+    from salt_kvm.saltutil import connection_for
+
+    HAS_LIBS = True
+except ImportError as _exc:  # pragma: no cover - depends on the minion
+    HAS_LIBS = False
+    _IMPORT_ERROR = str(_exc)
+
+from salt.exceptions import CommandExecutionError
+
+log = logging.getLogger(__name__)
+__virtualname__ = "kvm_backup"
+__func_alias__ = {"list_": "list"}
+
+
+def __virtual__():
+    if not HAS_LIBS:
+        return (False, f"kvm_backup needs salt_kvm and libvirt-python: {_IMPORT_ERROR}")
+    if not qemuimg.available():
+        return (False, "kvm_backup needs qemu-img (Debian package qemu-utils)")
+    return __virtualname__
+
+
+def _call(func, *args, **kwargs):
+    try:
+        return func(*args, **kwargs)
+    except SaltKvmError as exc:
+        raise CommandExecutionError(str(exc)) from exc
+
+
+def _with_conn(uri, func, *args, **kwargs):
+    try:
+        with connection_for(__opts__, __pillar__, uri) as conn:
+            return func(conn, *args, **kwargs)
+    except SaltKvmError as exc:
+        raise CommandExecutionError(str(exc)) from exc
+
+
+def _emitter(domain, events):
+    if not events or "event.send" not in __salt__:
+        return None
+
+    def emit(step, data):
+        try:
+            __salt__["event.send"](f"salt/kvm_backup/{domain}/{step}", data)
+        except Exception as exc:  # noqa: BLE001 - an event must never fail a backup
+            log.debug("kvm_backup event %s not sent: %s", step, exc)
+
+    return emit
+
+
+# ---- snapshots ----------------------------------------------------------------------
+def snapshot(domain, name=None, disk_only=True, quiesce="auto", description=None, uri=None):
+    """
+    Take a snapshot of ``domain``. By default an external disk-only snapshot
+    (an overlay per disk), with the guest's filesystems quiesced through its
+    agent when it answers (``quiesce=auto``; ``True`` requires it). The result
+    says whether they were. ``disk_only=False`` takes an internal snapshot
+    (memory too when running), where the disks allow it.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_backup.snapshot web1 before-upgrade
+        salt hypervisor kvm_backup.snapshot web1 quiesce=True
+    """
+    return _with_conn(uri, snapshots.create, domain, name, disk_only, quiesce, description)
+
+
+def snapshot_list(domain, uri=None):
+    """
+    List the snapshots of ``domain``: name, kind (external or internal),
+    creation time, parent and overlay files.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_backup.snapshot_list web1
+    """
+    return _with_conn(uri, snapshots.list_snapshots, domain)
+
+
+def snapshot_revert(domain, name, force=False, uri=None):
+    """
+    Return ``domain`` to snapshot ``name``. An external snapshot must be the
+    newest of its chain; a running guest is powered off and started again only
+    with ``force=True`` (a disk-only snapshot holds no memory state).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_backup.snapshot_revert web1 before-upgrade force=True
+    """
+    return _with_conn(uri, snapshots.revert, domain, name, force)
+
+
+def snapshot_delete(domain, name, uri=None):
+    """
+    Delete snapshot ``name`` of ``domain``, keeping the current data: an
+    external snapshot's overlays are merged back into their images (block
+    commit) first.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_backup.snapshot_delete web1 before-upgrade
+    """
+    return _with_conn(uri, snapshots.delete, domain, name)
+
+
+# ---- backups ------------------------------------------------------------------------
+def create(
+    domain,
+    dest,
+    quiesce="auto",
+    full=False,
+    full_every=None,
+    disks=None,
+    copies=None,
+    events=True,
+    uri=None,
+):
+    """
+    Back up ``domain``'s disks into ``dest``/``domain``: full the first time
+    (or with ``full=True``, or once a chain has ``full_every`` points),
+    incremental after. Works on running guests (filesystems frozen through the
+    agent when present; ``frozen`` in the result says whether) and shut-off ones.
+    ``disks`` limits it to some targets (``[vdb]``). ``copies`` sends the new
+    points to second destinations (see ``replicate``): a list of folders or
+    ``ssh://user@host/path`` URLs, or dicts with ``target``, ``password``,
+    ``key_filename``, ``keep``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_backup.create web1 dest=/srv/backup
+        salt hypervisor kvm_backup.create web1 dest=/srv/backup copies='[/mnt/nas/backup]'
+    """
+    result = _with_conn(
+        uri,
+        backup.create,
+        domain,
+        dest,
+        quiesce=quiesce,
+        full=full,
+        full_every=full_every,
+        disks=disks,
+        emit=_emitter(domain, events),
+    )
+    result["copies"] = [
+        _call(backup_ops.replicate, dest, domain, **_copy_args(copy)) for copy in copies or []
+    ]
+    return result
+
+
+def _copy_args(copy):
+    if isinstance(copy, str):
+        return {"target": copy}
+    if isinstance(copy, dict) and "target" in copy:
+        allowed = {"target", "password", "key_filename", "keep"}
+        return {k: v for k, v in copy.items() if k in allowed}
+    raise CommandExecutionError(
+        f"copies: {copy!r} is not a copy destination "
+        "(accepted: a folder, an ssh:// URL, or a dict with target)"
+    )
+
+
+def list_(domain, dest):
+    """
+    List the complete backup points of ``domain`` in ``dest``, oldest first
+    (a run in progress or killed is never listed).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_backup.list web1 /srv/backup
+    """
+    return _call(backup_ops.list_points, dest, domain)
+
+
+def verify(domain, dest, point=None, deep=True):
+    """
+    Check the backups of ``domain`` in ``dest`` (or one ``point`` and the chain
+    it needs): every image against its stored checksum (``deep=False`` skips
+    that) and ``qemu-img check``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_backup.verify web1 /srv/backup
+    """
+    return _call(backup_ops.verify, dest, domain, point, deep)
+
+
+def prune(domain, dest, keep, test=False):
+    """
+    Delete the oldest backup chains of ``domain`` in ``dest``, keeping the
+    newest ``keep`` chains. A chain is never cut: incrementals go with their full.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_backup.prune web1 /srv/backup keep=4
+    """
+    return _call(backup_ops.prune, dest, domain, keep, test)
+
+
+def restore(
+    domain, dest, point="latest", target=None, force=False, pool="default", start=False, uri=None
+):
+    """
+    Restore backup ``point`` (``latest`` or an id from ``list``) of ``domain``
+    from ``dest``: as a new domain ``target`` with its volumes in ``pool``, or,
+    without ``target``, over ``domain``'s own disks (it must be shut off, and
+    ``force=True``). ``dest`` may be a second copy: on the host holding it this
+    is a takeover.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_backup.restore web1 /srv/backup target=web1-restored start=True
+        salt hypervisor kvm_backup.restore web1 /srv/backup point=20261121T041100Z force=True
+    """
+    return _with_conn(uri, restoring.restore, domain, dest, point, target, force, pool, start)
+
+
+def replicate(domain, dest, target, password=None, key_filename=None, keep=None):
+    """
+    Copy every backup point of ``domain`` in ``dest`` that ``target`` lacks to
+    ``target``: another folder, or ``ssh://user@host[:port]/path`` (paramiko).
+    Each copy is verified by checksum there before it counts. ``keep`` prunes
+    the copy to that many chains.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_backup.replicate web1 /srv/backup /mnt/nas/backup
+        salt hypervisor kvm_backup.replicate web1 /srv/backup ssh://root@kvm2/srv/replica \
+            key_filename=/root/.ssh/id_ed25519
+    """
+    return _call(backup_ops.replicate, dest, domain, target, password, key_filename, keep)

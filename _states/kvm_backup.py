@@ -1,0 +1,207 @@
+"""
+States for guest backups and snapshots.
+
+.. code-block:: yaml
+
+    web1-nightly:
+      kvm_backup.backed_up:
+        - name: web1
+        - dest: /srv/backup
+        - max_age: 24h
+        - keep: 7
+        - copies:
+          - /mnt/nas/backup
+
+    web1-before-upgrade:
+      kvm_backup.snapshot_present:
+        - name: web1
+        - snapshot: before-upgrade
+"""
+
+import datetime
+
+try:
+    from salt_kvm.errors import SaltKvmError
+    from salt_kvm.units import parse_duration
+
+    HAS_LIBS = True
+except ImportError:  # pragma: no cover - depends on the minion
+    HAS_LIBS = False
+
+from salt.exceptions import CommandExecutionError
+
+__virtualname__ = "kvm_backup"
+
+
+def __virtual__():
+    if not HAS_LIBS or "kvm_backup.create" not in __salt__:
+        return (False, "the kvm_backup execution module is not available")
+    return __virtualname__
+
+
+def _age(created):
+    when = datetime.datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=datetime.timezone.utc
+    )
+    return (datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()
+
+
+def backed_up(
+    name,
+    dest,
+    max_age="24h",
+    keep=7,
+    full_every=7,
+    quiesce="auto",
+    disks=None,
+    copies=None,
+    uri=None,
+):
+    """
+    Ensure ``dest`` holds a backup of domain ``name`` younger than ``max_age``
+    (``90s``, ``30m``, ``24h``, ``7d``); otherwise take one (incremental when
+    the chain allows, a new full chain every ``full_every`` points), send it to
+    ``copies`` and prune to the newest ``keep`` chains. With Salt's scheduler
+    this gives nightly backups (see the backup page of the documentation).
+
+    name
+        The domain.
+    dest
+        The backup folder (one subfolder per domain).
+    max_age
+        How old the newest backup may be before a new one is taken.
+    keep
+        How many chains (a full and its incrementals) to keep.
+    """
+    ret = {"name": name, "result": True, "changes": {}, "comment": ""}
+    try:
+        limit = parse_duration(max_age, "max_age")
+        points = __salt__["kvm_backup.list"](name, dest)
+    except (SaltKvmError, CommandExecutionError) as exc:
+        ret["result"] = False
+        ret["comment"] = str(exc)
+        return ret
+    if points:
+        age = _age(points[-1]["created"])
+        if age < limit:
+            ret["comment"] = (
+                f"Newest backup of {name} ({points[-1]['id']}) is {int(age)}s old, "
+                f"younger than max_age {max_age}"
+            )
+            return ret
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["changes"] = {"backup": {"old": points[-1]["id"] if points else None, "new": "new"}}
+        ret["comment"] = f"A backup of {name} would be taken into {dest}"
+        return ret
+    try:
+        made = __salt__["kvm_backup.create"](
+            name,
+            dest,
+            quiesce=quiesce,
+            full_every=full_every,
+            disks=disks,
+            copies=copies,
+            uri=uri,
+        )
+        pruned = __salt__["kvm_backup.prune"](name, dest, keep)
+    except CommandExecutionError as exc:
+        ret["result"] = False
+        ret["comment"] = f"Backup of {name} failed: {exc}"
+        return ret
+    ret["changes"] = {
+        "backup": {
+            "old": points[-1]["id"] if points else None,
+            "new": made["point"],
+            "kind": made["kind"],
+            "bytes": made["bytes"],
+            "frozen": made["frozen"],
+        }
+    }
+    if pruned["deleted"]:
+        ret["changes"]["pruned"] = pruned["deleted"]
+    if made.get("copies"):
+        ret["changes"]["copies"] = {c["target"]: c["copied"] for c in made["copies"]}
+    ret["comment"] = f"Took a {made['kind']} backup of {name}: {made['point']}"
+    return ret
+
+
+def _snapshot_names(name, uri):
+    return [s["name"] for s in __salt__["kvm_backup.snapshot_list"](name, uri=uri)]
+
+
+def snapshot_present(name, snapshot, disk_only=True, quiesce="auto", description=None, uri=None):
+    """
+    Ensure domain ``name`` has a snapshot called ``snapshot`` (taken now when
+    missing; an existing one is left as it is).
+
+    name
+        The domain.
+    snapshot
+        The snapshot's name.
+    disk_only
+        External disk-only snapshot (default) or internal (``False``).
+    """
+    ret = {"name": name, "result": True, "changes": {}, "comment": ""}
+    try:
+        existing = _snapshot_names(name, uri)
+    except CommandExecutionError as exc:
+        ret.update(result=False, comment=str(exc))
+        return ret
+    if snapshot in existing:
+        ret["comment"] = f"Snapshot {snapshot} of {name} exists"
+        return ret
+    if __opts__["test"]:
+        ret.update(result=None, comment=f"Snapshot {snapshot} of {name} would be taken")
+        ret["changes"] = {"snapshot": {"old": None, "new": snapshot}}
+        return ret
+    try:
+        made = __salt__["kvm_backup.snapshot"](
+            name, snapshot, disk_only=disk_only, quiesce=quiesce, description=description, uri=uri
+        )
+    except CommandExecutionError as exc:
+        ret.update(result=False, comment=str(exc))
+        return ret
+    ret["changes"] = {
+        "snapshot": {
+            "old": None,
+            "new": snapshot,
+            "kind": made["kind"],
+            "quiesced": made["quiesced"],
+        }
+    }
+    ret["comment"] = f"Took snapshot {snapshot} of {name}"
+    return ret
+
+
+def snapshot_absent(name, snapshot, uri=None):
+    """
+    Ensure domain ``name`` has no snapshot called ``snapshot``; an external
+    one is merged back into the disks, so the current data stays.
+
+    name
+        The domain.
+    snapshot
+        The snapshot's name.
+    """
+    ret = {"name": name, "result": True, "changes": {}, "comment": ""}
+    try:
+        existing = _snapshot_names(name, uri)
+    except CommandExecutionError as exc:
+        ret.update(result=False, comment=str(exc))
+        return ret
+    if snapshot not in existing:
+        ret["comment"] = f"Snapshot {snapshot} of {name} is absent"
+        return ret
+    if __opts__["test"]:
+        ret.update(result=None, comment=f"Snapshot {snapshot} of {name} would be deleted")
+        ret["changes"] = {"snapshot": {"old": snapshot, "new": None}}
+        return ret
+    try:
+        __salt__["kvm_backup.snapshot_delete"](name, snapshot, uri=uri)
+    except CommandExecutionError as exc:
+        ret.update(result=False, comment=str(exc))
+        return ret
+    ret["changes"] = {"snapshot": {"old": snapshot, "new": None}}
+    ret["comment"] = f"Deleted snapshot {snapshot} of {name}"
+    return ret

@@ -1,0 +1,278 @@
+"""Snapshots of a guest: external disk-only (the default) or internal.
+
+An external snapshot freezes the current images and sends new writes to an
+overlay per disk (``<disk stem>.<snapshot>.qcow2`` next to the image);
+deleting it merges the overlay back (libvirt's block commit, into the image
+the overlay was made on and never further down, so a linked clone's base is
+never written). libvirt 9.0 cannot revert to an external snapshot, so salt-kvm
+does it: the guest is powered off, the overlay emptied (re-created on the same
+backing image), and the guest started again if it ran. Only the newest
+snapshot of a chain can be reverted that way; older ones are refused, naming
+the snapshots to delete first, because emptying an overlay others depend on
+would lose their data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import time
+
+import libvirt
+from lxml import etree
+
+from . import backup, qemuimg
+from .backup import check_quiesce
+from .domxml import Disk, Domain
+from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
+from .lifecycle import lookup
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, 64 at most"
+KIND_EXTERNAL = "external"
+KIND_INTERNAL = "internal"
+
+
+def check_name(value: object, key: str = "name") -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise SpecError(key, f"{value!r} is not a snapshot name", NAME_RULE)
+    return value
+
+
+def _snapshottable(dom: libvirt.virDomain) -> tuple[list[Disk], list[Disk]]:
+    """(file-backed disks that get an overlay, every other disk)."""
+    take, skip = [], []
+    for disk in Domain(dom.XMLDesc(0)).disks:
+        flags = {child.tag for child in disk.node}
+        ok = disk.device == Disk.DEVICE_DISK and disk.path and not {"readonly", "shareable"} & flags
+        (take if ok else skip).append(disk)
+    return take, skip
+
+
+def overlay_path(disk_path: str, snapshot: str) -> str:
+    folder, base = os.path.split(disk_path)
+    stem = base.rsplit(".", 1)[0] if "." in base else base
+    return os.path.join(folder, f"{stem}.{snapshot}.qcow2")
+
+
+def _external_xml(name: str, description: str | None, take: list[Disk], skip: list[Disk]) -> str:
+    root = etree.Element("domainsnapshot")
+    etree.SubElement(root, "name").text = name
+    if description:
+        etree.SubElement(root, "description").text = description
+    etree.SubElement(root, "memory", snapshot="no")
+    disks = etree.SubElement(root, "disks")
+    for disk in take:
+        node = etree.SubElement(disks, "disk", name=disk.target_dev, snapshot="external")
+        etree.SubElement(node, "driver", type="qcow2")
+        etree.SubElement(node, "source", file=overlay_path(disk.path, name))
+    for disk in skip:
+        if disk.target_dev:
+            etree.SubElement(disks, "disk", name=disk.target_dev, snapshot="no")
+    return etree.tostring(root, encoding="unicode")
+
+
+def _offline_checkpoints(dom: libvirt.virDomain) -> list[str]:
+    """libvirt 9.0 refuses block operations on a shut-off domain with checkpoints.
+
+    salt-kvm's own backup checkpoints are dropped (the next backup is then a
+    full one, reported in the result); anyone else's are not ours to drop.
+    """
+    if dom.isActive():
+        return []
+    ours = backup.our_checkpoints(dom)
+    foreign = sorted({c.getName() for c in dom.listAllCheckpoints(0)} - set(ours))
+    if foreign:
+        raise ConflictError(
+            f"{dom.name()} is shut off and has checkpoints ({', '.join(foreign)}) that libvirt "
+            "does not allow block operations with; start it, or delete them first"
+        )
+    for name in ours:
+        backup.delete_checkpoint(dom, name)
+    return ours
+
+
+def _internal_xml(name: str, description: str | None) -> str:
+    root = etree.Element("domainsnapshot")
+    etree.SubElement(root, "name").text = name
+    if description:
+        etree.SubElement(root, "description").text = description
+    return etree.tostring(root, encoding="unicode")
+
+
+def create(
+    conn: libvirt.virConnect,
+    domain: str,
+    name: str | None = None,
+    disk_only: bool = True,
+    quiesce: str | bool = "auto",
+    description: str | None = None,
+) -> dict:
+    """Take a snapshot; the result says whether the guest's filesystems were quiesced."""
+    quiesce = check_quiesce(quiesce)
+    name = check_name(name or time.strftime("snap-%Y%m%dT%H%M%SZ", time.gmtime()))
+    dom = lookup(conn, domain)
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.snapshotLookupByName(name, 0)
+        raise ConflictError(f"name: {domain} already has a snapshot named {name!r}")
+    if not disk_only:
+        flags = 0
+        xml = _internal_xml(name, description)
+        quiesced = False
+    else:
+        take, skip = _snapshottable(dom)
+        if not take:
+            raise SaltKvmError(f"{domain} has no file-backed disk to snapshot")
+        for disk in take:
+            if os.path.exists(overlay_path(disk.path, name)):
+                raise ConflictError(f"{overlay_path(disk.path, name)} already exists")
+        xml = _external_xml(name, description, take, skip)
+        flags = (
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        )
+        quiesced = bool(dom.isActive()) and quiesce is not False
+    dropped = _offline_checkpoints(dom) if disk_only else []
+    try:
+        snap, quiesced = _create(dom, xml, flags, quiesced, quiesce)
+    except libvirt.libvirtError as exc:
+        raise SaltKvmError(f"snapshot {name} of {domain}: {exc}") from exc
+    return {**describe(snap), "quiesced": quiesced, "checkpoints_dropped": dropped}
+
+
+def _create(dom, xml: str, flags: int, try_quiesce: bool, quiesce) -> tuple:
+    """Create with the agent's freeze when asked and possible; return (snapshot, quiesced)."""
+    if try_quiesce:
+        try:
+            quiet = flags | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
+            return dom.snapshotCreateXML(xml, quiet), True
+        except libvirt.libvirtError as exc:
+            if quiesce is True:
+                raise
+            log.info("%s: snapshot without quiesce (%s)", dom.name(), exc)
+    return dom.snapshotCreateXML(xml, flags), False
+
+
+def _kind(xml: etree._Element) -> str:
+    external = xml.xpath("./disks/disk[@snapshot='external']") or (
+        xml.find("memory") is not None and xml.find("memory").get("snapshot") == "external"
+    )
+    return KIND_EXTERNAL if external else KIND_INTERNAL
+
+
+def describe(snap: libvirt.virDomainSnapshot) -> dict:
+    xml = etree.fromstring(snap.getXMLDesc(0).encode())
+    created = int(xml.findtext("creationTime") or 0)
+    parent = xml.findtext("parent/name")
+    return {
+        "name": snap.getName(),
+        "kind": _kind(xml),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
+        "state": xml.findtext("state"),
+        "parent": parent,
+        "current": bool(snap.isCurrent(0)),
+        "description": xml.findtext("description"),
+        "overlays": {
+            d.get("name"): d.find("source").get("file")
+            for d in xml.xpath("./disks/disk[@snapshot='external']")
+            if d.find("source") is not None
+        },
+    }
+
+
+def list_snapshots(conn: libvirt.virConnect, domain: str) -> list[dict]:
+    dom = lookup(conn, domain)
+    found = [describe(s) for s in dom.listAllSnapshots(0)]
+    return sorted(found, key=lambda s: (s["created"], s["name"]))
+
+
+def _get(dom: libvirt.virDomain, name: str) -> libvirt.virDomainSnapshot:
+    try:
+        return dom.snapshotLookupByName(name, 0)
+    except libvirt.libvirtError as exc:
+        names = ", ".join(s.getName() for s in dom.listAllSnapshots(0)) or "none"
+        raise NotFoundError(
+            f"name: {dom.name()} has no snapshot {name!r} (it has: {names})"
+        ) from exc
+
+
+def revert(conn: libvirt.virConnect, domain: str, name: str, force: bool = False) -> dict:
+    """Return the guest's disks (and memory, for internal ones) to the snapshot."""
+    dom = lookup(conn, domain)
+    snap = _get(dom, check_name(name))
+    info = describe(snap)
+    if info["kind"] == KIND_INTERNAL:
+        try:
+            dom.revertToSnapshot(snap, 0)
+        except libvirt.libvirtError as exc:
+            raise SaltKvmError(f"revert of {domain} to {name}: {exc}") from exc
+        return {"name": name, "kind": KIND_INTERNAL, "reverted": True}
+    return _revert_external(dom, snap, info, force)
+
+
+def _revert_external(dom, snap, info: dict, force: bool) -> dict:
+    current = {d.target_dev: d.path for d in Domain(dom.XMLDesc(0)).disks}
+    stale = [t for t, overlay in info["overlays"].items() if current.get(t) != overlay]
+    if stale:
+        children = [s.getName() for s in snap.listAllChildren(0)]
+        raise ConflictError(
+            f"{info['name']} is not the newest snapshot of {dom.name()} "
+            f"({', '.join(stale)} moved on); delete {', '.join(children) or 'the newer ones'} "
+            "first, or revert to the newest"
+        )
+    was_running = bool(dom.isActive())
+    if was_running and not force:
+        raise ConflictError(
+            f"{dom.name()} is running; reverting a disk-only snapshot loses its memory state: "
+            "shut it off, or pass force=True to power it off (and start it again)"
+        )
+    plans = []
+    for overlay in info["overlays"].values():
+        data = qemuimg.info(overlay)
+        backing = data.get("full-backing-filename") or data.get("backing-filename")
+        if not backing:
+            raise SaltKvmError(f"{overlay} has no backing image; cannot revert")
+        plans.append((overlay, backing, data.get("backing-filename-format", "qcow2")))
+    if was_running:
+        dom.destroy()
+    # The overlays carry the checkpoints' dirty bitmaps: emptying them would let an
+    # incremental backup miss writes. Drop salt-kvm's checkpoints: the next backup is full.
+    dropped = backup.our_checkpoints(dom)
+    for checkpoint in dropped:
+        backup.delete_checkpoint(dom, checkpoint)
+    for overlay, backing, fmt in plans:
+        fresh = f"{overlay}.revert"
+        qemuimg.create_overlay(fresh, backing, fmt)
+        os.chmod(fresh, 0o600)
+        os.replace(fresh, overlay)
+    if was_running:
+        dom.create()
+    return {
+        "name": info["name"],
+        "kind": KIND_EXTERNAL,
+        "reverted": True,
+        "restarted": was_running,
+        "checkpoints_dropped": dropped,
+    }
+
+
+def delete(conn: libvirt.virConnect, domain: str, name: str) -> dict:
+    """Delete a snapshot; an external one's overlays are merged back first (block commit)."""
+    dom = lookup(conn, domain)
+    snap = _get(dom, check_name(name))
+    info = describe(snap)
+    dropped = _offline_checkpoints(dom) if info["kind"] == KIND_EXTERNAL else []
+    try:
+        snap.delete(0)
+    except libvirt.libvirtError as exc:
+        raise SaltKvmError(f"deleting snapshot {name} of {domain}: {exc}") from exc
+    return {
+        "name": name,
+        "kind": info["kind"],
+        "deleted": True,
+        "merged": info["overlays"],
+        "checkpoints_dropped": dropped,
+    }

@@ -1,0 +1,332 @@
+"""kvm_backup on one booted guest with a small data disk: full and incremental
+backups, restores (new domain booted, full point, in place), a run killed with
+SIGKILL, broken checkpoints, second copies (folder and SSH), snapshots, a
+shut-off guest, and the execution/state modules through salt-call."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+import yaml
+
+from salt_kvm import backup, backup_ops, lifecycle, qemuimg, restore, snapshot
+from salt_kvm import backup_store as bs
+from salt_kvm.errors import ConflictError, SpecError
+
+from . import guests
+from .conftest import GUEST_PASSWORD, PREFIX, URI, unique
+
+MIB = 1024**2
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def guest(hv, base_domain):
+    name = unique("bk")
+    g = guests.boot_guest(hv, base_domain, name, data_size=256 * MIB)
+    g.run("mkfs.ext4 -q -L data /dev/vdb && mkdir -p /data && mount /dev/vdb /data")
+    yield g
+    guests.remove_guest(hv, name)
+
+
+def _dest(stem):
+    # qemu (not root) writes the images: the folders must be traversable
+    path = tempfile.mkdtemp(prefix=f"{PREFIX}{stem}-", dir="/var/tmp")
+    os.chmod(path, 0o711)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dest():
+    path = _dest("backup")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def state():
+    return {}
+
+
+def write(g, path, mib):
+    out = g.run(
+        f"dd if=/dev/urandom of={path} bs=1M count={mib} status=none && sync && md5sum {path}"
+    )
+    return out.split()[0]
+
+
+def md5_on_attached(g, hv, image, path="a"):
+    """Attach ``image`` to the running test guest as vdc, read a file's md5 from it."""
+    disk = (
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{image}'/><target dev='vdc' bus='virtio'/><readonly/></disk>"
+    )
+    g.dom.attachDeviceFlags(disk, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    try:
+        return g.run(
+            "for i in $(seq 60); do [ -b /dev/vdc ] && break; sleep 1; done; mkdir -p /mnt/r && "
+            f"mount -o ro,noload /dev/vdc /mnt/r && md5sum /mnt/r/{path}; umount /mnt/r"
+        ).split()[0]
+    finally:
+        g.dom.detachDeviceFlags(disk, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        for _ in range(120):
+            if "vdc" not in g.dom.XMLDesc(0):
+                break
+            time.sleep(0.5)
+
+
+def test_full_incremental_and_restores(hv, guest, dest, state):
+    state["a1"] = write(guest, "/data/a", 16)
+    events = []
+    full = backup.create(hv, guest.name, dest, emit=lambda s, d: events.append(s))
+    assert full["kind"] == "full" and full["frozen"] is True and full["consistency"] == "frozen"
+    assert events[0] == "start" and events[-1] == "done"
+    assert full["progress"]["processed"] == full["progress"]["total"] > 0
+    state["a2"] = write(guest, "/data/a", 64)
+    inc = backup.create(hv, guest.name, dest)
+    assert inc["kind"] == "incremental" and inc["parent"] == full["point"]
+    # close to the 64 MiB changed, nowhere near the disks' size
+    assert 64 * MIB <= inc["disk_bytes"]["vdb"] < 80 * MIB, inc
+    assert inc["bytes"] < 128 * MIB < full["bytes"]
+    state["full"], state["inc"] = full["point"], inc["point"]
+    points = backup_ops.list_points(dest, guest.name)
+    assert [p["id"] for p in points] == [full["point"], inc["point"]]
+    assert backup_ops.verify(dest, guest.name)["ok"]
+
+    # the latest point as a new domain, booted: the file as it was at the backup
+    target = unique("bkr")
+    try:
+        made = restore.restore(hv, guest.name, dest, target=target, start=True)
+        assert made["chain"] == [full["point"], inc["point"]]
+        restored = guests.TestGuest(target, hv.lookupByName(target), "", None)
+        restored.address = guests.wait_booted(restored.dom)
+        out = restored.run("mount /dev/vdb /data && md5sum /data/a")
+        assert out.split()[0] == state["a2"]
+    finally:
+        guests.remove_guest(hv, target)
+    # the full point: the earlier content
+    target = unique("bkf")
+    try:
+        made = restore.restore(hv, guest.name, dest, point=full["point"], target=target)
+        assert md5_on_attached(guest, hv, made["volumes"][1]) == state["a1"]
+    finally:
+        guests.remove_guest(hv, target)
+
+
+def test_concurrent_run_and_bad_input_are_refused(hv, guest, dest):
+    with bs.Store(dest, guest.name).locked("test"), pytest.raises(ConflictError, match="lock"):
+        backup.create(hv, guest.name, dest)
+    empty = _dest("bad")
+    try:
+        with pytest.raises(SpecError, match="^disks: vdz not a disk.*accepted: vda, vdb"):
+            backup.create(hv, guest.name, empty, disks=["vdz"])
+        with pytest.raises(SpecError, match="^quiesce:.*auto"):
+            backup.create(hv, guest.name, empty, quiesce="maybe")
+        with pytest.raises(SpecError, match="^target:"):
+            restore.restore(hv, guest.name, dest, target="bad name!")
+        assert os.listdir(empty) == []
+        assert backup.our_checkpoints(guest.dom) and not bs.Store(dest, guest.name).partials()
+    finally:
+        shutil.rmtree(empty, ignore_errors=True)
+
+
+def test_kill_9_mid_backup_keeps_the_chain_and_next_run_continues(hv, guest, dest, state):
+    store = bs.Store(dest, guest.name)
+    before = [p.id for p in store.points()]
+    code = (
+        "import libvirt, sys; from salt_kvm import connection, backup; "
+        f"backup.create(libvirt.open({URI!r}), {guest.name!r}, {dest!r}, full=True)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        for _ in range(1200):  # until the copy is under way
+            partial = store.partials()
+            image = partial[0] / "vda.qcow2" if partial else None
+            if image and image.exists() and image.stat().st_size > 50 * MIB:
+                break
+            assert proc.poll() is None, "the backup ended before it could be killed"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert [p["id"] for p in backup_ops.list_points(dest, guest.name)] == before
+    assert backup_ops.verify(dest, guest.name)["ok"]
+    state["a3"] = write(guest, "/data/a", 8)
+    nxt = backup.create(hv, guest.name, dest)
+    assert nxt["kind"] == "incremental" and nxt["parent"] == before[-1], nxt
+    assert any("removed .partial-" in c for c in nxt["cleaned"]), nxt["cleaned"]
+    assert not store.partials()
+    assert len(backup.our_checkpoints(guest.dom)) == 1
+    state["inc2"] = nxt["point"]
+
+
+def test_missing_or_broken_checkpoint_starts_a_new_full_chain(hv, guest, dest, state):
+    (name,) = backup.our_checkpoints(guest.dom)
+    # metadata that libvirt believes but whose bitmaps are gone: SlapOS's "inconsistent"
+    xml = guest.dom.checkpointLookupByName(name, 0).getXMLDesc(0)
+    backup.delete_checkpoint(guest.dom, name)
+    guest.dom.checkpointCreateXML(xml, libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
+    again = backup.create(hv, guest.name, dest)
+    assert again["kind"] == "full" and "failed" in again["new_chain_reason"], again
+    # no checkpoint at all
+    backup.delete_checkpoint(guest.dom, backup.our_checkpoints(guest.dom)[0])
+    again = backup.create(hv, guest.name, dest)
+    assert again["kind"] == "full" and "missing" in again["new_chain_reason"], again
+    chains = bs.chains(bs.Store(dest, guest.name).points())
+    assert len(chains) == 3
+    pruned = backup_ops.prune(dest, guest.name, keep=2)
+    assert sorted(pruned["deleted"]) == sorted([state["full"], state["inc"], state["inc2"]])
+    assert backup_ops.verify(dest, guest.name)["ok"]
+
+
+def test_second_copies_folder_and_ssh(hv, guest, dest, state):
+    copy = _dest("copy")
+    try:
+        first = backup_ops.replicate(dest, guest.name, copy)
+        assert first["copied"] == [p["id"] for p in backup_ops.list_points(dest, guest.name)]
+        assert backup_ops.replicate(dest, guest.name, copy)["copied"] == []
+        assert backup_ops.verify(copy, guest.name)["ok"]
+        target = unique("bkc")
+        try:
+            made = restore.restore(hv, guest.name, copy, target=target)
+            assert md5_on_attached(guest, hv, made["volumes"][1]) == state["a3"]
+        finally:
+            guests.remove_guest(hv, target)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    # over SSH: a data-disk-only set (small), into the guest itself
+    small = _dest("small")
+    try:
+        made = backup.create(hv, guest.name, small, disks=["vdb"])
+        assert made["disks"] == ["vdb"]
+        url = f"ssh://root@{guest.address}/root/replica"
+        sent = backup_ops.replicate(small, guest.name, url, password=GUEST_PASSWORD)
+        assert sent["copied"] == [made["point"]]
+        remote = f"/root/replica/{guest.name}/{made['point']}"
+        sums = guest.run(f"cd {remote} && sha256sum vdb.qcow2")
+        point = bs.Store(small, guest.name).point("latest")
+        assert sums.split()[0] == point.disks["vdb"].sha256
+        again = backup_ops.replicate(small, guest.name, url, password=GUEST_PASSWORD)
+        assert again["copied"] == [] and again["already_there"] == [made["point"]]
+        # two destinations keep their own checkpoints
+        assert len(backup.our_checkpoints(guest.dom)) == 2
+    finally:
+        shutil.rmtree(small, ignore_errors=True)
+
+
+def test_snapshot_revert_and_delete(hv, guest):
+    before = write(guest, "/data/snap", 4)
+    made = snapshot.create(hv, guest.name, "s1")
+    assert made["kind"] == "external" and made["quiesced"] is True
+    write(guest, "/data/snap", 4)
+    with pytest.raises(ConflictError, match="force=True"):
+        snapshot.revert(hv, guest.name, "s1")
+    assert snapshot.revert(hv, guest.name, "s1", force=True)["restarted"] is True
+    guests.wait_booted(guest.dom)
+    assert guest.run("mount /dev/vdb /data && md5sum /data/snap").split()[0] == before
+
+    snapshot.create(hv, guest.name, "s2")
+    kept = write(guest, "/data/keep", 4)
+    overlays = snapshot.list_snapshots(hv, guest.name)[-1]["overlays"]
+    deleted = snapshot.delete(hv, guest.name, "s2")
+    assert deleted["deleted"] is True
+    assert guest.run("sync; md5sum /data/keep").split()[0] == kept
+    assert not any(os.path.exists(p) for p in overlays.values())
+    snapshot.delete(hv, guest.name, "s1")
+    assert snapshot.list_snapshots(hv, guest.name) == []
+    assert guest.data_path in guest.dom.XMLDesc(0)
+
+
+def test_shut_off_guest_backup_and_in_place_restore(hv, guest, dest):
+    assert lifecycle.shutdown(guest.dom, timeout=300)
+    made = backup.create(hv, guest.name, dest)
+    assert made["consistency"] == "shut-off" and made["frozen"] is False
+    assert not guest.dom.isActive()
+    # libvirt 9.0 allows no block operation offline with checkpoints: ours are dropped
+    snap = snapshot.create(hv, guest.name, "off1")
+    assert snap["quiesced"] is False and snap["checkpoints_dropped"], snap
+    assert snapshot.delete(hv, guest.name, "off1")["deleted"] is True
+    assert guest.data_path in guest.dom.XMLDesc(0) and not guest.dom.isActive()
+    with pytest.raises(ConflictError, match="force=True"):
+        restore.restore(hv, guest.name, dest)
+    point = bs.Store(dest, guest.name).point("latest")
+    qemuimg.run("create", "-q", "-f", "qcow2", guest.data_path + ".junk", "1M")
+    os.replace(guest.data_path + ".junk", guest.data_path)  # the disk is lost
+    done = restore.restore(hv, guest.name, dest, force=True)
+    assert done["in_place"] is True
+    folder = bs.Store(dest, guest.name).path(point)
+    qemuimg.run("compare", "-q", "-U", guest.data_path, str(folder / "vdb.qcow2"))
+
+
+VENV_3007 = Path(os.environ.get("SALT_KVM_VENV_3007", "/opt/salt-kvm/venv-3007"))
+
+
+def _salt_call(tmp_path, *args, venv=None, fails=False):
+    conf = tmp_path / "etc"
+    conf.mkdir(exist_ok=True)
+    settings = {
+        "root_dir": str(tmp_path / "root"),
+        "pki_dir": str(tmp_path / "pki"),
+        "cachedir": str(tmp_path / "cache"),
+        "sock_dir": str(tmp_path / "sock"),
+        "log_file": str(tmp_path / "log"),
+        "file_client": "local",
+        "id": "hv",
+        "user": "root",
+    }
+    (conf / "minion").write_text(yaml.safe_dump(settings))
+    salt_call = (venv / "bin" if venv else Path(sys.executable).parent) / "salt-call"
+    proc = subprocess.run(
+        [str(salt_call), "--local", "-c", str(conf), "--out=json", "--log-level=quiet", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if fails:
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr
+    assert proc.returncode in (0, 2), proc.stdout + proc.stderr
+    return json.loads(proc.stdout)["local"]
+
+
+def test_state_backed_up_and_snapshot_states(hv, guest, tmp_path):
+    where = _dest("state")
+    try:
+        args = ["state.single", "kvm_backup.backed_up", f"name={guest.name}", f"dest={where}"]
+        (ret,) = _salt_call(tmp_path, *args, "max_age=1h", "test=True").values()
+        assert ret["result"] is None and ret["changes"]
+        assert backup_ops.list_points(where, guest.name) == []
+        (ret,) = _salt_call(tmp_path, *args, "max_age=1h", "keep=2").values()
+        assert ret["result"] is True and ret["changes"]["backup"]["kind"] == "full", ret
+        (ret,) = _salt_call(tmp_path, *args, "max_age=1h").values()
+        assert ret["result"] is True and ret["changes"] == {}, ret
+        listed = _salt_call(tmp_path, "kvm_backup.list", guest.name, where)
+        assert len(listed) == 1
+        checked = _salt_call(tmp_path, "kvm_backup.verify", guest.name, where, venv=VENV_3007)
+        assert checked["ok"] is True and checked["checked"] == [listed[0]["id"]]
+        snap = ["state.single", "kvm_backup.snapshot_present", guest.name, "snapshot=st1"]
+        (ret,) = _salt_call(tmp_path, *snap, "test=True").values()
+        assert ret["result"] is None
+        (ret,) = _salt_call(tmp_path, *snap).values()
+        assert ret["result"] is True and ret["changes"]["snapshot"]["new"] == "st1"
+        (ret,) = _salt_call(tmp_path, *snap).values()
+        assert ret["changes"] == {}
+        gone = ["state.single", "kvm_backup.snapshot_absent", guest.name, "snapshot=st1"]
+        (ret,) = _salt_call(tmp_path, *gone).values()
+        assert ret["result"] is True and ret["changes"]["snapshot"]["old"] == "st1"
+        args = ("kvm_backup.restore", guest.name, where, "point=yesterday", "target=x")
+        bad = _salt_call(tmp_path, *args, fails=True)
+        assert "point: 'yesterday' is not a backup point (accepted: latest" in bad
+        assert backup_ops.list_points(where, guest.name) == listed
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
