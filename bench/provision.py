@@ -152,6 +152,14 @@ def provisioning(conn, env, bin3007: Path, rounds: int, variants=VARIANTS) -> di
     )
     pinger = Pinger(env)
     results: dict[str, list[dict]] = {v: [] for v in variants}
+    try:
+        _rounds(conn, env, bin3007, rounds, pinger, results)
+    finally:
+        pinger.events.destroy()
+    return results
+
+
+def _rounds(conn, env, bin3007: Path, rounds: int, pinger: Pinger, results: dict) -> None:
     for rnd in range(rounds):
         for variant in results:
             name = f"{PREFIX}{variant.replace('-', '')}-{rnd}"
@@ -163,7 +171,6 @@ def provisioning(conn, env, bin3007: Path, rounds: int, variants=VARIANTS) -> di
             results[variant].append(figures)
             shown = ", ".join(f"{k} {v:.1f}s" for k, v in figures.items())
             print(f"  round {rnd + 1} {variant:<10} {shown}", flush=True)
-    return results
 
 
 def report(results: dict[str, list[dict]]) -> None:
