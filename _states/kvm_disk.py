@@ -36,18 +36,6 @@ except ImportError:  # pragma: no cover - depends on the minion
     HAS_LIBS = False
 
 __virtualname__ = "kvm_disk"
-ATTACH_ARGS = (
-    "size",
-    "path",
-    "format",
-    "pool",
-    "bus",
-    "cache",
-    "index",
-    "readonly",
-    "shareable",
-    "preallocation",
-)
 
 
 def __virtual__():
@@ -96,7 +84,7 @@ def attached(
     """
     ret = _ret(name)
     given = (size, path, format, pool, bus, cache, index, readonly, shareable, preallocation)
-    args = {k: v for k, v in zip(ATTACH_ARGS, given, strict=True) if v is not None}
+    args = {k: v for k, v in zip(disks.DISK_KEYS, given, strict=True) if v is not None}
     try:
         spec = disks.parse_disk(name, args)
         current = _current(domain, name, uri)

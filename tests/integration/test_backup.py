@@ -15,7 +15,6 @@ from pathlib import Path
 
 import libvirt
 import pytest
-import yaml
 
 from salt_kvm import backup, backup_ops, lifecycle, qemuimg, restore, snapshot
 from salt_kvm import backup_store as bs
@@ -23,6 +22,7 @@ from salt_kvm.errors import ConflictError, SpecError
 
 from . import guests
 from .conftest import GUEST_PASSWORD, PREFIX, URI, unique
+from .test_discovery import minion_config
 
 MIB = 1024**2
 REPO = Path(__file__).resolve().parents[2]
@@ -271,19 +271,7 @@ VENV_3007 = Path(os.environ.get("SALT_KVM_VENV_3007", "/opt/salt-kvm/venv-3007")
 
 
 def _salt_call(tmp_path, *args, venv=None, fails=False):
-    conf = tmp_path / "etc"
-    conf.mkdir(exist_ok=True)
-    settings = {
-        "root_dir": str(tmp_path / "root"),
-        "pki_dir": str(tmp_path / "pki"),
-        "cachedir": str(tmp_path / "cache"),
-        "sock_dir": str(tmp_path / "sock"),
-        "log_file": str(tmp_path / "log"),
-        "file_client": "local",
-        "id": "hv",
-        "user": "root",
-    }
-    (conf / "minion").write_text(yaml.safe_dump(settings))
+    conf = minion_config(tmp_path)
     salt_call = (venv / "bin" if venv else Path(sys.executable).parent) / "salt-call"
     proc = subprocess.run(
         [str(salt_call), "--local", "-c", str(conf), "--out=json", "--log-level=quiet", *args],

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import libvirt
 import pytest
-import yaml
 
 from salt_kvm import connection, forwards, hostnet, nat, nathook, provision, ssh
 from salt_kvm.errors import SaltKvmError
@@ -25,6 +24,7 @@ from salt_kvm.rollback import Rollback
 from salt_kvm.spec import build_spec
 
 from .conftest import BASE, GUEST_PASSWORD, GUEST_USER, PREFIX, URI, unique
+from .test_discovery import minion_config
 
 NET_PREFIXES = os.environ.get("SALT_KVM_NAT_TEST_NETS", "192.168.214,192.168.215").split(",")
 STEM = PREFIX.strip("-")
@@ -134,20 +134,7 @@ def kernel_and_state():
 
 
 def salt_call(tmp_path, *args):
-    conf = tmp_path / "etc"
-    if not (conf / "minion").exists():
-        conf.mkdir(parents=True)
-        settings = {
-            "root_dir": str(tmp_path / "root"),
-            "pki_dir": str(tmp_path / "pki"),
-            "cachedir": str(tmp_path / "cache"),
-            "sock_dir": str(tmp_path / "sock"),
-            "log_file": str(tmp_path / "log"),
-            "file_client": "local",
-            "id": "hv",
-            "user": "root",
-        }
-        (conf / "minion").write_text(yaml.safe_dump(settings))
+    conf = minion_config(tmp_path)
     cmd = [str(VENV_BIN / "salt-call"), "--local", "-c", str(conf), "--out=json"]
     proc = subprocess.run(
         [*cmd, "--log-level=quiet", *args], capture_output=True, text=True, timeout=300
