@@ -13,7 +13,11 @@ all of them alike; medians over the rounds are printed.
   salt3007    Salt 3007.8's own libvirt driver, same profile, SSH deploy
 
 A "total" is ``salt-cloud -p`` started -> first ``test.ping`` answered True,
-pings being published every 0.5 s from the moment salt-cloud returns.
+pings being published every 3 s from the moment salt-cloud returns.
+
+``--inside`` then reads each guest's own first-boot timeline over SSH (see
+bench/timeline.py): lease, minion started, minion ready, first job done, and
+the CPU seconds the minion used.
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ import salt.client  # noqa: E402
 import salt.config  # noqa: E402
 import salt.utils.event  # noqa: E402
 
-from bench import linked, listing  # noqa: E402
+from bench import linked, listing, timeline  # noqa: E402
 from salt_kvm import connection, lifecycle  # noqa: E402, F401 - connection silences libvirt stderr
 from tests.integration import saltenv  # noqa: E402
 
 URI = "qemu:///system"
 PREFIX = "skbench-"
 BASE = "salt-kvm-base-debian12"
+GUEST_PASSWORD = "salt-kvm"  # the test image's root password (scripts/build-test-image)
 
 
 def profile(env: saltenv.SaltEnv, base: str, **extra) -> dict:
@@ -53,7 +58,7 @@ def profile(env: saltenv.SaltEnv, base: str, **extra) -> dict:
         "clone_strategy": "quick",
         "ip_source": "ip-learning",
         "ssh_username": "root",
-        "password": "salt-kvm",
+        "password": GUEST_PASSWORD,
         "script": "salt-preinstalled",
         "minion": env.minion_settings(),
     }
@@ -91,7 +96,9 @@ class Pinger:
         raise RuntimeError(f"{minion} never answered test.ping")
 
 
-def run_variant(env, bin_dir: Path, pinger: Pinger, name: str, prof: str) -> dict:
+def run_variant(
+    env, bin_dir: Path, pinger: Pinger, name: str, prof: str, inside: bool = False
+) -> dict:
     cloud = saltenv.SaltEnv(env.root, env.conf, env.process, bin_dir, env.ret_port)
     started = time.monotonic()
     proc = cloud.run("salt-cloud", "-y", "--out=json", "-p", prof, name, check=False)
@@ -105,6 +112,12 @@ def run_variant(env, bin_dir: Path, pinger: Pinger, name: str, prof: str) -> dic
     timings = out.get("timings") or {}
     if "ip" in timings and "start" in timings:
         result["lease"] = timings["ip"] - timings["start"]
+    if inside and prof != "bare":  # after the measurement: it waits for the guest's sshd
+        conn = libvirt.open(URI)
+        try:
+            result.update(timeline.spans(timeline.read(conn, name, GUEST_PASSWORD)))
+        finally:
+            conn.close()
     return result
 
 
@@ -140,7 +153,9 @@ def median(values: list[float]) -> float:
 VARIANTS = ("bare", "ssh", "cloud-init", "salt3007")
 
 
-def provisioning(conn, env, bin3007: Path, rounds: int, variants=VARIANTS) -> dict[str, list[dict]]:
+def provisioning(
+    conn, env, bin3007: Path, rounds: int, variants=VARIANTS, inside: bool = False
+) -> dict[str, list[dict]]:
     env.write_profiles(
         {
             "bare": profile(env, BASE, deploy_method="none", wait_for_ip_interval=0.1),
@@ -153,19 +168,21 @@ def provisioning(conn, env, bin3007: Path, rounds: int, variants=VARIANTS) -> di
     pinger = Pinger(env)
     results: dict[str, list[dict]] = {v: [] for v in variants}
     try:
-        _rounds(conn, env, bin3007, rounds, pinger, results)
+        _rounds(conn, env, bin3007, rounds, pinger, results, inside)
     finally:
         pinger.events.destroy()
     return results
 
 
-def _rounds(conn, env, bin3007: Path, rounds: int, pinger: Pinger, results: dict) -> None:
+def _rounds(
+    conn, env, bin3007: Path, rounds: int, pinger: Pinger, results: dict, inside: bool
+) -> None:
     for rnd in range(rounds):
         for variant in results:
             name = f"{PREFIX}{variant.replace('-', '')}-{rnd}"
             bin_dir = bin3007 if variant == "salt3007" else saltenv.BIN
             try:
-                figures = run_variant(env, bin_dir, pinger, name, variant)
+                figures = run_variant(env, bin_dir, pinger, name, variant, inside)
             finally:
                 destroy(conn, env, name, bin_dir)
             results[variant].append(figures)
@@ -193,6 +210,24 @@ def report(results: dict[str, list[dict]]) -> None:
         )
 
 
+def report_inside(results: dict[str, list[dict]]) -> None:
+    """Medians of what the guests said of their own first boot (``--inside``)."""
+    keys = (
+        "lease_to_minion_started",
+        "minion_start_to_ready",
+        "ready_to_first_job_done",
+        "lease_to_first_job_done",
+        "minion_cpu",
+    )
+    print("\nInside the guests (medians, guest clock, s):")
+    print(f"  {'variant':<11}" + "".join(f"{k:>26}" for k in keys))
+    for variant, rounds in results.items():
+        if variant == "bare":
+            continue
+        row = [median([r[k] for r in rounds if k in r]) for k in keys]
+        print(f"  {variant:<11}" + "".join(f"{v:26.1f}" for v in row))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--venv3007", type=Path, required=True, help="Salt 3007.8, no salt-kvm")
@@ -200,6 +235,11 @@ def main() -> None:
     parser.add_argument("--only", choices=("provision", "linked", "listing"), action="append")
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help="provisioning variants, comma-separated"
+    )
+    parser.add_argument(
+        "--inside",
+        action="store_true",
+        help="after each deploy, read the guest's own first-boot timeline over SSH",
     )
     args = parser.parse_args()
     parts = args.only or ["provision", "linked", "listing"]
@@ -215,9 +255,13 @@ def main() -> None:
             if "provision" in parts:
                 print(f"Provisioning: {args.rounds} rounds of {args.variants}")
                 variants = tuple(args.variants.split(","))
-                results = provisioning(conn, env, args.venv3007 / "bin", args.rounds, variants)
+                results = provisioning(
+                    conn, env, args.venv3007 / "bin", args.rounds, variants, args.inside
+                )
                 if set(variants) == set(VARIANTS):
                     report(results)
+                if args.inside:
+                    report_inside(results)
         finally:
             saltenv.stop_master(env)
 
