@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import urllib.parse
 from collections.abc import Iterator
 
 import libvirt
@@ -47,6 +48,13 @@ def open_connection(
         return libvirt.openAuth(uri, auth, 0)
     except libvirt.libvirtError as exc:
         raise SaltKvmError(f"cannot connect to libvirt at {uri!r}: {exc}") from exc
+
+
+def remote_host(conn: libvirt.virConnect) -> str | None:
+    """The host a connection's URI names when it is not this one (``qemu+ssh://hv1/system``),
+    else None: files, kernel tables and paths are then out of this process's reach."""
+    host = urllib.parse.urlparse(conn.getURI()).hostname
+    return None if host in (None, "", "localhost", "127.0.0.1", "::1") else host
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import libvirt
 from lxml import etree
 
-from . import names
+from . import connection, names
 from .clone import _volume_format
 from .disks import FORMATS, DiskSpec, Source, max_index, target_name, within
 from .domxml import Disk, Domain, Volume
@@ -30,8 +30,21 @@ class Use:
     shareable: bool
 
 
-def real(path: str) -> str:
-    return os.path.realpath(path)
+def real(path: str, local: bool = True) -> str:
+    """One spelling per file: symlinks resolved where the files are this host's,
+    only normalised on a remote hypervisor (its files are out of reach)."""
+    return os.path.realpath(path) if local else os.path.normpath(path)
+
+
+class Uses(dict):
+    """Real path -> every use of it by a domain."""
+
+    def __init__(self, found: dict[str, list[Use]], local: bool):
+        super().__init__(found)
+        self.local = local
+
+    def of(self, path: str) -> list[Use]:
+        return self.get(real(path, self.local), [])
 
 
 def domain_xmls(dom: libvirt.virDomain) -> tuple[Domain | None, Domain | None]:
@@ -51,9 +64,10 @@ def created_records(config: Domain | None, live: Domain | None) -> dict[str, dic
     return {**(config.created_disks() if config else {}), **(live.created_disks() if live else {})}
 
 
-def path_uses(conn: libvirt.virConnect) -> dict[str, list[Use]]:
+def path_uses(conn: libvirt.virConnect) -> Uses:
     """Real path -> every use by a domain (definitions, running guests and
     their backing chains, which count as read-only uses)."""
+    local = connection.remote_host(conn) is None
     uses: dict[str, set[Use]] = {}
     for dom in conn.listAllDomains(0):
         try:
@@ -68,11 +82,14 @@ def path_uses(conn: libvirt.virConnect) -> dict[str, list[Use]]:
             for disk in xml.disks:
                 if disk.path:
                     use = Use(dom.name(), disk.target_dev, disk.readonly, disk.shareable)
-                    uses.setdefault(real(disk.path), set()).add(use)
+                    uses.setdefault(real(disk.path, local), set()).add(use)
                 for backing in disk.backing_paths():
                     use = Use(dom.name(), f"{disk.target_dev} backing", True, False)
-                    uses.setdefault(real(backing), set()).add(use)
-    return {path: sorted(found, key=lambda u: (u.domain, u.target)) for path, found in uses.items()}
+                    uses.setdefault(real(backing, local), set()).add(use)
+    return Uses(
+        {path: sorted(found, key=lambda u: (u.domain, u.target)) for path, found in uses.items()},
+        local,
+    )
 
 
 def pools(conn: libvirt.virConnect) -> dict[str, str]:
@@ -97,6 +114,7 @@ def pool_volume(conn: libvirt.virConnect, path: str) -> libvirt.virStorageVol | 
 
 def backed_by(conn: libvirt.virConnect, path: str) -> list[str]:
     """Volumes whose backing file is ``path`` (overlays of a base image)."""
+    local = connection.remote_host(conn) is None
     found = []
     for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
         for vol in pool.listAllVolumes(0):
@@ -104,13 +122,13 @@ def backed_by(conn: libvirt.virConnect, path: str) -> list[str]:
                 backing = Volume(vol.XMLDesc(0)).backing_path
             except libvirt.libvirtError:
                 continue
-            if backing and real(backing) == real(path):
+            if backing and real(backing, local) == real(path, local):
                 found.append(vol.path())
     return found
 
 
-def check_uses(spec: DiskSpec, path: str, uses: dict[str, list[Use]], domain: str) -> None:
-    for use in uses.get(real(path), []):
+def check_uses(spec: DiskSpec, path: str, uses: Uses, domain: str) -> None:
+    for use in uses.of(path):
         if use.domain == domain:
             raise ConflictError(f"path: {path} is already attached to {domain} as {use.target}")
         if not ((spec.shareable and use.shareable) or (spec.readonly and use.readonly)):
@@ -151,7 +169,7 @@ def existing_source(
     domain: str,
     spec: DiskSpec,
     allowed_dirs: tuple[str, ...],
-    uses: dict[str, list[Use]],
+    uses: Uses,
 ) -> Source:
     path = spec.path
     roots = sorted(pools(conn).values())
@@ -163,6 +181,15 @@ def existing_source(
             "allow more directories with kvm:disk:allowed_dirs (disk_allowed_dirs in a profile)",
         )
     vol = pool_volume(conn, path)
+    host = connection.remote_host(conn)
+    if vol is None and host is not None:
+        raise SpecError(
+            "path",
+            f"{path} is not a volume of a storage pool on {host}: a file outside the pools "
+            "can only be checked on the hypervisor itself",
+            f"a volume of one of {host}'s pools ({', '.join(roots) or 'none active'}); "
+            "or run kvm_disk on the hypervisor's own minion",
+        )
     if vol is None and not os.path.exists(path):
         raise NotFoundError(f"path: {path} does not exist")
     fmt = spec.format or (_volume_format(vol) if vol is not None else None)

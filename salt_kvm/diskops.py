@@ -30,7 +30,6 @@ from .diskcheck import (
     domain_xmls,
     find_disk,
     path_uses,
-    real,
     source_of,
 )
 from .disks import DiskSpec, ProfileDisks, Source, disk_element, target_index
@@ -225,7 +224,7 @@ def _check_deletable(conn, dom, name, path, created, live, persistent) -> None:
         )
     if not (live and persistent):
         raise SpecError("delete", "needs live and persistent true (detach everywhere)", "false")
-    others = [u for u in path_uses(conn).get(real(path), []) if u.domain != dom.name()]
+    others = [u for u in path_uses(conn).of(path) if u.domain != dom.name()]
     if others:
         raise ConflictError(f"delete: {path} is also used by {others[0].domain!r}; it is kept")
 
@@ -252,7 +251,7 @@ def resize(conn: libvirt.virConnect, dom: libvirt.virDomain, name: str, size: in
     if disk.readonly or disk.type == "block":
         what = "read-only" if disk.readonly else "a block device (grow the device itself)"
         raise ConflictError(f"disk {name!r} is {what}; it is not resized")
-    others = [u for u in path_uses(conn).get(real(disk.path), []) if u.domain != dom.name()]
+    others = [u for u in path_uses(conn).of(disk.path) if u.domain != dom.name()]
     if others:
         raise ConflictError(f"disk {name!r} is also used by {others[0].domain!r}; not resized")
     if find_disk(live_xml, name) is not None:
@@ -339,8 +338,8 @@ def delete_volumes(conn: libvirt.virConnect, paths: list[str]) -> list[str]:
     uses = path_uses(conn)
     deleted = []
     for path in paths:
-        if uses.get(real(path)):
-            log.warning("volume %s is still used by %s; kept", path, uses[real(path)][0].domain)
+        if uses.of(path):
+            log.warning("volume %s is still used by %s; kept", path, uses.of(path)[0].domain)
             continue
         try:
             conn.storageVolLookupByPath(path).delete(0)

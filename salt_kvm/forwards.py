@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import urllib.parse
 
 import libvirt
 from lxml import etree
 
-from . import addresses, hostnet, nat
+from . import addresses, connection, hostnet, nat
 from .domxml import Domain
 from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
 from .natstore import Entry, Placement, Store, all_forwards
@@ -288,11 +287,11 @@ def forget(domain: str, store: Store | None = None) -> dict:
 
 def check_local(conn: libvirt.virConnect, key: str = "nat_rules") -> None:
     """Forwards are programmed in this host's kernel: the hypervisor must be this host."""
-    parsed = urllib.parse.urlparse(conn.getURI())
-    if parsed.hostname not in (None, "", "localhost"):
+    host = connection.remote_host(conn)
+    if host is not None:
         raise SpecError(
             key,
-            f"forwards are made in the kernel of the host salt-kvm runs on, not {parsed.hostname}",
+            f"forwards are made in the kernel of the host salt-kvm runs on, not {host}",
             "a local libvirt URI (qemu:///system); or run kvm_nat on the hypervisor's minion",
         )
 

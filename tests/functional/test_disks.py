@@ -121,6 +121,33 @@ def test_allowed_dirs_open_a_directory_outside_the_pools(conn, base, tmp_path):
     assert found.source.path == str(image) and not found.source.block
 
 
+class RemoteURI:
+    """The test hypervisor, as if reached over ``qemu+ssh://`` (only its URI differs)."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def getURI(self):  # noqa: N802 - libvirt's name
+        return "qemu+ssh://hv1.example/system"
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+def test_on_a_remote_hypervisor_only_pool_volumes_are_taken(conn, pool, base, tmp_path):
+    """This host's files say nothing of the hypervisor's: a path outside its
+    pools is refused by name, a pool volume still works."""
+    image = tmp_path / "a.raw"
+    image.write_bytes(b"\0" * 4096)
+    remote = RemoteURI(conn)
+    before = definition(base)
+    with pytest.raises(SpecError, match=r"^path: .*not a volume of a storage pool on hv1\.example"):
+        plan(remote, base, allowed=(str(tmp_path),), path=str(image), format="raw")
+    assert definition(base) == before
+    vol = volume(pool, "data.qcow2")
+    assert plan(remote, base, path=vol.path()).source.path == vol.path()
+
+
 def test_a_failed_attach_removes_the_volume_it_made(conn, pool, base):
     """The test driver cannot attach devices: the half-done attach rolls back."""
     before = definition(base), state(conn, pool)
