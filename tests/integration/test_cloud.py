@@ -10,9 +10,12 @@ import libvirt
 import pytest
 import yaml
 
+from salt_kvm import forwards, hostnet, ssh
+
 from . import saltenv
 from .conftest import GUEST_PASSWORD, GUEST_USER, PREFIX, unique
 
+NAT_PORT = 10222  # beside test_nat's 10022 and 10122
 EXAMPLES = Path(__file__).resolve().parents[2] / "profiles.example"
 
 
@@ -203,9 +206,10 @@ def test_parallel_map_of_three(hv, salt, base_domain, pool_volumes):
         assert_gone(hv, salt, name, before, pool_volumes)
 
 
-def test_reserved_address_actions_and_listing(hv, salt, base_domain, pool_volumes):
+def test_reserved_address_nat_rules_actions_and_listing(hv, salt, base_domain, pool_volumes):
     """A NIC with mac+ip gets that address through a DHCP reservation; the
-    actions work on the guest; -d takes the reservation away too."""
+    profile's nat_rules forward a host port to it (shown by show_instance); the
+    actions work on the guest; -d takes the reservation and the forward away too."""
     name = unique("resv")
     mac, ip = "52:54:00:5a:1e:77", f"{saltenv.TEST_NET_PREFIX}.77"
     network = hv.networkLookupByName("salt-kvm-test")
@@ -213,7 +217,10 @@ def test_reserved_address_actions_and_listing(hv, salt, base_domain, pool_volume
     salt.write_profiles(
         {
             "resv": sized_profile(
-                base_domain, salt, nics=[{"network": "salt-kvm-test", "mac": mac, "ip": ip}]
+                base_domain,
+                salt,
+                nics=[{"network": "salt-kvm-test", "mac": mac, "ip": ip}],
+                nat_rules=[{"guest": 22, "host": NAT_PORT}],
             )
         },
         "resv.conf",
@@ -223,6 +230,10 @@ def test_reserved_address_actions_and_listing(hv, salt, base_domain, pool_volume
         assert f"ip='{ip}'" in network.XMLDesc(0)
         shown = json.loads(salt.cloud("-a", "show_instance", name).stdout)
         assert json.dumps(shown).count(ip) >= 1
+        (nat_shown,) = [v["nat"] for v in _values(shown) if isinstance(v, dict) and "nat" in v]
+        assert [(f["host"], f["guest"], f["proto"]) for f in nat_shown] == [(NAT_PORT, 22, "tcp")]
+        with ssh.connect("127.0.0.1", GUEST_USER, GUEST_PASSWORD, port=NAT_PORT) as session:
+            assert session.check("cat /sys/class/net/eth0/address").strip() == mac
         assert salt.salt(name, "cmd.run", "ip -4 -o addr show eth0")[name].count(ip) == 1
         images = json.loads(salt.cloud("--list-images", "test-kvm").stdout)
         assert base_domain in json.dumps(images) and name not in json.dumps(images)
@@ -238,7 +249,17 @@ def test_reserved_address_actions_and_listing(hv, salt, base_domain, pool_volume
     finally:
         salt.cloud("-d", name)
     assert f"ip='{ip}'" not in network.XMLDesc(0)
+    assert name not in forwards.listing()
+    assert name not in json.dumps(hostnet.table_comments())
     assert_gone(hv, salt, name, before, pool_volumes)
+
+
+def _values(tree):
+    """Every dict and value nested in salt-cloud's JSON output."""
+    yield tree
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _values(value)
 
 
 def test_salt_3007_master_and_salt_cloud_use_salt_kvm(
