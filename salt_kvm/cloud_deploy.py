@@ -28,7 +28,9 @@ DEFAULT_MINION_TIMEOUT = 300
 
 def minion_id(opts: dict, vm_: dict) -> str:
     """The key id salt-cloud uses: the minion config's id (or the VM name) + append_domain."""
-    minion = config.get_cloud_config_value("minion", vm_, opts, default={}) or {}
+    minion = config.get_cloud_config_value("minion", vm_, opts, default={})
+    if not isinstance(minion, dict):
+        minion = {}  # refused by name when the profile is checked
     key_id = minion.get("id", vm_["name"])
     if minion.get("append_domain"):
         key_id = f"{key_id}.{minion['append_domain']}"

@@ -27,7 +27,7 @@ from . import (
     sizing,
 )
 from .domxml import Domain, new_domain
-from .errors import ConflictError, SaltKvmError
+from .errors import ConflictError, SaltKvmError, SpecError
 from .rollback import Rollback
 from .spec import VMSpec
 
@@ -53,6 +53,28 @@ class Guest:
     def mark(self, step: str) -> None:
         """Record when ``step`` finished, in seconds since the create began."""
         self.timings[step] = round(time.monotonic() - self.started, 2)
+
+
+def _check_networks(conn: libvirt.virConnect, spec: VMSpec) -> None:
+    """A NIC's network exists and runs, or the profile is refused by name."""
+    wanted = [(i, nic.network) for i, nic in enumerate(spec.nics or []) if nic.network]
+    if not wanted:
+        return
+    nets = {net.name(): net for net in conn.listAllNetworks(0)}
+    active = sorted(name for name, net in nets.items() if net.isActive())
+    for index, name in wanted:
+        if name not in nets:
+            raise SpecError(
+                f"nics[{index}].network",
+                f"no network named {name!r} on {conn.getURI()}",
+                ", ".join(active) or "none active (virsh net-list --all)",
+            )
+        if not nets[name].isActive():
+            raise SpecError(
+                f"nics[{index}].network",
+                f"network {name!r} is not active (virsh net-start {name})",
+                ", ".join(active) or "none active",
+            )
 
 
 def _check_fixed_macs(conn: libvirt.virConnect, spec: VMSpec, taken: set[str]) -> None:
@@ -177,6 +199,7 @@ def _plan_image(conn: libvirt.virConnect, spec: VMSpec, emit: Emit) -> clone.Clo
 def _clone(
     conn: libvirt.virConnect, spec: VMSpec, rollback: Rollback, emit: Emit, seed_iso: bytes | None
 ) -> Guest:
+    _check_networks(conn, spec)
     taken = clone.used_macs(conn)
     _check_fixed_macs(conn, spec, taken)
     diskops.precheck(conn, spec.name, spec.disks)

@@ -6,8 +6,10 @@ downstream reads the raw profile again.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,6 +179,36 @@ def _base_or_image(values: dict) -> tuple[str | None, images.ImageSpec | None]:
             "base_domain: a shut-off domain to clone, or image: a disk image URL or file",
         )
     return base, None
+
+
+# salt-cloud's own keys that look like one of ours but are not typos of it.
+SALT_CLOUD_LOOKALIKES = ("priv_key", "win_password")
+
+
+def check_key_typos(keys: Iterable[str], known: Iterable[str]) -> None:
+    """Refuse a key that is not one we read but is one letter or two away from
+    one (``memroy``, ``cpu``): left alone it would be ignored silently and the
+    guest made with the default. Keys unlike any of ours pass (salt-cloud's
+    own, other tools')."""
+    known = tuple(known)
+    for key in sorted(k for k in keys if isinstance(k, str)):
+        if key in known or key in SALT_CLOUD_LOOKALIKES:
+            continue
+        close = difflib.get_close_matches(key, known, 1, 0.8)
+        if close:
+            raise SpecError(
+                key,
+                f"is not a key salt-kvm reads; did you mean {close[0]!r}?",
+                f"{close[0]} (or remove {key})",
+            )
+
+
+def check_mapping(key: str, value: Any) -> None:
+    """``minion`` and ``grains`` are YAML mappings written into the guest."""
+    if value is not None and not isinstance(value, dict):
+        raise SpecError(
+            key, f"{value!r} is not a mapping", "option: value lines indented under the key"
+        )
 
 
 def build_spec(values: dict) -> VMSpec:

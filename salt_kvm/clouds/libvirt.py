@@ -49,7 +49,7 @@ try:
     from salt_kvm.connection import connected, open_connection
     from salt_kvm.errors import SaltKvmError, SpecError
     from salt_kvm.rollback import Rollback
-    from salt_kvm.spec import build_spec
+    from salt_kvm.spec import build_spec, check_key_typos, check_mapping
 
     HAS_LIBS = True
 except ImportError as _exc:  # pragma: no cover - depends on the master
@@ -101,6 +101,26 @@ SPEC_KEYS = (
     "disks",
     "delete_disks",
     "disk_allowed_dirs",
+)
+
+
+# Keys read besides the spec's: the connection and salt-cloud's deploy.
+DRIVER_KEYS = (
+    "url",
+    "libvirt_username",
+    "libvirt_password",
+    "minion",
+    "grains",
+    "script",
+    "script_args",
+    "deploy_command",
+    "force_minion_config",
+    "keysize",
+    "stop_timeout",
+    "sudo",
+    "sudo_password",
+    "tmp_dir",
+    "wait_for_minion_timeout",
 )
 
 
@@ -165,8 +185,20 @@ def _profile_values(vm_):
     return values
 
 
+def _written_keys(vm_):
+    """The keys the user wrote for this VM: its profile's and its provider's
+    (``vm_`` also holds every master option)."""
+    alias, _, driver = str(vm_.get("provider", "")).partition(":")
+    provider = (__opts__.get("providers") or {}).get(alias, {}).get(driver or "libvirt", {})
+    profile = (__opts__.get("profiles") or {}).get(vm_.get("profile")) or {}
+    return set(profile) | set(provider)
+
+
 def _spec(vm_):
     try:
+        check_key_typos(_written_keys(vm_), SPEC_KEYS + DRIVER_KEYS)
+        for key in ("minion", "grains"):
+            check_mapping(key, config.get_cloud_config_value(key, vm_, __opts__, default=None))
         return build_spec(_profile_values(vm_))
     except SpecError as exc:
         raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc

@@ -4,7 +4,7 @@ import pytest
 
 from salt_kvm import provision
 from salt_kvm.domxml import Domain
-from salt_kvm.errors import ConflictError
+from salt_kvm.errors import ConflictError, SpecError
 from salt_kvm.rollback import Rollback
 from salt_kvm.spec import build_spec
 
@@ -58,6 +58,21 @@ def test_creating_an_existing_managed_domain_does_not_clone_again(conn, pool, ba
 def test_a_domain_salt_kvm_did_not_create_is_never_taken_over(conn, pool, base):
     with pytest.raises(ConflictError, match="not created by salt-kvm"):
         provision.create(conn, spec(name="test"), Rollback(), lambda *a: None)
+
+
+def test_a_missing_or_inactive_network_is_refused_by_name_before_anything_is_made(conn, pool, base):
+    before = state(conn, pool)
+    with pytest.raises(SpecError, match=r"^nics\[1\]\.network: no network named 'nonet'.*default"):
+        nics = [{"network": "default"}, {"network": "nonet"}]
+        provision.create(conn, spec(nics=nics), Rollback(), lambda *a: None)
+    assert state(conn, pool) == before
+    conn.networkDefineXML(
+        "<network><name>idle</name><bridge name='virbr9'/>"
+        "<ip address='10.9.9.1' netmask='255.255.255.0'/></network>"
+    )
+    with pytest.raises(SpecError, match=r"^nics\[0\]\.network: network 'idle' is not active"):
+        provision.create(conn, spec(nics=[{"network": "idle"}]), Rollback(), lambda *a: None)
+    assert state(conn, pool) == before
 
 
 def test_a_mac_in_use_is_refused_before_anything_is_made(conn, pool, base):

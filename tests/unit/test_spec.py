@@ -3,7 +3,7 @@
 import pytest
 
 from salt_kvm.errors import SpecError
-from salt_kvm.spec import NicSpec, build_spec
+from salt_kvm.spec import NicSpec, build_spec, check_key_typos, check_mapping
 from salt_kvm.topology import CpuTopology, NumaCell, parse_cpu_options, parse_numa
 from salt_kvm.units import GIB, MIB
 
@@ -529,3 +529,34 @@ def test_image_replaces_base_domain():
     assert str(s.image.checksum) == "sha256:" + "ab" * 32
     assert (s.image.format, s.image.pool) == ("auto", "default")
     assert spec().image is None
+
+
+@pytest.mark.parametrize(
+    ("keys", "field", "suggestion"),
+    [
+        ({"memroy"}, "memroy", "'memory'"),
+        ({"base_domian", "url"}, "base_domian", "'base_domain'"),
+        ({"cpu"}, "cpu", "'cpus'"),
+        ({"ssh_user"}, "ssh_user", "'ssh_username'"),
+    ],
+)
+def test_a_key_one_typo_away_from_ours_is_refused_by_name(keys, field, suggestion):
+    with pytest.raises(
+        SpecError, match=rf"^{field}: is not a key salt-kvm reads; did you mean {suggestion}"
+    ):
+        check_key_typos(keys, ("memory", "base_domain", "cpus", "ssh_username", "url"))
+
+
+def test_keys_unlike_ours_and_salt_clouds_lookalikes_pass():
+    check_key_typos(
+        {"memory", "make_master", "priv_key", "win_password", "location", "size", "extends"},
+        ("memory", "private_key", "password"),
+    )
+
+
+@pytest.mark.parametrize("key", ["minion", "grains"])
+def test_minion_and_grains_must_be_mappings(key):
+    check_mapping(key, {"master": "m"})
+    check_mapping(key, None)
+    with pytest.raises(SpecError, match=rf"^{key}: 'master: m' is not a mapping"):
+        check_mapping(key, "master: m")
