@@ -107,7 +107,8 @@ def cloud_error(proc, name):
     "extra,message",
     [
         ({"wait_for_ip_timeout": 3}, "got no IP address from ip-learning within 3s"),
-        ({"nics": ["skt-no-such-network"]}, "skt-no-such-network"),
+        # a bridge that does not exist: only starting the domain finds out
+        ({"nics": [{"bridge": "skt-nobr0"}]}, "skt-nobr0"),
         # valid for the profile, refused by libvirt's define (machine type limit)
         ({"cpus": 300}, "Maximum CPUs greater than specified machine type limit"),
     ],
@@ -140,8 +141,18 @@ def test_wrong_ssh_password_leaves_nothing_behind(hv, salt, base_domain, pool_vo
         ({"script": "no-such-script"}, ["script", "no-such-script"]),
         ({"wait_for_minion_timeout": "soon"}, ["wait_for_minion_timeout", "seconds"]),
         ({"nics": [{"network": "salt-kvm-test", "ip": "192.168.213.9"}]}, ["nics[0].ip", "mac"]),
+        ({"nics": ["skt-no-such-network"]}, ["nics[0].network", "salt-kvm-test"]),
+        ({"memroy": "1G"}, ["memroy", "did you mean 'memory'"]),
     ],
-    ids=["clone_strategy", "memory", "script", "minion-timeout", "ip-without-mac"],
+    ids=[
+        "clone_strategy",
+        "memory",
+        "script",
+        "minion-timeout",
+        "ip-without-mac",
+        "missing-network",
+        "key-typo",
+    ],
 )
 def test_bad_profile_value_names_the_key_and_creates_nothing(
     hv, salt, base_domain, pool_volumes, extra, expected
