@@ -27,7 +27,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
@@ -69,6 +69,7 @@ class Point:
     disks: dict[str, DiskImage] = field(default_factory=dict)
     domain_xml_sha256: str | None = None
     duration: float | None = None
+    method: str = "api"  # how it was taken: "api" (backup API) or "snapshot" (fallback)
     format: int = FORMAT
 
     def to_dict(self) -> dict:
@@ -76,7 +77,8 @@ class Point:
 
     @classmethod
     def from_dict(cls, data: dict) -> Point:
-        data = dict(data)
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}  # a newer manifest reads too
         disks = {k: DiskImage(**v) for k, v in (data.pop("disks", None) or {}).items()}
         return cls(disks=disks, **data)
 
@@ -93,6 +95,7 @@ class Point:
             "created": self.created,
             "consistency": self.consistency,
             "frozen": self.frozen,
+            "method": self.method,
             "bytes": self.bytes,
             "disks": sorted(self.disks),
         }

@@ -15,7 +15,7 @@ import time
 import libvirt
 from lxml import etree
 
-from . import backup, names, qemuimg
+from . import backup_core, names, qemuimg
 from . import backup_store as bs
 from .clone import define, prepare_identity, used_macs
 from .domxml import Disk, Domain
@@ -169,7 +169,7 @@ def _in_place(conn: libvirt.virConnect, store: bs.Store, point: bs.Point, force:
     for tmp, final in temps:
         os.replace(tmp, final)
     # The images are new: the old checkpoints' bitmaps went with the old files.
-    for name in backup.our_checkpoints(dom):
+    for name in backup_core.our_checkpoints(dom):
         dom.checkpointLookupByName(name, 0).delete(
             libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
         )
