@@ -91,7 +91,7 @@ def create(
     dom = lookup(conn, name)
     store = bs.Store(dest, name)
     source_disks(dom, disks)  # checked before anything is written
-    with store.locked("backup"):
+    with store.locked("backup"), bs.domain_locked(dom.UUIDString(), name, store.dest):
         points = store.points()
         latest = points[-1] if points else None
         cleaned = reconcile(dom, store, latest.checkpoint if latest else None)

@@ -59,8 +59,9 @@ def restore(
     point = bs.check_point_ref(point)
     if target is not None:
         names.check_vm_name(target, "target")
-        if target == name:
+        if target == name and _exists(conn, name):
             target = None  # restoring onto itself is the in-place restore
+        # else a takeover: the domain lives on under its own name on this host
     store = bs.Store(dest, name)
     store.point(point)  # no such backup: fail before taking the lock (which writes)
     with store.locked("restore"):
@@ -77,6 +78,14 @@ def restore(
         duration=round(time.monotonic() - started, 2),
     )
     return result
+
+
+def _exists(conn: libvirt.virConnect, name: str) -> bool:
+    try:
+        conn.lookupByName(name)
+        return True
+    except libvirt.libvirtError:
+        return False
 
 
 def _as_new(

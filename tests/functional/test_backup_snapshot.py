@@ -180,3 +180,25 @@ def test_progress_of_qemu_img_is_read(tmp_path):
     assert seen and seen[-1] == 100.0 and seen == sorted(seen)
     with pytest.raises(backup.SaltKvmError, match="qemu-img convert .* failed: .*"):
         qemuimg.copy_flat(str(tmp_path / "none.qcow2"), "qcow2", str(copy), False)
+
+
+def test_takeover_restores_under_the_lost_domains_name(conn, vm, dest, tmp_path):
+    dom, disk, data, base = vm
+    backup.create(conn, "vm", dest, method="snapshot")
+    dom.undefine()  # the host is lost: the domain and its disks are gone
+    os.unlink(disk)
+    os.unlink(data)
+    pool_dir = tmp_path / "other"
+    pool_dir.mkdir()
+    pool = conn.storagePoolDefineXML(
+        f"<pool type='dir'><name>other</name><target><path>{pool_dir}</path></target></pool>"
+    )
+    pool.create(0)
+    made = restore.restore(conn, "vm", dest, target="vm", pool="other")
+    assert made["domain"] == "vm" and not made.get("in_place")
+    back = conn.lookupByName("vm")
+    assert [d.path for d in Domain(back.XMLDesc(0)).disks] == made["volumes"]
+    assert pattern_at(made["volumes"][0], 8 * MIB, 8 * MIB, 2)
+    # while the domain exists, target=<its name> is the in-place restore
+    with pytest.raises(backup.SaltKvmError, match="force=True"):
+        restore.restore(conn, "vm", dest, target="vm", pool="other")

@@ -10,7 +10,7 @@ import pytest
 from salt_kvm import backup, backup_api, backup_snap, snapshot
 from salt_kvm import backup_store as bs
 from salt_kvm.backup_core import SourceDisk, check_method
-from salt_kvm.errors import SaltKvmError, SpecError
+from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
 
 REPO = Path(__file__).resolve().parents[2]
 DISKS = [
@@ -173,3 +173,17 @@ def test_state_passes_the_method_on():
     ret = _load_state(salt).backed_up("vm", "/b", method="snapshot")
     assert ret["result"] is True and got["method"] == "snapshot"
     assert ret["changes"]["backup"]["method"] == "snapshot"
+
+
+def test_one_run_per_domain_whatever_the_destination(tmp_path):
+    locks = str(tmp_path / "locks")
+    with bs.domain_locked("uuid-1", "vm", Path("/a"), locks):
+        with pytest.raises(
+            ConflictError, match=r"another backup run of vm .* /b\) .*backup into /a"
+        ):
+            with bs.domain_locked("uuid-1", "vm", Path("/b"), locks):
+                pass
+        with bs.domain_locked("uuid-2", "vm2", Path("/b"), locks):  # another domain: fine
+            pass
+    with bs.domain_locked("uuid-1", "vm", Path("/b"), locks):  # released
+        pass
