@@ -112,16 +112,48 @@ def our_checkpoints(dom: libvirt.virDomain, tag: str | None = None) -> list[str]
 
 
 def delete_checkpoint(dom: libvirt.virDomain, name: str) -> None:
-    """Delete a checkpoint; when its bitmaps are broken or gone, its metadata only."""
+    """Delete a checkpoint; when its bitmaps are broken or gone, its metadata only.
+
+    libvirt 9.0 deletes checkpoints of running domains only; for a shut-off one
+    the metadata goes and qemu-img removes the bitmaps from the images: a stale
+    persistent bitmap would make QEMU refuse to load an internal snapshot.
+    """
     try:
         cp = dom.checkpointLookupByName(name, 0)
     except libvirt.libvirtError:
+        return
+    if not dom.isActive():
+        cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+        remove_bitmaps(dom, name)
         return
     try:
         cp.delete(0)
     except libvirt.libvirtError as exc:
         log.warning("checkpoint %s of %s: %s; removing its metadata only", name, dom.name(), exc)
         cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+
+
+def remove_bitmaps(dom: libvirt.virDomain, name: str) -> list[str]:
+    """Remove bitmap ``name`` from every qcow2 image of a shut-off domain's disks."""
+    xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    removed = []
+    for disk in xml.disks:
+        if disk.driver_type != "qcow2" or not disk.path or disk.readonly:
+            continue
+        try:
+            chain = qemuimg.info(disk.path, chain=True)
+        except SaltKvmError as exc:
+            log.warning("%s: bitmaps of %s not checked: %s", dom.name(), disk.path, exc)
+            continue
+        for image in chain:
+            data = (image.get("format-specific") or {}).get("data") or {}
+            if any(b.get("name") == name for b in data.get("bitmaps") or []):
+                try:
+                    qemuimg.run("bitmap", "--remove", image["filename"], name)
+                    removed.append(image["filename"])
+                except SaltKvmError as exc:  # only a stale bitmap: never fail a run for it
+                    log.warning("%s: bitmap %s stays in %s: %s", dom.name(), name, image, exc)
+    return removed
 
 
 # ---- the guest's filesystems --------------------------------------------------------

@@ -218,12 +218,34 @@ def revert(conn: libvirt.virConnect, domain: str, name: str, force: bool = False
     snap = _get(dom, check_name(name))
     info = describe(snap)
     if info["kind"] == KIND_INTERNAL:
+        # QEMU loads no internal snapshot while a disk has dirty bitmaps ("Device has
+        # active dirty bitmaps", and the guest would be gone), and the disks go back in
+        # time anyway: salt-kvm's checkpoints are dropped (the next backup is full).
+        dropped = _drop_checkpoints_for_revert(dom)
         try:
             dom.revertToSnapshot(snap, 0)
         except libvirt.libvirtError as exc:
             raise SaltKvmError(f"revert of {domain} to {name}: {exc}") from exc
-        return {"name": name, "kind": KIND_INTERNAL, "reverted": True}
+        return {
+            "name": name,
+            "kind": KIND_INTERNAL,
+            "reverted": True,
+            "checkpoints_dropped": dropped,
+        }
     return _revert_external(dom, snap, info, force)
+
+
+def _drop_checkpoints_for_revert(dom: libvirt.virDomain) -> list[str]:
+    ours = backup_core.our_checkpoints(dom)
+    foreign = sorted({c.getName() for c in dom.listAllCheckpoints(0)} - set(ours))
+    if foreign:
+        raise ConflictError(
+            f"{dom.name()} has checkpoints ({', '.join(foreign)}) whose dirty bitmaps keep "
+            "QEMU from loading an internal snapshot; delete them first"
+        )
+    for name in ours:
+        backup_core.delete_checkpoint(dom, name)
+    return ours
 
 
 def _revert_external(dom, snap, info: dict, force: bool) -> dict:
@@ -249,13 +271,14 @@ def _revert_external(dom, snap, info: dict, force: bool) -> dict:
         if not backing:
             raise SaltKvmError(f"{overlay} has no backing image; cannot revert")
         plans.append((overlay, backing, data.get("backing-filename-format", "qcow2")))
-    if was_running:
-        dom.destroy()
     # The overlays carry the checkpoints' dirty bitmaps: emptying them would let an
-    # incremental backup miss writes. Drop salt-kvm's checkpoints: the next backup is full.
+    # incremental backup miss writes. Drop salt-kvm's checkpoints (while the guest
+    # runs, libvirt removes their bitmaps too): the next backup is full.
     dropped = backup_core.our_checkpoints(dom)
     for checkpoint in dropped:
         backup_core.delete_checkpoint(dom, checkpoint)
+    if was_running:
+        dom.destroy()
     for overlay, backing, fmt in plans:
         fresh = f"{overlay}.revert"
         qemuimg.create_overlay(fresh, backing, fmt)

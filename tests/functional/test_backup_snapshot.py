@@ -202,3 +202,15 @@ def test_takeover_restores_under_the_lost_domains_name(conn, vm, dest, tmp_path)
     # while the domain exists, target=<its name> is the in-place restore
     with pytest.raises(backup.SaltKvmError, match="force=True"):
         restore.restore(conn, "vm", dest, target="vm", pool="other")
+
+
+def test_stale_bitmaps_are_removed_from_a_shut_off_domains_images(conn, vm):
+    from salt_kvm import backup_core
+
+    dom, disk, data, base = vm
+    qemuimg.run("bitmap", "--add", disk, "saltkvm-x-1")
+    qemuimg.run("bitmap", "--add", disk, "someone-else")
+    assert backup_core.remove_bitmaps(dom, "saltkvm-x-1") == [disk]
+    left = qemuimg.info(disk)["format-specific"]["data"]["bitmaps"]
+    assert [b["name"] for b in left] == ["someone-else"]
+    assert backup_core.remove_bitmaps(dom, "saltkvm-x-1") == []
