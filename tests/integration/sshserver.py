@@ -6,6 +6,7 @@ the network rule keeps the tests on loopback."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -14,6 +15,8 @@ import threading
 import paramiko
 
 OK = paramiko.SFTP_OK
+LOG_CHANNEL = "tests.sshserver"
+logging.getLogger(LOG_CHANNEL).setLevel(logging.CRITICAL)
 
 
 class _SftpHandle(paramiko.SFTPHandle):
@@ -170,6 +173,7 @@ class SshServer:
 
     def _handle(self, conn: socket.socket) -> None:
         transport = paramiko.Transport(conn)
+        transport.set_log_channel(LOG_CHANNEL)  # ssh.connect's probes just close: no noise
         transport.add_server_key(self.key)
         transport.set_subsystem_handler("sftp", paramiko.SFTPServer, _Sftp)
         self.transports.append(transport)
