@@ -1,8 +1,10 @@
 """
 Snapshots and backups of KVM guests, from the hypervisor minion.
 
-Backups use libvirt's backup API with checkpoints: the first backup of a
-domain into a destination is full, the next ones incremental. Each run fires
+Backups use libvirt's backup API with checkpoints (``method=api``) or, where
+libvirt is older than 7.6 or with ``method=snapshot``, an external snapshot,
+a copy with qemu-img and a block commit back: the first backup of a domain
+into a destination is full, the next ones incremental. Each run fires
 ``salt/kvm_backup/<domain>/<step>`` events (``start``, ``progress``, ``done``,
 ``failed``) on the Salt event bus. See the backup page of the documentation.
 
@@ -106,7 +108,9 @@ def snapshot_revert(domain, name, force=False, uri=None):
     """
     Return ``domain`` to snapshot ``name``. An external snapshot must be the
     newest of its chain; a running guest is powered off and started again only
-    with ``force=True`` (a disk-only snapshot holds no memory state).
+    with ``force=True`` (a disk-only snapshot holds no memory state). Either
+    kind drops salt-kvm's backup checkpoints (the next backup is full): an
+    internal snapshot cannot be loaded while a disk has dirty bitmaps.
 
     CLI Example:
 
@@ -143,6 +147,7 @@ def create(
     copies=None,
     events=True,
     uri=None,
+    method="auto",
 ):
     """
     Back up ``domain``'s disks into ``dest``/``domain``: full the first time
@@ -154,12 +159,20 @@ def create(
     ``ssh://user@host/path`` URLs, or dicts with ``target``, ``password``,
     ``key_filename``, ``keep``.
 
+    ``method``: ``api`` (libvirt's backup API with checkpoints: an incremental
+    reads and writes only the changed clusters), ``snapshot`` (an external
+    snapshot, a copy with qemu-img, then a block commit back: needs no
+    checkpoint, works with any libvirt and raw disks too; an incremental reads
+    the whole disk but writes only what changed), or ``auto`` (default: ``api``
+    with libvirt 7.6 or later, else ``snapshot``).
+
     CLI Example:
 
     .. code-block:: bash
 
         salt hypervisor kvm_backup.create web1 dest=/srv/backup
         salt hypervisor kvm_backup.create web1 dest=/srv/backup copies='[/mnt/nas/backup]'
+        salt hypervisor kvm_backup.create web1 dest=/srv/backup method=snapshot
     """
     result = _with_conn(
         uri,
@@ -171,6 +184,7 @@ def create(
         full_every=full_every,
         disks=disks,
         emit=_emitter(domain, events),
+        method=method,
     )
     result["copies"] = [
         _call(backup_ops.replicate, dest, domain, **_copy_args(copy)) for copy in copies or []

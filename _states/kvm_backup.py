@@ -21,6 +21,7 @@ States for guest backups and snapshots.
 import datetime
 
 try:
+    from salt_kvm.backup_core import check_method
     from salt_kvm.errors import SaltKvmError
     from salt_kvm.units import parse_duration
 
@@ -56,6 +57,7 @@ def backed_up(
     disks=None,
     copies=None,
     uri=None,
+    method="auto",
 ):
     """
     Ensure ``dest`` holds a backup of domain ``name`` younger than ``max_age``
@@ -72,10 +74,14 @@ def backed_up(
         How old the newest backup may be before a new one is taken.
     keep
         How many chains (a full and its incrementals) to keep.
+    method
+        ``auto`` (default), ``api`` or ``snapshot``: how the disks are copied
+        (see ``kvm_backup.create``).
     """
     ret = {"name": name, "result": True, "changes": {}, "comment": ""}
     try:
         limit = parse_duration(max_age, "max_age")
+        method = check_method(method)
         points = __salt__["kvm_backup.list"](name, dest)
     except (SaltKvmError, CommandExecutionError) as exc:
         ret["result"] = False
@@ -103,6 +109,7 @@ def backed_up(
             disks=disks,
             copies=copies,
             uri=uri,
+            method=method,
         )
         pruned = __salt__["kvm_backup.prune"](name, dest, keep)
     except CommandExecutionError as exc:
@@ -116,6 +123,7 @@ def backed_up(
             "kind": made["kind"],
             "bytes": made["bytes"],
             "frozen": made["frozen"],
+            "method": made.get("method"),
         }
     }
     if pruned["deleted"]:

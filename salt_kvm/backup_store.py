@@ -27,7 +27,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
@@ -41,6 +41,7 @@ KIND_FULL = "full"
 KIND_INCREMENTAL = "incremental"
 POINT_RE = re.compile(r"^\d{8}T\d{6}Z(?:-\d+)?$")
 LATEST = "latest"
+DOMAIN_LOCK_DIR = "/run/lock/salt-kvm-backup"
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Point:
     disks: dict[str, DiskImage] = field(default_factory=dict)
     domain_xml_sha256: str | None = None
     duration: float | None = None
+    method: str = "api"  # how it was taken: "api" (backup API) or "snapshot" (fallback)
     format: int = FORMAT
 
     def to_dict(self) -> dict:
@@ -76,7 +78,8 @@ class Point:
 
     @classmethod
     def from_dict(cls, data: dict) -> Point:
-        data = dict(data)
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}  # a newer manifest reads too
         disks = {k: DiskImage(**v) for k, v in (data.pop("disks", None) or {}).items()}
         return cls(disks=disks, **data)
 
@@ -93,6 +96,7 @@ class Point:
             "created": self.created,
             "consistency": self.consistency,
             "frozen": self.frozen,
+            "method": self.method,
             "bytes": self.bytes,
             "disks": sorted(self.disks),
         }
@@ -216,23 +220,9 @@ class Store:
     def locked(self, what: str = "backup") -> Iterator[None]:
         """One run at a time per domain: a second one is refused, not queued."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                raise ConflictError(
-                    f"another run holds the backup lock of {self.domain} in {self.dest} "
-                    f"({holder or 'unknown'}); try again when it has finished"
-                ) from exc
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{what} pid {os.getpid()}".encode(), 0)
+        busy = f"another run holds the backup lock of {self.domain} in {self.dest}"
+        with flocked(self.root / LOCK, what, busy):
             yield
-        finally:
-            os.close(fd)  # closing releases the lock; so does the death of the process
 
     def begin(self, point_id: str) -> Path:
         partial = self.root / f"{PARTIAL}{point_id}"
@@ -270,6 +260,37 @@ class Store:
         doomed = self.root / f"{PARTIAL}deleted-{point.id}"
         os.rename(self.path(point), doomed)
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def flocked(path: Path, what: str, busy: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path``; ``busy`` (plus the holder) when taken."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            raise ConflictError(
+                f"{busy} ({holder or 'unknown'}); try again when it has finished"
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{what} pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock; so does the death of the process
+
+
+@contextlib.contextmanager
+def domain_locked(uuid: str, domain: str, dest: Path, lock_dir: str = DOMAIN_LOCK_DIR):
+    """One backup run per domain on this host, whatever its destination: a run
+    cleaning up after a killed one must never merge back a live run's overlays."""
+    os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+    busy = f"another backup run of {domain} (into another destination than {dest}) is under way"
+    with flocked(Path(lock_dir) / f"{uuid}.lock", f"backup into {dest}", busy):
+        yield
 
 
 def _fsync_dir(path: Path) -> None:

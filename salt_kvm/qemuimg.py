@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import re
 import shutil
+import signal
 import subprocess
+import tempfile
+from collections.abc import Callable
 
 from .errors import SaltKvmError
 
 QEMU_IMG = "qemu-img"
+PERCENT_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+PR_SET_PDEATHSIG = 1
 
 
 def available() -> bool:
@@ -60,7 +67,80 @@ def convert(source: str, dest: str, fmt: str = "qcow2") -> None:
     run("convert", "-q", "-O", fmt, *options, source, dest)
 
 
-def create_overlay(path: str, backing: str, backing_format: str) -> None:
-    run(
-        "create", "-q", "-f", "qcow2", "-o", "compat=1.1", "-F", backing_format, "-b", backing, path
-    )
+def create_overlay(path: str, backing: str, backing_format: str, size: int | None = None) -> None:
+    """A qcow2 on ``backing``; with ``size``, the backing file is not opened (it may be
+    in use by a running guest)."""
+    args = ["create", "-q", "-f", "qcow2", "-o", "compat=1.1", "-F", backing_format]
+    run(*args, "-b", backing, path, *([str(size)] if size is not None else []))
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """A copy must not outlive a killed backup run (it would read a disk being merged)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def run_progress(*args: str, progress: Callable[[float], None] | None = None) -> None:
+    """``qemu-img`` with ``-p`` (its ``(12.50/100%)`` lines go to ``progress``)."""
+    cmd = [QEMU_IMG, *args]
+    with tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=err, preexec_fn=_die_with_parent
+            )
+        except OSError as exc:
+            raise SaltKvmError(f"{' '.join(cmd)}: {exc}") from exc
+        try:
+            pending = b""
+            while chunk := proc.stdout.read1(4096):
+                pending += chunk
+                *lines, pending = re.split(rb"[\r\n]", pending)
+                for line in lines:
+                    found = PERCENT_RE.search(line)
+                    if found and progress is not None:
+                        progress(float(found.group(1)))
+            code = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if code != 0:
+            err.seek(0)
+            message = err.read().decode(errors="replace").strip() or f"exit status {code}"
+            raise SaltKvmError(f"{' '.join(cmd)} failed: {message}")
+
+
+def copy_flat(
+    source: str,
+    source_format: str,
+    dest: str,
+    share: bool,
+    progress: Callable[[float], None] | None = None,
+) -> None:
+    """``source`` with its whole backing chain into one standalone qcow2 v3 image;
+    ``share`` (``-U``) reads an image a running guest holds."""
+    shared = ["-U"] if share else []
+    args = ["convert", "-p", *shared, "-f", source_format, "-O", "qcow2", "-o", "compat=1.1"]
+    run_progress(*args, source, dest, progress=progress)
+
+
+def rebase_safe(
+    path: str,
+    backing: str,
+    backing_format: str,
+    share: bool,
+    progress: Callable[[float], None] | None = None,
+) -> None:
+    """Give ``path`` the new backing file ``backing``, writing into ``path`` every
+    cluster where the old and the new backing chains differ (so the content of
+    ``path`` stays the same)."""
+    shared = ["-U"] if share else []
+    args = ["rebase", "-p", *shared, "-f", "qcow2", "-F", backing_format, "-b", backing, path]
+    run_progress(*args, progress=progress)
+
+
+def commit(path: str) -> None:
+    """Write ``path``'s data into its backing file (one level, never further down)."""
+    run("commit", "-q", "-f", "qcow2", path)

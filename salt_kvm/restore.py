@@ -15,7 +15,7 @@ import time
 import libvirt
 from lxml import etree
 
-from . import backup, names, qemuimg
+from . import backup_core, names, qemuimg
 from . import backup_store as bs
 from .clone import define, prepare_identity, used_macs
 from .domxml import Disk, Domain
@@ -59,8 +59,9 @@ def restore(
     point = bs.check_point_ref(point)
     if target is not None:
         names.check_vm_name(target, "target")
-        if target == name:
+        if target == name and _exists(conn, name):
             target = None  # restoring onto itself is the in-place restore
+        # else a takeover: the domain lives on under its own name on this host
     store = bs.Store(dest, name)
     store.point(point)  # no such backup: fail before taking the lock (which writes)
     with store.locked("restore"):
@@ -77,6 +78,14 @@ def restore(
         duration=round(time.monotonic() - started, 2),
     )
     return result
+
+
+def _exists(conn: libvirt.virConnect, name: str) -> bool:
+    try:
+        conn.lookupByName(name)
+        return True
+    except libvirt.libvirtError:
+        return False
 
 
 def _as_new(
@@ -169,7 +178,7 @@ def _in_place(conn: libvirt.virConnect, store: bs.Store, point: bs.Point, force:
     for tmp, final in temps:
         os.replace(tmp, final)
     # The images are new: the old checkpoints' bitmaps went with the old files.
-    for name in backup.our_checkpoints(dom):
+    for name in backup_core.our_checkpoints(dom):
         dom.checkpointLookupByName(name, 0).delete(
             libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
         )

@@ -23,8 +23,8 @@ import time
 import libvirt
 from lxml import etree
 
-from . import backup, qemuimg
-from .backup import check_quiesce
+from . import backup_core, qemuimg
+from .backup_core import check_quiesce
 from .domxml import Disk, Domain
 from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
 from .lifecycle import lookup
@@ -35,11 +35,17 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, 64 at most"
 KIND_EXTERNAL = "external"
 KIND_INTERNAL = "internal"
+# The overlays of method=snapshot backups are named like a snapshot with this prefix.
+BACKUP_PREFIX = "saltkvm-backup-"
 
 
 def check_name(value: object, key: str = "name") -> str:
     if not isinstance(value, str) or not NAME_RE.match(value):
         raise SpecError(key, f"{value!r} is not a snapshot name", NAME_RULE)
+    if value.startswith(BACKUP_PREFIX):
+        raise SpecError(
+            key, f"{value!r} is reserved for backups", f"{NAME_RULE}, not {BACKUP_PREFIX}*"
+        )
     return value
 
 
@@ -59,21 +65,28 @@ def overlay_path(disk_path: str, snapshot: str) -> str:
     return os.path.join(folder, f"{stem}.{snapshot}.qcow2")
 
 
-def _external_xml(name: str, description: str | None, take: list[Disk], skip: list[Disk]) -> str:
+def external_xml(
+    name: str, description: str | None, overlays: dict[str, str], skipped: list[str]
+) -> str:
+    """A disk-only snapshot: an overlay per target of ``overlays``, none for ``skipped``."""
     root = etree.Element("domainsnapshot")
     etree.SubElement(root, "name").text = name
     if description:
         etree.SubElement(root, "description").text = description
     etree.SubElement(root, "memory", snapshot="no")
     disks = etree.SubElement(root, "disks")
-    for disk in take:
-        node = etree.SubElement(disks, "disk", name=disk.target_dev, snapshot="external")
+    for target, overlay in overlays.items():
+        node = etree.SubElement(disks, "disk", name=target, snapshot="external")
         etree.SubElement(node, "driver", type="qcow2")
-        etree.SubElement(node, "source", file=overlay_path(disk.path, name))
-    for disk in skip:
-        if disk.target_dev:
-            etree.SubElement(disks, "disk", name=disk.target_dev, snapshot="no")
+        etree.SubElement(node, "source", file=overlay)
+    for target in skipped:
+        etree.SubElement(disks, "disk", name=target, snapshot="no")
     return etree.tostring(root, encoding="unicode")
+
+
+def _external_xml(name: str, description: str | None, take: list[Disk], skip: list[Disk]) -> str:
+    overlays = {d.target_dev: overlay_path(d.path, name) for d in take}
+    return external_xml(name, description, overlays, [d.target_dev for d in skip if d.target_dev])
 
 
 def _offline_checkpoints(dom: libvirt.virDomain) -> list[str]:
@@ -84,7 +97,7 @@ def _offline_checkpoints(dom: libvirt.virDomain) -> list[str]:
     """
     if dom.isActive():
         return []
-    ours = backup.our_checkpoints(dom)
+    ours = backup_core.our_checkpoints(dom)
     foreign = sorted({c.getName() for c in dom.listAllCheckpoints(0)} - set(ours))
     if foreign:
         raise ConflictError(
@@ -92,7 +105,7 @@ def _offline_checkpoints(dom: libvirt.virDomain) -> list[str]:
             "does not allow block operations with; start it, or delete them first"
         )
     for name in ours:
-        backup.delete_checkpoint(dom, name)
+        backup_core.delete_checkpoint(dom, name)
     return ours
 
 
@@ -137,13 +150,13 @@ def create(
         quiesced = bool(dom.isActive()) and quiesce is not False
     dropped = _offline_checkpoints(dom) if disk_only else []
     try:
-        snap, quiesced = _create(dom, xml, flags, quiesced, quiesce)
+        snap, quiesced = create_quiesced(dom, xml, flags, quiesced, quiesce)
     except libvirt.libvirtError as exc:
         raise SaltKvmError(f"snapshot {name} of {domain}: {exc}") from exc
     return {**describe(snap), "quiesced": quiesced, "checkpoints_dropped": dropped}
 
 
-def _create(dom, xml: str, flags: int, try_quiesce: bool, quiesce) -> tuple:
+def create_quiesced(dom, xml: str, flags: int, try_quiesce: bool, quiesce) -> tuple:
     """Create with the agent's freeze when asked and possible; return (snapshot, quiesced)."""
     if try_quiesce:
         try:
@@ -205,12 +218,34 @@ def revert(conn: libvirt.virConnect, domain: str, name: str, force: bool = False
     snap = _get(dom, check_name(name))
     info = describe(snap)
     if info["kind"] == KIND_INTERNAL:
+        # QEMU loads no internal snapshot while a disk has dirty bitmaps ("Device has
+        # active dirty bitmaps", and the guest would be gone), and the disks go back in
+        # time anyway: salt-kvm's checkpoints are dropped (the next backup is full).
+        dropped = _drop_checkpoints_for_revert(dom)
         try:
             dom.revertToSnapshot(snap, 0)
         except libvirt.libvirtError as exc:
             raise SaltKvmError(f"revert of {domain} to {name}: {exc}") from exc
-        return {"name": name, "kind": KIND_INTERNAL, "reverted": True}
+        return {
+            "name": name,
+            "kind": KIND_INTERNAL,
+            "reverted": True,
+            "checkpoints_dropped": dropped,
+        }
     return _revert_external(dom, snap, info, force)
+
+
+def _drop_checkpoints_for_revert(dom: libvirt.virDomain) -> list[str]:
+    ours = backup_core.our_checkpoints(dom)
+    foreign = sorted({c.getName() for c in dom.listAllCheckpoints(0)} - set(ours))
+    if foreign:
+        raise ConflictError(
+            f"{dom.name()} has checkpoints ({', '.join(foreign)}) whose dirty bitmaps keep "
+            "QEMU from loading an internal snapshot; delete them first"
+        )
+    for name in ours:
+        backup_core.delete_checkpoint(dom, name)
+    return ours
 
 
 def _revert_external(dom, snap, info: dict, force: bool) -> dict:
@@ -236,13 +271,14 @@ def _revert_external(dom, snap, info: dict, force: bool) -> dict:
         if not backing:
             raise SaltKvmError(f"{overlay} has no backing image; cannot revert")
         plans.append((overlay, backing, data.get("backing-filename-format", "qcow2")))
+    # The overlays carry the checkpoints' dirty bitmaps: emptying them would let an
+    # incremental backup miss writes. Drop salt-kvm's checkpoints (while the guest
+    # runs, libvirt removes their bitmaps too): the next backup is full.
+    dropped = backup_core.our_checkpoints(dom)
+    for checkpoint in dropped:
+        backup_core.delete_checkpoint(dom, checkpoint)
     if was_running:
         dom.destroy()
-    # The overlays carry the checkpoints' dirty bitmaps: emptying them would let an
-    # incremental backup miss writes. Drop salt-kvm's checkpoints: the next backup is full.
-    dropped = backup.our_checkpoints(dom)
-    for checkpoint in dropped:
-        backup.delete_checkpoint(dom, checkpoint)
     for overlay, backing, fmt in plans:
         fresh = f"{overlay}.revert"
         qemuimg.create_overlay(fresh, backing, fmt)

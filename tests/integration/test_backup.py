@@ -1,8 +1,12 @@
 """kvm_backup on one booted guest with a small data disk: full and incremental
 backups, restores (new domain booted, full point, in place), a run killed with
-SIGKILL, broken checkpoints, second copies (folder and SSH), snapshots, a
-shut-off guest, and the execution/state modules through salt-call."""
+SIGKILL, broken checkpoints, second copies (folder and SSH), the snapshot
+method (its points, a copy that fails half-way, a killed run), external and
+internal snapshots, events on a master's bus, a shut-off guest, the
+execution/state modules through salt-call, and last a takeover from a copy
+sent over SSH after the guest is lost."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,22 +14,26 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import libvirt
 import pytest
 
-from salt_kvm import backup, backup_ops, lifecycle, qemuimg, restore, snapshot
+from salt_kvm import backup, backup_ops, backup_snap, lifecycle, qemuimg, restore, snapshot
 from salt_kvm import backup_store as bs
-from salt_kvm.errors import ConflictError, SpecError
+from salt_kvm.domxml import Domain
+from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
 
-from . import guests
+from . import guests, saltenv
 from .conftest import GUEST_PASSWORD, PREFIX, URI, unique
-from .test_discovery import minion_config
+from .sshserver import SshServer
+from .test_discovery import minion_config, salt_config
 
 MIB = 1024**2
 REPO = Path(__file__).resolve().parents[2]
+SSH_PORT = int(os.environ.get("SALT_KVM_TEST_PORT_BASE", "45505")) + 20
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +55,13 @@ def _dest(stem):
 @pytest.fixture(scope="module")
 def dest():
     path = _dest("backup")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def snapdest():
+    path = _dest("snapmethod")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -130,6 +145,8 @@ def test_concurrent_run_and_bad_input_are_refused(hv, guest, dest):
             backup.create(hv, guest.name, empty, disks=["vdz"])
         with pytest.raises(SpecError, match="^quiesce:.*auto"):
             backup.create(hv, guest.name, empty, quiesce="maybe")
+        with pytest.raises(SpecError, match="^method: 'rsync'.*accepted: auto, api, snapshot"):
+            backup.create(hv, guest.name, empty, method="rsync")
         with pytest.raises(SpecError, match="^target:"):
             restore.restore(hv, guest.name, dest, target="bad name!")
         assert os.listdir(empty) == []
@@ -223,7 +240,175 @@ def test_second_copies_folder_and_ssh(hv, guest, dest, state):
         shutil.rmtree(small, ignore_errors=True)
 
 
-def test_snapshot_revert_and_delete(hv, guest):
+# ---- method=snapshot ---------------------------------------------------------------
+def _sources(dom, flags=0):
+    return {d.target_dev: d.path for d in Domain(dom.XMLDesc(flags)).disks if d.device == "disk"}
+
+
+def _on_the_original_images(g, before):
+    """Live and persistent definitions name the original images; no overlay file is left."""
+    assert _sources(g.dom) == before
+    assert _sources(g.dom, libvirt.VIR_DOMAIN_XML_INACTIVE) == before
+    folders = {os.path.dirname(p) for p in before.values()}
+    left = [f for d in folders for f in os.listdir(d) if backup_snap.OVERLAY_PREFIX in f]
+    assert left == []
+    if g.dom.isActive():
+        assert all(not g.dom.blockJobInfo(t, 0) for t in before)
+
+
+def test_snapshot_method_full_incremental_and_restores(hv, guest, dest, snapdest, state):
+    before = _sources(guest.dom)
+    assert before == _sources(guest.dom, libvirt.VIR_DOMAIN_XML_INACTIVE)
+    state["s1"] = write(guest, "/data/s", 16)
+    events = []
+    full = backup.create(
+        hv, guest.name, snapdest, method="snapshot", emit=lambda s, d: events.append((s, d))
+    )
+    assert full["kind"] == "full" and full["method"] == "snapshot", full
+    assert full["frozen"] is True and full["consistency"] == "frozen"
+    assert events[0][0] == "start" and events[-1][0] == "done"
+    assert {"copy", "copied", "merge"} <= {d.get("phase") for s, d in events if s == "progress"}
+    _on_the_original_images(guest, before)
+
+    state["s2"] = write(guest, "/data/s", 64)
+    inc = backup.create(hv, guest.name, snapdest, method="snapshot")
+    assert inc["kind"] == "incremental" and inc["parent"] == full["point"], inc
+    # close to the 64 MiB changed, nowhere near the disks' size, without any bitmap
+    assert 64 * MIB <= inc["disk_bytes"]["vdb"] < 80 * MIB, inc
+    assert inc["bytes"] < 128 * MIB < full["bytes"]
+    _on_the_original_images(guest, before)
+    assert backup_ops.verify(snapdest, guest.name)["ok"]
+    assert guest.run("md5sum /data/s").split()[0] == state["s2"]  # the guest goes on
+
+    target = unique("bks")
+    try:
+        made = restore.restore(hv, guest.name, snapdest, target=target, start=True)
+        assert made["chain"] == [full["point"], inc["point"]]
+        restored = guests.TestGuest(target, hv.lookupByName(target), "", None)
+        restored.address = guests.wait_booted(restored.dom)
+        out = restored.run("mount /dev/vdb /data && md5sum /data/s")
+        assert out.split()[0] == state["s2"]
+    finally:
+        guests.remove_guest(hv, target)
+    target = unique("bksf")
+    try:
+        made = restore.restore(hv, guest.name, snapdest, point=full["point"], target=target)
+        assert md5_on_attached(guest, hv, made["volumes"][1], "s") == state["s1"]
+    finally:
+        guests.remove_guest(hv, target)
+    # the API's chain in the other destination goes on over the snapshot and commit
+    api = backup.create(hv, guest.name, dest)
+    assert api["kind"] == "incremental" and api["method"] == "api", api
+    assert backup_ops.verify(dest, guest.name)["ok"]
+
+
+def test_snapshot_method_copy_failing_half_way_merges_back(hv, guest):
+    before = _sources(guest.dom)
+    where = _dest("full")
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=300M,mode=0711", "tmpfs", where], check=True
+    )
+    try:
+        events = []
+        with pytest.raises(SaltKvmError, match="No space left on device"):
+            backup.create(
+                hv, guest.name, where, method="snapshot", emit=lambda s, d: events.append(s)
+            )
+        assert events[0] == "start" and events[-1] == "failed"
+        _on_the_original_images(guest, before)
+        assert backup_ops.list_points(where, guest.name) == []
+        assert not bs.Store(where, guest.name).partials()
+        assert backup_ops.verify(where, guest.name)["ok"]
+        assert write(guest, "/data/after-failure", 1)  # the guest writes on
+        subprocess.run(["mount", "-o", "remount,size=3G", where], check=True)
+        # the copy killed from outside: the same
+        killer = threading.Thread(target=_kill_copy_into, args=(where,), daemon=True)
+        killer.start()
+        with pytest.raises(SaltKvmError, match="qemu-img convert .* failed: exit status -9"):
+            backup.create(hv, guest.name, where, method="snapshot")
+        killer.join()
+        _on_the_original_images(guest, before)
+        assert backup_ops.list_points(where, guest.name) == []
+        made = backup.create(hv, guest.name, where, method="snapshot")
+        assert made["kind"] == "full" and made["cleaned"] == [], made
+        _on_the_original_images(guest, before)
+        assert backup_ops.verify(where, guest.name)["ok"]
+    finally:
+        subprocess.run(["umount", where], check=False)
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def _kill_copy_into(where, timeout=300):
+    """SIGKILL the qemu-img writing into ``where`` once it has copied 20 MiB."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in _processes_using(where):
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                images = list(Path(where).glob("*/.partial-*/vda.qcow2"))
+                if b"qemu-img" in cmdline[0] and images and images[0].stat().st_size > 20 * MIB:
+                    os.kill(int(pid), signal.SIGKILL)
+                    return
+        time.sleep(0.05)
+
+
+def _processes_using(path):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if path.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+    return found
+
+
+def test_snapshot_method_killed_run_is_merged_back_by_the_next(hv, guest, snapdest, state):
+    before = _sources(guest.dom)
+    store = bs.Store(snapdest, guest.name)
+    points = [p.id for p in store.points()]
+    code = (
+        "import libvirt; from salt_kvm import connection, backup; "
+        f"backup.create(libvirt.open({URI!r}), {guest.name!r}, {snapdest!r}, full=True, "
+        "method='snapshot')"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    try:
+        for _ in range(1200):  # until the copy is under way
+            partial = store.partials()
+            image = partial[0] / "vda.qcow2" if partial else None
+            if image and image.exists() and image.stat().st_size > 50 * MIB:
+                break
+            assert proc.poll() is None, "the backup ended before it could be killed"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    # the guest runs on the run's overlays; its copy died with it
+    assert all(backup_snap.is_overlay(p) for p in _sources(guest.dom).values())
+    for _ in range(50):
+        if not _processes_using(str(partial[0])):
+            break
+        time.sleep(0.1)
+    assert not _processes_using(str(partial[0]))
+    state["s3"] = write(guest, "/data/s", 8)  # lands in the overlay
+    nxt = backup.create(hv, guest.name, snapdest, method="snapshot")
+    merged = [c for c in nxt["cleaned"] if c.startswith("merged ")]
+    assert len(merged) == 2 and any("removed .partial-" in c for c in nxt["cleaned"]), nxt
+    assert nxt["kind"] == "incremental" and nxt["parent"] == points[-1], nxt
+    _on_the_original_images(guest, before)
+    assert [p["id"] for p in backup_ops.list_points(snapdest, guest.name)] == points + [
+        nxt["point"]
+    ]
+    target = unique("bkk")
+    try:  # what the guest wrote on the overlay went into its image, and so into the backup
+        made = restore.restore(hv, guest.name, snapdest, target=target)
+        assert md5_on_attached(guest, hv, made["volumes"][1], "s") == state["s3"]
+    finally:
+        guests.remove_guest(hv, target)
+
+
+def test_snapshot_revert_and_delete(hv, guest, state):
     before = write(guest, "/data/snap", 4)
     made = snapshot.create(hv, guest.name, "s1")
     assert made["kind"] == "external" and made["quiesced"] is True
@@ -235,7 +420,7 @@ def test_snapshot_revert_and_delete(hv, guest):
     assert guest.run("mount /dev/vdb /data && md5sum /data/snap").split()[0] == before
 
     snapshot.create(hv, guest.name, "s2")
-    kept = write(guest, "/data/keep", 4)
+    kept = state["kept"] = write(guest, "/data/keep", 4)
     overlays = snapshot.list_snapshots(hv, guest.name)[-1]["overlays"]
     deleted = snapshot.delete(hv, guest.name, "s2")
     assert deleted["deleted"] is True
@@ -244,6 +429,77 @@ def test_snapshot_revert_and_delete(hv, guest):
     snapshot.delete(hv, guest.name, "s1")
     assert snapshot.list_snapshots(hv, guest.name) == []
     assert guest.data_path in guest.dom.XMLDesc(0)
+
+
+def test_internal_snapshot_revert_and_delete(hv, guest):
+    where = _dest("internal")
+    try:
+        before = write(guest, "/data/internal", 4)
+        made = snapshot.create(hv, guest.name, "i1", disk_only=False)
+        assert made["kind"] == "internal" and made["state"] == "running", made
+        write(guest, "/data/internal", 4)
+        # a backup in between leaves a checkpoint: its dirty bitmap would keep QEMU
+        # from loading the snapshot
+        taken = backup.create(hv, guest.name, where, disks=["vdb"])
+        assert backup.our_checkpoints(guest.dom) == [_checkpoint_of(taken)]
+        reverted = snapshot.revert(hv, guest.name, "i1")
+        assert reverted["kind"] == "internal" and reverted["reverted"] is True
+        assert reverted["checkpoints_dropped"] == [_checkpoint_of(taken)]
+        assert guest.dom.isActive()  # with its memory: the guest runs on from that instant
+        out = guest.run("echo 3 > /proc/sys/vm/drop_caches && md5sum /data/internal")
+        assert out.split()[0] == before
+        assert snapshot.delete(hv, guest.name, "i1")["deleted"] is True
+        assert snapshot.list_snapshots(hv, guest.name) == []
+        info = qemuimg.info(guest.data_path)
+        assert not info.get("snapshots"), info  # gone from the image too
+        again = backup.create(hv, guest.name, where, disks=["vdb"])
+        assert again["kind"] == "full" and "missing" in again["new_chain_reason"], again
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def _checkpoint_of(result):
+    return json.loads((Path(result["path"]) / bs.MANIFEST).read_text())["checkpoint"]
+
+
+def test_create_fires_events_on_the_master_bus(hv, guest, tmp_path):
+    env = saltenv.start_master(tmp_path / "master")
+    where = _dest("events")
+    try:
+        minion_id = f"{PREFIX}hv-events"
+        (tmp_path / "minion").mkdir()
+        conf = salt_config(
+            tmp_path / "minion",
+            "minion",
+            {
+                "id": minion_id,
+                "master": saltenv.MASTER_ADDRESS,
+                "master_port": env.ret_port,
+                "file_client": "remote",
+                "acceptance_wait_time": 1,
+            },
+        )
+        call = [str(env.bin / "salt-call"), "-c", str(conf), "--out=json", "--log-level=quiet"]
+        # the first contact leaves the minion's key pending; accept it as an admin would
+        first = subprocess.run([*call, "test.ping"], capture_output=True, text=True, timeout=120)
+        assert first.returncode == 2, first.stdout + first.stderr
+        env.run("salt-key", "-y", "-a", minion_id)
+        watcher = env.watch_events(f"salt/kvm_backup/{guest.name}/*")
+        args = [guest.name, f"dest={where}", "disks=[vdb]", "method=snapshot"]
+        proc = subprocess.run(
+            [*call, "kvm_backup.create", *args], capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        made = json.loads(proc.stdout)["local"]
+        time.sleep(3)
+        events = env.collected_events(watcher)
+    finally:
+        saltenv.stop_master(env)
+        shutil.rmtree(where, ignore_errors=True)
+    tags = [t.rsplit("/", 1)[-1] for t, _ in events]
+    assert tags[0] == "start" and tags[-1] == "done" and "progress" in tags, events
+    done = events[-1][1].get("data", events[-1][1])
+    assert done["point"] == made["point"] and done["kind"] == "full"
 
 
 def test_shut_off_guest_backup_and_in_place_restore(hv, guest, dest):
@@ -265,6 +521,15 @@ def test_shut_off_guest_backup_and_in_place_restore(hv, guest, dest):
     assert done["in_place"] is True
     folder = bs.Store(dest, guest.name).path(point)
     qemuimg.run("compare", "-q", "-U", guest.data_path, str(folder / "vdb.qcow2"))
+
+
+def test_snapshot_method_on_the_shut_off_guest(hv, guest, snapdest):
+    before = _sources(guest.dom)
+    made = backup.create(hv, guest.name, snapdest, method="snapshot")
+    assert made["kind"] == "incremental" and made["consistency"] == "shut-off", made
+    assert not guest.dom.isActive()
+    _on_the_original_images(guest, before)
+    assert backup_ops.verify(snapdest, guest.name, made["point"])["ok"]
 
 
 VENV_3007 = Path(os.environ.get("SALT_KVM_VENV_3007", "/opt/salt-kvm/venv-3007"))
@@ -315,6 +580,33 @@ def test_state_backed_up_and_snapshot_states(hv, guest, tmp_path):
         args = ("kvm_backup.restore", guest.name, where, "point=yesterday", "target=x")
         bad = _salt_call(tmp_path, *args, fails=True)
         assert "point: 'yesterday' is not a backup point (accepted: latest" in bad
+        args = ["state.single", "kvm_backup.backed_up", f"name={guest.name}", f"dest={where}"]
+        bad = _salt_call(tmp_path, *args, "max_age=1s", "method=rsync", fails=True)
+        assert '"result": false' in bad, bad
+        assert "method: 'rsync' is not a backup method (accepted: auto, api, snapshot)" in bad
         assert backup_ops.list_points(where, guest.name) == listed
     finally:
         shutil.rmtree(where, ignore_errors=True)
+
+
+def test_takeover_from_the_ssh_copy_after_the_guest_is_lost(hv, guest, dest, state):
+    """Last: the guest of this module is lost, then brought back from the copy."""
+    other = _dest("takeover")  # the second host's folder, reached over SSH
+    backup_ops.prune(dest, guest.name, keep=1)  # fewer GiB through the Python SSH server
+    try:
+        with SshServer(SSH_PORT, "root", GUEST_PASSWORD):
+            url = f"ssh://root@127.0.0.1:{SSH_PORT}{other}"
+            sent = backup_ops.replicate(dest, guest.name, url, password=GUEST_PASSWORD)
+        assert sent["copied"] == [p["id"] for p in backup_ops.list_points(dest, guest.name)]
+        lifecycle.remove(hv, guest.name)  # the host is lost: domain and disks are gone
+        with pytest.raises(libvirt.libvirtError):
+            hv.lookupByName(guest.name)
+        assert backup_ops.verify(other, guest.name)["ok"]
+        made = restore.restore(hv, guest.name, other, target=guest.name, start=True)
+        assert made["domain"] == guest.name and made["started"] is True, made
+        back = guests.TestGuest(guest.name, hv.lookupByName(guest.name), "", None)
+        back.address = guests.wait_booted(back.dom)
+        out = back.run("mount /dev/vdb /data && md5sum /data/keep")
+        assert out.split()[0] == state["kept"]
+    finally:
+        shutil.rmtree(other, ignore_errors=True)

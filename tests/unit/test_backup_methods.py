@@ -1,0 +1,189 @@
+"""Choosing and planning the backup methods (api, snapshot), the snapshot
+method's overlay names, manifests of either method, and the state's check of
+``method``."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from salt_kvm import backup, backup_api, backup_snap, snapshot
+from salt_kvm import backup_store as bs
+from salt_kvm.backup_core import SourceDisk, check_method
+from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
+
+REPO = Path(__file__).resolve().parents[2]
+DISKS = [
+    SourceDisk("vda", "/p/vm.qcow2", "qcow2", True),
+    SourceDisk("vdb", "/p/b.raw", "raw", False),
+]
+
+
+class FakeConn:
+    def __init__(self, version):
+        self.version = version
+
+    def getLibVersion(self):  # noqa: N802 - libvirt's name
+        return self.version
+
+    def getURI(self):  # noqa: N802
+        return "qemu:///system"
+
+
+def point(pid, parent=None, method="api", checkpoint="cp", disks=("vda", "vdb")):
+    return bs.Point(
+        id=pid,
+        domain="vm",
+        kind=bs.KIND_INCREMENTAL if parent else bs.KIND_FULL,
+        chain=pid,
+        parent=parent,
+        checkpoint=checkpoint,
+        created="2026-11-21T04:11:00Z",
+        consistency="frozen",
+        frozen=True,
+        disks={t: bs.DiskImage(t, f"{t}.qcow2", "qcow2", 1, 1, "x") for t in disks},
+        method=method,
+    )
+
+
+@pytest.mark.parametrize("value,expected", [("auto", "auto"), ("API", "api"), (None, "auto")])
+def test_methods_accepted(value, expected):
+    assert check_method(value) == expected
+
+
+@pytest.mark.parametrize("value", ["fast", "", 1, True, ["api"]])
+def test_bad_method_names_the_key_and_the_accepted_values(value):
+    with pytest.raises(SpecError, match=r"^method: .* \(accepted: auto, api, snapshot\)$"):
+        check_method(value)
+
+
+def test_bad_method_is_refused_before_libvirt_is_asked(tmp_path):
+    with pytest.raises(SpecError, match="^method:"):
+        backup.create(None, "vm", str(tmp_path), method="rsync")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "version,method,chosen",
+    [
+        (9_000_000, "auto", "api"),
+        (7_006_000, "auto", "api"),
+        (7_005_000, "auto", "snapshot"),
+        (9_000_000, "snapshot", "snapshot"),
+        (6_000_000, "snapshot", "snapshot"),
+        (9_000_000, "api", "api"),
+    ],
+)
+def test_auto_takes_the_api_from_libvirt_7_6(version, method, chosen):
+    assert backup.choose_method(FakeConn(version), method).name == chosen
+
+
+def test_api_is_refused_on_old_libvirt_pointing_at_the_fallback():
+    with pytest.raises(SaltKvmError, match="method=api needs libvirt 7.6.*method=snapshot"):
+        backup.choose_method(FakeConn(7_005_000), "api")
+
+
+def test_snapshot_method_follows_any_point_without_a_checkpoint():
+    plan = backup_snap.SnapshotMethod().plan
+    api_point = point("20260101T000000Z")
+    snap_point = point("20260102T000000Z", api_point.id, "snapshot", None)
+    # raw disks, no bitmaps, no checkpoint: still incremental
+    assert plan(None, DISKS, api_point, False, None, 1) == (api_point, None)
+    assert plan(None, DISKS, snap_point, False, None, 2) == (snap_point, None)
+    assert plan(None, DISKS, None, False, None, 0) == (None, "first backup")
+    assert plan(None, DISKS, snap_point, True, None, 2) == (None, "full requested")
+    assert plan(None, DISKS[:1], snap_point, False, None, 2) == (None, "the set of disks changed")
+    parent, reason = plan(None, DISKS, snap_point, False, 2, 2)
+    assert parent is None and "full_every=2" in reason
+
+
+def test_api_after_a_snapshot_point_starts_a_new_chain_and_says_why():
+    qcow2 = [SourceDisk("vda", "/p/vm.qcow2", "qcow2", True)]
+    latest = point("20260102T000000Z", None, "snapshot", None, disks=("vda",))
+    parent, reason = backup_api._plan_kind(None, qcow2, latest, False, None, 1)
+    assert parent is None
+    assert "taken with method=snapshot" in reason and "no checkpoint" in reason
+
+
+def test_overlay_names_are_recognised():
+    overlay = backup_snap.overlay_for("/var/lib/libvirt/images/vm.qcow2", "20261121T041100Z")
+    assert overlay == "/var/lib/libvirt/images/vm.saltkvm-backup-20261121T041100Z.qcow2"
+    assert backup_snap.is_overlay(overlay)
+    assert backup_snap.is_overlay("/x/vm.saltkvm-backup-20261121T041100Z-2.qcow2")
+    for other in (
+        "/x/vm.qcow2",
+        "/x/vm.before-upgrade.qcow2",
+        None,
+        "/x/vm.saltkvm-backup-x.qcow2",
+    ):
+        assert not backup_snap.is_overlay(other)
+
+
+def test_user_snapshots_cannot_take_the_backup_overlay_names():
+    with pytest.raises(SpecError, match="^name: .*reserved for backups"):
+        snapshot.check_name("saltkvm-backup-20261121T041100Z")
+    assert snapshot.check_name("saltkvm-before") == "saltkvm-before"
+
+
+def test_manifests_record_the_method_and_old_or_newer_ones_still_read():
+    made = point("20260101T000000Z", method="snapshot", checkpoint=None)
+    assert bs.Point.from_dict(made.to_dict()).method == "snapshot"
+    assert made.summary()["method"] == "snapshot"
+    old = made.to_dict()
+    del old["method"]
+    assert bs.Point.from_dict(old).method == "api"  # points from before the option
+    assert bs.Point.from_dict({**made.to_dict(), "later_field": 1}).id == made.id
+
+
+def _load_state(salt, test=False):
+    spec = importlib.util.spec_from_file_location(
+        "kvm_backup_state", REPO / "_states/kvm_backup.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.__salt__ = salt
+    module.__opts__ = {"test": test}
+    return module
+
+
+@pytest.mark.parametrize("test", [True, False])
+def test_state_refuses_a_bad_method_before_doing_anything(test):
+    calls = []
+    salt = {
+        "kvm_backup.list": lambda *a, **k: calls.append(("list", a)) or [],
+        "kvm_backup.create": lambda *a, **k: calls.append(("create", a)),
+    }
+    ret = _load_state(salt, test).backed_up("vm", "/b", method="copy")
+    assert ret["result"] is False and ret["changes"] == {} and not calls
+    assert "method: 'copy' is not a backup method (accepted: auto, api, snapshot)" in ret["comment"]
+
+
+def test_state_passes_the_method_on():
+    got = {}
+
+    def create(name, dest, **kwargs):
+        got.update(kwargs)
+        return {"point": "p", "kind": "full", "bytes": 1, "frozen": True, "method": "snapshot"}
+
+    salt = {
+        "kvm_backup.list": lambda *a, **k: [],
+        "kvm_backup.create": create,
+        "kvm_backup.prune": lambda *a, **k: {"deleted": []},
+    }
+    ret = _load_state(salt).backed_up("vm", "/b", method="snapshot")
+    assert ret["result"] is True and got["method"] == "snapshot"
+    assert ret["changes"]["backup"]["method"] == "snapshot"
+
+
+def test_one_run_per_domain_whatever_the_destination(tmp_path):
+    locks = str(tmp_path / "locks")
+    with bs.domain_locked("uuid-1", "vm", Path("/a"), locks):
+        with pytest.raises(
+            ConflictError, match=r"another backup run of vm .* /b\) .*backup into /a"
+        ):
+            with bs.domain_locked("uuid-1", "vm", Path("/b"), locks):
+                pass
+        with bs.domain_locked("uuid-2", "vm2", Path("/b"), locks):  # another domain: fine
+            pass
+    with bs.domain_locked("uuid-1", "vm", Path("/b"), locks):  # released
+        pass
