@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 
 import libvirt
 from lxml import etree
@@ -97,13 +98,22 @@ def _offline_checkpoints(dom: libvirt.virDomain) -> list[str]:
     """
     if dom.isActive():
         return []
+    return _drop_our_checkpoints(
+        dom,
+        lambda foreign: (
+            f"{dom.name()} is shut off and has checkpoints ({foreign}) that libvirt "
+            "does not allow block operations with; start it, or delete them first"
+        ),
+    )
+
+
+def _drop_our_checkpoints(dom: libvirt.virDomain, refusal: Callable[[str], str]) -> list[str]:
+    """Delete salt-kvm's checkpoints of ``dom``; refuse (``refusal`` names why)
+    when anyone else's exist, which are not ours to drop."""
     ours = backup_core.our_checkpoints(dom)
     foreign = sorted({c.getName() for c in dom.listAllCheckpoints(0)} - set(ours))
     if foreign:
-        raise ConflictError(
-            f"{dom.name()} is shut off and has checkpoints ({', '.join(foreign)}) that libvirt "
-            "does not allow block operations with; start it, or delete them first"
-        )
+        raise ConflictError(refusal(", ".join(foreign)))
     for name in ours:
         backup_core.delete_checkpoint(dom, name)
     return ours
@@ -236,16 +246,13 @@ def revert(conn: libvirt.virConnect, domain: str, name: str, force: bool = False
 
 
 def _drop_checkpoints_for_revert(dom: libvirt.virDomain) -> list[str]:
-    ours = backup_core.our_checkpoints(dom)
-    foreign = sorted({c.getName() for c in dom.listAllCheckpoints(0)} - set(ours))
-    if foreign:
-        raise ConflictError(
-            f"{dom.name()} has checkpoints ({', '.join(foreign)}) whose dirty bitmaps keep "
+    return _drop_our_checkpoints(
+        dom,
+        lambda foreign: (
+            f"{dom.name()} has checkpoints ({foreign}) whose dirty bitmaps keep "
             "QEMU from loading an internal snapshot; delete them first"
-        )
-    for name in ours:
-        backup_core.delete_checkpoint(dom, name)
-    return ours
+        ),
+    )
 
 
 def _revert_external(dom, snap, info: dict, force: bool) -> dict:

@@ -59,6 +59,16 @@ def dest(tmp_path):
     return str(path)
 
 
+def dir_pool(conn, name, path):
+    """A started dir pool on ``path`` to restore into."""
+    path.mkdir()
+    pool = conn.storagePoolDefineXML(
+        f"<pool type='dir'><name>{name}</name><target><path>{path}</path></target></pool>"
+    )
+    pool.create(0)
+    return pool
+
+
 def test_full_then_incremental_by_content_and_restore(conn, vm, dest, tmp_path):
     dom, disk, data, base = vm
     events = []
@@ -97,12 +107,7 @@ def test_full_then_incremental_by_content_and_restore(conn, vm, dest, tmp_path):
     assert [d.path for d in Domain(dom.XMLDesc(0)).disks] == [disk, data]
 
     # restored as a new domain: the incremental's content
-    pool_dir = tmp_path / "pool"
-    pool_dir.mkdir()
-    pool = conn.storagePoolDefineXML(
-        f"<pool type='dir'><name>restore</name><target><path>{pool_dir}</path></target></pool>"
-    )
-    pool.create(0)
+    dir_pool(conn, "restore", tmp_path / "pool")
     made = restore.restore(conn, "vm", dest, target="vm2", pool="restore")
     assert made["chain"] == [full["point"], inc["point"]]
     root, extra = made["volumes"]
@@ -188,12 +193,7 @@ def test_takeover_restores_under_the_lost_domains_name(conn, vm, dest, tmp_path)
     dom.undefine()  # the host is lost: the domain and its disks are gone
     os.unlink(disk)
     os.unlink(data)
-    pool_dir = tmp_path / "other"
-    pool_dir.mkdir()
-    pool = conn.storagePoolDefineXML(
-        f"<pool type='dir'><name>other</name><target><path>{pool_dir}</path></target></pool>"
-    )
-    pool.create(0)
+    dir_pool(conn, "other", tmp_path / "other")
     made = restore.restore(conn, "vm", dest, target="vm", pool="other")
     assert made["domain"] == "vm" and not made.get("in_place")
     back = conn.lookupByName("vm")

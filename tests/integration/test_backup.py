@@ -98,6 +98,27 @@ def md5_on_attached(g, hv, image, path="a"):
             time.sleep(0.5)
 
 
+def assert_restores(hv, guest, dest, full, inc, path, latest_md5, full_md5, stem, full_stem):
+    """The latest point as a new domain, booted: /data/<path> as it was at the
+    backup; the full point: the earlier content."""
+    target = unique(stem)
+    try:
+        made = restore.restore(hv, guest.name, dest, target=target, start=True)
+        assert made["chain"] == [full["point"], inc["point"]]
+        restored = guests.TestGuest(target, hv.lookupByName(target), "", None)
+        restored.address = guests.wait_booted(restored.dom)
+        out = restored.run(f"mount /dev/vdb /data && md5sum /data/{path}")
+        assert out.split()[0] == latest_md5
+    finally:
+        guests.remove_guest(hv, target)
+    target = unique(full_stem)
+    try:
+        made = restore.restore(hv, guest.name, dest, point=full["point"], target=target)
+        assert md5_on_attached(guest, hv, made["volumes"][1], path) == full_md5
+    finally:
+        guests.remove_guest(hv, target)
+
+
 def test_full_incremental_and_restores(hv, guest, dest, state):
     state["a1"] = write(guest, "/data/a", 16)
     events = []
@@ -116,24 +137,7 @@ def test_full_incremental_and_restores(hv, guest, dest, state):
     assert [p["id"] for p in points] == [full["point"], inc["point"]]
     assert backup_ops.verify(dest, guest.name)["ok"]
 
-    # the latest point as a new domain, booted: the file as it was at the backup
-    target = unique("bkr")
-    try:
-        made = restore.restore(hv, guest.name, dest, target=target, start=True)
-        assert made["chain"] == [full["point"], inc["point"]]
-        restored = guests.TestGuest(target, hv.lookupByName(target), "", None)
-        restored.address = guests.wait_booted(restored.dom)
-        out = restored.run("mount /dev/vdb /data && md5sum /data/a")
-        assert out.split()[0] == state["a2"]
-    finally:
-        guests.remove_guest(hv, target)
-    # the full point: the earlier content
-    target = unique("bkf")
-    try:
-        made = restore.restore(hv, guest.name, dest, point=full["point"], target=target)
-        assert md5_on_attached(guest, hv, made["volumes"][1]) == state["a1"]
-    finally:
-        guests.remove_guest(hv, target)
+    assert_restores(hv, guest, dest, full, inc, "a", state["a2"], state["a1"], "bkr", "bkf")
 
 
 def test_concurrent_run_and_bad_input_are_refused(hv, guest, dest):
@@ -280,22 +284,7 @@ def test_snapshot_method_full_incremental_and_restores(hv, guest, dest, snapdest
     assert backup_ops.verify(snapdest, guest.name)["ok"]
     assert guest.run("md5sum /data/s").split()[0] == state["s2"]  # the guest goes on
 
-    target = unique("bks")
-    try:
-        made = restore.restore(hv, guest.name, snapdest, target=target, start=True)
-        assert made["chain"] == [full["point"], inc["point"]]
-        restored = guests.TestGuest(target, hv.lookupByName(target), "", None)
-        restored.address = guests.wait_booted(restored.dom)
-        out = restored.run("mount /dev/vdb /data && md5sum /data/s")
-        assert out.split()[0] == state["s2"]
-    finally:
-        guests.remove_guest(hv, target)
-    target = unique("bksf")
-    try:
-        made = restore.restore(hv, guest.name, snapdest, point=full["point"], target=target)
-        assert md5_on_attached(guest, hv, made["volumes"][1], "s") == state["s1"]
-    finally:
-        guests.remove_guest(hv, target)
+    assert_restores(hv, guest, snapdest, full, inc, "s", state["s2"], state["s1"], "bks", "bksf")
     # the API's chain in the other destination goes on over the snapshot and commit
     api = backup.create(hv, guest.name, dest)
     assert api["kind"] == "incremental" and api["method"] == "api", api

@@ -2,7 +2,6 @@
 method's overlay names, manifests of either method, and the state's check of
 ``method``."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,8 @@ from salt_kvm import backup_store as bs
 from salt_kvm.backup_core import SourceDisk, check_method
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
 
-REPO = Path(__file__).resolve().parents[2]
+from .test_backup_store import _load_state
+
 DISKS = [
     SourceDisk("vda", "/p/vm.qcow2", "qcow2", True),
     SourceDisk("vdb", "/p/b.raw", "raw", False),
@@ -133,17 +133,6 @@ def test_manifests_record_the_method_and_old_or_newer_ones_still_read():
     del old["method"]
     assert bs.Point.from_dict(old).method == "api"  # points from before the option
     assert bs.Point.from_dict({**made.to_dict(), "later_field": 1}).id == made.id
-
-
-def _load_state(salt, test=False):
-    spec = importlib.util.spec_from_file_location(
-        "kvm_backup_state", REPO / "_states/kvm_backup.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.__salt__ = salt
-    module.__opts__ = {"test": test}
-    return module
 
 
 @pytest.mark.parametrize("test", [True, False])
