@@ -18,8 +18,6 @@ full point and the incrementals that follow it; prune removes whole chains.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -30,7 +28,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
+from . import locks
+from .errors import NotFoundError, SaltKvmError, SpecError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -41,7 +40,6 @@ KIND_FULL = "full"
 KIND_INCREMENTAL = "incremental"
 POINT_RE = re.compile(r"^\d{8}T\d{6}Z(?:-\d+)?$")
 LATEST = "latest"
-DOMAIN_LOCK_DIR = "/run/lock/salt-kvm-backup"
 
 
 @dataclass
@@ -264,32 +262,26 @@ class Store:
 
 @contextlib.contextmanager
 def flocked(path: Path, what: str, busy: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path``; ``busy`` (plus the holder) when taken."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            raise ConflictError(
-                f"{busy} ({holder or 'unknown'}); try again when it has finished"
-            ) from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{what} pid {os.getpid()}".encode(), 0)
+    """Hold an exclusive lock on ``path`` (never through a link); ``busy`` (plus
+    the holder) when taken. The store's own lock: its folder is the operator's."""
+    with locks.held(path.name, what, directory=path.parent, busy=busy, secure=False):
         yield
-    finally:
-        os.close(fd)  # closing releases the lock; so does the death of the process
 
 
 @contextlib.contextmanager
-def domain_locked(uuid: str, domain: str, dest: Path, lock_dir: str = DOMAIN_LOCK_DIR):
-    """One backup run per domain on this host, whatever its destination: a run
-    cleaning up after a killed one must never merge back a live run's overlays."""
-    os.makedirs(lock_dir, mode=0o700, exist_ok=True)
-    busy = f"another backup run of {domain} (into another destination than {dest}) is under way"
-    with flocked(Path(lock_dir) / f"{uuid}.lock", f"backup into {dest}", busy):
+def domain_locked(
+    uuid: str, domain: str, dest: Path | None, lock_dir: str | None = None, what: str = ""
+):
+    """One backup run or snapshot operation per domain on this host, whatever
+    the destination: a run cleaning up after a killed one must never merge back
+    a live run's overlays, and a snapshot taken while a run copies would make
+    the merge-back delete its backing file. In salt-kvm's checked lock directory."""
+    if dest is not None:
+        busy = f"another backup run of {domain} (into another destination than {dest}) is under way"
+    else:
+        busy = f"a backup run or snapshot operation of {domain} is under way"
+    what = what or f"backup into {dest}"
+    with locks.held(f"backup-{uuid}.lock", what, directory=lock_dir, busy=busy):
         yield
 
 

@@ -21,12 +21,10 @@ finds the first one's volume.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
 import re
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,7 +33,7 @@ from dataclasses import dataclass
 import libvirt
 from lxml import etree
 
-from . import imagefetch
+from . import imagefetch, locks
 from .checks import one_of, text
 from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
 from .imagefetch import Checksum
@@ -148,16 +146,21 @@ def _find(pool: libvirt.virStoragePool, key: str) -> libvirt.virStorageVol | Non
     return None
 
 
+#: How long a second fetch of the same image waits for the first one.
+FETCH_LOCK_TIMEOUT = 1800.0
+
+
 @contextlib.contextmanager
 def _local_lock(uri: str, pool: str, key: str) -> Iterator[None]:
     tag = hashlib.sha256(f"{uri}|{pool}|{key}".encode()).hexdigest()[:16]
-    path = os.path.join(tempfile.gettempdir(), f"salt-kvm-image-{tag}.lock")
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    busy = f"another run is fetching image {key} into pool {pool}"
+    with locks.held(
+        f"image-{tag}.lock",
+        f"fetching image {key} into pool {pool}",
+        timeout=FETCH_LOCK_TIMEOUT,
+        busy=busy,
+    ):
+        yield
 
 
 def _volume_xml(name: str, capacity: int, fmt: str, mode: str) -> str:

@@ -10,15 +10,14 @@ last seen (network, bridge, subnet, address), which is all a hook needs.
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import json
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import nat
+from . import locks, nat
 from .errors import SaltKvmError
 
 DEFAULT_PATH = Path("/var/lib/salt-kvm/nat.json")
@@ -86,20 +85,10 @@ class Store:
     def locked(self, timeout: float = 60) -> Iterator[None]:
         """One writer at a time (a Salt call and a libvirt hook may overlap)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as handle:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise SaltKvmError(f"{self.path} is locked by another run") from None
-                    time.sleep(0.1)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        tag = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
+        busy = f"{self.path} is locked by another run"
+        with locks.held(f"nat-{tag}.lock", f"writing {self.path}", timeout=timeout, busy=busy):
+            yield
 
 
 def all_forwards(entries: dict[str, Entry]) -> list[nat.Forward]:
