@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import libvirt
 from lxml import etree
 
-from . import names
+from . import chains, names
 from .domxml import Disk, Domain
 from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
 from .images import CachedImage
@@ -290,12 +290,9 @@ def create_volume(
 
 
 def delete_volume(conn: libvirt.virConnect, path: str) -> None:
-    """Delete the volume at ``path``; one already gone is fine."""
-    try:
-        vol = conn.storageVolLookupByPath(path)
-    except libvirt.libvirtError:
-        return  # already gone
-    vol.delete(0)
+    """Delete the volume at ``path`` (one already gone is fine), never while
+    anything on the host needs it (see ``chains``)."""
+    chains.delete_volume(conn, path, "rollback")
 
 
 def clone_domain(

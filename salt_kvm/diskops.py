@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import libvirt
 from lxml import etree
 
-from . import names
+from . import chains, names
 from .clone import delete_volume
 from .diskcheck import (
     CONFIG,
@@ -195,7 +195,9 @@ def detach(
         raise NotFoundError(f"{dom.name()} has no disk named {name!r}")
     path = (in_live or in_config).path
     if delete:
-        _check_deletable(conn, dom, name, path, created_records(config, live_xml), live, persistent)
+        target = (in_live or in_config).target_dev
+        created = created_records(config, live_xml)
+        _check_deletable(conn, dom, name, path, target, created, live, persistent)
     before = describe(conn, dom)[name]
     flags = 0
     if in_live is not None and live:
@@ -209,7 +211,7 @@ def detach(
     if delete:
         # Kept otherwise: attaching the disk again reuses the volume.
         _update_records(dom, flags & (CONFIG | (LIVE if dom.isActive() else 0)), _drop(path))
-        conn.storageVolLookupByPath(path).delete(0)
+        chains.delete_volume(conn, path, f"delete of disk {name!r}", missing_ok=False)
     return {"old": before, "new": None, "deleted": path if delete else None}
 
 
@@ -217,7 +219,7 @@ def _drop(path: str) -> Callable[[dict], None]:
     return lambda records: records.pop(path, None)
 
 
-def _check_deletable(conn, dom, name, path, created, live, persistent) -> None:
+def _check_deletable(conn, dom, name, path, target, created, live, persistent) -> None:
     if path not in created:
         raise SpecError(
             "delete", f"salt-kvm did not create {path} (disk {name!r}); it is kept", "false"
@@ -227,6 +229,7 @@ def _check_deletable(conn, dom, name, path, created, live, persistent) -> None:
     others = [u for u in path_uses(conn).of(path) if u.domain != dom.name()]
     if others:
         raise ConflictError(f"delete: {path} is also used by {others[0].domain!r}; it is kept")
+    chains.check_deletable(conn, [path], f"delete of disk {name!r}", disks=((dom.name(), target),))
 
 
 def resize(conn: libvirt.virConnect, dom: libvirt.virDomain, name: str, size: int) -> dict:
@@ -334,13 +337,13 @@ def split_for_destroy(dom: libvirt.virDomain, delete: bool) -> tuple[list[str], 
 
 
 def delete_volumes(conn: libvirt.virConnect, paths: list[str]) -> list[str]:
-    """Delete volumes no domain uses any more; returns those deleted."""
-    uses = path_uses(conn)
+    """Delete volumes nothing on the host needs any more (no domain uses them,
+    no volume or disk has them in its backing chain); returns those deleted."""
+    doomed, kept = chains.dependents(conn).deletable(paths)
+    for path, needs in kept.items():
+        log.warning("volume %s is still needed by %s; kept", path, needs[0])
     deleted = []
-    for path in paths:
-        if uses.of(path):
-            log.warning("volume %s is still used by %s; kept", path, uses.of(path)[0].domain)
-            continue
+    for path in doomed:
         try:
             conn.storageVolLookupByPath(path).delete(0)
             deleted.append(path)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import libvirt
 from lxml import etree
 
-from . import imagefetch, locks
+from . import chains, imagefetch, locks
 from .checks import one_of, text
 from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
 from .imagefetch import Checksum
@@ -253,8 +253,7 @@ def _fetch(conn, pool, image: ImageSpec, source, key: str, progress) -> CachedIm
         final_xml = _volume_xml(f"{PREFIX}{key}.{fmt}", capacity, fmt, "0644")
         final = pool.createXMLFrom(final_xml, temp, 0)
     finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            pool.storageVolLookupByName(temp_name).delete(0)
+        _drop_temp(conn, pool, temp_name)
     cached = _cached(pool, final, image.source)
     cached.downloaded = True
     return cached
@@ -333,6 +332,15 @@ def list_images(conn: libvirt.virConnect, pool: str | None = None) -> dict[str, 
     return result
 
 
+def _drop_temp(conn: libvirt.virConnect, pool: libvirt.virStoragePool, name: str) -> None:
+    try:
+        chains.delete_volume(conn, pool.storageVolLookupByName(name).path(), "download cleanup")
+    except libvirt.libvirtError:
+        pass  # never created, or already gone
+    except ConflictError as exc:
+        log.warning("temporary image volume %s kept: %s", name, exc)
+
+
 def delete_image(conn: libvirt.virConnect, name: str, pool: str | None = None) -> dict:
     """Delete a cached image (or an unfinished download); refused while any
     domain's disk is it or is backed by it."""
@@ -347,5 +355,7 @@ def delete_image(conn: libvirt.virConnect, name: str, pool: str | None = None) -
         raise ConflictError(
             f"image {name} is used by {', '.join(entry['used_by'])}; destroy those first"
         )
-    conn.storagePoolLookupByName(entry["pool"]).storageVolLookupByName(name).delete(0)
+    vol = conn.storagePoolLookupByName(entry["pool"]).storageVolLookupByName(name)
+    chains.check_deletable(conn, [vol.path()], f"delete of image {name}")
+    vol.delete(0)
     return {"deleted": name, "pool": entry["pool"]}

@@ -7,6 +7,7 @@ import time
 
 import libvirt
 
+from . import chains
 from .clone import undefine
 from .domxml import Domain
 from .errors import NotFoundError, SaltKvmError
@@ -25,11 +26,15 @@ def managed_info(dom: libvirt.virDomain) -> dict | None:
     return Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).managed_info()
 
 
-def remove(conn: libvirt.virConnect, name: str) -> dict:
+def remove(conn: libvirt.virConnect, name: str, also: list[str] | tuple[str, ...] = ()) -> dict:
     """Remove a salt-kvm domain and the volumes salt-kvm created for it.
 
     Never touches the base's volumes nor disks attached from elsewhere (those
-    are not listed in the domain's salt-kvm metadata). Returns what was removed.
+    are not listed in the domain's salt-kvm metadata). Refused, before anything
+    changes, while any of its volumes (or the volumes in ``also``, deleted by the
+    caller afterwards) is needed by something else: another domain's disk, or
+    the backing chain of any volume or disk (a quick clone of this guest).
+    Returns what was removed.
     """
     dom = lookup(conn, name)
     info = managed_info(dom)
@@ -37,10 +42,15 @@ def remove(conn: libvirt.virConnect, name: str) -> dict:
         raise SaltKvmError(
             f"{name!r} was not created by salt-kvm (no salt-kvm metadata); refusing to remove it"
         )
+    seed = [info["seed"]] if info.get("seed") else []
+    paths = [*(info.get("volumes") or []), *seed]
+    chains.check_deletable(conn, [*paths, *also], f"destroy of {name!r}", domains=(name,))
     undefine(dom)
     removed = []
-    seed = [info["seed"]] if info.get("seed") else []
-    for path in [*(info.get("volumes") or []), *seed]:
+    doomed, kept = chains.dependents(conn).deletable(paths)
+    for path, needs in kept.items():  # only if something appeared meanwhile
+        log.warning("volume %s of %s is needed by %s; kept", path, name, needs[0])
+    for path in doomed:
         try:
             conn.storageVolLookupByPath(path).delete(0)
             removed.append(path)

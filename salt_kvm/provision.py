@@ -15,6 +15,7 @@ import libvirt
 
 from . import (
     addresses,
+    chains,
     clone,
     connection,
     dhcp,
@@ -256,7 +257,7 @@ def detach_seed(conn: libvirt.virConnect, guest: Guest) -> None:
     if not guest.seed_path:
         return
     seed.eject(guest.domain, guest.seed_target)
-    conn.storageVolLookupByPath(guest.seed_path).delete(0)
+    chains.delete_volume(conn, guest.seed_path, "seed deletion")
     xml = Domain(guest.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     info = xml.managed_info() or {}
     info.pop("seed", None)

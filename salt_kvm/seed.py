@@ -16,6 +16,7 @@ import pycdlib
 import yaml
 from lxml import etree
 
+from . import chains
 from .domxml import Disk, Domain
 
 LABEL = "cidata"
@@ -76,7 +77,7 @@ def upload(
         stream.send(data)
         stream.finish()
     except libvirt.libvirtError:
-        vol.delete(0)
+        chains.delete_volume(conn, vol.path(), "seed upload cleanup")
         raise
     return vol
 

@@ -298,7 +298,7 @@ def destroy(name, kwargs=None, call=None):
             dom = lifecycle.lookup(conn, name)
             info = lifecycle.managed_info(dom) or {}
             doomed, kept = diskops.split_for_destroy(dom, delete_disks)
-            removed = lifecycle.remove(conn, name)
+            removed = lifecycle.remove(conn, name, also=doomed)
             removed["reservations"] = provision.release_reservations(conn, info)
             removed.update(disks=diskops.delete_volumes(conn, doomed), kept_disks=kept)
         removed["nat"] = forwards.forget(name)

@@ -1,0 +1,86 @@
+"""Reading backing chains from qcow2 headers the way QEMU resolves them:
+relative names against the overlay's folder, symlinks resolved, raw is data."""
+
+import os
+import subprocess
+
+import libvirt
+import pytest
+
+from salt_kvm import chains
+
+
+class NoPools:
+    """A connection that knows no volume: chains come from the files alone."""
+
+    def storageVolLookupByPath(self, path):  # noqa: N802 - libvirt's name
+        raise libvirt.libvirtError("no storage vol with matching path")
+
+
+def qcow2(path, backing=None, backing_fmt="qcow2"):
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing:
+        cmd += ["-u", "-F", backing_fmt, "-b", backing]
+    subprocess.run([*cmd, str(path), "64M"], check=True)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _qemu_img():
+    if subprocess.run(["which", "qemu-img"], capture_output=True).returncode:
+        pytest.skip("qemu-img is not installed")
+
+
+def test_whole_chain_with_relative_names_and_symlinks(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    base = qcow2(tmp_path / "a" / "base.qcow2")
+    os.symlink(tmp_path / "a", tmp_path / "link")
+    mid = qcow2(tmp_path / "b" / "mid.qcow2", "../link/base.qcow2")
+    top = qcow2(tmp_path / "b" / "top.qcow2", "mid.qcow2")
+    assert chains.chain_below(NoPools(), top, "qcow2", True) == {
+        os.path.realpath(mid),
+        os.path.realpath(base),
+    }
+
+
+def test_raw_declared_has_no_chain_and_raw_backing_ends_it(tmp_path):
+    base = qcow2(tmp_path / "base.qcow2")
+    disguised = qcow2(tmp_path / "guest-raw.img", str(base))
+    assert chains.chain_below(NoPools(), disguised, "raw", True) == set()
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"QFI\xfb" + b"\0" * 4096)  # raw data that looks like qcow2
+    top = qcow2(tmp_path / "top.qcow2", str(raw), backing_fmt="raw")
+    assert chains.chain_below(NoPools(), top, None, True) == {str(raw)}
+
+
+def test_a_loop_in_the_chain_ends(tmp_path):
+    a = qcow2(tmp_path / "a.qcow2", "b.qcow2")
+    qcow2(tmp_path / "b.qcow2", "a.qcow2")
+    assert chains.chain_below(NoPools(), a, "qcow2", True) == {str(tmp_path / "b.qcow2")}
+
+
+def test_missing_or_unreadable_files_have_no_chain(tmp_path):
+    assert chains.chain_below(NoPools(), str(tmp_path / "nope.qcow2"), None, True) == set()
+    (tmp_path / "short").write_bytes(b"QFI\xfb")
+    assert chains.chain_below(NoPools(), str(tmp_path / "short"), None, True) == set()
+
+
+def test_blocking_ignores_what_goes_together_and_the_leaving_domain():
+    dep = chains.Dependent
+    found = chains.Dependents(
+        {
+            "/p/base.qcow2": [dep("/p/a.qcow2"), dep("/p/a.qcow2", "a", "vda")],
+            "/p/a.qcow2": [dep("/p/b.qcow2"), dep("/p/a.qcow2", "a", "vda", False)],
+        },
+        local=False,
+    )
+    assert found.blocking(["/p/base.qcow2", "/p/a.qcow2"], domains=("a",)) == {
+        "/p/a.qcow2": [dep("/p/b.qcow2")]
+    }
+    doomed, kept = found.deletable(["/p/base.qcow2", "/p/a.qcow2"], domains=("a",))
+    assert doomed == [] and set(kept) == {"/p/a.qcow2", "/p/base.qcow2"}
+    assert (
+        str(dep("/p/a.qcow2", "a", "vda"))
+        == "domain 'a' (backing chain of its disk vda: /p/a.qcow2)"
+    )
