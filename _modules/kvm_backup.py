@@ -233,10 +233,12 @@ def verify(domain, dest, point=None, deep=True):
     return _call(backup_ops.verify, dest, domain, point, deep)
 
 
-def prune(domain, dest, keep, test=False):
+def prune(domain, dest, keep, test=False, uri=None):
     """
     Delete the oldest backup chains of ``domain`` in ``dest``, keeping the
     newest ``keep`` chains. A chain is never cut: incrementals go with their full.
+    Refused, deleting nothing, while a volume or a domain's disk on the
+    hypervisor has one of the doomed images in its backing chain.
 
     CLI Example:
 
@@ -244,7 +246,7 @@ def prune(domain, dest, keep, test=False):
 
         salt hypervisor kvm_backup.prune web1 /srv/backup keep=4
     """
-    return _call(backup_ops.prune, dest, domain, keep, test)
+    return _with_conn(uri, lambda conn: backup_ops.prune(dest, domain, keep, test, conn=conn))
 
 
 def restore(

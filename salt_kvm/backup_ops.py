@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import libvirt
+
 from . import backup_store as bs
-from . import ssh
+from . import chains, ssh
 from .errors import SaltKvmError, SpecError
 
 TARGET_ACCEPTED = "an absolute directory path, or ssh://user@host[:port]/absolute/path"
@@ -51,14 +53,26 @@ def verify(dest: str, domain: str, point: str | None = None, deep: bool = True) 
     return {"ok": not problems, "checked": [p.id for p in points], "problems": problems}
 
 
-def prune(dest: str, domain: str, keep: int, test: bool = False) -> dict:
-    """Delete the oldest chains, keeping the newest ``keep``; never part of a chain."""
+def prune(
+    dest: str,
+    domain: str,
+    keep: int,
+    test: bool = False,
+    conn: libvirt.virConnect | None = None,
+) -> dict:
+    """Delete the oldest chains, keeping the newest ``keep``; never part of a chain.
+
+    With ``conn`` (the hypervisor's), refused while a volume or a domain's disk
+    stands on one of the doomed images (an overlay made to look into a backup)."""
     store = bs.Store(dest, domain)
     doomed = bs.prune_plan(store.points(), keep)
     if test or not doomed:
         return {"deleted": [p.id for p in doomed], "test": test}
     with store.locked("prune"):
         doomed = bs.prune_plan(store.points(), keep)
+        if conn is not None:
+            files = [str(store.path(p, d.file)) for p in doomed for d in p.disks.values()]
+            chains.check_deletable(conn, files, f"prune of {domain}'s backups in {dest}")
         for point in reversed(doomed):  # newest first: a crash never orphans a parent
             store.delete(point)
     return {"deleted": [p.id for p in doomed], "test": False}

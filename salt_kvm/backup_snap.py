@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import libvirt
 
 from . import backup_core as core
-from . import qemuimg, snapshot
+from . import chains, qemuimg, snapshot
 from .backup_core import Run
 from .domxml import Domain
 from .errors import ConflictError, SaltKvmError
@@ -209,11 +209,12 @@ def _fix_persistent(dom: libvirt.virDomain, frozen: list[Frozen]) -> bool:
     return changed
 
 
-def _referenced(dom: libvirt.virDomain, path: str) -> bool:
-    found = set(_sources(dom, 0).values())
-    if dom.isPersistent():
-        found |= set(_sources(dom, libvirt.VIR_DOMAIN_XML_INACTIVE).values())
-    return path in found
+def _needed(dom: libvirt.virDomain, path: str) -> str:
+    """Who still needs an overlay file ('' when nobody): any disk of any domain
+    (this one's running state and definition included) or any pool volume that
+    has it as its file or anywhere in its backing chain (a snapshot taken on top
+    of it while the run copied, for one)."""
+    return "; ".join(str(d) for d in chains.dependents(dom.connect()).of(path))
 
 
 def merge_back(dom: libvirt.virDomain, frozen: list[Frozen]) -> list[str]:
@@ -244,8 +245,12 @@ def merge_back(dom: libvirt.virDomain, frozen: list[Frozen]) -> list[str]:
     except libvirt.libvirtError as exc:
         errors.append(f"persistent definition: {exc}")
     for each in frozen:
-        if os.path.exists(each.overlay) and not _referenced(dom, each.overlay):
-            os.unlink(each.overlay)
+        if os.path.exists(each.overlay):
+            needs = _needed(dom, each.overlay)
+            if needs:
+                errors.append(f"{each.target}: {each.overlay} kept, it is needed by {needs}")
+            else:
+                os.unlink(each.overlay)
     if errors:
         raise SaltKvmError(
             f"{dom.name()}: merging the backup overlays back failed ({'; '.join(errors)}); "
@@ -291,7 +296,7 @@ def reconcile(dom: libvirt.virDomain) -> list[str]:
         for name in names:
             stray = os.path.join(folder, name)
             stem = name.split(f".{OVERLAY_PREFIX}", 1)[0]
-            if stem in stems and is_overlay(stray) and not _referenced(dom, stray):
+            if stem in stems and is_overlay(stray) and not _needed(dom, stray):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(stray)
                 done.append(f"removed the stray backup overlay {stray}")

@@ -15,7 +15,7 @@ import time
 import libvirt
 from lxml import etree
 
-from . import backup_core, names, qemuimg
+from . import backup_core, chains, names, qemuimg
 from . import backup_store as bs
 from .clone import define, prepare_identity, used_macs
 from .domxml import Disk, Domain
@@ -117,7 +117,7 @@ def _as_new(
         plan.append((disk, image, path))
     with Rollback() as rollback:
         for disk, image, path in plan:
-            rollback.add(f"volume {path}", lambda p=path: _remove(p))
+            rollback.add(f"volume {path}", lambda p=path: _remove(conn, p))
             qemuimg.convert(str(store.path(point) / image.file), path)
             os.chmod(path, 0o600)
             disk.path = path
@@ -139,9 +139,10 @@ def _as_new(
     return {"domain": target, "volumes": volumes, "started": bool(start)}
 
 
-def _remove(path: str) -> None:
+def _remove(conn: libvirt.virConnect, path: str) -> None:
+    """Delete a file this restore wrote, unless something came to need it."""
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        chains.delete_file(conn, path, "restore cleanup")
 
 
 def _in_place(conn: libvirt.virConnect, store: bs.Store, point: bs.Point, force: bool) -> dict:
@@ -163,6 +164,13 @@ def _in_place(conn: libvirt.virConnect, store: bs.Store, point: bs.Point, force:
     missing = [t for t in point.disks if not current.get(t)]
     if missing:
         raise SaltKvmError(f"{point.domain} has no disk {', '.join(missing)} to restore onto")
+    # The old images are replaced: a quick clone standing on one would be corrupted.
+    chains.check_deletable(
+        conn,
+        [current[t] for t in sorted(point.disks)],
+        f"in-place restore of {point.domain}",
+        disks=tuple((point.domain, t) for t in point.disks),
+    )
     temps: list[tuple[str, str]] = []
     try:
         for target_dev, image in sorted(point.disks.items()):
@@ -173,7 +181,7 @@ def _in_place(conn: libvirt.virConnect, store: bs.Store, point: bs.Point, force:
             os.chmod(tmp, 0o600)
     except BaseException:
         for tmp, _ in temps:
-            _remove(tmp)
+            _remove(conn, tmp)
         raise
     for tmp, final in temps:
         os.replace(tmp, final)

@@ -19,12 +19,12 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import libvirt
 from lxml import etree
 
-from . import backup_core, qemuimg
+from . import backup_core, backup_store, qemuimg
 from .backup_core import check_quiesce
 from .domxml import Disk, Domain
 from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
@@ -38,6 +38,16 @@ KIND_EXTERNAL = "external"
 KIND_INTERNAL = "internal"
 # The overlays of method=snapshot backups are named like a snapshot with this prefix.
 BACKUP_PREFIX = "saltkvm-backup-"
+
+
+@contextlib.contextmanager
+def locked(dom: libvirt.virDomain, doing: str) -> Iterator[None]:
+    """The per-domain lock backup runs hold: a snapshot taken (or merged, or
+    reverted) while a ``method=snapshot`` run copies would put a new overlay on
+    the run's overlay, which the run's merge-back would then pull away."""
+    uuid, name = dom.UUIDString(), dom.name()
+    with backup_store.domain_locked(uuid, name, None, what=f"{doing} of {name}"):
+        yield
 
 
 def check_name(value: object, key: str = "name") -> str:
@@ -139,6 +149,11 @@ def create(
     quiesce = check_quiesce(quiesce)
     name = check_name(name or time.strftime("snap-%Y%m%dT%H%M%SZ", time.gmtime()))
     dom = lookup(conn, domain)
+    with locked(dom, f"snapshot {name}"):
+        return _create(dom, domain, name, disk_only, quiesce, description)
+
+
+def _create(dom, domain, name, disk_only, quiesce, description) -> dict:
     with contextlib.suppress(libvirt.libvirtError):
         dom.snapshotLookupByName(name, 0)
         raise ConflictError(f"name: {domain} already has a snapshot named {name!r}")
@@ -225,6 +240,11 @@ def _get(dom: libvirt.virDomain, name: str) -> libvirt.virDomainSnapshot:
 def revert(conn: libvirt.virConnect, domain: str, name: str, force: bool = False) -> dict:
     """Return the guest's disks (and memory, for internal ones) to the snapshot."""
     dom = lookup(conn, domain)
+    with locked(dom, f"revert to snapshot {name}"):
+        return _revert(dom, domain, name, force)
+
+
+def _revert(dom, domain: str, name: str, force: bool) -> dict:
     snap = _get(dom, check_name(name))
     info = describe(snap)
     if info["kind"] == KIND_INTERNAL:
@@ -305,6 +325,11 @@ def _revert_external(dom, snap, info: dict, force: bool) -> dict:
 def delete(conn: libvirt.virConnect, domain: str, name: str) -> dict:
     """Delete a snapshot; an external one's overlays are merged back first (block commit)."""
     dom = lookup(conn, domain)
+    with locked(dom, f"delete of snapshot {name}"):
+        return _delete(dom, domain, name)
+
+
+def _delete(dom, domain: str, name: str) -> dict:
     snap = _get(dom, check_name(name))
     info = describe(snap)
     dropped = _offline_checkpoints(dom) if info["kind"] == KIND_EXTERNAL else []

@@ -214,3 +214,109 @@ def test_stale_bitmaps_are_removed_from_a_shut_off_domains_images(conn, vm):
     left = qemuimg.info(disk)["format-specific"]["data"]["bitmaps"]
     assert [b["name"] for b in left] == ["someone-else"]
     assert backup_core.remove_bitmaps(dom, "saltkvm-x-1") == []
+
+
+def test_a_snapshot_during_a_backup_copy_is_refused_naming_the_run(
+    conn, vm, dest, tmp_path, monkeypatch
+):
+    """kvm_backup.snapshot while a method=snapshot run copies: refused (the
+    per-domain lock of backups), so the run's overlay never gets a snapshot on
+    top that its merge-back would pull away; the backup itself completes."""
+    from salt_kvm import snapshot
+    from salt_kvm.errors import ConflictError, SaltKvmError
+
+    monkeypatch.setenv("SALT_KVM_LOCK_DIR", str(tmp_path / "locks"))
+    dom, disk, data, base = vm
+    copy, tried = qemuimg.copy_flat, []
+
+    def copy_and_snapshot(*args, **kwargs):
+        for attempt in (
+            lambda: snapshot.create(conn, "vm", "s1"),
+            lambda: snapshot.delete(conn, "vm", "s1"),
+            lambda: snapshot.revert(conn, "vm", "s1"),
+        ):
+            try:
+                attempt()
+                tried.append(None)
+            except SaltKvmError as exc:
+                tried.append(exc)
+        return copy(*args, **kwargs)
+
+    monkeypatch.setattr(qemuimg, "copy_flat", copy_and_snapshot)
+    result = backup.create(conn, "vm", dest, method="snapshot", disks=["vda"])
+    assert result["kind"] == "full"
+    assert tried and all(isinstance(e, ConflictError) for e in tried), tried
+    assert f"held by backup into {dest} pid {os.getpid()}" in str(tried[0])
+    assert dom.snapshotNum(0) == 0
+    assert not os.path.exists(snapshot.overlay_path(disk, "s1"))
+    with snapshot.locked(dom, "snapshot s2"):  # the run is over: the lock is free
+        pass
+
+
+def test_merge_back_never_deletes_an_overlay_a_snapshot_stands_on(conn, vm):
+    """A snapshot (taken outside salt-kvm, say with virsh) put on top of a
+    backup run's overlay: the merge-back leaves that overlay (and says so),
+    and the domain's chain stays whole."""
+    from salt_kvm.errors import SaltKvmError
+
+    dom, disk, data, base = vm
+    overlay = backup_snap.overlay_for(disk, "20261121T010000Z")
+    qemuimg.create_overlay(overlay, disk, "qcow2")
+    qemu_io(overlay, "write -P 7 0 4M")
+    top = os.path.join(os.path.dirname(disk), "vm.s1.qcow2")
+    # named relative to the snapshot's folder, as qemu may write it
+    qemuimg.run("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", os.path.basename(overlay), top)
+    xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    xml.disks[0].path = top
+    conn.defineXML(xml.to_xml())
+    frozen = backup_snap.Frozen("vda", overlay, disk, "qcow2")
+    with pytest.raises(SaltKvmError, match=rf"{overlay} kept, it is needed by domain 'vm'"):
+        backup_snap.merge_back(dom, [frozen])
+    assert os.path.exists(overlay)
+    chain = qemuimg.info(top, chain=True)
+    assert [c["filename"] for c in chain] == [top, overlay, disk, base]
+    assert pattern_at(top, 0, 4 * MIB, 7)
+    assert backup_snap.reconcile(dom) == [] and os.path.exists(overlay)
+
+
+def peek_domain(conn, name, path):
+    """A shut-off domain on ``path`` (an overlay someone made on another file)."""
+    return conn.defineXML(new_domain(name, "test", 512, 1, path).to_xml())
+
+
+def test_prune_is_refused_while_a_disk_stands_on_a_doomed_image(conn, vm, dest, tmp_path):
+    from salt_kvm.errors import ConflictError
+
+    first = backup.create(conn, "vm", dest, method="snapshot", full=True)
+    backup.create(conn, "vm", dest, method="snapshot", full=True)
+    store = bs.Store(dest, "vm")
+    image = str(store.path(first["point"], "vda.qcow2"))
+    peek = str(tmp_path / "peek.qcow2")
+    qemuimg.create_overlay(peek, image, "qcow2")
+    peek_domain(conn, "peek", peek)
+    before = [p.id for p in store.points()]
+    with pytest.raises(ConflictError, match=r"vda.qcow2 is needed by domain 'peek'"):
+        backup_ops.prune(dest, "vm", keep=1, conn=conn)
+    assert [p.id for p in store.points()] == before and os.path.exists(image)
+    conn.lookupByName("peek").undefine()
+    assert backup_ops.prune(dest, "vm", keep=1, conn=conn)["deleted"] == [first["point"]]
+
+
+def test_in_place_restore_is_refused_while_a_clone_stands_on_the_disk(conn, vm, dest, tmp_path):
+    """Replacing vm's image under a quick clone would corrupt the clone."""
+    from salt_kvm.errors import ConflictError
+
+    dom, disk, data, base = vm
+    backup.create(conn, "vm", dest, method="snapshot")
+    clone_disk = str(tmp_path / "clone.qcow2")
+    qemuimg.create_overlay(clone_disk, disk, "qcow2")
+    peek_domain(conn, "clone", clone_disk)
+    before = qemuimg.info(disk)
+    with pytest.raises(ConflictError, match=rf"in-place restore of vm: .*{disk} is needed by"):
+        restore.restore(conn, "vm", dest, force=True)
+    assert qemuimg.info(disk) == before
+    assert [c["filename"] for c in qemuimg.info(clone_disk, chain=True)] == [
+        clone_disk,
+        disk,
+        base,
+    ]
