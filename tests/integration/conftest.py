@@ -12,6 +12,7 @@ import pytest
 
 from salt_kvm import connection, lifecycle  # noqa: F401 - silences libvirt's stderr
 from salt_kvm.domxml import Domain
+from salt_kvm.errors import ConflictError
 
 URI = "qemu:///system"
 BASE = os.environ.get("SALT_KVM_BASE_DOMAIN", "salt-kvm-base-debian12")
@@ -40,10 +41,23 @@ def hv():
 
 
 def _remove_leftovers(conn):
-    """Guests an interrupted earlier run left behind."""
-    for dom in conn.listAllDomains(0):
-        if dom.name().startswith(PREFIX) and Domain(dom.XMLDesc(0)).managed_info() is not None:
-            lifecycle.remove(conn, dom.name())
+    """Guests an interrupted earlier run left behind; a guest another one is
+    a quick clone of goes after that one (its removal is refused before)."""
+    left = [
+        dom.name()
+        for dom in conn.listAllDomains(0)
+        if dom.name().startswith(PREFIX) and Domain(dom.XMLDesc(0)).managed_info() is not None
+    ]
+    while left:
+        refused = []
+        for name in left:
+            try:
+                lifecycle.remove(conn, name)
+            except ConflictError:
+                refused.append(name)
+        if len(refused) == len(left):
+            lifecycle.remove(conn, refused[0])  # raises: something else needs it
+        left = refused
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,12 @@ import libvirt
 import pytest
 import yaml
 
-from salt_kvm import forwards, hostnet, ssh
+from salt_kvm import forwards, hostnet, lifecycle, qemuimg, ssh
+from salt_kvm.domxml import Domain
 
 from . import saltenv
 from .conftest import GUEST_PASSWORD, GUEST_USER, PREFIX, unique
+from .guests import boot_guest, define_guest, remove_guest, wait_booted
 
 NAT_PORT = 10222  # beside test_nat's 10022 and 10122
 EXAMPLES = Path(__file__).resolve().parents[2] / "profiles.example"
@@ -315,3 +317,32 @@ def test_cloud_init_deploy_needs_no_ssh_and_leaves_no_seed(hv, salt, base_domain
     finally:
         salt.cloud("-d", name)
     assert_gone(hv, salt, name, before, pool_volumes)
+
+
+def test_destroy_of_a_guest_a_quick_clone_stands_on_is_refused(hv, salt, base_domain):
+    """Guest A is the ``base_domain`` of a quick clone B: ``salt-cloud -d A`` is
+    refused naming B, A keeps its volume, and B still boots from its chain."""
+    name_a, name_b = unique("chain-a"), unique("chain-b")
+    try:
+        dom_a, _ = define_guest(hv, base_domain, name_a)  # shut off: a base for B
+        a_volume = Domain(dom_a.XMLDesc(0)).disks[0].path
+        b = boot_guest(hv, name_a, name_b)
+        b_volume = Domain(b.dom.XMLDesc(0)).disks[0].path
+        proc = salt.cloud("-d", name_a, check=False)
+        text = proc.stdout + proc.stderr
+        assert name_b in text and a_volume in text, text
+        assert hv.lookupByName(name_a) and os.path.exists(a_volume)
+        chain = [c["filename"] for c in qemuimg.info(b_volume, chain=True)]
+        assert chain[:2] == [b_volume, a_volume], chain
+        # B's running QEMU holds its files open: only a fresh start proves the chain whole
+        b.dom.destroy()
+        b.dom.create()
+        wait_booted(b.dom)
+        assert b.run("echo still-here").strip() == "still-here"
+        # once B is gone, A may go
+        lifecycle.remove(hv, name_b)
+        salt.cloud("-d", name_a)
+        assert not os.path.exists(a_volume)
+    finally:
+        remove_guest(hv, name_b)
+        remove_guest(hv, name_a)
