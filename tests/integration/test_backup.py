@@ -599,3 +599,80 @@ def test_takeover_from_the_ssh_copy_after_the_guest_is_lost(hv, guest, dest, sta
         assert out.split()[0] == state["kept"]
     finally:
         shutil.rmtree(other, ignore_errors=True)
+
+
+# ---- a snapshot during a method=snapshot run ------------------------------------------
+def _during_copy(monkeypatch, action):
+    """Run ``action`` once, while the run copies (deterministic: in its copy step)."""
+    copy, seen = qemuimg.copy_flat, []
+
+    def hooked(*args, **kwargs):
+        if not seen:
+            try:
+                seen.append(action())
+            except SaltKvmError as exc:
+                seen.append(exc)
+        return copy(*args, **kwargs)
+
+    monkeypatch.setattr(qemuimg, "copy_flat", hooked)
+    return seen
+
+
+def test_snapshot_during_a_snapshot_method_run_never_breaks_the_chain(hv, base_domain, monkeypatch):
+    """kvm_backup.snapshot while a method=snapshot run copies is refused naming
+    the run; a snapshot taken around salt-kvm (libvirt directly) on the run's
+    overlay is kept by the merge-back, and the guest still boots from its chain."""
+    name, where = unique("bkrace"), _dest("race")
+    g = guests.boot_guest(hv, base_domain, name)
+    top = None
+    try:
+        before = _sources(g.dom)
+        disk = before["vda"]
+        refused = _during_copy(monkeypatch, lambda: snapshot.create(hv, name, "s1"))
+        made = backup.create(hv, name, where, method="snapshot", disks=["vda"])
+        assert made["kind"] == "full"
+        assert isinstance(refused[0], ConflictError), refused
+        assert f"held by backup into {where} pid {os.getpid()}" in str(refused[0])
+        assert snapshot.list_snapshots(hv, name) == []
+        _on_the_original_images(g, before)
+
+        # around salt-kvm: a disk-only snapshot on top of the run's overlay
+        top = snapshot.overlay_path(disk, "outside")
+        xml = snapshot.external_xml("outside", None, {"vda": top}, [])
+        flags = (
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        )
+        _during_copy(monkeypatch, lambda: g.dom.snapshotCreateXML(xml, flags))
+        with pytest.raises(SaltKvmError, match=r"kept, it is needed by volume .*outside"):
+            # full: its copy is the step hooked (an incremental rebases instead)
+            backup.create(hv, name, where, method="snapshot", disks=["vda"], full=True)
+        assert _sources(g.dom)["vda"] == top
+        assert _sources(g.dom, libvirt.VIR_DOMAIN_XML_INACTIVE)["vda"] == top
+        chain = [c["filename"] for c in qemuimg.info(top, chain=True)]
+        assert chain[0] == top and backup_snap.is_overlay(chain[1]) and chain[2] == disk, chain
+        assert all(os.path.exists(p) for p in chain)
+        g.dom.destroy()  # a fresh start opens the whole chain again
+        g.dom.create()
+        guests.wait_booted(g.dom)
+        assert g.run("echo booted").strip() == "booted"
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            g.dom.destroy()
+        if top is not None:  # this test's own chain on the guest's volume
+            for path in [top, *[f for f in _overlays_of(disk)]]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        guests.remove_guest(hv, name)
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def _overlays_of(disk):
+    folder = os.path.dirname(disk)
+    stem = os.path.basename(disk).rsplit(".", 1)[0]
+    return [
+        os.path.join(folder, f)
+        for f in os.listdir(folder)
+        if f.startswith(f"{stem}.") and backup_snap.is_overlay(f)
+    ]
