@@ -130,9 +130,15 @@ def chain_below(conn: libvirt.virConnect, path: str, fmt: str | None, local: boo
 class Dependents(dict):
     """Resolved path -> everything on the host that needs that file."""
 
-    def __init__(self, found: dict[str, list[Dependent]], local: bool):
+    def __init__(
+        self,
+        found: dict[str, list[Dependent]],
+        local: bool,
+        files_of: dict[str, set[str]] | None = None,
+    ):
         super().__init__(found)
         self.local = local
+        self.files_of = files_of or {}  # domain -> every file of its disks' chains
 
     def of(self, path: str) -> list[Dependent]:
         return self.get(_norm(path, self.local), [])
@@ -142,17 +148,21 @@ class Dependents(dict):
         paths: list[str] | tuple[str, ...] | set[str],
         domains: tuple[str, ...] = (),
         disks: tuple[tuple[str, str], ...] = (),
+        chains_of: tuple[str, ...] = (),
     ) -> dict[str, list[Dependent]]:
         """Of ``paths`` (all deleted together), those something else still needs:
         dependents among ``paths`` themselves, uses by ``domains`` and by the
-        (domain, target) ``disks`` (the ones going away with them) do not count."""
+        (domain, target) ``disks`` (the ones going away with them) do not count,
+        nor volumes that are files of the chains of ``chains_of`` (a domain's
+        own snapshot overlays, which libvirt rebases when it merges one)."""
         doomed = {_norm(p, self.local) for p in paths}
+        own = set().union(*(self.files_of.get(name, set()) for name in chains_of))
         blocked = {}
         for path in paths:
             needs = [
                 d
                 for d in self.of(path)
-                if not (d.domain is None and _norm(d.top, self.local) in doomed)
+                if not (d.domain is None and _norm(d.top, self.local) in doomed | own)
                 and d.domain not in domains
                 and (d.domain, d.target) not in disks
             ]
@@ -207,6 +217,7 @@ def dependents(conn: libvirt.virConnect) -> Dependents:
     the file itself and its whole chain)."""
     local = connection.remote_host(conn) is None
     found: dict[str, list[Dependent]] = {}
+    files_of: dict[str, set[str]] = {}
     for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
         try:
             pool.refresh(0)  # files copied in since libvirt last looked
@@ -241,7 +252,8 @@ def dependents(conn: libvirt.virConnect) -> Dependents:
                 below |= {_norm(p, local) for p in disk.backing_paths()}
                 for path in below:
                     _add(found, path, Dependent(top, name, disk.target_dev))
-    return Dependents(found, local)
+                files_of.setdefault(name, set()).update({_norm(top, local), *below})
+    return Dependents(found, local, files_of)
 
 
 def describe(blocked: dict[str, list[Dependent]]) -> str:
@@ -259,12 +271,13 @@ def check_deletable(
     what: str = "delete",
     domains: tuple[str, ...] = (),
     disks: tuple[tuple[str, str], ...] = (),
+    chains_of: tuple[str, ...] = (),
 ) -> None:
     """Refuse (ConflictError naming the dependents) to delete any of ``paths``
     while something outside ``paths``, ``domains`` and ``disks`` still needs it."""
     if not paths:
         return
-    blocked = dependents(conn).blocking(paths, domains, disks)
+    blocked = dependents(conn).blocking(paths, domains, disks, chains_of)
     if blocked:
         raise ConflictError(
             f"{what}: refused, nothing was deleted: {describe(blocked)} "

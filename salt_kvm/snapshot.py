@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 import libvirt
 from lxml import etree
 
-from . import backup_core, backup_store, qemuimg
+from . import backup_core, backup_store, chains, qemuimg
 from .backup_core import check_quiesce
 from .domxml import Disk, Domain
 from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
@@ -275,6 +275,20 @@ def _drop_checkpoints_for_revert(dom: libvirt.virDomain) -> list[str]:
     )
 
 
+def _check_overlays(dom: libvirt.virDomain, info: dict, what: str) -> None:
+    """Merging an overlay away (delete) or emptying it (revert) is refused while
+    anything but this domain's own disks and snapshot chain stands on it (a
+    quick clone made from the guest, a volume made on the overlay by hand)."""
+    name = dom.name()
+    chains.check_deletable(
+        dom.connect(),
+        sorted(info["overlays"].values()),
+        what,
+        disks=tuple((name, target) for target in info["overlays"]),
+        chains_of=(name,),
+    )
+
+
 def _revert_external(dom, snap, info: dict, force: bool) -> dict:
     current = {d.target_dev: d.path for d in Domain(dom.XMLDesc(0)).disks}
     stale = [t for t, overlay in info["overlays"].items() if current.get(t) != overlay]
@@ -285,6 +299,7 @@ def _revert_external(dom, snap, info: dict, force: bool) -> dict:
             f"({', '.join(stale)} moved on); delete {', '.join(children) or 'the newer ones'} "
             "first, or revert to the newest"
         )
+    _check_overlays(dom, info, f"revert of {dom.name()} to {info['name']}")
     was_running = bool(dom.isActive())
     if was_running and not force:
         raise ConflictError(
@@ -332,6 +347,7 @@ def delete(conn: libvirt.virConnect, domain: str, name: str) -> dict:
 def _delete(dom, domain: str, name: str) -> dict:
     snap = _get(dom, check_name(name))
     info = describe(snap)
+    _check_overlays(dom, info, f"delete of snapshot {name} of {domain}")
     dropped = _offline_checkpoints(dom) if info["kind"] == KIND_EXTERNAL else []
     try:
         snap.delete(0)

@@ -676,3 +676,51 @@ def _overlays_of(disk):
         for f in os.listdir(folder)
         if f.startswith(f"{stem}.") and backup_snap.is_overlay(f)
     ]
+
+
+def test_snapshot_revert_and_delete_refuse_an_overlay_others_stand_on(hv, base_domain):
+    """A volume made by hand on a snapshot's overlay: reverting (which empties
+    the overlay) and deleting (which merges it away) are refused naming it."""
+    name = unique("snapdep")
+    dom, _ = guests.define_guest(hv, base_domain, name)  # shut off: no boot needed
+    folder = os.path.dirname(_sources(dom)["vda"])
+    hand = None
+    try:
+        snapshot.create(hv, name, "s1", quiesce=False)
+        overlay = snapshot.list_snapshots(hv, name)[0]["overlays"]["vda"]
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 0 1M", overlay], check=True)
+        hand = guests.data_volume(hv, "default", f"{name}-hand.qcow2", 1 << 30)
+        # a hand-made overlay: the same as an image someone made with qemu-img -b
+        qemuimg.rebase_unsafe(hand, overlay, "qcow2")
+        hv.storagePoolLookupByName("default").refresh(0)
+        for attempt in (
+            lambda: snapshot.revert(hv, name, "s1"),
+            lambda: snapshot.delete(hv, name, "s1"),
+        ):
+            with pytest.raises(ConflictError, match=rf"{overlay} is needed by volume {hand}"):
+                attempt()
+            check = subprocess.run(
+                ["qemu-io", "-f", "qcow2", "-c", "read -P 9 0 1M", hand],
+                capture_output=True,
+                text=True,
+            )
+            assert check.returncode == 0 and "verification failed" not in check.stdout
+        assert [s["name"] for s in snapshot.list_snapshots(hv, name)] == ["s1"]
+        hv.storageVolLookupByPath(hand).delete(0)
+        hand = None
+        assert snapshot.delete(hv, name, "s1")["deleted"] is True  # nothing stands on it now
+    finally:
+        if hand is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                hv.storageVolLookupByPath(hand).delete(0)
+        with contextlib.suppress(libvirt.libvirtError):
+            for snap in dom.listAllSnapshots(0):
+                snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+        for path in _overlays_named(folder, name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        guests.remove_guest(hv, name)
+
+
+def _overlays_named(folder, name):
+    return [os.path.join(folder, f) for f in os.listdir(folder) if f.startswith(f"{name}.s1")]

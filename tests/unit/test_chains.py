@@ -84,3 +84,21 @@ def test_blocking_ignores_what_goes_together_and_the_leaving_domain():
         str(dep("/p/a.qcow2", "a", "vda"))
         == "domain 'a' (backing chain of its disk vda: /p/a.qcow2)"
     )
+
+
+def test_a_domains_own_snapshot_overlays_do_not_block_its_snapshot_operations():
+    dep = chains.Dependent
+    found = chains.Dependents(
+        {
+            "/p/a.s1.qcow2": [
+                dep("/p/a.s2.qcow2"),
+                dep("/p/b.qcow2"),
+                dep("/p/a.s2.qcow2", "a", "vda"),
+            ]
+        },
+        local=False,
+        files_of={"a": {"/p/a.s2.qcow2", "/p/a.s1.qcow2", "/p/a.qcow2"}},
+    )
+    assert found.blocking(["/p/a.s1.qcow2"], disks=(("a", "vda"),), chains_of=("a",)) == {
+        "/p/a.s1.qcow2": [dep("/p/b.qcow2")]
+    }
