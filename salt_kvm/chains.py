@@ -3,13 +3,16 @@
 A file may be deleted only when nothing on the host needs it: no volume of any
 pool and no disk of any domain (running state and definition) has it in its
 backing chain (the whole chain, not only the first level), and no other domain
-uses it. Paths are compared resolved (symlinks, ``..``, backing files named
-relative to their overlay, as QEMU opens them), so a second spelling of a file
-does not hide a dependent. Nothing here changes anything.
+uses it. Files are compared by device and inode where they are this host's
+(else by resolved path): a second name (symlink, ``..``, bind mount, hard
+link, a backing file named relative to its overlay as QEMU opens it, a
+``json:`` or ``file:`` name) does not hide a dependent. A qcow2 image's
+external data file counts like its backing file. Nothing here changes anything.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from .errors import ConflictError
 
 QCOW2_MAGIC = b"QFI\xfb"
 EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_DATA_FILE = 0x44415441
 MAX_DEPTH = 64
 HEADER_MAX = 64 * 1024
 
@@ -46,38 +50,81 @@ def _norm(path: str, local: bool) -> str:
     return os.path.realpath(path) if local else os.path.normpath(path)
 
 
-def _qcow2_backing(path: str) -> tuple[str, str | None] | None:
-    """(backing file name as written, its format or None) from a qcow2 header."""
+def _key(path: str, local: bool) -> str:
+    """One key per file: locally its device and inode when it exists (a second
+    name through a bind mount or a hard link is the same file), else the
+    resolved path."""
+    if local:
+        try:
+            info = os.stat(path)
+            return f"inode:{info.st_dev}:{info.st_ino}"
+        except OSError:
+            pass
+    return _norm(path, local)
+
+
+def _qcow2_links(path: str) -> list[tuple[str, str | None]]:
+    """(file name as written, its format or None) of every file a qcow2 image
+    needs: its backing file and its external data file."""
     try:
         with open(path, "rb", buffering=0) as handle:
             head = handle.read(HEADER_MAX)
     except OSError:
-        return None
+        return []
     if len(head) < 72 or head[:4] != QCOW2_MAGIC:
-        return None
+        return []
+    links = []
     version = struct.unpack(">I", head[4:8])[0]
     offset, size = struct.unpack(">QI", head[8:20])
-    if not offset or not size or offset + size > len(head) or size > 1023:
-        return None
-    name = head[offset : offset + size].decode(errors="replace")
+    backing = None
+    if offset and size and offset + size <= len(head) and size <= 1023:
+        backing = head[offset : offset + size].decode(errors="replace")
     fmt = None
-    header_len = 72 if version < 3 else struct.unpack(">I", head[100:104])[0]
-    pos = header_len
-    while version >= 2 and pos + 8 <= min(offset, len(head)):
+    header_len = 72 if version < 3 or len(head) < 104 else struct.unpack(">I", head[100:104])[0]
+    pos, end = header_len, offset if backing is not None else len(head)
+    while version >= 2 and pos + 8 <= min(end, len(head)):
         kind, length = struct.unpack(">II", head[pos : pos + 8])
         if kind == 0:
             break
+        value = head[pos + 8 : pos + 8 + length].decode(errors="replace")
         if kind == EXT_BACKING_FORMAT:
-            fmt = head[pos + 8 : pos + 8 + length].decode(errors="replace")
+            fmt = value
+        elif kind == EXT_DATA_FILE and value:
+            links.append((value, "raw"))
         pos += 8 + (length + 7) // 8 * 8
-    return name, fmt
+    if backing is not None:
+        links.append((backing, fmt))
+    return links
+
+
+def _json_filenames(value) -> list[str]:
+    """Every ``filename`` in a ``json:{...}`` file name (QEMU's block options)."""
+    if isinstance(value, dict):
+        found = []
+        for key, item in value.items():
+            if key.split(".")[-1] == "filename" and isinstance(item, str):
+                found.append(item)
+            else:
+                found += _json_filenames(item)
+        return found
+    if isinstance(value, list):
+        return [f for item in value for f in _json_filenames(item)]
+    return []
 
 
 def _joined(overlay: str, name: str, local: bool) -> set[str]:
     """Where QEMU finds backing file ``name`` of ``overlay``: a relative name is
     relative to the overlay's directory (as named, and as resolved: both count)."""
-    if name.startswith("json:") or "://" in name:
-        return set()
+    if name.startswith("json:"):
+        try:
+            names = _json_filenames(json.loads(name[5:]))
+        except ValueError:
+            return set()
+        return {p for each in names for p in _joined(overlay, each, local)}
+    if "://" in name:
+        return set()  # a network URL: no file of this host
+    if name.startswith("file:"):
+        name = name[5:]
     if os.path.isabs(name):
         return {_norm(name, local)}
     found = {_norm(os.path.join(os.path.dirname(overlay), name), local)}
@@ -112,9 +159,7 @@ def chain_below(conn: libvirt.virConnect, path: str, fmt: str | None, local: boo
         if current in seen or depth > MAX_DEPTH or current_fmt == "raw":
             continue
         seen.add(current)
-        links = []
-        if local:
-            links.append(_qcow2_backing(current))
+        links = _qcow2_links(current) if local else []
         links.append(_volume_backing(conn, current))
         for link in links:
             if link is None:
@@ -128,7 +173,7 @@ def chain_below(conn: libvirt.virConnect, path: str, fmt: str | None, local: boo
 
 
 class Dependents(dict):
-    """Resolved path -> everything on the host that needs that file."""
+    """File (``_key``) -> everything on the host that needs that file."""
 
     def __init__(
         self,
@@ -141,7 +186,7 @@ class Dependents(dict):
         self.files_of = files_of or {}  # domain -> every file of its disks' chains
 
     def of(self, path: str) -> list[Dependent]:
-        return self.get(_norm(path, self.local), [])
+        return self.get(_key(path, self.local), [])
 
     def blocking(
         self,
@@ -155,14 +200,14 @@ class Dependents(dict):
         (domain, target) ``disks`` (the ones going away with them) do not count,
         nor volumes that are files of the chains of ``chains_of`` (a domain's
         own snapshot overlays, which libvirt rebases when it merges one)."""
-        doomed = {_norm(p, self.local) for p in paths}
+        doomed = {_key(p, self.local) for p in paths}
         own = set().union(*(self.files_of.get(name, set()) for name in chains_of))
         blocked = {}
         for path in paths:
             needs = [
                 d
                 for d in self.of(path)
-                if not (d.domain is None and _norm(d.top, self.local) in doomed | own)
+                if not (d.domain is None and _key(d.top, self.local) in doomed | own)
                 and d.domain not in domains
                 and (d.domain, d.target) not in disks
             ]
@@ -234,7 +279,7 @@ def dependents(conn: libvirt.virConnect) -> Dependents:
             except libvirt.libvirtError:
                 continue  # deleted since the listing
             for below in chain_below(conn, top, fmt, local):
-                _add(found, below, Dependent(top))
+                _add(found, _key(below, local), Dependent(top))
     for dom in conn.listAllDomains(0):
         try:
             name, xmls = dom.name(), _domain_xmls(dom)
@@ -247,12 +292,13 @@ def dependents(conn: libvirt.virConnect) -> Dependents:
                 top = _disk_path(conn, disk)
                 if not top:
                     continue
-                _add(found, _norm(top, local), Dependent(top, name, disk.target_dev, False))
+                _add(found, _key(top, local), Dependent(top, name, disk.target_dev, False))
                 below = set(chain_below(conn, top, disk.driver_type, local))
                 below |= {_norm(p, local) for p in disk.backing_paths()}
-                for path in below:
-                    _add(found, path, Dependent(top, name, disk.target_dev))
-                files_of.setdefault(name, set()).update({_norm(top, local), *below})
+                keys = {_key(p, local) for p in below}
+                for key in keys:
+                    _add(found, key, Dependent(top, name, disk.target_dev))
+                files_of.setdefault(name, set()).update({_key(top, local), *keys})
     return Dependents(found, local, files_of)
 
 

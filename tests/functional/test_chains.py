@@ -9,7 +9,7 @@ import libvirt
 import pytest
 
 from salt_kvm import chains, clone, diskops, disks, images, lifecycle
-from salt_kvm.domxml import DISKS_NS, DISKS_PREFIX, Domain, disks_metadata_element
+from salt_kvm.domxml import DISKS_NS, DISKS_PREFIX, Domain, disks_metadata_element, new_domain
 from salt_kvm.errors import ConflictError
 from salt_kvm.rollback import Rollback
 from salt_kvm.xmlutil import tostring
@@ -201,3 +201,16 @@ def test_image_delete_is_refused_while_a_volume_stands_on_it(conn, pool):
     with pytest.raises(ConflictError, match="hand-made.qcow2"):
         images.delete_image(conn, name)
     assert name in volumes(pool)
+
+
+def test_a_second_name_of_the_file_does_not_hide_the_dependent(conn, pool, base, tmp_path):
+    """An overlay outside the pools names a local file through a hard link (as
+    a bind mount would): deleting the file by its other name is refused."""
+    real = tmp_path / "image.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(real), "64M"], check=True)
+    os.link(real, tmp_path / "alias.qcow2")
+    top = overlay_file(tmp_path / "top.qcow2", str(tmp_path / "alias.qcow2"))
+    conn.defineXML(new_domain("vm-h", "test", 512, 1, top).to_xml())
+    with pytest.raises(ConflictError, match=r"image.qcow2 is needed by domain 'vm-h'"):
+        chains.delete_file(conn, str(real), "test delete")
+    assert real.exists()

@@ -102,3 +102,37 @@ def test_a_domains_own_snapshot_overlays_do_not_block_its_snapshot_operations():
     assert found.blocking(["/p/a.s1.qcow2"], disks=(("a", "vda"),), chains_of=("a",)) == {
         "/p/a.s1.qcow2": [dep("/p/b.qcow2")]
     }
+
+
+def test_json_and_file_names_and_external_data_files_count(tmp_path):
+    base = qcow2(tmp_path / "base.qcow2")
+    via_json = qcow2(
+        tmp_path / "j.qcow2",
+        'json:{"driver": "qcow2", "file": {"driver": "file", "filename": "base.qcow2"}}',
+    )
+    assert chains.chain_below(NoPools(), via_json, "qcow2", True) == {base}
+    via_file = qcow2(tmp_path / "f.qcow2", f"file:{base}")
+    assert chains.chain_below(NoPools(), via_file, "qcow2", True) == {base}
+    data = tmp_path / "data.raw"
+    subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            f"data_file={data}",
+            str(tmp_path / "d.qcow2"),
+            "64M",
+        ],
+        check=True,
+    )
+    assert chains.chain_below(NoPools(), str(tmp_path / "d.qcow2"), "qcow2", True) == {str(data)}
+
+
+def test_a_second_name_of_a_file_is_the_same_file(tmp_path):
+    base = qcow2(tmp_path / "base.qcow2")
+    os.link(base, tmp_path / "other-name.qcow2")
+    assert chains._key(base, True) == chains._key(str(tmp_path / "other-name.qcow2"), True)
+    assert chains._key(base, True) != chains._key(str(tmp_path / "missing"), True)
