@@ -19,7 +19,7 @@ import time
 
 import libvirt
 
-from . import backup_api, backup_snap
+from . import backup_api, backup_snap, chains
 from . import backup_core as core
 from . import backup_store as bs
 from .backup_core import (  # noqa: F401 - the backup API of this package, used by others
@@ -56,6 +56,13 @@ def choose_method(conn: libvirt.virConnect, method: str) -> core.Method:
     return backup_api.ApiMethod()
 
 
+def clean_partials(dom: libvirt.virDomain, store: bs.Store) -> list[str]:
+    """Remove unfinished points, never while anything stands on an image in them."""
+    files = [str(f) for p in store.partials() for f in sorted(p.rglob("*")) if f.is_file()]
+    chains.check_deletable(dom.connect(), files, f"cleanup of unfinished backups in {store.root}")
+    return store.clean_partials()
+
+
 def reconcile(dom: libvirt.virDomain, store: bs.Store, keep_checkpoint: str | None) -> list[str]:
     """Clean up after a run that died, whatever its method (under the lock, so no
     run is live): its backup job, a domain it started paused, its snapshot
@@ -64,7 +71,7 @@ def reconcile(dom: libvirt.virDomain, store: bs.Store, keep_checkpoint: str | No
     partials = store.partials()
     done = backup_api.reconcile(dom, partials)
     done += backup_snap.reconcile(dom)
-    done += [f"removed {name}" for name in store.clean_partials()]
+    done += [f"removed {name}" for name in clean_partials(dom, store)]
     for name in our_checkpoints(dom, store_tag(store)):
         if name != keep_checkpoint:
             delete_checkpoint(dom, name)
@@ -138,7 +145,10 @@ def _run(engine: core.Method, dom, store, point_id, disks, parent, reason, quies
     except BaseException as exc:
         with contextlib.suppress(Exception):
             engine.abort(run)
-        store.clean_partials()
+        try:
+            clean_partials(dom, store)
+        except SaltKvmError as refused:
+            log.warning("%s", refused)
         emit("failed", {**base, "error": str(exc), "method": engine.name})
         raise
     for old in our_checkpoints(dom, store_tag(store)):  # only the newest one is needed

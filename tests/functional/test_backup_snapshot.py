@@ -320,3 +320,21 @@ def test_in_place_restore_is_refused_while_a_clone_stands_on_the_disk(conn, vm, 
         disk,
         base,
     ]
+
+
+def test_unfinished_points_are_kept_while_a_disk_stands_on_them(conn, vm, dest, tmp_path):
+    from salt_kvm.errors import ConflictError
+
+    partial = bs.Store(dest, "vm").root / ".partial-20261121T010000Z"
+    partial.mkdir(parents=True)
+    image = str(partial / "vda.qcow2")
+    qemuimg.run("create", "-q", "-f", "qcow2", image, "64M")
+    peek = str(tmp_path / "peek.qcow2")
+    qemuimg.create_overlay(peek, image, "qcow2")
+    peek_domain(conn, "peek", peek)
+    with pytest.raises(ConflictError, match=r"unfinished backups .*vda.qcow2 is needed by domain"):
+        backup.create(conn, "vm", dest, method="snapshot")
+    assert os.path.exists(image)
+    conn.lookupByName("peek").undefine()
+    made = backup.create(conn, "vm", dest, method="snapshot")
+    assert any("removed .partial-20261121T010000Z" in c for c in made["cleaned"])
