@@ -58,7 +58,7 @@ def secure_dir(path: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def _open(path: Path) -> int:
+def _open(path: Path, ours: bool) -> int:
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(path, flags, 0o600)
@@ -67,7 +67,13 @@ def _open(path: Path) -> int:
             raise SaltKvmError(f"lock file {path} is a symlink: refused (remove it)") from None
         raise
     info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != os.geteuid():
+    # ours: in our own checked folder; elsewhere (a NAS squashing root to nobody)
+    # the owner is not ours to check, a link still is
+    if (
+        not stat.S_ISREG(info.st_mode)
+        or info.st_nlink != 1
+        or (ours and info.st_uid != os.geteuid())
+    ):
         os.close(fd)
         raise SaltKvmError(
             f"lock file {path} is not a regular file of ours with a single link: refused "
@@ -102,7 +108,7 @@ def held(
         raise SaltKvmError(f"lock name {name!r} is not a plain file name")
     folder = secure_dir(directory) if secure else Path(directory or lock_dir())
     path = folder / name
-    fd = _open(path)
+    fd = _open(path, secure)
     try:
         deadline = time.monotonic() + max(0.0, timeout)
         while True:

@@ -154,3 +154,14 @@ def test_nat_store_lock_is_in_the_lock_directory(lockdir, tmp_path, victim):
         [path] = lockdir.iterdir()
         assert f"writing {store.path}" in path.read_text()
     assert victim.read_text() == "do not truncate me\n"
+
+
+def test_a_store_lock_owned_by_nobody_works_as_on_a_root_squashing_nas(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a file away")
+    store = bs.Store(tmp_path / "dest", "vm")
+    store.root.mkdir(parents=True)
+    (store.root / bs.LOCK).touch()
+    os.chown(store.root / bs.LOCK, 65534, 65534)
+    with store.locked("backup"):
+        assert (store.root / bs.LOCK).read_text() == f"backup pid {os.getpid()}"
