@@ -10,7 +10,7 @@ import libvirt
 from . import chains
 from .clone import undefine
 from .domxml import Domain
-from .errors import NotFoundError, SaltKvmError
+from .errors import ConflictError, NotFoundError, SaltKvmError
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,11 @@ def remove(conn: libvirt.virConnect, name: str, also: list[str] | tuple[str, ...
 
     Never touches the base's volumes nor disks attached from elsewhere (those
     are not listed in the domain's salt-kvm metadata). Refused, before anything
-    changes, while any of its volumes (or the volumes in ``also``, deleted by the
-    caller afterwards) is needed by something else: another domain's disk, or
-    the backing chain of any volume or disk (a quick clone of this guest).
-    Returns what was removed.
+    changes, while any of its volumes is needed by something else: another
+    domain's disk, or the backing chain of any volume or disk (a quick clone of
+    this guest); so are the volumes in ``also`` (deleted by the caller
+    afterwards) when in such a chain; one another domain has attached is only
+    kept. Returns what was removed.
     """
     dom = lookup(conn, name)
     info = managed_info(dom)
@@ -44,7 +45,15 @@ def remove(conn: libvirt.virConnect, name: str, also: list[str] | tuple[str, ...
         )
     seed = [info["seed"]] if info.get("seed") else []
     paths = [*(info.get("volumes") or []), *seed]
-    chains.check_deletable(conn, [*paths, *also], f"destroy of {name!r}", domains=(name,))
+    blocked = chains.dependents(conn).blocking([*paths, *also], domains=(name,))
+    for path in also:  # a shared extra disk is kept (delete_volumes), not a refusal
+        blocked[path] = [d for d in blocked.get(path, []) if d.domain is None or d.backing]
+    blocked = {path: needs for path, needs in blocked.items() if needs}
+    if blocked:
+        raise ConflictError(
+            f"destroy of {name!r}: refused, nothing was deleted: {chains.describe(blocked)} "
+            "(destroy or flatten those first)"
+        )
     undefine(dom)
     removed = []
     doomed, kept = chains.dependents(conn).deletable(paths)

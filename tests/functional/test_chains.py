@@ -214,3 +214,21 @@ def test_a_second_name_of_the_file_does_not_hide_the_dependent(conn, pool, base,
     with pytest.raises(ConflictError, match=r"image.qcow2 is needed by domain 'vm-h'"):
         chains.delete_file(conn, str(real), "test delete")
     assert real.exists()
+
+
+def test_an_extra_disk_another_domain_has_attached_is_kept_not_refused(conn, pool, guest_a):
+    """delete_disks on a disk shared with another guest: the destroy goes on and
+    keeps that volume (as documented); only chains refuse it."""
+    data = pool.createXML(
+        f"<volume><name>vm-a-shared.qcow2</name><capacity>{GIB}</capacity>"
+        "<target><format type='qcow2'/></target></volume>",
+        0,
+    ).path()
+    other = define_on(conn, "vm-other", "/default-pool/base.qcow2")
+    xml = Domain(other.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    spec = disks.DiskSpec(name="shared", path=data, shareable=True)
+    xml._devices().append(disks.disk_element(spec, "vdb", disks.Source(data, "qcow2")).node)
+    conn.defineXML(xml.to_xml())
+    assert lifecycle.remove(conn, "vm-a", also=[data])["volumes"] == [A_VOL]
+    assert diskops.delete_volumes(conn, [data]) == []
+    assert conn.storageVolLookupByPath(data)
