@@ -32,7 +32,7 @@ from .lifecycle import lookup
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, 64 at most"
 KIND_EXTERNAL = "external"
 KIND_INTERNAL = "internal"
@@ -41,7 +41,7 @@ BACKUP_PREFIX = "saltkvm-backup-"
 
 
 def check_name(value: object, key: str = "name") -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise SpecError(key, f"{value!r} is not a snapshot name", NAME_RULE)
     if value.startswith(BACKUP_PREFIX):
         raise SpecError(
