@@ -16,7 +16,7 @@ try:
     import libvirt
 
     from salt_kvm import diskops, disks, lifecycle
-    from salt_kvm.checks import boolean
+    from salt_kvm.checks import boolean, seconds
     from salt_kvm.errors import SaltKvmError
     from salt_kvm.saltutil import connection_for
 
@@ -161,7 +161,7 @@ def detach(domain, name, delete=False, live=True, persistent=True, timeout=120, 
             delete=_bool(delete, "delete", False),
             live=_bool(live, "live"),
             persistent=_bool(persistent, "persistent"),
-            timeout=float(timeout),
+            timeout=seconds(timeout, "timeout", 0),
         ),
     )
 

@@ -268,7 +268,8 @@ def render(spec: CloudInitSpec, context: dict) -> str | None:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     try:
         return env.from_string(spec.user_data).render(**context)
-    except jinja2.TemplateError as exc:
+    except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as exc:
+        # A template's own mistakes (``name + 1``, ``1 / 0``) are bad input too.
         raise SpecError(
             f"{KEY}.user_data",
             f"template {spec.user_data_origin}: {exc}",

@@ -45,10 +45,10 @@ try:
         lifecycle,
         provision,
     )
-    from salt_kvm.checks import boolean
+    from salt_kvm.checks import boolean, seconds
     from salt_kvm.connection import connected, open_connection
     from salt_kvm.errors import SaltKvmError, SpecError
-    from salt_kvm.rollback import Rollback
+    from salt_kvm.rollback import Interrupted, Rollback, interruptible
     from salt_kvm.spec import build_spec, check_key_typos, check_mapping
 
     HAS_LIBS = True
@@ -218,6 +218,19 @@ def create(vm_):
 
         salt-cloud -p centos7 vm1
     """
+    # Any failure rolls back: an error of any type, and SIGINT, SIGTERM or
+    # SIGHUP (they raise inside the block; the process then exits as it would
+    # have, with nothing of this run left).
+    try:
+        with interruptible():
+            return _create(vm_)
+    except Interrupted as exc:
+        raise SaltCloudSystemExit(
+            f"creating {vm_['name']} was {exc}; everything this run created was removed."
+        ) from exc
+
+
+def _create(vm_):
     name = vm_["name"]
     rollback = Rollback(reconnect=lambda: open_connection(**_connection_args(vm_)))
     if vm_.get("pub_key"):
@@ -232,12 +245,16 @@ def create(vm_):
         spec = _spec(vm_)
         deploy_plan = cloud_deploy.prepare(__opts__, vm_, spec) if spec.deploy.enabled else None
         seed_iso = cloud_deploy.seed_iso(__opts__, vm_, spec, deploy_plan)
-    except SpecError as exc:
+    except BaseException as exc:
+        # Whatever the type (a Jinja TypeError, an interrupt): nothing stays.
         rollback.run()
-        raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc
-    except SaltCloudConfigError:
-        rollback.run()
-        raise
+        if isinstance(exc, SpecError):
+            raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc
+        if isinstance(exc, SaltCloudConfigError) or not isinstance(exc, Exception):
+            raise
+        raise SaltCloudConfigError(
+            f"profile {vm_.get('profile')!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     started = time.monotonic()
 
     def emit(step, data):
@@ -347,7 +364,10 @@ def stop(name, call=None):
 
         salt-cloud -a stop vm1
     """
-    timeout = float(_provider_value("stop_timeout", 180))
+    try:
+        timeout = seconds(_provider_value("stop_timeout", 180), "stop_timeout", 0)
+    except SpecError as exc:
+        raise SaltCloudSystemExit(str(exc)) from exc
 
     def stop_domain(dom):
         if not lifecycle.shutdown(dom, timeout):

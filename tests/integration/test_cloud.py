@@ -3,6 +3,7 @@ and a real salt-master: profiles become minions that answer test.ping."""
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import yaml
 from salt_kvm import forwards, hostnet, ssh
 
 from . import saltenv
-from .conftest import GUEST_PASSWORD, GUEST_USER, PREFIX, unique
+from .conftest import GUEST_PASSWORD, GUEST_USER, POOL, PREFIX, unique
 
 NAT_PORT = 10222  # beside test_nat's 10022 and 10122
 EXAMPLES = Path(__file__).resolve().parents[2] / "profiles.example"
@@ -315,3 +316,79 @@ def test_cloud_init_deploy_needs_no_ssh_and_leaves_no_seed(hv, salt, base_domain
     finally:
         salt.cloud("-d", name)
     assert_gone(hv, salt, name, before, pool_volumes)
+
+
+# ---- interrupts (issue #13 item 11) ----------------------------------------------
+
+
+def _fixed_nic(hv):
+    """A MAC and a free address on the test network, for a DHCP reservation."""
+    import random
+
+    from salt_kvm import dhcp
+
+    for _ in range(50):
+        suffix = random.randint(150, 249)
+        mac, ip = (
+            f"52:54:00:5b:{suffix:02x}:{random.randint(0, 255):02x}",
+            (f"{saltenv.TEST_NET_PREFIX}.{suffix}"),
+        )
+        try:
+            dhcp.check(hv, "salt-kvm-test", mac, ip, "ip")
+        except Exception:  # noqa: BLE001 - taken by another test run: try another
+            continue
+        return mac, ip
+    raise AssertionError("no free address on salt-kvm-test")
+
+
+def _leftovers(hv, salt, name, mac):
+    """What a create of ``name`` may have left: domain, reservation, key, volumes."""
+    found = []
+    if name in {d.name() for d in hv.listAllDomains(0)}:
+        found.append("domain")
+    if mac in hv.networkLookupByName("salt-kvm-test").XMLDesc(0):
+        found.append("reservation")
+    if name in salt.accepted_keys():
+        found.append("minion key")
+    pool = hv.storagePoolLookupByName(POOL)
+    pool.refresh(0)
+    found += [v for v in pool.listVolumes() if v.startswith(name)]
+    return found
+
+
+def _interrupt_profile(hv, salt, base_domain, stem):
+    mac, ip = _fixed_nic(hv)
+    profile = sized_profile(
+        base_domain,
+        salt,
+        nics=[{"network": "salt-kvm-test", "mac": mac, "ip": ip}],
+        cloud_init={"files": {"/etc/motd": "interrupted\n"}},  # a seed volume too
+    )
+    salt.write_profiles({stem: profile}, f"{stem}.conf")
+    return mac
+
+
+def _start_until_waiting_for_ip(hv, salt, stem, name, mac):
+    watcher = salt.watch_events(f"salt/cloud/{name}/waiting_for_ip")
+    proc = salt.cloud_started("-p", stem, name)
+    try:
+        tag = salt.next_event(watcher, 600)
+    finally:
+        watcher.terminate()
+        watcher.communicate(timeout=30)
+    assert tag and tag.endswith("waiting_for_ip"), (tag, proc.poll())
+    made = _leftovers(hv, salt, name, mac)
+    assert {"domain", "reservation", "minion key", f"{name}-seed.iso"} <= set(made), made
+    return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_an_interrupt_mid_create_removes_everything(hv, salt, base_domain, signum):
+    """SIGTERM or Ctrl-C while salt-cloud waits for the guest's address: the
+    domain, its volumes, the seed, the DHCP reservation and the minion key go."""
+    name = unique("intr")
+    mac = _interrupt_profile(hv, salt, base_domain, "intr")
+    proc = _start_until_waiting_for_ip(hv, salt, "intr", name, mac)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=300)
+    assert _leftovers(hv, salt, name, mac) == [], out + err
