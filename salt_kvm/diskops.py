@@ -186,13 +186,22 @@ def detach(
     persistent: bool = True,
     timeout: float = 120,
     interval: float = 0.5,
+    force: bool = False,
 ) -> dict:
     """Detach disk ``name``; with ``delete``, also delete its volume, which must
-    be one salt-kvm created and nobody else uses."""
+    be one salt-kvm created and nobody else uses. The boot disk only with
+    ``force``: without it the guest does not start again."""
     config, live_xml = domain_xmls(dom)
     in_config, in_live = find_disk(config, name), find_disk(live_xml, name)
     if in_config is None and in_live is None:
         raise NotFoundError(f"{dom.name()} has no disk named {name!r}")
+    boot = [xml for xml in (config, live_xml) if xml is not None and is_boot_disk(xml, name)]
+    if boot and not force:
+        raise SpecError(
+            "force",
+            f"disk {name!r} is the boot disk of {dom.name()}; detached, the guest no longer starts",
+            "force=True to detach it anyway",
+        )
     path = (in_live or in_config).path
     if delete:
         _check_deletable(conn, dom, name, path, created_records(config, live_xml), live, persistent)
@@ -211,6 +220,17 @@ def detach(
         _update_records(dom, flags & (CONFIG | (LIVE if dom.isActive() else 0)), _drop(path))
         conn.storageVolLookupByPath(path).delete(0)
     return {"old": before, "new": None, "deleted": path if delete else None}
+
+
+def is_boot_disk(xml: Domain, name: str) -> bool:
+    """The disk the firmware boots: the one with boot order 1, or with no
+    per-device order, the first hard disk of the definition (``<boot dev='hd'/>``)."""
+    disks = [d for d in xml.disks if d.device in (None, Disk.DEVICE_DISK)]
+    ordered = [d for d in xml.disks if d.node.find("boot") is not None]
+    if ordered:
+        first = min(ordered, key=lambda d: int(d.node.find("boot").get("order") or 0))
+        return first.name == name
+    return bool(disks) and disks[0].name == name
 
 
 def _drop(path: str) -> Callable[[dict], None]:

@@ -228,6 +228,13 @@ def revert(conn: libvirt.virConnect, domain: str, name: str, force: bool = False
     snap = _get(dom, check_name(name))
     info = describe(snap)
     if info["kind"] == KIND_INTERNAL:
+        if dom.isActive() and not force:
+            raise SpecError(
+                "force",
+                f"{domain} is running: reverting it to {name} throws away its memory and every "
+                "disk write since the snapshot",
+                "force=True to revert the running guest, or shut it off first",
+            )
         # QEMU loads no internal snapshot while a disk has dirty bitmaps ("Device has
         # active dirty bitmaps", and the guest would be gone), and the disks go back in
         # time anyway: salt-kvm's checkpoints are dropped (the next backup is full).

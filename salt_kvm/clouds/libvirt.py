@@ -194,8 +194,26 @@ def _written_keys(vm_):
     return set(profile) | set(provider)
 
 
+# Keys that widen what the hypervisor exposes: its operator sets them (provider
+# or master configuration), never a profile, which a requester may write.
+HYPERVISOR_KEYS = ("disk_allowed_dirs",)
+
+
+def _check_profile_keys(vm_):
+    profile = (__opts__.get("profiles") or {}).get(vm_.get("profile")) or {}
+    for key in HYPERVISOR_KEYS:
+        if key in profile:
+            raise SpecError(
+                key,
+                "is the hypervisor's setting, not a profile's: a profile could open any "
+                "host directory to its guest",
+                f"{key} in the provider configuration (cloud.providers.d), or leave it out",
+            )
+
+
 def _spec(vm_):
     try:
+        _check_profile_keys(vm_)
         check_key_typos(_written_keys(vm_), SPEC_KEYS + DRIVER_KEYS)
         for key in ("minion", "grains"):
             check_mapping(key, config.get_cloud_config_value(key, vm_, __opts__, default=None))

@@ -67,3 +67,12 @@ def test_a_jinja_type_error_in_user_data_names_the_key():
         cloudinit.render(spec, {"name": "vm1"})
     assert err.value.key == "cloud_init.user_data"
     assert "TypeError" in str(err.value) or "concatenate" in str(err.value)
+
+
+def test_disk_allowed_dirs_in_a_profile_is_refused_by_name(accepted, monkeypatch):
+    """Which host directories guests may open is the hypervisor operator's
+    choice (provider or minion configuration), not a profile writer's."""
+    driver.__opts__["profiles"]["web"] = {"disk_allowed_dirs": ["/"], "base_domain": "b"}
+    with pytest.raises(SaltCloudConfigError, match=r"profile 'web': disk_allowed_dirs: .*provider"):
+        driver.create(dict(VM, disk_allowed_dirs=["/"]))
+    assert not accepted.exists()
