@@ -126,6 +126,8 @@ def attach(
     try:
         source = attach_plan.source
         if source is None:
+            volume_name = names.extra_volume_name(dom.name(), spec.name, spec.format)
+            rollback.intend("volume", pool=spec.pool, name=volume_name)
             path = _create_volume(conn, dom.name(), spec).path()
             rollback.add(f"volume {path}", lambda: delete_volume(rollback.live(conn), path))
             source = Source(path=path, format=spec.format)

@@ -85,11 +85,19 @@ class Rollback:
     (libvirtd restarted half-way).
     """
 
-    def __init__(self, reconnect: Callable[[], Any] | None = None) -> None:
+    def __init__(self, reconnect: Callable[[], Any] | None = None, journal: Any = None) -> None:
         self._steps: list[tuple[str, Callable[[], object]]] = []
         self._reconnect = reconnect
         self._fresh: Any = None
         self.failed: list[str] = []  # what the last run could not undo
+        # An intent journal (salt_kvm.intent.Journal): what SIGKILL would leave.
+        self.journal = journal
+
+    def intend(self, kind: str, **fields: Any) -> None:
+        """Write down what is about to be made, before it is made: after a
+        SIGKILL no undo step runs, the journal tells the next run what to undo."""
+        if self.journal is not None:
+            self.journal.intend(kind, **fields)
 
     def live(self, conn: Any) -> Any:
         """``conn`` if it still answers, else a new connection (made once)."""
@@ -127,11 +135,15 @@ class Rollback:
                 pass
             self._fresh = None
         self.failed = failed
+        if not failed and self.journal is not None:
+            self.journal.clear()  # everything undone: nothing for a later run
         return failed
 
     def forget(self) -> None:
         """The operation succeeded: keep what it created."""
         self._steps.clear()
+        if self.journal is not None:
+            self.journal.clear()
 
     def __enter__(self) -> Rollback:
         return self

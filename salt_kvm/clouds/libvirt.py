@@ -41,6 +41,7 @@ try:
         forwards,
         host,
         images,
+        intent,
         inventory,
         lifecycle,
         provision,
@@ -250,11 +251,19 @@ def create(vm_):
 
 def _create(vm_):
     name = vm_["name"]
-    rollback = Rollback(reconnect=lambda: open_connection(**_connection_args(vm_)))
+    # The intent journal: what a SIGKILL of this run would leave, for the next
+    # create of the name (or -f cleanup) to undo. A killed run's is taken over.
+    journal = intent.Journal.in_cache(__opts__, name)
+    try:
+        journal.begin(keep=journal.stale())
+    except SaltKvmError as exc:
+        raise SaltCloudSystemExit(str(exc)) from exc
+    rollback = Rollback(reconnect=lambda: open_connection(**_connection_args(vm_)), journal=journal)
     if vm_.get("pub_key"):
         # salt-cloud accepted this minion's key before calling us: a failed
         # create (even on bad input) must not leave it behind.
         key_id = cloud_deploy.minion_id(__opts__, vm_)
+        rollback.intend("key", id=key_id)
         rollback.add(
             f"minion key {key_id}", lambda: salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)
         )
@@ -284,6 +293,9 @@ def _create(vm_):
     )
     try:
         with _connect(vm_) as conn, rollback:
+            if journal.pending:
+                undone = journal.recover(conn)  # the minion key is this run's now
+                log.warning("removed what a killed create of %s left: %s", name, undone)
             guest, deployed = cloud_deploy.create(
                 __opts__, conn, vm_, spec, deploy_plan, seed_iso, rollback, emit
             )
@@ -573,3 +585,36 @@ def image_delete(kwargs=None, call=None):
             return images.delete_image(conn, kwargs["name"], kwargs.get("pool"))
     except SaltKvmError as exc:
         raise SaltCloudSystemExit(str(exc)) from exc
+
+
+# ---- what killed runs left ------------------------------------------------------
+
+
+def cleanup(kwargs=None, call=None):
+    """
+    Remove what creates killed with SIGKILL (or a power cut) left: the domain,
+    volumes, seed, DHCP reservations, NAT forwards and minion key each had
+    written down before making them. Only runs whose process is gone are
+    touched; a create of the same name does this by itself first.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -f cleanup my-kvm-provider
+    """
+    if call != "function":
+        raise SaltCloudSystemExit("cleanup is a function: use -f cleanup <provider>")
+    remove_key = lambda key_id: salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)  # noqa: E731
+    removed = {}
+    with _connect() as conn:
+        for journal in intent.journals(__opts__):
+            try:
+                records = journal.stale()
+                if records is None:
+                    continue
+                removed[journal.name] = intent.undo(conn, records, remove_key)
+                journal.path.unlink()
+            except SaltKvmError as exc:
+                removed[journal.name] = {"error": str(exc)}
+    return removed

@@ -392,3 +392,35 @@ def test_an_interrupt_mid_create_removes_everything(hv, salt, base_domain, signu
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=300)
     assert _leftovers(hv, salt, name, mac) == [], out + err
+
+
+def test_after_sigkill_the_next_create_of_the_name_clears_what_was_left(
+    hv, salt, base_domain, pool_volumes
+):
+    """SIGKILL runs no rollback: the domain, seed, reservation and key stay.
+    Creating the same name again removes them first and works; destroying it
+    then leaves nothing stale."""
+    name = unique("kill")
+    mac = _interrupt_profile(hv, salt, base_domain, "kill")
+    proc = _start_until_waiting_for_ip(hv, salt, "kill", name, mac)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert "domain" in _leftovers(hv, salt, name, mac)  # what a rollback would have removed
+    salt.cloud("-p", "kill", name)
+    try:
+        assert salt.salt(name, "test.ping") == {name: True}
+        assert f"{name}-seed.iso" not in _leftovers(hv, salt, name, mac)  # the new one is gone too
+    finally:
+        salt.cloud("-d", name)
+    assert _leftovers(hv, salt, name, mac) == []
+
+
+def test_cleanup_function_clears_what_a_killed_create_left(hv, salt, base_domain):
+    name = unique("kclean")
+    mac = _interrupt_profile(hv, salt, base_domain, "kclean")
+    proc = _start_until_waiting_for_ip(hv, salt, "kclean", name, mac)
+    proc.kill()
+    proc.communicate(timeout=60)
+    out = json.loads(salt.cloud("-f", "cleanup", "test-kvm").stdout)
+    assert name in json.dumps(out), out
+    assert _leftovers(hv, salt, name, mac) == []

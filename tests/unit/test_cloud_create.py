@@ -17,7 +17,12 @@ def accepted(tmp_path, monkeypatch):
     (pki / "minions").mkdir(parents=True)
     key = pki / "minions" / "vm1"
     key.write_text("-----BEGIN PUBLIC KEY-----\n")
-    opts = {"pki_dir": str(pki), "profiles": {"web": {}}, "providers": {"local": {"libvirt": {}}}}
+    opts = {
+        "pki_dir": str(pki),
+        "cachedir": str(tmp_path / "cache"),
+        "profiles": {"web": {}},
+        "providers": {"local": {"libvirt": {}}},
+    }
     monkeypatch.setattr(driver, "__opts__", opts, raising=False)
     return key
 
