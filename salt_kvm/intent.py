@@ -92,7 +92,7 @@ class Journal:
         if not self.path.exists():
             return None
         owner, records = self.read()
-        if owner and _alive(owner) and owner.get("pid") != os.getpid():
+        if owner and _alive(owner):
             raise ConflictError(
                 f"another salt-cloud (pid {owner['pid']}) is creating {self.name} right now"
             )
@@ -156,6 +156,19 @@ def journals(opts: dict) -> Iterator[Journal]:
         return
     for path in sorted(directory.glob("*.jsonl")):
         yield Journal(opts.get("cachedir") or "/var/cache/salt/cloud", path.name[: -len(".jsonl")])
+
+
+def killed(opts: dict) -> set[str]:
+    """Names whose last create was killed half-way (its domain is a leftover)."""
+    names = set()
+    for journal in journals(opts):
+        try:
+            records = journal.stale()
+        except ConflictError:
+            continue  # being created right now
+        if any(r.get("kind") == "domain" for r in records or []):
+            names.add(journal.name)
+    return names
 
 
 # ---- undoing a killed run ------------------------------------------------------

@@ -453,7 +453,13 @@ def list_nodes_full(call=None):
     if call == "action":
         raise SaltCloudSystemExit("list_nodes_full is a function: use -F or -f list_nodes_full")
     with _connect() as conn:
-        return inventory.managed(conn)
+        nodes = inventory.managed(conn)
+    # A killed create's half-made domain is not a node: salt-cloud would refuse
+    # to create the name again ("already exists") instead of letting the
+    # driver clear it.
+    for name in intent.killed(__opts__):
+        nodes.pop(name, None)
+    return nodes
 
 
 def list_nodes(call=None):

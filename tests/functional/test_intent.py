@@ -98,3 +98,14 @@ def test_a_rollback_that_undid_everything_leaves_no_journal(conn, pool, base, tm
             raise RuntimeError("deploy failed")
     assert not journal.path.exists()
     assert journal.dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_killed_creates_domain_is_not_listed_as_a_node(conn, pool, base, tmp_path):
+    """salt-cloud refuses to create a name it lists ("already exists"): the
+    half-made domain must not be listed, so the next create can clear it."""
+    journal = intent.Journal(tmp_path, "vm1")
+    journal.begin()
+    provision.create(conn, spec(), Rollback(journal=journal), lambda *a: None)
+    assert intent.killed({"cachedir": str(tmp_path)}) == set()  # its process runs: a create
+    killed(journal)
+    assert intent.killed({"cachedir": str(tmp_path)}) == {"vm1"}
