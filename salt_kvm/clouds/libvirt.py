@@ -256,8 +256,8 @@ def _create(vm_):
     journal = intent.Journal.in_cache(__opts__, name)
     try:
         journal.begin(keep=journal.stale())
-    except SaltKvmError as exc:
-        raise SaltCloudSystemExit(str(exc)) from exc
+    except (SaltKvmError, OSError) as exc:
+        raise SaltCloudSystemExit(f"creating {name}: {exc}") from exc
     rollback = Rollback(reconnect=lambda: open_connection(**_connection_args(vm_)), journal=journal)
     if vm_.get("pub_key"):
         # salt-cloud accepted this minion's key before calling us: a failed

@@ -144,6 +144,17 @@ def test_wrong_ssh_password_leaves_nothing_behind(hv, salt, base_domain, pool_vo
         ({"nics": [{"network": "salt-kvm-test", "ip": "192.168.213.9"}]}, ["nics[0].ip", "mac"]),
         ({"nics": ["skt-no-such-network"]}, ["nics[0].network", "salt-kvm-test"]),
         ({"memroy": "1G"}, ["memroy", "did you mean 'memory'"]),
+        ({"cpus": float("inf")}, ["cpus", "finite"]),  # was an OverflowError, key kept
+        (
+            {
+                "cloud_init": {
+                    "user_data": "#cloud-config\nx: {{ name + 1 }}\n",
+                    "template": "jinja",
+                }
+            },
+            ["cloud_init.user_data", "concatenate"],  # a Jinja TypeError
+        ),
+        ({"description": "web\x1bserver"}, ["description", "control character"]),
     ],
     ids=[
         "clone_strategy",
@@ -153,6 +164,9 @@ def test_wrong_ssh_password_leaves_nothing_behind(hv, salt, base_domain, pool_vo
         "ip-without-mac",
         "missing-network",
         "key-typo",
+        "cpus-inf",
+        "jinja-type-error",
+        "description-control-char",
     ],
 )
 def test_bad_profile_value_names_the_key_and_creates_nothing(
