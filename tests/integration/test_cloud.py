@@ -396,14 +396,27 @@ def _start_until_waiting_for_ip(hv, salt, stem, name, mac):
     return proc
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_an_interrupt_mid_create_removes_everything(hv, salt, base_domain, signum):
-    """SIGTERM or Ctrl-C while salt-cloud waits for the guest's address: the
-    domain, its volumes, the seed, the DHCP reservation and the minion key go."""
+@pytest.mark.parametrize(
+    "signals",
+    [
+        [signal.SIGTERM],
+        [signal.SIGINT],
+        [signal.SIGHUP],  # the terminal closed: killed on the spot before
+        [signal.SIGINT] * 4,  # Ctrl-C hammered: the later ones cut the rollback short before
+    ],
+    ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGINT-repeated"],
+)
+def test_an_interrupt_mid_create_removes_everything(hv, salt, base_domain, signals):
+    """SIGTERM, Ctrl-C or a hangup while salt-cloud waits for the guest's
+    address: the domain, its volumes, the seed, the DHCP reservation and the
+    minion key go."""
     name = unique("intr")
     mac = _interrupt_profile(hv, salt, base_domain, "intr")
     proc = _start_until_waiting_for_ip(hv, salt, "intr", name, mac)
-    proc.send_signal(signum)
+    for signum in signals:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+        time.sleep(0.05)
     out, err = proc.communicate(timeout=300)
     assert _leftovers(hv, salt, name, mac) == [], out + err
 
