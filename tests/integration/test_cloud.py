@@ -336,13 +336,17 @@ def test_cloud_init_deploy_needs_no_ssh_and_leaves_no_seed(hv, salt, base_domain
 
 
 def _fixed_nic(hv):
-    """A MAC and a free address on the test network, for a DHCP reservation."""
+    """A MAC and a free address on the test network, for a DHCP reservation:
+    outside its dynamic range (.100-.250), not reserved, not leased."""
     import random
 
     from salt_kvm import dhcp
 
+    leased = {lease["ipaddr"] for lease in hv.networkLookupByName("salt-kvm-test").DHCPLeases()}
     for _ in range(50):
-        suffix = random.randint(150, 249)
+        suffix = random.randint(20, 99)
+        if f"{saltenv.TEST_NET_PREFIX}.{suffix}" in leased or suffix == 77:  # 77: test_cloud's
+            continue
         mac, ip = (
             f"52:54:00:5b:{suffix:02x}:{random.randint(0, 255):02x}",
             (f"{saltenv.TEST_NET_PREFIX}.{suffix}"),
@@ -451,3 +455,37 @@ def test_cleanup_function_clears_what_a_killed_create_left(hv, salt, base_domain
     out = json.loads(salt.cloud("-f", "cleanup", "test-kvm").stdout)
     assert name in json.dumps(out), out
     assert _leftovers(hv, salt, name, mac) == []
+
+
+def test_two_fixed_ip_nics_on_one_network(hv, salt, base_domain, pool_volumes):
+    """Both NICs get their reserved address (reservations are keyed by MAC; the
+    VM name goes on the first), and -d releases both."""
+    name = unique("twonic")
+    before = pool_volumes()
+    (mac1, ip1), (mac2, ip2) = _fixed_nic(hv), _fixed_nic(hv)
+    while ip2 == ip1 or mac2 == mac1:
+        mac2, ip2 = _fixed_nic(hv)
+    nics = [
+        {"network": "salt-kvm-test", "mac": mac1, "ip": ip1},
+        {"network": "salt-kvm-test", "mac": mac2, "ip": ip2},
+    ]
+    salt.write_profiles(
+        {"twonic": sized_profile(base_domain, salt, nics=nics, deploy=False)}, "twonic.conf"
+    )
+    salt.cloud("-p", "twonic", name)
+    network = hv.networkLookupByName("salt-kvm-test")
+    try:
+        xml = network.XMLDesc(0)
+        assert f"ip='{ip1}'" in xml and f"ip='{ip2}'" in xml
+        leased = {}
+        for _ in range(240):
+            leased = {lease["mac"]: lease["ipaddr"] for lease in network.DHCPLeases()}
+            if leased.get(mac1) == ip1 and leased.get(mac2) == ip2:
+                break
+            time.sleep(0.5)
+        assert (leased.get(mac1), leased.get(mac2)) == (ip1, ip2), leased
+    finally:
+        salt.cloud("-d", name)
+    xml = network.XMLDesc(0)
+    assert mac1 not in xml and mac2 not in xml
+    assert_gone(hv, salt, name, before, pool_volumes)
