@@ -108,7 +108,9 @@ def snapshot_revert(domain, name, force=False, uri=None):
     """
     Return ``domain`` to snapshot ``name``. An external snapshot must be the
     newest of its chain; a running guest is powered off and started again only
-    with ``force=True`` (a disk-only snapshot holds no memory state). Either
+    with ``force=True`` (a disk-only snapshot holds no memory state). A running
+    guest is reverted to an internal snapshot only with ``force=True`` too (its
+    memory and disk writes since are thrown away). Either
     kind drops salt-kvm's backup checkpoints (the next backup is full): an
     internal snapshot cannot be loaded while a disk has dirty bitmaps.
 

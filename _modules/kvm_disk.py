@@ -16,7 +16,7 @@ try:
     import libvirt
 
     from salt_kvm import diskops, disks, lifecycle
-    from salt_kvm.checks import boolean
+    from salt_kvm.checks import boolean, seconds
     from salt_kvm.errors import SaltKvmError
     from salt_kvm.saltutil import connection_for
 
@@ -137,12 +137,15 @@ def _bool(value, key, default=True):
         raise CommandExecutionError(str(exc)) from exc
 
 
-def detach(domain, name, delete=False, live=True, persistent=True, timeout=120, uri=None):
+def detach(
+    domain, name, delete=False, live=True, persistent=True, timeout=120, force=False, uri=None
+):
     """
     Detach disk ``name`` from ``domain`` (the running guest and the definition).
     ``delete=True`` also deletes its volume: only a volume salt-kvm created
     and no other domain uses. Waits up to ``timeout`` seconds for the guest
-    to release a hot-plugged disk.
+    to release a hot-plugged disk. The boot disk is detached only with
+    ``force=True`` (the guest would not start again).
 
     CLI Example:
 
@@ -161,7 +164,8 @@ def detach(domain, name, delete=False, live=True, persistent=True, timeout=120, 
             delete=_bool(delete, "delete", False),
             live=_bool(live, "live"),
             persistent=_bool(persistent, "persistent"),
-            timeout=float(timeout),
+            timeout=seconds(timeout, "timeout", 0),
+            force=_bool(force, "force", False),
         ),
     )
 

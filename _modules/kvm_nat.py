@@ -17,6 +17,7 @@ try:
     import libvirt  # noqa: F401
 
     from salt_kvm import forwards, hostnet, nat, nathook
+    from salt_kvm.checks import whole_number
     from salt_kvm.errors import SaltKvmError
     from salt_kvm.saltutil import config_value, connection_for
 
@@ -42,7 +43,11 @@ def __virtual__():
 
 
 def _max_rules():
-    return int(config_value(__opts__, __pillar__, "kvm:nat:max_rules", nat.DEFAULT_MAX_RULES))
+    value = config_value(__opts__, __pillar__, "kvm:nat:max_rules", nat.DEFAULT_MAX_RULES)
+    try:
+        return whole_number(value, "kvm:nat:max_rules", 0)
+    except SaltKvmError as exc:
+        raise CommandExecutionError(str(exc)) from exc
 
 
 def _call(fn, uri=None):

@@ -140,10 +140,11 @@ def _attached_already(ret, domain, current, spec, uri):
     return ret
 
 
-def detached(name, domain, delete=False, timeout=120, uri=None):
+def detached(name, domain, delete=False, timeout=120, force=False, uri=None):
     """
     Ensure ``domain`` has no disk named ``name``. ``delete: true`` also deletes
-    its volume (only one salt-kvm created). A missing domain is an error.
+    its volume (only one salt-kvm created). A missing domain is an error. The
+    boot disk needs ``force: true``.
 
     CLI Example:
 
@@ -169,7 +170,9 @@ def detached(name, domain, delete=False, timeout=120, uri=None):
         )
         return ret
     try:
-        result = __salt__["kvm_disk.detach"](domain, name, delete=delete, timeout=timeout, uri=uri)
+        result = __salt__["kvm_disk.detach"](
+            domain, name, delete=delete, timeout=timeout, force=force, uri=uri
+        )
     except CommandExecutionError as exc:
         ret.update(result=False, comment=str(exc))
         return ret

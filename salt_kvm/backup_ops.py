@@ -189,7 +189,7 @@ class _SshCopier:
         self._sh(f"mkdir -p {shlex.quote(self.root)}")
         found = set()
         for name in self.sftp.listdir(self.root):
-            if bs.POINT_RE.match(name):
+            if bs.POINT_RE.fullmatch(name):
                 with contextlib.suppress(OSError):
                     self.sftp.stat(posixpath.join(self.root, name, bs.MANIFEST))
                     found.add(name)

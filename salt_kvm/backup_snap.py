@@ -42,7 +42,7 @@ from .errors import ConflictError, SaltKvmError
 log = logging.getLogger(__name__)
 
 OVERLAY_PREFIX = snapshot.BACKUP_PREFIX
-OVERLAY_RE = re.compile(r"\.saltkvm-backup-\d{8}T\d{6}Z(?:-\d+)?\.qcow2$")
+OVERLAY_RE = re.compile(r"\.saltkvm-backup-\d{8}T\d{6}Z(?:-\d+)?\.qcow2\Z", re.ASCII)
 POLL = 0.5
 COMMIT_TIMEOUT = 3600.0
 SNAPSHOT_FLAGS = (

@@ -38,7 +38,7 @@ PARTIAL = ".partial-"
 LOCK = ".lock"
 KIND_FULL = "full"
 KIND_INCREMENTAL = "incremental"
-POINT_RE = re.compile(r"^\d{8}T\d{6}Z(?:-\d+)?$")
+POINT_RE = re.compile(r"\d{8}T\d{6}Z(?:-\d+)?", re.ASCII)
 LATEST = "latest"
 
 
@@ -121,7 +121,7 @@ def sha256_file(path: str | Path, chunk: int = 4 * 1024 * 1024) -> str:
 def check_point_ref(value: object, key: str = "point") -> str:
     if value in (None, LATEST):
         return LATEST
-    if not isinstance(value, str) or not POINT_RE.match(value):
+    if not isinstance(value, str) or not POINT_RE.fullmatch(value):
         raise SpecError(
             key, f"{value!r} is not a backup point", "latest or an id such as 20261121T041100Z"
         )
@@ -183,7 +183,7 @@ class Store:
             return []
         found = []
         for child in self.root.iterdir():
-            if not POINT_RE.match(child.name):
+            if not POINT_RE.fullmatch(child.name):
                 continue
             with contextlib.suppress(OSError, ValueError, TypeError):
                 found.append(Point.from_dict(json.loads((child / MANIFEST).read_text())))

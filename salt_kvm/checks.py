@@ -3,9 +3,17 @@ that names the key and what it accepts."""
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 from .errors import SpecError
+
+# Characters that must not reach an XML document, a log line or a single-line
+# field: C0/C1 controls, DEL, and what XML 1.0 cannot carry (surrogates,
+# U+FFFE/U+FFFF). Tab and newline are allowed only where ``multiline`` says so.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+_MULTILINE_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 
 
 def boolean(values: dict, key: str, default: bool) -> bool:
@@ -30,12 +38,30 @@ def boolean(values: dict, key: str, default: bool) -> bool:
     raise SpecError(key, f"{value!r} is not a boolean", "true, false (or yes/no, 1/0)")
 
 
+def finite(value: Any, key: str, what: str, accepted: str) -> float:
+    """``value`` as a finite float: inf and nan (and what float() cannot read)
+    are refused by name. The one number check every numeric key goes through."""
+    if isinstance(value, bool):
+        raise SpecError(key, f"{value!r} is not {what}", accepted)
+    if isinstance(value, str):
+        value = value.strip()
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise SpecError(key, f"{value!r} is not {what}", accepted) from None
+    if not math.isfinite(number):
+        raise SpecError(key, f"{value!r} is not a finite number", accepted)
+    return number
+
+
 def _number(value: Any, key: str, convert: type, what: str, accepted: str) -> Any:
     if isinstance(value, bool):
         raise SpecError(key, f"{value!r} is not {what}", accepted)
+    if isinstance(value, float | str):
+        finite(value, key, what, accepted)  # int(inf) raises OverflowError
     try:
         return convert(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise SpecError(key, f"{value!r} is not {what}", accepted) from None
 
 
@@ -57,7 +83,26 @@ def seconds(value: Any, key: str, minimum: float) -> float:
     return number
 
 
-def text(values: dict, key: str, required: bool = False, label: str | None = None) -> str | None:
+def plain(value: str, key: str, multiline: bool = False) -> str:
+    """Refuse control characters (and what XML cannot hold) in free text that
+    goes into a domain definition, a file name or a log; ``multiline`` allows
+    tab and newline (a description)."""
+    found = (_MULTILINE_CONTROL_RE if multiline else _CONTROL_RE).search(value)
+    if found:
+        allowed = "text without control characters" + (
+            " (tab and newline are allowed)" if multiline else ""
+        )
+        raise SpecError(key, f"{value!r} holds the control character {found.group()!r}", allowed)
+    return value
+
+
+def text(
+    values: dict,
+    key: str,
+    required: bool = False,
+    label: str | None = None,
+    multiline: bool = False,
+) -> str | None:
     label = label or key
     value = values.get(key)
     if value is None or value == "":
@@ -66,7 +111,7 @@ def text(values: dict, key: str, required: bool = False, label: str | None = Non
         return None
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise SpecError(label, f"{value!r} is not a string", "a string")
-    return str(value)
+    return plain(str(value), label, multiline)
 
 
 def one_of(values: dict, key: str, choices: tuple, default: Any, label: str | None = None) -> Any:

@@ -317,6 +317,7 @@ def clone_domain(
     clonable = [d for d in xml.disks if _is_clonable(d)]
     created = []
     for disk_xml, disk in zip(clonable, plan.disks, strict=True):
+        rollback.intend("volume", pool=disk.pool, name=disk.volume_name)
         path = create_volume(conn, plan, disk).path()
         rollback.add(f"volume {path}", lambda p=path: delete_volume(rollback.live(conn), p))
         created.append(path)
@@ -339,6 +340,7 @@ def define(
 ) -> libvirt.virDomain:
     """Define ``xml``; with ``validate``, libvirt checks it against its schema first."""
     flags = libvirt.VIR_DOMAIN_DEFINE_VALIDATE if validate else 0
+    rollback.intend("domain", name=xml.name)
     try:
         dom = conn.defineXMLFlags(xml.to_xml(), flags)
     except libvirt.libvirtError as exc:

@@ -17,6 +17,7 @@ from salt.exceptions import SaltCloudConfigError
 from . import cloudinit, provision
 from . import deploy as ssh_deploy
 from . import ssh as ssh_lib
+from .checks import seconds
 from .errors import SaltKvmError
 from .provision import Guest
 from .rollback import Rollback
@@ -99,13 +100,7 @@ def prepare(opts: dict, vm_: dict, spec: VMSpec) -> Plan:
     if spec.deploy.private_key and not os.access(spec.deploy.private_key, os.R_OK):
         raise SaltCloudConfigError(f"private_key: cannot read {spec.deploy.private_key!r}")
     timeout = _value(opts, vm_, "wait_for_minion_timeout", DEFAULT_MINION_TIMEOUT)
-    try:
-        minion_timeout = float(timeout)
-    except (TypeError, ValueError):
-        raise SaltCloudConfigError(
-            f"wait_for_minion_timeout: {timeout!r} is not a number of seconds (accepted: 0 to "
-            "not wait, or seconds)"
-        ) from None
+    minion_timeout = seconds(timeout, "wait_for_minion_timeout", 0)
     return Plan(bundle, key_id, pub, minion_timeout)
 
 

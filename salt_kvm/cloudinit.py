@@ -54,8 +54,8 @@ KEYS = (
 )
 CLOUD_CONFIG = "#cloud-config"
 MERGE_HOW = "list(append)+dict(no_replace,recurse_list)+str()"
-_KEY_RE = re.compile(r"^(ssh-(rsa|dss|ed25519)|ecdsa-sha2-\S+|sk-\S+) [A-Za-z0-9+/=]+( .*)?$")
-_MODE_RE = re.compile(r"^0?[0-7]{3,4}$")
+_KEY_RE = re.compile(r"(ssh-(rsa|dss|ed25519)|ecdsa-sha2-\S+|sk-\S+) [A-Za-z0-9+/=]+( .*)?")
+_MODE_RE = re.compile(r"[0-7]{3,4}")
 TEMPLATE_SUFFIXES = (".j2", ".jinja")
 
 
@@ -122,19 +122,51 @@ def _authorized_keys(value: Any) -> list[str]:
         for line in (ln.strip() for ln in lines):
             if not line or line.startswith("#"):
                 continue
-            if not _KEY_RE.match(line):
+            if not _KEY_RE.fullmatch(line):
                 raise SpecError(key, f"{line[:40]!r} is not an OpenSSH public key", accepted)
             keys.append(line)
     return keys
 
 
+MODE_ACCEPTED = (
+    "a mode such as 644, 0640 or '0755' (digits read as octal, as Salt's file.managed "
+    "does); write world-writable (o+w) or setuid/setgid/sticky modes as a quoted "
+    "four-digit string ('0777', '4755')"
+)
+_WORLD_WRITABLE = 0o002
+_SPECIAL = 0o7000
+
+
 def _mode(value: Any, key: str) -> str:
-    accepted = "an octal mode as a quoted string, e.g. '0640'"
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o7777:
-        return f"{value:04o}"  # YAML 1.1 (Salt's loader) reads an unquoted 0640 as octal
-    if isinstance(value, str) and _MODE_RE.match(value):
-        return value.rjust(4, "0")
-    raise SpecError(key, f"{value!r} is not a file mode", accepted)
+    """A file mode as cloud-init's four-digit octal string.
+
+    An unquoted ``755`` or ``0755`` reaches us as the int 755 (Salt's YAML
+    loader reads both as decimal): its digits are the octal mode, as in Salt's
+    ``file.managed``. An int with an 8 or 9 (493 is what a YAML 1.1 loader makes
+    of ``0755``) is refused, never reinterpreted. A mode that lets others write
+    or sets setuid/setgid/sticky is taken only from a quoted four-digit string:
+    it must be asked for in so many words.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        digits = str(value)
+        if value < 0 or len(digits) > 3 or not _MODE_RE.fullmatch(digits.rjust(3, "0")):
+            raise SpecError(key, f"{value!r} is not an octal file mode (quote it)", MODE_ACCEPTED)
+        mode = int(digits, 8)
+        if mode & _WORLD_WRITABLE:
+            raise SpecError(key, f"{value!r} lets every user write the file", MODE_ACCEPTED)
+        return f"{mode:04o}"
+    if isinstance(value, str):
+        text = value.strip()
+        text = "0" + text[2:] if text[:2] in ("0o", "0O") else text
+        if _MODE_RE.fullmatch(text):
+            mode = int(text, 8)
+            explicit = len(text) == 4
+            if mode & _SPECIAL and not explicit:
+                raise SpecError(key, f"{value!r} sets setuid/setgid/sticky", MODE_ACCEPTED)
+            if mode & _WORLD_WRITABLE and not explicit:
+                raise SpecError(key, f"{value!r} lets every user write the file", MODE_ACCEPTED)
+            return f"{mode:04o}"
+    raise SpecError(key, f"{value!r} is not a file mode", MODE_ACCEPTED)
 
 
 def _files(value: Any) -> list[FileSpec]:
@@ -165,7 +197,7 @@ def _files(value: Any) -> list[FileSpec]:
             raise SpecError(f"{where}.content", f"{item['content']!r} is not text", accepted)
         owner = item.get("owner")
         if owner is not None and not (
-            isinstance(owner, str) and re.match(r"^[\w.-]+(:[\w.-]+)?$", owner)
+            isinstance(owner, str) and re.fullmatch(r"[\w.-]+(:[\w.-]+)?", owner, re.ASCII)
         ):
             raise SpecError(f"{where}.owner", f"{owner!r} is not an owner", "user or user:group")
         mode = _mode(item["mode"], f"{where}.mode") if item.get("mode") is not None else None
@@ -236,7 +268,8 @@ def render(spec: CloudInitSpec, context: dict) -> str | None:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     try:
         return env.from_string(spec.user_data).render(**context)
-    except jinja2.TemplateError as exc:
+    except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as exc:
+        # A template's own mistakes (``name + 1``, ``1 / 0``) are bad input too.
         raise SpecError(
             f"{KEY}.user_data",
             f"template {spec.user_data_origin}: {exc}",

@@ -30,8 +30,9 @@ def _config_xml(net: libvirt.virNetwork) -> etree._Element:
     return etree.fromstring(text.encode())
 
 
-def _host_xml(mac: str, ip: str, name: str) -> str:
-    return etree.tostring(etree.Element("host", mac=mac, name=name, ip=ip), encoding="unicode")
+def _host_xml(mac: str, ip: str, name: str | None) -> str:
+    attrs = {"mac": mac, "name": name, "ip": ip} if name else {"mac": mac, "ip": ip}
+    return etree.tostring(etree.Element("host", attrs), encoding="unicode")
 
 
 def _flags(net: libvirt.virNetwork) -> int:
@@ -71,17 +72,24 @@ def check(conn: libvirt.virConnect, network: str, mac: str, ip: str, key: str) -
 
 
 def reserve(conn: libvirt.virConnect, network: str, mac: str, ip: str, name: str) -> bool:
-    """Add the reservation; ``False`` when it already existed (nothing to undo)."""
+    """Add the reservation; ``False`` when it already existed (nothing to undo).
+
+    Reservations are keyed by MAC: a guest with two fixed-IP NICs on one
+    network gets two. The host name goes on the first only (libvirt refuses
+    two entries with one name, and it is the guest's one DNS name there).
+    """
     net = _network(conn, network)
     xml = _config_xml(net)
+    named = False
     for host in xml.findall("ip/dhcp/host"):
         if (host.get("mac") or "").lower() == mac and host.get("ip") == ip:
             return False
+        named = named or host.get("name") == name
     net.update(
         libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
         libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
         -1,
-        _host_xml(mac, ip, name),
+        _host_xml(mac, ip, None if named else name),
         _flags(net),
     )
     return True

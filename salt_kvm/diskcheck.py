@@ -12,7 +12,7 @@ from lxml import etree
 
 from . import connection, names
 from .clone import _volume_format
-from .disks import FORMATS, DiskSpec, Source, max_index, target_name, within
+from .disks import DiskSpec, Source, max_index, target_name, within
 from .domxml import Disk, Domain, Volume
 from .errors import ConflictError, NotFoundError, SpecError
 
@@ -164,6 +164,47 @@ def new_volume_source(
     return Source(path=path, format=spec.format)
 
 
+# Header magics of the image formats QEMU would parse: a file that starts with
+# one is not taken as that format on its word (a guest writes any bytes it
+# likes into its raw disk, a qcow2 header naming a host file as backing file
+# included).
+MAGICS = (
+    (0, b"QFI\xfb", "qcow2"),
+    (0, b"QED\x00", "qed"),
+    (0, b"KDMV", "vmdk"),
+    (0x40, b"\x7f\x10\xda\xbe", "vdi"),
+)
+
+
+def probe_format(path: str) -> str:
+    """What the file's header claims to be (``raw`` when it claims nothing)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(0x44)
+    except OSError:
+        return "raw"
+    for offset, magic, fmt in MAGICS:
+        if head[offset : offset + len(magic)] == magic:
+            return fmt
+    return "raw"
+
+
+def confirmed_format(spec: DiskSpec, path: str, probed: str | None) -> str:
+    """The caller's ``format``; without one, raw, unless the image claims to be
+    something else: then the caller must say so."""
+    if spec.format:
+        return spec.format
+    if probed in (None, "raw"):
+        return "raw"
+    raise SpecError(
+        "format",
+        f"{path} has a {probed} header but no format was given: salt-kvm does not take an "
+        "image's header on trust (a raw disk a guest wrote can carry one that names a host "
+        "file as its backing file)",
+        f"format: {probed} if you know the image is one, or format: raw",
+    )
+
+
 def existing_source(
     conn: libvirt.virConnect,
     domain: str,
@@ -171,17 +212,22 @@ def existing_source(
     allowed_dirs: tuple[str, ...],
     uses: Uses,
 ) -> Source:
-    path = spec.path
+    host = connection.remote_host(conn)
+    # Symlinks resolved first: the check is on the file QEMU will open, and the
+    # resolved path is what is attached (a link swapped later changes nothing).
+    path = real(spec.path, host is None)
     roots = sorted(pools(conn).values())
-    if not within(path, [*roots, *allowed_dirs]):
+    allowed = [real(d, host is None) for d in (*roots, *allowed_dirs)]
+    if not within(path, allowed):
+        shown = spec.path if path == spec.path else f"{spec.path} (a link to {path})"
         raise SpecError(
             "path",
-            f"{path} is outside the storage pools and allowed directories",
+            f"{shown} is outside the storage pools and allowed directories",
             f"a path under {', '.join([*roots, *allowed_dirs]) or '(none)'}; "
-            "allow more directories with kvm:disk:allowed_dirs (disk_allowed_dirs in a profile)",
+            "allow more directories with kvm:disk:allowed_dirs (the minion's configuration) "
+            "or disk_allowed_dirs (the cloud provider's)",
         )
     vol = pool_volume(conn, path)
-    host = connection.remote_host(conn)
     if vol is None and host is not None:
         raise SpecError(
             "path",
@@ -192,9 +238,6 @@ def existing_source(
         )
     if vol is None and not os.path.exists(path):
         raise NotFoundError(f"path: {path} does not exist")
-    fmt = spec.format or (_volume_format(vol) if vol is not None else None)
-    if fmt is None:
-        raise SpecError("format", f"is required for {path} (not a pool volume)", FORMATS)
     block = vol is None and stat.S_ISBLK(os.stat(path).st_mode)
     check_uses(spec, path, uses, domain)
     if not spec.readonly:
@@ -204,6 +247,11 @@ def existing_source(
                 f"path: {path} is the backing file of {', '.join(overlays)}; writing to it "
                 "would corrupt them (attach it readonly)"
             )
+    # libvirt's format of a pool volume is its own probe of the same header.
+    claims = {_volume_format(vol) if vol is not None else "raw"}
+    if host is None and os.path.exists(path):
+        claims.add(probe_format(path))
+    fmt = confirmed_format(spec, path, max(claims, key=lambda c: c != "raw"))
     return Source(path=path, format=fmt, block=block)
 
 

@@ -126,6 +126,8 @@ def attach(
     try:
         source = attach_plan.source
         if source is None:
+            volume_name = names.extra_volume_name(dom.name(), spec.name, spec.format)
+            rollback.intend("volume", pool=spec.pool, name=volume_name)
             path = _create_volume(conn, dom.name(), spec).path()
             rollback.add(f"volume {path}", lambda: delete_volume(rollback.live(conn), path))
             source = Source(path=path, format=spec.format)
@@ -186,13 +188,22 @@ def detach(
     persistent: bool = True,
     timeout: float = 120,
     interval: float = 0.5,
+    force: bool = False,
 ) -> dict:
     """Detach disk ``name``; with ``delete``, also delete its volume, which must
-    be one salt-kvm created and nobody else uses."""
+    be one salt-kvm created and nobody else uses. The boot disk only with
+    ``force``: without it the guest does not start again."""
     config, live_xml = domain_xmls(dom)
     in_config, in_live = find_disk(config, name), find_disk(live_xml, name)
     if in_config is None and in_live is None:
         raise NotFoundError(f"{dom.name()} has no disk named {name!r}")
+    boot = [xml for xml in (config, live_xml) if xml is not None and is_boot_disk(xml, name)]
+    if boot and not force:
+        raise SpecError(
+            "force",
+            f"disk {name!r} is the boot disk of {dom.name()}; detached, the guest no longer starts",
+            "force=True to detach it anyway",
+        )
     path = (in_live or in_config).path
     if delete:
         target = (in_live or in_config).target_dev
@@ -213,6 +224,17 @@ def detach(
         _update_records(dom, flags & (CONFIG | (LIVE if dom.isActive() else 0)), _drop(path))
         chains.delete_volume(conn, path, f"delete of disk {name!r}", missing_ok=False)
     return {"old": before, "new": None, "deleted": path if delete else None}
+
+
+def is_boot_disk(xml: Domain, name: str) -> bool:
+    """The disk the firmware boots: the one with boot order 1, or with no
+    per-device order, the first hard disk of the definition (``<boot dev='hd'/>``)."""
+    disks = [d for d in xml.disks if d.device in (None, Disk.DEVICE_DISK)]
+    ordered = [d for d in xml.disks if d.node.find("boot") is not None]
+    if ordered:
+        first = min(ordered, key=lambda d: int(d.node.find("boot").get("order") or 0))
+        return first.name == name
+    return bool(disks) and disks[0].name == name
 
 
 def _drop(path: str) -> Callable[[dict], None]:

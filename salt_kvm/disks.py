@@ -49,8 +49,8 @@ DEFAULT_POOL = "default"
 MAX_INDEX = {"ide": 3}
 MAX_INDEX_DEFAULT = 26 + 26 * 26 - 1  # vdzz
 SERIAL_MAX = 20  # virtio-blk's limit
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
-_TARGET_RE = re.compile(r"^(vd|sd|hd|xvd)([a-z]+)$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+_TARGET_RE = re.compile(r"(vd|sd|hd|xvd)([a-z]+)")
 NAME_RULE = "1-63 letters, digits, '-' or '_', starting with a letter or digit, not a target (vdb)"
 
 
@@ -87,7 +87,7 @@ class ProfileDisks:
 
 
 def check_name(name: object, key: str = "name") -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or _TARGET_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or _TARGET_RE.fullmatch(name):
         raise SpecError(key, f"{name!r} is not a disk name", NAME_RULE)
     return name
 
@@ -108,7 +108,7 @@ def target_name(bus: str, index: int) -> str:
 
 def target_index(target: str | None) -> int | None:
     """vdb -> 1; None for names that are not ``<prefix><letters>``."""
-    match = _TARGET_RE.match(target or "")
+    match = _TARGET_RE.fullmatch(target or "")
     if not match:
         return None
     number = 0

@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 DEFAULT_POOL = "default"
 PREFIX = "image-"
 _NAME_RE = re.compile(
-    r"^image-(?P<key>(?:sha256|sha512|md5|url)-[0-9a-f]{32})"
-    r"(?:\.(?P<format>qcow2|raw)|\.part-(?P<part>[0-9a-f]{8}))$"
+    r"image-(?P<key>(?:sha256|sha512|md5|url)-[0-9a-f]{32})"
+    r"(?:\.(?P<format>qcow2|raw)|\.part-(?P<part>[0-9a-f]{8}))"
 )
 ACCEPTED_SOURCE = (
     "an http:// or https:// URL, a file:// URL, or the absolute path of an image file "
@@ -104,7 +104,7 @@ def cache_key(image: ImageSpec, validator: str | None) -> str:
 
 def parse_name(name: str) -> dict | None:
     """``{"key", "format", "complete"}`` for an image cache volume name, else None."""
-    match = _NAME_RE.match(name)
+    match = _NAME_RE.fullmatch(name)
     if not match:
         return None
     return {

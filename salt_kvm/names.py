@@ -10,7 +10,7 @@ from .errors import SpecError
 # minion id, a hostname and a libvirt domain name all accept, and what cannot
 # escape a pool directory (no '/', no '..', no leading '.' or '-').
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_NAME_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+_NAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 NAME_RULE = (
     "a DNS name: letters, digits and hyphens, 1-63 per dot-separated label, "
     "not starting or ending with a hyphen, 253 characters at most"
@@ -20,7 +20,7 @@ NAME_RULE = (
 def check_vm_name(name: object, key: str = "name") -> str:
     if not isinstance(name, str) or not name:
         raise SpecError(key, f"{name!r} is not a name", NAME_RULE)
-    if len(name) > 253 or not _NAME_RE.match(name):
+    if len(name) > 253 or not _NAME_RE.fullmatch(name):
         raise SpecError(key, f"{name!r} is not a valid VM name", NAME_RULE)
     return name
 

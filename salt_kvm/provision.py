@@ -102,6 +102,7 @@ def _reserve(conn, spec: VMSpec, rollback: Rollback) -> list[str]:
     made = []
     for nic in spec.nics or []:
         if nic.ip and nic.network:
+            rollback.intend("reservation", network=nic.network, mac=nic.mac, ip=nic.ip)
             if dhcp.reserve(conn, nic.network, nic.mac, nic.ip, spec.name):
                 rollback.add(
                     f"DHCP reservation {nic.ip} on {nic.network}",
@@ -153,6 +154,7 @@ def create(
     )
     guest.mark("ip")
     if spec.nat_rules:
+        rollback.intend("nat", name=spec.name)
         forwards.apply(conn, spec.name, spec.nat_rules, max(len(spec.nat_rules), 1))
         rollback.add(f"NAT forwards of {spec.name}", lambda: forwards.forget(spec.name))
         guest.mark("nat")
@@ -230,7 +232,9 @@ def _clone(
     info: dict = {"reservations": reservations} if reservations else {}
     info.update(plan.image_info)
     if seed_iso is not None:
-        vol = seed.upload(conn, plan.disks[0].pool, names.seed_volume_name(spec.name), seed_iso)
+        seed_name = names.seed_volume_name(spec.name)
+        rollback.intend("volume", pool=plan.disks[0].pool, name=seed_name)
+        vol = seed.upload(conn, plan.disks[0].pool, seed_name, seed_iso)
         seed_path = vol.path()
         rollback.add(
             f"seed volume {seed_path}", lambda: clone.delete_volume(rollback.live(conn), seed_path)

@@ -32,7 +32,7 @@ from .lifecycle import lookup
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, 64 at most"
 KIND_EXTERNAL = "external"
 KIND_INTERNAL = "internal"
@@ -51,7 +51,7 @@ def locked(dom: libvirt.virDomain, doing: str) -> Iterator[None]:
 
 
 def check_name(value: object, key: str = "name") -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise SpecError(key, f"{value!r} is not a snapshot name", NAME_RULE)
     if value.startswith(BACKUP_PREFIX):
         raise SpecError(
@@ -248,6 +248,13 @@ def _revert(dom, domain: str, name: str, force: bool) -> dict:
     snap = _get(dom, check_name(name))
     info = describe(snap)
     if info["kind"] == KIND_INTERNAL:
+        if dom.isActive() and not force:
+            raise SpecError(
+                "force",
+                f"{domain} is running: reverting it to {name} throws away its memory and every "
+                "disk write since the snapshot",
+                "force=True to revert the running guest, or shut it off first",
+            )
         # QEMU loads no internal snapshot while a disk has dirty bitmaps ("Device has
         # active dirty bitmaps", and the guest would be gone), and the disks go back in
         # time anyway: salt-kvm's checkpoints are dropped (the next backup is full).

@@ -38,8 +38,8 @@ DEFAULTS = {
 DEPLOY_METHODS = ("ssh", "cloud-init", "none")
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "ne2k_pci", "pcnet")
 NIC_KEYS = ("network", "bridge", "mac", "ip", "model")
-KEYMAP_RE = re.compile(r"^[a-z]{2}(-[a-z]{2,5})?$")
-MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+KEYMAP_RE = re.compile(r"[a-z]{2}(-[a-z]{2,5})?")
+MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 # Proxmox-style keys from Salt's old docs that have no libvirt meaning here.
 REJECTED = {
     "swap": "libvirt guests have no hypervisor-side swap; make swap inside the guest "
@@ -103,7 +103,7 @@ def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
     accepted = "a list of network names or mappings with network|bridge, mac, ip, model"
     if not isinstance(value, list) or not value:
         raise SpecError(key, f"{value!r} is not a list of NICs", accepted)
-    nics, macs = [], set()
+    nics, macs, fixed = [], set(), set()
     for index, item in enumerate(value):
         where = f"{key}[{index}]"
         if isinstance(item, str):
@@ -122,7 +122,7 @@ def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
         )
         if item.get("mac") is not None:
             mac = str(item["mac"]).lower()
-            if not MAC_RE.match(mac) or int(mac[:2], 16) & 1:
+            if not MAC_RE.fullmatch(mac) or int(mac[:2], 16) & 1:
                 raise SpecError(
                     f"{where}.mac",
                     f"{item['mac']!r} is not a unicast MAC address",
@@ -149,6 +149,9 @@ def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
                     "a fixed ip needs a fixed mac to reserve it for",
                     "mac and ip together",
                 )
+            if (nic.network, str(ip)) in fixed:
+                raise SpecError(f"{where}.ip", f"{ip} is used twice on one network", "distinct IPs")
+            fixed.add((nic.network, str(ip)))
             nic.ip = str(ip)
         nics.append(nic)
     return nics
@@ -246,10 +249,12 @@ def build_spec(values: dict) -> VMSpec:
             disk_size = parse_size(values[key], key, GIB)
             break
 
-    description = text(values, "description") or text(values, "desc")
+    description = text(values, "description", multiline=True) or text(
+        values, "desc", multiline=True
+    )
     autostart = boolean(values, "autostart", boolean(values, "onboot", False))
     keymap = text(values, "keymap")
-    if keymap is not None and not KEYMAP_RE.match(keymap):
+    if keymap is not None and not KEYMAP_RE.fullmatch(keymap):
         raise SpecError("keymap", f"{keymap!r} is not a keymap", "e.g. en-us, fr, de-ch")
     cpuunits = values.get("cpuunits")
     cpu_shares = whole_number(cpuunits, "cpuunits", 2, 262144) if cpuunits is not None else None

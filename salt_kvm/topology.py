@@ -74,7 +74,7 @@ def parse_cpu_options(value: Any, cpus: int | None, key: str = "cpu_options") ->
     return CpuTopology(sockets, cores, threads, maxcpus)
 
 
-_CPU_LIST_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+_CPU_LIST_RE = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*", re.ASCII)
 
 
 def _cpu_ids(cpus: str, key: str) -> set[int]:
@@ -101,7 +101,7 @@ def parse_numa(value: Any, vcpus: int, key: str = "numa") -> list[NumaCell]:
                 name, sep, val = part.partition("=")
                 if not sep:
                     # "cpus=1,3,7" or "cpus=0,4-6": a bare CPU (range) continues the list
-                    if _CPU_LIST_RE.match(part) and "cpus" in entry:
+                    if _CPU_LIST_RE.fullmatch(part) and "cpus" in entry:
                         entry["cpus"] += "," + part
                         continue
                     raise SpecError(key, f"{part!r} in {word!r} is not key=value", accepted)
@@ -122,7 +122,7 @@ def parse_numa(value: Any, vcpus: int, key: str = "numa") -> list[NumaCell]:
             raise SpecError(key, f"{entry!r} has unknown fields", "nodeid, cpus, mem")
         node_id = whole_number(entry.get("nodeid", len(cells)), f"{key}.nodeid", 0, 255)
         cpus = str(entry.get("cpus", "")).replace(" ", "")
-        if not _CPU_LIST_RE.match(cpus):
+        if not _CPU_LIST_RE.fullmatch(cpus):
             raise SpecError(
                 key, f"cpus {cpus!r} of node {node_id} is not a CPU list", "e.g. 0-3 or 1,3,7"
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from .checks import finite
 from .errors import SpecError
 
 KIB = 1024
@@ -27,7 +28,7 @@ _FACTORS = {
     "tb": TIB,
     "tib": TIB,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", re.ASCII)
 ACCEPTED_SIZE = "a number in {unit}, or a string such as 512M, 2G, 2GB, 1.5GiB (binary units)"
 
 
@@ -41,16 +42,16 @@ def parse_size(value: object, key: str, default_unit: int) -> int:
     if isinstance(value, bool):
         raise SpecError(key, f"{value!r} is not a size", accepted)
     if isinstance(value, int | float):
-        number, factor = float(value), default_unit
+        number, factor = finite(value, key, "a size", accepted), default_unit
     elif isinstance(value, str):
-        match = _SIZE_RE.match(value)
+        match = _SIZE_RE.fullmatch(value)
         if not match or match.group(2).lower() not in _FACTORS:
             raise SpecError(key, f"{value!r} is not a size", accepted)
-        number = float(match.group(1))
+        number = finite(match.group(1), key, "a size", accepted)
         factor = _FACTORS[match.group(2).lower()] or default_unit
     else:
         raise SpecError(key, f"{value!r} is not a size", accepted)
-    size = int(number * factor)
+    size = int(finite(number * factor, key, "a size", accepted))
     if size <= 0:
         raise SpecError(key, f"{value!r} must be greater than zero", accepted)
     return size
@@ -64,7 +65,7 @@ def human_size(size: int) -> str:
     return f"{size}B"
 
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", re.ASCII)
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 ACCEPTED_DURATION = "seconds, or a string such as 90s, 30m, 24h, 7d, 2w"
 
@@ -74,9 +75,10 @@ def parse_duration(value: object, key: str) -> float:
     if isinstance(value, bool):
         raise SpecError(key, f"{value!r} is not a duration", ACCEPTED_DURATION)
     if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION_RE.match(value.lower())):
-        seconds = float(match.group(1)) * _SECONDS[match.group(2)]
+        seconds = finite(value, key, "a duration", ACCEPTED_DURATION)
+    elif isinstance(value, str) and (match := _DURATION_RE.fullmatch(value.lower())):
+        seconds = finite(match.group(1), key, "a duration", ACCEPTED_DURATION)
+        seconds = finite(seconds * _SECONDS[match.group(2)], key, "a duration", ACCEPTED_DURATION)
     else:
         raise SpecError(key, f"{value!r} is not a duration", ACCEPTED_DURATION)
     if seconds <= 0:

@@ -41,14 +41,15 @@ try:
         forwards,
         host,
         images,
+        intent,
         inventory,
         lifecycle,
         provision,
     )
-    from salt_kvm.checks import boolean
+    from salt_kvm.checks import boolean, seconds
     from salt_kvm.connection import connected, open_connection
     from salt_kvm.errors import SaltKvmError, SpecError
-    from salt_kvm.rollback import Rollback
+    from salt_kvm.rollback import Interrupted, Rollback, interruptible
     from salt_kvm.spec import build_spec, check_key_typos, check_mapping
 
     HAS_LIBS = True
@@ -194,8 +195,26 @@ def _written_keys(vm_):
     return set(profile) | set(provider)
 
 
+# Keys that widen what the hypervisor exposes: its operator sets them (provider
+# or master configuration), never a profile, which a requester may write.
+HYPERVISOR_KEYS = ("disk_allowed_dirs",)
+
+
+def _check_profile_keys(vm_):
+    profile = (__opts__.get("profiles") or {}).get(vm_.get("profile")) or {}
+    for key in HYPERVISOR_KEYS:
+        if key in profile:
+            raise SpecError(
+                key,
+                "is the hypervisor's setting, not a profile's: a profile could open any "
+                "host directory to its guest",
+                f"{key} in the provider configuration (cloud.providers.d), or leave it out",
+            )
+
+
 def _spec(vm_):
     try:
+        _check_profile_keys(vm_)
         check_key_typos(_written_keys(vm_), SPEC_KEYS + DRIVER_KEYS)
         for key in ("minion", "grains"):
             check_mapping(key, config.get_cloud_config_value(key, vm_, __opts__, default=None))
@@ -218,12 +237,33 @@ def create(vm_):
 
         salt-cloud -p centos7 vm1
     """
+    # Any failure rolls back: an error of any type, and SIGINT, SIGTERM or
+    # SIGHUP (they raise inside the block; the process then exits as it would
+    # have, with nothing of this run left).
+    try:
+        with interruptible():
+            return _create(vm_)
+    except Interrupted as exc:
+        raise SaltCloudSystemExit(
+            f"creating {vm_['name']} was {exc}; everything this run created was removed."
+        ) from exc
+
+
+def _create(vm_):
     name = vm_["name"]
-    rollback = Rollback(reconnect=lambda: open_connection(**_connection_args(vm_)))
+    # The intent journal: what a SIGKILL of this run would leave, for the next
+    # create of the name (or -f cleanup) to undo. A killed run's is taken over.
+    journal = intent.Journal.in_cache(__opts__, name)
+    try:
+        journal.begin(keep=journal.stale())
+    except (SaltKvmError, OSError) as exc:
+        raise SaltCloudSystemExit(f"creating {name}: {exc}") from exc
+    rollback = Rollback(reconnect=lambda: open_connection(**_connection_args(vm_)), journal=journal)
     if vm_.get("pub_key"):
         # salt-cloud accepted this minion's key before calling us: a failed
         # create (even on bad input) must not leave it behind.
         key_id = cloud_deploy.minion_id(__opts__, vm_)
+        rollback.intend("key", id=key_id)
         rollback.add(
             f"minion key {key_id}", lambda: salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)
         )
@@ -232,12 +272,16 @@ def create(vm_):
         spec = _spec(vm_)
         deploy_plan = cloud_deploy.prepare(__opts__, vm_, spec) if spec.deploy.enabled else None
         seed_iso = cloud_deploy.seed_iso(__opts__, vm_, spec, deploy_plan)
-    except SpecError as exc:
+    except BaseException as exc:
+        # Whatever the type (a Jinja TypeError, an interrupt): nothing stays.
         rollback.run()
-        raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc
-    except SaltCloudConfigError:
-        rollback.run()
-        raise
+        if isinstance(exc, SpecError):
+            raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc
+        if isinstance(exc, SaltCloudConfigError) or not isinstance(exc, Exception):
+            raise
+        raise SaltCloudConfigError(
+            f"profile {vm_.get('profile')!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     started = time.monotonic()
 
     def emit(step, data):
@@ -249,6 +293,9 @@ def create(vm_):
     )
     try:
         with _connect(vm_) as conn, rollback:
+            if journal.pending:
+                undone = journal.recover(conn)  # the minion key is this run's now
+                log.warning("removed what a killed create of %s left: %s", name, undone)
             guest, deployed = cloud_deploy.create(
                 __opts__, conn, vm_, spec, deploy_plan, seed_iso, rollback, emit
             )
@@ -347,7 +394,10 @@ def stop(name, call=None):
 
         salt-cloud -a stop vm1
     """
-    timeout = float(_provider_value("stop_timeout", 180))
+    try:
+        timeout = seconds(_provider_value("stop_timeout", 180), "stop_timeout", 0)
+    except SpecError as exc:
+        raise SaltCloudSystemExit(str(exc)) from exc
 
     def stop_domain(dom):
         if not lifecycle.shutdown(dom, timeout):
@@ -403,7 +453,13 @@ def list_nodes_full(call=None):
     if call == "action":
         raise SaltCloudSystemExit("list_nodes_full is a function: use -F or -f list_nodes_full")
     with _connect() as conn:
-        return inventory.managed(conn)
+        nodes = inventory.managed(conn)
+    # A killed create's half-made domain is not a node: salt-cloud would refuse
+    # to create the name again ("already exists") instead of letting the
+    # driver clear it.
+    for name in intent.killed(__opts__):
+        nodes.pop(name, None)
+    return nodes
 
 
 def list_nodes(call=None):
@@ -535,3 +591,36 @@ def image_delete(kwargs=None, call=None):
             return images.delete_image(conn, kwargs["name"], kwargs.get("pool"))
     except SaltKvmError as exc:
         raise SaltCloudSystemExit(str(exc)) from exc
+
+
+# ---- what killed runs left ------------------------------------------------------
+
+
+def cleanup(kwargs=None, call=None):
+    """
+    Remove what creates killed with SIGKILL (or a power cut) left: the domain,
+    volumes, seed, DHCP reservations, NAT forwards and minion key each had
+    written down before making them. Only runs whose process is gone are
+    touched; a create of the same name does this by itself first.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -f cleanup my-kvm-provider
+    """
+    if call != "function":
+        raise SaltCloudSystemExit("cleanup is a function: use -f cleanup <provider>")
+    remove_key = lambda key_id: salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)  # noqa: E731
+    removed = {}
+    with _connect() as conn:
+        for journal in intent.journals(__opts__):
+            try:
+                records = journal.stale()
+                if records is None:
+                    continue
+                removed[journal.name] = intent.undo(conn, records, remove_key)
+                journal.path.unlink()
+            except SaltKvmError as exc:
+                removed[journal.name] = {"error": str(exc)}
+    return removed

@@ -40,3 +40,17 @@ def test_conflicting_reservations_are_refused_before_anything_changes(conn, mac,
 def test_unknown_network(conn):
     with pytest.raises(NotFoundError, match="no libvirt network"):
         dhcp.check(conn, "nope", MAC, "192.168.122.50", "nics[0].ip")
+
+
+def test_two_fixed_ip_nics_of_one_guest_on_one_network_both_get_reserved(conn):
+    """Reservations are keyed by MAC: the guest's name is on the first only
+    (libvirt refuses a second entry with the same name)."""
+    for mac, ip in ((MAC, "192.168.122.50"), (OTHER, "192.168.122.51")):
+        dhcp.check(conn, "default", mac, ip, "nics[1].ip")
+        assert dhcp.reserve(conn, "default", mac, ip, "vm1") is True
+    xml = conn.networkLookupByName("default").XMLDesc(0)
+    assert hosts(conn) == 2
+    assert xml.count("name='vm1'") + xml.count('name="vm1"') == 1
+    dhcp.release(conn, "default", OTHER, "192.168.122.51")
+    dhcp.release(conn, "default", MAC, "192.168.122.50")
+    assert hosts(conn) == 0

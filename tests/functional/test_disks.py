@@ -66,9 +66,11 @@ def test_a_new_volume_and_paths_shared_the_safe_way_are_planned(conn, pool, base
     new = plan(conn, base, size="2G", pool="default-pool")
     assert new.target == "vdb" and new.source is None
     assert new.flags == libvirt.VIR_DOMAIN_AFFECT_CONFIG
-    ro = plan(conn, base, path="/default-pool/ro.qcow2", readonly=True, index=3)
+    ro = plan(conn, base, path="/default-pool/ro.qcow2", readonly=True, index=3, format="qcow2")
     assert ro.target == "vdd" and ro.source.format == "qcow2"
-    shared = plan(conn, base, path="/default-pool/shared.qcow2", shareable=True, bus="scsi")
+    shared = plan(
+        conn, base, path="/default-pool/shared.qcow2", shareable=True, bus="scsi", format="qcow2"
+    )
     assert shared.target == "sdb"
 
 
@@ -115,10 +117,10 @@ def test_allowed_dirs_open_a_directory_outside_the_pools(conn, base, tmp_path):
     image.write_bytes(b"\0" * 4096)
     with pytest.raises(SpecError, match="kvm:disk:allowed_dirs"):
         plan(conn, base, path=str(image), format="raw")
-    with pytest.raises(SpecError, match="^format: is required"):
-        plan(conn, base, allowed=(str(tmp_path),), path=str(image))
     found = plan(conn, base, allowed=(str(tmp_path),), path=str(image), format="raw")
     assert found.source.path == str(image) and not found.source.block
+    # Without a format a file is raw (its header claims nothing else).
+    assert plan(conn, base, allowed=(str(tmp_path),), path=str(image)).source.format == "raw"
 
 
 class RemoteURI:
@@ -145,7 +147,7 @@ def test_on_a_remote_hypervisor_only_pool_volumes_are_taken(conn, pool, base, tm
         plan(remote, base, allowed=(str(tmp_path),), path=str(image), format="raw")
     assert definition(base) == before
     vol = volume(pool, "data.qcow2")
-    assert plan(remote, base, path=vol.path()).source.path == vol.path()
+    assert plan(remote, base, path=vol.path(), format="qcow2").source.path == vol.path()
 
 
 def test_a_failed_attach_removes_the_volume_it_made(conn, pool, base):
@@ -219,3 +221,75 @@ def test_a_profile_disk_libvirt_refuses_rolls_the_clone_back(conn, pool, base):
                 print,
             )
     assert state(conn, pool) == before
+
+
+# ---- intent and escapes (issue #13 item 12) -----------------------------------------
+
+QCOW2_HEADER = b"QFI\xfb\x00\x00\x00\x03" + b"\x00" * 4088  # what a guest can write
+
+
+def test_a_symlink_out_of_an_allowed_directory_is_refused(conn, base, tmp_path):
+    """The check is on the file QEMU would open, not on the link's name."""
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"\0" * 4096)
+    (allowed / "disk.raw").symlink_to(secret)
+    before = definition(base)
+    with pytest.raises(SpecError, match=r"^path: .*disk\.raw \(a link to .*secret\) is outside"):
+        plan(conn, base, allowed=(str(allowed),), path=str(allowed / "disk.raw"), format="raw")
+    assert definition(base) == before
+
+
+def test_a_symlink_inside_is_attached_by_its_resolved_path(conn, base, tmp_path):
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    (allowed / "real.raw").write_bytes(b"\0" * 4096)
+    (allowed / "link.raw").symlink_to(allowed / "real.raw")
+    found = plan(conn, base, allowed=(str(allowed),), path=str(allowed / "link.raw"))
+    assert found.source.path == str(allowed / "real.raw")
+
+
+def test_a_qcow2_header_is_not_taken_on_its_word(conn, base, tmp_path):
+    """A raw file a guest wrote may start with a qcow2 header naming a host
+    file as backing file: without format it is refused, naming format."""
+    image = tmp_path / "guest-written.img"
+    image.write_bytes(QCOW2_HEADER)
+    before = definition(base)
+    with pytest.raises(SpecError) as err:
+        plan(conn, base, allowed=(str(tmp_path),), path=str(image))
+    assert err.value.key == "format" and "qcow2" in str(err.value)
+    assert definition(base) == before
+    assert (
+        plan(conn, base, allowed=(str(tmp_path),), path=str(image), format="raw").source.format
+        == "raw"
+    )
+
+
+def test_a_pool_volume_probed_as_qcow2_needs_its_format_named(conn, pool, base):
+    vol = volume(pool, "data.qcow2")
+    with pytest.raises(SpecError, match="^format: "):
+        plan(conn, base, path=vol.path())
+    assert plan(conn, base, path=vol.path(), format="qcow2").source.format == "qcow2"
+
+
+def test_detaching_the_boot_disk_needs_force(conn, pool, base):
+    before = definition(base)
+    with pytest.raises(SpecError) as err:
+        diskops.detach(conn, base, "vda")
+    assert err.value.key == "force" and "boot disk" in str(err.value)
+    assert definition(base) == before
+
+
+def test_the_boot_disk_is_the_one_with_boot_order_one():
+    xml = new_domain("vm", "test", 512, 1, "/p/root.qcow2")
+    first = xml.disks[0]
+    data = disks.disk_element(
+        disks.DiskSpec(name="data", path="/p/d"), "vdb", disks.Source("/p/d", "raw")
+    )
+    xml._devices().append(data.node)
+    assert diskops.is_boot_disk(xml, first.name) and not diskops.is_boot_disk(xml, "data")
+    from lxml import etree
+
+    etree.SubElement(data.node, "boot", order="1")
+    assert diskops.is_boot_disk(xml, "data") and not diskops.is_boot_disk(xml, first.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -54,17 +55,20 @@ class SaltEnv:
             raise AssertionError(f"{cmd} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
+    CLOUD_ARGS = ("-y", "--out=json", "--log-level=info")
+
     def cloud(self, *args: str, check: bool = True, timeout: float = 900):
-        proc = self.run(
-            "salt-cloud",
-            "-y",
-            "--out=json",
-            "--log-level=info",
-            *args,
-            check=check,
-            timeout=timeout,
-        )
+        proc = self.run("salt-cloud", *self.CLOUD_ARGS, *args, check=check, timeout=timeout)
         return proc
+
+    def cloud_started(self, *args: str) -> subprocess.Popen:
+        """salt-cloud running in the background (to interrupt it)."""
+        return subprocess.Popen(
+            [str(self.bin / "salt-cloud"), "-c", str(self.conf), *self.CLOUD_ARGS, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def salt(self, target: str, *args: str, timeout: int = 60):
         proc = self.run(
@@ -100,6 +104,14 @@ class SaltEnv:
         )
         time.sleep(3)  # let it subscribe before anything fires
         return proc
+
+    @staticmethod
+    def next_event(proc: subprocess.Popen, timeout: float) -> str | None:
+        """The tag of the next event a ``watch_events`` process prints, or None."""
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        if not ready:
+            return None
+        return proc.stdout.readline().partition("\t")[0] or None
 
     @staticmethod
     def collected_events(proc: subprocess.Popen) -> list[tuple[str, dict]]:

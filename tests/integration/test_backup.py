@@ -431,7 +431,11 @@ def test_internal_snapshot_revert_and_delete(hv, guest):
         # from loading the snapshot
         taken = backup.create(hv, guest.name, where, disks=["vdb"])
         assert backup.our_checkpoints(guest.dom) == [_checkpoint_of(taken)]
-        reverted = snapshot.revert(hv, guest.name, "i1")
+        # the running guest's memory and writes since would be thrown away: intent needed
+        with pytest.raises(SpecError, match="^force: "):
+            snapshot.revert(hv, guest.name, "i1")
+        assert backup.our_checkpoints(guest.dom) == [_checkpoint_of(taken)]
+        reverted = snapshot.revert(hv, guest.name, "i1", force=True)
         assert reverted["kind"] == "internal" and reverted["reverted"] is True
         assert reverted["checkpoints_dropped"] == [_checkpoint_of(taken)]
         assert guest.dom.isActive()  # with its memory: the guest runs on from that instant

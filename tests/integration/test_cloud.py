@@ -3,6 +3,7 @@ and a real salt-master: profiles become minions that answer test.ping."""
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from salt_kvm import forwards, hostnet, lifecycle, qemuimg, ssh
 from salt_kvm.domxml import Domain
 
 from . import saltenv
-from .conftest import GUEST_PASSWORD, GUEST_USER, PREFIX, unique
+from .conftest import GUEST_PASSWORD, GUEST_USER, POOL, PREFIX, unique
 from .guests import boot_guest, define_guest, remove_guest, wait_booted
 
 NAT_PORT = 10222  # beside test_nat's 10022 and 10122
@@ -145,6 +146,17 @@ def test_wrong_ssh_password_leaves_nothing_behind(hv, salt, base_domain, pool_vo
         ({"nics": [{"network": "salt-kvm-test", "ip": "192.168.213.9"}]}, ["nics[0].ip", "mac"]),
         ({"nics": ["skt-no-such-network"]}, ["nics[0].network", "salt-kvm-test"]),
         ({"memroy": "1G"}, ["memroy", "did you mean 'memory'"]),
+        ({"cpus": float("inf")}, ["cpus", "finite"]),  # was an OverflowError, key kept
+        (
+            {
+                "cloud_init": {
+                    "user_data": "#cloud-config\nx: {{ name + 1 }}\n",
+                    "template": "jinja",
+                }
+            },
+            ["cloud_init.user_data", "concatenate"],  # a Jinja TypeError
+        ),
+        ({"description": "web\x1bserver"}, ["description", "control character"]),
     ],
     ids=[
         "clone_strategy",
@@ -154,6 +166,9 @@ def test_wrong_ssh_password_leaves_nothing_behind(hv, salt, base_domain, pool_vo
         "ip-without-mac",
         "missing-network",
         "key-typo",
+        "cpus-inf",
+        "jinja-type-error",
+        "description-control-char",
     ],
 )
 def test_bad_profile_value_names_the_key_and_creates_nothing(
@@ -346,3 +361,162 @@ def test_destroy_of_a_guest_a_quick_clone_stands_on_is_refused(hv, salt, base_do
     finally:
         remove_guest(hv, name_b)
         remove_guest(hv, name_a)
+
+
+# ---- interrupts (issue #13 item 11) ----------------------------------------------
+
+
+def _fixed_nic(hv):
+    """A MAC and a free address on the test network, for a DHCP reservation:
+    outside its dynamic range (.100-.250), not reserved, not leased."""
+    import random
+
+    from salt_kvm import dhcp
+
+    leased = {lease["ipaddr"] for lease in hv.networkLookupByName("salt-kvm-test").DHCPLeases()}
+    for _ in range(50):
+        suffix = random.randint(20, 99)
+        if f"{saltenv.TEST_NET_PREFIX}.{suffix}" in leased or suffix == 77:  # 77: test_cloud's
+            continue
+        mac, ip = (
+            f"52:54:00:5b:{suffix:02x}:{random.randint(0, 255):02x}",
+            (f"{saltenv.TEST_NET_PREFIX}.{suffix}"),
+        )
+        try:
+            dhcp.check(hv, "salt-kvm-test", mac, ip, "ip")
+        except Exception:  # noqa: BLE001 - taken by another test run: try another
+            continue
+        return mac, ip
+    raise AssertionError("no free address on salt-kvm-test")
+
+
+def _leftovers(hv, salt, name, mac):
+    """What a create of ``name`` may have left: domain, reservation, key, volumes."""
+    found = []
+    if name in {d.name() for d in hv.listAllDomains(0)}:
+        found.append("domain")
+    if mac in hv.networkLookupByName("salt-kvm-test").XMLDesc(0):
+        found.append("reservation")
+    if name in salt.accepted_keys():
+        found.append("minion key")
+    pool = hv.storagePoolLookupByName(POOL)
+    pool.refresh(0)
+    found += [v for v in pool.listVolumes() if v.startswith(name)]
+    return found
+
+
+def _interrupt_profile(hv, salt, base_domain, stem):
+    mac, ip = _fixed_nic(hv)
+    profile = sized_profile(
+        base_domain,
+        salt,
+        nics=[{"network": "salt-kvm-test", "mac": mac, "ip": ip}],
+        cloud_init={"files": {"/etc/motd": "interrupted\n"}},  # a seed volume too
+    )
+    salt.write_profiles({stem: profile}, f"{stem}.conf")
+    return mac
+
+
+def _start_until_waiting_for_ip(hv, salt, stem, name, mac):
+    watcher = salt.watch_events(f"salt/cloud/{name}/waiting_for_ip")
+    proc = salt.cloud_started("-p", stem, name)
+    try:
+        tag = salt.next_event(watcher, 600)
+    finally:
+        watcher.terminate()
+        watcher.communicate(timeout=30)
+    assert tag and tag.endswith("waiting_for_ip"), (tag, proc.poll())
+    made = _leftovers(hv, salt, name, mac)
+    assert {"domain", "reservation", "minion key", f"{name}-seed.iso"} <= set(made), made
+    return proc
+
+
+@pytest.mark.parametrize(
+    "signals",
+    [
+        [signal.SIGTERM],
+        [signal.SIGINT],
+        [signal.SIGHUP],  # the terminal closed: killed on the spot before
+        [signal.SIGINT] * 4,  # Ctrl-C hammered: the later ones cut the rollback short before
+    ],
+    ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGINT-repeated"],
+)
+def test_an_interrupt_mid_create_removes_everything(hv, salt, base_domain, signals):
+    """SIGTERM, Ctrl-C or a hangup while salt-cloud waits for the guest's
+    address: the domain, its volumes, the seed, the DHCP reservation and the
+    minion key go."""
+    name = unique("intr")
+    mac = _interrupt_profile(hv, salt, base_domain, "intr")
+    proc = _start_until_waiting_for_ip(hv, salt, "intr", name, mac)
+    for signum in signals:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=300)
+    assert _leftovers(hv, salt, name, mac) == [], out + err
+
+
+def test_after_sigkill_the_next_create_of_the_name_clears_what_was_left(
+    hv, salt, base_domain, pool_volumes
+):
+    """SIGKILL runs no rollback: the domain, seed, reservation and key stay.
+    Creating the same name again removes them first and works; destroying it
+    then leaves nothing stale."""
+    name = unique("kill")
+    mac = _interrupt_profile(hv, salt, base_domain, "kill")
+    proc = _start_until_waiting_for_ip(hv, salt, "kill", name, mac)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert "domain" in _leftovers(hv, salt, name, mac)  # what a rollback would have removed
+    salt.cloud("-p", "kill", name)
+    try:
+        assert salt.salt(name, "test.ping") == {name: True}
+        assert f"{name}-seed.iso" not in _leftovers(hv, salt, name, mac)  # the new one is gone too
+    finally:
+        salt.cloud("-d", name)
+    assert _leftovers(hv, salt, name, mac) == []
+
+
+def test_cleanup_function_clears_what_a_killed_create_left(hv, salt, base_domain):
+    name = unique("kclean")
+    mac = _interrupt_profile(hv, salt, base_domain, "kclean")
+    proc = _start_until_waiting_for_ip(hv, salt, "kclean", name, mac)
+    proc.kill()
+    proc.communicate(timeout=60)
+    out = json.loads(salt.cloud("-f", "cleanup", "test-kvm").stdout)
+    assert name in json.dumps(out), out
+    assert _leftovers(hv, salt, name, mac) == []
+
+
+def test_two_fixed_ip_nics_on_one_network(hv, salt, base_domain, pool_volumes):
+    """Both NICs get their reserved address (reservations are keyed by MAC; the
+    VM name goes on the first), and -d releases both."""
+    name = unique("twonic")
+    before = pool_volumes()
+    (mac1, ip1), (mac2, ip2) = _fixed_nic(hv), _fixed_nic(hv)
+    while ip2 == ip1 or mac2 == mac1:
+        mac2, ip2 = _fixed_nic(hv)
+    nics = [
+        {"network": "salt-kvm-test", "mac": mac1, "ip": ip1},
+        {"network": "salt-kvm-test", "mac": mac2, "ip": ip2},
+    ]
+    salt.write_profiles(
+        {"twonic": sized_profile(base_domain, salt, nics=nics, deploy=False)}, "twonic.conf"
+    )
+    salt.cloud("-p", "twonic", name)
+    network = hv.networkLookupByName("salt-kvm-test")
+    try:
+        xml = network.XMLDesc(0)
+        assert f"ip='{ip1}'" in xml and f"ip='{ip2}'" in xml
+        leased = {}
+        for _ in range(240):
+            leased = {lease["mac"]: lease["ipaddr"] for lease in network.DHCPLeases()}
+            if leased.get(mac1) == ip1 and leased.get(mac2) == ip2:
+                break
+            time.sleep(0.5)
+        assert (leased.get(mac1), leased.get(mac2)) == (ip1, ip2), leased
+    finally:
+        salt.cloud("-d", name)
+    xml = network.XMLDesc(0)
+    assert mac1 not in xml and mac2 not in xml
+    assert_gone(hv, salt, name, before, pool_volumes)

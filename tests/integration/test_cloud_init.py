@@ -56,6 +56,8 @@ def guest(hv, salt, base_domain, key):
                     "files": {
                         "/srv/data-to-vm/data.txt": {"content": "from the host\n", "mode": "0640"},
                         "/etc/ski-motd": "hello\n",
+                        # unquoted 755 in YAML: 0755, as file.managed reads it (was 01363)
+                        "/usr/local/bin/ski-tool": {"content": "#!/bin/sh\n", "mode": 755},
                     },
                     "template": "jinja",
                     "user_data": "#!/bin/sh\necho '{{ name }} {{ grains.role }}' > /root/ud\n",
@@ -85,6 +87,8 @@ def test_files_have_their_content_and_mode(salt, guest):
     name, _ = guest
     out = salt.salt(name, "cmd.run", "stat -c '%a %U' /srv/data-to-vm/data.txt")[name]
     assert out == "640 root"
+    out = salt.salt(name, "cmd.run", "stat -c '%a' /usr/local/bin/ski-tool")[name]
+    assert out == "755"
     assert salt.salt(name, "file.read", "/srv/data-to-vm/data.txt")[name] == "from the host\n"
     assert salt.salt(name, "file.read", "/etc/ski-motd")[name] == "hello\n"
 

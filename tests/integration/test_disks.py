@@ -340,3 +340,54 @@ def test_states_from_an_sls_with_state_apply(hv, stopped, minion):
     second = salt_call(conf, "state.apply", "disks")
     assert all(r["result"] is True and not r["changes"] for r in second.values()), second
     assert diskops.describe(hv, stopped)["scratch"]["created"]
+
+
+# ---- escapes a guest or a local user could try (issue #13 item 12) -------------------
+
+
+def test_a_qcow2_header_in_a_guest_written_file_is_not_trusted(hv, stopped, tmp_path):
+    """A guest can write a qcow2 header, whose backing file is any host file,
+    into its raw disk; attached again without format, libvirt's probe would
+    have QEMU open that host file. Refused naming format; format=raw is safe."""
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"root:$6$secret\n".ljust(65536, b"\0"))
+    path = f"{IMAGES}/{unique('guestraw')}.img"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", path],
+        check=True,
+    )
+    try:
+        pool = hv.storagePoolLookupByName(POOL)
+        pool.refresh(0)
+        before = stopped.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        with pytest.raises(SpecError) as err:
+            diskops.attach(hv, stopped, disks.parse_disk("evil", {"path": path}))
+        assert err.value.key == "format" and "qcow2" in str(err.value)
+        assert stopped.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before
+        planned = diskops.plan(
+            hv, stopped, disks.parse_disk("evil", {"path": path, "format": "raw"})
+        )
+        assert planned.source.format == "raw"
+    finally:
+        os.unlink(path)
+        hv.storagePoolLookupByName(POOL).refresh(0)
+
+
+def test_a_symlink_in_the_pool_to_a_host_file_is_refused(hv, stopped):
+    link = f"{IMAGES}/{unique('link')}.raw"
+    os.symlink("/etc/hostname", link)
+    try:
+        before = stopped.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        with pytest.raises(SpecError, match=r"^path: .*a link to /etc/hostname.*outside"):
+            diskops.attach(hv, stopped, disks.parse_disk("evil", {"path": link, "format": "raw"}))
+        assert stopped.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before
+    finally:
+        os.unlink(link)
+        hv.storagePoolLookupByName(POOL).refresh(0)
+
+
+def test_the_boot_disk_is_detached_only_with_force(hv, stopped):
+    before = stopped.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    with pytest.raises(SpecError, match="^force: disk 'vda' is the boot disk"):
+        diskops.detach(hv, stopped, "vda")
+    assert stopped.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before

@@ -55,7 +55,7 @@ def test_full_cloud_init_parses(tmp_path):
             "authorized_keys": [KEY, str(pub)],
             "files": {
                 "/etc/motd": "hello\n",
-                "/opt/data": {"content": "x", "mode": 0o640, "owner": "app:app"},
+                "/opt/data": {"content": "x", "mode": 640, "owner": "app:app"},  # unquoted 0640
                 "/opt/blob": {"source": str(blob), "mode": "600"},
             },
             "packages": ["htop"],

@@ -1,0 +1,213 @@
+"""Hostile and careless inputs (issue #13, item 13): every one is refused by
+name before anything is created, or read the one documented way."""
+
+import pytest
+
+from salt_kvm import backup_store, checks, cloudinit, disks, images, names, snapshot, units
+from salt_kvm.errors import SpecError
+from salt_kvm.spec import build_spec
+
+MINIMAL = {"name": "vm1", "base_domain": "base", "password": "pw"}
+MAC, MAC2 = "52:54:00:12:34:56", "52:54:00:12:34:57"
+
+
+def refused(values: dict, key: str) -> SpecError:
+    with pytest.raises(SpecError) as err:
+        build_spec({**MINIMAL, **values})
+    assert err.value.key == key, str(err.value)
+    assert err.value.accepted, str(err.value)
+    return err.value
+
+
+# ---- numbers: inf and nan never pass (they raised OverflowError/ValueError) --
+
+NOT_FINITE = [float("inf"), float("-inf"), float("nan"), "inf", "nan", "1e999", "9" * 400]
+
+
+@pytest.mark.parametrize("value", NOT_FINITE)
+@pytest.mark.parametrize(
+    "key",
+    [
+        "cpus",
+        "memory",
+        "disk_size",
+        "disk",
+        "cpuunits",
+        "ssh_port",
+        "wait_for_ip_timeout",
+        "wait_for_ip_interval",
+    ],
+)
+def test_numbers_refuse_inf_and_nan_by_name(key, value):
+    refused({key: value}, key)
+
+
+@pytest.mark.parametrize("value", NOT_FINITE)
+def test_shared_number_parsers_refuse_inf_and_nan(value):
+    with pytest.raises(SpecError, match="size"):
+        units.parse_size(value, "size", units.MIB)
+    with pytest.raises(SpecError, match="keep"):
+        units.parse_duration(value, "keep")
+    with pytest.raises(SpecError, match="n"):
+        checks.whole_number(value, "n", 0)
+    with pytest.raises(SpecError, match="t"):
+        checks.seconds(value, "t", 0)
+
+
+def test_cpu_options_and_numa_memory_refuse_inf():
+    refused({"cpu_options": {"cores": float("inf")}}, "cpu_options.cores")
+    refused({"cpus": 2, "numa": [{"cpus": "0-1", "mem": float("inf")}]}, "numa.mem")
+
+
+# ---- names match the whole string ---------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", ["\n", "\r\n", "\x00", " "])
+def test_names_with_a_trailing_newline_are_refused(suffix):
+    refused({"name": "vm1" + suffix}, "name")
+    with pytest.raises(SpecError):
+        names.check_vm_name("vm1" + suffix)
+    with pytest.raises(SpecError):
+        snapshot.check_name("before" + suffix)
+    with pytest.raises(SpecError):
+        backup_store.check_point_ref("20260101T000000Z" + suffix)
+
+
+@pytest.mark.parametrize(
+    "pattern,good",
+    [
+        (names._NAME_RE, "vm1"),
+        (snapshot.NAME_RE, "before-upgrade"),
+        (disks._NAME_RE, "data"),
+        (disks._TARGET_RE, "vdb"),
+        (backup_store.POINT_RE, "20260101T000000Z"),
+        (images._NAME_RE, "image-sha256-" + "0" * 32 + ".qcow2"),
+        (cloudinit._MODE_RE, "0644"),
+    ],
+)
+def test_every_name_pattern_refuses_a_trailing_newline(pattern, good):
+    assert pattern.fullmatch(good)
+    assert not pattern.fullmatch(good + "\n")
+
+
+def test_profile_fields_refuse_a_trailing_newline():
+    refused({"keymap": "en-us\n"}, "keymap")
+    refused({"nics": [{"network": "default", "mac": MAC + "\n"}]}, "nics[0].mac")
+    refused({"cpus": 2, "numa": [{"cpus": "0-1\n"}]}, "numa")
+
+
+def test_sizes_and_durations_refuse_trailing_garbage_and_unicode_digits():
+    for value in ("2G\nrm", "\u0663G", "2G\x00"):
+        with pytest.raises(SpecError):
+            units.parse_size(value, "disk_size", units.GIB)
+    with pytest.raises(SpecError):
+        units.parse_duration("7d\nx", "keep")
+
+
+# ---- control characters in free text that goes into XML -------------------------
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x1b", "\x07", "\x7f", "\x85", "\ufffe", "\ud800"])
+def test_control_characters_in_description_are_refused(char):
+    refused({"description": f"web {char}server"}, "description")
+    refused({"desc": f"web {char}server"}, "desc")
+
+
+def test_a_multi_line_description_is_kept():
+    assert build_spec({**MINIMAL, "description": "web\n\tserver\n"}).description == (
+        "web\n\tserver\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "values,key",
+    [
+        ({"base_domain": "base\n"}, "base_domain"),
+        ({"nics": [{"network": "default\x00"}]}, "nics[0].network"),
+        ({"nics": [{"bridge": "br0\n"}]}, "nics[0].bridge"),
+        ({"ssh_username": "root\nx"}, "ssh_username"),
+    ],
+)
+def test_control_characters_in_other_free_text_are_refused(values, key):
+    refused(values, key)
+
+
+# ---- cloud_init.files modes -----------------------------------------------------
+
+
+def mode_of(value):
+    spec = cloudinit.parse({"files": {"/etc/x": {"content": "x", "mode": value}}})
+    return spec.files[0].mode
+
+
+@pytest.mark.parametrize(
+    "value,mode",
+    [
+        (755, "0755"),  # unquoted 755, and unquoted 0755 (Salt's YAML reads it as 755)
+        (644, "0644"),
+        (600, "0600"),
+        (0, "0000"),
+        ("755", "0755"),
+        ("0755", "0755"),
+        ("0o640", "0640"),
+        ("0777", "0777"),  # asked for in so many words
+        ("4755", "4755"),
+    ],
+)
+def test_file_modes_read_as_salt_reads_them(value, mode):
+    assert mode_of(value) == mode
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        493,  # what a YAML 1.1 loader makes of 0755: never reinterpreted
+        0o755,
+        1755,  # an int cannot carry setuid/setgid/sticky
+        4755,
+        777,  # world-writable from an unquoted number
+        666,
+        "777",  # world-writable: only as a quoted four-digit string
+        "1755",  # (allowed, explicit) -- see below
+        -1,
+        "0999",
+        "rw",
+        True,
+    ],
+)
+def test_surprising_file_modes_are_refused(value):
+    if value == "1755":
+        assert mode_of(value) == "1755"
+        return
+    with pytest.raises(SpecError) as err:
+        mode_of(value)
+    assert err.value.key == "cloud_init.files[/etc/x].mode"
+    assert "quoted" in err.value.accepted
+
+
+# ---- two fixed-IP NICs on one network ----------------------------------------------
+
+
+def test_two_fixed_ip_nics_on_one_network_are_accepted():
+    spec = build_spec(
+        {
+            **MINIMAL,
+            "nics": [
+                {"network": "default", "mac": MAC, "ip": "192.168.122.50"},
+                {"network": "default", "mac": MAC2, "ip": "192.168.122.51"},
+            ],
+        }
+    )
+    assert [(n.mac, n.ip) for n in spec.nics] == [(MAC, "192.168.122.50"), (MAC2, "192.168.122.51")]
+
+
+def test_one_ip_on_two_nics_of_one_network_is_refused():
+    refused(
+        {
+            "nics": [
+                {"network": "default", "mac": MAC, "ip": "192.168.122.50"},
+                {"network": "default", "mac": MAC2, "ip": "192.168.122.50"},
+            ]
+        },
+        "nics[1].ip",
+    )
