@@ -92,13 +92,13 @@ def create(
     store = bs.Store(dest, name)
     source_disks(dom, disks)  # checked before anything is written
     with store.locked("backup"), bs.domain_locked(dom.UUIDString(), name, store.dest):
-        points = store.points()
+        points, unusable = store.scan()
         latest = points[-1] if points else None
         cleaned = reconcile(dom, store, latest.checkpoint if latest else None)
         chosen = source_disks(dom, disks)  # again: a killed run's overlay is merged back now
         length = len([p for p in points if latest and p.chain == latest.chain])
         parent, reason = engine.plan(dom, chosen, latest, full, full_every, length)
-        point_id = bs.new_point_id({p.id for p in points})
+        point_id = bs.new_point_id({p.id for p in points} | set(unusable))
         result = _run(engine, dom, store, point_id, chosen, parent, reason, quiesce, emit)
         result["cleaned"] = cleaned
         return result
