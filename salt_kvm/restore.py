@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 DOMAIN_XML_MAX = 4 * 1024 * 1024
 IN_PLACE_FORMATS = ("raw", "qcow2")
 IN_PLACE_TYPES = ("file", "block")
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+# What a definition from a store may not give a new domain: access to the
+# host's devices, folders, files or QEMU's command line.
+HOST_DEVICES = ("hostdev", "filesystem", "shmem", "redirdev", "smartcard")
+CHARDEVS = ("serial", "console", "channel", "parallel")
+HOST_CHARDEV_TYPES = ("file", "dev", "pipe")
+HOST_BOOT_FILES = ("kernel", "initrd", "dtb")
 
 
 def _pool_dir(conn: libvirt.virConnect, pool: str) -> tuple[libvirt.virStoragePool, str]:
@@ -125,13 +132,14 @@ def _as_new(
         raise ConflictError(f"target: a domain named {target!r} already exists")
     pool_handle, pool_dir = _pool_dir(conn, pool)
     xml = Domain(bs.read_no_follow(store.path(point) / bs.DOMAIN_XML, DOMAIN_XML_MAX))
+    _refuse_host_access(point, xml)
     prepare_identity(xml, target, xml.type or "kvm", used_macs(conn))
     devices = xml.node.find("devices")
     plan: list[tuple[Disk, bs.DiskImage, str]] = []
     for disk in xml.disks:
-        if disk.device != Disk.DEVICE_DISK:
-            continue
-        image = point.disks.get(disk.target_dev)
+        if disk.device == Disk.DEVICE_CDROM:
+            continue  # ejected by prepare_identity
+        image = point.disks.get(disk.target_dev) if disk.device == Disk.DEVICE_DISK else None
         if image is None:  # not in the backup: never share the original's disk
             devices.remove(disk.node)
             continue
@@ -167,6 +175,31 @@ def _as_new(
             dom.create()
         rollback.forget()
     return {"domain": target, "volumes": volumes, "started": bool(start)}
+
+
+def _refuse_host_access(point: bs.Point, xml: Domain) -> None:
+    """The store's ``domain.xml`` is untrusted: refuse, by name, what would give
+    the new domain the host's devices, folders or files, or QEMU arguments."""
+    found = [f"{e.tag} device" for tag in HOST_DEVICES for e in xml.node.iter(tag)]
+    found += [
+        f"{e.tag} of type {e.get('type')!r}"
+        for tag in CHARDEVS
+        for e in xml.node.iter(tag)
+        if e.get("type") in HOST_CHARDEV_TYPES
+    ]
+    found += [f"os/{tag}" for tag in HOST_BOOT_FILES if xml.node.find(f"os/{tag}") is not None]
+    found += sorted(
+        {
+            f"qemu:{etree.QName(e).localname}"
+            for e in xml.node.iter(f"{{{QEMU_NS}}}*")
+            if e.getparent() is None or etree.QName(e.getparent()).namespace != QEMU_NS
+        }
+    )
+    if found:
+        raise SaltKvmError(
+            f"backup point {point.id}: {bs.DOMAIN_XML} asks for {', '.join(found)}, which a "
+            "restored domain is not given (refused: the store is untrusted; define it by hand)"
+        )
 
 
 def _remove(path: str) -> None:

@@ -342,3 +342,70 @@ def test_a_domain_name_cannot_leave_the_destination(dest, domain):
     with pytest.raises(SpecError, match=r"^domain: "):
         backup_ops.verify(dest, domain)
     assert os.listdir(dest) == []
+
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (
+            "<hostdev mode='subsystem' type='pci'><source><address domain='0' bus='0' "
+            "slot='2' function='0'/></source></hostdev>",
+            "hostdev device",
+        ),
+        (
+            "<filesystem type='mount'><source dir='/'/><target dir='host'/></filesystem>",
+            "filesystem device",
+        ),
+        (
+            "<serial type='file'><source path='/etc/shadow'/><target port='1'/></serial>",
+            "serial of type 'file'",
+        ),
+        ("<os-kernel>/etc/shadow</os-kernel>", "os/kernel"),
+        (f"<qemu:commandline xmlns:qemu='{QEMU_NS}'><qemu:arg value='-x'/>", "qemu:commandline"),
+    ],
+    ids=["hostdev", "filesystem", "serial-file", "kernel", "qemu-commandline"],
+)
+def test_a_hostile_domain_xml_gives_the_new_domain_nothing_of_the_host(
+    conn, tmp_path, stored, extra, match
+):
+    from lxml import etree
+
+    store, points, secret = stored
+    point = points[-1]
+    path = store.path(point, bs.DOMAIN_XML)
+    root = etree.fromstring(path.read_bytes())
+    if extra.startswith("<os-kernel>"):
+        etree.SubElement(root.find("os"), "kernel").text = "/etc/shadow"
+    elif extra.startswith("<qemu:"):
+        node = etree.SubElement(root, f"{{{QEMU_NS}}}commandline")
+        etree.SubElement(node, f"{{{QEMU_NS}}}arg", value="-x")
+    else:
+        root.find("devices").append(etree.fromstring(extra))
+    path.write_bytes(etree.tostring(root))
+    _edit(store, point.id, lambda data: data.update(domain_xml_sha256=bs.sha256_file(path)))
+    with pytest.raises(SaltKvmError, match=rf"domain.xml asks for {match}.*refused"):
+        restore.restore(conn, "vm", store.dest, target="vm2", pool="restore")
+    assert os.listdir(tmp_path / "pool") == []
+    assert "vm2" not in [d.name() for d in conn.listAllDomains(0)]
+
+
+def test_a_passthrough_disk_of_the_backup_definition_is_not_restored(conn, tmp_path, stored):
+    from lxml import etree
+
+    store, points, secret = stored
+    point = points[-1]
+    path = store.path(point, bs.DOMAIN_XML)
+    root = etree.fromstring(path.read_bytes())
+    root.find("devices").append(
+        etree.fromstring(
+            "<disk type='block' device='lun'><source dev='/dev/sda'/>"
+            "<target dev='sdz' bus='scsi'/></disk>"
+        )
+    )
+    path.write_bytes(etree.tostring(root))
+    _edit(store, point.id, lambda data: data.update(domain_xml_sha256=bs.sha256_file(path)))
+    made = restore.restore(conn, "vm", store.dest, target="vm2", pool="restore")
+    assert [p for _, _, p in definition(conn.lookupByName("vm2")).values()] == made["volumes"]
