@@ -409,3 +409,16 @@ def test_a_passthrough_disk_of_the_backup_definition_is_not_restored(conn, tmp_p
     _edit(store, point.id, lambda data: data.update(domain_xml_sha256=bs.sha256_file(path)))
     made = restore.restore(conn, "vm", store.dest, target="vm2", pool="restore")
     assert [p for _, _, p in definition(conn.lookupByName("vm2")).values()] == made["volumes"]
+
+
+def test_a_tampered_previous_point_is_never_read_by_the_next_backup(conn, vm, dest):
+    dom, disk, data, base = vm
+    store = bs.Store(dest, "vm")
+    first = backup.create(conn, "vm", dest, method="snapshot")["point"]
+    image = store.path(first, "vdb.qcow2")
+    qemuimg.rebase_unsafe(str(image), "/etc/shadow", "raw")
+    _edit(store, first, lambda data: _describe(data["disks"]["vdb"], image))
+    nxt = backup.create(conn, "vm", dest, method="snapshot")
+    assert nxt["kind"] == "full", nxt
+    assert "/etc/shadow" in nxt["new_chain_reason"] and "new full chain" in nxt["new_chain_reason"]
+    assert "backing-filename" not in qemuimg.info(str(store.path(nxt["point"], "vdb.qcow2")))
