@@ -516,9 +516,20 @@ class Store:
 
 @contextlib.contextmanager
 def flocked(path: Path, what: str, busy: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path``; ``busy`` (plus the holder) when taken."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    """Hold an exclusive ``flock`` on ``path``; ``busy`` (plus the holder) when taken.
+
+    The lock file may sit in a store someone else can write (a NAS): it is
+    never opened through a symbolic link, and must be a regular file (it is
+    truncated)."""
     try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise SaltKvmError(f"{path} is a symbolic link: refused as a lock file") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SaltKvmError(f"{path} is not a regular file: refused as a lock file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

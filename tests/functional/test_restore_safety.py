@@ -422,3 +422,17 @@ def test_a_tampered_previous_point_is_never_read_by_the_next_backup(conn, vm, de
     assert nxt["kind"] == "full", nxt
     assert "/etc/shadow" in nxt["new_chain_reason"] and "new full chain" in nxt["new_chain_reason"]
     assert "backing-filename" not in qemuimg.info(str(store.path(nxt["point"], "vdb.qcow2")))
+
+
+def test_a_lock_file_planted_as_a_link_is_never_followed(conn, tmp_path, stored):
+    store, points, secret = stored
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (store.root / bs.LOCK).unlink()
+    (store.root / bs.LOCK).symlink_to(victim)
+    with pytest.raises(SaltKvmError, match=r"\.lock is a symbolic link: refused as a lock file"):
+        restore.restore(conn, "vm", store.dest, target="vm2", pool="restore")
+    with pytest.raises(SaltKvmError, match=r"\.lock is a symbolic link"):
+        backup_ops.prune(str(store.dest), "vm", keep=1)
+    assert victim.read_text() == "precious"
+    assert os.listdir(tmp_path / "pool") == []
