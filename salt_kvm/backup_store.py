@@ -526,10 +526,10 @@ def flocked(path: Path, what: str, busy: str) -> Iterator[None]:
     except OSError as exc:
         if exc.errno != errno.ELOOP:
             raise
-        raise SaltKvmError(f"{path} is a symbolic link: refused as a lock file") from exc
+        raise SaltKvmError(f"lock file {path} is a symlink: refused (remove it)") from exc
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SaltKvmError(f"{path} is not a regular file: refused as a lock file")
+            raise SaltKvmError(f"lock file {path} is not a regular file: refused")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

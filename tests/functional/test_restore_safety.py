@@ -430,9 +430,9 @@ def test_a_lock_file_planted_as_a_link_is_never_followed(conn, tmp_path, stored)
     victim.write_text("precious")
     (store.root / bs.LOCK).unlink()
     (store.root / bs.LOCK).symlink_to(victim)
-    with pytest.raises(SaltKvmError, match=r"\.lock is a symbolic link: refused as a lock file"):
+    with pytest.raises(SaltKvmError, match=r"lock file .*/\.lock is a symlink: refused"):
         restore.restore(conn, "vm", store.dest, target="vm2", pool="restore")
-    with pytest.raises(SaltKvmError, match=r"\.lock is a symbolic link"):
+    with pytest.raises(SaltKvmError, match=r"lock file .*/\.lock is a symlink: refused"):
         backup_ops.prune(str(store.dest), "vm", keep=1)
     assert victim.read_text() == "precious"
     assert os.listdir(tmp_path / "pool") == []
