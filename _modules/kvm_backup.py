@@ -224,7 +224,9 @@ def verify(domain, dest, point=None, deep=True):
     """
     Check the backups of ``domain`` in ``dest`` (or one ``point`` and the chain
     it needs): every image against its stored checksum (``deep=False`` skips
-    that) and ``qemu-img check``.
+    that), its header (backing file exactly the parent point's image, no
+    external data file) and ``qemu-img check``. A point whose manifest does not
+    fit the store's layout is reported, naming the field.
 
     CLI Example:
 
@@ -258,8 +260,10 @@ def restore(
     Restore backup ``point`` (``latest`` or an id from ``list``) of ``domain``
     from ``dest``: as a new domain ``target`` with its volumes in ``pool``, or,
     without ``target``, over ``domain``'s own disks (it must be shut off, and
-    ``force=True``). ``dest`` may be a second copy: on the host holding it this
-    is a takeover.
+    ``force=True``; each disk keeps its definition's format, a raw block device
+    is written into). ``dest`` may be a second copy: on the host holding it
+    this is a takeover. The store is untrusted: a manifest or image that does
+    not fit its layout is refused by name before anything is written.
 
     CLI Example:
 
@@ -275,8 +279,9 @@ def replicate(domain, dest, target, password=None, key_filename=None, keep=None)
     """
     Copy every backup point of ``domain`` in ``dest`` that ``target`` lacks to
     ``target``: another folder, or ``ssh://user@host[:port]/path`` (paramiko).
-    Each copy is verified by checksum there before it counts. ``keep`` prunes
-    the copy to that many chains.
+    Each copy is verified by checksum there before it counts; a point whose
+    manifest or image does not fit the store's layout is not copied (listed
+    under ``refused``). ``keep`` prunes the copy to that many chains.
 
     CLI Example:
 

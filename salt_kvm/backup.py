@@ -99,16 +99,36 @@ def create(
     store = bs.Store(dest, name)
     source_disks(dom, disks)  # checked before anything is written
     with store.locked("backup"), bs.domain_locked(dom.UUIDString(), name, store.dest):
-        points = store.points()
+        points, unusable = store.scan()
         latest = points[-1] if points else None
         cleaned = reconcile(dom, store, latest.checkpoint if latest else None)
         chosen = source_disks(dom, disks)  # again: a killed run's overlay is merged back now
         length = len([p for p in points if latest and p.chain == latest.chain])
         parent, reason = engine.plan(dom, chosen, latest, full, full_every, length)
-        point_id = bs.new_point_id({p.id for p in points})
+        if parent is not None and engine.name == core.METHOD_SNAPSHOT:
+            parent, reason = _readable_parent(store, parent, reason)
+        point_id = bs.new_point_id({p.id for p in points} | set(unusable))
         result = _run(engine, dom, store, point_id, chosen, parent, reason, quiesce, emit)
         result["cleaned"] = cleaned
         return result
+
+
+def _readable_parent(
+    store: bs.Store, parent: bs.Point, reason: str | None
+) -> tuple[bs.Point | None, str | None]:
+    """method=snapshot reads the previous point's images (and their chain): only
+    when their headers fit the store's layout, else a new full chain."""
+    try:
+        chain = store.chain(parent.id)[1]
+    except SaltKvmError as exc:
+        return None, f"the chain of {parent.id} is unusable ({exc}); new full chain"
+    problems = [p for link in chain for p in bs.verify_point(store, link, deep=False)]
+    if problems:
+        return (
+            None,
+            f"the chain of {parent.id} does not fit the store ({problems[0]}); new full chain",
+        )
+    return parent, reason
 
 
 def _run(engine: core.Method, dom, store, point_id, disks, parent, reason, quiesce, emit) -> dict:

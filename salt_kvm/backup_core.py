@@ -85,7 +85,7 @@ def source_disks(dom: libvirt.virDomain, only: list[str] | None = None) -> list[
         fmt = disk.driver_type or "raw"
         bitmaps = False
         if fmt == "qcow2":
-            data = qemuimg.info(disk.path)
+            data = qemuimg.info(disk.path, fmt="qcow2")
             bitmaps = (data.get("format-specific", {}).get("data", {}) or {}).get("compat") == "1.1"
         found.append(SourceDisk(disk.target_dev, disk.path, fmt, bitmaps))
     if only:
@@ -141,7 +141,7 @@ def remove_bitmaps(dom: libvirt.virDomain, name: str) -> list[str]:
         if disk.driver_type != "qcow2" or not disk.path or disk.readonly:
             continue
         try:
-            chain = qemuimg.info(disk.path, chain=True)
+            chain = qemuimg.info(disk.path, chain=True, fmt="qcow2")
         except SaltKvmError as exc:
             log.warning("%s: bitmaps of %s not checked: %s", dom.name(), disk.path, exc)
             continue
@@ -149,7 +149,7 @@ def remove_bitmaps(dom: libvirt.virDomain, name: str) -> list[str]:
             data = (image.get("format-specific") or {}).get("data") or {}
             if any(b.get("name") == name for b in data.get("bitmaps") or []):
                 try:
-                    qemuimg.run("bitmap", "--remove", image["filename"], name)
+                    qemuimg.run("bitmap", "--remove", "-f", "qcow2", image["filename"], name)
                     removed.append(image["filename"])
                 except SaltKvmError as exc:  # only a stale bitmap: never fail a run for it
                     log.warning("%s: bitmap %s stays in %s: %s", dom.name(), name, image, exc)
@@ -299,8 +299,8 @@ def finish_images(
         if parent is not None:
             backing = f"../{parent.id}/{parent.disks[disk.target].file}"
             qemuimg.rebase_unsafe(str(path), backing)
-        qemuimg.check(str(path))
-        info = qemuimg.info(str(path))
+        qemuimg.check(str(path), fmt="qcow2")
+        info = qemuimg.info(str(path), fmt="qcow2")
         images[disk.target] = bs.DiskImage(
             target=disk.target,
             file=path.name,

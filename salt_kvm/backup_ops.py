@@ -34,15 +34,20 @@ def list_points(dest: str, domain: str) -> list[dict]:
 
 
 def verify(dest: str, domain: str, point: str | None = None, deep: bool = True) -> dict:
-    """Check every point (or one point and the chain it needs)."""
+    """Check every point (or one point and the chain it needs); a point folder
+    whose manifest does not fit the store's layout is a problem too."""
     store = bs.Store(dest, domain)
-    points = store.points()
+    points, bad = store.scan()
+    problems: dict[str, list[str]] = {}
     if point is not None:
-        points = bs.chain_to(points, store.point(point).id)
+        try:
+            points = store.chain(point)[1]
+        except bs.ManifestError as exc:
+            return {"ok": False, "checked": [], "problems": {exc.folder: [str(exc)]}}
     else:
         by_id = {p.id for p in points}
         broken = [p.id for p in points if p.parent and p.parent not in by_id]
-    problems = {}
+        problems.update({folder: [str(exc)] for folder, exc in sorted(bad.items())})
     for each in points:
         found = bs.verify_point(store, each, deep)
         if found:
@@ -113,7 +118,8 @@ def replicate(
     """Copy every complete point of ``domain`` not yet at ``target``; verify each there."""
     where = parse_target(target)
     store = bs.Store(dest, domain)
-    store.point(bs.LATEST)  # nothing to copy: fail before taking the lock (which writes)
+    if not store.scan()[0]:  # nothing to copy: fail before taking the lock (which writes)
+        store.point(bs.LATEST)  # says why: no backups, or the newest one's problem
     with store.locked("replicate"):
         if isinstance(where, Path):
             copier = _DirCopier(bs.Store(where, domain))
@@ -121,15 +127,40 @@ def replicate(
             copier = _SshCopier(where, domain, password, key_filename)
         try:
             present = copier.present()
+            points, bad = store.scan()
             copied = []
-            for point in store.points():
-                if point.id not in present:
-                    copier.copy(store, point)
-                    copied.append(point.id)
+            refused = {folder: [str(exc)] for folder, exc in sorted(bad.items())}
+            for point in points:
+                if point.id in present:
+                    continue
+                # a hostile image (or one following it) is never spread to a second copy;
+                # the checksums are checked on the copy
+                problems = bs.verify_point(store, point, deep=False)
+                if point.parent in refused:
+                    problems.append(f"it follows {point.parent}, which is not copied")
+                if problems:
+                    refused[point.id] = problems
+                    continue
+                copier.copy(store, point)
+                copied.append(point.id)
             pruned = copier.prune(keep) if keep else []
         finally:
             copier.close()
-    return {"target": target, "copied": copied, "already_there": sorted(present), "pruned": pruned}
+    return {
+        "target": target,
+        "copied": copied,
+        "already_there": sorted(present),
+        "refused": refused,
+        "pruned": pruned,
+    }
+
+
+def _open_source(store: bs.Store, point: bs.Point, name: str):
+    """A point's file for reading; a symbolic link is never followed out of the store."""
+    try:
+        return os.fdopen(os.open(store.path(point, name), os.O_RDONLY | os.O_NOFOLLOW), "rb")
+    except OSError as exc:
+        raise SaltKvmError(f"{point.id}/{name} cannot be copied: {exc.strerror}") from exc
 
 
 def _files(point: bs.Point) -> list[tuple[str, str | None]]:
@@ -150,8 +181,10 @@ class _DirCopier:
             partial = self.target.begin(point.id)
             try:
                 for name, digest in _files(point):
-                    shutil.copyfile(store.path(point, name), partial / name)
-                    os.chmod(partial / name, 0o600)
+                    with _open_source(store, point, name) as source:
+                        fd = os.open(partial / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                        with os.fdopen(fd, "wb") as copy:
+                            shutil.copyfileobj(source, copy, 4 * 1024 * 1024)
                     if digest and bs.sha256_file(partial / name) != digest:
                         raise SaltKvmError(f"copy of {point.id}/{name} has a wrong checksum")
                 self.target.commit(partial, point)
@@ -171,6 +204,7 @@ class _SshCopier:
 
     def __init__(self, where: SshTarget, domain: str, password, key_filename):
         self.where = where
+        self.domain = domain
         self.root = posixpath.join(where.path, domain)
         self.session = ssh.connect(
             where.host,
@@ -202,7 +236,8 @@ class _SshCopier:
         try:
             for name, digest in _files(point):
                 remote = posixpath.join(partial, name)
-                self.sftp.put(str(store.path(point, name)), remote)
+                with _open_source(store, point, name) as source:
+                    self.sftp.putfo(source, remote)
                 self.sftp.chmod(remote, 0o600)
                 out = self._sh(f"sha256sum {shlex.quote(remote)}")
                 if digest and out.split()[0] != digest:
@@ -220,7 +255,9 @@ class _SshCopier:
         points = []
         for pid in sorted(self.present()):
             with self.sftp.open(posixpath.join(self.root, pid, bs.MANIFEST)) as handle:
-                points.append(bs.Point.from_dict(json.loads(handle.read())))
+                data = handle.read(bs.MANIFEST_MAX + 1)
+            with contextlib.suppress(ValueError, SaltKvmError):  # not ours: never pruned
+                points.append(bs.parse_manifest(json.loads(data), pid, self.domain))
         doomed = bs.prune_plan(points, keep)
         for point in reversed(doomed):
             self._sh(f"rm -rf {shlex.quote(posixpath.join(self.root, point.id))}")

@@ -131,7 +131,7 @@ def _snapshot(run: Run) -> list[Frozen]:
 
 
 def _copy_disks(run: Run, share: bool) -> None:
-    sizes = {d.target: int(qemuimg.info(d.path)["virtual-size"]) for d in run.disks}
+    sizes = {d.target: int(qemuimg.info(d.path, fmt=d.format)["virtual-size"]) for d in run.disks}
     total = sum(sizes.values())
     done = 0
     for disk in run.disks:
@@ -261,7 +261,7 @@ def merge_back(dom: libvirt.virDomain, frozen: list[Frozen]) -> list[str]:
 
 # ---- a killed run's leftovers -----------------------------------------------------
 def _leftover(path: str, target: str) -> Frozen | None:
-    data = qemuimg.info(path)
+    data = qemuimg.info(path, fmt="qcow2")  # our overlay
     image = data.get("full-backing-filename") or data.get("backing-filename")
     if not image:
         return None

@@ -33,16 +33,33 @@ def run(*args: str, timeout: float | None = None) -> str:
     return proc.stdout
 
 
-def info(path: str, chain: bool = False) -> dict | list:
-    """``qemu-img info`` as JSON; ``-U`` reads images a running guest holds."""
-    args = ["info", "-U", "--output=json"] + (["--backing-chain"] if chain else []) + [path]
-    return json.loads(run(*args))
+def info(path: str, chain: bool = False, fmt: str | None = None) -> dict | list:
+    """``qemu-img info`` as JSON; ``-U`` reads images a running guest holds.
+
+    Pass ``fmt`` whenever it is known: a probed format is the image's word (a
+    guest writes a qcow2 header into its raw disk). Without ``chain`` no
+    backing file is opened, only named."""
+    args = ["info", "-U", "--output=json"] + (["--backing-chain"] if chain else [])
+    return json.loads(run(*args, *(["-f", fmt] if fmt else []), path))
 
 
-def check(path: str) -> dict:
-    """``qemu-img check``: raises when the image is corrupt or leaks clusters."""
+def alone(path: str, fmt: str) -> str:
+    """An image name for qemu-img that opens ``path`` as ``fmt`` without its
+    backing file (whatever file its header names)."""
+    return "json:" + json.dumps(
+        {"driver": fmt, "backing": None, "file": {"driver": "file", "filename": path}}
+    )
+
+
+def check(path: str, fmt: str | None = None, backing: bool = True) -> dict:
+    """``qemu-img check``: raises when the image is corrupt or leaks clusters;
+    ``backing=False`` (needs ``fmt``) opens no backing file."""
+    if fmt and not backing:
+        args = [alone(path, fmt)]
+    else:
+        args = [*(["-f", fmt] if fmt else []), path]
     proc = subprocess.run(
-        [QEMU_IMG, "check", "--output=json", path], capture_output=True, text=True, check=False
+        [QEMU_IMG, "check", "--output=json", *args], capture_output=True, text=True, check=False
     )
     try:
         result = json.loads(proc.stdout)
@@ -54,17 +71,23 @@ def check(path: str) -> dict:
 
 
 def rebase_unsafe(path: str, backing: str | None, backing_format: str = "qcow2") -> None:
-    """Point ``path`` at ``backing`` (a path relative to ``path``'s folder) without copying."""
+    """Point the qcow2 ``path`` at ``backing`` (a path relative to ``path``'s folder)
+    without copying."""
     if backing is None:
-        run("rebase", "-u", "-b", "", path)
+        run("rebase", "-u", "-f", "qcow2", "-b", "", path)
     else:
-        run("rebase", "-u", "-F", backing_format, "-b", backing, path)
+        run("rebase", "-u", "-f", "qcow2", "-F", backing_format, "-b", backing, path)
 
 
-def convert(source: str, dest: str, fmt: str = "qcow2") -> None:
-    """Copy ``source`` with its whole backing chain into one standalone image."""
-    options = ["-o", "compat=1.1"] if fmt == "qcow2" else []
-    run("convert", "-q", "-O", fmt, *options, source, dest)
+def convert(
+    source: str, dest: str, fmt: str = "qcow2", source_format: str = "qcow2", into: bool = False
+) -> None:
+    """Copy ``source`` (of ``source_format``) with its whole backing chain into one
+    standalone image of ``fmt``; ``into``: write into the existing ``dest`` (a
+    block device), never creating or replacing it."""
+    options = ["-o", "compat=1.1"] if fmt == "qcow2" and not into else []
+    target = ["-n"] if into else []
+    run("convert", "-q", "-f", source_format, "-O", fmt, *options, *target, source, dest)
 
 
 def create_overlay(path: str, backing: str, backing_format: str, size: int | None = None) -> None:

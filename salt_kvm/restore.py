@@ -1,8 +1,17 @@
 """Restore a backup point: as a new domain, or over a shut-off domain's disks.
 
-Every image of the point's chain is checked against its recorded checksum
-first; then ``qemu-img convert`` flattens the chain (full image plus each
-incremental on top) into one standalone qcow2 per disk.
+The store is untrusted input (a NAS, a replica): its manifests are read
+through ``backup_store.parse_manifest``, and every image of the point's chain
+is checked against its recorded checksum and its header (a qcow2 whose
+backing file is exactly the parent point's image, no external data file)
+before ``qemu-img convert`` (with explicit formats) flattens the chain.
+
+As a new domain, each disk becomes a standalone qcow2 volume and the
+definition says qcow2. In place, each disk keeps the format and the kind its
+definition names: a file is written beside the disk in that format and
+renamed over it once every disk is written; a raw block device is written
+into (the device node is never replaced). Anything else is refused by name
+before anything is written.
 """
 
 from __future__ import annotations
@@ -10,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import time
+from dataclasses import dataclass
 
 import libvirt
 from lxml import etree
@@ -23,6 +34,17 @@ from .errors import ConflictError, NotFoundError, SaltKvmError
 from .rollback import Rollback
 
 log = logging.getLogger(__name__)
+
+DOMAIN_XML_MAX = 4 * 1024 * 1024
+IN_PLACE_FORMATS = ("raw", "qcow2")
+IN_PLACE_TYPES = ("file", "block")
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+# What a definition from a store may not give a new domain: access to the
+# host's devices, folders, files or QEMU's command line.
+HOST_DEVICES = ("hostdev", "filesystem", "shmem", "redirdev", "smartcard")
+CHARDEVS = ("serial", "console", "channel", "parallel")
+HOST_CHARDEV_TYPES = ("file", "dev", "pipe")
+HOST_BOOT_FILES = ("kernel", "initrd", "dtb")
 
 
 def _pool_dir(conn: libvirt.virConnect, pool: str) -> tuple[libvirt.virStoragePool, str]:
@@ -37,12 +59,26 @@ def _pool_dir(conn: libvirt.virConnect, pool: str) -> tuple[libvirt.virStoragePo
 
 
 def checked_chain(store: bs.Store, point_ref: str) -> tuple[bs.Point, list[bs.Point]]:
-    point = store.point(point_ref)
-    chain = bs.chain_to(store.points(), point.id)
+    point, chain = store.chain(point_ref)
     problems = [p for link in chain for p in bs.verify_point(store, link)]
+    if not problems:
+        for target in sorted(point.disks):
+            problems += _chain_problems(store, chain, target)
     if problems:
         raise SaltKvmError(f"backup point {point.id} cannot be restored: {'; '.join(problems)}")
     return point, chain
+
+
+def _chain_problems(store: bs.Store, chain: list[bs.Point], target: str) -> list[str]:
+    """The images qemu-img opens for ``target`` are exactly the chain's, newest first."""
+    top = store.path(chain[-1]) / bs.image_file(target)
+    wanted = [os.path.realpath(store.path(p) / bs.image_file(target)) for p in reversed(chain)]
+    opened = qemuimg.info(str(top), chain=True, fmt=bs.IMAGE_FORMAT)
+    got = [os.path.realpath(i.get("filename", "")) for i in opened]
+    formats = {i.get("format") for i in opened}
+    if got != wanted or formats != {bs.IMAGE_FORMAT}:
+        return [f"{chain[-1].id}/{top.name}: its backing chain {got} is not the points' {wanted}"]
+    return []
 
 
 def restore(
@@ -95,14 +131,15 @@ def _as_new(
         conn.lookupByName(target)
         raise ConflictError(f"target: a domain named {target!r} already exists")
     pool_handle, pool_dir = _pool_dir(conn, pool)
-    xml = Domain((store.path(point) / bs.DOMAIN_XML).read_text())
+    xml = Domain(bs.read_no_follow(store.path(point) / bs.DOMAIN_XML, DOMAIN_XML_MAX))
+    _refuse_host_access(point, xml)
     prepare_identity(xml, target, xml.type or "kvm", used_macs(conn))
     devices = xml.node.find("devices")
     plan: list[tuple[Disk, bs.DiskImage, str]] = []
     for disk in xml.disks:
-        if disk.device != Disk.DEVICE_DISK:
-            continue
-        image = point.disks.get(disk.target_dev)
+        if disk.device == Disk.DEVICE_CDROM:
+            continue  # ejected by prepare_identity
+        image = point.disks.get(disk.target_dev) if disk.device == Disk.DEVICE_DISK else None
         if image is None:  # not in the backup: never share the original's disk
             devices.remove(disk.node)
             continue
@@ -118,9 +155,10 @@ def _as_new(
     with Rollback() as rollback:
         for disk, image, path in plan:
             rollback.add(f"volume {path}", lambda p=path: _remove(conn, p))
-            qemuimg.convert(str(store.path(point) / image.file), path)
+            qemuimg.convert(str(store.path(point) / image.file), path, "qcow2")
             os.chmod(path, 0o600)
-            disk.path = path
+            disk.path = path  # a file now, whatever it was
+            disk.driver_name = "qemu"
             disk.driver_type = "qcow2"
         pool_handle.refresh(0)
         volumes = [path for _, _, path in plan]
@@ -139,10 +177,128 @@ def _as_new(
     return {"domain": target, "volumes": volumes, "started": bool(start)}
 
 
+def _refuse_host_access(point: bs.Point, xml: Domain) -> None:
+    """The store's ``domain.xml`` is untrusted: refuse, by name, what would give
+    the new domain the host's devices, folders or files, or QEMU arguments."""
+    found = [f"{e.tag} device" for tag in HOST_DEVICES for e in xml.node.iter(tag)]
+    found += [
+        f"{e.tag} of type {e.get('type')!r}"
+        for tag in CHARDEVS
+        for e in xml.node.iter(tag)
+        if e.get("type") in HOST_CHARDEV_TYPES
+    ]
+    found += [f"os/{tag}" for tag in HOST_BOOT_FILES if xml.node.find(f"os/{tag}") is not None]
+    found += sorted(
+        {
+            f"qemu:{etree.QName(e).localname}"
+            for e in xml.node.iter(f"{{{QEMU_NS}}}*")
+            if e.getparent() is None or etree.QName(e.getparent()).namespace != QEMU_NS
+        }
+    )
+    if found:
+        raise SaltKvmError(
+            f"backup point {point.id}: {bs.DOMAIN_XML} asks for {', '.join(found)}, which a "
+            "restored domain is not given (refused: the store is untrusted; define it by hand)"
+        )
+
+
 def _remove(conn: libvirt.virConnect, path: str) -> None:
     """Delete a file this restore wrote, unless something came to need it."""
     with contextlib.suppress(FileNotFoundError):
         chains.delete_file(conn, path, "restore cleanup")
+
+
+@dataclass
+class _Target:
+    """Where one disk of the point goes in an in-place restore."""
+
+    target: str
+    image: bs.DiskImage
+    path: str  # the real file or device (symbolic links resolved)
+    format: str
+    block: bool
+
+    @property
+    def temp(self) -> str:
+        return f"{self.path}.restore-tmp"
+
+
+def _plan_in_place(name: str, xml: Domain, point: bs.Point) -> list[_Target]:
+    """Each disk of the point, checked against the definition before anything is
+    written; refusals name the disk and what is accepted."""
+    disks = {d.target_dev: d for d in xml.disks if d.target_dev}
+    plan, refused = [], []
+    for target, image in sorted(point.disks.items()):
+        disk = disks.get(target)
+        if disk is None or disk.device != Disk.DEVICE_DISK:
+            refused.append(f"{target}: {name} has no disk {target} to restore onto")
+            continue
+        kind = disk.type or "file"
+        if kind not in IN_PLACE_TYPES:
+            refused.append(
+                f"{target}: a disk of type {kind!r} is not restored in place "
+                f"(accepted: {', '.join(IN_PLACE_TYPES)})"
+            )
+            continue
+        fmt = disk.driver_type or "raw"
+        if fmt not in IN_PLACE_FORMATS:
+            refused.append(
+                f"{target}: its format {fmt!r} is not restored in place "
+                f"(accepted: {', '.join(IN_PLACE_FORMATS)})"
+            )
+            continue
+        if not disk.path:
+            refused.append(f"{target}: its definition names no {kind} to restore onto")
+            continue
+        real = os.path.realpath(disk.path)
+        if kind == "block":
+            problem = _block_problem(real, fmt, image)
+            if problem:
+                refused.append(f"{target}: {disk.path} {problem}")
+                continue
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                if not stat.S_ISREG(os.stat(real).st_mode):
+                    refused.append(
+                        f"{target}: {disk.path} is not a regular file, though the definition "
+                        "says type='file'"
+                    )
+                    continue
+        plan.append(_Target(target, image, real, fmt, kind == "block"))
+    if refused:
+        raise SaltKvmError(f"{name} cannot be restored in place: {'; '.join(refused)}")
+    return plan
+
+
+def _block_problem(path: str, fmt: str, image: bs.DiskImage) -> str | None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"cannot be opened: {exc.strerror}"
+    if not stat.S_ISBLK(mode):
+        return "is not a block device, though the definition says type='block'"
+    if fmt != "raw":
+        return f"holds {fmt}: a block device is restored in place only as raw (accepted: raw)"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    if size < image.virtual_size:
+        return f"has {size} bytes, less than the {image.virtual_size} of the backup"
+    return None
+
+
+def _write_file(conn: libvirt.virConnect, source: str, each: _Target) -> None:
+    """The disk's content in its own format beside it, with its owner and mode."""
+    _remove(conn, each.temp)
+    qemuimg.convert(source, each.temp, each.format)
+    try:
+        old = os.stat(each.path)
+        os.chown(each.temp, old.st_uid, old.st_gid)
+        os.chmod(each.temp, stat.S_IMODE(old.st_mode))
+    except FileNotFoundError:
+        os.chmod(each.temp, 0o600)
 
 
 def _in_place(conn: libvirt.virConnect, store: bs.Store, point: bs.Point, force: bool) -> dict:
@@ -160,34 +316,40 @@ def _in_place(conn: libvirt.virConnect, store: bs.Store, point: bs.Point, force:
         )
     if dom.snapshotNum(0):
         raise ConflictError(f"{point.domain} has snapshots; delete them before restoring in place")
-    current = {d.target_dev: d.path for d in Domain(dom.XMLDesc(0)).disks}
-    missing = [t for t in point.disks if not current.get(t)]
-    if missing:
-        raise SaltKvmError(f"{point.domain} has no disk {', '.join(missing)} to restore onto")
-    # The old images are replaced: a quick clone standing on one would be corrupted.
+    xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    plan = _plan_in_place(point.domain, xml, point)
+    files = [t for t in plan if not t.block]
+    # The old images are replaced or written into: a quick clone standing on one
+    # would be corrupted.
     chains.check_deletable(
         conn,
-        [current[t] for t in sorted(point.disks)],
+        [t.path for t in plan],
         f"in-place restore of {point.domain}",
-        disks=tuple((point.domain, t) for t in point.disks),
+        disks=tuple((point.domain, t.target) for t in plan),
     )
-    temps: list[tuple[str, str]] = []
     try:
-        for target_dev, image in sorted(point.disks.items()):
-            final = current[target_dev]
-            tmp = f"{final}.restore-{point.id}"
-            temps.append((tmp, final))
-            qemuimg.convert(str(store.path(point) / image.file), tmp)
-            os.chmod(tmp, 0o600)
+        # files first, beside the disks: until the renames nothing visible changed
+        for each in files:
+            _write_file(conn, str(store.path(point) / each.image.file), each)
+        for each in plan:
+            if each.block:  # into the device: its node (an LV's link) stays
+                qemuimg.convert(
+                    str(store.path(point) / each.image.file), each.path, "raw", into=True
+                )
     except BaseException:
-        for tmp, _ in temps:
-            _remove(conn, tmp)
+        for each in files:
+            _remove(conn, each.temp)
         raise
-    for tmp, final in temps:
-        os.replace(tmp, final)
+    for each in files:
+        os.replace(each.temp, each.path)
     # The images are new: the old checkpoints' bitmaps went with the old files.
     for name in backup_core.our_checkpoints(dom):
         dom.checkpointLookupByName(name, 0).delete(
             libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
         )
-    return {"domain": point.domain, "volumes": [final for _, final in temps], "in_place": True}
+    return {
+        "domain": point.domain,
+        "volumes": [each.path for each in plan],
+        "formats": {each.target: each.format for each in plan},
+        "in_place": True,
+    }

@@ -315,7 +315,7 @@ def _revert_external(dom, snap, info: dict, force: bool) -> dict:
         )
     plans = []
     for overlay in info["overlays"].values():
-        data = qemuimg.info(overlay)
+        data = qemuimg.info(overlay, fmt="qcow2")  # an overlay salt-kvm made
         backing = data.get("full-backing-filename") or data.get("backing-filename")
         if not backing:
             raise SaltKvmError(f"{overlay} has no backing image; cannot revert")

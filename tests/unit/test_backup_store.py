@@ -16,17 +16,21 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def point(pid, parent=None, chain=None, kind=None):
-    return bs.Point(
+    """A point whose manifest fits the store's layout (one 1 MiB disk, vda)."""
+    made = bs.Point(
         id=pid,
         domain="vm",
         kind=kind or (bs.KIND_INCREMENTAL if parent else bs.KIND_FULL),
         chain=chain or (parent and "?") or pid,
         parent=parent,
-        checkpoint=f"saltkvm-x-{pid}",
+        checkpoint=f"saltkvm-0badcafe-{pid}",
         created="2026-11-21T04:11:00Z",
         consistency="frozen",
         frozen=True,
     )
+    backing = f"../{parent}/vda.qcow2" if parent else None
+    made.disks["vda"] = bs.DiskImage("vda", "vda.qcow2", "qcow2", 1024**2, 4, "0" * 64, backing)
+    return made
 
 
 def history():
@@ -238,3 +242,59 @@ def test_nothing_to_restore_or_copy_writes_nothing(tmp_path):
     with pytest.raises(NotFoundError, match="no backups of vm"):
         backup_ops.replicate(str(tmp_path), "vm", str(tmp_path / "copy"))
     assert list(tmp_path.iterdir()) == []
+
+
+def _valid_manifest():
+    p = point("20260102T000000Z", "20260101T000000Z", "20260101T000000Z")
+    return json.loads(json.dumps(p.to_dict()))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("id", "20260102T000000Z\n"),
+        ("id", "２０２６0102T000000Z"),  # digits of another script
+        ("format", True),
+        ("format", 2),
+        ("kind", "FULL"),
+        ("parent", "20260103T000000Z"),  # not earlier than the point
+        ("chain", "20260102T000000Z"),
+        ("frozen", "yes"),
+        ("duration", float("nan")),
+        ("duration", float("inf")),
+        ("consistency", "perfect"),
+        ("method", "rsync"),
+        ("domain_xml_sha256", "../domain.xml"),
+        ("disks", {}),
+        ("disks", []),
+    ],
+)
+def test_parse_manifest_refuses_a_field_that_does_not_fit(field, value):
+    data = _valid_manifest()
+    assert bs.parse_manifest(data, "20260102T000000Z", "vm").disks["vda"].file == "vda.qcow2"
+    data[field] = value
+    with pytest.raises(bs.ManifestError, match=rf"^backup point 20260102T000000Z: {field}: "):
+        bs.parse_manifest(data, "20260102T000000Z", "vm")
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("file", "/etc/shadow"),
+        ("file", "../20260101T000000Z/vda.qcow2"),
+        ("file", "vdb.qcow2"),
+        ("format", "raw"),
+        ("backing", "/etc/shadow"),
+        ("backing", None),
+        ("size", -1),
+        ("size", True),
+        ("virtual_size", 1.5),
+        ("sha256", "AB" * 32),
+        ("target", "vdb"),
+    ],
+)
+def test_parse_manifest_refuses_a_disk_that_leaves_the_point(key, value):
+    data = _valid_manifest()
+    data["disks"]["vda"][key] = value
+    with pytest.raises(bs.ManifestError, match=rf": disks\.vda\.{key}: "):
+        bs.parse_manifest(data, "20260102T000000Z", "vm")
