@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import redact
 from .errors import SpecError
+
+
+def shown(key: str, value: Any) -> str:
+    """``value`` as an error message may show it: never the value of a secret
+    key (``password``, ``sudo_password``...), nor a URL's credentials."""
+    return redact.value(key, value)
 
 
 def boolean(values: dict, key: str, default: bool) -> bool:
@@ -27,25 +34,25 @@ def boolean(values: dict, key: str, default: bool) -> bool:
         "0",
     ):
         return value.lower() in ("true", "yes", "on", "1")
-    raise SpecError(key, f"{value!r} is not a boolean", "true, false (or yes/no, 1/0)")
+    raise SpecError(key, f"{shown(key, value)} is not a boolean", "true, false (or yes/no, 1/0)")
 
 
 def _number(value: Any, key: str, convert: type, what: str, accepted: str) -> Any:
     if isinstance(value, bool):
-        raise SpecError(key, f"{value!r} is not {what}", accepted)
+        raise SpecError(key, f"{shown(key, value)} is not {what}", accepted)
     try:
         return convert(value)
     except (TypeError, ValueError):
-        raise SpecError(key, f"{value!r} is not {what}", accepted) from None
+        raise SpecError(key, f"{shown(key, value)} is not {what}", accepted) from None
 
 
 def whole_number(value: Any, key: str, low: int, high: int | None = None) -> int:
     accepted = f"a whole number from {low}" + (f" to {high}" if high is not None else "")
     number = _number(value, key, int, "a number", accepted)
     if isinstance(value, float) and value != number:
-        raise SpecError(key, f"{value!r} is not a whole number", accepted)
+        raise SpecError(key, f"{shown(key, value)} is not a whole number", accepted)
     if number < low or (high is not None and number > high):
-        raise SpecError(key, f"{value!r} is out of range", accepted)
+        raise SpecError(key, f"{shown(key, value)} is out of range", accepted)
     return number
 
 
@@ -53,7 +60,7 @@ def seconds(value: Any, key: str, minimum: float) -> float:
     accepted = f"a number of seconds, at least {minimum:g}"
     number = _number(value, key, float, "a number of seconds", accepted)
     if number < minimum:
-        raise SpecError(key, f"{value!r} is too small", accepted)
+        raise SpecError(key, f"{shown(key, value)} is too small", accepted)
     return number
 
 
@@ -65,7 +72,7 @@ def text(values: dict, key: str, required: bool = False, label: str | None = Non
             raise SpecError(label, "is required", "a non-empty string")
         return None
     if not isinstance(value, str | int | float) or isinstance(value, bool):
-        raise SpecError(label, f"{value!r} is not a string", "a string")
+        raise SpecError(label, f"{shown(label, value)} is not a string", "a string")
     return str(value)
 
 
@@ -74,7 +81,7 @@ def one_of(values: dict, key: str, choices: tuple, default: Any, label: str | No
     if value is None:
         value = default
     if value not in choices:
-        raise SpecError(label or key, f"{value!r} is not allowed", choices)
+        raise SpecError(label or key, f"{shown(label or key, value)} is not allowed", choices)
     return value
 
 

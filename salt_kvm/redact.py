@@ -45,11 +45,9 @@ def is_secret_key(key: object) -> bool:
     ``libvirt-password``, ``priv_key``, ``api_token``, ``script_args``...)."""
     if not isinstance(key, str):
         return False
-    lowered = key.lower()
-    if lowered in SECRET_WORDS:
-        return True
-    words = [w for w in _WORD_SPLIT.split(lowered) if w]
-    return any(w in SECRET_WORDS for w in words)
+    words = [w for w in _WORD_SPLIT.split(key.lower()) if w]
+    joined = f"_{'_'.join(words)}_"
+    return any(f"_{secret}_" in joined for secret in SECRET_WORDS)
 
 
 def url(value: str) -> str:
@@ -82,6 +80,15 @@ def text(value: str, secrets: Iterable[str | None] = ()) -> str:
     for secret in sorted((s for s in secrets if isinstance(s, str) and s), key=len, reverse=True):
         value = value.replace(secret, MASK)
     return _URL_RE.sub(_url_match, value)
+
+
+def value(key: str, data: Any, limit: int = 80) -> str:
+    """``data`` as an error message about ``key`` may show it: nothing of a
+    secret key's value (its type only), else a short repr with secrets masked."""
+    if is_secret_key(key):
+        return f"the {type(data).__name__} given"
+    shown = repr(mapping(data))
+    return shown if len(shown) <= limit else shown[: limit - 5] + "...)"
 
 
 def mapping(data: Any, secrets: Iterable[str | None] = ()) -> Any:

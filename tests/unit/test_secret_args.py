@@ -111,3 +111,27 @@ def test_deploy_never_logs_script_args(caplog, code):
     assert any(SECRET in c for c in session.ran)  # the guest still gets them
     assert "running the deploy command" in caplog.text
     assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"password": [SECRET]}, "password"),
+        ({"password": {"pw": SECRET}}, "password"),
+        ({"cloud_init": {"meta_data": f"token: [{SECRET}\n  - x: ]"}}, "meta_data"),
+        ({"cloud_init": {"user_data": ["root", SECRET]}}, "user_data"),
+        ({"cloud_init": {"files": {"/etc/t": {"content": {"token": SECRET}}}}}, "content"),
+        ({"cloud_init": {"files": {"/etc/t": [SECRET]}}}, "/etc/t"),
+        ({"image": f"ftp://u:{SECRET}@h/x.img?token={SECRET}"}, "image"),
+    ],
+)
+def test_refusals_never_quote_a_secret(values, key):
+    from salt_kvm.errors import SpecError
+    from salt_kvm.spec import build_spec
+
+    base = {"name": "vm1", "base_domain": "base", "deploy": False}
+    if "image" in values:
+        base.pop("base_domain")
+    with pytest.raises(SpecError) as err:
+        build_spec({**base, **values})
+    assert key in str(err.value) and SECRET not in str(err.value)
