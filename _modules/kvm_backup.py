@@ -17,7 +17,7 @@ import logging
 try:
     import libvirt  # noqa: F401
 
-    from salt_kvm import backup, backup_ops, qemuimg
+    from salt_kvm import backup, backup_ops, qemuimg, redact
     from salt_kvm import restore as restoring
     from salt_kvm import snapshot as snapshots
     from salt_kvm.errors import SaltKvmError
@@ -158,8 +158,9 @@ def create(
     agent when present; ``frozen`` in the result says whether) and shut-off ones.
     ``disks`` limits it to some targets (``[vdb]``). ``copies`` sends the new
     points to second destinations (see ``replicate``): a list of folders or
-    ``ssh://user@host/path`` URLs, or dicts with ``target``, ``password``,
-    ``key_filename``, ``keep``.
+    ``ssh://user@host/path`` URLs, or dicts with ``target``, ``key_filename``,
+    ``host_key``, ``known_hosts``, ``password_pillar``, ``keep`` (a
+    ``password`` is refused). Bad entries are refused before the backup runs.
 
     ``method``: ``api`` (libvirt's backup API with checkpoints: an incremental
     reads and writes only the changed clusters), ``snapshot`` (an external
@@ -176,6 +177,7 @@ def create(
         salt hypervisor kvm_backup.create web1 dest=/srv/backup copies='[/mnt/nas/backup]'
         salt hypervisor kvm_backup.create web1 dest=/srv/backup method=snapshot
     """
+    copy_args = [_copy_args(copy) for copy in copies or []]  # refused before the backup
     result = _with_conn(
         uri,
         backup.create,
@@ -188,22 +190,61 @@ def create(
         emit=_emitter(domain, events),
         method=method,
     )
-    result["copies"] = [
-        _call(backup_ops.replicate, dest, domain, **_copy_args(copy)) for copy in copies or []
-    ]
+    result["copies"] = [_call(backup_ops.replicate, dest, domain, **args) for args in copy_args]
     return result
 
 
+COPY_KEYS = ("target", "key_filename", "host_key", "known_hosts", "password_pillar", "keep")
+NO_PASSWORD = (
+    "{where}: a password is never taken as an argument (arguments land in the job cache "
+    "and on the event bus); accepted: key_filename (a key file), or password_pillar naming "
+    "a pillar or minion-config key that holds it"
+)
+
+
+def _password(password_pillar):
+    """The SSH password from the pillar or minion-config key ``password_pillar``."""
+    if password_pillar in (None, ""):
+        return None
+    if not isinstance(password_pillar, str):
+        raise CommandExecutionError(
+            f"password_pillar: {password_pillar!r} is not a key name "
+            "(accepted: a pillar or minion-config key such as kvm:backup:ssh_password)"
+        )
+    value = __salt__["config.get"](password_pillar)
+    if not isinstance(value, str) or not value:
+        raise CommandExecutionError(
+            f"password_pillar: no password under {password_pillar!r} in the pillar or the "
+            "minion config (accepted: a key holding a non-empty string)"
+        )
+    return value
+
+
 def _copy_args(copy):
+    """Library arguments for one ``copies`` entry; a ``password`` is refused."""
     if isinstance(copy, str):
-        return {"target": copy}
-    if isinstance(copy, dict) and "target" in copy:
-        allowed = {"target", "password", "key_filename", "keep"}
-        return {k: v for k, v in copy.items() if k in allowed}
-    raise CommandExecutionError(
-        f"copies: {copy!r} is not a copy destination "
-        "(accepted: a folder, an ssh:// URL, or a dict with target)"
-    )
+        copy = {"target": copy}
+    if not isinstance(copy, dict) or "target" not in copy:
+        raise CommandExecutionError(
+            f"copies: {redact.mapping(copy)!r} is not a copy destination "
+            f"(accepted: a folder, an ssh:// URL, or a dict with {', '.join(COPY_KEYS)})"
+        )
+    if "password" in copy:
+        raise CommandExecutionError(NO_PASSWORD.format(where="copies.password"))
+    unknown = sorted(str(k) for k in set(copy) - set(COPY_KEYS))
+    if unknown:
+        raise CommandExecutionError(
+            f"copies: unknown key(s) {', '.join(unknown)} (accepted: {', '.join(COPY_KEYS)})"
+        )
+    args = {k: v for k, v in copy.items() if k != "password_pillar"}
+    password = _password(copy.get("password_pillar"))
+    if password is not None:
+        args["password"] = password
+    try:
+        backup_ops.parse_target(args["target"])
+    except SaltKvmError as exc:
+        raise CommandExecutionError(f"copies: {exc}") from exc
+    return args
 
 
 def list_(domain, dest):
@@ -275,13 +316,35 @@ def restore(
     return _with_conn(uri, restoring.restore, domain, dest, point, target, force, pool, start)
 
 
-def replicate(domain, dest, target, password=None, key_filename=None, keep=None):
+def replicate(
+    domain,
+    dest,
+    target,
+    key_filename=None,
+    keep=None,
+    host_key=None,
+    known_hosts=None,
+    password_pillar=None,
+    **kwargs,
+):
     """
     Copy every backup point of ``domain`` in ``dest`` that ``target`` lacks to
     ``target``: another folder, or ``ssh://user@host[:port]/path`` (paramiko).
     Each copy is verified by checksum there before it counts; a point whose
     manifest or image does not fit the store's layout is not copied (listed
     under ``refused``). ``keep`` prunes the copy to that many chains.
+
+    Over SSH the other host must prove it is the one meant before anything
+    is sent: its host key must be in ``known_hosts`` (a file or a list of
+    files; default: ``/etc/ssh/ssh_known_hosts`` and the minion user's
+    ``~/.ssh/known_hosts``) or match ``host_key``, a fingerprint
+    (``SHA256:...`` as ``ssh-keygen -lf`` prints it) or a list of them. An
+    unknown or different key is refused before logging in.
+
+    Log in with ``key_filename`` (a private key file on the minion) or a
+    password stored in pillar or the minion config under the key named by
+    ``password_pillar`` (e.g. ``kvm:backup:ssh_password``). A ``password``
+    argument is refused: arguments land in the job cache and on the event bus.
 
     CLI Example:
 
@@ -290,5 +353,26 @@ def replicate(domain, dest, target, password=None, key_filename=None, keep=None)
         salt hypervisor kvm_backup.replicate web1 /srv/backup /mnt/nas/backup
         salt hypervisor kvm_backup.replicate web1 /srv/backup ssh://root@kvm2/srv/replica \
             key_filename=/root/.ssh/id_ed25519
+        salt hypervisor kvm_backup.replicate web1 /srv/backup ssh://root@kvm2/srv/replica \
+            host_key=SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s \
+            password_pillar=kvm:backup:ssh_password
     """
-    return _call(backup_ops.replicate, dest, domain, target, password, key_filename, keep)
+    if "password" in kwargs:
+        raise CommandExecutionError(NO_PASSWORD.format(where="password"))
+    unknown = sorted(k for k in kwargs if not k.startswith("__"))
+    if unknown:
+        raise CommandExecutionError(
+            f"replicate: unknown argument(s) {', '.join(unknown)} "
+            "(accepted: key_filename, keep, host_key, known_hosts, password_pillar)"
+        )
+    return _call(
+        backup_ops.replicate,
+        dest,
+        domain,
+        target,
+        password=_password(password_pillar),
+        key_filename=key_filename,
+        keep=keep,
+        host_key=host_key,
+        known_hosts=known_hosts,
+    )

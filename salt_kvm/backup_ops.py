@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 import libvirt
 
 from . import backup_store as bs
-from . import chains, ssh
+from . import chains, redact, ssh
 from .errors import SaltKvmError, SpecError
 
 TARGET_ACCEPTED = "an absolute directory path, or ssh://user@host[:port]/absolute/path"
@@ -97,8 +97,16 @@ def parse_target(value: object) -> Path | SshTarget:
         raise SpecError("target", f"{value!r} is not a copy destination", TARGET_ACCEPTED)
     if value.startswith("ssh://"):
         parts = urlsplit(value)
+        if parts.password is not None:
+            raise SpecError(
+                "target",
+                "an ssh:// URL must not carry a password (it would land in the job cache, "
+                "events and logs)",
+                "ssh://user@host[:port]/absolute/path with key_filename or password_pillar",
+            )
         if not parts.hostname or not parts.path.startswith("/"):
-            raise SpecError("target", f"{value!r} is not a copy destination", TARGET_ACCEPTED)
+            shown = redact.url(value)
+            raise SpecError("target", f"{shown!r} is not a copy destination", TARGET_ACCEPTED)
         return SshTarget(
             parts.hostname, parts.port or 22, unquote(parts.username or "root"), parts.path
         )
@@ -114,9 +122,18 @@ def replicate(
     password: str | None = None,
     key_filename: str | None = None,
     keep: int | None = None,
+    host_key: str | list[str] | None = None,
+    known_hosts: str | list[str] | None = None,
 ) -> dict:
-    """Copy every complete point of ``domain`` not yet at ``target``; verify each there."""
+    """Copy every complete point of ``domain`` not yet at ``target``; verify each there.
+
+    An SSH target's host key must be in ``known_hosts`` (files; default: the
+    system's and the user's) or match a pinned ``host_key`` fingerprint; it is
+    checked before logging in. ``password`` is for library callers: the Salt
+    module reads it from pillar or the minion config, never from its arguments.
+    """
     where = parse_target(target)
+    trust = ssh.HostTrust.build(host_key, known_hosts) if isinstance(where, SshTarget) else None
     store = bs.Store(dest, domain)
     if not store.scan()[0]:  # nothing to copy: fail before taking the lock (which writes)
         store.point(bs.LATEST)  # says why: no backups, or the newest one's problem
@@ -124,7 +141,7 @@ def replicate(
         if isinstance(where, Path):
             copier = _DirCopier(bs.Store(where, domain))
         else:
-            copier = _SshCopier(where, domain, password, key_filename)
+            copier = _SshCopier(where, domain, password, key_filename, trust)
         try:
             present = copier.present()
             points, bad = store.scan()
@@ -202,7 +219,7 @@ class _DirCopier:
 class _SshCopier:
     """The same layout on another host, written over one SSH session (SFTP + sha256sum)."""
 
-    def __init__(self, where: SshTarget, domain: str, password, key_filename):
+    def __init__(self, where: SshTarget, domain: str, password, key_filename, trust):
         self.where = where
         self.domain = domain
         self.root = posixpath.join(where.path, domain)
@@ -213,6 +230,7 @@ class _SshCopier:
             key_filename=key_filename,
             port=where.port,
             timeout=60,
+            trust=trust,
         )
         self.sftp = self.session.client.open_sftp()
 

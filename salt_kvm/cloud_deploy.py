@@ -99,6 +99,7 @@ def prepare(opts: dict, vm_: dict, spec: VMSpec) -> Plan:
     )
     if spec.deploy.private_key and not os.access(spec.deploy.private_key, os.R_OK):
         raise SaltCloudConfigError(f"private_key: cannot read {spec.deploy.private_key!r}")
+    host_trust(spec)  # a bad known_hosts_file stops here, before the guest exists
     timeout = _value(opts, vm_, "wait_for_minion_timeout", DEFAULT_MINION_TIMEOUT)
     minion_timeout = seconds(timeout, "wait_for_minion_timeout", 0)
     return Plan(bundle, key_id, pub, minion_timeout)
@@ -176,6 +177,20 @@ def minion_watch(opts: dict, plan: Plan, guest_of: Callable[[], Guest | None]):
             listener.destroy()
 
 
+def host_trust(spec: VMSpec) -> ssh_lib.HostTrust | None:
+    """salt-cloud's convention: with ``known_hosts_file`` the guest's host key
+    must be in that file (the image or the seed gave the guest a key known in
+    advance); without it, the key of the guest just created is accepted: it is
+    new by design and reached on the address of its own DHCP lease."""
+    if not spec.deploy.known_hosts_file:
+        return None
+    try:
+        return ssh_lib.HostTrust.build(known_hosts=spec.deploy.known_hosts_file)
+    except SaltKvmError as exc:
+        key = "known_hosts_file"
+        raise SaltCloudConfigError(str(exc).replace("known_hosts:", f"{key}:", 1)) from exc
+
+
 def run(opts: dict, plan: Plan, spec: VMSpec, guest: Guest) -> dict:
     """Make ``guest`` a minion the way salt-cloud does (files + deploy script), in
     one SSH session, then wait until the minion has started on the master."""
@@ -188,6 +203,7 @@ def run(opts: dict, plan: Plan, spec: VMSpec, guest: Guest) -> dict:
             allow_agent=spec.deploy.ssh_agent,
             port=spec.deploy.ssh_port,
             timeout=spec.wait_for_ip_timeout,
+            trust=host_trust(spec),
         ) as session:
             guest.mark("ssh")
             ssh_deploy.run(session, plan.bundle)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import yaml
 
-from . import seed
+from . import redact, seed
 from .checks import one_of
 from .errors import SpecError
 
@@ -99,7 +99,7 @@ def _user_data(value: Any, spec: CloudInitSpec) -> None:
         spec.user_data = CLOUD_CONFIG + "\n" + yaml.safe_dump(value, sort_keys=False)
         return
     if not isinstance(value, str) or not value.strip():
-        raise SpecError(key, f"{value!r} is not user data", accepted)
+        raise SpecError(key, f"{redact.value(key, value)} is not user data", accepted)
     if _is_path(value):
         spec.user_data = _read(value, key, accepted).decode("utf-8", "replace")
         spec.user_data_origin = value
@@ -113,11 +113,11 @@ def _authorized_keys(value: Any) -> list[str]:
     accepted = "public keys (ssh-ed25519 AAAA... comment) or absolute paths of .pub files"
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
-        raise SpecError(key, f"{value!r} is not a list of keys", accepted)
+        raise SpecError(key, f"{redact.value(key, value)} is not a list of keys", accepted)
     keys = []
     for item in items:
         if not isinstance(item, str):
-            raise SpecError(key, f"{item!r} is not a public key", accepted)
+            raise SpecError(key, f"{redact.value(key, item)} is not a public key", accepted)
         lines = _read(item, key, accepted).decode().splitlines() if _is_path(item) else [item]
         for line in (ln.strip() for ln in lines):
             if not line or line.startswith("#"):
@@ -173,7 +173,7 @@ def _files(value: Any) -> list[FileSpec]:
     key = f"{KEY}.files"
     accepted = "a mapping of absolute guest paths to text, or to {content|source, mode, owner}"
     if not isinstance(value, dict) or not value:
-        raise SpecError(key, f"{value!r} is not a mapping of files", accepted)
+        raise SpecError(key, f"{redact.value(key, value)} is not a mapping of files", accepted)
     files = []
     for path, item in value.items():
         where = f"{key}[{path}]"
@@ -182,7 +182,7 @@ def _files(value: Any) -> list[FileSpec]:
         if isinstance(item, str):
             item = {"content": item}
         if not isinstance(item, dict):
-            raise SpecError(where, f"{item!r} is not file content", accepted)
+            raise SpecError(where, f"a {type(item).__name__} is not file content", accepted)
         unknown = set(item) - {"content", "source", "mode", "owner"}
         if unknown or ("content" in item) == ("source" in item):
             raise SpecError(where, "needs content or source (one of them)", accepted)
@@ -194,7 +194,9 @@ def _files(value: Any) -> list[FileSpec]:
         elif isinstance(item["content"], str):
             content = item["content"].encode()
         else:
-            raise SpecError(f"{where}.content", f"{item['content']!r} is not text", accepted)
+            raise SpecError(
+                f"{where}.content", f"a {type(item['content']).__name__} is not text", accepted
+            )
         owner = item.get("owner")
         if owner is not None and not (
             isinstance(owner, str) and re.fullmatch(r"[\w.-]+(:[\w.-]+)?", owner, re.ASCII)
@@ -210,15 +212,25 @@ def _mapping(value: Any, key: str) -> dict:
         try:
             value = yaml.safe_load(value)
         except yaml.YAMLError as exc:
-            raise SpecError(key, f"is not YAML: {exc}", "a mapping (or YAML text)") from None
+            # the error's snippet would quote the text, which may hold secrets
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(exc, "problem", None) or "invalid"
+            raise SpecError(
+                key, f"is not YAML: {problem}{where}", "a mapping (or YAML text)"
+            ) from None
     if not isinstance(value, dict):
-        raise SpecError(key, f"{value!r} is not a mapping", "a mapping (or YAML text)")
+        raise SpecError(
+            key, f"{redact.value(key, value)} is not a mapping", "a mapping (or YAML text)"
+        )
     return value
 
 
 def _list(value: Any, key: str) -> list:
     if not isinstance(value, list) or not all(isinstance(i, str | list) for i in value):
-        raise SpecError(key, f"{value!r} is not a list", "a list of strings (or of lists)")
+        raise SpecError(
+            key, f"{redact.value(key, value)} is not a list", "a list of strings (or of lists)"
+        )
     return value
 
 
@@ -227,7 +239,9 @@ def parse(value: Any) -> CloudInitSpec:
     missing one stops the create before anything exists."""
     if not isinstance(value, dict):
         raise SpecError(
-            KEY, f"{value!r} is not a mapping", f"a mapping with keys {', '.join(KEYS)}"
+            KEY,
+            f"{redact.value(KEY, value)} is not a mapping",
+            f"a mapping with keys {', '.join(KEYS)}",
         )
     unknown = set(value) - set(KEYS)
     if unknown:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import libvirt
 
+from . import redact
 from .errors import SaltKvmError, SpecError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ def open_connection(
         auth = [[libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE], answer, None]
         return libvirt.openAuth(uri, auth, 0)
     except libvirt.libvirtError as exc:
-        raise SaltKvmError(f"cannot connect to libvirt at {uri!r}: {exc}") from exc
+        message = f"cannot connect to libvirt at {uri!r}: {exc}"
+        raise SaltKvmError(redact.text(message, [password])) from exc
 
 
 def remote_host(conn: libvirt.virConnect) -> str | None:

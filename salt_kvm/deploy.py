@@ -14,6 +14,7 @@ import shlex
 import uuid
 from dataclasses import dataclass, field
 
+from . import redact
 from .errors import SaltKvmError
 from .ssh import Session
 
@@ -55,15 +56,29 @@ def working_dir(tmp_dir: str, deploy_command: str | None) -> str:
     return f"{tmp_dir}-{uuid.uuid4()}"
 
 
-def command_line(bundle: Bundle, workdir: str) -> str:
+def command_line(bundle: Bundle, workdir: str, shown: bool = False) -> str:
+    """The deploy command; ``shown=True``: as logs and errors carry it, with
+    ``script_args`` (which may hold secrets) masked."""
     command = bundle.deploy_command or posixpath.join(workdir, SCRIPT_NAME)
     if bundle.bootstrap_style:
         command += f" -c {shlex.quote(workdir)}"
         if bundle.force_minion_config:
             command += " -F"
     if bundle.script_args:
-        command += f" {bundle.script_args}"
-    return command
+        command += f" {redact.MASK if shown else bundle.script_args}"
+    return command if not shown else redact.text(command, secrets(bundle))
+
+
+def secrets(bundle: Bundle) -> list[str]:
+    """What the bundle knows to be secret, never in a log line or an error: the
+    sudo password, ``script_args`` and each of its longer words (a script may
+    echo one back)."""
+    found = [s for s in (bundle.script_args, bundle.sudo_password) if s]
+    for word in (bundle.script_args or "").split():
+        value = word.split("=", 1)[1] if word.startswith("-") and "=" in word else word
+        if len(value) >= 6 and not value.startswith("-"):
+            found.append(value)
+    return found
 
 
 def _as_root(bundle: Bundle, command: str) -> str:
@@ -94,7 +109,11 @@ def set_hostname(session: Session, bundle: Bundle) -> None:
         f"{{ echo {name} > /etc/hostname && hostname {name}; }}",
     )
     if code != 0:
-        log.warning("could not set the hostname to %s: %s", bundle.hostname, err or out)
+        log.warning(
+            "could not set the hostname to %s: %s",
+            bundle.hostname,
+            redact.text(err or out, secrets(bundle)),
+        )
 
 
 def run(session: Session, bundle: Bundle) -> str:
@@ -108,7 +127,8 @@ def run(session: Session, bundle: Bundle) -> str:
         prepare += f" && chown {shlex.quote(user)} {quoted}"
     code, out, err = _run(session, bundle, prepare)
     if code != 0:
-        raise DeployError(f"cannot create {workdir} in the guest: {err or out}")
+        output = redact.text(err or out, secrets(bundle))
+        raise DeployError(f"cannot create {workdir} in the guest: {output}")
     if bundle.hostname:
         set_hostname(session, bundle)
     for name, (data, mode) in bundle.files.items():
@@ -116,12 +136,12 @@ def run(session: Session, bundle: Bundle) -> str:
     if bundle.script is not None:
         session.put(bundle.script, posixpath.join(workdir, SCRIPT_NAME), 0o700)
     command = command_line(bundle, workdir)
-    log.info("running the deploy command: %s", command)
+    shown = command_line(bundle, workdir, shown=True)
+    log.info("running the deploy command: %s", shown)
     code, out, err = _run(session, bundle, command)
     if not bundle.keep_tmp:
         _run(session, bundle, f"rm -rf {quoted}")
     if code != 0:
-        raise DeployError(
-            f"the deploy command {command!r} failed with exit code {code}:\n{(err or out)[-2000:]}"
-        )
+        output = redact.text((err or out)[-2000:], secrets(bundle))
+        raise DeployError(f"the deploy command {shown!r} failed with exit code {code}:\n{output}")
     return out

@@ -8,6 +8,7 @@ decompressed image too: a match with either is accepted.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import itertools
@@ -22,6 +23,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from . import redact
 from .errors import SaltKvmError, SpecError
 
 log = logging.getLogger(__name__)
@@ -269,21 +271,49 @@ def _file_source(location: str, path: str) -> Source:
 
 
 def _http_error(url: str, exc: Exception) -> SaltKvmError:
+    shown = redact.url(url)
     if isinstance(exc, urllib.error.HTTPError):
-        return SaltKvmError(f"image: {url} answered {exc.code} {exc.reason}")
-    return SaltKvmError(f"image: cannot download {url}: {exc}")
+        return SaltKvmError(f"image: {shown} answered {exc.code} {exc.reason}")
+    return SaltKvmError(f"image: cannot download {shown}: {redact.text(str(exc), _userinfo(url))}")
+
+
+def _userinfo(url: str) -> list[str]:
+    parts = urllib.parse.urlsplit(url)
+    return [s for s in (parts.username, parts.password, parts.query) if s]
+
+
+def _request(url: str, method: str = "GET", headers: dict | None = None) -> urllib.request.Request:
+    """A request for ``url``; its userinfo (``user:password@``) becomes HTTP basic
+    authentication (urllib would take it for part of the host name)."""
+    parts = urllib.parse.urlsplit(url)
+    auth = None
+    if parts.username is not None or parts.password is not None:
+        user = urllib.parse.unquote(parts.username or "")
+        password = urllib.parse.unquote(parts.password or "")
+        auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        netloc = parts.netloc.rpartition("@")[2]
+        url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    request = urllib.request.Request(url, method=method, headers=headers or {})
+    if auth:
+        # Unredirected: a redirect to another host does not get the credentials.
+        request.add_unredirected_header("Authorization", auth)
+    return request
 
 
 def _http_source(url: str, timeout: float) -> Source:
     try:
-        head = urllib.request.Request(url, method="HEAD")
+        head = _request(url, method="HEAD")
         with urllib.request.urlopen(head, timeout=timeout) as resp:
             headers = resp.headers
     except urllib.error.HTTPError as exc:
         if exc.code in (404, 410):
             raise _http_error(url, exc) from exc
         # No HEAD (405/501), or a URL signed for GET only (403): the GET tells.
-        log.debug("image %s: HEAD answered %s; downloading without a validator", url, exc.code)
+        log.debug(
+            "image %s: HEAD answered %s; downloading without a validator",
+            redact.url(url),
+            exc.code,
+        )
         headers = {}
     except (OSError, http.client.HTTPException) as exc:
         raise _http_error(url, exc) from exc
@@ -304,13 +334,11 @@ def _http_chunks(url: str, size: int | None, validator: str | None, timeout: flo
             if validator:
                 headers["If-Range"] = validator
         try:
-            with urllib.request.urlopen(
-                urllib.request.Request(url, headers=headers), timeout=timeout
-            ) as resp:
+            with urllib.request.urlopen(_request(url, headers=headers), timeout=timeout) as resp:
                 if offset and resp.status != 206:
                     raise SaltKvmError(
-                        f"image: {url} cannot resume at byte {offset} (the server sent the "
-                        "whole file or it changed); start again"
+                        f"image: {redact.url(url)} cannot resume at byte {offset} (the server "
+                        "sent the whole file or it changed); start again"
                     )
                 while data := resp.read(CHUNK):
                     offset += len(data)
@@ -324,4 +352,6 @@ def _http_chunks(url: str, size: int | None, validator: str | None, timeout: flo
             failures += 1
             if failures > RETRIES or not size:
                 raise _http_error(url, exc) from exc
-            log.warning("image %s: interrupted at byte %d (%s); resuming", url, offset, exc)
+            log.warning(
+                "image %s: interrupted at byte %d (%s); resuming", redact.url(url), offset, exc
+            )

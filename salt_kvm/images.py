@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import libvirt
 from lxml import etree
 
-from . import chains, imagefetch, locks
+from . import chains, imagefetch, locks, redact
 from .checks import one_of, text
 from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
 from .imagefetch import Checksum
@@ -60,6 +60,12 @@ class ImageSpec:
     format: str = "auto"
     pool: str = DEFAULT_POOL
 
+    @property
+    def shown(self) -> str:
+        """The source as logs, events, metadata and names may carry it: a URL's
+        userinfo and query (credentials, signed tokens) left out."""
+        return redact.url(self.source)
+
 
 @dataclass
 class CachedImage:
@@ -78,7 +84,9 @@ def parse_image(values: dict) -> ImageSpec:
     path = imagefetch.local_path(source)
     scheme = source.split("://", 1)[0].lower() if "://" in source else ""
     if path is None and scheme not in ("http", "https"):
-        raise SpecError("image", f"{source!r} is not a URL or absolute path", ACCEPTED_SOURCE)
+        raise SpecError(
+            "image", f"{redact.url(source)!r} is not a URL or absolute path", ACCEPTED_SOURCE
+        )
     if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
         raise SpecError("image", f"{path!r} is not a readable file", ACCEPTED_SOURCE)
     checksum = values.get("image_checksum")
@@ -95,10 +103,13 @@ def cache_key(image: ImageSpec, validator: str | None) -> str:
     bytes shares one volume, and it is never downloaded again. Without one, by
     the source and its validator (HTTP ETag or Last-Modified; a file's size and
     mtime): a changed file or a server announcing new content gives a new
-    volume; a server sending neither validator is cached by URL alone."""
+    volume; a server sending neither validator is cached by URL alone. The
+    URL's userinfo and query are credentials, not content: they are left out
+    (a rotated token finds the same volume; give ``image_checksum`` when a
+    query selects the content)."""
     if image.checksum is not None:
         return f"{image.checksum.algorithm}-{image.checksum.digest[:32]}"
-    seed = f"{image.source}\n{validator or ''}"
+    seed = f"{image.shown}\n{validator or ''}"
     return "url-" + hashlib.sha256(seed.encode()).hexdigest()[:32]
 
 
@@ -234,7 +245,7 @@ def _fetch(conn, pool, image: ImageSpec, source, key: str, progress) -> CachedIm
     fmt = imagefetch.check_image(head, image.format)
     log.info(
         "image %s: downloading into pool %s (%s%s)",
-        image.source,
+        image.shown,
         pool.name(),
         fmt,
         f", {compression}" if compression else "",
@@ -254,7 +265,7 @@ def _fetch(conn, pool, image: ImageSpec, source, key: str, progress) -> CachedIm
         final = pool.createXMLFrom(final_xml, temp, 0)
     finally:
         _drop_temp(conn, pool, temp_name)
-    cached = _cached(pool, final, image.source)
+    cached = _cached(pool, final, image.shown)
     cached.downloaded = True
     return cached
 
@@ -270,10 +281,10 @@ def ensure(
         pool.refresh(0)
         found = _find(pool, key)
         if found is not None:
-            log.info("image %s: using the cached volume %s", image.source, found.name())
-            return _cached(pool, found, image.source)
+            log.info("image %s: using the cached volume %s", image.shown, found.name())
+            return _cached(pool, found, image.shown)
         if image.checksum is None:
-            log.warning("image %s has no image_checksum: its content is not verified", image.source)
+            log.warning("image %s has no image_checksum: its content is not verified", image.shown)
         return _fetch(conn, pool, image, source, key, progress)
 
 

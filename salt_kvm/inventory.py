@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from . import addresses
+from . import addresses, redact
 from .domxml import Domain
 from .units import human_size
 
@@ -121,7 +121,8 @@ def describe(
         "public_ips": [ip for ip in ips if not ipaddress.ip_address(ip).is_private],
         "private_ips": [ip for ip in ips if ipaddress.ip_address(ip).is_private],
         "size": size,
-        "image": info.get("image_source") or info.get("base"),
+        # older salt-kvm stored the URL as given: never show its credentials
+        "image": redact.url(info.get("image_source") or info.get("base")),
         "base_domain": None if info.get("image") else info.get("base"),
         "clone_strategy": info.get("strategy"),
         "created": info.get("created"),

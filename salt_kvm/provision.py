@@ -180,7 +180,7 @@ def _plan_image(conn: libvirt.virConnect, spec: VMSpec, emit: Emit) -> clone.Clo
     clone.check_name_free(conn, spec.name)
 
     def progress(data: dict) -> None:
-        emit("downloading", {"name": spec.name, "image": spec.image.source, **data})
+        emit("downloading", {"name": spec.name, "image": spec.image.shown, **data})
 
     cached = images.ensure(conn, spec.image, progress)
     virt_type = connection.resolve_virt_type(conn, spec.virt_type, None)
@@ -195,7 +195,7 @@ def _plan_image(conn: libvirt.virConnect, spec: VMSpec, emit: Emit) -> clone.Clo
         networks=networks,
     )
     plan = clone.plan_image(conn, cached, xml, spec.clone_strategy, spec.disk_size)
-    plan.image_info = {"image": cached.name, "image_source": spec.image.source}
+    plan.image_info = {"image": cached.name, "image_source": spec.image.shown}
     return plan
 
 
@@ -222,7 +222,7 @@ def _clone(
         {
             "name": spec.name,
             "base_domain": spec.base_domain,
-            "image": spec.image.source if spec.image else None,
+            "image": spec.image.shown if spec.image else None,
             "clone_strategy": spec.clone_strategy,
             "virt_type": virt_type,
         },

@@ -69,6 +69,8 @@ class DeploySpec:
     password: str | None = None
     private_key: str | None = None
     ssh_agent: bool = False
+    # salt-cloud's key: the guest's host key must already be in this file.
+    known_hosts_file: str | None = None
 
 
 @dataclass
@@ -270,6 +272,7 @@ def build_spec(values: dict) -> VMSpec:
         password=text(values, "password"),
         private_key=text(values, "private_key"),
         ssh_agent=boolean(values, "ssh_agent", False),
+        known_hosts_file=text(values, "known_hosts_file"),
     )
     needs_ssh = deploy.enabled and deploy.method == "ssh"
     if needs_ssh and not (deploy.password or deploy.private_key or deploy.ssh_agent):

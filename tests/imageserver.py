@@ -1,12 +1,16 @@
 """A loopback HTTP server for image downloads in tests: serves files, answers
-HEAD and Range requests with an ETag, counts requests, and can cut a transfer."""
+HEAD and Range requests with an ETag, counts requests, and can cut a transfer.
+``require_auth=(user, password)`` and ``require_token=t`` refuse (401/403) a
+request without that HTTP basic authentication or ``?token=t``."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import os
 import threading
+import urllib.parse
 from collections import Counter
 from pathlib import Path
 
@@ -14,8 +18,14 @@ from pathlib import Path
 class ImageServer:
     """``ImageServer({"/a.qcow2": path_or_bytes})``; ``url("/a.qcow2")``."""
 
-    def __init__(self, files: dict[str, Path | bytes]):
+    def __init__(
+        self,
+        files: dict[str, Path | bytes],
+        require_auth: tuple[str, str] | None = None,
+        require_token: str | None = None,
+    ):
         self.files = files
+        self.require_auth, self.require_token = require_auth, require_token
         self.requests: Counter = Counter()  # (method, path) -> count
         self.cut_after: dict[str, int] = {}  # path -> bytes sent before dropping, once
         server = self
@@ -54,14 +64,29 @@ class ImageServer:
             handle.seek(start)
             return handle.read(length)
 
+    def _allowed(self, req, query: str) -> bool:
+        if self.require_auth is not None:
+            expected = base64.b64encode(":".join(self.require_auth).encode()).decode()
+            if req.headers.get("Authorization") != f"Basic {expected}":
+                req.send_error(401)
+                return False
+        if self.require_token is not None:
+            if urllib.parse.parse_qs(query).get("token") != [self.require_token]:
+                req.send_error(403)
+                return False
+        return True
+
     def _answer(self, req, body: bool) -> None:
-        self.requests[(req.command, req.path)] += 1
-        item = self.files.get(req.path)
+        path, _, query = req.path.partition("?")
+        self.requests[(req.command, path)] += 1
+        if not self._allowed(req, query):
+            return
+        item = self.files.get(path)
         if item is None:
             req.send_error(404)
             return
         size = self._size(item)
-        etag = '"' + hashlib.sha256(f"{req.path}:{size}".encode()).hexdigest()[:16] + '"'
+        etag = '"' + hashlib.sha256(f"{path}:{size}".encode()).hexdigest()[:16] + '"'
         start = 0
         ranged = req.headers.get("Range", "")
         if ranged.startswith("bytes=") and req.headers.get("If-Range", etag) == etag:
@@ -75,7 +100,7 @@ class ImageServer:
         req.end_headers()
         if not body:
             return
-        limit = self.cut_after.pop(req.path, None)
+        limit = self.cut_after.pop(path, None)
         offset = start
         while offset < size:
             chunk = self._read(item, offset, 1024 * 1024)

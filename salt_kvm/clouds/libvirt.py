@@ -90,6 +90,7 @@ SPEC_KEYS = (
     "password",
     "private_key",
     "ssh_agent",
+    "known_hosts_file",
     "image",
     "image_checksum",
     "image_format",

@@ -1,11 +1,15 @@
 """A small SSH server on 127.0.0.1 (paramiko): password login, ``exec`` through
 the shell and SFTP on the local file system. It stands in for a second
 hypervisor's sshd in the takeover test: the test machine runs no sshd, and
-the network rule keeps the tests on loopback."""
+the network rule keeps the tests on loopback. Its host key is new each time:
+``fingerprint`` and ``known_hosts_line()`` let a test pin or know it, and
+``auth_attempts`` shows whether a client ever sent credentials."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -116,13 +120,18 @@ class _Sftp(paramiko.SFTPServerInterface):
 
 
 class _Server(paramiko.ServerInterface):
-    def __init__(self, user: str, password: str):
-        self.user, self.password = user, password
+    def __init__(self, user: str, password: str, attempts: list):
+        self.user, self.password, self.attempts = user, password, attempts
 
     def get_allowed_auths(self, username):
         return "password"
 
+    def check_auth_none(self, username):
+        self.attempts.append((username, None))
+        return paramiko.AUTH_FAILED
+
     def check_auth_password(self, username, password):
+        self.attempts.append((username, "password"))
         if (username, password) == (self.user, self.password):
             return paramiko.AUTH_SUCCESSFUL
         return paramiko.AUTH_FAILED
@@ -146,11 +155,13 @@ def _execute(channel, command: bytes) -> None:
 
 
 class SshServer:
-    """``with SshServer(port, user, password): ...`` serves until the block ends."""
+    """``with SshServer(port, user, password): ...`` serves until the block ends
+    (port 0: any free port, in ``port`` once entered)."""
 
     def __init__(self, port: int, user: str, password: str):
         self.port, self.user, self.password = port, user, password
         self.key = paramiko.RSAKey.generate(2048)
+        self.auth_attempts: list[tuple[str, str | None]] = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.transports: list[paramiko.Transport] = []
@@ -158,6 +169,7 @@ class SshServer:
 
     def __enter__(self) -> SshServer:
         self.sock.bind(("127.0.0.1", self.port))
+        self.port = self.sock.getsockname()[1]
         self.sock.listen(5)
         self.sock.settimeout(0.5)
         threading.Thread(target=self._serve, daemon=True).start()
@@ -178,7 +190,18 @@ class SshServer:
         transport.set_subsystem_handler("sftp", paramiko.SFTPServer, _Sftp)
         self.transports.append(transport)
         with contextlib.suppress(paramiko.SSHException, EOFError, OSError):
-            transport.start_server(server=_Server(self.user, self.password))  # probes just close
+            # ssh.connect's probes just close
+            transport.start_server(server=_Server(self.user, self.password, self.auth_attempts))
+
+    @property
+    def fingerprint(self) -> str:
+        """``SHA256:...`` of the host key, as ``ssh-keygen -lf`` prints it."""
+        digest = hashlib.sha256(self.key.asbytes()).digest()
+        return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+    def known_hosts_line(self) -> str:
+        host = "127.0.0.1" if self.port == 22 else f"[127.0.0.1]:{self.port}"
+        return f"{host} {self.key.get_name()} {self.key.get_base64()}\n"
 
     def __exit__(self, *exc) -> None:
         self.stopped.set()

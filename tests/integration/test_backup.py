@@ -21,7 +21,16 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from salt_kvm import backup, backup_ops, backup_snap, lifecycle, qemuimg, restore, snapshot
+from salt_kvm import (
+    backup,
+    backup_ops,
+    backup_snap,
+    lifecycle,
+    qemuimg,
+    restore,
+    snapshot,
+    ssh,
+)
 from salt_kvm import backup_store as bs
 from salt_kvm.domxml import Domain
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
@@ -209,6 +218,33 @@ def test_missing_or_broken_checkpoint_starts_a_new_full_chain(hv, guest, dest, s
     assert backup_ops.verify(dest, guest.name)["ok"]
 
 
+def guest_host_keys(g):
+    """The guest's host key fingerprints, read from its own files (as an
+    operator would pin them), not learned from what answers on the network."""
+    out = g.run("for k in /etc/ssh/ssh_host_*_key.pub; do ssh-keygen -lf $k; done")
+    return [line.split()[1] for line in out.splitlines() if line.strip()]
+
+
+def test_ssh_copy_to_an_unknown_or_mispinned_host_is_refused(hv, guest, tmp_path):
+    """Nothing reaches a host whose key is not known or pinned: no login, no folder."""
+    small = _dest("refused")
+    try:
+        backup.create(hv, guest.name, small, disks=["vdb"])
+        url = f"ssh://root@{guest.address}/root/refused"
+        empty = tmp_path / "known_hosts"
+        empty.write_text("")
+        with pytest.raises(ssh.HostKeyError, match="unknown host key"):
+            backup_ops.replicate(
+                small, guest.name, url, password=GUEST_PASSWORD, known_hosts=str(empty)
+            )
+        wrong = "SHA256:" + "A" * 43
+        with pytest.raises(ssh.HostKeyError, match="host_key"):
+            backup_ops.replicate(small, guest.name, url, password=GUEST_PASSWORD, host_key=wrong)
+        assert guest.run("test -e /root/refused && echo there || echo absent").strip() == "absent"
+    finally:
+        shutil.rmtree(small, ignore_errors=True)
+
+
 def test_second_copies_folder_and_ssh(hv, guest, dest, state):
     copy = _dest("copy")
     try:
@@ -230,13 +266,14 @@ def test_second_copies_folder_and_ssh(hv, guest, dest, state):
         made = backup.create(hv, guest.name, small, disks=["vdb"])
         assert made["disks"] == ["vdb"]
         url = f"ssh://root@{guest.address}/root/replica"
-        sent = backup_ops.replicate(small, guest.name, url, password=GUEST_PASSWORD)
+        pins = guest_host_keys(guest)
+        sent = backup_ops.replicate(small, guest.name, url, password=GUEST_PASSWORD, host_key=pins)
         assert sent["copied"] == [made["point"]]
         remote = f"/root/replica/{guest.name}/{made['point']}"
         sums = guest.run(f"cd {remote} && sha256sum vdb.qcow2")
         point = bs.Store(small, guest.name).point("latest")
         assert sums.split()[0] == point.disks["vdb"].sha256
-        again = backup_ops.replicate(small, guest.name, url, password=GUEST_PASSWORD)
+        again = backup_ops.replicate(small, guest.name, url, password=GUEST_PASSWORD, host_key=pins)
         assert again["copied"] == [] and again["already_there"] == [made["point"]]
         # two destinations keep their own checkpoints
         assert len(backup.our_checkpoints(guest.dom)) == 2
@@ -587,9 +624,11 @@ def test_takeover_from_the_ssh_copy_after_the_guest_is_lost(hv, guest, dest, sta
     other = _dest("takeover")  # the second host's folder, reached over SSH
     backup_ops.prune(dest, guest.name, keep=1)  # fewer GiB through the Python SSH server
     try:
-        with SshServer(SSH_PORT, "root", GUEST_PASSWORD):
+        with SshServer(SSH_PORT, "root", GUEST_PASSWORD) as server:
             url = f"ssh://root@127.0.0.1:{SSH_PORT}{other}"
-            sent = backup_ops.replicate(dest, guest.name, url, password=GUEST_PASSWORD)
+            sent = backup_ops.replicate(
+                dest, guest.name, url, password=GUEST_PASSWORD, host_key=server.fingerprint
+            )
         assert sent["copied"] == [p["id"] for p in backup_ops.list_points(dest, guest.name)]
         lifecycle.remove(hv, guest.name)  # the host is lost: domain and disks are gone
         with pytest.raises(libvirt.libvirtError):

@@ -2,9 +2,14 @@
 HTTP server, fetched once into the pool through libvirt's upload stream, then
 booted as linked and full clones through real salt-cloud."""
 
+import contextlib
 import hashlib
 import json
+import re
 import subprocess
+import threading
+import time
+from pathlib import Path
 
 import libvirt
 import pytest
@@ -13,7 +18,7 @@ from salt_kvm import images
 from tests.imageserver import ImageServer
 
 from . import saltenv
-from .conftest import BASE, GUEST_PASSWORD, GUEST_USER, NETWORK, POOL, unique
+from .conftest import BASE, GUEST_PASSWORD, GUEST_USER, NETWORK, POOL, PREFIX, unique
 from .test_cloud import assert_gone, cloud_error, created
 
 
@@ -166,3 +171,124 @@ def test_gzipped_image_boots_a_minion_and_is_downloaded_once(
     assert cached in json.dumps(deleted)
     with pytest.raises(libvirt.libvirtError):
         hv.storagePoolLookupByName(POOL).storageVolLookupByName(cached)
+
+
+# ---- secrets ---------------------------------------------------------------------
+IMG_USER, IMG_PASS, IMG_TOKEN = "imgu-7Qx", "ImgPw-k2Vd9", "tok-R8mZ3wq1"
+SCRIPT_SECRET, LIBVIRT_PASS = "ScriptArg-h4Ty8", "LvPw-p0Qz7"
+SECRETS = (IMG_PASS, IMG_TOKEN, f"{IMG_USER}:", SCRIPT_SECRET, LIBVIRT_PASS)
+GUEST_PASSWORD_SHOWN = re.compile(rf"pass(word)?\W{{0,8}}{re.escape(GUEST_PASSWORD)}", re.I)
+
+
+def _leaks(text: str) -> list[str]:
+    found = [s for s in SECRETS if s in text]
+    return found + GUEST_PASSWORD_SHOWN.findall(text)
+
+
+class CmdlineSampler(threading.Thread):
+    """Reads every process's command line while salt-cloud runs."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.stop, self.seen, self.samples = threading.Event(), set(), 0
+
+    def run(self):
+        while not self.stop.is_set():
+            for entry in Path("/proc").glob("[0-9]*/cmdline"):
+                with contextlib.suppress(OSError):
+                    self.seen.add(entry.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            self.samples += 1
+            time.sleep(0.1)
+
+
+def _world_readable_texts(*roots, prefixes=("",), limit=64 * 1024**2):
+    """(path, content) of the world-readable files under ``roots`` whose names
+    start with one of ``prefixes``, small enough to read."""
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            if not path.name.startswith(prefixes):
+                continue
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                if path.is_file() and st.st_mode & 0o004 and st.st_size < limit:
+                    yield str(path), path.read_bytes().decode(errors="replace")
+
+
+def test_secrets_of_a_profile_go_nowhere(hv, salt, image_files, pool_volumes, tmp_path):
+    """A real ``salt-cloud -p`` at ``-l all``: an image URL with user:password@
+    and ?token=, script_args and a libvirt password with secrets, the SSH
+    password. None is in a log, an event on the master's bus, the domain's XML
+    or metadata, a world-readable file under the pool or Salt's directories,
+    or any process's command line seen during the run."""
+    name = unique("secret")
+    before = pool_volumes()
+    key = f"image-sha256-{image_files['sha256'][:32]}"
+    srv = ImageServer(
+        {"/debian.qcow2": image_files["plain"]},
+        require_auth=(IMG_USER, IMG_PASS),
+        require_token=IMG_TOKEN,
+    )
+    plain = srv.url("/debian.qcow2")
+    url = plain.replace("http://", f"http://{IMG_USER}:{IMG_PASS}@") + f"?token={IMG_TOKEN}"
+    provider = {
+        "secret-kvm": {
+            "driver": "libvirt",
+            "url": "qemu:///system",
+            "libvirt_username": "root",
+            "libvirt_password": LIBVIRT_PASS,
+        }
+    }
+    salt.write_providers(provider, "secret.conf")
+    profile = image_profile(
+        salt, url, image_files["sha256"], provider="secret-kvm", script_args=f"-X {SCRIPT_SECRET}"
+    )
+    salt.write_profiles({"secret": profile}, "secret.conf")
+    for volume in cache_volumes(hv):
+        if volume.startswith(key):
+            images.delete_image(hv, volume, POOL)
+    log_file = tmp_path / "cloud-all.log"
+    watcher = salt.watch_events("*")
+    sampler = CmdlineSampler()
+    sampler.start()
+    try:
+        proc = salt.run(
+            "salt-cloud", "-y", "--out=json", "-l", "all", "--log-file", str(log_file),
+            "--log-file-level", "all", "-p", "secret", name,
+        )  # fmt: skip
+        info = created(proc, name)
+        sampler.stop.set()
+        sampler.join()
+        events = salt.collected_events(watcher)
+        assert srv.gets("/debian.qcow2") == 1  # the credentials opened the download
+        assert info["image"] == plain
+        assert salt.salt(name, "test.ping") == {name: True}
+        dom = hv.lookupByName(name)
+        shown = {
+            "stdout+stderr": proc.stdout + proc.stderr,
+            "log -l all": log_file.read_text(errors="replace"),
+            "events": json.dumps(events),
+            "domain xml": dom.XMLDesc(0) + dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE),
+            "cmdlines": "\n".join(sampler.seen),
+            "volume names": " ".join(hv.storagePoolLookupByName(POOL).listVolumes()),
+        }
+        for where in ("cloud.log", "master.log"):
+            if (salt.root / where).exists():
+                shown[where] = (salt.root / where).read_text(errors="replace")
+        # the pool: only this test's files (other sessions' are not ours to read)
+        pool_dir = "/var/lib/libvirt/images"
+        for path, text in _world_readable_texts(pool_dir, prefixes=(PREFIX, "image-")):
+            shown[path] = text
+        for path, text in _world_readable_texts(salt.root):
+            shown[path] = text
+        assert len(shown["log -l all"]) > 10_000 and sampler.samples > 10 and events
+        leaks = {where: _leaks(text) for where, text in shown.items() if _leaks(text)}
+        assert leaks == {}
+    finally:
+        sampler.stop.set()
+        srv.close()
+        salt.cloud("-d", name, check=False)
+        for volume in cache_volumes(hv):
+            if volume.startswith(key):
+                with contextlib.suppress(Exception):
+                    images.delete_image(hv, volume, POOL)
+    assert_gone(hv, salt, name, before, pool_volumes)
