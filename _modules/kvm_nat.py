@@ -93,7 +93,10 @@ def remove(name, guest_port=None, host_port=None, proto="tcp", uri=None):
         salt hypervisor kvm_nat.remove vm1 host_port=5353 proto=udp
     """
     return _call(
-        lambda conn: forwards.remove(conn, name, guest_port, host_port=host_port, proto=proto), uri
+        lambda conn: forwards.remove(
+            conn, name, guest_port, host_port=host_port, proto=proto, max_rules=_max_rules()
+        ),
+        uri,
     )
 
 
@@ -150,7 +153,7 @@ def reapply(uri=None):
 
         salt hypervisor kvm_nat.reapply
     """
-    return _call(lambda conn: forwards.refresh(conn), uri)
+    return _call(lambda conn: forwards.refresh(conn, max_rules=_max_rules()), uri)
 
 
 def install_hooks(hooks_dir="/etc/libvirt/hooks", test=False):
