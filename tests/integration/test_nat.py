@@ -17,7 +17,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from salt_kvm import connection, forwards, hostnet, nat, nathook, provision, ssh
+from salt_kvm import connection, forwards, hookscript, hostnet, nat, nathook, provision, ssh
 from salt_kvm.errors import SaltKvmError
 from salt_kvm.natstore import Store
 from salt_kvm.rollback import Rollback
@@ -52,8 +52,9 @@ def network_xml(index, prefix):
 
 @pytest.fixture(scope="module")
 def conn():
-    if nathook.install():
-        restart_libvirtd()  # libvirtd finds hook scripts only when it starts
+    # Written here when setup-host has not; libvirtd runs them only after a
+    # restart, which the test marked restarts_libvirtd makes if they are not active.
+    nathook.install()
     with connection.connected(URI) as c:
         yield c
 
@@ -319,6 +320,29 @@ def test_guests_never_reach_the_hosts_loopback(guests):
     forwards.apply(None, vm1, [22], placement=where)
 
 
+def test_apply_says_when_the_hooks_are_not_active(guests, tmp_path):
+    vm1 = next(iter(guests))
+    hooks = [hookscript.HOOKS_DIR / f"{d}.d" / hookscript.HOOK_NAME for d in hookscript.DRIVERS]
+    times = [(h.stat().st_atime, h.stat().st_mtime) for h in hooks]
+    later = time.time() + 60  # written after the running libvirtd started
+    for hook in hooks:
+        os.utime(hook, (later, later))
+    try:
+        out = salt_call(tmp_path, "kvm_nat.apply", vm1, "rules=[22, 80]")
+        assert "written after libvirtd started" in out["warning"], out
+        assert "restart libvirtd" in out["warning"]
+        listed = salt_call(tmp_path, "kvm_nat.list", vm1)[vm1]
+        assert "written after libvirtd started" in listed["hooks"]
+        (state,) = salt_call(
+            tmp_path, "state.single", "kvm_nat.forwarded", vm1, "rules=[22]"
+        ).values()
+        assert "warning: the libvirt hooks were written after" in state["comment"]
+        assert "warning" not in state["changes"]
+    finally:
+        for hook, (atime, mtime) in zip(hooks, times, strict=True):
+            os.utime(hook, (atime, mtime))
+
+
 def restart_libvirtd():
     pid = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True).stdout.split()
     if pid:
@@ -337,6 +361,11 @@ def restart_libvirtd():
 def test_forwards_come_back_after_network_and_libvirtd_restarts(guests, networks):
     vm1, vm2 = guests
     net, xml = networks[0]
+    forwards.apply(None, vm1, [22, {"guest": 5353, "proto": "udp"}], placement=_where(vm1))
+    if not hookscript.status()[0]:
+        restart_libvirtd()  # libvirtd finds hook scripts only when it starts
+    assert hookscript.status() == (True, "active (libvirtd runs them)")
+    log_before = _hook_log()
     # An empty kernel (as after a reboot) and a network restart: the network hook
     # re-attaches the guest to the new bridge and rebuilds the table.
     hostnet.nft("delete", "table", "ip", nat.TABLE_NAME)
@@ -353,3 +382,11 @@ def test_forwards_come_back_after_network_and_libvirtd_restarts(guests, networks
     assert guest_mac_via(10122) == guests[vm2]
     rules = hostnet._iptables("-S", "FORWARD").stdout.splitlines()
     assert rules[1] == f"-A FORWARD -j {hostnet.ACCEPT_CHAIN}"
+    assert route_localnet(_where(vm1).bridge) == "1"
+    new_lines = _hook_log()[len(log_before) :]
+    assert "table" in new_lines and " ERROR " not in new_lines, new_lines
+
+
+def _hook_log():
+    path = hookscript.LOG_FILE
+    return path.read_text() if path.exists() else ""

@@ -1,6 +1,7 @@
 """NAT rules: parsing (every refusal names the key) and the rendered ruleset."""
 
 import json
+import sys
 
 import pytest
 
@@ -175,8 +176,10 @@ def test_hooks_install_is_idempotent(tmp_path):
     assert sorted(written) == [
         str(tmp_path / "network.d" / "salt-kvm-nat"),
         str(tmp_path / "qemu.d" / "salt-kvm-nat"),
+        str(tmp_path / "salt-kvm-hook.conf"),
     ]
     assert nathook.install(tmp_path, state=tmp_path / "nat.json", test=True) == []
     assert nathook.install(tmp_path, state=tmp_path / "nat.json") == []
     script = (tmp_path / "qemu.d" / "salt-kvm-nat").read_text()
-    assert script.startswith("#!") and "nathook.main('qemu'" in script
+    assert script.startswith("#!/bin/sh\n") and "DRIVER=qemu" in script
+    assert f"python={sys.executable}" in (tmp_path / "salt-kvm-hook.conf").read_text()
