@@ -291,8 +291,12 @@ def apply_all(
             change = _set(entries, domain, rules, placements.get(domain), busy)
             if change:
                 changes[domain] = change
-        if not test and (changes or entries != before or not _active(entries)):
+        if test:
+            return changes
+        if changes or entries != before:
             _commit(store, entries, before)
+        else:  # nothing to store; the kernel is still made right (a flushed table, a stray sysctl)
+            sync_kernel(entries, replace=not _active(entries))
     return changes
 
 

@@ -247,3 +247,10 @@ def test_undo_registered_before_the_write_restores_what_was(kernel, store):
     forwards.apply(None, "vm1", [22, 80], store=store, placement=PLACE1)
     undo()
     assert forwards.current("vm1", store) == [R(22, 10022)]
+
+
+def test_an_apply_that_changes_nothing_still_closes_a_stray_bridge(kernel, store):
+    forwards.apply(None, "vm1", [22], store=store, placement=PLACE1)
+    (kernel.sysctl / "virbr9" / "route_localnet").write_text("1\n")
+    assert forwards.apply(None, "vm1", [22], store=store, placement=PLACE1) == {}
+    assert kernel.localnet("virbr9") == "0" and kernel.localnet("virbr1") == "1"
