@@ -294,7 +294,9 @@ def test_guests_never_reach_the_hosts_loopback(guests):
     forwards.apply(None, vm1, [22], placement=where)
     assert route_localnet(where.bridge) == "1"
     assert nat.GUARD + where.bridge in hostnet.table_comments()["guard"]
-    with ssh.connect("127.0.0.1", GUEST_USER, GUEST_PASSWORD, port=10022) as session:
+    # Straight to the guest on the test's own network: removing the forward
+    # below must not cut the session the probe runs in.
+    with ssh.connect(where.address, GUEST_USER, GUEST_PASSWORD, timeout=240) as session:
         session.put(LOOPBACK_PROBE.encode(), "/root/probe.py", 0o644)
         # route_localnet on, the guard loaded: dropped.
         assert not guest_reaches_host_loopback(session, where)
