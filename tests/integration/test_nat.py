@@ -371,8 +371,8 @@ def test_forwards_come_back_after_network_and_libvirtd_restarts(guests, networks
     # An empty kernel (as after a reboot) and a network restart: the network hook
     # re-attaches the guest to the new bridge and rebuilds the table.
     hostnet.nft("delete", "table", "ip", nat.TABLE_NAME)
-    net.destroy()
-    with connection.connected(URI) as c:
+    with connection.connected(URI) as c:  # a fresh connection: libvirtd may have restarted
+        c.networkLookupByName(net.name()).destroy()
         c.networkCreateXML(xml)
     assert guest_mac_via(10022) == guests[vm1]
     assert udp_ask(15353) == b"guest:ping"
