@@ -32,9 +32,10 @@ def __virtual__():
 def _hooks_note():
     """Why forwards would not survive a restart, or ''."""
     status = __salt__["kvm_nat.hooks_status"]()
-    if status["active"]:
-        return ""
-    return f" (warning: {status['status']})"
+    note = "" if status["active"] else f" (warning: {status['status']})"
+    if status["errors"]:
+        note += f" (latest hook error: {status['errors'][-1]})"
+    return note
 
 
 def _converge(name, rules, uri, what):
