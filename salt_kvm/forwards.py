@@ -65,13 +65,16 @@ def _leased(net: libvirt.virNetwork, mac: str) -> list[str]:
     ]
 
 
-def locate(conn: libvirt.virConnect, name: str) -> Placement:
+def locate(conn: libvirt.virConnect, name: str, known: Placement | None = None) -> Placement:
     """Where a domain salt-kvm manages is reached: its NIC's DHCP reservation,
     else its lease, matched to the NIC's MAC.
 
     Never the guest agent: what a guest reports about itself is the guest's
     word, and a forward must not follow it (a guest could aim the host's
-    port at another guest).
+    port at another guest). ``known``: where the host last recorded this
+    domain (the state file), used for the same MAC on the same network when
+    the network lost its leases (a ``net-destroy``/``net-start``) and the
+    guest has not renewed yet.
     """
     try:
         dom = conn.lookupByName(name)
@@ -96,7 +99,10 @@ def locate(conn: libvirt.virConnect, name: str) -> Placement:
         subnet = _subnet(root)
         if subnet is None:
             continue
-        for address in _reserved(root, mac) + _leased(net, mac):
+        candidates = _reserved(root, mac) + _leased(net, mac)
+        if known is not None and known.mac == mac and known.network == net.name():
+            candidates.append(known.address)
+        for address in candidates:
             if ipaddress.ip_address(address) in subnet:
                 return Placement(net.name(), net.bridgeName(), str(subnet), address, mac)
     if not on_network:
@@ -268,10 +274,12 @@ def apply_all(
     placements = dict(placements or {})
     # libvirt is asked before the lock: a hook waiting on the lock while
     # libvirtd waits on the hook must never meet a call into libvirtd here.
+    stored = store.load()
     for domain, edit in edits.items():
         if edit.located and domain not in placements:
             check_local(conn, "rules")
-            placements[domain] = locate(conn, domain)
+            known = stored[domain].placement if domain in stored else None
+            placements[domain] = locate(conn, domain, known)
     gone = _gone(conn, store, set(edits))
     with _locked(store):
         entries = store.load()
@@ -484,7 +492,7 @@ def refresh(
     changes = {}
     for name, entry in sorted(store.load().items()):
         try:
-            placement = locate(conn, name)
+            placement = locate(conn, name, entry.placement)
         except NotFoundError:
             changes[name] = forget(name, store)
             continue

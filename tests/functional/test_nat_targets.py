@@ -85,6 +85,20 @@ def test_the_guest_agent_and_a_name_only_reservation_never_aim_a_forward(
     assert store.load() == {}
 
 
+def test_the_hosts_last_record_serves_while_a_restarted_network_has_no_lease(conn, kernel, store):
+    conn.networkCreateXML(network_xml(""))  # no reservation, and the test driver has no leases
+    guest(conn, "vm1")
+    recorded = Placement(NET, "virbr-nt", "192.168.230.0/24", "192.168.230.55", MAC)
+    forwards.apply(conn, "vm1", [22], store=store, placement=recorded)
+    forwards.add(conn, "vm1", 80, store=store)  # looked up again: the record serves
+    assert store.load()["vm1"].placement == recorded
+    other_mac = Placement(
+        NET, "virbr-nt", "192.168.230.0/24", "192.168.230.56", "52:54:00:aa:00:09"
+    )
+    with pytest.raises(ConflictError):
+        forwards.locate(conn, "vm1", other_mac)  # a record for another MAC never serves
+
+
 def test_only_domains_salt_kvm_manages(conn, kernel, store):
     conn.networkCreateXML(network_xml(f"<host mac='{MAC}' ip='192.168.230.50'/>"))
     guest(conn, "theirs", managed=False)

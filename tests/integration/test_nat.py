@@ -384,7 +384,7 @@ def test_forwards_come_back_after_network_and_libvirtd_restarts(guests, networks
     assert guest_mac_via(10122) == guests[vm2]
     rules = hostnet._iptables("-S", "FORWARD").stdout.splitlines()
     assert rules[1] == f"-A FORWARD -j {hostnet.ACCEPT_CHAIN}"
-    assert route_localnet(_where(vm1).bridge) == "1"
+    assert route_localnet(Store().load()[vm1].placement.bridge) == "1"
     new_lines = _hook_log()[len(log_before) :]
     assert "table" in new_lines and " ERROR " not in new_lines, new_lines
 
