@@ -5,7 +5,8 @@ Guest port ``p`` is forwarded from host port ``10000 + p`` unless a host port
 is given (SlapOS's ``nat-rules``); ``rules=True`` means ports 22, 80 and 443.
 The forwards live in salt-kvm's own nftables table, replaced in one
 transaction per call, and come back after network restarts, libvirtd
-restarts and reboots through libvirt hooks (``kvm_nat.install_hooks``).
+restarts and reboots through libvirt hooks (``kvm_nat.install_hooks``);
+``apply``, ``add`` and ``list`` say when those hooks are not active.
 
 Settings (pillar or minion config): ``kvm:nat:max_rules`` (per domain,
 default 64), ``kvm:connection:uri``.
@@ -16,7 +17,7 @@ import logging
 try:
     import libvirt  # noqa: F401
 
-    from salt_kvm import forwards, hostnet, nat, nathook
+    from salt_kvm import forwards, hookscript, hostnet, nat, nathook
     from salt_kvm.checks import whole_number
     from salt_kvm.errors import SaltKvmError
     from salt_kvm.saltutil import config_value, connection_for
@@ -50,6 +51,15 @@ def _max_rules():
         raise CommandExecutionError(str(exc)) from exc
 
 
+def _hooks_warning(changes):
+    """``changes`` plus, when the hooks that keep forwards alive are not
+    active, a ``warning`` saying so and what to do."""
+    active, why = hookscript.status()
+    if active:
+        return changes
+    return {**changes, "warning": why}
+
+
 def _call(fn, uri=None):
     try:
         with connection_for(__opts__, __pillar__, uri) as conn:
@@ -71,7 +81,7 @@ def add(name, guest_port, host_port=None, proto="tcp", host_address=None, uri=No
         salt hypervisor kvm_nat.add vm1 53 host_port=5353 proto=udp
         salt hypervisor kvm_nat.add vm1 80 host_address=203.0.113.7
     """
-    return _call(
+    changes = _call(
         lambda conn: forwards.add(
             conn,
             name,
@@ -83,6 +93,7 @@ def add(name, guest_port, host_port=None, proto="tcp", host_address=None, uri=No
         ),
         uri,
     )
+    return _hooks_warning(changes)
 
 
 def remove(name, guest_port=None, host_port=None, proto="tcp", uri=None):
@@ -98,14 +109,19 @@ def remove(name, guest_port=None, host_port=None, proto="tcp", uri=None):
         salt hypervisor kvm_nat.remove vm1 host_port=5353 proto=udp
     """
     return _call(
-        lambda conn: forwards.remove(conn, name, guest_port, host_port=host_port, proto=proto), uri
+        lambda conn: forwards.remove(
+            conn, name, guest_port, host_port=host_port, proto=proto, max_rules=_max_rules()
+        ),
+        uri,
     )
 
 
 def list_(name=None):
     """
-    The forwards of every domain (or of ``name``): ports, guest address, and
-    whether each one is in the kernel's table now.
+    The forwards of every domain (or of ``name``): ports, guest address,
+    whether each one is in the kernel's table now, whether the libvirt hooks
+    that put them back after restarts are active (``hooks``) and the hooks'
+    latest failures about the domain or its network (``hook_errors``).
 
     CLI Example:
 
@@ -115,9 +131,14 @@ def list_(name=None):
         salt hypervisor kvm_nat.list vm1
     """
     try:
-        return forwards.listing(name)
+        listed = forwards.listing(name)
     except SaltKvmError as exc:
         raise CommandExecutionError(str(exc)) from exc
+    active, why = hookscript.status()
+    for domain, info in listed.items():
+        info["hooks"] = "active" if active else why
+        info["hook_errors"] = nathook.problems({domain, info["network"]})
+    return listed
 
 
 def apply(name, rules=None, test=False, uri=None):
@@ -136,12 +157,13 @@ def apply(name, rules=None, test=False, uri=None):
         salt hypervisor kvm_nat.apply vm1 rules='[{guest: 53, host: 5353, proto: udp}]'
         salt hypervisor kvm_nat.apply vm1 rules='[]'
     """
-    return _call(
+    changes = _call(
         lambda conn: forwards.apply(
             conn, name, rules if rules is not None else [], _max_rules(), test=bool(test)
         ),
         uri,
     )
+    return changes if test else _hooks_warning(changes)
 
 
 def reapply(uri=None):
@@ -155,15 +177,17 @@ def reapply(uri=None):
 
         salt hypervisor kvm_nat.reapply
     """
-    return _call(lambda conn: forwards.refresh(conn), uri)
+    return _call(lambda conn: forwards.refresh(conn, max_rules=_max_rules()), uri)
 
 
 def install_hooks(hooks_dir="/etc/libvirt/hooks", test=False):
     """
     Install the libvirt hooks that keep forwards alive across network
-    restarts, libvirtd restarts and reboots. Returns the files written (with
-    ``test=True``: that would be written);
-    libvirtd must be restarted once after the first installation.
+    restarts, libvirtd restarts and reboots: ``/bin/sh`` scripts in
+    ``network.d``/``qemu.d`` and ``/etc/salt-kvm/hook.conf`` naming this
+    minion's Python. Returns the files written (with ``test=True``: that would
+    be written); libvirtd must be restarted once after the first installation
+    (``kvm_nat.hooks_status`` says whether it runs them).
 
     CLI Example:
 
@@ -173,5 +197,28 @@ def install_hooks(hooks_dir="/etc/libvirt/hooks", test=False):
     """
     try:
         return nathook.install(hooks_dir, test=bool(test))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise CommandExecutionError(f"cannot install the hooks: {exc}") from exc
+
+
+def hooks_status(hooks_dir="/etc/libvirt/hooks"):
+    """
+    Whether the running libvirtd runs salt-kvm's hooks (installed, and
+    written before it started), why not and what to do, and the hooks' latest
+    logged failures.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hypervisor kvm_nat.hooks_status
+    """
+    active, why = hookscript.status(hooks_dir)
+    return {"active": active, "status": why, "errors": nathook.problems(_all_names())}
+
+
+def _all_names():
+    try:
+        return {n for d, e in forwards.listing().items() for n in (d, e["network"])}
+    except SaltKvmError:
+        return set()

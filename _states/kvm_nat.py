@@ -29,8 +29,18 @@ def __virtual__():
     return __virtualname__
 
 
+def _hooks_note():
+    """Why forwards would not survive a restart, or ''."""
+    status = __salt__["kvm_nat.hooks_status"]()
+    note = "" if status["active"] else f" (warning: {status['status']})"
+    if status["errors"]:
+        note += f" (latest hook error: {status['errors'][-1]})"
+    return note
+
+
 def _converge(name, rules, uri, what):
     ret = {"name": name, "result": True, "changes": {}, "comment": ""}
+    note = _hooks_note() if rules else ""
     try:
         would = __salt__["kvm_nat.apply"](name, rules=rules, test=True, uri=uri)
     except Exception as exc:  # noqa: BLE001 - CommandExecutionError: refused, nothing changed
@@ -38,20 +48,22 @@ def _converge(name, rules, uri, what):
         ret["comment"] = f"Forwards of {name} not changed: {exc}"
         return ret
     if not would:
-        ret["comment"] = f"Forwards of {name} are {what}"
+        ret["comment"] = f"Forwards of {name} are {what}{note}"
         return ret
     if __opts__["test"]:
         ret["result"] = None
         ret["changes"] = would
-        ret["comment"] = f"Forwards of {name} would be made {what}"
+        ret["comment"] = f"Forwards of {name} would be made {what}{note}"
         return ret
     try:
-        ret["changes"] = __salt__["kvm_nat.apply"](name, rules=rules, uri=uri)
+        changes = __salt__["kvm_nat.apply"](name, rules=rules, uri=uri)
+        changes.pop("warning", None)
+        ret["changes"] = changes
     except Exception as exc:  # noqa: BLE001
         ret["result"] = False
         ret["comment"] = f"Forwards of {name} not changed: {exc}"
         return ret
-    ret["comment"] = f"Forwards of {name} are {what}"
+    ret["comment"] = f"Forwards of {name} are {what}{note}"
     return ret
 
 
@@ -102,6 +114,9 @@ def hooks_installed(name="libvirt-hooks", hooks_dir="/etc/libvirt/hooks"):
     ret = {"name": name, "result": True, "changes": {}, "comment": "Hooks are installed"}
     missing = __salt__["kvm_nat.install_hooks"](hooks_dir, test=True)
     if not missing:
+        status = __salt__["kvm_nat.hooks_status"](hooks_dir)
+        if not status["active"]:
+            ret["comment"] = f"Hooks are installed: {status['status']}"
         return ret
     if __opts__["test"]:
         ret["result"] = None
@@ -110,7 +125,9 @@ def hooks_installed(name="libvirt-hooks", hooks_dir="/etc/libvirt/hooks"):
         return ret
     written = __salt__["kvm_nat.install_hooks"](hooks_dir)
     if written:
-        ret["changes"] = {"written": written, "note": "restart libvirtd once to load new hooks"}
+        ret["changes"] = {"written": written}
+    status = __salt__["kvm_nat.hooks_status"](hooks_dir)
+    ret["comment"] = "Hooks are installed" + ("" if status["active"] else f": {status['status']}")
     return ret
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import libvirt
 from lxml import etree
 
-from . import addresses, connection, hostnet, nat
+from . import connection, hostnet, nat
 from .domxml import Domain
 from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
 from .natstore import Entry, Placement, Store, all_forwards
@@ -40,30 +42,50 @@ def _subnet(root: etree._Element) -> ipaddress.IPv4Network | None:
     return None
 
 
-def _reserved(root: etree._Element, mac: str, name: str) -> list[str]:
-    found = []
-    for host in root.findall("ip/dhcp/host"):
-        if (host.get("mac") or "").lower() == mac or (
-            not host.get("mac") and host.get("name") == name
-        ):
-            if host.get("ip"):
-                found.append(host.get("ip"))
-    return found
+def _reserved(root: etree._Element, mac: str) -> list[str]:
+    """The network's DHCP reservation for ``mac`` (a reservation by host name
+    only is the guest's word: any guest can send that name)."""
+    return [
+        host.get("ip")
+        for host in root.findall("ip/dhcp/host")
+        if (host.get("mac") or "").lower() == mac and host.get("ip")
+    ]
 
 
 def _leased(net: libvirt.virNetwork, mac: str) -> list[str]:
+    """dnsmasq's leases of ``mac`` on the network (the host's record)."""
     try:
-        return [lease["ipaddr"] for lease in net.DHCPLeases(mac) or [] if lease.get("ipaddr")]
+        leases = net.DHCPLeases(mac) or []
     except libvirt.libvirtError:
         return []
+    return [
+        lease["ipaddr"]
+        for lease in leases
+        if lease.get("ipaddr") and (lease.get("mac") or "").lower() == mac
+    ]
 
 
-def locate(conn: libvirt.virConnect, name: str) -> Placement:
-    """The guest's address on a libvirt-managed network: reservation, lease, then agent."""
+def locate(conn: libvirt.virConnect, name: str, known: Placement | None = None) -> Placement:
+    """Where a domain salt-kvm manages is reached: its NIC's DHCP reservation,
+    else its lease, matched to the NIC's MAC.
+
+    Never the guest agent: what a guest reports about itself is the guest's
+    word, and a forward must not follow it (a guest could aim the host's
+    port at another guest). ``known``: where the host last recorded this
+    domain (the state file), used for the same MAC on the same network when
+    the network lost its leases (a ``net-destroy``/``net-start``) and the
+    guest has not renewed yet.
+    """
     try:
         dom = conn.lookupByName(name)
     except libvirt.libvirtError as exc:
         raise NotFoundError(f"no domain named {name!r} on {conn.getURI()}") from exc
+    if Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).managed_info() is None:
+        raise SpecError(
+            "domain",
+            f"{name} was not created by salt-kvm (no salt-kvm metadata)",
+            "a domain salt-kvm manages (made by its cloud driver)",
+        )
     networks = _networks(conn)
     by_bridge = {n.bridgeName(): n for n in networks.values()}
     on_network = False
@@ -77,9 +99,9 @@ def locate(conn: libvirt.virConnect, name: str) -> Placement:
         subnet = _subnet(root)
         if subnet is None:
             continue
-        candidates = _reserved(root, mac, name) + _leased(net, mac)
-        if dom.isActive():
-            candidates += addresses.addresses_from(dom, addresses.SOURCE_AGENT, [mac])
+        candidates = _reserved(root, mac) + _leased(net, mac)
+        if known is not None and known.mac == mac and known.network == net.name():
+            candidates.append(known.address)
         for address in candidates:
             if ipaddress.ip_address(address) in subnet:
                 return Placement(net.name(), net.bridgeName(), str(subnet), address, mac)
@@ -90,9 +112,21 @@ def locate(conn: libvirt.virConnect, name: str) -> Placement:
             "a domain with a NIC on a libvirt network (e.g. nics: [default])",
         )
     raise ConflictError(
-        f"{name} has no known address on its libvirt network (no DHCP reservation, lease or "
-        "guest agent answer yet); start it or reserve an address"
+        f"{name} has no DHCP reservation or lease for its MAC on its libvirt network yet "
+        "(the guest agent's word is not used); start it or reserve an address"
     )
+
+
+def managed_domains(conn: libvirt.virConnect) -> set[str]:
+    """The names of the domains salt-kvm manages on ``conn``."""
+    names = set()
+    for dom in conn.listAllDomains(0):
+        try:
+            if Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).managed_info() is not None:
+                names.add(dom.name())
+        except libvirt.libvirtError:
+            continue  # undefined meanwhile
+    return names
 
 
 # ---- changing the set --------------------------------------------------------
@@ -118,23 +152,50 @@ def _check_free(
 
 
 def _commit(store: Store, entries: dict[str, Entry], before: dict[str, Entry]) -> None:
-    """The table, then the file; if the file cannot be written, the old table again."""
-    hostnet.replace_table(nat.script(all_forwards(entries)))
+    """The kernel, then the file; if either fails, the old kernel again: a
+    call changes all it should or nothing."""
     try:
+        sync_kernel(entries)
         store.save(entries)
-    except OSError as exc:
-        hostnet.replace_table(nat.script(all_forwards(before)))
-        raise SaltKvmError(f"could not write {store.path}: {exc}; nothing changed") from exc
-    host_settings(entries)
+    except (OSError, SaltKvmError) as exc:
+        try:
+            sync_kernel(before)
+        except (OSError, SaltKvmError) as again:
+            log.error("forwards: could not put the previous table back: %s", again)
+        if isinstance(exc, OSError):
+            raise SaltKvmError(f"could not write {store.path}: {exc}; nothing changed") from exc
+        raise
 
 
-def host_settings(entries: dict[str, Entry]) -> list[str]:
-    """What the forwards need beside the table, re-done by every apply and hook:
-    route_localnet on their bridges, hairpin on their guests' ports, the accept
-    ahead of libvirt's rejects."""
+def sync_kernel(entries: dict[str, Entry], replace: bool = True) -> list[str]:
+    """Make the kernel match ``entries``: the table (if ``replace``), then what
+    the forwards need beside it; re-done by every apply and hook.
+
+    route_localnet lets a guest on a bridge reach the host's 127.0.0.0/8
+    unless the table's guard rule for that bridge drops such traffic. So it is
+    turned off on every libvirt bridge that will not need it, or whose guard is
+    not loaded, BEFORE the table changes; and turned on only AFTER the new
+    table is loaded, and only where the kernel shows that bridge's guard.
+    """
+    forwards = all_forwards(entries)
+    want = set(nat.localnet_bridges(forwards))
     done = []
-    for bridge in sorted({e.placement.bridge for e in entries.values()}):
-        if hostnet.route_localnet(bridge):
+    guarded = hostnet.guarded_bridges()
+    candidates = hostnet.libvirt_bridges() | {e.placement.bridge for e in entries.values()}
+    for bridge in sorted(hostnet.route_localnet_on(candidates)):
+        if (bridge not in want or bridge not in guarded) and hostnet.route_localnet(bridge, False):
+            done.append(f"route_localnet off on {bridge}")
+    if replace:
+        hostnet.replace_table(nat.script(forwards))
+        done.append("table")
+        guarded = hostnet.guarded_bridges()
+    for bridge in sorted(want):
+        if bridge not in guarded:
+            raise SaltKvmError(
+                f"the guard rule for {bridge} is not in the kernel's table; "
+                "route_localnet left off (forwards from 127.0.0.1 to it will not work)"
+            )
+        if hostnet.route_localnet(bridge, True):
             done.append(f"route_localnet on {bridge}")
     for name, entry in sorted(entries.items()):
         for tap, _ in hostnet.running_taps(entry.placement.network, {name}):
@@ -151,6 +212,23 @@ def _changes(old: list[nat.Rule], new: list[nat.Rule]) -> dict:
     return {"old": [r.as_dict() for r in old], "new": [r.as_dict() for r in new]}
 
 
+@dataclass(frozen=True)
+class Edit:
+    """A change to a domain's current set, made under the lock (read-modify-write).
+
+    ``located``: the result needs the guest's address looked up (``add``);
+    otherwise the stored one is kept (``remove``)."""
+
+    change: Callable[[list[nat.Rule]], list[nat.Rule]]
+    located: bool = True
+
+
+def _locked(store: Store):
+    """The one place forwards take the NAT state lock (a project lock helper may
+    replace ``Store.locked`` here)."""
+    return store.locked()
+
+
 def apply(
     conn: libvirt.virConnect | None,
     domain: str,
@@ -160,7 +238,8 @@ def apply(
     test: bool = False,
     placement: Placement | None = None,
 ) -> dict:
-    """Make ``rules`` exactly the forwards of ``domain``; returns old/new (empty: no change).
+    """Make ``rules`` (or an ``Edit`` of the current set) the forwards of
+    ``domain``; returns old/new (empty: no change).
 
     The guest's address is looked up again, so a re-apply follows a guest
     whose address changed.
@@ -178,39 +257,78 @@ def apply_all(
     test: bool = False,
     placements: dict[str, Placement] | None = None,
 ) -> dict[str, dict]:
-    """Set the forwards of several domains in ONE nft transaction; domain → old/new."""
+    """Set the forwards of several domains in ONE nft transaction; domain → old/new.
+
+    With a connection, forwards of domains that are gone (undefined outside
+    salt-kvm) or not salt-kvm's are dropped in the same transaction.
+    """
     store = store or Store()
-    parsed = {}
+    edits: dict[str, Edit] = {}
     for domain, rules in wanted.items():
+        if isinstance(rules, Edit):
+            edits[domain] = rules
+            continue
         rules = rules if _is_rule_list(rules) else nat.parse_rules(rules, "rules", max_rules)
-        if len(rules) > max_rules:
-            raise SpecError(
-                "rules", f"{len(rules)} rules are more than the maximum", f"at most {max_rules}"
-            )
-        parsed[domain] = rules
+        check_host_addresses(rules)
+        edits[domain] = Edit(lambda _, r=rules: r, located=bool(rules))
     placements = dict(placements or {})
-    for domain, rules in parsed.items():
-        if rules and domain not in placements:
+    # libvirt is asked before the lock: a hook waiting on the lock while
+    # libvirtd waits on the hook must never meet a call into libvirtd here.
+    stored = store.load()
+    for domain, edit in edits.items():
+        if edit.located and domain not in placements:
             check_local(conn, "rules")
-            placements[domain] = locate(conn, domain)
-    with store.locked():
+            known = stored[domain].placement if domain in stored else None
+            placements[domain] = locate(conn, domain, known)
+    gone = _gone(conn, store, set(edits))
+    with _locked(store):
         entries = store.load()
         before = dict(entries)
         busy = hostnet.local_ports()
         changes = {}
-        for domain, rules in parsed.items():
+        for domain in sorted(gone & set(entries)):
+            log.warning("forwards of %s dropped: the domain is gone or not salt-kvm's", domain)
+            entries.pop(domain)
+        for domain, edit in edits.items():
+            old = entries[domain].rules if domain in entries else []
+            rules = sorted(edit.change(list(old)))
+            if len(rules) > max_rules and len(rules) >= len(old):
+                raise SpecError(
+                    "rules", f"{len(rules)} rules are more than the maximum", f"at most {max_rules}"
+                )
             change = _set(entries, domain, rules, placements.get(domain), busy)
             if change:
                 changes[domain] = change
-        if not test and (changes or not _active(entries)):
+        if test:
+            return changes
+        if changes or entries != before:
             _commit(store, entries, before)
+        else:  # nothing to store; the kernel is still made right (a flushed table, a stray sysctl)
+            sync_kernel(entries, replace=not _active(entries))
     return changes
+
+
+def _gone(conn: libvirt.virConnect | None, store: Store, keep: set[str]) -> set[str]:
+    """Domains with stored forwards that no longer exist as salt-kvm domains.
+
+    Only names stored BEFORE libvirt is asked count: a domain being created
+    meanwhile is defined before its forwards are stored."""
+    if conn is None or connection.remote_host(conn) is not None:
+        return set()
+    stored = set(store.load()) - keep
+    if not stored:
+        return set()
+    return stored - managed_domains(conn)
 
 
 def _set(entries, domain, rules, placement, busy) -> dict:
     old_entry = entries.get(domain)
     _check_free(entries, domain, rules, busy)
+    if placement is None and old_entry is not None:
+        placement = old_entry.placement
     if rules:
+        if placement is None:
+            raise ConflictError(f"{domain} has no known address for its forwards")
         entries[domain] = Entry(rules, placement)
     else:
         entries.pop(domain, None)
@@ -228,9 +346,14 @@ def _is_rule_list(value: object) -> bool:
 
 
 def _active(entries: dict[str, Entry]) -> bool:
-    """Whether the kernel's table holds exactly what the state says."""
-    wanted = sorted(f.comment for f in all_forwards(entries))
-    return sorted(hostnet.table_comments().get("prerouting", [])) == wanted
+    """Whether the kernel's table holds exactly what the state says (forwards and guards)."""
+    forwards = all_forwards(entries)
+    chains = hostnet.table_comments()
+    wanted = sorted(f.comment for f in forwards)
+    guards = sorted(nat.GUARD + b for b in {f.bridge for f in forwards})
+    return (
+        sorted(chains.get("prerouting", [])) == wanted and sorted(chains.get("guard", [])) == guards
+    )
 
 
 def current(domain: str, store: Store | None = None) -> list[nat.Rule]:
@@ -241,40 +364,45 @@ def current(domain: str, store: Store | None = None) -> list[nat.Rule]:
 def add(
     conn, domain: str, guest_port, host_port=None, proto="tcp", host_address=None, **kw
 ) -> dict:
-    """Add one forward to the domain's set (the others stay)."""
+    """Add one forward to the domain's set (the others stay), read and written
+    under the lock so concurrent adds all persist."""
     item = {"guest": guest_port, "host": host_port, "proto": proto, "host_address": host_address}
     rule = nat.parse_rule(item, "rule")
-    have = current(domain, kw.get("store"))
-    if rule in have:
-        return {}
-    for existing in have:
-        if existing.clashes(rule):
-            raise ConflictError(
-                f"host port {rule.host}/{rule.proto} is already forwarded to {domain}"
-            )
-    return apply(conn, domain, sorted([*have, rule]), **kw)
+    check_host_addresses([rule], "rule")
+
+    def change(have: list[nat.Rule]) -> list[nat.Rule]:
+        if rule in have:
+            return have
+        for existing in have:
+            if existing.clashes(rule):
+                raise ConflictError(
+                    f"host port {rule.host}/{rule.proto} is already forwarded to {domain}"
+                )
+        return [*have, rule]
+
+    return apply(conn, domain, Edit(change), **kw)
 
 
 def remove(conn, domain: str, guest_port=None, host_port=None, proto="tcp", **kw) -> dict:
     """Remove the domain's forwards matching the given guest and/or host port."""
     if guest_port is None and host_port is None:
-        raise SpecError("guest_port", "is required (or host_port)", "a port from 1 to 65535")
-    store = kw.get("store") or Store()
-    entry = store.load().get(domain)
-    if entry is None:
-        return {}
-    keep = [
-        r
-        for r in entry.rules
-        if not (
-            r.proto == proto
-            and (guest_port is None or r.guest == int(guest_port))
-            and (host_port is None or r.host == int(host_port))
-        )
-    ]
-    if keep == entry.rules:
-        return {}
-    return apply(conn, domain, keep or [], placement=entry.placement, **{**kw, "store": store})
+        raise SpecError("guest_port", "is required (or host_port)", nat.PORTS)
+    proto = nat.parse_proto(proto)
+    guest = None if guest_port is None else nat.parse_port(guest_port, "guest_port")
+    host = None if host_port is None else nat.parse_port(host_port, "host_port")
+
+    def change(have: list[nat.Rule]) -> list[nat.Rule]:
+        return [
+            r
+            for r in have
+            if not (
+                r.proto == proto
+                and (guest is None or r.guest == guest)
+                and (host is None or r.host == host)
+            )
+        ]
+
+    return apply(conn, domain, Edit(change, located=False), **kw)
 
 
 def forget(domain: str, store: Store | None = None) -> dict:
@@ -283,6 +411,32 @@ def forget(domain: str, store: Store | None = None) -> dict:
     if domain not in store.load():
         return {}
     return apply(None, domain, [], store=store)
+
+
+def undo_for(domain: str, store: Store | None = None) -> Callable[[], object]:
+    """What puts the domain's forwards back as they are now: registered as a
+    rollback step BEFORE a create writes any, so a failed create leaves none."""
+    store = store or Store()
+    entry = store.load().get(domain)
+    if entry is None:
+        return lambda: forget(domain, store)
+    rules, placement = list(entry.rules), entry.placement
+    return lambda: apply(None, domain, rules, max(len(rules), 1), store=store, placement=placement)
+
+
+def check_host_addresses(rules: list[nat.Rule], key: str = "rules") -> None:
+    """A forward listens only on an address of this host (or the documented wildcards)."""
+    explicit = [r.host_address for r in rules if r.host_address not in (None, nat.EVERY)]
+    if not explicit:
+        return
+    local = hostnet.local_addresses()
+    for address in explicit:
+        if address not in local and not ipaddress.IPv4Address(address).is_loopback:
+            raise SpecError(
+                f"{key}.host_address",
+                f"{address} is not an address of this host",
+                nat.HOST_ADDRESSES,
+            )
 
 
 def check_local(conn: libvirt.virConnect, key: str = "nat_rules") -> None:
@@ -297,7 +451,9 @@ def check_local(conn: libvirt.virConnect, key: str = "nat_rules") -> None:
 
 
 def check_free(domain: str, rules: list[nat.Rule], store: Store | None = None) -> None:
-    """Refuse, before anything is made, forwards whose host ports are taken."""
+    """Refuse, before anything is made, forwards whose host ports are taken or
+    whose host address is not this host's."""
+    check_host_addresses(rules, "nat_rules")
     _check_free((store or Store()).load(), domain, rules, hostnet.local_ports())
 
 
@@ -322,29 +478,28 @@ def listing(domain: str | None = None, store: Store | None = None) -> dict[str, 
 def reapply(store: Store | None = None) -> list[str]:
     """Put the stored forwards back in the kernel (hooks, boot); no libvirt calls."""
     store = store or Store()
-    with store.locked():
+    with _locked(store):
         entries = store.load()
-        done = host_settings(entries)
-        if not _active(entries):
-            hostnet.replace_table(nat.script(all_forwards(entries)))
-            done.append("table")
-    return done
+        return sync_kernel(entries, replace=not _active(entries))
 
 
-def refresh(conn: libvirt.virConnect, store: Store | None = None) -> dict:
+def refresh(
+    conn: libvirt.virConnect, store: Store | None = None, max_rules: int = nat.DEFAULT_MAX_RULES
+) -> dict:
     """Look every domain up again: follow address changes, drop removed domains."""
     store = store or Store()
+    apply_all(conn, {}, max_rules, store)  # drops the forwards of domains that are gone
     changes = {}
     for name, entry in sorted(store.load().items()):
         try:
-            placement = locate(conn, name)
+            placement = locate(conn, name, entry.placement)
         except NotFoundError:
             changes[name] = forget(name, store)
             continue
         except SaltKvmError as exc:
             log.warning("forwards of %s kept as they are: %s", name, exc)
             continue
-        change = apply(conn, name, entry.rules, store=store, placement=placement)
+        change = apply(conn, name, entry.rules, max_rules, store=store, placement=placement)
         if change:
             changes[name] = change
     reapply(store)

@@ -27,6 +27,7 @@ ACCEPT_CHAIN = "SALT_KVM_FWD"
 SYSCTL = Path("/proc/sys/net/ipv4/conf")
 PROC_NET = Path("/proc/net")
 QEMU_STATUS = Path("/run/libvirt/qemu")
+NETWORK_STATUS = Path("/run/libvirt/network")
 # Every nft run, so a caller (bench/nat) can show one call is one transaction.
 NFT_RUNS: list[list[str]] = []
 
@@ -118,18 +119,70 @@ def ensure_forward_accept() -> bool:
 # ---- route_localnet --------------------------------------------------------
 
 
-def route_localnet(bridge: str) -> bool:
-    """Let DNAT from 127.0.0.1 leave through ``bridge``; whether it changed.
+def route_localnet(bridge: str, on: bool = True) -> bool:
+    """Let (``on``) or stop DNAT from 127.0.0.1 leaving through ``bridge``;
+    whether it changed.
 
-    A bridge is re-created by every network start, so this is set again then.
+    With it on, a guest on the bridge could reach the host's 127.0.0.0/8:
+    callers set it only while salt-kvm's guard rule for the bridge is loaded
+    (``forwards.sync_kernel``). A bridge is re-created by every network start,
+    so this is set again then.
     """
     path = SYSCTL / bridge / "route_localnet"
     if not path.exists():
         return False  # the network is down; its start hook sets it
-    if path.read_text().strip() == "1":
+    value = "1" if on else "0"
+    if path.read_text().strip() == value:
         return False
-    path.write_text("1\n")
+    path.write_text(value + "\n")
     return True
+
+
+def route_localnet_on(bridges: set[str]) -> set[str]:
+    """Which of ``bridges`` have route_localnet set now."""
+    found = set()
+    for bridge in bridges:
+        path = SYSCTL / bridge / "route_localnet"
+        try:
+            if path.read_text().strip() != "0":
+                found.add(bridge)
+        except OSError:
+            continue
+    return found
+
+
+def libvirt_bridges() -> set[str]:
+    """The bridges of libvirt's active networks, from its status files (no libvirt call)."""
+    found = set()
+    for path in NETWORK_STATUS.glob("*.xml"):
+        try:
+            root = etree.parse(str(path)).getroot()
+        except (etree.XMLSyntaxError, OSError):
+            continue
+        for bridge in root.iter("bridge"):
+            if bridge.get("name"):
+                found.add(bridge.get("name"))
+    return found
+
+
+def guarded_bridges() -> set[str]:
+    """Bridges whose guard rule (drop guests' traffic to 127.0.0.0/8) is loaded now."""
+    comments = table_comments().get("guard", [])
+    return {c[len(nat.GUARD) :] for c in comments if c.startswith(nat.GUARD)}
+
+
+# ---- the host's addresses ------------------------------------------------------
+
+
+def local_addresses() -> set[str]:
+    """The IPv4 addresses of this host's interfaces."""
+    proc = _run(["ip", "-j", "-4", "addr", "show"])
+    return {
+        info["local"]
+        for link in json.loads(proc.stdout or "[]")
+        for info in link.get("addr_info", [])
+        if info.get("local")
+    }
 
 
 # ---- sockets already on a port --------------------------------------------

@@ -32,6 +32,14 @@ TABLE_NAME = "salt_kvm"
 # forward rejects (see ``nft_glue``) accepts exactly our forwarded connections.
 CT_MARK = 0x00100000
 LOOPBACK = "127.0.0.0/8"
+# host_address: not given = the host's loopback and its guests' bridges (the
+# documented, safe default); EVERY (or "*") = every address of the host, the
+# public ones too: the operator must say so.
+EVERY = "0.0.0.0"
+HOST_ADDRESSES = (
+    "not given (loopback and the guests' bridges), 0.0.0.0 or * (every address of this "
+    "host), or one IPv4 address of this host"
+)
 PORTS = "a whole number from 1 to 65535"
 ACCEPTED_RULES = (
     "true (ports 22 80 443), a port, a list of ports, a space-separated string of ports, "
@@ -59,16 +67,23 @@ class Rule:
         return (self.proto, self.host_address or "", self.host)
 
     def clashes(self, other: Rule) -> bool:
-        """Same protocol and port on the same (or on every) host address."""
+        """Same protocol and port on the same (or on a wider) host address."""
+        wide = (None, EVERY)
         return (
             self.proto == other.proto
             and self.host == other.host
             and (
-                not self.host_address
-                or not other.host_address
+                self.host_address in wide
+                or other.host_address in wide
                 or self.host_address == other.host_address
             )
         )
+
+    @property
+    def reaches_loopback(self) -> bool:
+        """Whether it listens on 127.0.0.1: DNAT from there needs route_localnet."""
+        address = self.host_address
+        return address in (None, EVERY) or ipaddress.IPv4Address(address).is_loopback
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -78,40 +93,48 @@ class Rule:
         return f"{where}{self.host}/{self.proto} -> {self.guest}"
 
 
-def _port(value: Any, key: str) -> int:
+def parse_port(value: Any, key: str) -> int:
     return whole_number(value.strip() if isinstance(value, str) else value, key, 1, 65535)
 
 
 def _host_address(value: Any, key: str) -> str | None:
-    if value in (None, "", "0.0.0.0"):
+    if value in (None, ""):
         return None
+    if value in (EVERY, "*"):
+        return EVERY
     try:
-        address = ipaddress.IPv4Address(str(value))
+        address = ipaddress.IPv4Address(value.strip() if isinstance(value, str) else value)
     except ValueError:
-        raise SpecError(
-            key, f"{value!r} is not an IPv4 address", "an address of this host"
-        ) from None
+        raise SpecError(key, f"{value!r} is not an IPv4 address", HOST_ADDRESSES) from None
     return str(address)
 
 
 def parse_rule(item: Any, key: str) -> Rule:
     """A port (forwarded from 10000+port over TCP) or a mapping."""
     if not isinstance(item, dict):
-        guest = _port(item, key)
+        guest = parse_port(item, key)
         return Rule(guest=guest, host=_default_host(guest, key))
     unknown = set(item) - set(RULE_KEYS)
     if unknown:
         raise SpecError(key, f"unknown key(s) {', '.join(sorted(unknown))}", RULE_KEYS)
     if item.get("guest") is None:
         raise SpecError(f"{key}.guest", "is required", PORTS)
-    guest = _port(item["guest"], f"{key}.guest")
+    guest = parse_port(item["guest"], f"{key}.guest")
     host = item.get("host")
-    host = _default_host(guest, f"{key}.host") if host is None else _port(host, f"{key}.host")
-    proto = str(item.get("proto") or DEFAULT_PROTOCOL).lower()
-    if proto not in PROTOCOLS:
-        raise SpecError(f"{key}.proto", f"{item.get('proto')!r} is not a protocol", PROTOCOLS)
+    host = _default_host(guest, f"{key}.host") if host is None else parse_port(host, f"{key}.host")
+    proto = parse_proto(item.get("proto"), f"{key}.proto")
     address = _host_address(item.get("host_address"), f"{key}.host_address")
     return Rule(guest=guest, host=host, proto=proto, host_address=address)
+
+
+def parse_proto(value: Any, key: str = "proto") -> str:
+    """``tcp``/``udp`` in any case; anything else is refused."""
+    if value is None or value == "":
+        return DEFAULT_PROTOCOL
+    proto = value.strip().lower() if isinstance(value, str) else None
+    if proto not in PROTOCOLS:
+        raise SpecError(key, f"{value!r} is not a protocol", PROTOCOLS)
+    return proto
 
 
 def _default_host(guest: int, key: str) -> int:
@@ -185,6 +208,7 @@ def comment_for(domain: str, rule: Rule) -> str:
     return f"{safe}|{rule.proto}|{rule.host_address or ''}|{rule.host}"
 
 
+GUARD = "guard|"
 CHAINS = {
     # name: (type, hook, priority)
     "guard": ("filter", "prerouting", "-300"),
@@ -194,9 +218,18 @@ CHAINS = {
 }
 
 
-def _dnat(forward: Forward) -> str:
+def _dnat(forward: Forward, arriving: str | None = None) -> str:
+    """The DNAT of ``forward``; ``arriving``: the bridges a default forward is
+    reachable from in ``prerouting`` (None: the host's own traffic, ``output``)."""
     rule = forward.rule
-    match = f"ip daddr {rule.host_address}" if rule.host_address else "fib daddr type local"
+    if rule.host_address is None:
+        match = "fib daddr type local"
+        if arriving is not None:
+            match = f"iifname {arriving} {match}"
+    elif rule.host_address == EVERY:
+        match = "fib daddr type local"
+    else:
+        match = f"ip daddr {rule.host_address}"
     return (
         f"{match} {rule.proto} dport {rule.host} "
         f"ct mark set ct mark or {CT_MARK:#x} "
@@ -215,10 +248,12 @@ def ruleset(forwards: list[Forward]) -> dict[str, list[str]]:
     marked = f"ct mark and {CT_MARK:#x} == {CT_MARK:#x}"
     bridge_set = "{ " + ", ".join(f'"{b}"' for b in bridges) + " }"
     return {
-        # route_localnet is on for these bridges (so 127.0.0.1:port works from
-        # the host): nothing arriving from a guest may reach 127/8 through it.
-        "guard": [f"iifname {bridge_set} ip daddr {LOOPBACK} drop"],
-        "prerouting": [_dnat(f) for f in forwards],
+        # route_localnet may be on for these bridges (so 127.0.0.1:port works
+        # from the host): nothing arriving from a guest may reach 127/8 through
+        # it. One rule per bridge, named, so the kernel can be asked which
+        # bridges are guarded before route_localnet is set on them.
+        "guard": [f'iifname "{b}" ip daddr {LOOPBACK} drop comment "{GUARD}{b}"' for b in bridges],
+        "prerouting": [_dnat(f, bridge_set) for f in forwards],
         "output": [_dnat(f) for f in forwards],
         "postrouting": [
             # From the host's loopback: the guest must answer the bridge address.
@@ -227,6 +262,11 @@ def ruleset(forwards: list[Forward]) -> dict[str, list[str]]:
             *(f'{marked} oifname "{b}" ip saddr {s} masquerade' for b, s in subnets),
         ],
     }
+
+
+def localnet_bridges(forwards: list[Forward]) -> list[str]:
+    """The bridges that need route_localnet: those of forwards listening on 127.0.0.1."""
+    return sorted({f.bridge for f in forwards if f.rule.reaches_loopback})
 
 
 def _table_body(chains: dict[str, list[str]]) -> list[str]:

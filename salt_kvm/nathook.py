@@ -13,9 +13,11 @@ with ``<object> <operation> <phase> -`` and the object's XML on stdin:
   (transient, or undefined while running): drop its forwards.
 
 Hooks must not call libvirtd (it waits for them): they work from the state
-file only. A hook always exits 0 so it never blocks a network or a guest;
-problems go to the log file. libvirtd looks for hook scripts when it starts:
-after the first installation, restart it once.
+file only. The hook files themselves are small ``/bin/sh`` scripts
+(``hookscript``) that run ``main`` below with salt-kvm's Python; a hook always
+exits 0 so it never blocks a network or a guest, and problems go to a
+root-only log that ``kvm_nat.list`` shows. libvirtd looks for hook scripts
+when it starts: ``hookscript.status`` says whether the running one does.
 """
 
 from __future__ import annotations
@@ -25,16 +27,16 @@ import os
 import sys
 from pathlib import Path
 
-from . import forwards, hostnet
+from . import forwards, hookscript, hostnet
 from .natstore import Store
 
 log = logging.getLogger(__name__)
 
-HOOKS_DIR = Path("/etc/libvirt/hooks")
-HOOK_NAME = "salt-kvm-nat"
-DRIVERS = ("network", "qemu")
+HOOKS_DIR = hookscript.HOOKS_DIR
+HOOK_NAME = hookscript.HOOK_NAME
+DRIVERS = hookscript.DRIVERS
 QEMU_CONFIG = Path("/etc/libvirt/qemu")
-LOG_FILE = Path("/var/log/salt-kvm/nat-hook.log")
+LOG_FILE = hookscript.LOG_FILE
 
 
 def on_network(name: str, operation: str, store: Store) -> list[str]:
@@ -63,19 +65,17 @@ def on_qemu(name: str, operation: str, store: Store) -> list[str]:
 HANDLERS = {"network": on_network, "qemu": on_qemu}
 
 
-def main(driver: str, argv: list[str], state: str | None = None) -> int:
-    """The hook script's body. Always 0: a forward must never stop a guest or network."""
+def main(
+    driver: str, argv: list[str], state: str | None = None, log_file: str | None = None
+) -> int:
+    """The hook's body. Always 0: a forward must never stop a guest or network."""
     try:
         sys.stdin.read()  # libvirt writes the object's XML; take it all
     except (OSError, ValueError):
         pass
+    os.umask(0o077)
     try:
-        LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
-        logging.basicConfig(
-            filename=str(LOG_FILE),
-            level=logging.INFO,
-            format="%(asctime)s %(process)d %(message)s",
-        )
+        _log_to(Path(log_file or LOG_FILE))
     except OSError:
         pass
     if len(argv) < 2:
@@ -86,49 +86,49 @@ def main(driver: str, argv: list[str], state: str | None = None) -> int:
         if done:
             log.info("%s %s %s: %s", driver, name, operation, ", ".join(done))
     except Exception as exc:  # noqa: BLE001 - report, never fail libvirt's operation
-        log.error("%s %s %s failed: %s", driver, name, operation, exc)
+        log.error("%s %s %s: %s", driver, name, operation, exc)
     return 0
 
 
-def _script(driver: str, state: Path) -> str:
-    package_parent = Path(__file__).resolve().parent.parent
-    return (
-        f"#!{sys.executable}\n"
-        "# salt-kvm: keeps NAT port forwards alive (see salt-kvm's docs/nat.rst).\n"
-        "# Written by kvm_nat.install_hooks; libvirtd reads hooks when it starts.\n"
-        "import sys\n"
-        f"sys.path.insert(0, {str(package_parent)!r})\n"
-        "try:\n"
-        "    from salt_kvm import nathook\n"
-        "except Exception as exc:  # never block libvirt: a hook failure stops the guest\n"
-        "    print(f'salt-kvm NAT hook not loaded: {exc}', file=sys.stderr)\n"
-        "    sys.exit(0)\n"
-        f"sys.exit(nathook.main({driver!r}, sys.argv[1:], state={str(state)!r}))\n"
+def _log_to(path: Path) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     )
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def problems(names: set[str], log_file: Path | str | None = None, last: int = 5) -> list[str]:
+    """The hook log's latest errors about any of ``names`` (domains, networks)."""
+    path = Path(log_file or LOG_FILE)
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    found = [
+        line
+        for line in lines
+        if " ERROR " in line and names & set(line.split(" ERROR ", 1)[1].split()[:3])
+    ]
+    return found[-last:]
 
 
 def install(
-    hooks_dir: Path | str = HOOKS_DIR, state: Path | str | None = None, test: bool = False
+    hooks_dir: Path | str = HOOKS_DIR,
+    state: Path | str | None = None,
+    test: bool = False,
+    conf: Path | str | None = None,
+    log: Path | str = LOG_FILE,
 ) -> list[str]:
-    """Write the hook scripts (idempotent); returns the files written (or, with
-    ``test``, that would be)."""
-    hooks_dir = Path(hooks_dir)
-    state = Store(state).path
-    written = []
-    for driver in DRIVERS:
-        path = hooks_dir / f"{driver}.d" / HOOK_NAME
-        text = _script(driver, state)
-        if path.exists() and path.read_text() == text and os.access(path, os.X_OK):
-            continue
-        written.append(str(path))
-        if test:
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.chmod(0o755)
-        tmp.replace(path)
-    return written
+    """Write hook.conf (this Python, this package) and the sh hooks (idempotent);
+    returns the files written (or, with ``test``, that would be)."""
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    return hookscript.install(
+        sys.executable, package_parent, Store(state).path, hooks_dir, conf, log, test
+    )
 
 
 def installed(hooks_dir: Path | str = HOOKS_DIR) -> dict[str, bool]:

@@ -155,8 +155,9 @@ def create(
     guest.mark("ip")
     if spec.nat_rules:
         rollback.intend("nat", name=spec.name)
+        # The undo first: a write that fails half-way is undone too.
+        rollback.add(f"NAT forwards of {spec.name}", forwards.undo_for(spec.name))
         forwards.apply(conn, spec.name, spec.nat_rules, max(len(spec.nat_rules), 1))
-        rollback.add(f"NAT forwards of {spec.name}", lambda: forwards.forget(spec.name))
         guest.mark("nat")
     return guest
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from salt_kvm import connection, forwards, hostnet, nat, nathook, provision, ssh
+from salt_kvm import connection, forwards, hookscript, hostnet, nat, nathook, provision, ssh
 from salt_kvm.errors import SaltKvmError
 from salt_kvm.natstore import Store
 from salt_kvm.rollback import Rollback
@@ -52,8 +52,9 @@ def network_xml(index, prefix):
 
 @pytest.fixture(scope="module")
 def conn():
-    if nathook.install():
-        restart_libvirtd()  # libvirtd finds hook scripts only when it starts
+    # Written here when setup-host has not; libvirtd runs them only after a
+    # restart, which the test marked restarts_libvirtd makes if they are not active.
+    nathook.install()
     with connection.connected(URI) as c:
         yield c
 
@@ -178,6 +179,8 @@ def test_refusals_change_nothing(guests, tmp_path):
         ((vm2, "rules=[{guest: 22, host: 10022}]"), f"10022/tcp is already forwarded to {vm1}"),
         ((vm2, f"rules=[{{guest: 22, host: {busy_port}}}]"), "in use by a process on the host"),
         ((f"{PREFIX}no-such-domain", "rules=[22]"), "no domain named"),
+        ((vm2, "rules=[{guest: 22, host_address: 198.51.100.1}]"), "not an address of this host"),
+        ((vm2, "rules=[{guest: 22, proto: TCPX}]"), "rules[0].proto: 'TCPX' is not a protocol"),
     ]
     try:
         for args, message in cases:
@@ -189,15 +192,23 @@ def test_refusals_change_nothing(guests, tmp_path):
     with pytest.raises(SaltKvmError, match="at most 2"):
         forwards.apply(None, vm2, [1, 2, 3], max_rules=2)
     with connection.connected(URI) as c:
-        ghost = c.defineXML(
-            f"<domain type='qemu'><name>{PREFIX}nat-nonet</name><memory>65536</memory>"
-            "<os><type>hvm</type></os></domain>"
+        metadata = (
+            "<metadata><ski:instance xmlns:ski='urn:salt-kvm:instance:1'>"
+            "<ski:base>none</ski:base></ski:instance></metadata>"
         )
-        try:
-            with pytest.raises(SaltKvmError, match="no interface on an active libvirt-managed"):
-                forwards.apply(c, ghost.name(), [22])
-        finally:
-            ghost.undefine()
+        for name, meta, message in [
+            (f"{PREFIX}nat-nonet", metadata, "no interface on an active libvirt-managed"),
+            (f"{PREFIX}nat-theirs", "", "was not created by salt-kvm"),
+        ]:
+            ghost = c.defineXML(
+                f"<domain type='qemu'><name>{name}</name><memory>65536</memory>{meta}"
+                "<os><type>hvm</type></os></domain>"
+            )
+            try:
+                with pytest.raises(SaltKvmError, match=message):
+                    forwards.apply(c, ghost.name(), [22])
+            finally:
+                ghost.undefine()
     assert kernel_and_state() == before
 
 
@@ -235,6 +246,105 @@ def test_state_twice_and_test_mode(guests, tmp_path):
     assert guest_mac_via(10022) == guests[vm1]
 
 
+# Sent from the guest through its gateway to the host's 127.0.0.1, bypassing the
+# guest's own loopback route: an Ethernet frame made by hand (IPv4, UDP without
+# checksum) on a raw socket.
+LOOPBACK_PROBE = """
+import socket, struct, sys
+src, dst, port, gw_mac = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+mine = open('/sys/class/net/eth0/address').read().strip()
+payload = b'guest-was-here'
+udp = struct.pack('!HHHH', 40000, port, 8 + len(payload), 0) + payload
+def csum(data):
+    total = sum(struct.unpack('!10H', data))
+    total = (total >> 16) + (total & 0xFFFF)
+    return ~(total + (total >> 16)) & 0xFFFF
+ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 1, 0x4000, 64, 17, 0,
+                 socket.inet_aton(src), socket.inet_aton(dst))
+ip = ip[:10] + struct.pack('!H', csum(ip)) + ip[12:]
+eth = bytes.fromhex(gw_mac.replace(':', '')) + bytes.fromhex(mine.replace(':', '')) + b'\\x08\\x00'
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(('eth0', 0))
+for _ in range(3):
+    s.send(eth + ip + udp)
+"""
+
+
+def guest_reaches_host_loopback(session, where):
+    """Whether a datagram the guest sends to 127.0.0.1 arrives at a host socket there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.settimeout(3)
+        port = listener.getsockname()[1]
+        gw_mac = Path(f"/sys/class/net/{where.bridge}/address").read_text().strip()
+        session.check(f"python3 /root/probe.py {where.address} 127.0.0.1 {port} {gw_mac}")
+        try:
+            return listener.recvfrom(512)[0] == b"guest-was-here"
+        except TimeoutError:
+            return False
+
+
+def route_localnet(bridge):
+    return (hostnet.SYSCTL / bridge / "route_localnet").read_text().strip()
+
+
+def test_guests_never_reach_the_hosts_loopback(guests):
+    vm1 = next(iter(guests))
+    where = _where(vm1)
+    forwards.apply(None, vm1, [22], placement=where)
+    assert route_localnet(where.bridge) == "1"
+    assert nat.GUARD + where.bridge in hostnet.table_comments()["guard"]
+    # Straight to the guest on the test's own network: removing the forward
+    # below must not cut the session the probe runs in.
+    with ssh.connect(where.address, GUEST_USER, GUEST_PASSWORD, timeout=240) as session:
+        session.put(LOOPBACK_PROBE.encode(), "/root/probe.py", 0o644)
+        # route_localnet on, the guard loaded: dropped.
+        assert not guest_reaches_host_loopback(session, where)
+        # The guard gone (as after `nft flush ruleset`) and route_localnet still
+        # on: this is the exposure the invariant forbids; the probe sees it.
+        hostnet.nft("delete", "table", "ip", nat.TABLE_NAME)
+        try:
+            assert guest_reaches_host_loopback(session, where)
+        finally:
+            done = forwards.reapply()
+        # Put back in the safe order: route_localnet off, table, route_localnet on.
+        order = [
+            f"route_localnet off on {where.bridge}",
+            "table",
+            f"route_localnet on {where.bridge}",
+        ]
+        assert [done.index(step) for step in order] == sorted(done.index(s) for s in order), done
+        assert not guest_reaches_host_loopback(session, where)
+        # The last forward on the bridge goes (kvm_nat.absent): route_localnet 0.
+        forwards.apply(None, vm1, [])
+        assert route_localnet(where.bridge) == "0"
+        assert not guest_reaches_host_loopback(session, where)
+    forwards.apply(None, vm1, [22], placement=where)
+
+
+def test_apply_says_when_the_hooks_are_not_active(guests, tmp_path):
+    vm1 = next(iter(guests))
+    hooks = [hookscript.HOOKS_DIR / f"{d}.d" / hookscript.HOOK_NAME for d in hookscript.DRIVERS]
+    times = [(h.stat().st_atime, h.stat().st_mtime) for h in hooks]
+    later = time.time() + 60  # written after the running libvirtd started
+    for hook in hooks:
+        os.utime(hook, (later, later))
+    try:
+        out = salt_call(tmp_path, "kvm_nat.apply", vm1, "rules=[22, 80]")
+        assert "written after libvirtd started" in out["warning"], out
+        assert "restart libvirtd" in out["warning"]
+        listed = salt_call(tmp_path, "kvm_nat.list", vm1)[vm1]
+        assert "written after libvirtd started" in listed["hooks"]
+        (state,) = salt_call(
+            tmp_path, "state.single", "kvm_nat.forwarded", vm1, "rules=[22]"
+        ).values()
+        assert "warning: the libvirt hooks were written after" in state["comment"]
+        assert "warning" not in state["changes"]
+    finally:
+        for hook, (atime, mtime) in zip(hooks, times, strict=True):
+            os.utime(hook, (atime, mtime))
+
+
 def restart_libvirtd():
     pid = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True).stdout.split()
     if pid:
@@ -253,11 +363,16 @@ def restart_libvirtd():
 def test_forwards_come_back_after_network_and_libvirtd_restarts(guests, networks):
     vm1, vm2 = guests
     net, xml = networks[0]
+    forwards.apply(None, vm1, [22, {"guest": 5353, "proto": "udp"}], placement=_where(vm1))
+    if not hookscript.status()[0]:
+        restart_libvirtd()  # libvirtd finds hook scripts only when it starts
+    assert hookscript.status() == (True, "active (libvirtd runs them)")
+    log_before = _hook_log()
     # An empty kernel (as after a reboot) and a network restart: the network hook
     # re-attaches the guest to the new bridge and rebuilds the table.
     hostnet.nft("delete", "table", "ip", nat.TABLE_NAME)
-    net.destroy()
-    with connection.connected(URI) as c:
+    with connection.connected(URI) as c:  # a fresh connection: libvirtd may have restarted
+        c.networkLookupByName(net.name()).destroy()
         c.networkCreateXML(xml)
     assert guest_mac_via(10022) == guests[vm1]
     assert udp_ask(15353) == b"guest:ping"
@@ -269,3 +384,11 @@ def test_forwards_come_back_after_network_and_libvirtd_restarts(guests, networks
     assert guest_mac_via(10122) == guests[vm2]
     rules = hostnet._iptables("-S", "FORWARD").stdout.splitlines()
     assert rules[1] == f"-A FORWARD -j {hostnet.ACCEPT_CHAIN}"
+    assert route_localnet(Store().load()[vm1].placement.bridge) == "1"
+    new_lines = _hook_log()[len(log_before) :]
+    assert "table" in new_lines and " ERROR " not in new_lines, new_lines
+
+
+def _hook_log():
+    path = hookscript.LOG_FILE
+    return path.read_text() if path.exists() else ""

@@ -1,6 +1,7 @@
 """NAT rules: parsing (every refusal names the key) and the rendered ruleset."""
 
 import json
+import sys
 
 import pytest
 
@@ -104,22 +105,36 @@ def test_ruleset_structure():
                 "virbr2",
                 "192.168.215.0/24",
             ),
+            fwd("vm4", R(443, 8443, "tcp", "0.0.0.0"), "192.168.214.14"),
         ]
     )
     assert list(chains) == ["guard", "prerouting", "output", "postrouting"]
-    assert chains["guard"] == ['iifname { "virbr1", "virbr2" } ip daddr 127.0.0.0/8 drop']
+    assert chains["guard"] == [
+        'iifname "virbr1" ip daddr 127.0.0.0/8 drop comment "guard|virbr1"',
+        'iifname "virbr2" ip daddr 127.0.0.0/8 drop comment "guard|virbr2"',
+    ]
     mark = "ct mark set ct mark or 0x100000"
 
     def dnat(match, proto, port, to, comment):
         return f'{match} {proto} dport {port} {mark} dnat to {to} comment "{comment}"'
 
     local = "fib daddr type local"
-    assert chains["prerouting"] == chains["output"]
-    assert chains["prerouting"] == [
+    # Not given: the host's own traffic (output) and its guests' bridges, never
+    # what arrives on the host's other (public) interfaces; 0.0.0.0: every address.
+    inside = 'iifname { "virbr1", "virbr2" } fib daddr type local'
+    assert chains["output"] == [
         dnat(local, "tcp", 10022, "192.168.214.11:22", "vm1|tcp||10022"),
         dnat(local, "udp", 5353, "192.168.214.11:53", "vm1|udp||5353"),
         dnat(local, "tcp", 10122, "192.168.214.12:22", "vm2|tcp||10122"),
         dnat("ip daddr 192.0.2.2", "tcp", 8080, "192.168.215.5:80", "vm3|tcp|192.0.2.2|8080"),
+        dnat(local, "tcp", 8443, "192.168.214.14:443", "vm4|tcp|0.0.0.0|8443"),
+    ]
+    assert chains["prerouting"] == [
+        dnat(inside, "tcp", 10022, "192.168.214.11:22", "vm1|tcp||10022"),
+        dnat(inside, "udp", 5353, "192.168.214.11:53", "vm1|udp||5353"),
+        dnat(inside, "tcp", 10122, "192.168.214.12:22", "vm2|tcp||10122"),
+        dnat("ip daddr 192.0.2.2", "tcp", 8080, "192.168.215.5:80", "vm3|tcp|192.0.2.2|8080"),
+        dnat(local, "tcp", 8443, "192.168.214.14:443", "vm4|tcp|0.0.0.0|8443"),
     ]
     marked = "ct mark and 0x100000 == 0x100000"
     assert chains["postrouting"] == [
@@ -161,8 +176,10 @@ def test_hooks_install_is_idempotent(tmp_path):
     assert sorted(written) == [
         str(tmp_path / "network.d" / "salt-kvm-nat"),
         str(tmp_path / "qemu.d" / "salt-kvm-nat"),
+        str(tmp_path / "salt-kvm-hook.conf"),
     ]
     assert nathook.install(tmp_path, state=tmp_path / "nat.json", test=True) == []
     assert nathook.install(tmp_path, state=tmp_path / "nat.json") == []
     script = (tmp_path / "qemu.d" / "salt-kvm-nat").read_text()
-    assert script.startswith("#!") and "nathook.main('qemu'" in script
+    assert script.startswith("#!/bin/sh\n") and "DRIVER=qemu" in script
+    assert f"python={sys.executable}" in (tmp_path / "salt-kvm-hook.conf").read_text()
