@@ -616,3 +616,45 @@ def test_a_stored_device_reaching_the_host_is_refused(conn, tmp_path, stored, ex
         restore.restore(conn, "vm", store.dest, target="vm2", pool="restore")
     assert os.listdir(tmp_path / "pool") == []
     assert "vm2" not in [d.name() for d in conn.listAllDomains(0)]
+
+
+def test_backup_and_restore_images_are_private_from_their_first_byte(
+    conn, vm, dest, tmp_path, monkeypatch
+):
+    """A point folder is traversable (0711) and its names are predictable: an
+    image qemu-img makes with the umask's 0644 can be opened by any local user
+    while it is written (minutes for a big disk), and the fd kept after the
+    chmod. Every file qemu-img makes for a backup or a restore is 0600 when it
+    is made."""
+    import stat
+
+    old = os.umask(0o022)
+    seen = {}
+
+    def watch(name, where):
+        real = getattr(qemuimg, name)
+
+        def wrapped(*args, **kwargs):
+            real(*args, **kwargs)
+            path = where(args)
+            if os.path.isfile(path):
+                seen[path] = stat.S_IMODE(os.stat(path).st_mode)
+
+        monkeypatch.setattr(qemuimg, name, wrapped)
+
+    watch("copy_flat", lambda a: a[2])
+    watch("convert", lambda a: a[1])
+    watch("create_overlay", lambda a: a[0])
+    try:
+        dom, disk, data, base = vm
+        backup.create(conn, "vm", dest, method="snapshot")
+        qemu_io(data, "write -P 5 4M 4M", "raw")
+        backup.create(conn, "vm", dest, method="snapshot")
+        dir_pool(conn, "restore", tmp_path / "pool")
+        restore.restore(conn, "vm", dest, target="vm2", pool="restore")
+        restore.restore(conn, "vm", dest, force=True)
+    finally:
+        os.umask(old)
+    kinds = {p.rsplit(".", 1)[-1] for p in seen}
+    assert len(seen) >= 6 and "restore-tmp" in kinds, seen
+    assert {p: m for p, m in seen.items() if m & 0o077} == {}
