@@ -44,8 +44,23 @@ def _made(cachedir: str | Path) -> Path:
     cachedir checked like the lock directory (a real directory of ours, 0700):
     a link or another user's folder planted there is refused, not written."""
     for folder in _folders(cachedir):
+        _tighten(folder)
         locks.secure_dir(folder, ROLE, "write a create journal")
     return _folders(cachedir)[1]
+
+
+def _tighten(folder: Path) -> None:
+    """Earlier versions made ``<cachedir>/salt-kvm`` with the umask's 0755: a
+    folder of ours that nobody else can write to is closed to 0700 (one
+    others could write to, or another user's, is still refused)."""
+    try:
+        info = os.lstat(folder)
+    except FileNotFoundError:
+        return
+    mode = info.st_mode & 0o777
+    if info.st_uid == os.geteuid() and os.path.isdir(folder) and not os.path.islink(folder):
+        if mode & 0o077 and not mode & 0o022:
+            os.chmod(folder, 0o700)
 
 
 def _existing(cachedir: str | Path) -> Path | None:
@@ -54,6 +69,7 @@ def _existing(cachedir: str | Path) -> Path | None:
     for folder in _folders(cachedir):
         if not os.path.lexists(folder):
             return None
+        _tighten(folder)
         locks.check_dir(folder, ROLE, "read create journals")
     return _folders(cachedir)[1]
 

@@ -159,3 +159,15 @@ def test_the_journal_directory_is_made_root_only(tmp_path):
         info = os.lstat(folder)
         assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700
         assert info.st_uid == os.geteuid()
+
+
+def test_a_journal_folder_an_earlier_version_made_0755_is_closed_not_refused(tmp_path):
+    import os
+    import stat
+
+    (tmp_path / "salt-kvm").mkdir(mode=0o755)
+    os.chmod(tmp_path / "salt-kvm", 0o755)
+    journal = intent.Journal(tmp_path, "vm1")
+    assert list(intent.journals({"cachedir": str(tmp_path)})) == []
+    journal.begin(keep=journal.stale())
+    assert stat.S_IMODE(os.lstat(tmp_path / "salt-kvm").st_mode) == 0o700
