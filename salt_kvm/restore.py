@@ -43,7 +43,10 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 # host's devices, folders, files or QEMU's command line.
 HOST_DEVICES = ("hostdev", "filesystem", "shmem", "redirdev", "smartcard")
 CHARDEVS = ("serial", "console", "channel", "parallel")
-HOST_CHARDEV_TYPES = ("file", "dev", "pipe")
+# Character devices a restored domain keeps: libvirt allocates a pty or socket
+# of its own (prepare_identity drops a stored unix path). Others open host
+# files, devices or pipes, or listen on (or reach) the host's network.
+CHARDEV_TYPES = ("pty", "unix", "spicevmc", "spiceport", "null", "vc", "qemu-vdagent")
 HOST_BOOT_FILES = ("kernel", "initrd", "dtb")
 # Firmware (a loader, an NVRAM template) is read from these folders only: any
 # other host file would become the guest's flash or its variables.
@@ -207,10 +210,10 @@ def _refuse_host_access(point: bs.Point, xml: Domain) -> None:
     the new domain the host's devices, folders or files, or QEMU arguments."""
     found = [f"{e.tag} device" for tag in HOST_DEVICES for e in xml.node.iter(tag)]
     found += [
-        f"{e.tag} of type {e.get('type')!r}"
+        f"{e.tag} of type {e.get('type')!r} (accepted: {', '.join(CHARDEV_TYPES)})"
         for tag in CHARDEVS
         for e in xml.node.iter(tag)
-        if e.get("type") in HOST_CHARDEV_TYPES
+        if (e.get("type") or "pty") not in CHARDEV_TYPES
     ]
     found += [f"os/{tag}" for tag in HOST_BOOT_FILES if xml.node.find(f"os/{tag}") is not None]
     found += _firmware_problems(xml)

@@ -604,8 +604,18 @@ def test_a_domain_folder_planted_in_a_shared_destination_is_refused(conn, vm, tm
         ("<audio id='1' type='file' path='/etc/shadow'/>", "audio of type 'file'"),
         ("<graphics type='sdl' display=':0'/>", r"graphics of type 'sdl' \(accepted: vnc, spice"),
         ("<rng model='virtio'><backend model='random'>/dev/sda</backend></rng>", "rng backend"),
+        (
+            "<serial type='tcp'><source mode='bind' host='0.0.0.0' service='4555'/>"
+            "<protocol type='telnet'/><target port='2'/></serial>",
+            r"serial of type 'tcp' \(accepted: pty, unix",
+        ),
+        (
+            "<channel type='udp'><source mode='bind' host='0.0.0.0' service='4556'/>"
+            "<target type='virtio' name='x'/></channel>",
+            "channel of type 'udp'",
+        ),
     ],
-    ids=["ethernet-script", "direct", "tpm", "evdev", "audio-file", "sdl", "rng"],
+    ids=["ethernet-script", "direct", "tpm", "evdev", "audio-file", "sdl", "rng", "tcp", "udp"],
 )
 def test_a_stored_device_reaching_the_host_is_refused(conn, tmp_path, stored, extra, match):
     store, points, secret = stored
