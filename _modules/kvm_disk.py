@@ -87,6 +87,7 @@ def attach(
     live=True,
     persistent=True,
     uri=None,
+    test=False,
 ):
     """
     Attach disk ``name`` to ``domain``: a new sparse volume of ``size`` in
@@ -96,7 +97,8 @@ def attach(
     the second disk, e.g. vdb) gives a stable order; ``preallocation``:
     off, metadata (qcow2) or full (raw). ``live`` hot-plugs into a running
     guest, ``persistent`` adds it to the definition (both default true).
-    Returns the disk as ``kvm_disk.list`` shows it.
+    Returns the disk as ``kvm_disk.list`` shows it. ``test=True`` makes every
+    check of the real call (its refusals are the same) and changes nothing.
 
     CLI Example:
 
@@ -123,6 +125,12 @@ def attach(
         raise CommandExecutionError(str(exc)) from exc
     allowed = _allowed_dirs()
     live, persistent = _bool(live, "live"), _bool(persistent, "persistent")
+    if _bool(test, "test", False):
+        return _run(
+            uri,
+            domain,
+            lambda conn, dom: _planned(diskops.plan(conn, dom, spec, allowed, live, persistent)),
+        )
     return _run(
         uri,
         domain,
@@ -137,21 +145,43 @@ def _bool(value, key, default=True):
         raise CommandExecutionError(str(exc)) from exc
 
 
+def _planned(plan):
+    """What a checked attach would make (``test=True``)."""
+    source = plan.source
+    return {
+        "name": plan.spec.name,
+        "target": plan.target,
+        "source": source.path if source is not None else None,
+        "format": source.format if source is not None else plan.spec.format,
+        "new_volume": source is None,
+    }
+
+
 def detach(
-    domain, name, delete=False, live=True, persistent=True, timeout=120, force=False, uri=None
+    domain,
+    name,
+    delete=False,
+    live=True,
+    persistent=True,
+    timeout=120,
+    force=False,
+    uri=None,
+    test=False,
 ):
     """
     Detach disk ``name`` from ``domain`` (the running guest and the definition).
     ``delete=True`` also deletes its volume: only a volume salt-kvm created
     and no other domain uses. Waits up to ``timeout`` seconds for the guest
     to release a hot-plugged disk. The boot disk is detached only with
-    ``force=True`` (the guest would not start again).
+    ``force=True`` (the guest would not start again). ``test=True`` makes
+    every check of the real call (its refusals are the same) and changes nothing.
 
     CLI Example:
 
     .. code-block:: bash
 
         salt hypervisor kvm_disk.detach vm1 data
+        salt hypervisor kvm_disk.detach vm1 vda test=True
         salt hypervisor kvm_disk.detach vm1 data delete=True
     """
     return _run(
@@ -166,6 +196,7 @@ def detach(
             persistent=_bool(persistent, "persistent"),
             timeout=seconds(timeout, "timeout", 0),
             force=_bool(force, "force", False),
+            check_only=_bool(test, "test", False),
         ),
     )
 

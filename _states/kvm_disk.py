@@ -95,6 +95,15 @@ def attached(
         return _attached_already(ret, domain, current, spec, uri)
     where = f"{human_size(spec.size)} volume" if spec.new else spec.path
     if __opts__["test"]:
+        # the real call's checks (allowed directories, probed formats...): its
+        # refusals are the real run's
+        try:
+            __salt__["kvm_disk.attach"](
+                domain, name, live=live, persistent=persistent, uri=uri, test=True, **args
+            )
+        except CommandExecutionError as exc:
+            ret.update(result=False, comment=str(exc))
+            return ret
         ret.update(
             result=None,
             changes={"old": None, "new": {"name": name, "domain": domain, "source": where}},
@@ -161,6 +170,20 @@ def detached(name, domain, delete=False, timeout=120, force=False, uri=None):
     if current is None:
         ret["comment"] = f"{domain} has no disk named {name}"
         return ret
+    # test=True runs the real call's checks: its refusals are the real run's
+    try:
+        result = __salt__["kvm_disk.detach"](
+            domain,
+            name,
+            delete=delete,
+            timeout=timeout,
+            force=force,
+            uri=uri,
+            test=bool(__opts__["test"]),
+        )
+    except CommandExecutionError as exc:
+        ret.update(result=False, comment=str(exc))
+        return ret
     if __opts__["test"]:
         ret.update(
             result=None,
@@ -168,13 +191,6 @@ def detached(name, domain, delete=False, timeout=120, force=False, uri=None):
             comment=f"Disk {name} would be detached from {domain}"
             + (" and its volume deleted" if delete else ""),
         )
-        return ret
-    try:
-        result = __salt__["kvm_disk.detach"](
-            domain, name, delete=delete, timeout=timeout, force=force, uri=uri
-        )
-    except CommandExecutionError as exc:
-        ret.update(result=False, comment=str(exc))
         return ret
     ret.update(
         changes={"old": current, "new": None, **({"deleted": result["deleted"]} if delete else {})},

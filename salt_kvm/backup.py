@@ -144,8 +144,12 @@ def _run(engine: core.Method, dom, store, point_id, disks, parent, reason, quies
         engine.copy(run)
         images = core.finish_images(disks, partial, run.parent)
         xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-        (partial / bs.DOMAIN_XML).write_text(xml)
-        os.chmod(partial / bs.DOMAIN_XML, 0o600)  # a secure dump: may hold passwords
+        # a secure dump (it may hold passwords): 0600 from its first byte
+        fd = os.open(
+            partial / bs.DOMAIN_XML, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+        )
+        with os.fdopen(fd, "w") as handle:
+            handle.write(xml)
         point = bs.Point(
             id=point_id,
             domain=dom.name(),

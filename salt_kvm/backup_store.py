@@ -470,10 +470,47 @@ class Store:
     @contextlib.contextmanager
     def locked(self, what: str = "backup") -> Iterator[None]:
         """One run at a time per domain: a second one is refused, not queued."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.make_root()
         busy = f"another run holds the backup lock of {self.domain} in {self.dest}"
         with flocked(self.root / LOCK, what, busy):
             yield
+
+    def make_root(self) -> Path:
+        """The domain's folder, made (0755) if missing, and checked before
+        anything is written into it or read from it under the lock: a real
+        folder (never a link) owned by this process's user, root or the
+        destination's owner, writable by nobody else. In a world-writable
+        destination a local user could otherwise make ``dest/<domain>`` first
+        and own every image root writes there."""
+        try:
+            os.mkdir(self.root, 0o755)
+            os.chmod(self.root, 0o755)  # whatever the umask
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(self.dest, 0o755, exist_ok=True)
+            return self.make_root()
+        info = os.lstat(self.root)
+        owners = {os.geteuid(), 0, os.stat(self.dest).st_uid}
+        problem = None
+        if not stat.S_ISDIR(info.st_mode):
+            problem = "is a symbolic link or not a folder"
+        elif info.st_uid not in owners:
+            problem = (
+                f"is owned by uid {info.st_uid}, not by this process's user, root or the "
+                "destination's owner"
+            )
+        elif stat.S_IMODE(info.st_mode) & 0o022:
+            problem = (
+                f"has mode {stat.S_IMODE(info.st_mode):04o}: writable by group or others "
+                "(accepted: not group- or world-writable, as 0755)"
+            )
+        if problem:
+            raise SaltKvmError(
+                f"backup folder {self.root} {problem}: refused, nothing written (someone "
+                "else may have made it; remove it and salt-kvm makes its own)"
+            )
+        return self.root
 
     def begin(self, point_id: str) -> Path:
         partial = self.root / f"{PARTIAL}{point_id}"

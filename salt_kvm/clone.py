@@ -114,6 +114,7 @@ def prepare_identity(xml: Domain, name: str, virt_type: str, taken_macs: set[str
     for iface in xml.interfaces:
         iface.mac = new_mac(taken_macs)
         iface.target_dev = None
+    _own_nvram(xml)
     devices = xml.node.find("devices")
     if devices is None:
         return xml
@@ -136,6 +137,21 @@ def prepare_identity(xml: Domain, name: str, virt_type: str, taken_macs: set[str
             if source is not None:
                 disk.node.remove(source)  # eject: a base's ISO is not the clone's
     return xml
+
+
+def _own_nvram(xml: Domain) -> None:
+    """A copy never shares its origin's UEFI variables: the origin's NVRAM file
+    (path or ``<source>``) is dropped, so libvirt makes the copy its own from
+    the template; undefining the copy (which deletes its NVRAM) then leaves the
+    origin's alone."""
+    nvram = xml.node.find("os/nvram")
+    if nvram is None:
+        return
+    keep = {k: v for k, v in nvram.attrib.items() if k in ("template", "templateFormat")}
+    if not keep:
+        nvram.getparent().remove(nvram)
+        return
+    nvram.getparent().replace(nvram, nvram.makeelement("nvram", keep))
 
 
 def check_name_free(conn: libvirt.virConnect, name: str) -> None:

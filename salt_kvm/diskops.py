@@ -189,10 +189,13 @@ def detach(
     timeout: float = 120,
     interval: float = 0.5,
     force: bool = False,
+    check_only: bool = False,
 ) -> dict:
     """Detach disk ``name``; with ``delete``, also delete its volume, which must
     be one salt-kvm created and nobody else uses. The boot disk only with
-    ``force``: without it the guest does not start again."""
+    ``force``: without it the guest does not start again. ``check_only``: every
+    refusal of the real call, and what it would return, with nothing changed
+    (a state's ``test=True`` predicts the real run)."""
     config, live_xml = domain_xmls(dom)
     in_config, in_live = find_disk(config, name), find_disk(live_xml, name)
     if in_config is None and in_live is None:
@@ -209,7 +212,11 @@ def detach(
         target = (in_live or in_config).target_dev
         created = created_records(config, live_xml)
         _check_deletable(conn, dom, name, path, target, created, live, persistent)
+    if not ((in_live is not None and live) or (in_config is not None and persistent)):
+        raise SpecError("live", f"disk {name!r} is not where live/persistent point", "true")
     before = describe(conn, dom)[name]
+    if check_only:
+        return {"old": before, "new": None, "deleted": path if delete else None}
     flags = 0
     if in_live is not None and live:
         _detach_live(dom, in_live, timeout, interval)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import libvirt
 from lxml import etree
 
-from . import chains, imagefetch, locks, redact
+from . import chains, disks, imagefetch, locks, redact
 from .checks import one_of, text
 from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
 from .imagefetch import Checksum
@@ -87,8 +87,8 @@ def parse_image(values: dict) -> ImageSpec:
         raise SpecError(
             "image", f"{redact.url(source)!r} is not a URL or absolute path", ACCEPTED_SOURCE
         )
-    if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-        raise SpecError("image", f"{path!r} is not a readable file", ACCEPTED_SOURCE)
+    if path is not None:
+        _check_local(path, values.get("image_allowed_dirs"))
     checksum = values.get("image_checksum")
     return ImageSpec(
         source=source,
@@ -96,6 +96,28 @@ def parse_image(values: dict) -> ImageSpec:
         format=one_of(values, "image_format", imagefetch.FORMAT_CHOICES, "auto"),
         pool=text(values, "image_pool") or DEFAULT_POOL,
     )
+
+
+def _check_local(path: str, allowed: object) -> None:
+    """A local image is read as root on the salt-cloud machine into a guest's
+    disk (as raw, any file is an image): only below a directory the provider
+    opens with ``image_allowed_dirs``, symbolic links resolved first."""
+    dirs = [os.path.realpath(d) for d in disks.parse_allowed_dirs(allowed, "image_allowed_dirs")]
+    real = os.path.realpath(path)
+    if not disks.within(real, dirs):
+        where = f"{path!r}" + (f" (really {real!r})" if real != os.path.normpath(path) else "")
+        raise SpecError(
+            "image",
+            f"{where} is outside image_allowed_dirs",
+            (
+                f"a file below {', '.join(dirs)}"
+                if dirs
+                else "a file below a directory of image_allowed_dirs (provider configuration)"
+            )
+            + ", or an http(s) URL",
+        )
+    if not (os.path.isfile(real) and os.access(real, os.R_OK)):
+        raise SpecError("image", f"{path!r} is not a readable file", ACCEPTED_SOURCE)
 
 
 def cache_key(image: ImageSpec, validator: str | None) -> str:

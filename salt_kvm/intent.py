@@ -26,10 +26,52 @@ from typing import Any
 
 import libvirt
 
+from . import locks
 from .errors import ConflictError
 
 log = logging.getLogger(__name__)
 SUBDIR = "salt-kvm/creating"
+ROLE = "create journal directory"
+
+
+def _folders(cachedir: str | Path) -> tuple[Path, Path]:
+    top = Path(cachedir) / SUBDIR
+    return top.parent, top
+
+
+def _made(cachedir: str | Path) -> Path:
+    """The journal directory, made root-only if missing; every level below the
+    cachedir checked like the lock directory (a real directory of ours, 0700):
+    a link or another user's folder planted there is refused, not written."""
+    for folder in _folders(cachedir):
+        _tighten(folder)
+        locks.secure_dir(folder, ROLE, "write a create journal")
+    return _folders(cachedir)[1]
+
+
+def _tighten(folder: Path) -> None:
+    """Earlier versions made ``<cachedir>/salt-kvm`` with the umask's 0755: a
+    folder of ours that nobody else can write to is closed to 0700 (one
+    others could write to, or another user's, is still refused)."""
+    try:
+        info = os.lstat(folder)
+    except FileNotFoundError:
+        return
+    mode = info.st_mode & 0o777
+    if info.st_uid == os.geteuid() and os.path.isdir(folder) and not os.path.islink(folder):
+        if mode & 0o077 and not mode & 0o022:
+            os.chmod(folder, 0o700)
+
+
+def _existing(cachedir: str | Path) -> Path | None:
+    """The journal directory if there is one, checked the same way before any
+    journal in it is read (a planted journal would name guests to remove)."""
+    for folder in _folders(cachedir):
+        if not os.path.lexists(folder):
+            return None
+        _tighten(folder)
+        locks.check_dir(folder, ROLE, "read create journals")
+    return _folders(cachedir)[1]
 
 
 def _start_time(pid: int) -> str | None:
@@ -55,6 +97,7 @@ class Journal:
     """The intent journal of one create of ``name``; see the module docstring."""
 
     def __init__(self, directory: str | Path, name: str) -> None:
+        self.cachedir = Path(directory)
         self.dir = Path(directory) / SUBDIR
         self.path = self.dir / f"{name}.jsonl"
         self.name = name
@@ -71,10 +114,14 @@ class Journal:
         """(owner, records) of the journal on disk; a torn last line is skipped."""
         owner: dict = {}
         records = []
+        if _existing(self.cachedir) is None:
+            return owner, records
         try:
-            lines = self.path.read_text().splitlines()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             return owner, records
+        with os.fdopen(fd) as handle:
+            lines = handle.read().splitlines()
         for line in lines:
             try:
                 entry = json.loads(line)
@@ -89,7 +136,7 @@ class Journal:
     def stale(self) -> list[dict] | None:
         """A killed run's records; None when there is no journal. A journal of
         a live process is another create of this name, running now: refused."""
-        if not self.path.exists():
+        if _existing(self.cachedir) is None or not os.path.lexists(self.path):
             return None
         owner, records = self.read()
         if owner and _alive(owner):
@@ -107,8 +154,7 @@ class Journal:
         self._write()
 
     def _write(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.dir, 0o700)
+        _made(self.cachedir)
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:
@@ -151,11 +197,12 @@ class Journal:
 
 
 def journals(opts: dict) -> Iterator[Journal]:
-    directory = Path(opts.get("cachedir") or "/var/cache/salt/cloud") / SUBDIR
-    if not directory.is_dir():
+    cachedir = opts.get("cachedir") or "/var/cache/salt/cloud"
+    directory = _existing(cachedir)
+    if directory is None:
         return
     for path in sorted(directory.glob("*.jsonl")):
-        yield Journal(opts.get("cachedir") or "/var/cache/salt/cloud", path.name[: -len(".jsonl")])
+        yield Journal(cachedir, path.name[: -len(".jsonl")])
 
 
 def killed(opts: dict) -> set[str]:

@@ -30,9 +30,10 @@ def lock_dir() -> Path:
     return Path(os.environ.get("SALT_KVM_LOCK_DIR") or LOCK_DIR)
 
 
-def secure_dir(path: str | os.PathLike | None = None) -> Path:
-    """Create ``path`` (0700) if missing, then check it is a real directory
-    owned by us and closed to everybody else; anything else is refused."""
+def secure_dir(
+    path: str | os.PathLike | None = None, role: str = "lock directory", use: str = "take a lock"
+) -> Path:
+    """Create ``path`` (0700) if missing, then check it (:func:`check_dir`)."""
     path = Path(path) if path is not None else lock_dir()
     try:
         os.mkdir(path, 0o700)
@@ -42,6 +43,16 @@ def secure_dir(path: str | os.PathLike | None = None) -> Path:
         os.makedirs(path.parent, 0o755, exist_ok=True)
         with contextlib.suppress(FileExistsError):
             os.mkdir(path, 0o700)
+    return check_dir(path, role, use)
+
+
+def check_dir(
+    path: str | os.PathLike, role: str = "lock directory", use: str = "take a lock"
+) -> Path:
+    """``path`` must be a real directory (not a link) owned by us and closed
+    to everybody else; anything else is refused, naming ``role``. The one
+    check for every root-only folder of salt-kvm (locks, create journals)."""
+    path = Path(path)
     info = os.lstat(path)
     problem = None
     if not stat.S_ISDIR(info.st_mode):
@@ -52,7 +63,7 @@ def secure_dir(path: str | os.PathLike | None = None) -> Path:
         problem = f"has mode {stat.S_IMODE(info.st_mode):04o}; it must be 0700"
     if problem:
         raise SaltKvmError(
-            f"lock directory {path} {problem}: refusing to take a lock there "
+            f"{role} {path} {problem}: refusing to {use} there "
             "(remove it, salt-kvm recreates it owned by root with mode 0700)"
         )
     return path

@@ -16,6 +16,11 @@ from .errors import SaltKvmError
 QEMU_IMG = "qemu-img"
 PERCENT_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 PR_SET_PDEATHSIG = 1
+# Every file qemu-img makes (backup images, restores, overlays) is 0600 from its
+# first byte: a guest's disk in a traversable folder with a predictable name is
+# not readable by a local user while it is written. Callers chmod afterwards
+# where another mode is wanted (an in-place restore keeps the old file's).
+UMASK = 0o077
 
 
 def available() -> bool:
@@ -25,7 +30,9 @@ def available() -> bool:
 def run(*args: str, timeout: float | None = None) -> str:
     cmd = [QEMU_IMG, *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=False, umask=UMASK
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SaltKvmError(f"{' '.join(cmd)}: {exc}") from exc
     if proc.returncode != 0:
@@ -111,7 +118,11 @@ def run_progress(*args: str, progress: Callable[[float], None] | None = None) ->
     with tempfile.TemporaryFile() as err:
         try:
             proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=err, preexec_fn=_die_with_parent
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                preexec_fn=_die_with_parent,
+                umask=UMASK,
             )
         except OSError as exc:
             raise SaltKvmError(f"{' '.join(cmd)}: {exc}") from exc

@@ -43,8 +43,35 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 # host's devices, folders, files or QEMU's command line.
 HOST_DEVICES = ("hostdev", "filesystem", "shmem", "redirdev", "smartcard")
 CHARDEVS = ("serial", "console", "channel", "parallel")
-HOST_CHARDEV_TYPES = ("file", "dev", "pipe")
+# Character devices a restored domain keeps: libvirt allocates a pty or socket
+# of its own (prepare_identity drops a stored unix path). Others open host
+# files, devices or pipes, or listen on (or reach) the host's network.
+CHARDEV_TYPES = ("pty", "unix", "spicevmc", "spiceport", "null", "vc", "qemu-vdagent")
 HOST_BOOT_FILES = ("kernel", "initrd", "dtb")
+# Firmware (a loader, an NVRAM template) is read from these folders only: any
+# other host file would become the guest's flash or its variables.
+FIRMWARE_DIRS = (
+    "/usr/share/OVMF",
+    "/usr/share/AAVMF",
+    "/usr/share/ovmf",
+    "/usr/share/edk2",
+    "/usr/share/edk2-ovmf",
+    "/usr/share/qemu",
+    "/usr/share/qemu-efi-aarch64",
+    "/usr/share/seabios",
+)
+LOOPBACK = "127.0.0.1"
+GRAPHICS_TYPES = ("vnc", "spice")  # the ones that can listen on loopback only
+# Interfaces a stored definition keeps: a libvirt network or bridge. Others run
+# host scripts (ethernet), take a host NIC (direct, hostdev) or host sockets.
+INTERFACE_TYPES = ("network", "bridge", "user")
+# What other devices are given of the host when their backend names it.
+HOST_BACKENDS = (
+    ("tpm/backend", "type", ("passthrough",)),
+    ("input", "type", ("passthrough", "evdev")),
+    ("audio", "type", ("file", "oss", "alsa")),
+)
+RNG_SOURCES = ("/dev/urandom", "/dev/random")
 
 
 def _pool_dir(conn: libvirt.virConnect, pool: str) -> tuple[libvirt.virStoragePool, str]:
@@ -134,6 +161,7 @@ def _as_new(
     xml = Domain(bs.read_no_follow(store.path(point) / bs.DOMAIN_XML, DOMAIN_XML_MAX))
     _refuse_host_access(point, xml)
     prepare_identity(xml, target, xml.type or "kvm", used_macs(conn))
+    _graphics_on_loopback(xml)
     devices = xml.node.find("devices")
     plan: list[tuple[Disk, bs.DiskImage, str]] = []
     for disk in xml.disks:
@@ -182,12 +210,38 @@ def _refuse_host_access(point: bs.Point, xml: Domain) -> None:
     the new domain the host's devices, folders or files, or QEMU arguments."""
     found = [f"{e.tag} device" for tag in HOST_DEVICES for e in xml.node.iter(tag)]
     found += [
-        f"{e.tag} of type {e.get('type')!r}"
+        f"{e.tag} of type {e.get('type')!r} (accepted: {', '.join(CHARDEV_TYPES)})"
         for tag in CHARDEVS
         for e in xml.node.iter(tag)
-        if e.get("type") in HOST_CHARDEV_TYPES
+        if (e.get("type") or "pty") not in CHARDEV_TYPES
     ]
     found += [f"os/{tag}" for tag in HOST_BOOT_FILES if xml.node.find(f"os/{tag}") is not None]
+    found += _firmware_problems(xml)
+    found += [
+        f"graphics of type {e.get('type')!r} (accepted: {', '.join(GRAPHICS_TYPES)})"
+        for e in xml.node.iter("graphics")
+        if e.get("type") not in GRAPHICS_TYPES
+    ]
+    found += [
+        f"interface of type {e.get('type')!r} (accepted: {', '.join(INTERFACE_TYPES)})"
+        for e in xml.node.iter("interface")
+        if e.get("type") not in INTERFACE_TYPES
+    ]
+    found += [f"interface script {e.get('path')!r}" for e in xml.node.iter("script")]
+    devices = xml.node.find("devices")
+    for path, attr, hostile in HOST_BACKENDS if devices is not None else ():
+        found += [
+            f"{path} of {attr} {e.get(attr)!r}"
+            for e in devices.findall(path)
+            if e.get(attr) in hostile
+        ]
+    found += [
+        f"rng backend {(e.text or '').strip()!r} (accepted: {', '.join(RNG_SOURCES)})"
+        for e in xml.node.iter("backend")
+        if e.getparent().tag == "rng"
+        and e.get("model") == "random"
+        and (e.text or "").strip() not in ("", *RNG_SOURCES)
+    ]
     found += sorted(
         {
             f"qemu:{etree.QName(e).localname}"
@@ -200,6 +254,38 @@ def _refuse_host_access(point: bs.Point, xml: Domain) -> None:
             f"backup point {point.id}: {bs.DOMAIN_XML} asks for {', '.join(found)}, which a "
             "restored domain is not given (refused: the store is untrusted; define it by hand)"
         )
+
+
+def _in_firmware_dirs(path: str) -> bool:
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, folder]) == folder for folder in FIRMWARE_DIRS)
+
+
+def _firmware_problems(xml: Domain) -> list[str]:
+    found = []
+    loader = xml.node.find("os/loader")
+    if loader is not None and (loader.text or "").strip():
+        if not _in_firmware_dirs(loader.text.strip()):
+            found.append(f"os/loader {loader.text.strip()}")
+    nvram = xml.node.find("os/nvram")
+    if nvram is not None and nvram.get("template"):
+        if not _in_firmware_dirs(nvram.get("template")):
+            found.append(f"os/nvram template {nvram.get('template')}")
+    if found:
+        found[-1] += f" (accepted: files below {', '.join(FIRMWARE_DIRS)})"
+    return found
+
+
+def _graphics_on_loopback(xml: Domain) -> None:
+    """A console of the restored domain is reachable from this host only, as
+    salt-kvm's own guests' are: no address of the store's choosing, no socket
+    path (qemu would unlink what is there), no host render node."""
+    for graphics in xml.node.iter("graphics"):
+        for child in graphics.findall("listen") + graphics.findall("gl"):
+            graphics.remove(child)
+        for attr in ("socket", "listen"):
+            graphics.attrib.pop(attr, None)
+        graphics.set("listen", LOOPBACK)
 
 
 def _remove(conn: libvirt.virConnect, path: str) -> None:
@@ -314,6 +400,22 @@ def _in_place(conn: libvirt.virConnect, store: bs.Store, point: bs.Point, force:
         raise ConflictError(
             f"an in-place restore overwrites the disks of {point.domain}; pass force=True"
         )
+    # The lock snapshot operations and backup runs of the domain hold: a
+    # snapshot or a run's overlay made while the disks are rewritten would
+    # stand on images this restore replaces.
+    with bs.domain_locked(
+        dom.UUIDString(), point.domain, None, what=f"in-place restore of {point.domain}"
+    ):
+        if dom.isActive():
+            raise ConflictError(
+                f"{point.domain} is running: shut it off before an in-place restore"
+            )
+        return _in_place_locked(conn, store, point, dom)
+
+
+def _in_place_locked(
+    conn: libvirt.virConnect, store: bs.Store, point: bs.Point, dom: libvirt.virDomain
+) -> dict:
     if dom.snapshotNum(0):
         raise ConflictError(f"{point.domain} has snapshots; delete them before restoring in place")
     xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))

@@ -161,7 +161,7 @@ def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
 
 # ---- the whole profile -----------------------------------------------------
 
-IMAGE_KEYS = ("image_checksum", "image_format", "image_pool")
+IMAGE_KEYS = ("image_checksum", "image_format", "image_pool")  # image_allowed_dirs: provider-wide
 
 
 def _base_or_image(values: dict) -> tuple[str | None, images.ImageSpec | None]:

@@ -95,6 +95,7 @@ SPEC_KEYS = (
     "image_checksum",
     "image_format",
     "image_pool",
+    "image_allowed_dirs",
     "cloud_init",
     "swap",
     "host",
@@ -198,7 +199,7 @@ def _written_keys(vm_):
 
 # Keys that widen what the hypervisor exposes: its operator sets them (provider
 # or master configuration), never a profile, which a requester may write.
-HYPERVISOR_KEYS = ("disk_allowed_dirs",)
+HYPERVISOR_KEYS = ("disk_allowed_dirs", "image_allowed_dirs")
 
 
 def _check_profile_keys(vm_):

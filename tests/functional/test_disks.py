@@ -293,3 +293,70 @@ def test_the_boot_disk_is_the_one_with_boot_order_one():
 
     etree.SubElement(data.node, "boot", order="1")
     assert diskops.is_boot_disk(xml, "data") and not diskops.is_boot_disk(xml, first.name)
+
+
+def _disk_state(conn, monkeypatch, test):
+    """The kvm_disk state over the real execution module, on ``conn``."""
+    import contextlib
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    loaded = {}
+    for kind in ("_modules", "_states"):
+        spec = importlib.util.spec_from_file_location(
+            f"kvm_disk_{kind}", repo / kind / "kvm_disk.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.__opts__, module.__pillar__ = {"test": test}, {}
+        loaded[kind] = module
+    mod, st = loaded["_modules"], loaded["_states"]
+    monkeypatch.setattr(mod, "connection_for", lambda *a: contextlib.nullcontext(conn))
+    mod.__salt__ = {"config.get": lambda key, default=None: default}
+    st.__salt__ = {
+        f"kvm_disk.{name}": getattr(mod, func)
+        for name, func in (("list", "list_"), ("detach", "detach"), ("attach", "attach"))
+    }
+    return st
+
+
+def test_detached_with_test_true_reports_the_refusal_the_real_run_makes(
+    conn, pool, base, monkeypatch
+):
+    """test=True must predict the real run: the boot disk without force is a
+    refusal naming force (result False), not "would be detached"."""
+    before = definition(base)
+    name = diskops.describe(conn, base)
+    boot = next(iter(name))
+    real = _disk_state(conn, monkeypatch, test=False).detached(boot, "base")
+    dry = _disk_state(conn, monkeypatch, test=True).detached(boot, "base")
+    assert real["result"] is False and "force" in real["comment"]
+    assert dry["result"] is False and "force" in dry["comment"], dry
+    assert dry["changes"] == {}
+    assert definition(base) == before
+    # with force, test=True says it would be detached, and still changes nothing
+    dry = _disk_state(conn, monkeypatch, test=True).detached(boot, "base", force=True)
+    assert dry["result"] is None and "would be detached" in dry["comment"]
+    assert definition(base) == before
+
+
+def test_attached_with_test_true_reports_the_refusal_the_real_run_makes(
+    conn, pool, base, monkeypatch, tmp_path
+):
+    """A path outside the pools and allowed directories (or a probed qcow2
+    without format) is refused by the real run: test=True says so too."""
+    outside = tmp_path / "host.raw"
+    outside.write_bytes(b"\0" * 1024 * 1024)
+    before = definition(base), state(conn, pool)
+    for test in (False, True):
+        ret = _disk_state(conn, monkeypatch, test=test).attached(
+            "data", "base", path=str(outside), format="raw"
+        )
+        assert ret["result"] is False and ret["changes"] == {}, (test, ret)
+    assert (definition(base), state(conn, pool)) == before
+    dry = _disk_state(conn, monkeypatch, test=True).attached(
+        "data", "base", size="1G", pool="default-pool"
+    )
+    assert dry["result"] is None and "would be attached" in dry["comment"], dry
+    assert (definition(base), state(conn, pool)) == before

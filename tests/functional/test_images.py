@@ -38,6 +38,7 @@ def spec(image_file, checksum, **values):
         {
             "name": "vm1",
             "image": str(image_file),
+            "image_allowed_dirs": [str(image_file.parent)],
             "image_checksum": checksum,
             "image_pool": "default-pool",
             "virt_type": "qemu",

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from salt_kvm import intent, provision
-from salt_kvm.errors import ConflictError
+from salt_kvm.errors import ConflictError, SaltKvmError
 from salt_kvm.rollback import Rollback
 
 from .test_provision import spec, state
@@ -109,3 +109,65 @@ def test_a_killed_creates_domain_is_not_listed_as_a_node(conn, pool, base, tmp_p
     assert intent.killed({"cachedir": str(tmp_path)}) == set()  # its process runs: a create
     killed(journal)
     assert intent.killed({"cachedir": str(tmp_path)}) == {"vm1"}
+
+
+@pytest.mark.parametrize("how", ["symlink", "other-owner", "open-mode"])
+def test_a_planted_journal_directory_is_refused_and_never_read(conn, pool, base, tmp_path, how):
+    """salt-cloud's cachedir path may be reachable by a local user (a careless
+    ``cachedir``): a journal directory that is a link, another user's or open
+    to others is refused before a journal is written, and its planted journals
+    are never undone (they would remove any salt-kvm guest by name)."""
+    import os
+
+    if how == "other-owner" and os.geteuid() != 0:
+        pytest.skip("only root can give a directory away")
+    before = state(conn, pool)
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "base.jsonl").write_text(
+        '{"owner": {"pid": 1, "start": "0"}}\n{"kind": "domain", "name": "base"}\n'
+    )
+    (tmp_path / "salt-kvm").mkdir(mode=0o700)
+    creating = tmp_path / intent.SUBDIR
+    if how == "symlink":
+        creating.symlink_to(planted)
+    else:
+        os.rename(planted, creating)
+        if how == "other-owner":
+            os.chown(creating, 65534, 65534)
+        else:
+            os.chmod(creating, 0o777)
+    journal = intent.Journal(tmp_path, "vm1")
+    with pytest.raises(SaltKvmError, match=rf"{creating} .*refusing"):
+        journal.begin(keep=journal.stale())
+    assert not (creating / "vm1.jsonl").exists()
+    opts = {"cachedir": str(tmp_path)}
+    with pytest.raises(SaltKvmError, match="refusing to read create journals"):
+        list(intent.journals(opts))
+    with pytest.raises(SaltKvmError, match="refusing to read create journals"):
+        intent.killed(opts)
+    assert state(conn, pool) == before
+
+
+def test_the_journal_directory_is_made_root_only(tmp_path):
+    import os
+    import stat
+
+    journal = intent.Journal(tmp_path, "vm1")
+    journal.begin(keep=journal.stale())
+    for folder in (tmp_path / "salt-kvm", tmp_path / intent.SUBDIR):
+        info = os.lstat(folder)
+        assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700
+        assert info.st_uid == os.geteuid()
+
+
+def test_a_journal_folder_an_earlier_version_made_0755_is_closed_not_refused(tmp_path):
+    import os
+    import stat
+
+    (tmp_path / "salt-kvm").mkdir(mode=0o755)
+    os.chmod(tmp_path / "salt-kvm", 0o755)
+    journal = intent.Journal(tmp_path, "vm1")
+    assert list(intent.journals({"cachedir": str(tmp_path)})) == []
+    journal.begin(keep=journal.stale())
+    assert stat.S_IMODE(os.lstat(tmp_path / "salt-kvm").st_mode) == 0o700

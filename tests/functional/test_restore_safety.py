@@ -436,3 +436,235 @@ def test_a_lock_file_planted_as_a_link_is_never_followed(conn, tmp_path, stored)
         backup_ops.prune(str(store.dest), "vm", keep=1)
     assert victim.read_text() == "precious"
     assert os.listdir(tmp_path / "pool") == []
+
+
+# ---- gaps found after the first round (red team) ----------------------------------
+def test_in_place_restore_is_refused_while_a_snapshot_or_backup_holds_the_domain(
+    conn, vm, dest, tmp_path, monkeypatch
+):
+    """An in-place restore rewrites the disks a snapshot operation or a backup
+    run of the domain is working on: it takes their per-domain lock, and is
+    refused (naming the holder) with nothing written while they run."""
+    from salt_kvm import snapshot
+    from salt_kvm.errors import ConflictError
+
+    monkeypatch.setenv("SALT_KVM_LOCK_DIR", str(tmp_path / "locks"))
+    dom, disk, data, base = vm
+    backup.create(conn, "vm", dest, method="snapshot")
+    qemu_io(data, "write -P 7 0 16M", "raw")
+    sums = {p: bs.sha256_file(p) for p in (disk, data)}
+    with snapshot.locked(dom, "snapshot s1"):
+        with pytest.raises(ConflictError, match=r"held by snapshot s1 of vm pid"):
+            restore.restore(conn, "vm", dest, force=True)
+    assert {p: bs.sha256_file(p) for p in (disk, data)} == sums
+    assert sorted(os.listdir(os.path.dirname(disk))) == ["base.qcow2", "vm-data.raw", "vm.qcow2"]
+    # and a snapshot is refused while an in-place restore writes
+    tried = []
+    convert = qemuimg.convert
+
+    def convert_and_snapshot(*args, **kwargs):
+        try:
+            snapshot.create(conn, "vm", "s2")
+            tried.append(None)
+        except SaltKvmError as exc:
+            tried.append(exc)
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(qemuimg, "convert", convert_and_snapshot)
+    restore.restore(conn, "vm", dest, force=True)
+    assert tried and all(isinstance(e, ConflictError) for e in tried), tried
+    assert dom.snapshotNum(0) == 0
+
+
+def _hostile_xml(store, point, change):
+    from lxml import etree
+
+    path = store.path(point, bs.DOMAIN_XML)
+    root = etree.fromstring(path.read_bytes())
+    change(root, etree)
+    path.write_bytes(etree.tostring(root))
+    _edit(store, point.id, lambda data: data.update(domain_xml_sha256=bs.sha256_file(path)))
+
+
+@pytest.mark.parametrize(
+    "what,match",
+    [("loader", r"os/loader /etc/shadow"), ("template", r"os/nvram template /etc/shadow")],
+)
+def test_a_stored_firmware_path_outside_the_firmware_folders_is_refused(
+    conn, tmp_path, stored, what, match
+):
+    """A loader (read by the guest as its flash) or an NVRAM template (copied
+    into the guest's variables) is a host file: only the host's firmware
+    folders are accepted."""
+    store, points, secret = stored
+
+    def change(root, etree):
+        os_ = root.find("os")
+        loader = etree.SubElement(os_, "loader", readonly="yes", type="pflash")
+        loader.text = "/etc/shadow" if what == "loader" else "/usr/share/OVMF/OVMF_CODE.fd"
+        nvram = etree.SubElement(os_, "nvram")
+        if what == "template":
+            nvram.set("template", "/etc/shadow")
+
+    _hostile_xml(store, points[-1], change)
+    with pytest.raises(SaltKvmError, match=rf"domain.xml asks for {match}.*refused"):
+        restore.restore(conn, "vm", store.dest, target="vm2", pool="restore")
+    assert os.listdir(tmp_path / "pool") == []
+    assert "vm2" not in [d.name() for d in conn.listAllDomains(0)]
+
+
+def test_a_restored_domain_gets_its_own_nvram_and_loopback_graphics(conn, tmp_path, stored):
+    """The stored NVRAM path is the original's (or any host file, which libvirt
+    would hand to qemu and delete with the new domain): dropped, libvirt makes
+    the new domain its own. Graphics listen on loopback only, whatever the
+    store says (no address of the host, no socket path)."""
+    store, points, secret = stored
+    victim = tmp_path / "vm_VARS.fd"
+    victim.write_text("the original's variables")
+
+    def change(root, etree):
+        os_ = root.find("os")
+        loader = etree.SubElement(os_, "loader", readonly="yes", type="pflash")
+        loader.text = "/usr/share/OVMF/OVMF_CODE.fd"
+        nvram = etree.SubElement(os_, "nvram", template="/usr/share/OVMF/OVMF_VARS.fd")
+        nvram.text = str(victim)
+        devices = root.find("devices")
+        vnc = etree.SubElement(devices, "graphics", type="vnc", port="5900", listen="0.0.0.0")
+        etree.SubElement(vnc, "listen", type="address", address="0.0.0.0")
+        spice = etree.SubElement(devices, "graphics", type="spice", autoport="yes")
+        etree.SubElement(spice, "listen", type="socket", socket=str(tmp_path / "planted"))
+        etree.SubElement(spice, "listen", type="network", network="default")
+
+    _hostile_xml(store, points[-1], change)
+    restore.restore(conn, "vm", store.dest, target="vm2", pool="restore")
+    xml = Domain(conn.lookupByName("vm2").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    nvram = xml.node.find("os/nvram")
+    assert nvram is None or (nvram.text or "").strip() != str(victim)
+    assert str(victim) not in xml.to_xml()
+    graphics = xml.node.findall("devices/graphics")
+    assert len(graphics) == 2
+    for node in graphics:
+        assert node.get("listen") in (None, "127.0.0.1"), node.attrib
+        listens = [dict(e.attrib) for e in node.findall("listen")]
+        assert all(e == {"type": "address", "address": "127.0.0.1"} for e in listens), listens
+    assert victim.read_text() == "the original's variables"
+
+
+@pytest.mark.parametrize("how", ["other-owner", "group-writable", "world-writable", "symlink"])
+def test_a_domain_folder_planted_in_a_shared_destination_is_refused(conn, vm, tmp_path, how):
+    """In a world-writable destination (a careless ``chmod 1777``), a local
+    user can make ``dest/<domain>`` before the first backup: root would then
+    write the guest's data into a folder that user owns. Refused by name,
+    nothing written; a folder root made itself is used."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a folder away")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folder = shared / "vm"
+    if how == "symlink":
+        folder.symlink_to(elsewhere)
+    else:
+        folder.mkdir()
+        if how == "other-owner":
+            os.chown(folder, 65534, 65534)
+        else:
+            os.chmod(folder, 0o775 if how == "group-writable" else 0o777)
+    with pytest.raises(SaltKvmError, match=rf"{folder}.*(owned by uid 65534|writable|link)"):
+        backup.create(conn, "vm", str(shared), method="snapshot")
+    assert os.listdir(elsewhere) == []
+    if how != "symlink":
+        assert os.listdir(folder) == []
+    # once the planted folder is gone, root's own one in the same destination works
+    if how == "symlink":
+        folder.unlink()
+    else:
+        folder.rmdir()
+    made = backup.create(conn, "vm", str(shared), method="snapshot")
+    assert made["kind"] == "full"
+    assert os.lstat(folder).st_uid == 0 and not os.lstat(folder).st_mode & 0o022
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (
+            "<interface type='ethernet'><script path='/tmp/x.sh'/></interface>",
+            r"interface of type 'ethernet'.*interface script '/tmp/x.sh'",
+        ),
+        ("<interface type='direct'><source dev='eth0' mode='bridge'/></interface>", "'direct'"),
+        (
+            "<tpm model='tpm-tis'><backend type='passthrough'>"
+            "<device path='/dev/tpm0'/></backend></tpm>",
+            "tpm/backend of type 'passthrough'",
+        ),
+        ("<input type='evdev'><source dev='/dev/input/event0'/></input>", "input of type 'evdev'"),
+        ("<audio id='1' type='file' path='/etc/shadow'/>", "audio of type 'file'"),
+        ("<graphics type='sdl' display=':0'/>", r"graphics of type 'sdl' \(accepted: vnc, spice"),
+        ("<rng model='virtio'><backend model='random'>/dev/sda</backend></rng>", "rng backend"),
+        (
+            "<serial type='tcp'><source mode='bind' host='0.0.0.0' service='4555'/>"
+            "<protocol type='telnet'/><target port='2'/></serial>",
+            r"serial of type 'tcp' \(accepted: pty, unix",
+        ),
+        (
+            "<channel type='udp'><source mode='bind' host='0.0.0.0' service='4556'/>"
+            "<target type='virtio' name='x'/></channel>",
+            "channel of type 'udp'",
+        ),
+    ],
+    ids=["ethernet-script", "direct", "tpm", "evdev", "audio-file", "sdl", "rng", "tcp", "udp"],
+)
+def test_a_stored_device_reaching_the_host_is_refused(conn, tmp_path, stored, extra, match):
+    store, points, secret = stored
+    _hostile_xml(
+        store, points[-1], lambda root, etree: root.find("devices").append(etree.fromstring(extra))
+    )
+    with pytest.raises(SaltKvmError, match=rf"domain.xml asks for .*{match}.*refused"):
+        restore.restore(conn, "vm", store.dest, target="vm2", pool="restore")
+    assert os.listdir(tmp_path / "pool") == []
+    assert "vm2" not in [d.name() for d in conn.listAllDomains(0)]
+
+
+def test_backup_and_restore_images_are_private_from_their_first_byte(
+    conn, vm, dest, tmp_path, monkeypatch
+):
+    """A point folder is traversable (0711) and its names are predictable: an
+    image qemu-img makes with the umask's 0644 can be opened by any local user
+    while it is written (minutes for a big disk), and the fd kept after the
+    chmod. Every file qemu-img makes for a backup or a restore is 0600 when it
+    is made."""
+    import stat
+
+    old = os.umask(0o022)
+    seen = {}
+
+    def watch(name, where):
+        real = getattr(qemuimg, name)
+
+        def wrapped(*args, **kwargs):
+            real(*args, **kwargs)
+            path = where(args)
+            if os.path.isfile(path):
+                seen[path] = stat.S_IMODE(os.stat(path).st_mode)
+
+        monkeypatch.setattr(qemuimg, name, wrapped)
+
+    watch("copy_flat", lambda a: a[2])
+    watch("convert", lambda a: a[1])
+    watch("create_overlay", lambda a: a[0])
+    try:
+        dom, disk, data, base = vm
+        backup.create(conn, "vm", dest, method="snapshot")
+        qemu_io(data, "write -P 5 4M 4M", "raw")
+        backup.create(conn, "vm", dest, method="snapshot")
+        dir_pool(conn, "restore", tmp_path / "pool")
+        restore.restore(conn, "vm", dest, target="vm2", pool="restore")
+        restore.restore(conn, "vm", dest, force=True)
+    finally:
+        os.umask(old)
+    kinds = {p.rsplit(".", 1)[-1] for p in seen}
+    assert len(seen) >= 6 and "restore-tmp" in kinds, seen
+    assert {p: m for p, m in seen.items() if m & 0o077} == {}

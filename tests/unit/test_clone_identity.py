@@ -67,3 +67,36 @@ def test_new_mac_avoids_taken_addresses():
     first = new_mac(set(), random.Random(1))
     taken = {first}
     assert new_mac(taken, rng) != first
+
+
+def test_a_copy_never_shares_its_origins_nvram():
+    """A quick clone (or a restore) of a UEFI domain that kept the origin's
+    NVRAM path would write the origin's variables, and undefining the copy
+    (which deletes its NVRAM) would delete them: the path goes, the template stays."""
+    xml = Domain(BASE)
+    os_ = xml.node.find("os")
+    if os_ is None:
+        from lxml import etree
+
+        os_ = etree.SubElement(xml.node, "os")
+    from lxml import etree
+
+    loader = etree.SubElement(os_, "loader", readonly="yes", type="pflash")
+    loader.text = "/usr/share/OVMF/OVMF_CODE.fd"
+    nvram = etree.SubElement(os_, "nvram", template="/usr/share/OVMF/OVMF_VARS.fd")
+    nvram.text = "/var/lib/libvirt/qemu/nvram/base_VARS.fd"
+    prepare_identity(xml, "clone", "kvm", set())
+    kept = xml.node.find("os/nvram")
+    assert kept is not None and dict(kept.attrib) == {"template": "/usr/share/OVMF/OVMF_VARS.fd"}
+    assert not (kept.text or "").strip() and len(kept) == 0
+    assert "base_VARS" not in xml.to_xml()
+    assert xml.node.findtext("os/loader") == "/usr/share/OVMF/OVMF_CODE.fd"
+    # a <source> form without a template: the element goes, libvirt makes one
+    xml = Domain(BASE)
+    os_ = (
+        xml.node.find("os") if xml.node.find("os") is not None else etree.SubElement(xml.node, "os")
+    )
+    nvram = etree.SubElement(os_, "nvram", type="file")
+    etree.SubElement(nvram, "source", file="/var/lib/libvirt/qemu/nvram/base_VARS.fd")
+    prepare_identity(xml, "clone", "kvm", set())
+    assert xml.node.find("os/nvram") is None

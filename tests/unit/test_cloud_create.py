@@ -81,3 +81,20 @@ def test_disk_allowed_dirs_in_a_profile_is_refused_by_name(accepted, monkeypatch
     with pytest.raises(SaltCloudConfigError, match=r"profile 'web': disk_allowed_dirs: .*provider"):
         driver.create(dict(VM, disk_allowed_dirs=["/"]))
     assert not accepted.exists()
+
+
+def test_image_allowed_dirs_in_a_profile_is_refused_by_name(accepted, monkeypatch):
+    """Which host files may become a guest's base image is the operator's
+    choice, like disk_allowed_dirs."""
+    driver.__opts__["profiles"]["web"] = {"image_allowed_dirs": ["/"], "image": "/etc/shadow"}
+    with pytest.raises(
+        SaltCloudConfigError, match=r"profile 'web': image_allowed_dirs: .*provider"
+    ):
+        driver.create(dict(VM, image_allowed_dirs=["/"], image="/etc/shadow"))
+    assert not accepted.exists()
+    driver.__opts__["profiles"]["web"] = {"image": "/etc/shadow"}
+    with pytest.raises(
+        SaltCloudConfigError, match=r"image: '/etc/shadow' is outside image_allowed"
+    ):
+        driver.create(dict(VM, image="/etc/shadow"))
+    assert not accepted.exists()

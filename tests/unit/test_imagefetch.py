@@ -196,10 +196,12 @@ def test_parse_image_accepts_urls_and_readable_files(tmp_path):
     disk = tmp_path / "disk.qcow2"
     disk.write_bytes(qcow2_header())
     for source in ("https://127.0.0.1/d.qcow2", str(disk), f"file://{disk}"):
-        assert images.parse_image({"image": source}).source == source
+        parsed = images.parse_image({"image": source, "image_allowed_dirs": [str(tmp_path)]})
+        assert parsed.source == source
     full = images.parse_image(
         {
             "image": str(disk),
+            "image_allowed_dirs": [str(tmp_path)],
             "image_checksum": f"sha256:{SHA}",
             "image_format": "qcow2",
             "image_pool": "fast",
@@ -222,3 +224,28 @@ def test_parse_image_names_the_bad_key(values, key):
     with pytest.raises(SpecError) as err:
         images.parse_image(values)
     assert err.value.key == key and err.value.accepted
+
+
+def test_a_local_image_outside_image_allowed_dirs_is_refused(tmp_path):
+    """A profile's ``image: /etc/shadow`` (or ``file:///root/.ssh/id_rsa``)
+    would be read as root on the salt-cloud machine into a raw guest disk: a
+    local file is taken only below a directory of ``image_allowed_dirs`` (the
+    provider's setting), symbolic links resolved first."""
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_text("root:$6$hash:::\n")
+    link = allowed / "innocent.raw"
+    link.symlink_to(secret)
+    good = allowed / "disk.qcow2"
+    good.write_bytes(qcow2_header())
+    for source in (str(secret), f"file://{secret}", str(link), "/etc/passwd"):
+        with pytest.raises(SpecError) as err:
+            images.parse_image({"image": source, "image_allowed_dirs": [str(allowed)]})
+        assert err.value.key == "image" and "image_allowed_dirs" in str(err.value), source
+        with pytest.raises(SpecError, match="image_allowed_dirs"):
+            images.parse_image({"image": source})
+    with pytest.raises(SpecError, match="image_allowed_dirs"):
+        images.parse_image({"image": str(good)})  # no directory given: no local file
+    spec = images.parse_image({"image": str(good), "image_allowed_dirs": [str(allowed)]})
+    assert spec.source == str(good)
