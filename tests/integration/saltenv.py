@@ -130,10 +130,19 @@ class SaltEnv:
         return {p.name for p in (self.pki / "minions").glob("*")}
 
     def write_profiles(self, profiles: dict, name: str = "test.conf") -> None:
-        (self.conf / "cloud.profiles.d" / name).write_text(yaml.safe_dump(profiles))
+        _write_private(self.conf / "cloud.profiles.d" / name, yaml.safe_dump(profiles))
 
     def write_providers(self, providers: dict, name: str = "test.conf") -> None:
-        (self.conf / "cloud.providers.d" / name).write_text(yaml.safe_dump(providers))
+        _write_private(self.conf / "cloud.providers.d" / name, yaml.safe_dump(providers))
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Profiles and providers hold passwords: written 0600, as an operator keeps
+    them (the secrets test reads every world-readable file under the root)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that existed keeps no wider mode
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
 
 
 def start_master(root: Path, bin_dir: Path = BIN, port_offset: int = 0) -> SaltEnv:

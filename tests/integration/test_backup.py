@@ -242,6 +242,10 @@ def test_ssh_copy_to_an_unknown_or_mispinned_host_is_refused(hv, guest, tmp_path
             backup_ops.replicate(small, guest.name, url, password=GUEST_PASSWORD, host_key=wrong)
         assert guest.run("test -e /root/refused && echo there || echo absent").strip() == "absent"
     finally:
+        # this destination goes: so does its checkpoint (later tests count the guest's)
+        tag = backup.store_tag(bs.Store(small, guest.name))
+        for name in backup.our_checkpoints(guest.dom, tag):
+            backup.delete_checkpoint(guest.dom, name)
         shutil.rmtree(small, ignore_errors=True)
 
 
