@@ -56,6 +56,11 @@ PROBE_MEMORY_MIB = 256
 CACHE_VERSION = 1
 
 _warned: set[str] = set()
+# QEMU's words when KVM itself fails (not a path that happens to contain "kvm").
+_ABOUT_KVM = re.compile(
+    r"KVM kernel module|/dev/kvm|(initiali[sz]e|create|enable) KVM|KVM (internal error|is not)",
+    re.IGNORECASE,
+)
 
 
 # ---- can QEMU's user open /dev/kvm? ---------------------------------------------
@@ -207,7 +212,7 @@ def probe_kvm(
         dom = conn.createXML(_probe_xml(name, disk), libvirt.VIR_DOMAIN_START_AUTODESTROY)
     except libvirt.libvirtError as exc:
         message = exc.get_error_message() or str(exc)
-        if "kvm" in message.lower():  # "Could not access KVM kernel module: ..."
+        if _ABOUT_KVM.search(message):  # "Could not access KVM kernel module: ..."
             return False, f"a KVM guest does not start: {message}"
         # Not about KVM (the disk is locked by a running guest, ...): no answer.
         return None, f"the KVM probe guest did not start: {message}"

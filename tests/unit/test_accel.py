@@ -225,7 +225,8 @@ def test_probe_boots_the_disk_read_only_without_a_nic(tmp_path):
 
 
 def test_probe_that_cannot_say_is_not_kept(tmp_path):
-    conn = FakeConn(error="Failed to get shared 'write' lock")
+    # The path names "kvm" (salt-kvm's own names do): still not about KVM.
+    conn = FakeConn(error="Failed to get shared 'write' lock on /pool/salt-kvm-base.qcow2")
     for _ in range(2):
         assert accel.choose_virt_type(conn, "auto", None, DISK, str(tmp_path)).virt_type == "kvm"
     assert len(conn.created) == 2 and not list(tmp_path.glob("probe-*"))
