@@ -7,9 +7,9 @@ QEMU's capabilities on every define (30-60 s each) — typical of hosts where no
 udev applied its rule. Second, whether a KVM guest keeps running: with broken
 nested virtualization its firmware runs but the boot code it loads stops the
 guest at once ("KVM internal error ... emulation failure"). ``auto`` probes the
-second by booting the guest's own disk (transient: writes go to a throwaway
-overlay) in a small guest with no NIC for a few seconds, and keeps the answer
-per host in a root-only cache, keyed by what would change it.
+second by booting the guest's own disk (read-only) in a small guest with no
+NIC for a few seconds, and keeps the answer per host in a root-only cache,
+keyed by what would change it.
 """
 
 from __future__ import annotations
@@ -193,7 +193,9 @@ def _probe_xml(name: str, disk: tuple[str, str]) -> str:
     etree.SubElement(node, "driver", name="qemu", type=disk[1])
     etree.SubElement(node, "source", file=disk[0])
     etree.SubElement(node, "target", dev="vda", bus="virtio")
-    etree.SubElement(node, "transient")  # the disk itself is never written
+    # Read-only: QEMU takes a shared lock, as the quick clones standing on the
+    # disk do (a <transient/> disk is opened writable first and collides).
+    etree.SubElement(node, "readonly")
     etree.SubElement(devices, "memballoon", model="none")
     return etree.tostring(dom, encoding="unicode")
 
@@ -201,10 +203,10 @@ def _probe_xml(name: str, disk: tuple[str, str]) -> str:
 def probe_kvm(
     conn: libvirt.virConnect, disk: tuple[str, str], seconds: float | None = None
 ) -> tuple[bool | None, str]:
-    """Boot ``disk`` ((path, format): the guest-to-be's own disk) in a transient
-    ``type='kvm'`` guest with no NIC and watch it for ``seconds``: paused or gone
-    means KVM does not work here. Returns (works, what was seen); works is None
-    when the probe could not say (it did not start for a reason not about KVM)."""
+    """Boot ``disk`` ((path, format): the guest-to-be's own disk, read-only) in a
+    transient ``type='kvm'`` guest with no NIC and watch it for ``seconds``: paused
+    or gone means KVM does not work here. Returns (works, what was seen); works is
+    None when the probe could not say (it did not start for a reason not about KVM)."""
     seconds = PROBE_SECONDS if seconds is None else seconds
     name = PROBE_NAME_PREFIX + secrets.token_hex(4)
     try:

@@ -56,3 +56,20 @@ def test_host_info_reports_kvm_node_access(hv):
     assert facts["kvm_access"]["state"] == "ok", facts["kvm_access"]
     assert facts["kvm_access"]["qemu_user"] == "libvirt-qemu"
     assert "warnings" not in facts
+
+
+def test_defines_are_fast_once_qemu_can_open_dev_kvm(hv):
+    """What setup-host's /dev/kvm fix buys (no udev here): libvirtd no longer
+    re-probes QEMU on each define (30-60 s each while the node was root-only)."""
+    import time
+
+    from salt_kvm.domxml import new_domain
+
+    assert accel.kvm_access(hv)["state"] == "ok"
+    xml = new_domain(f"{PREFIX}define-speed", "qemu", 64, 1, "/nonexistent.qcow2", networks=())
+    started = time.monotonic()
+    dom = hv.defineXML(xml.to_xml())
+    try:
+        assert time.monotonic() - started < 10
+    finally:
+        dom.undefine()

@@ -221,7 +221,7 @@ def test_probe_boots_the_disk_read_only_without_a_nic(tmp_path):
     conn = FakeConn()
     accel.choose_virt_type(conn, "auto", None, DISK, str(tmp_path))
     xml = conn.created[0]
-    assert "<transient/>" in xml and DISK[0] in xml and "<interface" not in xml
+    assert "<readonly/>" in xml and DISK[0] in xml and "<interface" not in xml
 
 
 def test_probe_that_cannot_say_is_not_kept(tmp_path):
