@@ -48,9 +48,11 @@ ACCESS_OK = "ok"
 ACCESS_DENIED = "denied"
 ACCESS_ABSENT = "absent"
 ACCESS_UNKNOWN = "unknown"
-# How long a KVM probe guest must keep running to count as working (its boot
-# code fails within ~1.5 s where KVM is broken; a diskless guest never does).
-PROBE_SECONDS = 4.0
+# A KVM probe guest works when it keeps running until it has had this much CPU
+# (where KVM is broken its boot code stops it after ~1.5 s of CPU: wall time
+# says little on a loaded host), or this long at most (an idle guest).
+PROBE_CPU_SECONDS = 3.0
+PROBE_SECONDS = 45.0
 PROBE_NAME_PREFIX = "salt-kvm-kvmprobe-"
 PROBE_MEMORY_MIB = 256
 CACHE_VERSION = 1
@@ -204,8 +206,9 @@ def probe_kvm(
     conn: libvirt.virConnect, disk: tuple[str, str], seconds: float | None = None
 ) -> tuple[bool | None, str]:
     """Boot ``disk`` ((path, format): the guest-to-be's own disk, read-only) in a
-    transient ``type='kvm'`` guest with no NIC and watch it for ``seconds``: paused
-    or gone means KVM does not work here. Returns (works, what was seen); works is
+    transient ``type='kvm'`` guest with no NIC and watch it until it has had
+    ``PROBE_CPU_SECONDS`` of CPU (or ``seconds``): paused or gone before means KVM
+    does not work here. Returns (works, what was seen); works is
     None when the probe could not say (it did not start for a reason not about KVM)."""
     seconds = PROBE_SECONDS if seconds is None else seconds
     name = PROBE_NAME_PREFIX + secrets.token_hex(4)
@@ -223,11 +226,17 @@ def probe_kvm(
         while True:
             try:
                 state, reason = dom.state()
+                cpu = dom.info()[4] / 1e9
             except libvirt.libvirtError:
                 return False, "a KVM guest stopped at once (it is gone)"
             if state != libvirt.VIR_DOMAIN_RUNNING:
                 what = {libvirt.VIR_DOMAIN_PAUSED: "paused"}.get(state, f"state {state}")
-                return False, f"a KVM guest stopped running at once ({what}, reason {reason})"
+                return False, (
+                    f"a KVM guest stopped running after {cpu:.1f} s of CPU "
+                    f"({what}, reason {reason})"
+                )
+            if cpu >= PROBE_CPU_SECONDS:
+                return True, f"a KVM guest kept running ({cpu:.1f} s of CPU)"
             if time.monotonic() >= deadline:
                 return True, f"a KVM guest kept running {seconds:g} s"
             time.sleep(0.2)

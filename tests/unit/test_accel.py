@@ -18,9 +18,14 @@ class FakeDomain:
     def __init__(self, states):
         self.states = list(states)
         self.destroyed = False
+        self.cpu = 0
 
     def state(self):
         return self.states.pop(0) if len(self.states) > 1 else self.states[0]
+
+    def info(self):
+        self.cpu += 10**9  # a second of CPU per look
+        return [1, 0, 0, 1, self.cpu]
 
     def destroy(self):
         self.destroyed = True
@@ -64,7 +69,7 @@ class FakeConn:
 
 @pytest.fixture(autouse=True)
 def fast_probe(monkeypatch):
-    monkeypatch.setattr(accel, "PROBE_SECONDS", 0.3)
+    monkeypatch.setattr(accel, "PROBE_SECONDS", 30)
     accel._warned.clear()
 
 
