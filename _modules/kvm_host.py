@@ -34,7 +34,9 @@ def __virtual__():
 def info(uri=None):
     """
     Return the hypervisor's versions, whether KVM acceleration is available,
-    and its storage pools and networks.
+    whether QEMU's user can open ``/dev/kvm`` (``kvm_access``: ok, denied,
+    absent, or unknown for a remote URI; ``warnings`` holds the fix when
+    denied), and its storage pools and networks.
 
     CLI Example:
 

@@ -14,7 +14,7 @@ import salt.config as config
 import salt.utils.cloud
 from salt.exceptions import SaltCloudConfigError
 
-from . import cloudinit, provision
+from . import cloudinit, guestagent, provision
 from . import deploy as ssh_deploy
 from . import ssh as ssh_lib
 from .checks import seconds
@@ -25,6 +25,8 @@ from .spec import VMSpec
 
 log = logging.getLogger(__name__)
 DEFAULT_MINION_TIMEOUT = 300
+# How often the wait for the minion asks the guest whether its start failed.
+CHECK_EVERY = 2.0
 
 
 def minion_id(opts: dict, vm_: dict) -> str:
@@ -109,11 +111,16 @@ def prepare(opts: dict, vm_: dict, spec: VMSpec) -> Plan:
 # place, not in cloud-init's last stage (and not after the rest of its first
 # stage: SSH host key generation alone takes ~20 s of a TCG guest). bootcmd runs
 # first, before write_files: it queues, once per instance, a transient unit that
-# waits for write_files' last file, then starts the minion ignoring the unit's
-# ordering (salt-minion is ordered after network-online.target, which waits for
-# cloud-init's whole first stage; the network is already up at this point).
+# waits for write_files' last file, then runs START_SCRIPT (written by
+# write_files: a script there may use "$", a systemd-run command line may not).
 # runcmd (last stage) only covers a guest without systemd-run.
-SEEDED = "/run/salt-kvm/seeded"
+STATE_DIR = "/run/salt-kvm"
+SEEDED = f"{STATE_DIR}/seeded"
+START_SCRIPT = f"{STATE_DIR}/start-minion"
+# What the start script leaves for the host (read through the guest agent):
+# "started ..." or "failed: <the guest-side cause>".
+STATUS_FILE = f"{STATE_DIR}/minion-status"
+TRANSIENT_UNIT = "salt-kvm-minion.service"
 MINION_START = "systemctl enable salt-minion; systemctl restart salt-minion"
 EARLY_START = [
     "cloud-init-per",
@@ -127,20 +134,64 @@ EARLY_START = [
     "/bin/sh",
     "-c",
     # No "$" here: systemd would take it for one of its own variables.
-    f"timeout 60 sh -c 'until [ -e {SEEDED} ]; do sleep 0.1; done'; "
-    "systemctl --no-reload enable salt-minion; "
-    # The rest of cloud-init's boot work (host keys, later stages) yields the
-    # CPU to the minion for this boot: it is what the user is waiting for.
-    "systemctl set-property --runtime salt-minion.service CPUWeight=10000; "
-    "systemctl restart --no-block --job-mode=ignore-dependencies salt-minion",
+    f"timeout 60 sh -c 'until [ -e {SEEDED} ]; do sleep 0.1; done'; exec /bin/sh {START_SCRIPT}",
 ]
 LATE_START = "command -v systemd-run >/dev/null 2>&1 || { " + MINION_START + "; }"
+# When (seconds apart) the start script looks whether the minion's unit failed.
+WATCH_AT = (2, 8)
+START_SCRIPT_TEXT = f"""#!/bin/sh
+# salt-kvm: start salt-minion now that its config and keys are in place; leave
+# the outcome in {STATUS_FILE} for the host (salt-cloud fails fast on "failed").
+STATUS={STATUS_FILE}
+say() {{ printf '%s\\n' "$*" > "$STATUS.tmp"; mv -f "$STATUS.tmp" "$STATUS"; }}
+fail() {{
+  say "failed: $*"
+  echo "salt-kvm: the minion cannot start: $*" > /dev/console 2>/dev/null
+  exit 1
+}}
+if systemctl cat salt-minion.service >/dev/null 2>&1; then
+  UNIT=salt-minion.service
+  systemctl --no-reload enable salt-minion.service >/dev/null 2>&1
+  # The rest of cloud-init's boot work (host keys, later stages) yields the CPU
+  # to the minion for this boot: it is what the user is waiting for.
+  systemctl set-property --runtime salt-minion.service CPUWeight=10000
+  # Its own ordering would wait for all of cloud-init's first stage (after
+  # network-online.target); the network is already up at this point.
+  systemctl restart --no-block --job-mode=ignore-dependencies salt-minion.service ||
+    fail "systemctl restart salt-minion.service failed"
+else
+  # An image whose Salt lives elsewhere (a virtualenv) with no unit: run the
+  # minion as a transient unit now, and give it a unit for the next boots
+  # (enabled by its link: no daemon-reload in the middle of the boot).
+  BIN=$(command -v salt-minion) ||
+    fail "the image has no salt-minion.service unit and no salt-minion on PATH ($PATH)"
+  UNIT={TRANSIENT_UNIT}
+  mkdir -p /etc/systemd/system/multi-user.target.wants
+  printf '%s\\n' '[Unit]' 'Description=Salt minion (written by salt-kvm)' \\
+    'After=network-online.target' 'Wants=network-online.target' '[Service]' \\
+    "ExecStart=$BIN" 'Restart=on-failure' '[Install]' 'WantedBy=multi-user.target' \\
+    > /etc/systemd/system/salt-minion.service
+  ln -sf /etc/systemd/system/salt-minion.service \\
+    /etc/systemd/system/multi-user.target.wants/salt-minion.service
+  systemd-run --no-block --unit=$UNIT --property=CPUWeight=10000 "$BIN" ||
+    fail "systemd-run $BIN failed"
+fi
+# Two looks, not a loop: systemctl is costly in a TCG guest that is busy booting.
+for wait in {" ".join(str(w) for w in WATCH_AT)}; do
+  sleep "$wait"
+  if systemctl is-failed --quiet "$UNIT"; then
+    fail "$UNIT failed: $(journalctl -u "$UNIT" -n 5 -o cat --no-pager 2>/dev/null | tr '\\n' ' ')"
+  fi
+done
+say "started $UNIT"
+"""
 
 
 def cloud_config(plan: Plan) -> dict:
     """The same files as the SSH deploy, as cloud-init ``write_files``, and the
-    minion (re)started once they are in place. No script runs: the image must
-    already have Salt (as with the salt-preinstalled deploy script)."""
+    minion (re)started once they are in place: by its unit, or as a transient
+    unit when the image has none. No script installs Salt: the image must
+    already have it (as with the salt-preinstalled deploy script)."""
     targets = {
         "minion": ("/etc/salt/minion", "0644"),
         "minion.pem": ("/etc/salt/pki/minion/minion.pem", "0600"),
@@ -152,6 +203,7 @@ def cloud_config(plan: Plan) -> dict:
         for name, (data, _) in plan.bundle.files.items()
         for path, mode in [targets[name]]
     ]
+    files.append({"path": START_SCRIPT, "permissions": "0700", "content": START_SCRIPT_TEXT})
     files.append({"path": SEEDED, "permissions": "0600", "content": plan.key_id})
     return {
         "bootcmd": [EARLY_START],
@@ -161,16 +213,23 @@ def cloud_config(plan: Plan) -> dict:
 
 
 @contextlib.contextmanager
-def minion_watch(opts: dict, plan: Plan, guest_of: Callable[[], Guest | None]):
+def minion_watch(
+    opts: dict,
+    plan: Plan,
+    guest_of: Callable[[], Guest | None],
+    guest_check: Callable[[Guest], None] | None = None,
+):
     """Accept the minion's key and subscribe to the master's bus before the guest
     can start its minion; on leaving the block without an error, wait for the
-    minion's start event (``wait_for_minion_timeout``; 0: do not wait)."""
+    minion's start event (``wait_for_minion_timeout``; 0: do not wait), calling
+    ``guest_check`` now and then: it raises when the guest says it cannot start one."""
     salt.utils.cloud.accept_key(opts["pki_dir"], plan.pub, plan.key_id)
     listener = _minion_listener(opts) if plan.minion_timeout > 0 else None
     try:
         yield
         if listener is not None:
-            _wait_for_minion(listener, plan.key_id, plan.minion_timeout)
+            check = (lambda: guest_check(guest_of())) if guest_check else None
+            _wait_for_minion(listener, plan.key_id, plan.minion_timeout, check)
             guest_of().mark("minion")
     finally:
         if listener is not None:
@@ -189,6 +248,15 @@ def host_trust(spec: VMSpec) -> ssh_lib.HostTrust | None:
     except SaltKvmError as exc:
         key = "known_hosts_file"
         raise SaltCloudConfigError(str(exc).replace("known_hosts:", f"{key}:", 1)) from exc
+
+
+def check_minion_start(guest: Guest) -> None:
+    """Raise, naming the guest-side cause, when the guest's start script (see
+    ``START_SCRIPT_TEXT``) reported that the minion cannot start."""
+    status = guestagent.read_file(guest.domain, STATUS_FILE)
+    if status is not None and status.startswith("failed"):
+        cause = guestagent.clean(status.partition(":")[2])
+        raise SaltKvmError(f"the minion cannot start in the guest {guest.name}: {cause}")
 
 
 def run(opts: dict, plan: Plan, spec: VMSpec, guest: Guest) -> dict:
@@ -222,8 +290,9 @@ def _minion_listener(opts: dict):
         return None
 
 
-def _wait_for_minion(listener, minion_id, timeout):
+def _wait_for_minion(listener, minion_id, timeout, check: Callable[[], None] | None = None):
     deadline = time.monotonic() + timeout
+    next_check = time.monotonic() + CHECK_EVERY
     tag = f"salt/minion/{minion_id}/start"
     while time.monotonic() < deadline:
         event = listener.get_event(
@@ -231,6 +300,9 @@ def _wait_for_minion(listener, minion_id, timeout):
         )
         if event:
             return
+        if check is not None and time.monotonic() >= next_check:
+            check()
+            next_check = time.monotonic() + CHECK_EVERY
     raise SaltKvmError(f"the minion {minion_id} did not connect to the master within {timeout:g}s")
 
 
@@ -264,7 +336,7 @@ def create(
         # The minion's config and accepted keys are in the seed; no SSH. The
         # seed is ejected and deleted as soon as the minion has started.
         created: list[Guest] = []
-        with minion_watch(opts, plan, lambda: created[0]):
+        with minion_watch(opts, plan, lambda: created[0], check_minion_start):
             emit("deploying", {"name": spec.name, "method": "cloud-init"})
             created.append(provision.create(conn, spec, rollback, emit, seed_iso=seed))
         provision.detach_seed(conn, created[0])

@@ -84,21 +84,3 @@ def check_virt_type(value: object, key: str = "virt_type") -> str:
     if value not in VIRT_TYPES:
         raise SpecError(key, f"{value!r} is not a domain type", VIRT_TYPES)
     return value
-
-
-def resolve_virt_type(conn: libvirt.virConnect, wanted: str, base_type: str | None) -> str:
-    """The domain type a new guest gets.
-
-    ``auto`` keeps the base domain's type (its owner booted it that way) unless
-    that is ``kvm`` and this host cannot offer it; with no base, ``kvm`` when
-    available, else ``qemu`` (TCG emulation).
-    """
-    if wanted != VIRT_AUTO:
-        if wanted == VIRT_KVM and not kvm_available(conn):
-            raise SpecError(
-                "virt_type", f"kvm is not available on {conn.getURI()}", ("qemu", "auto")
-            )
-        return wanted
-    if base_type == VIRT_QEMU:
-        return VIRT_QEMU
-    return VIRT_KVM if kvm_available(conn) else VIRT_QEMU

@@ -8,6 +8,7 @@ import libvirt
 from lxml import etree
 
 from . import __version__
+from .accel import kvm_access
 from .connection import kvm_available
 from .errors import SaltKvmError, SpecError
 
@@ -17,18 +18,24 @@ def _version(number: int) -> str:
 
 
 def info(conn: libvirt.virConnect) -> dict:
-    """What a user checks first on a hypervisor: versions, acceleration, pools, networks."""
-    return {
+    """What a user checks first on a hypervisor: versions, acceleration (and whether
+    QEMU's user can open /dev/kvm), pools, networks; ``warnings`` says what to fix."""
+    access = kvm_access(conn)
+    facts = {
         "uri": conn.getURI(),
         "hostname": conn.getHostname(),
         "hypervisor": conn.getType(),
         "hypervisor_version": _version(conn.getVersion()),
         "libvirt_version": _version(conn.getLibVersion()),
         "kvm_available": kvm_available(conn),
+        "kvm_access": {k: v for k, v in access.items() if k != "warning"},
         "pools": sorted(p.name() for p in conn.listAllStoragePools(0)),
         "networks": sorted(n.name() for n in conn.listAllNetworks(0)),
         "salt_kvm_version": __version__,
     }
+    if "warning" in access:
+        facts["warnings"] = [access["warning"]]
+    return facts
 
 
 def pool_state(conn: libvirt.virConnect, name: str) -> dict | None:

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import libvirt
 
 from . import (
+    accel,
     addresses,
     chains,
     clone,
-    connection,
     dhcp,
     diskops,
     forwards,
@@ -48,6 +48,7 @@ class Guest:
     existed: bool = False
     seed_path: str | None = None
     seed_target: str | None = None
+    virt_type_note: str | None = None  # why ``auto`` gave qemu, when it did
     started: float = field(default_factory=time.monotonic)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -175,7 +176,9 @@ def _existing(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
     return dom
 
 
-def _plan_image(conn: libvirt.virConnect, spec: VMSpec, emit: Emit) -> clone.ClonePlan:
+def _plan_image(
+    conn: libvirt.virConnect, spec: VMSpec, emit: Emit
+) -> tuple[clone.ClonePlan, accel.VirtChoice]:
     """Fetch (or find cached) the profile's image and plan a guest on it. The
     domain is new: no base to copy the definition from."""
     clone.check_name_free(conn, spec.name)
@@ -184,11 +187,11 @@ def _plan_image(conn: libvirt.virConnect, spec: VMSpec, emit: Emit) -> clone.Clo
         emit("downloading", {"name": spec.name, "image": spec.image.shown, **data})
 
     cached = images.ensure(conn, spec.image, progress)
-    virt_type = connection.resolve_virt_type(conn, spec.virt_type, None)
+    choice = accel.choose_virt_type(conn, spec.virt_type, None, (cached.path, cached.format))
     networks = tuple(n.network for n in spec.nics or [] if n.network) or (DEFAULT_NETWORK,)
     xml = new_domain(
         spec.name,
-        virt_type,
+        choice.virt_type,
         spec.memory_mib or IMAGE_MEMORY_MIB,
         spec.cpus or 1,
         cached.path,
@@ -197,7 +200,15 @@ def _plan_image(conn: libvirt.virConnect, spec: VMSpec, emit: Emit) -> clone.Clo
     )
     plan = clone.plan_image(conn, cached, xml, spec.clone_strategy, spec.disk_size)
     plan.image_info = {"image": cached.name, "image_source": spec.image.shown}
-    return plan
+    return plan, choice
+
+
+def _boot_disk(plan: clone.ClonePlan) -> tuple[str, str] | None:
+    """The base's first disk as a file (path, format), for a KVM probe to boot."""
+    disks = [d for d in plan.xml.disks if d.device == "disk"]
+    if not disks or not disks[0].path:
+        return None
+    return disks[0].path, disks[0].driver_type or "raw"
 
 
 def _clone(
@@ -208,28 +219,27 @@ def _clone(
     _check_fixed_macs(conn, spec, taken)
     diskops.precheck(conn, spec.name, spec.disks)
     if spec.image is not None:
-        plan = _plan_image(conn, spec, emit)
-        virt_type = plan.virt_type
+        plan, choice = _plan_image(conn, spec, emit)
     else:
         plan = clone.plan_clone(
             conn, spec.base_domain, spec.name, spec.clone_strategy, None, spec.disk_size
         )
         # plan.xml is still the base's definition here: its type is the base's.
-        virt_type = plan.virt_type = connection.resolve_virt_type(
-            conn, spec.virt_type, plan.xml.type
-        )
-    emit(
-        "requesting",
-        {
-            "name": spec.name,
-            "base_domain": spec.base_domain,
-            "image": spec.image.shown if spec.image else None,
-            "clone_strategy": spec.clone_strategy,
-            "virt_type": virt_type,
-        },
-    )
+        choice = accel.choose_virt_type(conn, spec.virt_type, plan.xml.type, _boot_disk(plan))
+        plan.virt_type = choice.virt_type
+    requesting = {
+        "name": spec.name,
+        "base_domain": spec.base_domain,
+        "image": spec.image.shown if spec.image else None,
+        "clone_strategy": spec.clone_strategy,
+        "virt_type": choice.virt_type,
+    }
+    if choice.note:
+        requesting["virt_type_note"] = choice.note
+    emit("requesting", requesting)
     reservations = _reserve(conn, spec, rollback)
     guest = Guest(spec.name, None, [])
+    guest.virt_type_note = choice.note
     info: dict = {"reservations": reservations} if reservations else {}
     info.update(plan.image_info)
     if seed_iso is not None:

@@ -115,4 +115,13 @@ def eject(dom: libvirt.virDomain, target: str) -> None:
             flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
             if dom.isActive():
                 flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
-            dom.updateDeviceFlags(etree.tostring(disk.node, encoding="unicode"), flags)
+            device = etree.tostring(disk.node, encoding="unicode")
+            try:
+                dom.updateDeviceFlags(device, flags)
+            except libvirt.libvirtError as exc:
+                if "tray" not in str(exc):
+                    raise
+                # The guest still holds the tray locked (a busy guest acts late
+                # on the eject request). Its seed was read (the minion started,
+                # or the guest got its address): the medium goes regardless.
+                dom.updateDeviceFlags(device, flags | libvirt.VIR_DOMAIN_DEVICE_MODIFY_FORCE)

@@ -5,7 +5,9 @@ Usage: define-test-base.py IMAGE KEY
 
 Idempotent: a base domain already made from the image with KEY is kept. The
 domain type is probed: ``kvm`` when a guest really boots with it (reaches its
-DHCP lease), else ``qemu`` (TCG). Prints the base domain's name.
+DHCP lease), else ``qemu`` (TCG). A host where QEMU cannot open /dev/kvm, or
+where a KVM guest stops at once, is told in seconds by the driver's own check
+(salt_kvm.accel), before any full boot. Prints the base domain's name.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import libvirt
 from lxml import etree
 
-from salt_kvm import addresses, clone, connection
+from salt_kvm import accel, addresses, clone, connection
 from salt_kvm.domxml import Domain, new_domain
 from salt_kvm.rollback import Rollback
 
@@ -101,7 +103,10 @@ def main() -> int:
             print(BASE)
             return 0
         path = import_volume(conn, image, key)
-        candidates = [connection.VIRT_KVM] if connection.kvm_available(conn) else []
+        # Fast first: /dev/kvm access (no guest at all), then a few seconds' probe.
+        verdict = accel.kvm_works(conn, (path, "qcow2"))
+        log(f"kvm: {verdict.detail}" + (" (cached)" if verdict.cached else ""))
+        candidates = [connection.VIRT_KVM] if verdict.works else []
         virt_type = connection.VIRT_QEMU
         for candidate in candidates:
             log(f"probing whether a guest boots with type {candidate}")

@@ -304,6 +304,8 @@ def _create(vm_):
             result = {"name": name, "ip_address": guest.addresses[0], "addresses": guest.addresses}
             if deployed is not None:
                 result["deploy"] = deployed
+            if guest.virt_type_note:
+                result["virt_type_note"] = guest.virt_type_note
             result.update(inventory.describe(conn, guest.domain))
             rollback.forget()
     except Exception as exc:

@@ -9,6 +9,8 @@ def test_info_names_the_hypervisor(conn):
     assert facts["uri"].startswith("test://")
     assert "default-pool" in facts["pools"]
     assert facts["kvm_available"] is False
+    # Not QEMU: /dev/kvm is not this hypervisor's business; said, not guessed.
+    assert facts["kvm_access"]["state"] == "unknown" and "warnings" not in facts
 
 
 def test_ensure_dir_pool_is_idempotent(conn, tmp_path):

@@ -100,3 +100,14 @@ def test_a_failure_after_creation_rolls_everything_back(conn, pool, base):
         with rollback:
             provision.create(conn, spec(nics=[nic]), rollback, fail_while_waiting)
     assert state(conn, pool) == before
+
+
+def test_auto_that_falls_back_to_qemu_says_so(conn, pool, base):
+    events = []
+    guest = provision.create(
+        conn, spec(), Rollback(), lambda step, data: events.append((step, data))
+    )
+    requesting = dict(events)["requesting"]
+    assert requesting["virt_type"] == "qemu"
+    assert "virt_type auto: using qemu" in requesting["virt_type_note"]
+    assert guest.virt_type_note == requesting["virt_type_note"]

@@ -334,6 +334,63 @@ def test_cloud_init_deploy_needs_no_ssh_and_leaves_no_seed(hv, salt, base_domain
     assert_gone(hv, salt, name, before, pool_volumes)
 
 
+# An image whose Salt is not a packaged service: no salt-minion.service unit.
+NO_UNIT = (
+    "rm -f /etc/systemd/system/salt-minion.service "
+    "/etc/systemd/system/multi-user.target.wants/salt-minion.service && systemctl daemon-reload"
+)
+
+
+def _seeded_profile(base_domain, salt, bootcmd, **extra):
+    profile = sized_profile(
+        base_domain,
+        salt,
+        deploy_method="cloud-init",
+        cloud_init={"user_data": {"bootcmd": bootcmd}},  # runs before salt-kvm's bootcmd
+        **extra,
+    )
+    del profile["password"], profile["script"]
+    return profile
+
+
+def test_cloud_init_deploy_on_an_image_without_a_minion_unit(hv, salt, base_domain, pool_volumes):
+    """No salt-minion.service in the image, salt-minion on PATH: the minion runs
+    as a transient unit and pings."""
+    name = unique("nounit")
+    before = pool_volumes()
+    salt.write_profiles({"nounit": _seeded_profile(base_domain, salt, [NO_UNIT])}, "nounit.conf")
+    info = created(salt.cloud("-p", "nounit", name), name)
+    try:
+        assert info["deploy"]["method"] == "cloud-init"
+        assert salt.salt(name, "test.ping") == {name: True}
+        active = salt.salt(name, "cmd.run", "systemctl is-active salt-kvm-minion.service")
+        assert active == {name: "active"}
+    finally:
+        salt.cloud("-d", name)
+    assert_gone(hv, salt, name, before, pool_volumes)
+
+
+def test_cloud_init_deploy_fails_fast_when_the_guest_cannot_start_a_minion(
+    hv, salt, base_domain, pool_volumes
+):
+    """No unit and no salt-minion on PATH: the create fails as soon as the guest
+    says so (read through its agent), naming the cause, and leaves nothing."""
+    name = unique("nominion")
+    before = pool_volumes()
+    broken = [NO_UNIT, "rm -f /usr/bin/salt-minion /usr/local/bin/salt-minion"]
+    profile = _seeded_profile(base_domain, salt, broken, wait_for_minion_timeout=900)
+    salt.write_profiles({"nominion": profile}, "nominion.conf")
+    started = time.monotonic()
+    proc = salt.cloud("-p", "nominion", name, check=False)
+    elapsed = time.monotonic() - started
+    text = cloud_error(proc, name)
+    assert f"the minion cannot start in the guest {name}" in text, text
+    assert "no salt-minion.service unit and no salt-minion on PATH" in text
+    assert "Everything this run created was removed" in text
+    assert elapsed < 300, elapsed  # the boot (TCG, shared cores), not the minion wait
+    assert_gone(hv, salt, name, before, pool_volumes)
+
+
 def test_destroy_of_a_guest_a_quick_clone_stands_on_is_refused(hv, salt, base_domain):
     """Guest A is the ``base_domain`` of a quick clone B: ``salt-cloud -d A`` is
     refused naming B, A keeps its volume, and B still boots from its chain."""

@@ -292,3 +292,26 @@ def test_secrets_of_a_profile_go_nowhere(hv, salt, image_files, pool_volumes, tm
                 with contextlib.suppress(Exception):
                     images.delete_image(hv, volume, POOL)
     assert_gone(hv, salt, name, before, pool_volumes)
+
+
+def test_auto_virt_type_on_an_image_boots_with_qemu_where_kvm_guests_stop(
+    hv, salt, server, image_files, clean_cache, pool_volumes, tmp_path, monkeypatch
+):
+    """No base domain to copy a type from, libvirt offers KVM, KVM guests stop at
+    once here: the default ``auto`` probes, picks qemu, says so, keeps the answer."""
+    monkeypatch.setenv("SALT_KVM_CACHE", str(tmp_path))  # salt-cloud's probe cache
+    name = unique("imgauto")
+    before = pool_volumes()
+    profile = image_profile(salt, server.url("/debian.qcow2"), image_files["sha256"], deploy=False)
+    del profile["virt_type"]
+    salt.write_profiles({"imgauto": profile}, "imgauto.conf")
+    info = created(salt.cloud("-p", "imgauto", name), name)
+    try:
+        assert "virt_type auto: using qemu" in info["virt_type_note"]
+        assert "stopped running" in info["virt_type_note"]
+        assert hv.lookupByName(name).XMLDesc(0).startswith("<domain type='qemu'")
+        assert info["ip_address"]
+        assert len(list((tmp_path / "kvm-probe").glob("probe-*.json"))) == 1
+    finally:
+        salt.cloud("-d", name)
+    assert_gone(hv, salt, name, before, pool_volumes)
