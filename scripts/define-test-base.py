@@ -35,6 +35,17 @@ def log(msg: str) -> None:
     print(f"[salt-kvm {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def machines(conn: libvirt.virConnect) -> set[str]:
+    """The machine types (names and aliases) this host's QEMU offers."""
+    caps = etree.fromstring(conn.getCapabilities().encode())
+    found = set()
+    for machine in caps.iter("machine"):
+        found.add((machine.text or "").strip())
+        if machine.get("canonical"):
+            found.add(machine.get("canonical"))
+    return found
+
+
 def existing_base(conn: libvirt.virConnect, key: str) -> bool:
     try:
         dom = conn.lookupByName(BASE)
@@ -42,7 +53,14 @@ def existing_base(conn: libvirt.virConnect, key: str) -> bool:
         return False
     xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     if xml.description == MARK + key and all(os.path.exists(d.path or "") for d in xml.disks):
-        return True
+        machine = xml.node.find("os/type").get("machine", "")
+        if machine in machines(conn):
+            return True
+        # setup-host switched QEMU to an older one that lacks the versioned
+        # machine type the base was defined with: define it again, same disk.
+        log(f"redefining base domain {BASE}: this QEMU has no machine type {machine}")
+        clone.undefine(dom)
+        return False
     log(f"replacing base domain {BASE} (made from another image)")
     old_paths = [d.path for d in xml.disks if d.path]
     clone.undefine(dom)

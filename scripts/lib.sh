@@ -12,6 +12,11 @@ SALT_KVM_TEST_NET_PREFIX="${SALT_KVM_TEST_NET_PREFIX:-192.168.213}"
 SALT_KVM_BASE_DOMAIN="${SALT_KVM_BASE_DOMAIN:-salt-kvm-base-debian12}"
 SALT_VERSION="${SALT_VERSION:-3008.3}"
 SALT_3007_VERSION="${SALT_3007_VERSION:-3007.8}"
+# The libvirt and QEMU the hypervisor runs: "backports" (the main test bed:
+# Debian 12's bookworm-backports, libvirt 11.3 / QEMU 10.0 as Debian 13 ships
+# them) or "stable" (Debian 12's own libvirt 9.0 / QEMU 7.2, the oldest
+# supported). setup-host switches between them, either way.
+SALT_KVM_LIBVIRT="${SALT_KVM_LIBVIRT:-backports}"
 VIRSH="virsh -q -c qemu:///system"
 
 log() { printf '[salt-kvm %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
