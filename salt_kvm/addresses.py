@@ -52,6 +52,10 @@ def domain_macs(dom: libvirt.virDomain) -> list[str]:
     return [i.mac.lower() for i in Domain(dom.XMLDesc(0)).interfaces if i.mac]
 
 
+# (domain, source) → the last "no answer" logged for it.
+_NO_ANSWER: dict[tuple[str, str], str] = {}
+
+
 def addresses_from(dom: libvirt.virDomain, source: str, macs: Iterable[str]) -> list[str]:
     """The usable addresses ``source`` knows for the interfaces with ``macs``.
 
@@ -61,9 +65,14 @@ def addresses_from(dom: libvirt.virDomain, source: str, macs: Iterable[str]) -> 
     try:
         ifaces = dom.interfaceAddresses(_LIBVIRT_SOURCE[source], 0) or {}
     except libvirt.libvirtError as exc:
-        # No agent yet, no lease file yet, ...: simply nothing known now.
-        log.debug("%s: %s has no answer yet: %s", dom.name(), source, exc)
+        # No agent yet, no lease file yet, ...: simply nothing known now. Said
+        # once per answer, not once per poll.
+        key, text = (dom.name(), source), str(exc)
+        if _NO_ANSWER.get(key) != text:
+            _NO_ANSWER[key] = text
+            log.debug("%s: %s has no answer yet: %s", dom.name(), source, exc)
         return []
+    _NO_ANSWER.pop((dom.name(), source), None)
     found: list[tuple[int, str]] = []
     for iface in ifaces.values():
         if (iface.get("hwaddr") or "").lower() not in wanted:

@@ -8,6 +8,7 @@ import urllib.parse
 from collections.abc import Iterator
 
 import libvirt
+from lxml import etree
 
 from . import redact
 from .errors import SaltKvmError, SpecError
@@ -70,12 +71,20 @@ def connected(uri: str = DEFAULT_URI, **auth: str | None) -> Iterator[libvirt.vi
 
 
 def kvm_available(conn: libvirt.virConnect) -> bool:
-    """Whether libvirt offers hardware acceleration (``type='kvm'``) for x86_64 guests."""
+    """Whether libvirt offers hardware acceleration (``type='kvm'``) for x86_64 guests.
+
+    Read from the host's capabilities (a guest of arch x86_64 with a ``kvm``
+    domain), as virt-manager does: domain capabilities asked for ``kvm`` are
+    not a test, some drivers (libvirt 11's test driver) answer for any type.
+    """
     try:
-        conn.getDomainCapabilities(None, "x86_64", None, VIRT_KVM, 0)
-    except libvirt.libvirtError:
+        caps = etree.fromstring(conn.getCapabilities().encode())
+    except (libvirt.libvirtError, etree.XMLSyntaxError):
         return False
-    return True
+    return any(
+        arch.get("name") == "x86_64" and arch.find(f"domain[@type='{VIRT_KVM}']") is not None
+        for arch in caps.findall("guest/arch")
+    )
 
 
 def check_virt_type(value: object, key: str = "virt_type") -> str:

@@ -152,6 +152,20 @@ def managed(conn: libvirt.virConnect) -> dict[str, dict]:
     return result
 
 
+def managed_min(conn: libvirt.virConnect) -> dict[str, dict]:
+    """Every guest salt-kvm created, by name, with only its id and state."""
+    result = {}
+    for dom in conn.listAllDomains(0):
+        try:
+            xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            state = state_of(dom)
+        except libvirt.libvirtError:
+            continue  # undefined since the listing
+        if xml.managed_info() is not None:
+            result[xml.name] = {"id": xml.name, "state": state}
+    return result
+
+
 def base_domains(conn: libvirt.virConnect) -> dict[str, dict]:
     result = {}
     for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_SHUTOFF):

@@ -55,6 +55,7 @@ class Guest:
     def mark(self, step: str) -> None:
         """Record when ``step`` finished, in seconds since the create began."""
         self.timings[step] = round(time.monotonic() - self.started, 2)
+        log.info("%s: %s done at %.1f s", self.name, step, self.timings[step])
 
 
 def _check_networks(conn: libvirt.virConnect, spec: VMSpec) -> None:

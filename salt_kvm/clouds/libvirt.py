@@ -129,10 +129,11 @@ DRIVER_KEYS = (
 
 def __virtual__():
     if not HAS_LIBS:
-        return (
-            False,
-            f"salt-kvm's libvirt driver needs salt_kvm and libvirt-python: {_IMPORT_ERROR}",
-        )
+        why = f"salt-kvm's libvirt driver needs salt_kvm and libvirt-python: {_IMPORT_ERROR}"
+        # salt-cloud itself says only "could not be loaded": the cause, at a
+        # level the user sees by default.
+        log.warning("%s (install them into Salt's Python, see salt-kvm's docs/install)", why)
+        return (False, why)
     return __virtualname__
 
 
@@ -285,9 +286,15 @@ def _create(vm_):
             f"profile {vm_.get('profile')!r}: {type(exc).__name__}: {exc}"
         ) from exc
     started = time.monotonic()
+    log.info("creating %s (profile %s)", name, vm_.get("profile"))
 
     def emit(step, data):
         _fire(name, step, {**data, "elapsed": round(time.monotonic() - started, 2)})
+
+    if __opts__.get("update_cachedir", False) is True:
+        __utils__["cloud.cachedir_index_add"](
+            name, vm_.get("profile"), "libvirt", vm_.get("driver", _active_provider())
+        )
 
     emit(
         "creating",
@@ -320,6 +327,10 @@ def _create(vm_):
     guest.mark("total")
     result["timings"] = dict(guest.timings)
     emit("created", {"name": name, "ip_address": guest.addresses[0], "timings": result["timings"]})
+    if __opts__.get("update_cachedir", False) is True:
+        __utils__["cloud.cache_node"](
+            {k: v for k, v in result.items() if k != "deploy"}, _active_provider(), __opts__
+        )
     return result
 
 
@@ -344,20 +355,27 @@ def destroy(name, kwargs=None, call=None):
         raise SaltCloudSystemExit("destroy is an action: use -d or -a destroy")
     _fire(name, "destroying", {"name": name})
     try:
-        delete_disks = boolean(kwargs or {}, "delete_disks", False)
-        with _connect() as conn:
-            dom = lifecycle.lookup(conn, name)
-            info = lifecycle.managed_info(dom) or {}
-            doomed, kept = diskops.split_for_destroy(dom, delete_disks)
-            removed = lifecycle.remove(conn, name, also=doomed)
-            removed["reservations"] = provision.release_reservations(conn, info)
-            removed.update(disks=diskops.delete_volumes(conn, doomed), kept_disks=kept)
-        removed["nat"] = forwards.forget(name)
+        removed = _destroy_on_hypervisor(name, kwargs)
     except SaltKvmError as exc:
         raise SaltCloudSystemExit(str(exc)) from exc
     salt.utils.cloud.remove_key(__opts__["pki_dir"], name)
+    if __opts__.get("update_cachedir", False) is True:
+        __utils__["cloud.delete_minion_cachedir"](name, _active_provider().split(":")[0], __opts__)
     _fire(name, "destroyed", {"name": name})
     return {"destroyed": True, **removed}
+
+
+def _destroy_on_hypervisor(name, kwargs):
+    delete_disks = boolean(kwargs or {}, "delete_disks", False)
+    with _connect() as conn:
+        dom = lifecycle.lookup(conn, name)
+        info = lifecycle.managed_info(dom) or {}
+        doomed, kept = diskops.split_for_destroy(dom, delete_disks)
+        removed = lifecycle.remove(conn, name, also=doomed)
+        removed["reservations"] = provision.release_reservations(conn, info)
+        removed.update(disks=diskops.delete_volumes(conn, doomed), kept_disks=kept)
+    removed["nat"] = forwards.forget(name)
+    return removed
 
 
 def _action(name, call, what, fn):
@@ -480,6 +498,27 @@ def list_nodes(call=None):
         raise SaltCloudSystemExit("list_nodes is a function: use -Q or -f list_nodes")
     keys = ("id", "name", "state", "public_ips", "private_ips", "size", "image")
     return {name: {k: node.get(k) for k in keys} for name, node in list_nodes_full().items()}
+
+
+def list_nodes_min(call=None):
+    """
+    Every guest salt-kvm created, with only its state: what salt-cloud needs
+    to know which names exist (a map run asks this first), without the disks,
+    leases and agent of ``list_nodes``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -f list_nodes_min my-provider
+    """
+    if call == "action":
+        raise SaltCloudSystemExit("list_nodes_min is a function: use -f list_nodes_min")
+    with _connect() as conn:
+        nodes = inventory.managed_min(conn)
+    for name in intent.killed(__opts__):
+        nodes.pop(name, None)
+    return nodes
 
 
 def list_nodes_select(call=None):

@@ -172,6 +172,8 @@ def start_master(root: Path, bin_dir: Path = BIN, port_offset: int = 0) -> SaltE
                 "deploy_scripts_search_path": [str(conf / "cloud.deploy.d")],
                 "log_file": str(root / "cloud.log"),
                 "log_level_logfile": "debug",
+                # What users with salt-ssh's cloud roster set: the driver keeps it.
+                "update_cachedir": True,
             }
         )
     )

@@ -80,6 +80,9 @@ def test_profile_makes_a_sized_minion_that_pings(hv, salt, base_domain, pool_vol
     try:
         info = created(proc, name)
         assert info["vcpus"] == 2 and info["memory_mib"] == 768
+        # -l info tells each step with its time (and the address polling is quiet).
+        for step in ("clone", "start", "ip", "deploy", "total"):
+            assert f"{name}: {step} done at" in proc.stderr, proc.stderr[-3000:]
         assert salt.salt(name, "test.ping") == {name: True}
         grains = salt.salt(name, "grains.item", "num_cpus", "role", "host")[name]
         assert grains["num_cpus"] == 2 and grains["role"] == "salt-kvm-test"
@@ -90,9 +93,22 @@ def test_profile_makes_a_sized_minion_that_pings(hv, salt, base_domain, pool_vol
         assert disk == 4 * 1024**3
         rootfs = int(salt.salt(name, "cmd.run", "df -B1 --output=size / | tail -1")[name])
         assert rootfs > 3.5 * 1024**3  # the image's 3 GiB root grew with the disk
+        # Salt's conventions: list_nodes_min, and update_cachedir's node cache.
+        minimal = json.loads(salt.cloud("-f", "list_nodes_min", PROVIDER).stdout)
+        assert minimal[PROVIDER]["libvirt"][name] == {"id": name, "state": "running"}
+        assert cached_nodes(salt) == {name}
     finally:
         salt.cloud("-d", name)
     assert_gone(hv, salt, name, before, pool_volumes)
+    assert cached_nodes(salt) == set()
+
+
+PROVIDER = "test-kvm"
+
+
+def cached_nodes(salt):
+    """The nodes salt-cloud's update_cachedir cache holds for the test provider."""
+    return {p.stem for p in salt.root.rglob(f"active/libvirt/{PROVIDER}/*.p")}
 
 
 def cloud_error(proc, name):

@@ -54,10 +54,10 @@ class FakeConn:
     def getLibVersion(self):
         return 9000000
 
-    def getDomainCapabilities(self, *_args):
-        if not self.kvm:
-            raise libvirt.libvirtError("no kvm")
-        return "<domainCapabilities/>"
+    def getCapabilities(self):
+        kvm = "<domain type='kvm'/>" if self.kvm else ""
+        arch = f"<arch name='x86_64'><domain type='qemu'/>{kvm}</arch>"
+        return f"<capabilities><guest>{arch}</guest></capabilities>"
 
     def createXML(self, xml, flags):
         self.created.append(xml)
