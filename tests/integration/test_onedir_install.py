@@ -253,7 +253,14 @@ def test_install_hooks_name_the_onedir_python(installed, conf, tmp_path):
     values = dict(line.split("=", 1) for line in hook_conf.read_text().splitlines() if "=" in line)
     assert values["python"] == str(installed / "bin" / f"python{PYV}")
     assert values["path"] == str(installed / f"extras-{PYV}")
-    # The hooks are /bin/sh scripts that hand over to that Python.
+    # The hooks are /bin/sh scripts that hand over to that Python; run as they
+    # run it (-E -s, hook.conf's path first), it finds salt-kvm and libvirt.
     for driver in ("network", "qemu"):
         (hook,) = (hooks / f"{driver}.d").iterdir()
         assert hook.read_text().startswith("#!/bin/sh")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import libvirt; "
+        "from salt_kvm import nathook; print(nathook.__file__)"
+    )
+    out = onedir_run([values["python"], "-E", "-s", "-c", code, values["path"]])
+    assert out.strip().startswith(values["path"] + "/salt_kvm/")
