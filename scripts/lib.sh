@@ -3,6 +3,8 @@
 
 SALT_KVM_HOME="${SALT_KVM_HOME:-/opt/salt-kvm}"          # venvs, wheels
 SALT_KVM_CACHE="${SALT_KVM_CACHE:-/var/cache/salt-kvm}"   # guest images
+# An isolated Salt laid out as the onedir packages lay out /opt/saltstack/salt.
+SALT_KVM_ONEDIR="${SALT_KVM_ONEDIR:-$SALT_KVM_HOME/onedir/salt}"
 SALT_KVM_POOL="${SALT_KVM_POOL:-default}"
 SALT_KVM_POOL_DIR="${SALT_KVM_POOL_DIR:-/var/lib/libvirt/images}"
 # The isolated network the tests own: guests reach the host (salt-master) and
@@ -36,4 +38,22 @@ salt3007_requirements() {
     mkdir -p "$dir"; tar xzf "$tmp"/salt-*.tar.gz -C "$dir" --strip-components=1; rm -rf "$tmp"
   fi
   echo "$dir/requirements/zeromq.txt"
+}
+
+# Salt $SALT_VERSION and its dependencies as wheels (salt itself is an sdist on
+# PyPI: built once), cached. (build-test-image keeps its own copy of this
+# function: that file's content is its image's cache key.)
+salt_wheels() {
+  local dir="$SALT_KVM_CACHE/wheels/salt-$SALT_VERSION"
+  if [ ! -f "$dir/.complete" ]; then
+    log "downloading salt $SALT_VERSION wheels"
+    rm -rf "$dir"; mkdir -p "$dir"
+    pip_quiet python3 -m pip download -q "salt==$SALT_VERSION" -d "$dir"
+    if ls "$dir"/*.tar.gz >/dev/null 2>&1; then
+      pip_quiet python3 -m pip wheel -q --no-deps -w "$dir" "$dir"/*.tar.gz
+      rm -f "$dir"/*.tar.gz
+    fi
+    touch "$dir/.complete"
+  fi
+  echo "$dir"
 }
