@@ -3,7 +3,6 @@ driver: its volumes have no files, their chains come from libvirt; local
 overlays outside the pools are real qcow2 files whose headers are read)."""
 
 import os
-import subprocess
 
 import libvirt
 import pytest
@@ -13,6 +12,7 @@ from salt_kvm.domxml import DISKS_NS, DISKS_PREFIX, Domain, disks_metadata_eleme
 from salt_kvm.errors import ConflictError
 from salt_kvm.rollback import Rollback
 from salt_kvm.xmlutil import tostring
+from tests.images import qcow2
 
 GIB = 1024**3
 A_VOL = "/default-pool/vm-a.qcow2"
@@ -30,28 +30,6 @@ def overlay_volume(pool, name, backing):
         f"<backingStore><path>{backing}</path><format type='qcow2'/></backingStore></volume>",
         0,
     )
-
-
-def overlay_file(path, backing):
-    """A real qcow2 file whose header names ``backing`` (as written, relative or not)."""
-    subprocess.run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-F",
-            "qcow2",
-            "-b",
-            backing,
-            str(path),
-            "1G",
-        ],
-        check=True,
-    )
-    return str(path)
 
 
 def define_on(conn, name, path):
@@ -113,7 +91,7 @@ def test_a_definition_on_an_overlay_outside_the_pools_counts(conn, pool, guest_a
     sub.mkdir()
     relative = os.path.relpath(str(tmp_path / "alias" / "vm-a.qcow2"), str(sub))
     assert not relative.startswith("/")
-    define_on(conn, "vm-c", overlay_file(sub / "c.qcow2", relative))
+    define_on(conn, "vm-c", qcow2(sub / "c.qcow2", relative, size="1G"))
     before = state(conn, pool)
     with pytest.raises(ConflictError, match=r"domain 'vm-c' \(backing chain of its disk vda"):
         lifecycle.remove(conn, "vm-a")
@@ -122,7 +100,7 @@ def test_a_definition_on_an_overlay_outside_the_pools_counts(conn, pool, guest_a
 
 def test_a_raw_disk_has_no_chain_whatever_its_bytes_say(conn, pool, guest_a, tmp_path):
     """A guest can write a qcow2 header into its raw disk: it is data, not a chain."""
-    path = overlay_file(tmp_path / "raw.img", A_VOL)
+    path = qcow2(tmp_path / "raw.img", A_VOL, size="1G")
     dom = define_on(conn, "vm-raw", path)
     xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     xml.disks[0].driver_type = "raw"
@@ -207,9 +185,9 @@ def test_a_second_name_of_the_file_does_not_hide_the_dependent(conn, pool, base,
     """An overlay outside the pools names a local file through a hard link (as
     a bind mount would): deleting the file by its other name is refused."""
     real = tmp_path / "image.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(real), "64M"], check=True)
+    qcow2(real)
     os.link(real, tmp_path / "alias.qcow2")
-    top = overlay_file(tmp_path / "top.qcow2", str(tmp_path / "alias.qcow2"))
+    top = qcow2(tmp_path / "top.qcow2", tmp_path / "alias.qcow2", size="1G")
     conn.defineXML(new_domain("vm-h", "test", 512, 1, top).to_xml())
     with pytest.raises(ConflictError, match=r"image.qcow2 is needed by domain 'vm-h'"):
         chains.delete_file(conn, str(real), "test delete")

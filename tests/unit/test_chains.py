@@ -8,6 +8,7 @@ import libvirt
 import pytest
 
 from salt_kvm import chains
+from tests.images import qcow2
 
 
 class NoPools:
@@ -15,14 +16,6 @@ class NoPools:
 
     def storageVolLookupByPath(self, path):  # noqa: N802 - libvirt's name
         raise libvirt.libvirtError("no storage vol with matching path")
-
-
-def qcow2(path, backing=None, backing_fmt="qcow2"):
-    cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
-    if backing:
-        cmd += ["-u", "-F", backing_fmt, "-b", backing]
-    subprocess.run([*cmd, str(path), "64M"], check=True)
-    return str(path)
 
 
 @pytest.fixture(autouse=True)
