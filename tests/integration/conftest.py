@@ -5,6 +5,7 @@ to build it (scripts/run-tests does).
 """
 
 import os
+import tempfile
 import uuid
 
 import libvirt
@@ -13,6 +14,8 @@ import pytest
 from salt_kvm import connection, lifecycle  # noqa: F401 - silences libvirt's stderr
 from salt_kvm.domxml import Domain
 from salt_kvm.errors import ConflictError
+
+from . import saltenv
 
 URI = "qemu:///system"
 BASE = os.environ.get("SALT_KVM_BASE_DOMAIN", "salt-kvm-base-debian12")
@@ -27,6 +30,14 @@ HOW = "build the test bed first: scripts/run-tests"
 
 def unique(stem: str) -> str:
     return f"{PREFIX}{stem}-{uuid.uuid4().hex[:6]}"
+
+
+def backup_dest(stem: str) -> str:
+    """A backup destination folder; QEMU (not root) writes the images there in
+    push mode, so it must be traversable."""
+    path = tempfile.mkdtemp(prefix=f"{PREFIX}{stem}-", dir="/var/tmp")
+    os.chmod(path, 0o711)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +79,16 @@ def base_domain(hv):
         pytest.fail(f"base domain {BASE!r} does not exist; {HOW}")
     assert not dom.isActive(), f"base domain {BASE} must be shut off"
     return BASE
+
+
+@pytest.fixture(scope="module")
+def salt(tmp_path_factory, hv):
+    """A salt-master with the test provider, one per module (each module's
+    profiles and minions are its own)."""
+    env = saltenv.start_master(tmp_path_factory.mktemp("salt"))
+    env.write_providers(saltenv.provider())
+    yield env
+    saltenv.stop_master(env)
 
 
 @pytest.fixture

@@ -209,3 +209,49 @@ def stop_master(env: SaltEnv) -> None:
 
 def provider(name: str = "test-kvm") -> dict:
     return {name: {"driver": "libvirt", "url": "qemu:///system"}}
+
+
+# ---- salt-call --local with a config of its own (no master) ---------------------
+
+VENV_3008 = Path(sys.executable).parent.parent
+VENV_3007 = Path(os.environ.get("SALT_KVM_VENV_3007", "/opt/salt-kvm/venv-3007"))
+
+
+def salt_config(tmp_path: Path, name: str, settings: dict) -> Path:
+    conf = tmp_path / "etc"
+    conf.mkdir(exist_ok=True)
+    base = {
+        "root_dir": str(tmp_path / "root"),
+        "pki_dir": str(tmp_path / "pki"),
+        "cachedir": str(tmp_path / "cache"),
+        "sock_dir": str(tmp_path / "sock"),
+        "log_file": str(tmp_path / "log"),
+        "user": "root",
+    }
+    (conf / name).write_text(yaml.safe_dump({**base, **settings}))
+    return conf
+
+
+def run(cmd, **kwargs):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kwargs)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def minion_config(tmp_path, **extra):
+    return salt_config(tmp_path, "minion", {"file_client": "local", "id": "hv", **extra})
+
+
+def salt_call(conf, *args):
+    out = run(
+        [
+            str(VENV_3008 / "bin" / "salt-call"),
+            "--local",
+            "-c",
+            str(conf),
+            "--out=json",
+            "--log-level=quiet",
+            *args,
+        ]
+    )
+    return json.loads(out)["local"]

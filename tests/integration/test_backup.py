@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,9 +35,9 @@ from salt_kvm.domxml import Domain
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
 
 from . import guests, saltenv
-from .conftest import GUEST_PASSWORD, PREFIX, URI, unique
+from .conftest import GUEST_PASSWORD, PREFIX, URI, backup_dest, unique
+from .saltenv import minion_config, salt_config
 from .sshserver import SshServer
-from .test_discovery import minion_config, salt_config
 
 MIB = 1024**2
 REPO = Path(__file__).resolve().parents[2]
@@ -54,23 +53,16 @@ def guest(hv, base_domain):
     guests.remove_guest(hv, name)
 
 
-def _dest(stem):
-    # qemu (not root) writes the images: the folders must be traversable
-    path = tempfile.mkdtemp(prefix=f"{PREFIX}{stem}-", dir="/var/tmp")
-    os.chmod(path, 0o711)
-    return path
-
-
 @pytest.fixture(scope="module")
 def dest():
-    path = _dest("backup")
+    path = backup_dest("backup")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def snapdest():
-    path = _dest("snapmethod")
+    path = backup_dest("snapmethod")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -152,7 +144,7 @@ def test_full_incremental_and_restores(hv, guest, dest, state):
 def test_concurrent_run_and_bad_input_are_refused(hv, guest, dest):
     with bs.Store(dest, guest.name).locked("test"), pytest.raises(ConflictError, match="lock"):
         backup.create(hv, guest.name, dest)
-    empty = _dest("bad")
+    empty = backup_dest("bad")
     try:
         with pytest.raises(SpecError, match="^disks: vdz not a disk.*accepted: vda, vdb"):
             backup.create(hv, guest.name, empty, disks=["vdz"])
@@ -227,7 +219,7 @@ def guest_host_keys(g):
 
 def test_ssh_copy_to_an_unknown_or_mispinned_host_is_refused(hv, guest, tmp_path):
     """Nothing reaches a host whose key is not known or pinned: no login, no folder."""
-    small = _dest("refused")
+    small = backup_dest("refused")
     try:
         backup.create(hv, guest.name, small, disks=["vdb"])
         url = f"ssh://root@{guest.address}/root/refused"
@@ -250,7 +242,7 @@ def test_ssh_copy_to_an_unknown_or_mispinned_host_is_refused(hv, guest, tmp_path
 
 
 def test_second_copies_folder_and_ssh(hv, guest, dest, state):
-    copy = _dest("copy")
+    copy = backup_dest("copy")
     try:
         first = backup_ops.replicate(dest, guest.name, copy)
         assert first["copied"] == [p["id"] for p in backup_ops.list_points(dest, guest.name)]
@@ -265,7 +257,7 @@ def test_second_copies_folder_and_ssh(hv, guest, dest, state):
     finally:
         shutil.rmtree(copy, ignore_errors=True)
     # over SSH: a data-disk-only set (small), into the guest itself
-    small = _dest("small")
+    small = backup_dest("small")
     try:
         made = backup.create(hv, guest.name, small, disks=["vdb"])
         assert made["disks"] == ["vdb"]
@@ -334,7 +326,7 @@ def test_snapshot_method_full_incremental_and_restores(hv, guest, dest, snapdest
 
 def test_snapshot_method_copy_failing_half_way_merges_back(hv, guest):
     before = _sources(guest.dom)
-    where = _dest("full")
+    where = backup_dest("full")
     subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=300M,mode=0711", "tmpfs", where], check=True
     )
@@ -462,7 +454,7 @@ def test_snapshot_revert_and_delete(hv, guest, state):
 
 
 def test_internal_snapshot_revert_and_delete(hv, guest):
-    where = _dest("internal")
+    where = backup_dest("internal")
     try:
         before = write(guest, "/data/internal", 4)
         made = snapshot.create(hv, guest.name, "i1", disk_only=False)
@@ -498,7 +490,7 @@ def _checkpoint_of(result):
 
 def test_create_fires_events_on_the_master_bus(hv, guest, tmp_path):
     env = saltenv.start_master(tmp_path / "master")
-    where = _dest("events")
+    where = backup_dest("events")
     try:
         minion_id = f"{PREFIX}hv-events"
         (tmp_path / "minion").mkdir()
@@ -587,7 +579,7 @@ def _salt_call(tmp_path, *args, venv=None, fails=False):
 
 
 def test_state_backed_up_and_snapshot_states(hv, guest, tmp_path):
-    where = _dest("state")
+    where = backup_dest("state")
     try:
         args = ["state.single", "kvm_backup.backed_up", f"name={guest.name}", f"dest={where}"]
         (ret,) = _salt_call(tmp_path, *args, "max_age=1h", "test=True").values()
@@ -625,7 +617,7 @@ def test_state_backed_up_and_snapshot_states(hv, guest, tmp_path):
 
 def test_takeover_from_the_ssh_copy_after_the_guest_is_lost(hv, guest, dest, state):
     """Last: the guest of this module is lost, then brought back from the copy."""
-    other = _dest("takeover")  # the second host's folder, reached over SSH
+    other = backup_dest("takeover")  # the second host's folder, reached over SSH
     backup_ops.prune(dest, guest.name, keep=1)  # fewer GiB through the Python SSH server
     try:
         with SshServer(SSH_PORT, "root", GUEST_PASSWORD) as server:
@@ -669,7 +661,7 @@ def test_snapshot_during_a_snapshot_method_run_never_breaks_the_chain(hv, base_d
     """kvm_backup.snapshot while a method=snapshot run copies is refused naming
     the run; a snapshot taken around salt-kvm (libvirt directly) on the run's
     overlay is kept by the merge-back, and the guest still boots from its chain."""
-    name, where = unique("bkrace"), _dest("race")
+    name, where = unique("bkrace"), backup_dest("race")
     g = guests.boot_guest(hv, base_domain, name)
     top = None
     try:

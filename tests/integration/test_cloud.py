@@ -7,7 +7,6 @@ import signal
 import time
 from pathlib import Path
 
-import libvirt
 import pytest
 import yaml
 
@@ -15,51 +14,12 @@ from salt_kvm import forwards, hostnet, lifecycle, qemuimg, ssh
 from salt_kvm.domxml import Domain
 
 from . import saltenv
+from .cloudcheck import assert_gone, cloud_error, created, sized_profile
 from .conftest import GUEST_PASSWORD, GUEST_USER, POOL, PREFIX, unique
 from .guests import boot_guest, define_guest, remove_guest, wait_booted
 
 NAT_PORT = 10222  # beside test_nat's 10022 and 10122
 EXAMPLES = Path(__file__).resolve().parents[2] / "profiles.example"
-
-
-@pytest.fixture(scope="module")
-def salt(tmp_path_factory, hv):
-    env = saltenv.start_master(tmp_path_factory.mktemp("salt"))
-    env.write_providers(saltenv.provider())
-    yield env
-    saltenv.stop_master(env)
-
-
-def sized_profile(base_domain, env, **extra):
-    profile = {
-        "provider": "test-kvm",
-        "base_domain": base_domain,
-        "clone_strategy": "quick",
-        "ip_source": "ip-learning",
-        "ssh_username": GUEST_USER,
-        "password": GUEST_PASSWORD,
-        "script": "salt-preinstalled",
-        "minion": env.minion_settings(),
-        "grains": {"role": "salt-kvm-test"},
-    }
-    profile.update(extra)
-    return profile
-
-
-def created(proc, name):
-    """salt-cloud -p prints {name: result}; -m/-P nest it under provider and driver."""
-    out = json.loads(proc.stdout)
-    if name in out:
-        return out[name]
-    (provider_out,) = out.values()
-    return provider_out["libvirt"][name]
-
-
-def assert_gone(hv, salt, name, volumes_before, pool_volumes):
-    with pytest.raises(libvirt.libvirtError):
-        hv.lookupByName(name)
-    assert pool_volumes() == volumes_before
-    assert name not in salt.accepted_keys()
 
 
 def test_profile_makes_a_sized_minion_that_pings(hv, salt, base_domain, pool_volumes):
@@ -109,17 +69,6 @@ PROVIDER = "test-kvm"
 def cached_nodes(salt):
     """The nodes salt-cloud's update_cachedir cache holds for the test provider."""
     return {p.stem for p in salt.root.rglob(f"active/libvirt/{PROVIDER}/*.p")}
-
-
-def cloud_error(proc, name):
-    """salt-cloud reports a failed create in its output (and log), not always in its exit code."""
-    text = proc.stdout + proc.stderr
-    try:
-        out = json.loads(proc.stdout)
-        text += json.dumps(out)
-    except json.JSONDecodeError:
-        pass
-    return text
 
 
 @pytest.mark.parametrize(

@@ -10,17 +10,8 @@ import pytest
 
 from salt_kvm import ssh
 
-from . import saltenv
+from .cloudcheck import assert_gone, created
 from .conftest import GUEST_PASSWORD, GUEST_USER, POOL, PREFIX, unique
-from .test_cloud import assert_gone, created
-
-
-@pytest.fixture(scope="module")
-def salt(tmp_path_factory, hv):
-    env = saltenv.start_master(tmp_path_factory.mktemp("salt"))
-    env.write_providers(saltenv.provider())
-    yield env
-    saltenv.stop_master(env)
 
 
 @pytest.fixture(scope="module")

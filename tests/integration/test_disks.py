@@ -18,7 +18,7 @@ from salt_kvm.rollback import Rollback
 from salt_kvm.units import GIB
 
 from .conftest import GUEST_PASSWORD, GUEST_USER, POOL, unique
-from .test_discovery import VENV_3008, minion_config, salt_call
+from .saltenv import VENV_3008, minion_config, salt_call
 
 IMAGES = "/var/lib/libvirt/images"
 MARKER = b"salt-kvm read-only image\n"

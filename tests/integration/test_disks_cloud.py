@@ -11,19 +11,10 @@ from salt_kvm import clone, diskops, disks
 from salt_kvm.domxml import Domain
 from salt_kvm.rollback import Rollback
 
-from . import saltenv
+from .cloudcheck import assert_gone, cloud_error, created, sized_profile
 from .conftest import POOL, unique
-from .test_cloud import assert_gone, cloud_error, created, sized_profile
 
 IMAGES = "/var/lib/libvirt/images"
-
-
-@pytest.fixture(scope="module")
-def salt(tmp_path_factory, hv):
-    env = saltenv.start_master(tmp_path_factory.mktemp("salt"))
-    env.write_providers(saltenv.provider())
-    yield env
-    saltenv.stop_master(env)
 
 
 @pytest.fixture

@@ -17,9 +17,8 @@ import pytest
 from salt_kvm import images
 from tests.imageserver import ImageServer
 
-from . import saltenv
+from .cloudcheck import assert_gone, cloud_error, created
 from .conftest import BASE, GUEST_PASSWORD, GUEST_USER, NETWORK, POOL, PREFIX, unique
-from .test_cloud import assert_gone, cloud_error, created
 
 
 def sha256(path):
@@ -70,14 +69,6 @@ def clean_cache(hv, image_files):
     clear()
     yield key
     clear()
-
-
-@pytest.fixture(scope="module")
-def salt(tmp_path_factory, hv):
-    env = saltenv.start_master(tmp_path_factory.mktemp("salt"))
-    env.write_providers(saltenv.provider())
-    yield env
-    saltenv.stop_master(env)
 
 
 def image_profile(env, url, checksum, **extra):

@@ -24,7 +24,7 @@ from salt_kvm.rollback import Rollback
 from salt_kvm.spec import build_spec
 
 from .conftest import BASE, GUEST_PASSWORD, GUEST_USER, PREFIX, URI, unique
-from .test_discovery import minion_config
+from .saltenv import minion_config
 
 NET_PREFIXES = os.environ.get("SALT_KVM_NAT_TEST_NETS", "192.168.214,192.168.215").split(",")
 STEM = PREFIX.strip("-")

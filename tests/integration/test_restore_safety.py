@@ -18,8 +18,7 @@ from salt_kvm.domxml import Domain
 from salt_kvm.errors import SaltKvmError
 
 from . import guests
-from .conftest import POOL, PREFIX, unique
-from .test_backup import _dest
+from .conftest import POOL, PREFIX, backup_dest, unique
 
 MIB = 1024**2
 
@@ -90,7 +89,7 @@ def _write(g, path):
 
 def test_in_place_restore_keeps_raw_file_and_block_disks(hv, guest, loop_link):
     device, link = loop_link
-    dest = _dest("restore")
+    dest = backup_dest("restore")
     try:
         md5 = {"d": _write(guest, "/d/a"), "b": _write(guest, "/b/a")}
         made = backup.create(hv, guest.name, dest, disks=["vdb", "vdc"])
