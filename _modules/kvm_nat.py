@@ -119,7 +119,8 @@ def remove(name, guest_port=None, host_port=None, proto="tcp", uri=None):
 def list_(name=None):
     """
     The forwards of every domain (or of ``name``): ports, guest address,
-    whether each one is in the kernel's table now, whether the libvirt hooks
+    whether each one is in the kernel's table and passes libvirt's forward
+    rules now (``active``; ``firewall`` says how, or why not), whether the libvirt hooks
     that put them back after restarts are active (``hooks``) and the hooks'
     latest failures about the domain or its network (``hook_errors``).
 
@@ -204,8 +205,10 @@ def install_hooks(hooks_dir="/etc/libvirt/hooks", test=False):
 def hooks_status(hooks_dir="/etc/libvirt/hooks"):
     """
     Whether the running libvirtd runs salt-kvm's hooks (installed, and
-    written before it started), why not and what to do, and the hooks' latest
-    logged failures.
+    written before it started), why not and what to do, the hooks' latest
+    logged failures, and libvirt's firewall backend(s) with whether
+    forwards pass them (``firewall``: ``backends``, ``configured``,
+    ``passable``, ``why``).
 
     CLI Example:
 
@@ -214,7 +217,20 @@ def hooks_status(hooks_dir="/etc/libvirt/hooks"):
         salt hypervisor kvm_nat.hooks_status
     """
     active, why = hookscript.status(hooks_dir)
-    return {"active": active, "status": why, "errors": nathook.problems(_all_names())}
+    state = hostnet.firewall()
+    through, how = hostnet.passable(state)
+    firewall = {
+        "backends": state["backends"],
+        "configured": state["configured"],
+        "passable": through,
+        "why": how,
+    }
+    return {
+        "active": active,
+        "status": why,
+        "errors": nathook.problems(_all_names()),
+        "firewall": firewall,
+    }
 
 
 def _all_names():
