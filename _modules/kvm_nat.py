@@ -51,13 +51,19 @@ def _max_rules():
         raise CommandExecutionError(str(exc)) from exc
 
 
-def _hooks_warning(changes):
+def _hooks_warning(changes, name=None):
     """``changes`` plus, when the hooks that keep forwards alive are not
-    active, a ``warning`` saying so and what to do."""
+    active, a ``warning`` saying so and what to do, and the hooks' latest
+    logged failures about the domain or its network (``hook_errors``)."""
     active, why = hookscript.status()
-    if active:
-        return changes
-    return {**changes, "warning": why}
+    if not active:
+        changes = {**changes, "warning": why}
+    if name is not None:
+        names = {name, *(e["network"] for e in forwards.listing(name).values())}
+        errors = nathook.problems(names)
+        if errors:
+            changes = {**changes, "hook_errors": errors}
+    return changes
 
 
 def _call(fn, uri=None):
@@ -93,7 +99,7 @@ def add(name, guest_port, host_port=None, proto="tcp", host_address=None, uri=No
         ),
         uri,
     )
-    return _hooks_warning(changes)
+    return _hooks_warning(changes, name)
 
 
 def remove(name, guest_port=None, host_port=None, proto="tcp", uri=None):
@@ -164,7 +170,7 @@ def apply(name, rules=None, test=False, uri=None):
         ),
         uri,
     )
-    return changes if test else _hooks_warning(changes)
+    return changes if test else _hooks_warning(changes, name)
 
 
 def reapply(uri=None):

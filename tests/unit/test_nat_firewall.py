@@ -288,6 +288,8 @@ def test_kvm_nat_shows_the_firewall_and_recent_hook_errors(tmp_path, monkeypatch
     assert listed["vm1"]["hook_errors"] == [log.read_text().splitlines()[0]]
     status = mod.hooks_status()
     assert status["firewall"]["passable"] is True and status["firewall"]["backends"] == ["iptables"]
+    # apply/add answers carry the hooks' latest errors about the domain's network
+    assert mod._hooks_warning({}, "vm1") == {"hook_errors": [log.read_text().splitlines()[0]]}
     blocked = {"backends": [], "configured": None, "problem": "firewalld is running", "accept": {}}
     monkeypatch.setattr(hostnet, "firewall", lambda: blocked)
     status = mod.hooks_status()
