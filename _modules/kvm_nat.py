@@ -191,8 +191,10 @@ def install_hooks(hooks_dir="/etc/libvirt/hooks", test=False):
     """
     Install the libvirt hooks that keep forwards alive across network
     restarts, libvirtd restarts and reboots: ``/bin/sh`` scripts in
-    ``network.d``/``qemu.d`` and ``/etc/salt-kvm/hook.conf`` naming this
-    minion's Python. Returns the files written (with ``test=True``: that would
+    ``network.d``/``qemu.d`` that hand over to the launcher
+    ``/usr/sbin/salt-kvm-libvirt-hook`` (which libvirtd's AppArmor profile
+    runs unconfined), and ``/etc/salt-kvm/hook.conf`` naming this minion's
+    Python (a Salt onedir's too). Returns the files written (with ``test=True``: that would
     be written); libvirtd must be restarted once after the first installation
     (``kvm_nat.hooks_status`` says whether it runs them).
 
