@@ -28,7 +28,7 @@ import salt_kvm
 from salt_kvm import hookscript, hostnet, nat
 
 from . import nftbed
-from .test_nat import LOOPBACK_PROBE
+from .probes import LOOPBACK_PROBE
 
 pytestmark = pytest.mark.integration
 
