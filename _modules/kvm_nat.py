@@ -51,13 +51,19 @@ def _max_rules():
         raise CommandExecutionError(str(exc)) from exc
 
 
-def _hooks_warning(changes):
+def _hooks_warning(changes, name=None):
     """``changes`` plus, when the hooks that keep forwards alive are not
-    active, a ``warning`` saying so and what to do."""
+    active, a ``warning`` saying so and what to do, and the hooks' latest
+    logged failures about the domain or its network (``hook_errors``)."""
     active, why = hookscript.status()
-    if active:
-        return changes
-    return {**changes, "warning": why}
+    if not active:
+        changes = {**changes, "warning": why}
+    if name is not None:
+        names = {name, *(e["network"] for e in forwards.listing(name).values())}
+        errors = nathook.problems(names)
+        if errors:
+            changes = {**changes, "hook_errors": errors}
+    return changes
 
 
 def _call(fn, uri=None):
@@ -93,7 +99,7 @@ def add(name, guest_port, host_port=None, proto="tcp", host_address=None, uri=No
         ),
         uri,
     )
-    return _hooks_warning(changes)
+    return _hooks_warning(changes, name)
 
 
 def remove(name, guest_port=None, host_port=None, proto="tcp", uri=None):
@@ -119,7 +125,8 @@ def remove(name, guest_port=None, host_port=None, proto="tcp", uri=None):
 def list_(name=None):
     """
     The forwards of every domain (or of ``name``): ports, guest address,
-    whether each one is in the kernel's table now, whether the libvirt hooks
+    whether each one is in the kernel's table and passes libvirt's forward
+    rules now (``active``; ``firewall`` says how, or why not), whether the libvirt hooks
     that put them back after restarts are active (``hooks``) and the hooks'
     latest failures about the domain or its network (``hook_errors``).
 
@@ -163,7 +170,7 @@ def apply(name, rules=None, test=False, uri=None):
         ),
         uri,
     )
-    return changes if test else _hooks_warning(changes)
+    return changes if test else _hooks_warning(changes, name)
 
 
 def reapply(uri=None):
@@ -184,8 +191,10 @@ def install_hooks(hooks_dir="/etc/libvirt/hooks", test=False):
     """
     Install the libvirt hooks that keep forwards alive across network
     restarts, libvirtd restarts and reboots: ``/bin/sh`` scripts in
-    ``network.d``/``qemu.d`` and ``/etc/salt-kvm/hook.conf`` naming this
-    minion's Python. Returns the files written (with ``test=True``: that would
+    ``network.d``/``qemu.d`` that hand over to the launcher
+    ``/usr/sbin/salt-kvm-libvirt-hook`` (which libvirtd's AppArmor profile
+    runs unconfined), and ``/etc/salt-kvm/hook.conf`` naming this minion's
+    Python (a Salt onedir's too). Returns the files written (with ``test=True``: that would
     be written); libvirtd must be restarted once after the first installation
     (``kvm_nat.hooks_status`` says whether it runs them).
 
@@ -204,8 +213,10 @@ def install_hooks(hooks_dir="/etc/libvirt/hooks", test=False):
 def hooks_status(hooks_dir="/etc/libvirt/hooks"):
     """
     Whether the running libvirtd runs salt-kvm's hooks (installed, and
-    written before it started), why not and what to do, and the hooks' latest
-    logged failures.
+    written before it started), why not and what to do, the hooks' latest
+    logged failures, and libvirt's firewall backend(s) with whether
+    forwards pass them (``firewall``: ``backends``, ``configured``,
+    ``passable``, ``why``).
 
     CLI Example:
 
@@ -214,7 +225,20 @@ def hooks_status(hooks_dir="/etc/libvirt/hooks"):
         salt hypervisor kvm_nat.hooks_status
     """
     active, why = hookscript.status(hooks_dir)
-    return {"active": active, "status": why, "errors": nathook.problems(_all_names())}
+    state = hostnet.firewall()
+    through, how = hostnet.passable(state)
+    firewall = {
+        "backends": state["backends"],
+        "configured": state["configured"],
+        "passable": through,
+        "why": how,
+    }
+    return {
+        "active": active,
+        "status": why,
+        "errors": nathook.problems(_all_names()),
+        "firewall": firewall,
+    }
 
 
 def _all_names():

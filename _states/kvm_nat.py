@@ -57,7 +57,8 @@ def _converge(name, rules, uri, what):
         return ret
     try:
         changes = __salt__["kvm_nat.apply"](name, rules=rules, uri=uri)
-        changes.pop("warning", None)
+        changes.pop("warning", None)  # both said in the comment (_hooks_note)
+        changes.pop("hook_errors", None)
         ret["changes"] = changes
     except Exception as exc:  # noqa: BLE001
         ret["result"] = False

@@ -37,5 +37,9 @@ class ConflictError(SaltKvmError):
     """The request conflicts with the current state of the hypervisor."""
 
 
+class ForwardsBlocked(ConflictError):
+    """NAT forwards cannot pass the host's firewall (libvirt's backend, firewalld)."""
+
+
 class TimeoutError_(SaltKvmError):  # noqa: N801 - avoid shadowing the builtin
     """Waiting for a guest (address, SSH, agent) took longer than allowed."""

@@ -19,7 +19,7 @@ from lxml import etree
 
 from . import connection, hostnet, nat
 from .domxml import Domain
-from .errors import ConflictError, NotFoundError, SaltKvmError, SpecError
+from .errors import ConflictError, ForwardsBlocked, NotFoundError, SaltKvmError, SpecError
 from .natstore import Entry, Placement, Store, all_forwards
 
 log = logging.getLogger(__name__)
@@ -167,9 +167,13 @@ def _commit(store: Store, entries: dict[str, Entry], before: dict[str, Entry]) -
         raise
 
 
-def sync_kernel(entries: dict[str, Entry], replace: bool = True) -> list[str]:
+def sync_kernel(entries: dict[str, Entry], replace: bool = True, strict: bool = False) -> list[str]:
     """Make the kernel match ``entries``: the table (if ``replace``), then what
     the forwards need beside it; re-done by every apply and hook.
+
+    When the host's firewall cannot let forwards through (``hostnet.firewall``),
+    everything else is still done (a removal must go through); ``strict``
+    (the hooks, reapply) then raises so the failure is logged and shown.
 
     route_localnet lets a guest on a bridge reach the host's 127.0.0.0/8
     unless the table's guard rule for that bridge drops such traffic. So it is
@@ -201,9 +205,22 @@ def sync_kernel(entries: dict[str, Entry], replace: bool = True) -> list[str]:
         for tap, _ in hostnet.running_taps(entry.placement.network, {name}):
             if hostnet.hairpin(tap):
                 done.append(f"hairpin on {tap}")
-    if entries and hostnet.ensure_forward_accept():
-        done.append("forward accept")
+    if entries:
+        try:
+            if hostnet.ensure_forward_accept():
+                done.append("forward accept")
+        except ForwardsBlocked as exc:
+            if strict:
+                raise
+            log.error("forwards cannot pass the host's firewall: %s", exc)
     return done
+
+
+def refuse_if_blocked() -> None:
+    """A forward that the host's firewall would drop is refused, never made dead."""
+    problem = hostnet.forward_problem()
+    if problem is not None:
+        raise ForwardsBlocked(f"forwards cannot work on this host: {problem}; nothing changed")
 
 
 def _changes(old: list[nat.Rule], new: list[nat.Rule]) -> dict:
@@ -271,6 +288,8 @@ def apply_all(
         rules = rules if _is_rule_list(rules) else nat.parse_rules(rules, "rules", max_rules)
         check_host_addresses(rules)
         edits[domain] = Edit(lambda _, r=rules: r, located=bool(rules))
+    if any(edit.located for edit in edits.values()):
+        refuse_if_blocked()
     placements = dict(placements or {})
     # libvirt is asked before the lock: a hook waiting on the lock while
     # libvirtd waits on the hook must never meet a call into libvirtd here.
@@ -453,23 +472,31 @@ def check_local(conn: libvirt.virConnect, key: str = "nat_rules") -> None:
 def check_free(domain: str, rules: list[nat.Rule], store: Store | None = None) -> None:
     """Refuse, before anything is made, forwards whose host ports are taken or
     whose host address is not this host's."""
+    if rules:
+        refuse_if_blocked()
     check_host_addresses(rules, "nat_rules")
     _check_free((store or Store()).load(), domain, rules, hostnet.local_ports())
 
 
 def listing(domain: str | None = None, store: Store | None = None) -> dict[str, dict]:
-    """Domain → its forwards, guest address and whether the kernel has them."""
+    """Domain → its forwards, guest address and whether the kernel has them.
+
+    ``active``: in salt-kvm's table AND able to pass libvirt's forward rules
+    (``firewall`` says how, or why not)."""
     entries = (store or Store()).load()
     active = set(hostnet.table_comments().get("prerouting", []))
     result = {}
+    through, why = hostnet.passable() if entries else (True, "")
     for name, entry in sorted(entries.items()):
         if domain is not None and name != domain:
             continue
         result[name] = {
             "network": entry.placement.network,
             "address": entry.placement.address,
+            "firewall": why,
             "forwards": [
-                {**r.as_dict(), "active": nat.comment_for(name, r) in active} for r in entry.rules
+                {**r.as_dict(), "active": through and nat.comment_for(name, r) in active}
+                for r in entry.rules
             ],
         }
     return result
@@ -480,7 +507,7 @@ def reapply(store: Store | None = None) -> list[str]:
     store = store or Store()
     with _locked(store):
         entries = store.load()
-        return sync_kernel(entries, replace=not _active(entries))
+        return sync_kernel(entries, replace=not _active(entries), strict=True)
 
 
 def refresh(

@@ -5,14 +5,16 @@ Standard library only: ``scripts/setup-host`` runs this with the system's
 before libvirtd first starts (it looks for hook scripts only when it starts).
 
 The hooks are small ``/bin/sh`` scripts, not Python: a distribution's AppArmor
-profile for libvirtd (Debian, Ubuntu) lets it run shell hooks, not an
-arbitrary interpreter. Each hands over to salt-kvm's Python, named in a
-root-owned configuration file (``hook.conf``); when that Python is missing or
-the file is not root's, the hook logs why to a root-only log and exits 0: a
-forward must never stop a guest or a network.
+profile for libvirtd (Debian, Ubuntu) runs hook files inside the profile, and
+that profile lets them execute programs in /usr/bin and /usr/sbin (unconfined)
+but not an interpreter elsewhere (a Salt onedir's). So each hook only execs
+the launcher ``/usr/sbin/salt-kvm-libvirt-hook`` (also sh), which hands over
+to salt-kvm's Python named in a root-owned configuration file (``hook.conf``);
+when that Python is missing or the file is not root's, it logs why to a
+root-only log and exits 0: a forward must never stop a guest or a network.
 
     python3 -m salt_kvm.hookscript [--python P] [--path DIR] [--state FILE]
-        writes the hooks and hook.conf; prints the files written
+        writes the hooks, the launcher and hook.conf; prints the files written
     python3 -m salt_kvm.hookscript --status
         prints whether libvirtd runs the hooks (exit 0) or why not (exit 1)
 """
@@ -35,15 +37,43 @@ STATE = Path("/var/lib/salt-kvm/nat.json")
 DAEMONS = ("libvirtd", "virtqemud", "virtnetworkd")
 PROC = Path("/proc")
 
-SCRIPT = r"""#!/bin/sh
+# The program the hooks hand over to. libvirtd runs hooks under its AppArmor
+# profile on Debian and Ubuntu (/etc/apparmor.d/usr.sbin.libvirtd): the hook
+# files themselves are allowed (``/etc/libvirt/hooks/** rmix``: run inside the
+# profile), and a program in /usr/sbin is run unconfined (``/usr/sbin/* PUx``,
+# no profile attaches to it). A Python outside /usr/bin and /usr/sbin, such as
+# a Salt onedir's /opt/saltstack/salt/bin/python3.X, is executable by no rule
+# of that profile: the hook must not start it itself.
+LAUNCHER = Path("/usr/sbin/salt-kvm-libvirt-hook")
+LAUNCHER_NAME = LAUNCHER.name
+
+HOOK = r"""#!/bin/sh
 # salt-kvm: keeps NAT port forwards alive (see salt-kvm's docs/nat.rst).
 # Written by kvm_nat.install_hooks or scripts/setup-host; libvirtd reads hooks
-# when it starts. A plain sh script (AppArmor profiles for libvirtd allow
-# those): it hands over to salt-kvm's Python named in CONF, logs problems to
-# LOG (root only) and always exits 0, so a forward never stops a guest or network.
+# when it starts. libvirtd runs this under its AppArmor profile (Debian,
+# Ubuntu), which lets it run programs in /usr/sbin unconfined but not, say, a
+# Salt onedir's Python: so it only hands over to LAUNCHER. Without LAUNCHER it
+# logs why to LOG (root only) and exits 0: a forward never stops a guest or network.
 DRIVER=@DRIVER@
-CONF='@CONF@'
-LOG='@LOG@'
+LAUNCHER='@LAUNCHER@'
+[ -x "$LAUNCHER" ] && exec "$LAUNCHER" "$DRIVER" '@CONF@' '@LOG@' "$@"
+umask 077
+mkdir -p '@LOGDIR@' 2>/dev/null
+printf '%s ERROR %s %s %s: %s\n' "$(date -u '+%Y-%m-%d %H:%M:%S')" "$DRIVER" "$1" "$2" \
+    "no $LAUNCHER: forwards not restored (run kvm_nat.install_hooks)" >>'@LOG@' 2>/dev/null
+cat >/dev/null 2>&1  # take libvirt's XML on stdin
+exit 0
+"""
+
+# The launcher: runs unconfined (see LAUNCHER), reads CONF, starts salt-kvm's Python.
+SCRIPT = r"""#!/bin/sh
+# salt-kvm's libvirt hook launcher (see salt-kvm's docs/nat.rst), run by the
+# hooks in /etc/libvirt/hooks/{network,qemu}.d/ as: LAUNCHER DRIVER CONF LOG ARGS...
+# It hands over to salt-kvm's Python named in CONF, logs problems to LOG (root
+# only) and always exits 0, so a forward never stops a guest or network.
+[ $# -ge 3 ] || exit 0
+DRIVER=$1 CONF=$2 LOG=$3
+shift 3
 umask 077
 cd / || exit 0
 fail() {
@@ -54,6 +84,7 @@ fail() {
     exit 0
 }
 OBJECT=$1 OPERATION=$2
+case $DRIVER in network|qemu) ;; *) fail "unknown hook driver '$DRIVER'" ;; esac
 python='' path='' state=''
 [ -f "$CONF" ] || fail "no $CONF: forwards not restored (run kvm_nat.install_hooks)"
 owner=$(stat -c %u "$CONF" 2>/dev/null) mode=$(stat -c %a "$CONF" 2>/dev/null)
@@ -80,13 +111,33 @@ exit 0
 """
 
 
-def script(driver: str, conf: Path | str = CONF, log: Path | str = LOG_FILE) -> str:
-    for value in (str(conf), str(log)):
-        if "'" in value or "\n" in value:
-            raise ValueError(f"{value!r}: a hook path may not contain quotes or newlines")
+def _check_paths(*values: Path | str) -> None:
+    for value in values:
+        if "'" in str(value) or "\n" in str(value):
+            raise ValueError(f"{str(value)!r}: a hook path may not contain quotes or newlines")
+
+
+def script(
+    driver: str,
+    conf: Path | str = CONF,
+    log: Path | str = LOG_FILE,
+    launcher: Path | str = LAUNCHER,
+) -> str:
+    """The hook file of ``driver``: hands over to ``launcher``."""
+    if driver not in DRIVERS:
+        raise ValueError(f"{driver!r}: a hook driver is one of {', '.join(DRIVERS)}")
+    _check_paths(conf, log, launcher)
     return (
-        SCRIPT.replace("@DRIVER@", driver).replace("@CONF@", str(conf)).replace("@LOG@", str(log))
+        HOOK.replace("@DRIVER@", driver)
+        .replace("@CONF@", str(conf))
+        .replace("@LOGDIR@", str(Path(log).parent))
+        .replace("@LOG@", str(log))
+        .replace("@LAUNCHER@", str(launcher))
     )
+
+
+def launcher_script() -> str:
+    return SCRIPT
 
 
 def conf_text(python: str, path: str, state: Path | str) -> str:
@@ -102,6 +153,11 @@ def conf_text(python: str, path: str, state: Path | str) -> str:
 
 def conf_for(hooks_dir: Path | str) -> Path:
     return CONF if Path(hooks_dir) == HOOKS_DIR else Path(hooks_dir) / "salt-kvm-hook.conf"
+
+
+def launcher_for(hooks_dir: Path | str) -> Path:
+    """/usr/sbin's launcher for libvirt's own hooks folder, else (tests) one inside it."""
+    return LAUNCHER if Path(hooks_dir) == HOOKS_DIR else Path(hooks_dir) / LAUNCHER_NAME
 
 
 def _write(path: Path, text: str, mode: int, test: bool) -> bool:
@@ -128,17 +184,24 @@ def install(
     conf: Path | str | None = None,
     log: Path | str = LOG_FILE,
     test: bool = False,
+    launcher: Path | str | None = None,
 ) -> list[str]:
-    """Write hook.conf and the sh hooks (idempotent); the files written (or, with
-    ``test``, that would be). hook.conf is /etc/salt-kvm/hook.conf for libvirt's
-    own hooks folder, else (another ``hooks_dir``, as in tests) inside that folder."""
+    """Write hook.conf, the launcher and the sh hooks (idempotent); the files
+    written (or, with ``test``, that would be). For libvirt's own hooks folder
+    hook.conf is /etc/salt-kvm/hook.conf and the launcher
+    /usr/sbin/salt-kvm-libvirt-hook, else (another ``hooks_dir``, as in tests)
+    both are inside that folder."""
     conf = conf or conf_for(hooks_dir)
+    launcher = launcher or launcher_for(hooks_dir)
+    _check_paths(conf, log, launcher)
     written = []
     if _write(Path(conf), conf_text(python, path, state), 0o644, test):
         written.append(str(conf))
+    if _write(Path(launcher), launcher_script(), 0o755, test):
+        written.append(str(launcher))
     for driver in DRIVERS:
         hook = Path(hooks_dir) / f"{driver}.d" / HOOK_NAME
-        if _write(hook, script(driver, conf, log), 0o755, test):
+        if _write(hook, script(driver, conf, log, launcher), 0o755, test):
             written.append(str(hook))
     return written
 
@@ -177,11 +240,16 @@ def daemon_started() -> tuple[str, float] | None:
     return min(found, key=lambda item: item[1])
 
 
-def status(hooks_dir: Path | str = HOOKS_DIR, conf: Path | str | None = None) -> tuple[bool, str]:
-    """(active, why): hooks present and older than the running libvirt daemon."""
+def status(
+    hooks_dir: Path | str = HOOKS_DIR,
+    conf: Path | str | None = None,
+    launcher: Path | str | None = None,
+) -> tuple[bool, str]:
+    """(active, why): hooks and launcher present, hooks older than the running libvirt daemon."""
     conf = conf or conf_for(hooks_dir)
+    launcher = Path(launcher or launcher_for(hooks_dir))
     hooks = [Path(hooks_dir) / f"{d}.d" / HOOK_NAME for d in DRIVERS]
-    missing = [str(h) for h in hooks if not h.exists()]
+    missing = [str(h) for h in [*hooks, launcher] if not h.exists()]
     if missing or not Path(conf).exists():
         return False, (
             f"the libvirt hooks are not installed ({', '.join(missing) or conf} missing): "

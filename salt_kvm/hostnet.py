@@ -17,7 +17,7 @@ from pathlib import Path
 from lxml import etree
 
 from . import nat
-from .errors import SaltKvmError
+from .errors import ForwardsBlocked, SaltKvmError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,27 @@ def table_comments() -> dict[str, list[str]]:
 
 
 # ---- the accept ahead of libvirt's rejects ------------------------------------
+#
+# libvirt rejects new connections into a NAT network in its forward rules. A
+# packet must pass every base chain of a hook, so an accept in salt-kvm's own
+# table cannot overrule such a reject: the accept for our marked connections
+# has to sit in libvirt's own rules, ahead of its rejects. Where those rules
+# are depends on libvirt's firewall backend:
+#
+# - iptables (libvirt < 10.4, and >= 10.4 with firewall_backend = "iptables"):
+#   chains LIBVIRT_FWI/FWO/FWX jumped to from FORWARD of iptables' filter table.
+# - nftables (libvirt >= 10.4 with firewall_backend = "nftables"): table
+#   ``ip libvirt_network``, base chain ``forward`` jumping to guest_output,
+#   guest_input and guest_cross, which hold the rejects.
+
+NETWORK_CONF = Path("/etc/libvirt/network.conf")
+BACKENDS = ("iptables", "nftables")
+LIBVIRT_NFT = ("ip", "libvirt_network")
+LIBVIRT_NFT_CHAIN = "forward"
+# The comment that finds salt-kvm's accept again in libvirt's nftables chain.
+ACCEPT_TAG = "salt-kvm-forward-accept"
+FIREWALLD = ("inet", "firewalld")
+PROC = Path("/proc")
 
 
 def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -80,23 +101,144 @@ def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def libvirt_uses_iptables() -> bool:
-    """libvirt 9 writes its forward rejects with iptables(-nft) in ``ip filter``."""
+    """libvirt's iptables backend: its forward chains are in iptables' filter table."""
     if shutil.which(IPTABLES) is None:
         return False
     return _iptables("-S", "LIBVIRT_FWI", check=False).returncode == 0
 
 
-def ensure_forward_accept() -> bool:
-    """Make ``FORWARD`` accept our marked connections before libvirt's chains.
-
-    A packet must pass every base chain of a hook, so an accept in our own
-    table cannot overrule libvirt's ``reject``; the accept has to sit in
-    libvirt's own table, ahead of its jumps. iptables owns that table, so
-    iptables writes it: one chain with one static rule (the conntrack mark
-    our DNAT sets), jumped to first. Returns whether anything changed.
-    """
-    if not libvirt_uses_iptables():
+def libvirt_uses_nftables() -> bool:
+    """libvirt's nftables backend (>= 10.4): its table ``ip libvirt_network`` exists."""
+    if shutil.which(NFT) is None:
         return False
+    return nft("list", "chain", *LIBVIRT_NFT, LIBVIRT_NFT_CHAIN, check=False).returncode == 0
+
+
+def configured_backend(path: Path | str | None = None) -> str | None:
+    """``firewall_backend`` of libvirt's network.conf, or None when not set there."""
+    try:
+        text = Path(path or NETWORK_CONF).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.split("#", 1)[0].partition("=")
+        if sep and key.strip() == "firewall_backend":
+            return value.strip().strip("\"'")
+    return None
+
+
+def firewalld_running() -> bool:
+    """firewalld's table in the kernel, or a firewalld process."""
+    if shutil.which(NFT) and nft("list", "table", *FIREWALLD, check=False).returncode == 0:
+        return True
+    for entry in PROC.iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "firewalld":
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def firewall() -> dict:
+    """Where libvirt's forward rules are and whether salt-kvm's forwards can pass them.
+
+    ``backends``: the backends whose rules the kernel holds now (both when a
+    backend change left the other's rules behind); ``configured``: network.conf's
+    choice; ``problem``: why forwards cannot work here, or None.
+    """
+    configured = configured_backend()
+    found = [
+        name
+        for name, present in (
+            ("iptables", libvirt_uses_iptables()),
+            ("nftables", libvirt_uses_nftables()),
+        )
+        if present
+    ]
+    problem = available()
+    if problem is None and firewalld_running():
+        problem = (
+            "firewalld is running: libvirt then hands its networks to firewalld zones, "
+            "whose forward rules salt-kvm does not manage (not supported: forwards "
+            "could be rejected there); stop firewalld or use libvirt's iptables or "
+            "nftables backend without it"
+        )
+    if problem is None and configured is not None and configured not in BACKENDS:
+        problem = (
+            f"libvirt's firewall_backend {configured!r} ({NETWORK_CONF}) is not one "
+            f"salt-kvm can pass: accepted {', '.join(BACKENDS)}"
+        )
+    wants_iptables = "iptables" in found or (not found and configured == "iptables")
+    if problem is None and wants_iptables and shutil.which(IPTABLES) is None:
+        problem = (
+            "libvirt uses its iptables firewall backend but the iptables command is "
+            "missing: salt-kvm cannot put its accept ahead of libvirt's rejects"
+        )
+    return {
+        "backends": found,
+        "configured": configured,
+        "problem": problem,
+        "accept": accept_in_place(found),
+    }
+
+
+def forward_problem() -> str | None:
+    """Why forwards would be dead on this host (refuse them), or None."""
+    return firewall()["problem"]
+
+
+def passable(state: dict | None = None) -> tuple[bool, str]:
+    """(whether marked connections pass libvirt's forward rules now, why in words)."""
+    state = state or firewall()
+    if state["problem"]:
+        return False, state["problem"]
+    if not state["backends"]:
+        return True, "no libvirt forward rules in the kernel (no NAT network started)"
+    missing = [b for b in state["backends"] if not state["accept"].get(b)]
+    if missing:
+        return False, (
+            f"salt-kvm's accept is not first ahead of libvirt's {'/'.join(missing)} rules: "
+            "connections from outside the host are rejected; run kvm_nat.reapply"
+        )
+    return True, f"accept first ahead of libvirt's {'/'.join(state['backends'])} rules"
+
+
+def _nft_accept() -> str:
+    mark = f"{nat.CT_MARK:#x}"
+    return f'ct mark and {mark} == {mark} counter accept comment "{ACCEPT_TAG}"'
+
+
+def nft_accept_rules() -> list[dict]:
+    """The rules of libvirt's nftables ``forward`` chain, in order (nft's JSON)."""
+    proc = nft("-j", "-a", "list", "chain", *LIBVIRT_NFT, LIBVIRT_NFT_CHAIN, check=False)
+    if proc.returncode != 0:
+        return []
+    return [item["rule"] for item in json.loads(proc.stdout).get("nftables", []) if "rule" in item]
+
+
+def _ensure_nft_accept() -> bool:
+    """Our accept first in libvirt's nftables ``forward`` chain, once; whether it changed.
+
+    One ``nft -f`` transaction deletes any stray copies (found by their
+    comment) and inserts the rule at the head of the chain.
+    """
+    rules = nft_accept_rules()
+    ours = [r for r in rules if r.get("comment") == ACCEPT_TAG]
+    if rules and rules[0].get("comment") == ACCEPT_TAG and len(ours) == 1:
+        return False
+    family, table = LIBVIRT_NFT
+    lines = [f"delete rule {family} {table} {LIBVIRT_NFT_CHAIN} handle {r['handle']}" for r in ours]
+    lines.append(f"insert rule {family} {table} {LIBVIRT_NFT_CHAIN} {_nft_accept()}")
+    nft("-f", "-", data="\n".join(lines) + "\n")
+    return True
+
+
+def _ensure_iptables_accept() -> bool:
+    """iptables owns libvirt's table in this backend, so iptables writes the accept:
+    one chain with one static rule (the conntrack mark our DNAT sets), jumped to
+    first from FORWARD. Whether anything changed."""
     changed = False
     if _iptables("-S", ACCEPT_CHAIN, check=False).returncode != 0:
         _iptables("-N", ACCEPT_CHAIN)
@@ -113,6 +255,39 @@ def ensure_forward_accept() -> bool:
             rules.remove(jump)
         _iptables("-I", "FORWARD", "1", "-j", ACCEPT_CHAIN)
         changed = True
+    return changed
+
+
+def accept_in_place(backends: list[str]) -> dict[str, bool]:
+    """Backend → whether salt-kvm's accept is first ahead of that backend's rules now."""
+    state = {}
+    if "iptables" in backends:
+        forward = _iptables("-S", "FORWARD", check=False).stdout.splitlines()
+        rules = [r for r in forward if r.startswith("-A ")]
+        state["iptables"] = bool(rules) and rules[0] == f"-A FORWARD -j {ACCEPT_CHAIN}"
+    if "nftables" in backends:
+        rules = nft_accept_rules()
+        state["nftables"] = bool(rules) and rules[0].get("comment") == ACCEPT_TAG
+    return state
+
+
+def ensure_forward_accept() -> bool:
+    """Make every libvirt forward chain the kernel holds accept our marked
+    connections first. Returns whether anything changed.
+
+    Raises when forwards cannot pass libvirt's rules here (``forward_problem``):
+    a forward must never be silently dead. With no libvirt rules in the kernel
+    yet (no NAT network started), there is nothing to pass; the network
+    ``started`` hook puts the accept in when libvirt writes them.
+    """
+    state = firewall()
+    if state["problem"] is not None:
+        raise ForwardsBlocked(state["problem"])
+    changed = False
+    if "iptables" in state["backends"]:
+        changed |= _ensure_iptables_accept()
+    if "nftables" in state["backends"]:
+        changed |= _ensure_nft_accept()
     return changed
 
 

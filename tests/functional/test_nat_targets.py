@@ -12,6 +12,13 @@ from salt_kvm.natstore import Entry, Placement, Store
 
 MAC = "52:54:00:aa:00:01"
 NET = "natnet"
+# libvirt's iptables backend with salt-kvm's accept first (no kernel touched).
+FIREWALL_OK = {
+    "backends": ["iptables"],
+    "configured": None,
+    "problem": None,
+    "accept": {"iptables": True},
+}
 
 
 def network_xml(hosts):
@@ -36,6 +43,7 @@ def kernel(monkeypatch):
         "table_comments": lambda: {},
         "local_ports": lambda: set(),
         "ensure_forward_accept": lambda: False,
+        "firewall": lambda: FIREWALL_OK,
         "running_taps": lambda *_: [],
         "route_localnet": lambda *_: False,
         "route_localnet_on": lambda _: set(),
@@ -44,7 +52,7 @@ def kernel(monkeypatch):
     }.items():
         monkeypatch.setattr(hostnet, name, value, raising=False)
     if hasattr(forwards, "sync_kernel"):
-        monkeypatch.setattr(forwards, "sync_kernel", lambda entries, replace=True: [])
+        monkeypatch.setattr(forwards, "sync_kernel", lambda entries, **_: [])
 
 
 def guest(conn, name, managed=True):
@@ -150,6 +158,7 @@ def test_a_create_whose_forward_write_fails_leaves_no_forward(conn, pool, base, 
         "route_localnet_on": lambda _: set(),
         "libvirt_bridges": lambda: set(),
         "guarded_bridges": lambda: {"virbr0"},
+        "firewall": lambda: FIREWALL_OK,
     }.items():
         monkeypatch.setattr(hostnet, name, value, raising=False)
 

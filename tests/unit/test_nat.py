@@ -177,6 +177,7 @@ def test_hooks_install_is_idempotent(tmp_path):
         str(tmp_path / "network.d" / "salt-kvm-nat"),
         str(tmp_path / "qemu.d" / "salt-kvm-nat"),
         str(tmp_path / "salt-kvm-hook.conf"),
+        str(tmp_path / "salt-kvm-libvirt-hook"),
     ]
     assert nathook.install(tmp_path, state=tmp_path / "nat.json", test=True) == []
     assert nathook.install(tmp_path, state=tmp_path / "nat.json") == []

@@ -34,7 +34,11 @@ def install(tmp_path, python, path=""):
 
 def test_hooks_are_sh_and_need_no_python_to_be_installed(tmp_path):
     written = install(tmp_path, "/nonexistent/bin/python")
-    assert len(written) == 3
+    assert len(written) == 4  # hook.conf, the launcher, two hooks
+    launcher = tmp_path / "hooks" / hookscript.LAUNCHER_NAME
+    assert launcher.read_text().startswith("#!/bin/sh\n")
+    assert os.stat(launcher).st_mode & 0o777 == 0o755
+    assert subprocess.run(["sh", "-n", str(launcher)]).returncode == 0
     for driver in hookscript.DRIVERS:
         hook = tmp_path / "hooks" / f"{driver}.d" / hookscript.HOOK_NAME
         assert hook.read_text().startswith("#!/bin/sh\n")
@@ -52,6 +56,28 @@ def test_hook_without_salt_kvms_python_logs_and_exits_0(tmp_path):
     assert os.stat(tmp_path / "log" / "hook.log").st_mode & 0o077 == 0
     assert nathook.problems({"vm1"}, tmp_path / "log" / "hook.log")
     assert nathook.problems({"vm2"}, tmp_path / "log" / "hook.log") == []
+
+
+def test_hook_without_its_launcher_logs_and_exits_0(tmp_path):
+    install(tmp_path, sys.executable)
+    launcher = tmp_path / "hooks" / hookscript.LAUNCHER_NAME
+    launcher.unlink()
+    proc = run_hook(tmp_path, "network", ("net1", "started", "begin", "-"))
+    assert proc.returncode == 0
+    log = (tmp_path / "log" / "hook.log").read_text()
+    assert f"ERROR network net1 started: no {launcher}" in log
+    assert nathook.problems({"net1"}, tmp_path / "log" / "hook.log")
+
+
+def test_the_hook_itself_runs_nothing_but_its_launcher_and_the_log_tools(tmp_path):
+    """What the distribution's AppArmor profile must let the hook run (see
+    tests/integration/test_hooks_apparmor.py): the launcher, in /usr/sbin."""
+    assert hookscript.LAUNCHER.parent == Path("/usr/sbin")
+    hook = hookscript.script("qemu")
+    assert f"LAUNCHER='{hookscript.LAUNCHER}'" in hook
+    assert "python" not in hook.replace("Python", "")
+    status = hookscript.status(tmp_path / "hooks")
+    assert status[0] is False and "not installed" in status[1]
 
 
 def test_hook_refuses_a_conf_others_can_write(tmp_path):

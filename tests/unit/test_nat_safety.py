@@ -15,6 +15,12 @@ R = nat.Rule
 PLACE1 = Placement("net1", "virbr1", "192.168.214.0/24", "192.168.214.11", "52:54:00:00:00:01")
 PLACE2 = Placement("net2", "virbr2", "192.168.215.0/24", "192.168.215.12", "52:54:00:00:00:02")
 PUBLIC = "192.0.2.10"
+FIREWALL_OK = {
+    "backends": ["iptables"],
+    "configured": None,
+    "problem": None,
+    "accept": {"iptables": True},
+}
 
 
 class Kernel:
@@ -42,6 +48,7 @@ class Kernel:
             hostnet, "local_addresses", lambda: {"127.0.0.1", PUBLIC}, raising=False
         )
         monkeypatch.setattr(hostnet, "ensure_forward_accept", lambda: False)
+        monkeypatch.setattr(hostnet, "firewall", lambda: dict(FIREWALL_OK))
         monkeypatch.setattr(hostnet, "running_taps", lambda *_: [])
         real = hostnet.route_localnet
 
