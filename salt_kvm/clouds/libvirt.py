@@ -474,11 +474,15 @@ def list_nodes_full(call=None):
     """
     if call == "action":
         raise SaltCloudSystemExit("list_nodes_full is a function: use -F or -f list_nodes_full")
+    return _live_nodes(inventory.managed)
+
+
+def _live_nodes(lister):
+    """The nodes ``lister`` finds on the hypervisor. A killed create's
+    half-made domain is not one: salt-cloud would refuse to create the name
+    again ("already exists") instead of letting the driver clear it."""
     with _connect() as conn:
-        nodes = inventory.managed(conn)
-    # A killed create's half-made domain is not a node: salt-cloud would refuse
-    # to create the name again ("already exists") instead of letting the
-    # driver clear it.
+        nodes = lister(conn)
     for name in intent.killed(__opts__):
         nodes.pop(name, None)
     return nodes
@@ -514,11 +518,7 @@ def list_nodes_min(call=None):
     """
     if call == "action":
         raise SaltCloudSystemExit("list_nodes_min is a function: use -f list_nodes_min")
-    with _connect() as conn:
-        nodes = inventory.managed_min(conn)
-    for name in intent.killed(__opts__):
-        nodes.pop(name, None)
-    return nodes
+    return _live_nodes(inventory.managed_min)
 
 
 def list_nodes_select(call=None):
