@@ -21,6 +21,75 @@ from .errors import SpecError
 from .topology import CpuTopology, NumaCell, parse_cpu_options, parse_numa
 from .units import GIB, MIB, parse_size
 
+# Every key of a profile (or its provider) that build_spec reads: the driver
+# passes these, and only these, from salt-cloud's VM dict.
+PROFILE_KEYS = (
+    "base_domain",
+    "clone_strategy",
+    "virt_type",
+    "ip_source",
+    "validate_xml",
+    "wait_for_ip_timeout",
+    "wait_for_ip_interval",
+    "cpus",
+    "cpu_options",
+    "numa",
+    "memory",
+    "disk_size",
+    "disk",
+    "description",
+    "desc",
+    "autostart",
+    "onboot",
+    "keymap",
+    "vhost",
+    "cpuunits",
+    "nics",
+    "deploy",
+    "deploy_method",
+    "ssh_username",
+    "ssh_port",
+    "password",
+    "private_key",
+    "ssh_agent",
+    "known_hosts_file",
+    "image",
+    "image_checksum",
+    "image_format",
+    "image_pool",
+    "image_allowed_dirs",
+    "cloud_init",
+    "swap",
+    "host",
+    "nameserver",
+    "nat_rules",
+    "disks",
+    "delete_disks",
+    "disk_allowed_dirs",
+)
+
+
+# Keys read besides the spec's: the connection and salt-cloud's deploy
+# (salt_kvm.cloud_deploy). A key in neither is a typo when it is close to one.
+DEPLOY_KEYS = (
+    "url",
+    "libvirt_username",
+    "libvirt_password",
+    "minion",
+    "grains",
+    "script",
+    "script_args",
+    "deploy_command",
+    "force_minion_config",
+    "keysize",
+    "stop_timeout",
+    "sudo",
+    "sudo_password",
+    "tmp_dir",
+    "wait_for_minion_timeout",
+)
+
+
 DEFAULTS = {
     # Salt 3007's driver defaults, kept for drop-in compatibility.
     "clone_strategy": clone.STRATEGY_FULL,

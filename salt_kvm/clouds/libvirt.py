@@ -50,7 +50,13 @@ try:
     from salt_kvm.connection import connected, open_connection
     from salt_kvm.errors import SaltKvmError, SpecError
     from salt_kvm.rollback import Interrupted, Rollback, interruptible
-    from salt_kvm.spec import build_spec, check_key_typos, check_mapping
+    from salt_kvm.spec import (
+        DEPLOY_KEYS,
+        PROFILE_KEYS,
+        build_spec,
+        check_key_typos,
+        check_mapping,
+    )
 
     HAS_LIBS = True
 except ImportError as _exc:  # pragma: no cover - depends on the master
@@ -59,72 +65,6 @@ except ImportError as _exc:  # pragma: no cover - depends on the master
 
 log = logging.getLogger(__name__)
 __virtualname__ = "libvirt"
-
-# Profile keys read into the VM spec (salt_kvm.spec validates them).
-SPEC_KEYS = (
-    "base_domain",
-    "clone_strategy",
-    "virt_type",
-    "ip_source",
-    "validate_xml",
-    "wait_for_ip_timeout",
-    "wait_for_ip_interval",
-    "cpus",
-    "cpu_options",
-    "numa",
-    "memory",
-    "disk_size",
-    "disk",
-    "description",
-    "desc",
-    "autostart",
-    "onboot",
-    "keymap",
-    "vhost",
-    "cpuunits",
-    "nics",
-    "deploy",
-    "deploy_method",
-    "ssh_username",
-    "ssh_port",
-    "password",
-    "private_key",
-    "ssh_agent",
-    "known_hosts_file",
-    "image",
-    "image_checksum",
-    "image_format",
-    "image_pool",
-    "image_allowed_dirs",
-    "cloud_init",
-    "swap",
-    "host",
-    "nameserver",
-    "nat_rules",
-    "disks",
-    "delete_disks",
-    "disk_allowed_dirs",
-)
-
-
-# Keys read besides the spec's: the connection and salt-cloud's deploy.
-DRIVER_KEYS = (
-    "url",
-    "libvirt_username",
-    "libvirt_password",
-    "minion",
-    "grains",
-    "script",
-    "script_args",
-    "deploy_command",
-    "force_minion_config",
-    "keysize",
-    "stop_timeout",
-    "sudo",
-    "sudo_password",
-    "tmp_dir",
-    "wait_for_minion_timeout",
-)
 
 
 def __virtual__():
@@ -182,7 +122,7 @@ def _fire(name, step, args):
 
 def _profile_values(vm_):
     values = {"name": vm_.get("name")}
-    for key in SPEC_KEYS:
+    for key in PROFILE_KEYS:
         value = config.get_cloud_config_value(key, vm_, __opts__, search_global=False)
         if value is not None:
             values[key] = value
@@ -218,7 +158,7 @@ def _check_profile_keys(vm_):
 def _spec(vm_):
     try:
         _check_profile_keys(vm_)
-        check_key_typos(_written_keys(vm_), SPEC_KEYS + DRIVER_KEYS)
+        check_key_typos(_written_keys(vm_), PROFILE_KEYS + DEPLOY_KEYS)
         for key in ("minion", "grains"):
             check_mapping(key, config.get_cloud_config_value(key, vm_, __opts__, default=None))
         return build_spec(_profile_values(vm_))

@@ -560,3 +560,11 @@ def test_minion_and_grains_must_be_mappings(key):
     check_mapping(key, None)
     with pytest.raises(SpecError, match=rf"^{key}: 'master: m' is not a mapping"):
         check_mapping(key, "master: m")
+
+
+def test_the_spec_alone_knows_the_profile_keys():
+    from salt_kvm import spec
+
+    # Every top-level default is a profile key (nic_model is nics[].model's).
+    assert set(spec.DEFAULTS) - {"nic_model"} <= set(spec.PROFILE_KEYS)
+    assert not set(spec.PROFILE_KEYS) & set(spec.DEPLOY_KEYS)
