@@ -20,6 +20,7 @@ try:
     from salt_kvm import forwards, hookscript, hostnet, nat, nathook
     from salt_kvm.checks import whole_number
     from salt_kvm.errors import SaltKvmError
+    from salt_kvm.natstore import Store
     from salt_kvm.saltutil import config_value, connection_for
 
     HAS_LIBS = True
@@ -59,8 +60,7 @@ def _hooks_warning(changes, name=None):
     if not active:
         changes = {**changes, "warning": why}
     if name is not None:
-        names = {name, *(e["network"] for e in forwards.listing(name).values())}
-        errors = nathook.problems(names)
+        errors = nathook.problems(_names(name))
         if errors:
             changes = {**changes, "hook_errors": errors}
     return changes
@@ -236,13 +236,21 @@ def hooks_status(hooks_dir="/etc/libvirt/hooks"):
     return {
         "active": active,
         "status": why,
-        "errors": nathook.problems(_all_names()),
+        "errors": nathook.problems(_names()),
         "firewall": firewall,
     }
 
 
-def _all_names():
+def _names(domain=None):
+    """The domains with forwards (or ``domain``) and their networks: the names
+    the hooks' log lines are about. Read from the desired state alone (no
+    kernel or firewall queries)."""
     try:
-        return {n for d, e in forwards.listing().items() for n in (d, e["network"])}
+        entries = Store().load()
     except SaltKvmError:
-        return set()
+        return {domain} if domain is not None else set()
+    names = set() if domain is None else {domain}
+    for name, entry in entries.items():
+        if domain is None or name == domain:
+            names |= {name, entry.placement.network}
+    return names
