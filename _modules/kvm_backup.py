@@ -17,11 +17,14 @@ import logging
 try:
     import libvirt  # noqa: F401
 
-    from salt_kvm import backup, backup_ops, qemuimg, redact
-    from salt_kvm import restore as restoring
-    from salt_kvm import snapshot as snapshots
+    from salt_kvm import redact
+    from salt_kvm.backup import ops as backup_ops
+    from salt_kvm.backup import restore as restoring
+    from salt_kvm.backup import run as backup
+    from salt_kvm.backup import snapshots
     from salt_kvm.errors import SaltKvmError
     from salt_kvm.saltutil import connection_for
+    from salt_kvm.virt import qemuimg
 
     HAS_LIBS = True
 except ImportError as _exc:  # pragma: no cover - depends on the minion

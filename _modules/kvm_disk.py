@@ -15,10 +15,12 @@ import logging
 try:
     import libvirt
 
-    from salt_kvm import diskops, disks, lifecycle
-    from salt_kvm.checks import boolean, seconds
+    from salt_kvm.disks import ops as diskops
+    from salt_kvm.disks import spec as disks
     from salt_kvm.errors import SaltKvmError
     from salt_kvm.saltutil import connection_for
+    from salt_kvm.virt import lifecycle
+    from salt_kvm.virt.checks import boolean, seconds
 
     HAS_LIBS = True
 except ImportError as _exc:  # pragma: no cover - depends on the minion

@@ -10,9 +10,9 @@ import logging
 try:
     import libvirt  # noqa: F401
 
-    from salt_kvm import host
     from salt_kvm.errors import SaltKvmError
     from salt_kvm.saltutil import connection_for
+    from salt_kvm.virt import host
 
     HAS_LIBS = True
 except ImportError as _exc:  # pragma: no cover - depends on the minion

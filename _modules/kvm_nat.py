@@ -17,11 +17,15 @@ import logging
 try:
     import libvirt  # noqa: F401
 
-    from salt_kvm import forwards, hookscript, hostnet, nat, nathook
-    from salt_kvm.checks import whole_number
     from salt_kvm.errors import SaltKvmError
-    from salt_kvm.natstore import Store
+    from salt_kvm.nat import firewall as hostnet
+    from salt_kvm.nat import forwards
+    from salt_kvm.nat import hookfiles as hookscript
+    from salt_kvm.nat import hooks as nathook
+    from salt_kvm.nat import rules as nat
+    from salt_kvm.nat.store import Store
     from salt_kvm.saltutil import config_value, connection_for
+    from salt_kvm.virt.checks import whole_number
 
     HAS_LIBS = True
 except ImportError as _exc:  # pragma: no cover - depends on the minion

@@ -21,9 +21,9 @@ States for guest backups and snapshots.
 import datetime
 
 try:
-    from salt_kvm.backup_core import check_method
+    from salt_kvm.backup.core import check_method
     from salt_kvm.errors import SaltKvmError
-    from salt_kvm.units import parse_duration
+    from salt_kvm.virt.units import parse_duration
 
     HAS_LIBS = True
 except ImportError:  # pragma: no cover - depends on the minion

@@ -27,9 +27,9 @@ External disks of KVM guests, as states on the hypervisor minion.
 from salt.exceptions import CommandExecutionError
 
 try:
-    from salt_kvm import disks
+    from salt_kvm.disks import spec as disks
     from salt_kvm.errors import SaltKvmError
-    from salt_kvm.units import human_size
+    from salt_kvm.virt.units import human_size
 
     HAS_LIBS = True
 except ImportError:  # pragma: no cover - depends on the minion

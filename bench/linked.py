@@ -11,9 +11,10 @@ import time
 
 import libvirt
 
-from salt_kvm import clone, lifecycle
-from salt_kvm.domxml import Domain, new_domain
-from salt_kvm.rollback import Rollback
+from salt_kvm.cloud import clone
+from salt_kvm.virt import lifecycle
+from salt_kvm.virt.domain import Domain, new_domain
+from salt_kvm.virt.rollback import Rollback
 
 POOL = os.environ.get("SALT_KVM_POOL", "default")
 PREFIX = "skbench-"
@@ -52,7 +53,7 @@ def _remove_base(conn: libvirt.virConnect, name: str) -> None:
     except libvirt.libvirtError:
         return
     paths = [d.path for d in Domain(dom.XMLDesc(0)).disks if d.path]
-    clone.undefine(dom)
+    lifecycle.undefine(dom)
     for path in paths:
         conn.storageVolLookupByPath(path).delete(0)
 

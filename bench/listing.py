@@ -11,8 +11,9 @@ import time
 
 import libvirt
 
-from salt_kvm import clone, inventory
-from salt_kvm.domxml import new_domain
+from salt_kvm.cloud import inventory
+from salt_kvm.virt import lifecycle
+from salt_kvm.virt.domain import new_domain
 
 PREFIX = "skbench-q-"
 COUNTS = (10, 200)
@@ -63,7 +64,7 @@ def _define(conn: libvirt.virConnect, count: int) -> list[libvirt.virDomain]:
 def _cleanup(conn: libvirt.virConnect) -> None:
     for dom in conn.listAllDomains(0):
         if dom.name().startswith(PREFIX):
-            clone.undefine(dom)
+            lifecycle.undefine(dom)
 
 
 def _cli_seconds(env) -> float:

@@ -44,7 +44,7 @@ import salt.config  # noqa: E402
 import salt.utils.event  # noqa: E402
 
 from bench import linked, listing, timeline  # noqa: E402
-from salt_kvm import connection, lifecycle  # noqa: E402, F401 - connection silences libvirt stderr
+from salt_kvm.virt import connection, lifecycle  # noqa: E402, F401 - connection silences libvirt stderr
 from tests.integration import saltenv  # noqa: E402
 
 URI = "qemu:///system"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .connection import DEFAULT_URI, connected
+from salt_kvm.virt.connection import DEFAULT_URI, connected
 
 CONFIG_KEY = "kvm:connection:uri"
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import paramiko
 
-from .errors import SaltKvmError, SpecError, TimeoutError_
+from salt_kvm.errors import SaltKvmError, SpecError, TimeoutError_
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Idempotent: a base domain already made from the image with KEY is kept. The
 domain type is probed: ``kvm`` when a guest really boots with it (reaches its
 DHCP lease), else ``qemu`` (TCG). A host where QEMU cannot open /dev/kvm, or
 where a KVM guest stops at once, is told in seconds by the driver's own check
-(salt_kvm.accel), before any full boot. Prints the base domain's name.
+(salt_kvm.virt.accel), before any full boot. Prints the base domain's name.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import time
 import libvirt
 from lxml import etree
 
-from salt_kvm import accel, addresses, clone, connection
-from salt_kvm.domxml import Domain, new_domain
-from salt_kvm.rollback import Rollback
+from salt_kvm.cloud import addresses
+from salt_kvm.virt import accel, connection, identity, lifecycle
+from salt_kvm.virt.domain import Domain, new_domain
+from salt_kvm.virt.rollback import Rollback
 
 POOL = os.environ.get("SALT_KVM_POOL", "default")
 NETWORK = os.environ.get("SALT_KVM_TEST_NET", "salt-kvm-test")
@@ -59,11 +60,11 @@ def existing_base(conn: libvirt.virConnect, key: str) -> bool:
         # setup-host switched QEMU to an older one that lacks the versioned
         # machine type the base was defined with: define it again, same disk.
         log(f"redefining base domain {BASE}: this QEMU has no machine type {machine}")
-        clone.undefine(dom)
+        lifecycle.undefine(dom)
         return False
     log(f"replacing base domain {BASE} (made from another image)")
     old_paths = [d.path for d in xml.disks if d.path]
-    clone.undefine(dom)
+    lifecycle.undefine(dom)
     for path in old_paths:
         try:
             conn.storageVolLookupByPath(path).delete(0)
@@ -86,7 +87,7 @@ def import_volume(conn: libvirt.virConnect, image: str, key: str) -> str:
 def boots_with(conn: libvirt.virConnect, virt_type: str, disk: str) -> bool:
     """Boot a throwaway guest (transient disk) and wait for its DHCP lease."""
     xml = new_domain(f"{BASE}-probe", virt_type, 512, 1, disk, networks=(NETWORK,))
-    mac = clone.new_mac(clone.used_macs(conn))
+    mac = identity.new_mac(identity.used_macs(conn))
     xml.interfaces[0].mac = mac
     etree.SubElement(xml.disks[0].node, "transient")  # writes go to a throwaway overlay
     try:
@@ -134,7 +135,7 @@ def main() -> int:
         log(f"base domain {BASE}: type {virt_type}")
         xml = new_domain(BASE, virt_type, 1024, 1, path, networks=(NETWORK,))
         xml.description = MARK + key
-        clone.define(conn, xml, Rollback())
+        lifecycle.define(conn, xml, Rollback())
     print(BASE)
     return 0
 

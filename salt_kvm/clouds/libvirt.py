@@ -34,29 +34,24 @@ from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
 try:
     import libvirt
 
-    from salt_kvm import (
-        __version__,
-        cloud_deploy,
-        diskops,
-        forwards,
-        host,
-        images,
-        intent,
-        inventory,
-        lifecycle,
-        provision,
-    )
-    from salt_kvm.checks import boolean, seconds
-    from salt_kvm.connection import connected, open_connection
-    from salt_kvm.errors import SaltKvmError, SpecError
-    from salt_kvm.rollback import Interrupted, Rollback, interruptible
-    from salt_kvm.spec import (
+    from salt_kvm import __version__
+    from salt_kvm.cloud import deploy as cloud_deploy
+    from salt_kvm.cloud import intent, inventory, provision
+    from salt_kvm.cloud.spec import (
         DEPLOY_KEYS,
         PROFILE_KEYS,
         build_spec,
         check_key_typos,
         check_mapping,
     )
+    from salt_kvm.disks import ops as diskops
+    from salt_kvm.errors import SaltKvmError, SpecError
+    from salt_kvm.images import cache as images
+    from salt_kvm.nat import forwards
+    from salt_kvm.virt import host, lifecycle
+    from salt_kvm.virt.checks import boolean, seconds
+    from salt_kvm.virt.connection import connected, open_connection
+    from salt_kvm.virt.rollback import Interrupted, Rollback, interruptible
 
     HAS_LIBS = True
 except ImportError as _exc:  # pragma: no cover - depends on the master

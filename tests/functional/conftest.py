@@ -3,7 +3,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from salt_kvm.domxml import new_domain
+from salt_kvm.virt.domain import new_domain
 
 GIB = 1024**3
 

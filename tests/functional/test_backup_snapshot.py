@@ -10,10 +10,16 @@ import libvirt
 import pytest
 from lxml import etree
 
-from salt_kvm import backup, backup_api, backup_ops, backup_snap, qemuimg, restore
-from salt_kvm import backup_store as bs
-from salt_kvm.domxml import Disk, Domain, new_domain
+from salt_kvm.backup import core as backup_core
+from salt_kvm.backup import method_api as backup_api
+from salt_kvm.backup import method_snapshot as backup_snap
+from salt_kvm.backup import ops as backup_ops
+from salt_kvm.backup import restore
+from salt_kvm.backup import run as backup
+from salt_kvm.backup import store as bs
 from salt_kvm.errors import SpecError
+from salt_kvm.virt import qemuimg
+from salt_kvm.virt.domain import Disk, Domain, new_domain
 
 MIB = 1024**2
 
@@ -123,7 +129,7 @@ def test_a_snapshot_point_makes_the_next_api_run_full(conn, vm, dest):
     backup.create(conn, "vm", dest, method="snapshot", disks=["vda"])
     latest = bs.Store(dest, "vm").point("latest")
     assert latest.method == "snapshot" and latest.checkpoint is None
-    disks = backup.source_disks(conn.lookupByName("vm"), ["vda"])
+    disks = backup_core.source_disks(conn.lookupByName("vm"), ["vda"])
     assert disks[0].bitmaps  # a checkpoint could be made: only the method is missing
     parent, reason = backup_api.ApiMethod().plan(None, disks, latest, False, None, 1)
     assert parent is None and f"{latest.id} was taken with method=snapshot" in reason
@@ -205,7 +211,7 @@ def test_takeover_restores_under_the_lost_domains_name(conn, vm, dest, tmp_path)
 
 
 def test_stale_bitmaps_are_removed_from_a_shut_off_domains_images(conn, vm):
-    from salt_kvm import backup_core
+    from salt_kvm.backup import core as backup_core
 
     dom, disk, data, base = vm
     qemuimg.run("bitmap", "--add", disk, "saltkvm-x-1")
@@ -222,7 +228,7 @@ def test_a_snapshot_during_a_backup_copy_is_refused_naming_the_run(
     """kvm_backup.snapshot while a method=snapshot run copies: refused (the
     per-domain lock of backups), so the run's overlay never gets a snapshot on
     top that its merge-back would pull away; the backup itself completes."""
-    from salt_kvm import snapshot
+    from salt_kvm.backup import snapshots as snapshot
     from salt_kvm.errors import ConflictError, SaltKvmError
 
     monkeypatch.setenv("SALT_KVM_LOCK_DIR", str(tmp_path / "locks"))

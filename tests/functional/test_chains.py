@@ -7,11 +7,15 @@ import os
 import libvirt
 import pytest
 
-from salt_kvm import chains, clone, diskops, disks, images, lifecycle
-from salt_kvm.domxml import DISKS_NS, DISKS_PREFIX, Domain, disks_metadata_element, new_domain
+from salt_kvm.cloud import clone
+from salt_kvm.disks import ops as diskops
+from salt_kvm.disks import spec as disks
 from salt_kvm.errors import ConflictError
-from salt_kvm.rollback import Rollback
-from salt_kvm.xmlutil import tostring
+from salt_kvm.images import cache as images
+from salt_kvm.virt import chains, lifecycle
+from salt_kvm.virt.domain import DISKS_NS, DISKS_PREFIX, Domain, disks_metadata_element, new_domain
+from salt_kvm.virt.rollback import Rollback
+from salt_kvm.virt.xmlmodel import tostring
 from tests.images import qcow2
 
 GIB = 1024**3
@@ -142,7 +146,7 @@ def test_delete_volumes_keeps_what_is_needed_and_what_it_stands_on(conn, pool, b
 def test_rollback_never_deletes_a_volume_another_stands_on(conn, pool, guest_a):
     overlay_volume(pool, "late.qcow2", A_VOL)
     with pytest.raises(ConflictError, match="late.qcow2"):
-        clone.delete_volume(conn, A_VOL)
+        chains.delete_volume(conn, A_VOL, "rollback")
     assert conn.storageVolLookupByPath(A_VOL)
 
 

@@ -1,10 +1,10 @@
 import libvirt
 import pytest
 
-from salt_kvm import clone
-from salt_kvm.domxml import Domain
+from salt_kvm.cloud import clone
 from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError, SpecError
-from salt_kvm.rollback import Rollback
+from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.rollback import Rollback
 
 GIB = 1024**3
 
@@ -94,7 +94,7 @@ def test_clones_get_distinct_macs(conn, pool, base):
 
 
 def test_remove_takes_the_clone_and_its_volumes_but_never_the_base(conn, pool, base):
-    from salt_kvm import lifecycle
+    from salt_kvm.virt import lifecycle
 
     clone.clone_domain(conn, clone.plan_clone(conn, "base", "vm1", "quick", "test"), Rollback())
     removed = lifecycle.remove(conn, "vm1")

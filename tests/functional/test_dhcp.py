@@ -1,6 +1,6 @@
 import pytest
 
-from salt_kvm import dhcp
+from salt_kvm.cloud import dhcp
 from salt_kvm.errors import ConflictError, NotFoundError, SpecError
 
 MAC, OTHER = "52:54:00:00:00:0a", "52:54:00:00:00:0b"

@@ -4,13 +4,15 @@ cannot attach devices: that half is the integration tier's)."""
 import libvirt
 import pytest
 
-from salt_kvm import diskops, disks, provision
-from salt_kvm.domxml import DISKS_NS, DISKS_PREFIX, Domain, disks_metadata_element, new_domain
+from salt_kvm.cloud import provision
+from salt_kvm.cloud.spec import build_spec
+from salt_kvm.disks import ops as diskops
+from salt_kvm.disks import spec as disks
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
-from salt_kvm.rollback import Rollback
-from salt_kvm.spec import build_spec
-from salt_kvm.units import GIB
-from salt_kvm.xmlutil import tostring
+from salt_kvm.virt.domain import DISKS_NS, DISKS_PREFIX, Domain, disks_metadata_element, new_domain
+from salt_kvm.virt.rollback import Rollback
+from salt_kvm.virt.units import GIB
+from salt_kvm.virt.xmlmodel import tostring
 
 from .test_provision import spec as vm_spec
 from .test_provision import state

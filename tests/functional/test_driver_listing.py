@@ -5,7 +5,7 @@ import contextlib
 import pytest
 
 from salt_kvm.clouds import libvirt as driver
-from salt_kvm.domxml import new_domain
+from salt_kvm.virt.domain import new_domain
 
 
 def test_list_nodes_min_and_full_leave_out_a_killed_create(conn, monkeypatch, tmp_path):

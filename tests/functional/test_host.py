@@ -1,7 +1,7 @@
 import pytest
 
-from salt_kvm import host
 from salt_kvm.errors import SaltKvmError, SpecError
+from salt_kvm.virt import host
 
 
 def test_info_names_the_hypervisor(conn):

@@ -7,11 +7,14 @@ import logging
 
 import pytest
 
-from salt_kvm import imagefetch, images, lifecycle, provision
-from salt_kvm.domxml import Domain
+from salt_kvm.cloud import provision
+from salt_kvm.cloud.spec import build_spec
 from salt_kvm.errors import SaltKvmError
-from salt_kvm.rollback import Rollback
-from salt_kvm.spec import build_spec
+from salt_kvm.images import cache as images
+from salt_kvm.images import fetch as imagefetch
+from salt_kvm.virt import lifecycle
+from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.rollback import Rollback
 from tests.imageserver import ImageServer
 
 GIB = 1024**3

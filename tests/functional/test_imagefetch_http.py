@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from salt_kvm import imagefetch
 from salt_kvm.errors import SaltKvmError
+from salt_kvm.images import fetch as imagefetch
 from tests.imageserver import ImageServer
 
 DATA = random.Random(8).randbytes(5_000_000)  # gzip cannot shrink it much

@@ -5,11 +5,13 @@ import hashlib
 
 import pytest
 
-from salt_kvm import images, lifecycle, provision
-from salt_kvm.domxml import Domain
+from salt_kvm.cloud import provision
+from salt_kvm.cloud.spec import build_spec
 from salt_kvm.errors import ConflictError, NotFoundError, SpecError
-from salt_kvm.rollback import Rollback
-from salt_kvm.spec import build_spec
+from salt_kvm.images import cache as images
+from salt_kvm.virt import lifecycle
+from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.rollback import Rollback
 
 GIB = 1024**3
 

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from salt_kvm import intent, provision
+from salt_kvm.cloud import intent, provision
 from salt_kvm.errors import ConflictError, SaltKvmError
-from salt_kvm.rollback import Rollback
+from salt_kvm.virt.rollback import Rollback
 
 from .test_provision import spec, state
 

@@ -1,7 +1,7 @@
 """What salt-cloud's listings report, on libvirt's test driver."""
 
-from salt_kvm import inventory
-from salt_kvm.domxml import new_domain
+from salt_kvm.cloud import inventory
+from salt_kvm.virt.domain import new_domain
 
 
 def define(conn, name, managed, start=False):

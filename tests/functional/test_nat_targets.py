@@ -5,10 +5,13 @@ domains undefined outside salt-kvm are dropped at the next apply."""
 
 import pytest
 
-from salt_kvm import addresses, forwards, hostnet, nat
-from salt_kvm.domxml import new_domain
+from salt_kvm.cloud import addresses
 from salt_kvm.errors import ConflictError, SpecError
-from salt_kvm.natstore import Entry, Placement, Store
+from salt_kvm.nat import firewall as hostnet
+from salt_kvm.nat import forwards
+from salt_kvm.nat import rules as nat
+from salt_kvm.nat.store import Entry, Placement, Store
+from salt_kvm.virt.domain import new_domain
 
 MAC = "52:54:00:aa:00:01"
 NET = "natnet"
@@ -143,9 +146,9 @@ def test_refresh_honours_the_configured_maximum(conn, kernel, store):
 def test_a_create_whose_forward_write_fails_leaves_no_forward(conn, pool, base, monkeypatch, store):
     """The undo is registered before the write: a failure half-way through
     (the table loaded, then iptables fails) leaves neither table rules nor state."""
-    from salt_kvm import provision
-    from salt_kvm.rollback import Rollback
-    from salt_kvm.spec import build_spec
+    from salt_kvm.cloud import provision
+    from salt_kvm.cloud.spec import build_spec
+    from salt_kvm.virt.rollback import Rollback
 
     kernel = {"script": ""}
     monkeypatch.setenv("SALT_KVM_NAT_STATE", str(store.path))

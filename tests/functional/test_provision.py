@@ -2,11 +2,11 @@
 
 import pytest
 
-from salt_kvm import provision
-from salt_kvm.domxml import Domain
+from salt_kvm.cloud import provision
+from salt_kvm.cloud.spec import build_spec
 from salt_kvm.errors import ConflictError, SpecError
-from salt_kvm.rollback import Rollback
-from salt_kvm.spec import build_spec
+from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.rollback import Rollback
 
 
 def spec(**values):

@@ -9,8 +9,9 @@ import subprocess
 import paramiko
 import pytest
 
-from salt_kvm import backup_ops, ssh
-from salt_kvm import backup_store as bs
+from salt_kvm import ssh
+from salt_kvm.backup import ops as backup_ops
+from salt_kvm.backup import store as bs
 from salt_kvm.errors import SpecError
 from tests.integration.sshserver import SshServer
 
@@ -150,8 +151,8 @@ def test_a_password_in_the_target_url_is_refused(store, server, remote):
 
 def test_a_deploy_with_known_hosts_file_checks_the_guest_key(server, tmp_path):
     """salt-cloud's ``known_hosts_file``: the guest's key must be in it."""
-    from salt_kvm import cloud_deploy
-    from salt_kvm.spec import build_spec
+    from salt_kvm.cloud import deploy as cloud_deploy
+    from salt_kvm.cloud.spec import build_spec
 
     known = tmp_path / "known_hosts"
     known.write_text("")

@@ -11,10 +11,13 @@ import shutil
 import libvirt
 import pytest
 
-from salt_kvm import backup, backup_ops, qemuimg, restore
-from salt_kvm import backup_store as bs
-from salt_kvm.domxml import Domain
+from salt_kvm.backup import ops as backup_ops
+from salt_kvm.backup import restore
+from salt_kvm.backup import run as backup
+from salt_kvm.backup import store as bs
 from salt_kvm.errors import SaltKvmError, SpecError
+from salt_kvm.virt import qemuimg
+from salt_kvm.virt.domain import Domain
 
 from .test_backup_snapshot import dest, dir_pool, pattern_at, qemu_io, vm
 
@@ -445,7 +448,7 @@ def test_in_place_restore_is_refused_while_a_snapshot_or_backup_holds_the_domain
     """An in-place restore rewrites the disks a snapshot operation or a backup
     run of the domain is working on: it takes their per-domain lock, and is
     refused (naming the holder) with nothing written while they run."""
-    from salt_kvm import snapshot
+    from salt_kvm.backup import snapshots as snapshot
     from salt_kvm.errors import ConflictError
 
     monkeypatch.setenv("SALT_KVM_LOCK_DIR", str(tmp_path / "locks"))

@@ -11,9 +11,9 @@ import uuid
 import libvirt
 import pytest
 
-from salt_kvm import connection, lifecycle  # noqa: F401 - silences libvirt's stderr
-from salt_kvm.domxml import Domain
 from salt_kvm.errors import ConflictError, SaltKvmError
+from salt_kvm.virt import connection, lifecycle  # noqa: F401 - connection silences libvirt stderr
+from salt_kvm.virt.domain import Domain
 
 from . import saltenv
 

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import libvirt
 from lxml import etree
 
-from salt_kvm import addresses, clone, lifecycle, ssh
-from salt_kvm.domxml import Disk, Domain
-from salt_kvm.rollback import Rollback
+from salt_kvm import ssh
+from salt_kvm.cloud import addresses, clone
+from salt_kvm.virt import lifecycle
+from salt_kvm.virt.domain import Disk, Domain
+from salt_kvm.virt.rollback import Rollback
 
 from .conftest import GUEST_PASSWORD, GUEST_USER, NETWORK
 

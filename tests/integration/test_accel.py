@@ -7,8 +7,8 @@ import os
 import libvirt
 import pytest
 
-from salt_kvm import accel, host
-from salt_kvm.domxml import Domain
+from salt_kvm.virt import accel, host
+from salt_kvm.virt.domain import Domain
 
 from .conftest import BASE, PREFIX
 
@@ -63,7 +63,7 @@ def test_defines_are_fast_once_qemu_can_open_dev_kvm(hv):
     re-probes QEMU on each define (30-60 s each while the node was root-only)."""
     import time
 
-    from salt_kvm.domxml import new_domain
+    from salt_kvm.virt.domain import new_domain
 
     assert accel.kvm_access(hv)["state"] == "ok"
     xml = new_domain(f"{PREFIX}define-speed", "qemu", 64, 1, "/nonexistent.qcow2", networks=())

@@ -20,19 +20,17 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from salt_kvm import (
-    backup,
-    backup_ops,
-    backup_snap,
-    lifecycle,
-    qemuimg,
-    restore,
-    snapshot,
-    ssh,
-)
-from salt_kvm import backup_store as bs
-from salt_kvm.domxml import Domain
+from salt_kvm import ssh
+from salt_kvm.backup import core as backup_core
+from salt_kvm.backup import method_snapshot as backup_snap
+from salt_kvm.backup import ops as backup_ops
+from salt_kvm.backup import restore
+from salt_kvm.backup import run as backup
+from salt_kvm.backup import snapshots as snapshot
+from salt_kvm.backup import store as bs
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
+from salt_kvm.virt import lifecycle, qemuimg
+from salt_kvm.virt.domain import Domain
 
 from . import guests, saltenv
 from .conftest import GUEST_PASSWORD, PREFIX, URI, backup_dest, unique
@@ -155,7 +153,7 @@ def test_concurrent_run_and_bad_input_are_refused(hv, guest, dest):
         with pytest.raises(SpecError, match="^target:"):
             restore.restore(hv, guest.name, dest, target="bad name!")
         assert os.listdir(empty) == []
-        assert backup.our_checkpoints(guest.dom) and not bs.Store(dest, guest.name).partials()
+        assert backup_core.our_checkpoints(guest.dom) and not bs.Store(dest, guest.name).partials()
     finally:
         shutil.rmtree(empty, ignore_errors=True)
 
@@ -164,7 +162,8 @@ def test_kill_9_mid_backup_keeps_the_chain_and_next_run_continues(hv, guest, des
     store = bs.Store(dest, guest.name)
     before = [p.id for p in store.points()]
     code = (
-        "import libvirt, sys; from salt_kvm import connection, backup; "
+        "import libvirt, sys; from salt_kvm.virt import connection; "
+        "from salt_kvm.backup import run as backup; "
         f"backup.create(libvirt.open({URI!r}), {guest.name!r}, {dest!r}, full=True)"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -187,20 +186,20 @@ def test_kill_9_mid_backup_keeps_the_chain_and_next_run_continues(hv, guest, des
     assert nxt["kind"] == "incremental" and nxt["parent"] == before[-1], nxt
     assert any("removed .partial-" in c for c in nxt["cleaned"]), nxt["cleaned"]
     assert not store.partials()
-    assert len(backup.our_checkpoints(guest.dom)) == 1
+    assert len(backup_core.our_checkpoints(guest.dom)) == 1
     state["inc2"] = nxt["point"]
 
 
 def test_missing_or_broken_checkpoint_starts_a_new_full_chain(hv, guest, dest, state):
-    (name,) = backup.our_checkpoints(guest.dom)
+    (name,) = backup_core.our_checkpoints(guest.dom)
     # metadata that libvirt believes but whose bitmaps are gone: SlapOS's "inconsistent"
     xml = guest.dom.checkpointLookupByName(name, 0).getXMLDesc(0)
-    backup.delete_checkpoint(guest.dom, name)
+    backup_core.delete_checkpoint(guest.dom, name)
     guest.dom.checkpointCreateXML(xml, libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
     again = backup.create(hv, guest.name, dest)
     assert again["kind"] == "full" and "failed" in again["new_chain_reason"], again
     # no checkpoint at all
-    backup.delete_checkpoint(guest.dom, backup.our_checkpoints(guest.dom)[0])
+    backup_core.delete_checkpoint(guest.dom, backup_core.our_checkpoints(guest.dom)[0])
     again = backup.create(hv, guest.name, dest)
     assert again["kind"] == "full" and "missing" in again["new_chain_reason"], again
     chains = bs.chains(bs.Store(dest, guest.name).points())
@@ -235,9 +234,9 @@ def test_ssh_copy_to_an_unknown_or_mispinned_host_is_refused(hv, guest, tmp_path
         assert guest.run("test -e /root/refused && echo there || echo absent").strip() == "absent"
     finally:
         # this destination goes: so does its checkpoint (later tests count the guest's)
-        tag = backup.store_tag(bs.Store(small, guest.name))
-        for name in backup.our_checkpoints(guest.dom, tag):
-            backup.delete_checkpoint(guest.dom, name)
+        tag = backup_core.store_tag(bs.Store(small, guest.name))
+        for name in backup_core.our_checkpoints(guest.dom, tag):
+            backup_core.delete_checkpoint(guest.dom, name)
         shutil.rmtree(small, ignore_errors=True)
 
 
@@ -272,7 +271,7 @@ def test_second_copies_folder_and_ssh(hv, guest, dest, state):
         again = backup_ops.replicate(small, guest.name, url, password=GUEST_PASSWORD, host_key=pins)
         assert again["copied"] == [] and again["already_there"] == [made["point"]]
         # two destinations keep their own checkpoints
-        assert len(backup.our_checkpoints(guest.dom)) == 2
+        assert len(backup_core.our_checkpoints(guest.dom)) == 2
     finally:
         shutil.rmtree(small, ignore_errors=True)
 
@@ -388,7 +387,8 @@ def test_snapshot_method_killed_run_is_merged_back_by_the_next(hv, guest, snapde
     store = bs.Store(snapdest, guest.name)
     points = [p.id for p in store.points()]
     code = (
-        "import libvirt; from salt_kvm import connection, backup; "
+        "import libvirt; from salt_kvm.virt import connection; "
+        "from salt_kvm.backup import run as backup; "
         f"backup.create(libvirt.open({URI!r}), {guest.name!r}, {snapdest!r}, full=True, "
         "method='snapshot')"
     )
@@ -463,11 +463,11 @@ def test_internal_snapshot_revert_and_delete(hv, guest):
         # a backup in between leaves a checkpoint: its dirty bitmap would keep QEMU
         # from loading the snapshot
         taken = backup.create(hv, guest.name, where, disks=["vdb"])
-        assert backup.our_checkpoints(guest.dom) == [_checkpoint_of(taken)]
+        assert backup_core.our_checkpoints(guest.dom) == [_checkpoint_of(taken)]
         # the running guest's memory and writes since would be thrown away: intent needed
         with pytest.raises(SpecError, match="^force: "):
             snapshot.revert(hv, guest.name, "i1")
-        assert backup.our_checkpoints(guest.dom) == [_checkpoint_of(taken)]
+        assert backup_core.our_checkpoints(guest.dom) == [_checkpoint_of(taken)]
         reverted = snapshot.revert(hv, guest.name, "i1", force=True)
         assert reverted["kind"] == "internal" and reverted["reverted"] is True
         assert reverted["checkpoints_dropped"] == [_checkpoint_of(taken)]

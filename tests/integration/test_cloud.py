@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from salt_kvm import forwards, hostnet, lifecycle, qemuimg, ssh
-from salt_kvm.domxml import Domain
+from salt_kvm import ssh
+from salt_kvm.nat import firewall as hostnet
+from salt_kvm.nat import forwards
+from salt_kvm.virt import lifecycle, qemuimg
+from salt_kvm.virt.domain import Domain
 
 from . import saltenv
 from .cloudcheck import assert_gone, cloud_error, created, sized_profile
@@ -393,7 +396,7 @@ def _fixed_nic(hv):
     outside its dynamic range (.100-.250), not reserved, not leased."""
     import random
 
-    from salt_kvm import dhcp
+    from salt_kvm.cloud import dhcp
 
     leased = {lease["ipaddr"] for lease in hv.networkLookupByName("salt-kvm-test").DHCPLeases()}
     for _ in range(50):

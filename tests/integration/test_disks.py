@@ -11,11 +11,15 @@ import libvirt
 import pytest
 import yaml
 
-from salt_kvm import addresses, clone, diskops, disks, lifecycle, ssh
-from salt_kvm.domxml import Domain
+from salt_kvm import ssh
+from salt_kvm.cloud import addresses, clone
+from salt_kvm.disks import ops as diskops
+from salt_kvm.disks import spec as disks
 from salt_kvm.errors import ConflictError, NotFoundError, SpecError
-from salt_kvm.rollback import Rollback
-from salt_kvm.units import GIB
+from salt_kvm.virt import lifecycle
+from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.rollback import Rollback
+from salt_kvm.virt.units import GIB
 
 from .conftest import GUEST_PASSWORD, GUEST_USER, POOL, unique
 from .saltenv import VENV_3008, minion_config, salt_call

@@ -7,9 +7,11 @@ import os
 
 import pytest
 
-from salt_kvm import clone, diskops, disks
-from salt_kvm.domxml import Domain
-from salt_kvm.rollback import Rollback
+from salt_kvm.cloud import clone
+from salt_kvm.disks import ops as diskops
+from salt_kvm.disks import spec as disks
+from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.rollback import Rollback
 
 from .cloudcheck import assert_gone, cloud_error, created, sized_profile
 from .conftest import POOL, unique

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import salt_kvm
-from salt_kvm import hookscript
+from salt_kvm.nat import hookfiles as hookscript
 from tests import apparmor
 
 pytestmark = pytest.mark.integration

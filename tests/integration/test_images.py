@@ -14,7 +14,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from salt_kvm import images
+from salt_kvm.images import cache as images
 from tests.imageserver import ImageServer
 
 from .cloudcheck import assert_gone, cloud_error, created

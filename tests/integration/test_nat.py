@@ -17,11 +17,18 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from salt_kvm import connection, forwards, hookscript, hostnet, nat, nathook, provision, ssh
+from salt_kvm import ssh
+from salt_kvm.cloud import provision
+from salt_kvm.cloud.spec import build_spec
 from salt_kvm.errors import SaltKvmError
-from salt_kvm.natstore import Store
-from salt_kvm.rollback import Rollback
-from salt_kvm.spec import build_spec
+from salt_kvm.nat import firewall as hostnet
+from salt_kvm.nat import forwards
+from salt_kvm.nat import hookfiles as hookscript
+from salt_kvm.nat import hooks as nathook
+from salt_kvm.nat import rules as nat
+from salt_kvm.nat.store import Store
+from salt_kvm.virt import connection
+from salt_kvm.virt.rollback import Rollback
 
 from .conftest import BASE, GUEST_PASSWORD, GUEST_USER, PREFIX, URI, unique
 from .probes import LOOPBACK_PROBE
@@ -102,7 +109,7 @@ def guests(conn, networks, base_domain):
         macs = list(pool.map(boot, names, nets, [None, [{"guest": 22, "host": 10122}]]))
     yield dict(zip(names, macs, strict=True))
     with connection.connected(URI) as fresh:
-        from salt_kvm import lifecycle
+        from salt_kvm.virt import lifecycle
 
         for name in names:
             forwards.forget(name)

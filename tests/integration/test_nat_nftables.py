@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 
 import salt_kvm
-from salt_kvm import hookscript, hostnet, nat
+from salt_kvm.nat import firewall as hostnet
+from salt_kvm.nat import hookfiles as hookscript
+from salt_kvm.nat import rules as nat
 
 from . import nftbed
 from .probes import LOOPBACK_PROBE
@@ -57,8 +59,8 @@ NETWORK_XML = f"""<network>
 # salt-kvm's code, run inside the host namespace (its kernel, its /run/libvirt).
 APPLY = """
 import sys
-from salt_kvm import forwards
-from salt_kvm.natstore import Placement, Store
+from salt_kvm.nat import forwards
+from salt_kvm.nat.store import Placement, Store
 place = Placement(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6])
 rules = [{"guest": int(sys.argv[7]), "host": int(sys.argv[8]), "host_address": sys.argv[9]},
          {"guest": int(sys.argv[7]), "host": int(sys.argv[10])}]
@@ -66,8 +68,8 @@ print(forwards.apply(None, "skn-nftvm", rules, store=Store(sys.argv[1]), placeme
 """
 REAPPLY = """
 import sys
-from salt_kvm import forwards
-from salt_kvm.natstore import Store
+from salt_kvm.nat import forwards
+from salt_kvm.nat.store import Store
 print(forwards.reapply(Store(sys.argv[1])))
 """
 GUEST_SERVER = f"""
@@ -218,7 +220,7 @@ def test_forward_passes_libvirts_nftables_rejects_and_comes_back_after_a_network
     assert "forward accept" not in salt_kvm_in(bed, REAPPLY)
     assert from_outside(bed).strip() == "guest-ok", _debug(bed)
     # A network restart: libvirt removes and re-adds its rules; the network
-    # `started` hook (salt-kvm's sh hook -> salt_kvm.nathook in this libvirtd)
+    # `started` hook (salt-kvm's sh hook -> salt_kvm.nat.hooks in this libvirtd)
     # must bring the accept back. It is dropped by hand first so only the hook
     # can have put it there.
     virsh = ("virsh", "-q", "-c", "qemu:///system")
@@ -235,7 +237,8 @@ def test_forward_passes_libvirts_nftables_rejects_and_comes_back_after_a_network
     # kvm_nat.list's view, inside the namespace: passable through nftables.
     listed = salt_kvm_in(
         bed,
-        "import sys, json\nfrom salt_kvm import forwards\nfrom salt_kvm.natstore import Store\n"
+        "import sys, json\nfrom salt_kvm.nat import forwards\n"
+        "from salt_kvm.nat.store import Store\n"
         "print(json.dumps(forwards.listing(store=Store(sys.argv[1]))))",
     )
     info = json.loads(listed)["skn-nftvm"]

@@ -12,10 +12,14 @@ import tempfile
 import libvirt
 import pytest
 
-from salt_kvm import backup, diskops, disks, lifecycle, qemuimg, restore
-from salt_kvm import backup_store as bs
-from salt_kvm.domxml import Domain
+from salt_kvm.backup import restore
+from salt_kvm.backup import run as backup
+from salt_kvm.backup import store as bs
+from salt_kvm.disks import ops as diskops
+from salt_kvm.disks import spec as disks
 from salt_kvm.errors import SaltKvmError
+from salt_kvm.virt import lifecycle, qemuimg
+from salt_kvm.virt.domain import Domain
 
 from . import guests
 from .conftest import POOL, PREFIX, backup_dest, unique

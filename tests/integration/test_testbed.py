@@ -3,9 +3,11 @@ lease for its own MAC, takes an SSH login, and is removed without a trace."""
 
 import libvirt
 
-from salt_kvm import addresses, clone, lifecycle, ssh
-from salt_kvm.domxml import Domain
-from salt_kvm.rollback import Rollback
+from salt_kvm import ssh
+from salt_kvm.cloud import addresses, clone
+from salt_kvm.virt import lifecycle
+from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.rollback import Rollback
 
 from .conftest import GUEST_PASSWORD, GUEST_USER, NETWORK, unique
 

@@ -7,7 +7,7 @@ import pwd
 import libvirt
 import pytest
 
-from salt_kvm import accel
+from salt_kvm.virt import accel
 
 ME = pwd.getpwuid(os.getuid())
 NOBODY = pwd.getpwnam("nobody")
@@ -142,7 +142,7 @@ def test_denied_node_warns_once_with_the_fix(monkeypatch, caplog):
         },
     )
     conn = Local()
-    with caplog.at_level(logging.WARNING, logger="salt_kvm.accel"):
+    with caplog.at_level(logging.WARNING, logger="salt_kvm.virt.accel"):
         first = accel.kvm_access(conn)
         accel.kvm_access(conn)
         choice = accel.choose_virt_type(conn, "auto", None, DISK, cache_dir="/nonexistent/never")

@@ -1,7 +1,7 @@
 import libvirt
 import pytest
 
-from salt_kvm import addresses
+from salt_kvm.cloud import addresses
 from salt_kvm.errors import SpecError, TimeoutError_
 
 

@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from salt_kvm import backup, backup_api, backup_snap, snapshot
-from salt_kvm import backup_store as bs
-from salt_kvm.backup_core import SourceDisk, check_method
+from salt_kvm.backup import method_api as backup_api
+from salt_kvm.backup import method_snapshot as backup_snap
+from salt_kvm.backup import run as backup
+from salt_kvm.backup import snapshots as snapshot
+from salt_kvm.backup import store as bs
+from salt_kvm.backup.core import SourceDisk, check_method
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
 
 from .test_backup_store import _load_state

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from salt_kvm import backup_ops, qemuimg
-from salt_kvm import backup_store as bs
+from salt_kvm.backup import ops as backup_ops
+from salt_kvm.backup import store as bs
 from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError, SpecError
-from salt_kvm.units import parse_duration
+from salt_kvm.virt import qemuimg
+from salt_kvm.virt.units import parse_duration
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -235,7 +236,7 @@ def test_events_go_to_the_bus_and_never_fail_a_backup():
 
 
 def test_nothing_to_restore_or_copy_writes_nothing(tmp_path):
-    from salt_kvm import restore
+    from salt_kvm.backup import restore
 
     with pytest.raises(NotFoundError, match="no backups of vm"):
         restore.restore(None, "vm", str(tmp_path), target="vm2")

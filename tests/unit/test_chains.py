@@ -7,7 +7,7 @@ import subprocess
 import libvirt
 import pytest
 
-from salt_kvm import chains
+from salt_kvm.virt import chains
 from tests.images import qcow2
 
 

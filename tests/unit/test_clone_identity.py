@@ -2,8 +2,8 @@
 
 import random
 
-from salt_kvm.clone import new_mac, prepare_identity
-from salt_kvm.domxml import Domain
+from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.identity import new_mac, prepare_identity
 
 BASE = """
 <domain type='kvm' id='3'>

@@ -4,7 +4,7 @@ removes the minion key salt-cloud accepted for it (issue #13 item 11)."""
 import pytest
 from salt.exceptions import SaltCloudConfigError
 
-from salt_kvm import cloudinit
+from salt_kvm.cloud import cloudinit
 from salt_kvm.clouds import libvirt as driver
 from salt_kvm.errors import SpecError
 

@@ -1,5 +1,5 @@
-from salt_kvm import cloud_deploy
-from salt_kvm.deploy import Bundle
+from salt_kvm.cloud import deploy as cloud_deploy
+from salt_kvm.cloud.sshdeploy import Bundle
 
 
 def plan():
@@ -128,8 +128,8 @@ def test_wait_for_minion_stops_at_the_guests_failure(monkeypatch):
 
     import pytest
 
+    from salt_kvm.cloud.provision import Guest
     from salt_kvm.errors import SaltKvmError
-    from salt_kvm.provision import Guest
 
     monkeypatch.setattr(cloud_deploy, "CHECK_EVERY", 0.0)
     statuses = iter([None, "failed: no salt-minion\x1b[31m on PATH\n"])

@@ -6,9 +6,9 @@ import email
 import pytest
 import yaml
 
-from salt_kvm import cloudinit
+from salt_kvm.cloud import cloudinit
+from salt_kvm.cloud.spec import NicSpec, build_spec
 from salt_kvm.errors import SpecError
-from salt_kvm.spec import NicSpec, build_spec
 from tests.unit.test_seed import read_iso
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdTkEaG7sL1HcH1X3oUqXzFZrxvRvaqZ0ZkE1E2bYtM test@host"

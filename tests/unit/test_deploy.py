@@ -1,4 +1,4 @@
-from salt_kvm.deploy import Bundle, _as_root, command_line, working_dir
+from salt_kvm.cloud.sshdeploy import Bundle, _as_root, command_line, working_dir
 
 
 def test_legacy_deploy_command_gets_exactly_the_directory_it_names():

@@ -3,12 +3,12 @@ the disk XML; what a state compares."""
 
 import pytest
 
-from salt_kvm import disks
-from salt_kvm.domxml import Disk, Domain, disks_metadata_element
+from salt_kvm.cloud.spec import build_spec
+from salt_kvm.disks import spec as disks
 from salt_kvm.errors import SpecError
-from salt_kvm.spec import build_spec
-from salt_kvm.units import GIB, MIB
-from salt_kvm.xmlutil import parse, tostring
+from salt_kvm.virt.domain import Disk, Domain, disks_metadata_element
+from salt_kvm.virt.units import GIB, MIB
+from salt_kvm.virt.xmlmodel import parse, tostring
 
 
 def rejected(key, fn, *args):

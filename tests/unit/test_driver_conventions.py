@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from salt_kvm import provision
+from salt_kvm.cloud import provision
 from salt_kvm.clouds import libvirt as driver
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from salt_kvm.spec import build_spec
+from salt_kvm.cloud.spec import build_spec
 
 PROFILES = Path(__file__).resolve().parents[2] / "profiles.example" / "cloud.profiles.d"
 EXAMPLES = [

@@ -7,9 +7,10 @@ import struct
 
 import pytest
 
-from salt_kvm import imagefetch, images
 from salt_kvm.errors import SaltKvmError, SpecError
-from salt_kvm.imagefetch import Checksum
+from salt_kvm.images import cache as images
+from salt_kvm.images import fetch as imagefetch
+from salt_kvm.images.fetch import Checksum
 
 SHA = hashlib.sha256(b"x").hexdigest()
 

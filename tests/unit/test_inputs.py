@@ -3,9 +3,14 @@ name before anything is created, or read the one documented way."""
 
 import pytest
 
-from salt_kvm import backup_store, checks, cloudinit, disks, images, names, snapshot, units
+from salt_kvm.backup import snapshots as snapshot
+from salt_kvm.backup import store as backup_store
+from salt_kvm.cloud import cloudinit
+from salt_kvm.cloud.spec import build_spec
+from salt_kvm.disks import spec as disks
 from salt_kvm.errors import SpecError
-from salt_kvm.spec import build_spec
+from salt_kvm.images import cache as images
+from salt_kvm.virt import checks, names, units
 
 MINIMAL = {"name": "vm1", "base_domain": "base", "password": "pw"}
 MAC, MAC2 = "52:54:00:12:34:56", "52:54:00:12:34:57"

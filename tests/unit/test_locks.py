@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from salt_kvm import backup_store as bs
-from salt_kvm import images, locks, natstore
+from salt_kvm.backup import store as bs
 from salt_kvm.errors import ConflictError, SaltKvmError
+from salt_kvm.images import cache as images
+from salt_kvm.nat import store as natstore
+from salt_kvm.virt import locks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,7 +38,7 @@ def hold(folder: Path, name: str, what: str):
     code = textwrap.dedent(
         f"""
         import sys, time
-        from salt_kvm import locks
+        from salt_kvm.virt import locks
         with locks.held({name!r}, {what!r}, directory={str(folder)!r}):
             print("held", flush=True)
             time.sleep(120)

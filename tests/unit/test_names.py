@@ -1,7 +1,7 @@
 import pytest
 
 from salt_kvm.errors import SpecError
-from salt_kvm.names import check_vm_name, hostname_of
+from salt_kvm.virt.names import check_vm_name, hostname_of
 
 
 @pytest.mark.parametrize("name", ["vm1", "web-01", "vm1.example.com", "a", "A1", "x" * 63])

@@ -5,10 +5,11 @@ import sys
 
 import pytest
 
-from salt_kvm import nat, nathook
+from salt_kvm.cloud.spec import build_spec
 from salt_kvm.errors import SpecError
-from salt_kvm.natstore import Entry, Placement, Store, all_forwards
-from salt_kvm.spec import build_spec
+from salt_kvm.nat import hooks as nathook
+from salt_kvm.nat import rules as nat
+from salt_kvm.nat.store import Entry, Placement, Store, all_forwards
 
 R = nat.Rule
 

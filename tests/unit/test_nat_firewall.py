@@ -9,9 +9,11 @@ import shlex
 
 import pytest
 
-from salt_kvm import forwards, hostnet, nat
 from salt_kvm.errors import ForwardsBlocked
-from salt_kvm.natstore import Store
+from salt_kvm.nat import firewall as hostnet
+from salt_kvm.nat import forwards
+from salt_kvm.nat import rules as nat
+from salt_kvm.nat.store import Store
 
 from .test_nat_safety import PLACE1, Kernel
 
@@ -269,7 +271,8 @@ def _kvm_nat_module():
 
 
 def test_kvm_nat_shows_the_firewall_and_recent_hook_errors(tmp_path, monkeypatch):
-    from salt_kvm import hookscript, nathook
+    from salt_kvm.nat import hookfiles as hookscript
+    from salt_kvm.nat import hooks as nathook
 
     Kernel(tmp_path, monkeypatch)
     monkeypatch.setenv("SALT_KVM_NAT_STATE", str(tmp_path / "nat.json"))

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import salt_kvm
-from salt_kvm import hookscript, nathook
+from salt_kvm.nat import hookfiles as hookscript
+from salt_kvm.nat import hooks as nathook
 
 # ---- item 5: the sh hooks --------------------------------------------------------
 

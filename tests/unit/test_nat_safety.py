@@ -7,9 +7,11 @@ import time
 
 import pytest
 
-from salt_kvm import forwards, hostnet, nat
 from salt_kvm.errors import SpecError
-from salt_kvm.natstore import Placement, Store
+from salt_kvm.nat import firewall as hostnet
+from salt_kvm.nat import forwards
+from salt_kvm.nat import rules as nat
+from salt_kvm.nat.store import Placement, Store
 
 R = nat.Rule
 PLACE1 = Placement("net1", "virbr1", "192.168.214.0/24", "192.168.214.11", "52:54:00:00:00:01")

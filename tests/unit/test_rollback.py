@@ -1,6 +1,6 @@
 import pytest
 
-from salt_kvm.rollback import Rollback
+from salt_kvm.virt.rollback import Rollback
 
 
 def test_undo_runs_newest_first_and_reraises():
@@ -39,7 +39,7 @@ def test_forget_keeps_everything():
 
 CHILD = """
 import os, signal, sys, time
-from salt_kvm.rollback import Rollback, interruptible
+from salt_kvm.virt.rollback import Rollback, interruptible
 {setup}
 log = open(sys.argv[1], "a", buffering=1)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from salt.exceptions import CommandExecutionError
 
-from salt_kvm import deploy
+from salt_kvm.cloud import sshdeploy as deploy
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "s3cret-Pw-77"
@@ -126,8 +126,8 @@ def test_deploy_never_logs_script_args(caplog, code):
     ],
 )
 def test_refusals_never_quote_a_secret(values, key):
+    from salt_kvm.cloud.spec import build_spec
     from salt_kvm.errors import SpecError
-    from salt_kvm.spec import build_spec
 
     base = {"name": "vm1", "base_domain": "base", "deploy": False}
     if "image" in values:

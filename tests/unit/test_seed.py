@@ -3,7 +3,7 @@ import io
 import pycdlib
 import yaml
 
-from salt_kvm import seed
+from salt_kvm.cloud import seed
 
 
 def read_iso(data: bytes) -> tuple[str, dict[str, bytes]]:

@@ -3,7 +3,7 @@
 import libvirt
 import pytest
 
-from salt_kvm import seed
+from salt_kvm.cloud import seed
 
 XML = """<domain type='qemu'><name>vm1</name><devices>
 <disk type='file' device='cdrom'><driver name='qemu' type='raw'/>

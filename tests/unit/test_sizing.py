@@ -3,9 +3,9 @@
 import pytest
 from lxml import etree
 
-from salt_kvm import sizing
-from salt_kvm.domxml import Domain, new_domain
-from salt_kvm.spec import build_spec
+from salt_kvm.cloud import sizing
+from salt_kvm.cloud.spec import build_spec
+from salt_kvm.virt.domain import Domain, new_domain
 
 MINIMAL = {"name": "vm1", "base_domain": "base", "password": "pw"}
 MAC = "52:54:00:12:34:56"

@@ -2,10 +2,10 @@
 
 import pytest
 
+from salt_kvm.cloud.spec import NicSpec, build_spec, check_key_typos, check_mapping
+from salt_kvm.cloud.topology import CpuTopology, NumaCell, parse_cpu_options, parse_numa
 from salt_kvm.errors import SpecError
-from salt_kvm.spec import NicSpec, build_spec, check_key_typos, check_mapping
-from salt_kvm.topology import CpuTopology, NumaCell, parse_cpu_options, parse_numa
-from salt_kvm.units import GIB, MIB
+from salt_kvm.virt.units import GIB, MIB
 
 MINIMAL = {"name": "vm1", "base_domain": "base", "password": "pw"}
 MAC = "52:54:00:12:34:56"
@@ -563,7 +563,7 @@ def test_minion_and_grains_must_be_mappings(key):
 
 
 def test_the_spec_alone_knows_the_profile_keys():
-    from salt_kvm import spec
+    from salt_kvm.cloud import spec
 
     # Every top-level default is a profile key (nic_model is nics[].model's).
     assert set(spec.DEFAULTS) - {"nic_model"} <= set(spec.PROFILE_KEYS)

@@ -1,7 +1,7 @@
 import pytest
 
 from salt_kvm.errors import SpecError
-from salt_kvm.units import GIB, MIB, human_size, parse_size
+from salt_kvm.virt.units import GIB, MIB, human_size, parse_size
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,2 @@
+"""Backups of guests: the store of points, the two backup methods, snapshots, verification,
+second copies and restores."""

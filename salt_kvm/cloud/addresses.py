@@ -1,0 +1,145 @@
+"""Learn a guest's IP addresses: DHCP lease, guest agent or ARP, matched by MAC."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import libvirt
+
+from salt_kvm.errors import SpecError, TimeoutError_
+from salt_kvm.virt.domain import Domain
+
+log = logging.getLogger(__name__)
+
+# Profile values of ip_source. Salt 3007's driver called the lease source
+# "ip-learning"; "lease" is accepted as its plain name.
+SOURCE_LEASE = "ip-learning"
+SOURCE_AGENT = "qemu-agent"
+SOURCE_ARP = "arp"
+SOURCE_AUTO = "auto"
+SOURCES = (SOURCE_LEASE, SOURCE_AGENT, SOURCE_ARP, SOURCE_AUTO)
+ALIASES = {"lease": SOURCE_LEASE, "agent": SOURCE_AGENT}
+AUTO_ORDER = (SOURCE_LEASE, SOURCE_AGENT, SOURCE_ARP)
+_LIBVIRT_SOURCE = {
+    SOURCE_LEASE: libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+    SOURCE_AGENT: libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
+    SOURCE_ARP: libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP,
+}
+
+
+def check_source(value: object, key: str = "ip_source") -> str:
+    value = ALIASES.get(value, value) if isinstance(value, str) else value
+    if value not in SOURCES:
+        raise SpecError(key, f"{value!r} is not an address source", SOURCES + tuple(ALIASES))
+    return value
+
+
+def usable(address: str) -> bool:
+    """Addresses a master can reach a minion on: not link-local, loopback or unspecified."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    return not (
+        ip.is_link_local or ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_reserved
+    )
+
+
+def domain_macs(dom: libvirt.virDomain) -> list[str]:
+    return [i.mac.lower() for i in Domain(dom.XMLDesc(0)).interfaces if i.mac]
+
+
+# (domain, source) → the last "no answer" logged for it.
+_NO_ANSWER: dict[tuple[str, str], str] = {}
+
+
+def addresses_from(dom: libvirt.virDomain, source: str, macs: Iterable[str]) -> list[str]:
+    """The usable addresses ``source`` knows for the interfaces with ``macs``.
+
+    IPv4 first: that is what salt-cloud deploys to and minions usually use.
+    """
+    wanted = {m.lower() for m in macs}
+    try:
+        ifaces = dom.interfaceAddresses(_LIBVIRT_SOURCE[source], 0) or {}
+    except libvirt.libvirtError as exc:
+        # No agent yet, no lease file yet, ...: simply nothing known now. Said
+        # once per answer, not once per poll.
+        key, text = (dom.name(), source), str(exc)
+        if _NO_ANSWER.get(key) != text:
+            _NO_ANSWER[key] = text
+            log.debug("%s: %s has no answer yet: %s", dom.name(), source, exc)
+        return []
+    _NO_ANSWER.pop((dom.name(), source), None)
+    found: list[tuple[int, str]] = []
+    for iface in ifaces.values():
+        if (iface.get("hwaddr") or "").lower() not in wanted:
+            continue
+        for addr in iface.get("addrs") or []:
+            if usable(addr["addr"]):
+                found.append((addr["type"], addr["addr"]))
+    found.sort(key=lambda item: item[0] != libvirt.VIR_IP_ADDR_TYPE_IPV4)
+    return [addr for _, addr in found]
+
+
+def lookup(dom: libvirt.virDomain, source: str, macs: Iterable[str] | None = None) -> list[str]:
+    macs = list(macs) if macs is not None else domain_macs(dom)
+    order = AUTO_ORDER if source == SOURCE_AUTO else (source,)
+    for each in order:
+        found = addresses_from(dom, each, macs)
+        if found:
+            return found
+    return []
+
+
+_STATE_NAMES = {
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+}
+
+
+def _check_running(dom: libvirt.virDomain) -> None:
+    """Fail at once when the guest stopped running: its address will never come.
+
+    A guest that pauses right after start is typically a KVM guest on a host
+    where hardware virtualization does not work (e.g. nested KVM).
+    """
+    state, reason = dom.state()
+    if state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
+        return
+    message = (
+        f"{dom.name()} stopped running ({_STATE_NAMES.get(state, state)}, reason {reason}) "
+        "while waiting for its IP address"
+    )
+    if state == libvirt.VIR_DOMAIN_PAUSED:
+        message += "; if this host cannot run KVM guests, set virt_type: qemu"
+    raise TimeoutError_(message)
+
+
+def wait_for_addresses(
+    dom: libvirt.virDomain,
+    source: str,
+    timeout: float,
+    interval: float = 0.5,
+    macs: Iterable[str] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[str]:
+    """Poll ``source`` every ``interval`` seconds until the guest has an address."""
+    macs = list(macs) if macs is not None else domain_macs(dom)
+    deadline = clock() + timeout
+    while True:
+        found = lookup(dom, source, macs)
+        if found:
+            return found
+        _check_running(dom)
+        if clock() >= deadline:
+            raise TimeoutError_(
+                f"{dom.name()} got no IP address from {source} within {timeout:g}s "
+                f"(MACs {', '.join(macs)})"
+            )
+        sleep(interval)

@@ -1,0 +1,353 @@
+"""salt-cloud's deploy for salt-kvm guests: Salt's own helpers build the files
+(minion config, keys, grains, the deploy script), salt_kvm.cloud.sshdeploy runs them
+in one SSH session, and the master's event bus tells when the minion is up."""
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import libvirt
+import salt.config as config
+import salt.utils.cloud
+from salt.exceptions import SaltCloudConfigError
+
+from salt_kvm import ssh as ssh_lib
+from salt_kvm.cloud import cloudinit, provision
+from salt_kvm.cloud import sshdeploy as ssh_deploy
+from salt_kvm.cloud.provision import Guest
+from salt_kvm.cloud.spec import VMSpec
+from salt_kvm.errors import SaltKvmError
+from salt_kvm.virt import guestagent
+from salt_kvm.virt.checks import seconds
+from salt_kvm.virt.rollback import Rollback
+
+log = logging.getLogger(__name__)
+DEFAULT_MINION_TIMEOUT = 300
+# How often the wait for the minion asks the guest whether its start failed.
+CHECK_EVERY = 2.0
+
+
+def minion_id(opts: dict, vm_: dict) -> str:
+    """The key id salt-cloud uses: the minion config's id (or the VM name) + append_domain."""
+    minion = config.get_cloud_config_value("minion", vm_, opts, default={})
+    if not isinstance(minion, dict):
+        minion = {}  # refused by name when the profile is checked
+    key_id = minion.get("id", vm_["name"])
+    if minion.get("append_domain"):
+        key_id = f"{key_id}.{minion['append_domain']}"
+    return key_id
+
+
+def _value(opts: dict, vm_: dict, key: str, default=None):
+    return config.get_cloud_config_value(key, vm_, opts, default=default)
+
+
+@dataclass
+class Plan:
+    bundle: ssh_deploy.Bundle
+    key_id: str
+    pub: str
+    minion_timeout: float
+
+
+def prepare(opts: dict, vm_: dict, spec: VMSpec) -> Plan:
+    """Everything the deploy needs, checked before any guest exists: the minion
+    config (a master is set), the deploy script (found), keys, credentials."""
+    name = vm_["name"]
+    minion_conf = salt.utils.cloud.minion_config(opts, vm_)
+    script_name = _value(opts, vm_, "script", "bootstrap-salt")
+    script = None
+    if spec.deploy.method == "ssh":
+        script = salt.utils.cloud.os_script(script_name, vm_, opts, minion_conf)
+    if spec.deploy.method == "ssh" and not script and not _value(opts, vm_, "deploy_command"):
+        raise SaltCloudConfigError(
+            f"script: no deploy script named {script_name!r} in "
+            f"{opts['deploy_scripts_search_path']}"
+        )
+    # salt-cloud has usually made and accepted the keys already (vm_ carries them).
+    if not vm_.get("pub_key") or not vm_.get("priv_key"):
+        vm_["priv_key"], vm_["pub_key"] = salt.utils.cloud.gen_keys(
+            _value(opts, vm_, "keysize", 2048)
+        )
+    priv, pub = vm_["priv_key"], vm_["pub_key"]
+    files = {"minion.pem": (priv.encode(), 0o600), "minion.pub": (pub.encode(), 0o600)}
+    grains = minion_conf.pop("grains", {})
+    if grains:
+        files["grains"] = (salt.utils.cloud.salt_config_to_yaml(grains).encode(), 0o600)
+    minion_conf["grains"] = {
+        "salt-cloud": {
+            "driver": vm_.get("driver"),
+            "provider": vm_.get("provider"),
+            "profile": vm_.get("profile"),
+        }
+    }
+    files["minion"] = (salt.utils.cloud.salt_config_to_yaml(minion_conf).encode(), 0o600)
+    key_id = minion_id(opts, vm_)
+
+    bundle = ssh_deploy.Bundle(
+        files=files,
+        script=script.encode() if script else None,
+        deploy_command=_value(opts, vm_, "deploy_command"),
+        script_args=_value(opts, vm_, "script_args"),
+        bootstrap_style="bootstrap-salt" in str(script_name),
+        force_minion_config=bool(_value(opts, vm_, "force_minion_config", False)),
+        tmp_dir=_value(opts, vm_, "tmp_dir", ssh_deploy.DEFAULT_TMP_DIR),
+        keep_tmp=bool(opts.get("keep_tmp", False)),
+        sudo=bool(_value(opts, vm_, "sudo", spec.deploy.ssh_username != "root")),
+        sudo_password=_value(opts, vm_, "sudo_password") or spec.deploy.password,
+        hostname=name.split(".", 1)[0],
+    )
+    if spec.deploy.private_key and not os.access(spec.deploy.private_key, os.R_OK):
+        raise SaltCloudConfigError(f"private_key: cannot read {spec.deploy.private_key!r}")
+    host_trust(spec)  # a bad known_hosts_file stops here, before the guest exists
+    timeout = _value(opts, vm_, "wait_for_minion_timeout", DEFAULT_MINION_TIMEOUT)
+    minion_timeout = seconds(timeout, "wait_for_minion_timeout", 0)
+    return Plan(bundle, key_id, pub, minion_timeout)
+
+
+# Start the minion as soon as cloud-init's write_files has put its files in
+# place, not in cloud-init's last stage (and not after the rest of its first
+# stage: SSH host key generation alone takes ~20 s of a TCG guest). bootcmd runs
+# first, before write_files: it queues, once per instance, a transient unit that
+# waits for write_files' last file, then runs START_SCRIPT (written by
+# write_files: a script there may use "$", a systemd-run command line may not).
+# runcmd (last stage) only covers a guest without systemd-run.
+STATE_DIR = "/run/salt-kvm"
+SEEDED = f"{STATE_DIR}/seeded"
+START_SCRIPT = f"{STATE_DIR}/start-minion"
+# What the start script leaves for the host (read through the guest agent):
+# "started ..." or "failed: <the guest-side cause>".
+STATUS_FILE = f"{STATE_DIR}/minion-status"
+TRANSIENT_UNIT = "salt-kvm-minion.service"
+MINION_START = "systemctl enable salt-minion; systemctl restart salt-minion"
+EARLY_START = [
+    "cloud-init-per",
+    "instance",
+    "salt-kvm-minion-start",
+    "systemd-run",
+    "--no-block",
+    "--unit=salt-kvm-minion-start",
+    # Not after basic.target: cloud-init's first stage runs before sysinit.target.
+    "--property=DefaultDependencies=no",
+    "/bin/sh",
+    "-c",
+    # No "$" here: systemd would take it for one of its own variables.
+    f"timeout 60 sh -c 'until [ -e {SEEDED} ]; do sleep 0.1; done'; exec /bin/sh {START_SCRIPT}",
+]
+LATE_START = "command -v systemd-run >/dev/null 2>&1 || { " + MINION_START + "; }"
+# When (seconds apart) the start script looks whether the minion's unit failed.
+WATCH_AT = (2, 8)
+START_SCRIPT_TEXT = f"""#!/bin/sh
+# salt-kvm: start salt-minion now that its config and keys are in place; leave
+# the outcome in {STATUS_FILE} for the host (salt-cloud fails fast on "failed").
+STATUS={STATUS_FILE}
+say() {{ printf '%s\\n' "$*" > "$STATUS.tmp"; mv -f "$STATUS.tmp" "$STATUS"; }}
+fail() {{
+  say "failed: $*"
+  echo "salt-kvm: the minion cannot start: $*" > /dev/console 2>/dev/null
+  exit 1
+}}
+if systemctl cat salt-minion.service >/dev/null 2>&1; then
+  UNIT=salt-minion.service
+  systemctl --no-reload enable salt-minion.service >/dev/null 2>&1
+  # The rest of cloud-init's boot work (host keys, later stages) yields the CPU
+  # to the minion for this boot: it is what the user is waiting for.
+  systemctl set-property --runtime salt-minion.service CPUWeight=10000
+  # Its own ordering would wait for all of cloud-init's first stage (after
+  # network-online.target); the network is already up at this point.
+  systemctl restart --no-block --job-mode=ignore-dependencies salt-minion.service ||
+    fail "systemctl restart salt-minion.service failed"
+else
+  # An image whose Salt lives elsewhere (a virtualenv) with no unit: run the
+  # minion as a transient unit now, and give it a unit for the next boots
+  # (enabled by its link: no daemon-reload in the middle of the boot).
+  BIN=$(command -v salt-minion) ||
+    fail "the image has no salt-minion.service unit and no salt-minion on PATH ($PATH)"
+  UNIT={TRANSIENT_UNIT}
+  mkdir -p /etc/systemd/system/multi-user.target.wants
+  printf '%s\\n' '[Unit]' 'Description=Salt minion (written by salt-kvm)' \\
+    'After=network-online.target' 'Wants=network-online.target' '[Service]' \\
+    "ExecStart=$BIN" 'Restart=on-failure' '[Install]' 'WantedBy=multi-user.target' \\
+    > /etc/systemd/system/salt-minion.service
+  ln -sf /etc/systemd/system/salt-minion.service \\
+    /etc/systemd/system/multi-user.target.wants/salt-minion.service
+  systemd-run --no-block --unit=$UNIT --property=CPUWeight=10000 "$BIN" ||
+    fail "systemd-run $BIN failed"
+fi
+# Two looks, not a loop: systemctl is costly in a TCG guest that is busy booting.
+for wait in {" ".join(str(w) for w in WATCH_AT)}; do
+  sleep "$wait"
+  if systemctl is-failed --quiet "$UNIT"; then
+    fail "$UNIT failed: $(journalctl -u "$UNIT" -n 5 -o cat --no-pager 2>/dev/null | tr '\\n' ' ')"
+  fi
+done
+say "started $UNIT"
+"""
+
+
+def cloud_config(plan: Plan) -> dict:
+    """The same files as the SSH deploy, as cloud-init ``write_files``, and the
+    minion (re)started once they are in place: by its unit, or as a transient
+    unit when the image has none. No script installs Salt: the image must
+    already have it (as with the salt-preinstalled deploy script)."""
+    targets = {
+        "minion": ("/etc/salt/minion", "0644"),
+        "minion.pem": ("/etc/salt/pki/minion/minion.pem", "0600"),
+        "minion.pub": ("/etc/salt/pki/minion/minion.pub", "0644"),
+        "grains": ("/etc/salt/grains", "0644"),
+    }
+    files = [
+        {"path": path, "permissions": mode, "owner": "root:root", "content": data.decode()}
+        for name, (data, _) in plan.bundle.files.items()
+        for path, mode in [targets[name]]
+    ]
+    files.append({"path": START_SCRIPT, "permissions": "0700", "content": START_SCRIPT_TEXT})
+    files.append({"path": SEEDED, "permissions": "0600", "content": plan.key_id})
+    return {
+        "bootcmd": [EARLY_START],
+        "write_files": files,
+        "runcmd": [["sh", "-c", LATE_START]],
+    }
+
+
+@contextlib.contextmanager
+def minion_watch(
+    opts: dict,
+    plan: Plan,
+    guest_of: Callable[[], Guest | None],
+    guest_check: Callable[[Guest], None] | None = None,
+):
+    """Accept the minion's key and subscribe to the master's bus before the guest
+    can start its minion; on leaving the block without an error, wait for the
+    minion's start event (``wait_for_minion_timeout``; 0: do not wait), calling
+    ``guest_check`` now and then: it raises when the guest says it cannot start one."""
+    salt.utils.cloud.accept_key(opts["pki_dir"], plan.pub, plan.key_id)
+    listener = _minion_listener(opts) if plan.minion_timeout > 0 else None
+    try:
+        yield
+        if listener is not None:
+            check = (lambda: guest_check(guest_of())) if guest_check else None
+            _wait_for_minion(listener, plan.key_id, plan.minion_timeout, check)
+            guest_of().mark("minion")
+    finally:
+        if listener is not None:
+            listener.destroy()
+
+
+def host_trust(spec: VMSpec) -> ssh_lib.HostTrust | None:
+    """salt-cloud's convention: with ``known_hosts_file`` the guest's host key
+    must be in that file (the image or the seed gave the guest a key known in
+    advance); without it, the key of the guest just created is accepted: it is
+    new by design and reached on the address of its own DHCP lease."""
+    if not spec.deploy.known_hosts_file:
+        return None
+    try:
+        return ssh_lib.HostTrust.build(known_hosts=spec.deploy.known_hosts_file)
+    except SaltKvmError as exc:
+        key = "known_hosts_file"
+        raise SaltCloudConfigError(str(exc).replace("known_hosts:", f"{key}:", 1)) from exc
+
+
+def check_minion_start(guest: Guest) -> None:
+    """Raise, naming the guest-side cause, when the guest's start script (see
+    ``START_SCRIPT_TEXT``) reported that the minion cannot start."""
+    status = guestagent.read_file(guest.domain, STATUS_FILE)
+    if status is not None and status.startswith("failed"):
+        cause = guestagent.clean(status.partition(":")[2])
+        raise SaltKvmError(f"the minion cannot start in the guest {guest.name}: {cause}")
+
+
+def run(opts: dict, plan: Plan, spec: VMSpec, guest: Guest) -> dict:
+    """Make ``guest`` a minion the way salt-cloud does (files + deploy script), in
+    one SSH session, then wait until the minion has started on the master."""
+    with minion_watch(opts, plan, lambda: guest):
+        with ssh_lib.connect(
+            guest.addresses[0],
+            spec.deploy.ssh_username,
+            password=spec.deploy.password,
+            key_filename=spec.deploy.private_key,
+            allow_agent=spec.deploy.ssh_agent,
+            port=spec.deploy.ssh_port,
+            timeout=spec.wait_for_ip_timeout,
+            trust=host_trust(spec),
+        ) as session:
+            guest.mark("ssh")
+            ssh_deploy.run(session, plan.bundle)
+        guest.mark("deploy")
+    return {"method": "ssh", "minion_id": plan.key_id}
+
+
+def _minion_listener(opts: dict):
+    """Subscribe to the master's event bus before the minion can start."""
+    try:
+        import salt.utils.event
+
+        return salt.utils.event.get_master_event(opts, opts["sock_dir"], listen=True)
+    except Exception as exc:  # noqa: BLE001 - no local master: nothing to wait on
+        log.warning("not waiting for the minion: no master event bus here (%s)", exc)
+        return None
+
+
+def _wait_for_minion(listener, minion_id, timeout, check: Callable[[], None] | None = None):
+    deadline = time.monotonic() + timeout
+    next_check = time.monotonic() + CHECK_EVERY
+    tag = f"salt/minion/{minion_id}/start"
+    while time.monotonic() < deadline:
+        event = listener.get_event(
+            wait=min(1.0, max(0.1, deadline - time.monotonic())), tag=tag, full=True
+        )
+        if event:
+            return
+        if check is not None and time.monotonic() >= next_check:
+            check()
+            next_check = time.monotonic() + CHECK_EVERY
+    raise SaltKvmError(f"the minion {minion_id} did not connect to the master within {timeout:g}s")
+
+
+def seed_iso(opts: dict, vm_: dict, spec: VMSpec, plan: Plan | None) -> bytes | None:
+    """The guest's NoCloud seed (None if it needs none), built before anything
+    is created: a bad template stops here."""
+    minion = cloud_config(plan) if plan is not None and spec.deploy.method == "cloud-init" else None
+    return cloudinit.seed_iso(
+        spec,
+        minion,
+        config.get_cloud_config_value("grains", vm_, opts, default={}),
+        minion_id=plan.key_id if plan is not None else vm_["name"],
+        profile=vm_.get("profile"),
+        provider=vm_.get("provider"),
+    )
+
+
+def create(
+    opts: dict,
+    conn: libvirt.virConnect,
+    vm_: dict,
+    spec: VMSpec,
+    plan: Plan | None,
+    seed: bytes | None,
+    rollback: Rollback,
+    emit: provision.Emit,
+) -> tuple[Guest, dict | None]:
+    """Create the guest and make it a minion by the profile's ``deploy_method``;
+    returns the guest and what the deploy reports (None: no deploy)."""
+    if plan is not None and spec.deploy.method == "cloud-init":
+        # The minion's config and accepted keys are in the seed; no SSH. The
+        # seed is ejected and deleted as soon as the minion has started.
+        created: list[Guest] = []
+        with minion_watch(opts, plan, lambda: created[0], check_minion_start):
+            emit("deploying", {"name": spec.name, "method": "cloud-init"})
+            created.append(provision.create(conn, spec, rollback, emit, seed_iso=seed))
+        provision.detach_seed(conn, created[0])
+        return created[0], {"method": "cloud-init", "minion_id": plan.key_id}
+    guest = provision.create(conn, spec, rollback, emit, seed_iso=seed)
+    # cloud-init read the seed in its local stage, before the guest's network
+    # (and so its address) came up: it can go now.
+    provision.detach_seed(conn, guest)
+    vm_["ssh_host"] = guest.addresses[0]
+    if plan is None:
+        return guest, None
+    emit("deploying", {"name": spec.name, "ip_address": guest.addresses[0]})
+    return guest, run(opts, plan, spec, guest)

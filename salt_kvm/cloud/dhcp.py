@@ -1,0 +1,109 @@
+"""DHCP host reservations on libvirt-managed networks (pre-provisioned name/MAC/IP)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import libvirt
+from lxml import etree
+
+from salt_kvm.errors import ConflictError, NotFoundError, SpecError
+
+LIVE_AND_CONFIG = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+
+
+def _network(conn: libvirt.virConnect, name: str) -> libvirt.virNetwork:
+    try:
+        return conn.networkLookupByName(name)
+    except libvirt.libvirtError as exc:
+        raise NotFoundError(f"no libvirt network named {name!r}") from exc
+
+
+def _config_xml(net: libvirt.virNetwork) -> etree._Element:
+    """The persistent definition (where reservations are kept), as the driver allows."""
+    try:
+        text = net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_INVALID_ARG:
+            raise
+        text = net.XMLDesc(0)
+    return etree.fromstring(text.encode())
+
+
+def _host_xml(mac: str, ip: str, name: str | None) -> str:
+    attrs = {"mac": mac, "name": name, "ip": ip} if name else {"mac": mac, "ip": ip}
+    return etree.tostring(etree.Element("host", attrs), encoding="unicode")
+
+
+def _flags(net: libvirt.virNetwork) -> int:
+    return LIVE_AND_CONFIG if net.isActive() else libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+
+
+def check(conn: libvirt.virConnect, network: str, mac: str, ip: str, key: str) -> None:
+    """Refuse, before anything is made, a reservation the network cannot take."""
+    net = _network(conn, network)
+    xml = _config_xml(net)
+    address = ipaddress.ip_address(ip)
+    for ip_node in xml.findall("ip"):
+        if ip_node.find("dhcp") is None or ip_node.get("address") is None:
+            continue
+        prefix = (
+            ip_node.get("prefix")
+            or ipaddress.IPv4Network(f"0.0.0.0/{ip_node.get('netmask', '255.255.255.0')}").prefixlen
+        )
+        subnet = ipaddress.ip_network(f"{ip_node.get('address')}/{prefix}", strict=False)
+        if address not in subnet:
+            continue
+        if address == ipaddress.ip_address(ip_node.get("address")):
+            raise SpecError(key, f"{ip} is the network's own address", f"an address in {subnet}")
+        for host in ip_node.findall("dhcp/host"):
+            if host.get("ip") == ip and (host.get("mac") or "").lower() != mac:
+                raise ConflictError(
+                    f"{key}: {ip} is already reserved on network {network!r} for {host.get('mac')}"
+                )
+            if (host.get("mac") or "").lower() == mac and host.get("ip") != ip:
+                raise ConflictError(
+                    f"{key}: {mac} already has a reservation for {host.get('ip')} on {network!r}"
+                )
+        return
+    raise SpecError(
+        key, f"{ip} is not in a DHCP subnet of network {network!r}", "an address of that network"
+    )
+
+
+def reserve(conn: libvirt.virConnect, network: str, mac: str, ip: str, name: str) -> bool:
+    """Add the reservation; ``False`` when it already existed (nothing to undo).
+
+    Reservations are keyed by MAC: a guest with two fixed-IP NICs on one
+    network gets two. The host name goes on the first only (libvirt refuses
+    two entries with one name, and it is the guest's one DNS name there).
+    """
+    net = _network(conn, network)
+    xml = _config_xml(net)
+    named = False
+    for host in xml.findall("ip/dhcp/host"):
+        if (host.get("mac") or "").lower() == mac and host.get("ip") == ip:
+            return False
+        named = named or host.get("name") == name
+    net.update(
+        libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+        libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+        -1,
+        _host_xml(mac, ip, None if named else name),
+        _flags(net),
+    )
+    return True
+
+
+def release(conn: libvirt.virConnect, network: str, mac: str, ip: str) -> None:
+    net = _network(conn, network)
+    xml = _config_xml(net)
+    for host in xml.findall("ip/dhcp/host"):
+        if (host.get("mac") or "").lower() == mac and host.get("ip") == ip:
+            net.update(
+                libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
+                libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                -1,
+                etree.tostring(host, encoding="unicode"),
+                _flags(net),
+            )

@@ -1,0 +1,291 @@
+"""Create a guest from a VM spec: plan and check, clone, size, reserve, boot, learn its IP.
+
+Deployment (making it a minion) is the caller's: it needs Salt. Every step
+records its undo in the caller's ``Rollback``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import libvirt
+
+from salt_kvm.cloud import addresses, clone, dhcp, seed, sizing
+from salt_kvm.cloud.spec import VMSpec
+from salt_kvm.disks import ops as diskops
+from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
+from salt_kvm.images import cache as images
+from salt_kvm.nat import forwards
+from salt_kvm.virt import accel, chains, identity, lifecycle, names
+from salt_kvm.virt.domain import Domain, new_domain
+from salt_kvm.virt.rollback import Rollback
+
+log = logging.getLogger(__name__)
+Emit = Callable[[str, dict], None]
+# A guest built on an image gets these unless the profile sizes it.
+IMAGE_MEMORY_MIB = 1024
+DEFAULT_NETWORK = "default"
+
+
+@dataclass
+class Guest:
+    name: str
+    domain: libvirt.virDomain
+    macs: list[str]
+    addresses: list[str] = field(default_factory=list)
+    existed: bool = False
+    seed_path: str | None = None
+    seed_target: str | None = None
+    virt_type_note: str | None = None  # why ``auto`` gave qemu, when it did
+    started: float = field(default_factory=time.monotonic)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, step: str) -> None:
+        """Record when ``step`` finished, in seconds since the create began."""
+        self.timings[step] = round(time.monotonic() - self.started, 2)
+        log.info("%s: %s done at %.1f s", self.name, step, self.timings[step])
+
+
+def _check_networks(conn: libvirt.virConnect, spec: VMSpec) -> None:
+    """A NIC's network exists and runs, or the profile is refused by name."""
+    wanted = [(i, nic.network) for i, nic in enumerate(spec.nics or []) if nic.network]
+    if not wanted:
+        return
+    nets = {net.name(): net for net in conn.listAllNetworks(0)}
+    active = sorted(name for name, net in nets.items() if net.isActive())
+    for index, name in wanted:
+        if name not in nets:
+            raise SpecError(
+                f"nics[{index}].network",
+                f"no network named {name!r} on {conn.getURI()}",
+                ", ".join(active) or "none active (virsh net-list --all)",
+            )
+        if not nets[name].isActive():
+            raise SpecError(
+                f"nics[{index}].network",
+                f"network {name!r} is not active (virsh net-start {name})",
+                ", ".join(active) or "none active",
+            )
+
+
+def _check_fixed_macs(conn: libvirt.virConnect, spec: VMSpec, taken: set[str]) -> None:
+    for index, nic in enumerate(spec.nics or []):
+        if nic.mac and nic.mac in taken:
+            raise ConflictError(f"nics[{index}].mac: {nic.mac} is already used by another domain")
+        if nic.ip and nic.network:
+            dhcp.check(conn, nic.network, nic.mac, nic.ip, f"nics[{index}].ip")
+
+
+def _customize(spec: VMSpec, taken: set[str], guest: Guest) -> Callable[[Domain], None]:
+    def customize(xml: Domain) -> None:
+        sizing.apply(xml, spec)
+        for iface in xml.interfaces:
+            if not iface.mac:
+                iface.mac = identity.new_mac(taken)
+        if guest.seed_path:
+            guest.seed_target = seed.attach(xml, guest.seed_path)
+
+    return customize
+
+
+def _reserve(conn, spec: VMSpec, rollback: Rollback) -> list[str]:
+    made = []
+    for nic in spec.nics or []:
+        if nic.ip and nic.network:
+            rollback.intend("reservation", network=nic.network, mac=nic.mac, ip=nic.ip)
+            if dhcp.reserve(conn, nic.network, nic.mac, nic.ip, spec.name):
+                rollback.add(
+                    f"DHCP reservation {nic.ip} on {nic.network}",
+                    lambda n=nic: dhcp.release(rollback.live(conn), n.network, n.mac, n.ip),
+                )
+            made.append(f"{nic.network}|{nic.mac}|{nic.ip}")
+    return made
+
+
+def create(
+    conn: libvirt.virConnect,
+    spec: VMSpec,
+    rollback: Rollback,
+    emit: Emit,
+    seed_iso: bytes | None = None,
+) -> Guest:
+    """Clone and boot ``spec``; return the running guest with its addresses.
+
+    ``seed_iso`` (a NoCloud ISO) is attached to a new clone's first boot.
+    """
+    started = time.monotonic()
+    if spec.nat_rules:
+        forwards.check_local(conn)
+        forwards.check_free(spec.name, spec.nat_rules)
+    existing = _existing(conn, spec.name)
+    if existing is not None:
+        guest = Guest(spec.name, existing, addresses.domain_macs(existing), existed=True)
+        emit("requesting", {"name": spec.name, "existing": True})
+    else:
+        guest = _clone(conn, spec, rollback, emit, seed_iso)
+    guest.started = started
+    guest.mark("clone")
+    if not guest.domain.isActive():
+        guest.domain.create()
+        if not guest.existed:
+            uuid = guest.domain.UUIDString()
+            rollback.add(
+                f"running {spec.name}",
+                lambda: _stop(rollback.live(conn).lookupByUUIDString(uuid)),
+            )
+    guest.mark("start")
+    emit("waiting_for_ip", {"name": spec.name, "ip_source": spec.ip_source, "macs": guest.macs})
+    guest.addresses = addresses.wait_for_addresses(
+        guest.domain,
+        spec.ip_source,
+        spec.wait_for_ip_timeout,
+        spec.wait_for_ip_interval,
+        guest.macs,
+    )
+    guest.mark("ip")
+    if spec.nat_rules:
+        rollback.intend("nat", name=spec.name)
+        # The undo first: a write that fails half-way is undone too.
+        rollback.add(f"NAT forwards of {spec.name}", forwards.undo_for(spec.name))
+        forwards.apply(conn, spec.name, spec.nat_rules, max(len(spec.nat_rules), 1))
+        guest.mark("nat")
+    return guest
+
+
+def _existing(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return None
+    if lifecycle.managed_info(dom) is None:
+        raise ConflictError(
+            f"a domain named {name!r} already exists on {conn.getURI()} and was not created by "
+            "salt-kvm; choose another name"
+        )
+    return dom
+
+
+def _plan_image(
+    conn: libvirt.virConnect, spec: VMSpec, emit: Emit
+) -> tuple[clone.ClonePlan, accel.VirtChoice]:
+    """Fetch (or find cached) the profile's image and plan a guest on it. The
+    domain is new: no base to copy the definition from."""
+    clone.check_name_free(conn, spec.name)
+
+    def progress(data: dict) -> None:
+        emit("downloading", {"name": spec.name, "image": spec.image.shown, **data})
+
+    cached = images.ensure(conn, spec.image, progress)
+    choice = accel.choose_virt_type(conn, spec.virt_type, None, (cached.path, cached.format))
+    networks = tuple(n.network for n in spec.nics or [] if n.network) or (DEFAULT_NETWORK,)
+    xml = new_domain(
+        spec.name,
+        choice.virt_type,
+        spec.memory_mib or IMAGE_MEMORY_MIB,
+        spec.cpus or 1,
+        cached.path,
+        cached.format,
+        networks=networks,
+    )
+    plan = clone.plan_image(conn, cached, xml, spec.clone_strategy, spec.disk_size)
+    plan.image_info = {"image": cached.name, "image_source": spec.image.shown}
+    return plan, choice
+
+
+def _boot_disk(plan: clone.ClonePlan) -> tuple[str, str] | None:
+    """The base's first disk as a file (path, format), for a KVM probe to boot."""
+    disks = [d for d in plan.xml.disks if d.device == "disk"]
+    if not disks or not disks[0].path:
+        return None
+    return disks[0].path, disks[0].driver_type or "raw"
+
+
+def _clone(
+    conn: libvirt.virConnect, spec: VMSpec, rollback: Rollback, emit: Emit, seed_iso: bytes | None
+) -> Guest:
+    _check_networks(conn, spec)
+    taken = identity.used_macs(conn)
+    _check_fixed_macs(conn, spec, taken)
+    diskops.precheck(conn, spec.name, spec.disks)
+    if spec.image is not None:
+        plan, choice = _plan_image(conn, spec, emit)
+    else:
+        plan = clone.plan_clone(
+            conn, spec.base_domain, spec.name, spec.clone_strategy, None, spec.disk_size
+        )
+        # plan.xml is still the base's definition here: its type is the base's.
+        choice = accel.choose_virt_type(conn, spec.virt_type, plan.xml.type, _boot_disk(plan))
+        plan.virt_type = choice.virt_type
+    requesting = {
+        "name": spec.name,
+        "base_domain": spec.base_domain,
+        "image": spec.image.shown if spec.image else None,
+        "clone_strategy": spec.clone_strategy,
+        "virt_type": choice.virt_type,
+    }
+    if choice.note:
+        requesting["virt_type_note"] = choice.note
+    emit("requesting", requesting)
+    reservations = _reserve(conn, spec, rollback)
+    guest = Guest(spec.name, None, [])
+    guest.virt_type_note = choice.note
+    info: dict = {"reservations": reservations} if reservations else {}
+    info.update(plan.image_info)
+    if seed_iso is not None:
+        seed_name = names.seed_volume_name(spec.name)
+        rollback.intend("volume", pool=plan.disks[0].pool, name=seed_name)
+        vol = seed.upload(conn, plan.disks[0].pool, seed_name, seed_iso)
+        seed_path = vol.path()
+        rollback.add(
+            f"seed volume {seed_path}",
+            lambda: chains.delete_volume(rollback.live(conn), seed_path, "rollback"),
+        )
+        guest.seed_path = info["seed"] = seed_path
+    guest.domain = clone.clone_domain(
+        conn,
+        plan,
+        rollback,
+        customize=_customize(spec, taken, guest),
+        validate=spec.validate_xml,
+        info=info or None,
+        taken=taken,
+    )
+    diskops.attach_profile(conn, guest.domain, spec.disks, rollback)
+    if spec.autostart:
+        guest.domain.setAutostart(1)
+    guest.macs = addresses.domain_macs(guest.domain)
+    return guest
+
+
+def detach_seed(conn: libvirt.virConnect, guest: Guest) -> None:
+    """The guest has read its seed: eject it and delete the volume (keys in it)."""
+    if not guest.seed_path:
+        return
+    seed.eject(guest.domain, guest.seed_target)
+    chains.delete_volume(conn, guest.seed_path, "seed deletion")
+    xml = Domain(guest.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    info = xml.managed_info() or {}
+    info.pop("seed", None)
+    xml.set_managed_info(info)
+    conn.defineXML(xml.to_xml())
+    guest.seed_path = guest.seed_target = None
+
+
+def _stop(dom: libvirt.virDomain) -> None:
+    if dom.isActive():
+        dom.destroy()
+
+
+def release_reservations(conn: libvirt.virConnect, info: dict) -> list[str]:
+    released = []
+    for item in info.get("reservations") or []:
+        network, mac, ip = item.split("|")
+        try:
+            dhcp.release(conn, network, mac, ip)
+            released.append(item)
+        except (SaltKvmError, libvirt.libvirtError) as exc:
+            log.warning("reservation %s was not released: %s", item, exc)
+    return released

@@ -1,0 +1,396 @@
+"""Profile → validated VM spec. Every error names the key and what it accepts.
+
+The cloud driver hands ``build_spec`` a plain dict of profile values; nothing
+downstream reads the raw profile again.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from salt_kvm.cloud import addresses, clone, cloudinit
+from salt_kvm.cloud.topology import CpuTopology, NumaCell, parse_cpu_options, parse_numa
+from salt_kvm.disks.spec import ProfileDisks
+from salt_kvm.disks.spec import parse_profile as parse_profile_disks
+from salt_kvm.errors import SpecError
+from salt_kvm.images import cache as images
+from salt_kvm.nat import rules as nat
+from salt_kvm.virt import connection, names
+from salt_kvm.virt.checks import boolean, one_of, seconds, text, whole_number
+from salt_kvm.virt.units import GIB, MIB, parse_size
+
+# Every key of a profile (or its provider) that build_spec reads: the driver
+# passes these, and only these, from salt-cloud's VM dict.
+PROFILE_KEYS = (
+    "base_domain",
+    "clone_strategy",
+    "virt_type",
+    "ip_source",
+    "validate_xml",
+    "wait_for_ip_timeout",
+    "wait_for_ip_interval",
+    "cpus",
+    "cpu_options",
+    "numa",
+    "memory",
+    "disk_size",
+    "disk",
+    "description",
+    "desc",
+    "autostart",
+    "onboot",
+    "keymap",
+    "vhost",
+    "cpuunits",
+    "nics",
+    "deploy",
+    "deploy_method",
+    "ssh_username",
+    "ssh_port",
+    "password",
+    "private_key",
+    "ssh_agent",
+    "known_hosts_file",
+    "image",
+    "image_checksum",
+    "image_format",
+    "image_pool",
+    "image_allowed_dirs",
+    "cloud_init",
+    "swap",
+    "host",
+    "nameserver",
+    "nat_rules",
+    "disks",
+    "delete_disks",
+    "disk_allowed_dirs",
+)
+
+
+# Keys read besides the spec's: the connection and salt-cloud's deploy
+# (salt_kvm.cloud.deploy). A key in neither is a typo when it is close to one.
+DEPLOY_KEYS = (
+    "url",
+    "libvirt_username",
+    "libvirt_password",
+    "minion",
+    "grains",
+    "script",
+    "script_args",
+    "deploy_command",
+    "force_minion_config",
+    "keysize",
+    "stop_timeout",
+    "sudo",
+    "sudo_password",
+    "tmp_dir",
+    "wait_for_minion_timeout",
+)
+
+
+DEFAULTS = {
+    # Salt 3007's driver defaults, kept for drop-in compatibility.
+    "clone_strategy": clone.STRATEGY_FULL,
+    "ip_source": addresses.SOURCE_LEASE,
+    "validate_xml": True,
+    "wait_for_ip_timeout": 600,
+    # 3007 polled every 10 s; we poll fast unless the profile says otherwise.
+    "wait_for_ip_interval": 0.5,
+    "ssh_username": "root",
+    "ssh_port": 22,
+    "deploy": True,
+    "deploy_method": "ssh",
+    "nic_model": "virtio",
+}
+DEPLOY_METHODS = ("ssh", "cloud-init", "none")
+NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "ne2k_pci", "pcnet")
+NIC_KEYS = ("network", "bridge", "mac", "ip", "model")
+KEYMAP_RE = re.compile(r"[a-z]{2}(-[a-z]{2,5})?")
+MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+# Proxmox-style keys from Salt's old docs that have no libvirt meaning here.
+REJECTED = {
+    "swap": "libvirt guests have no hypervisor-side swap; make swap inside the guest "
+    "(a swap file or partition, e.g. from cloud-init)",
+    "host": "one provider is one hypervisor: point the profile's provider at the host's "
+    "libvirt url (qemu+ssh://user@host/system)",
+    "nameserver": "the guest's resolver comes from DHCP on its network; set DNS on the "
+    "libvirt network (<dns><forwarder>) or inside the guest",
+}
+
+
+@dataclass
+class NicSpec:
+    network: str | None = None
+    bridge: str | None = None
+    mac: str | None = None
+    ip: str | None = None
+    model: str = "virtio"
+
+
+@dataclass
+class DeploySpec:
+    method: str = "ssh"
+    enabled: bool = True
+    ssh_username: str = "root"
+    ssh_port: int = 22
+    password: str | None = None
+    private_key: str | None = None
+    ssh_agent: bool = False
+    # salt-cloud's key: the guest's host key must already be in this file.
+    known_hosts_file: str | None = None
+
+
+@dataclass
+class VMSpec:
+    name: str
+    base_domain: str | None
+    clone_strategy: str
+    virt_type: str
+    ip_source: str
+    validate_xml: bool
+    wait_for_ip_timeout: float
+    wait_for_ip_interval: float
+    cpus: int | None = None
+    cpu_topology: CpuTopology | None = None
+    numa: list[NumaCell] = field(default_factory=list)
+    memory_mib: int | None = None
+    disk_size: int | None = None
+    description: str | None = None
+    autostart: bool = False
+    keymap: str | None = None
+    vhost: bool = False
+    cpu_shares: int | None = None
+    nics: list[NicSpec] | None = None
+    deploy: DeploySpec = field(default_factory=DeploySpec)
+    image: images.ImageSpec | None = None
+    cloud_init: cloudinit.CloudInitSpec | None = None
+    nat_rules: list[nat.Rule] = field(default_factory=list)
+    disks: ProfileDisks = field(default_factory=ProfileDisks)
+
+
+def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
+    accepted = "a list of network names or mappings with network|bridge, mac, ip, model"
+    if not isinstance(value, list) or not value:
+        raise SpecError(key, f"{value!r} is not a list of NICs", accepted)
+    nics, macs, fixed = [], set(), set()
+    for index, item in enumerate(value):
+        where = f"{key}[{index}]"
+        if isinstance(item, str):
+            item = {"network": item}
+        if not isinstance(item, dict):
+            raise SpecError(where, f"{item!r} is not a NIC", accepted)
+        unknown = set(item) - set(NIC_KEYS)
+        if unknown:
+            raise SpecError(where, f"unknown key(s) {', '.join(sorted(unknown))}", NIC_KEYS)
+        if bool(item.get("network")) == bool(item.get("bridge")):
+            raise SpecError(where, "needs exactly one of network or bridge", ("network", "bridge"))
+        nic = NicSpec(
+            network=text(item, "network", label=f"{where}.network"),
+            bridge=text(item, "bridge", label=f"{where}.bridge"),
+            model=one_of(item, "model", NIC_MODELS, DEFAULTS["nic_model"], f"{where}.model"),
+        )
+        if item.get("mac") is not None:
+            mac = str(item["mac"]).lower()
+            if not MAC_RE.fullmatch(mac) or int(mac[:2], 16) & 1:
+                raise SpecError(
+                    f"{where}.mac",
+                    f"{item['mac']!r} is not a unicast MAC address",
+                    "six colon-separated hex bytes, e.g. 52:54:00:12:34:56",
+                )
+            if mac in macs:
+                raise SpecError(f"{where}.mac", f"{mac} is used twice", "distinct MACs")
+            macs.add(mac)
+            nic.mac = mac
+        if item.get("ip") is not None:
+            try:
+                ip = ipaddress.ip_address(str(item["ip"]))
+            except ValueError:
+                raise SpecError(
+                    f"{where}.ip",
+                    f"{item['ip']!r} is not an IP address",
+                    "an IPv4 address such as 192.168.122.50",
+                ) from None
+            if ip.version != 4 or not addresses.usable(str(ip)):
+                raise SpecError(f"{where}.ip", f"{ip} cannot be reserved", "a unicast IPv4 address")
+            if nic.mac is None:
+                raise SpecError(
+                    f"{where}.ip",
+                    "a fixed ip needs a fixed mac to reserve it for",
+                    "mac and ip together",
+                )
+            if (nic.network, str(ip)) in fixed:
+                raise SpecError(f"{where}.ip", f"{ip} is used twice on one network", "distinct IPs")
+            fixed.add((nic.network, str(ip)))
+            nic.ip = str(ip)
+        nics.append(nic)
+    return nics
+
+
+# ---- the whole profile -----------------------------------------------------
+
+IMAGE_KEYS = ("image_checksum", "image_format", "image_pool")  # image_allowed_dirs: provider-wide
+
+
+def _base_or_image(values: dict) -> tuple[str | None, images.ImageSpec | None]:
+    """A guest is cloned from a base domain or built on an image, never both."""
+    has_image = values.get("image") not in (None, "")
+    base = text(values, "base_domain")
+    if has_image and base:
+        raise SpecError(
+            "image", "base_domain and image exclude each other", ("base_domain", "image")
+        )
+    if has_image:
+        return None, images.parse_image(values)
+    for key in IMAGE_KEYS:
+        if values.get(key) not in (None, ""):
+            raise SpecError(key, "only applies with image", "image: a URL or file, or leave it out")
+    if not base:
+        raise SpecError(
+            "base_domain",
+            "is required (or image)",
+            "base_domain: a shut-off domain to clone, or image: a disk image URL or file",
+        )
+    return base, None
+
+
+# salt-cloud's own keys that look like one of ours but are not typos of it.
+SALT_CLOUD_LOOKALIKES = ("priv_key", "win_password")
+
+
+def check_key_typos(keys: Iterable[str], known: Iterable[str]) -> None:
+    """Refuse a key that is not one we read but is one letter or two away from
+    one (``memroy``, ``cpu``): left alone it would be ignored silently and the
+    guest made with the default. Keys unlike any of ours pass (salt-cloud's
+    own, other tools')."""
+    known = tuple(known)
+    for key in sorted(k for k in keys if isinstance(k, str)):
+        if key in known or key in SALT_CLOUD_LOOKALIKES:
+            continue
+        close = difflib.get_close_matches(key, known, 1, 0.8)
+        if close:
+            raise SpecError(
+                key,
+                f"is not a key salt-kvm reads; did you mean {close[0]!r}?",
+                f"{close[0]} (or remove {key})",
+            )
+
+
+def check_mapping(key: str, value: Any) -> None:
+    """``minion`` and ``grains`` are YAML mappings written into the guest."""
+    if value is not None and not isinstance(value, dict):
+        raise SpecError(
+            key, f"{value!r} is not a mapping", "option: value lines indented under the key"
+        )
+
+
+def build_spec(values: dict) -> VMSpec:
+    """Validate a profile's values (after salt-cloud merged provider and profile)."""
+    for key, why in REJECTED.items():
+        if values.get(key) not in (None, ""):
+            raise SpecError(key, f"is not supported: {why}", "leave it out")
+
+    name = names.check_vm_name(values.get("name"))
+    base, image = _base_or_image(values)
+    cpus_value = values.get("cpus")
+    cpus = whole_number(cpus_value, "cpus", 1, 4096) if cpus_value is not None else None
+    topology = None
+    if values.get("cpu_options") not in (None, ""):
+        topology = parse_cpu_options(values["cpu_options"], cpus)
+    vcpus = topology.maxcpus if topology else (cpus or 1)
+    numa = parse_numa(values["numa"], vcpus) if values.get("numa") not in (None, "", []) else []
+
+    memory = values.get("memory")
+    memory_mib = parse_size(memory, "memory", MIB) // MIB if memory is not None else None
+    if memory_mib is not None and memory_mib < 64:
+        raise SpecError("memory", f"{memory!r} is less than 64 MiB", "at least 64 (MiB) or 64M")
+    if numa and memory_mib is not None:
+        given = sum(c.memory_mib or 0 for c in numa)
+        if given > memory_mib:
+            raise SpecError(
+                "numa",
+                f"cells ask {given} MiB, more than memory {memory_mib} MiB",
+                "cell sizes adding up to at most memory",
+            )
+
+    disk_size = None
+    for key in ("disk_size", "disk"):  # "disk" is the Proxmox-style name, in GiB
+        if values.get(key) is not None:
+            disk_size = parse_size(values[key], key, GIB)
+            break
+
+    description = text(values, "description", multiline=True) or text(
+        values, "desc", multiline=True
+    )
+    autostart = boolean(values, "autostart", boolean(values, "onboot", False))
+    keymap = text(values, "keymap")
+    if keymap is not None and not KEYMAP_RE.fullmatch(keymap):
+        raise SpecError("keymap", f"{keymap!r} is not a keymap", "e.g. en-us, fr, de-ch")
+    cpuunits = values.get("cpuunits")
+    cpu_shares = whole_number(cpuunits, "cpuunits", 2, 262144) if cpuunits is not None else None
+
+    nics = parse_nics(values["nics"]) if values.get("nics") is not None else None
+
+    deploy_method = one_of(values, "deploy_method", DEPLOY_METHODS, DEFAULTS["deploy_method"])
+    deploy = DeploySpec(
+        method=deploy_method,
+        enabled=boolean(values, "deploy", DEFAULTS["deploy"]) and deploy_method != "none",
+        ssh_username=text(values, "ssh_username") or DEFAULTS["ssh_username"],
+        ssh_port=whole_number(values.get("ssh_port", DEFAULTS["ssh_port"]), "ssh_port", 1, 65535),
+        password=text(values, "password"),
+        private_key=text(values, "private_key"),
+        ssh_agent=boolean(values, "ssh_agent", False),
+        known_hosts_file=text(values, "known_hosts_file"),
+    )
+    needs_ssh = deploy.enabled and deploy.method == "ssh"
+    if needs_ssh and not (deploy.password or deploy.private_key or deploy.ssh_agent):
+        raise SpecError(
+            "password",
+            "an SSH deploy needs credentials",
+            "password, private_key (a key file) or ssh_agent: true; or deploy: false",
+        )
+
+    cloud_init = None
+    if values.get("cloud_init") not in (None, "", {}):
+        cloud_init = cloudinit.parse(values["cloud_init"])
+
+    return VMSpec(
+        name=name,
+        base_domain=base,
+        clone_strategy=one_of(
+            values, "clone_strategy", clone.STRATEGIES, DEFAULTS["clone_strategy"]
+        ),
+        virt_type=connection.check_virt_type(values.get("virt_type")),
+        ip_source=addresses.check_source(values.get("ip_source") or DEFAULTS["ip_source"]),
+        validate_xml=boolean(values, "validate_xml", DEFAULTS["validate_xml"]),
+        wait_for_ip_timeout=seconds(
+            values.get("wait_for_ip_timeout", DEFAULTS["wait_for_ip_timeout"]),
+            "wait_for_ip_timeout",
+            1,
+        ),
+        wait_for_ip_interval=seconds(
+            values.get("wait_for_ip_interval", DEFAULTS["wait_for_ip_interval"]),
+            "wait_for_ip_interval",
+            0.1,
+        ),
+        cpus=cpus,
+        cpu_topology=topology,
+        numa=numa,
+        memory_mib=memory_mib,
+        disk_size=disk_size,
+        description=description,
+        autostart=autostart,
+        keymap=keymap,
+        vhost=boolean(values, "vhost", False),
+        cpu_shares=cpu_shares,
+        nics=nics,
+        deploy=deploy,
+        image=image,
+        cloud_init=cloud_init,
+        nat_rules=nat.parse_rules(values.get("nat_rules"), "nat_rules"),
+        disks=parse_profile_disks(values),
+    )

@@ -1,0 +1,393 @@
+"""Base images from URLs or files, cached as volumes of a storage pool.
+
+An image is fetched once per pool and kept as ``image-<key>.<format>``, where
+the key comes from the profile's checksum (``image-sha256-<32 hex>.qcow2``)
+or, without one, from the source and its validator (see ``cache_key``). Guests
+then use it as the backing volume of a linked clone or copy it (full clone).
+
+Never half-visible: the download streams through a libvirt upload stream (so
+it works over ``qemu+ssh://``; nothing is stored on the salt-cloud machine)
+into a temporary volume ``image-<key>.part-<random>``. Only once all bytes
+arrived and the checksum matched does libvirt copy it, inside the daemon
+(``createXMLFrom``), to the final name; the temporary volume is then deleted.
+libvirt cannot rename a volume, and a stream interrupted half-way would leave a
+partial volume behind under whatever name it was written to: so the final
+name only ever appears through one daemon-side copy of verified bytes. A
+mismatch or any error deletes the temporary volume. Two salt-cloud processes on
+one machine fetching the same image take turns (a lock file), and the second
+finds the first one's volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import libvirt
+from lxml import etree
+
+from salt_kvm import redact
+from salt_kvm.disks import spec as disks
+from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError, SpecError
+from salt_kvm.images import fetch as imagefetch
+from salt_kvm.images.fetch import Checksum
+from salt_kvm.virt import chains, locks
+from salt_kvm.virt.checks import one_of, text
+from salt_kvm.virt.volumes import volume_format
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POOL = "default"
+PREFIX = "image-"
+_NAME_RE = re.compile(
+    r"image-(?P<key>(?:sha256|sha512|md5|url)-[0-9a-f]{32})"
+    r"(?:\.(?P<format>qcow2|raw)|\.part-(?P<part>[0-9a-f]{8}))"
+)
+ACCEPTED_SOURCE = (
+    "an http:// or https:// URL, a file:// URL, or the absolute path of an image file "
+    "on the salt-cloud machine"
+)
+Progress = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    source: str
+    checksum: Checksum | None = None
+    format: str = "auto"
+    pool: str = DEFAULT_POOL
+
+    @property
+    def shown(self) -> str:
+        """The source as logs, events, metadata and names may carry it: a URL's
+        userinfo and query (credentials, signed tokens) left out."""
+        return redact.url(self.source)
+
+
+@dataclass
+class CachedImage:
+    name: str
+    path: str
+    format: str
+    capacity: int
+    pool: str
+    source: str
+    downloaded: bool = False
+
+
+def parse_image(values: dict) -> ImageSpec:
+    """The profile's ``image``, ``image_checksum``, ``image_format``, ``image_pool``."""
+    source = text(values, "image", required=True)
+    path = imagefetch.local_path(source)
+    scheme = source.split("://", 1)[0].lower() if "://" in source else ""
+    if path is None and scheme not in ("http", "https"):
+        raise SpecError(
+            "image", f"{redact.url(source)!r} is not a URL or absolute path", ACCEPTED_SOURCE
+        )
+    if path is not None:
+        _check_local(path, values.get("image_allowed_dirs"))
+    checksum = values.get("image_checksum")
+    return ImageSpec(
+        source=source,
+        checksum=imagefetch.parse_checksum(checksum) if checksum not in (None, "") else None,
+        format=one_of(values, "image_format", imagefetch.FORMAT_CHOICES, "auto"),
+        pool=text(values, "image_pool") or DEFAULT_POOL,
+    )
+
+
+def _check_local(path: str, allowed: object) -> None:
+    """A local image is read as root on the salt-cloud machine into a guest's
+    disk (as raw, any file is an image): only below a directory the provider
+    opens with ``image_allowed_dirs``, symbolic links resolved first."""
+    dirs = [os.path.realpath(d) for d in disks.parse_allowed_dirs(allowed, "image_allowed_dirs")]
+    real = os.path.realpath(path)
+    if not disks.within(real, dirs):
+        where = f"{path!r}" + (f" (really {real!r})" if real != os.path.normpath(path) else "")
+        raise SpecError(
+            "image",
+            f"{where} is outside image_allowed_dirs",
+            (
+                f"a file below {', '.join(dirs)}"
+                if dirs
+                else "a file below a directory of image_allowed_dirs (provider configuration)"
+            )
+            + ", or an http(s) URL",
+        )
+    if not (os.path.isfile(real) and os.access(real, os.R_OK)):
+        raise SpecError("image", f"{path!r} is not a readable file", ACCEPTED_SOURCE)
+
+
+def cache_key(image: ImageSpec, validator: str | None) -> str:
+    """With a checksum, the image is identified by it: any URL serving those
+    bytes shares one volume, and it is never downloaded again. Without one, by
+    the source and its validator (HTTP ETag or Last-Modified; a file's size and
+    mtime): a changed file or a server announcing new content gives a new
+    volume; a server sending neither validator is cached by URL alone. The
+    URL's userinfo and query are credentials, not content: they are left out
+    (a rotated token finds the same volume; give ``image_checksum`` when a
+    query selects the content)."""
+    if image.checksum is not None:
+        return f"{image.checksum.algorithm}-{image.checksum.digest[:32]}"
+    seed = f"{image.shown}\n{validator or ''}"
+    return "url-" + hashlib.sha256(seed.encode()).hexdigest()[:32]
+
+
+def parse_name(name: str) -> dict | None:
+    """``{"key", "format", "complete"}`` for an image cache volume name, else None."""
+    match = _NAME_RE.fullmatch(name)
+    if not match:
+        return None
+    return {
+        "key": match["key"],
+        "format": match["format"],
+        "complete": match["part"] is None,
+    }
+
+
+# ---- the pool side ---------------------------------------------------------
+
+
+def _pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool:
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError as exc:
+        raise NotFoundError(f"image_pool: no storage pool named {name!r}") from exc
+    if not pool.isActive():
+        raise SaltKvmError(f"image_pool: storage pool {name!r} is not active")
+    return pool
+
+
+def _cached(pool: libvirt.virStoragePool, vol: libvirt.virStorageVol, src: str) -> CachedImage:
+    _, capacity, _ = vol.info()
+    return CachedImage(vol.name(), vol.path(), volume_format(vol), capacity, pool.name(), src)
+
+
+def _find(pool: libvirt.virStoragePool, key: str) -> libvirt.virStorageVol | None:
+    for fmt in imagefetch.FORMATS:
+        try:
+            return pool.storageVolLookupByName(f"{PREFIX}{key}.{fmt}")
+        except libvirt.libvirtError:
+            continue
+    return None
+
+
+#: How long a second fetch of the same image waits for the first one.
+FETCH_LOCK_TIMEOUT = 1800.0
+
+
+@contextlib.contextmanager
+def _local_lock(uri: str, pool: str, key: str) -> Iterator[None]:
+    tag = hashlib.sha256(f"{uri}|{pool}|{key}".encode()).hexdigest()[:16]
+    busy = f"another run is fetching image {key} into pool {pool}"
+    with locks.held(
+        f"image-{tag}.lock",
+        f"fetching image {key} into pool {pool}",
+        timeout=FETCH_LOCK_TIMEOUT,
+        busy=busy,
+    ):
+        yield
+
+
+def _volume_xml(name: str, capacity: int, fmt: str, mode: str) -> str:
+    vol = etree.Element("volume", type="file")
+    etree.SubElement(vol, "name").text = name
+    etree.SubElement(vol, "capacity", unit="bytes").text = str(capacity)
+    target = etree.SubElement(vol, "target")
+    etree.SubElement(target, "format", type=fmt)
+    etree.SubElement(etree.SubElement(target, "permissions"), "mode").text = mode
+    return etree.tostring(vol, encoding="unicode")
+
+
+class _Progress:
+    """Turns byte counts into at most ~20 reports (and one at the end)."""
+
+    def __init__(self, report: Progress | None, source: imagefetch.Source):
+        self.report, self.total, self.done = report, source.size, 0
+        self.step = max(source.size // 20, 1) if source.size else 64 * 1024 * 1024
+        self.next, self.started, self.reported = self.step, time.monotonic(), -1
+
+    def count(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.done += len(chunk)
+            if self.done >= self.next:
+                self.next += self.step
+                self.emit()
+            yield chunk
+
+    def emit(self) -> None:
+        if self.reported == self.done:
+            return
+        self.reported = self.done
+        data = {"received": self.done, "total": self.total}
+        if self.total:
+            data["percent"] = round(100 * self.done / self.total, 1)
+        data["seconds"] = round(time.monotonic() - self.started, 1)
+        log.info("image download: %s", data)
+        if self.report is not None:
+            self.report(data)
+
+
+def _send_all(stream: libvirt.virStream, chunks: Iterator[bytes]) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            sent = stream.send(view.tobytes())
+            view = view[sent:]
+
+
+def _upload(conn, pool, temp_name: str, chunks: Iterator[bytes]) -> None:
+    """Stream ``chunks`` into a new raw volume; libvirt's pool refresh then
+    reads its real format and size from the content."""
+    vol = pool.createXML(_volume_xml(temp_name, 0, "raw", "0600"), 0)
+    stream = conn.newStream(0)
+    try:
+        vol.upload(stream, 0, 0, 0)
+        _send_all(stream, chunks)
+        stream.finish()
+    except BaseException:
+        with contextlib.suppress(libvirt.libvirtError):
+            stream.abort()
+        raise
+
+
+def _fetch(conn, pool, image: ImageSpec, source, key: str, progress) -> CachedImage:
+    digests = imagefetch.Digests(image.checksum)
+    counter = _Progress(progress, source)
+    served = digests.wrap(counter.count(source.chunks()), "served")
+    compression, data = imagefetch.decompressed(served)
+    head, data = imagefetch.head_of(digests.wrap(data, "image"))
+    fmt = imagefetch.check_image(head, image.format)
+    log.info(
+        "image %s: downloading into pool %s (%s%s)",
+        image.shown,
+        pool.name(),
+        fmt,
+        f", {compression}" if compression else "",
+    )
+    temp_name = f"{PREFIX}{key}.part-{uuid.uuid4().hex[:8]}"
+    try:
+        _upload(conn, pool, temp_name, data)
+        counter.emit()
+        digests.verify(compression is not None)
+        pool.refresh(0)
+        temp = pool.storageVolLookupByName(temp_name)
+        probed = volume_format(temp)
+        if probed != fmt:
+            raise SaltKvmError(f"image: libvirt reads the download as {probed}, not {fmt}")
+        _, capacity, _ = temp.info()
+        final_xml = _volume_xml(f"{PREFIX}{key}.{fmt}", capacity, fmt, "0644")
+        final = pool.createXMLFrom(final_xml, temp, 0)
+    finally:
+        _drop_temp(conn, pool, temp_name)
+    cached = _cached(pool, final, image.shown)
+    cached.downloaded = True
+    return cached
+
+
+def ensure(
+    conn: libvirt.virConnect, image: ImageSpec, progress: Progress | None = None
+) -> CachedImage:
+    """The image's volume in its pool: the cached one, or fetched now."""
+    pool = _pool(conn, image.pool)
+    source = imagefetch.open_source(image.source)
+    key = cache_key(image, source.validator)
+    with _local_lock(conn.getURI(), image.pool, key):
+        pool.refresh(0)
+        found = _find(pool, key)
+        if found is not None:
+            log.info("image %s: using the cached volume %s", image.shown, found.name())
+            return _cached(pool, found, image.shown)
+        if image.checksum is None:
+            log.warning("image %s has no image_checksum: its content is not verified", image.shown)
+        return _fetch(conn, pool, image, source, key, progress)
+
+
+# ---- listing and deleting ----------------------------------------------------
+
+
+def _backing_users(conn: libvirt.virConnect) -> dict[str, list[str]]:
+    """Image path → the domains whose disks are it or sit on it (one level of
+    backing, as salt-kvm's linked clones do)."""
+    backing_of: dict[str, str] = {}
+    for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+        for vol in pool.listAllVolumes(0):
+            with contextlib.suppress(libvirt.libvirtError):
+                node = etree.fromstring(vol.XMLDesc(0).encode()).find("backingStore/path")
+                if node is not None and node.text:
+                    backing_of[vol.path()] = node.text
+    users: dict[str, list[str]] = {}
+    for dom in conn.listAllDomains(0):
+        xml = etree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
+        for source in xml.findall("devices/disk/source"):
+            path = source.get("file") or source.get("dev")
+            for used in {path, backing_of.get(path)} - {None}:
+                users.setdefault(used, [])
+                if dom.name() not in users[used]:
+                    users[used].append(dom.name())
+    return users
+
+
+def _pools(conn: libvirt.virConnect, name: str | None) -> list[libvirt.virStoragePool]:
+    if name:
+        return [_pool(conn, name)]
+    return conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+
+
+def list_images(conn: libvirt.virConnect, pool: str | None = None) -> dict[str, dict]:
+    """The cached images (and unfinished downloads) with the domains using them."""
+    users = _backing_users(conn)
+    result = {}
+    for pool_obj in _pools(conn, pool):
+        pool_obj.refresh(0)
+        for vol in pool_obj.listAllVolumes(0):
+            parsed = parse_name(vol.name())
+            if parsed is None:
+                continue
+            _, capacity, allocation = vol.info()
+            result[vol.name()] = {
+                "pool": pool_obj.name(),
+                "path": vol.path(),
+                "format": parsed["format"] or volume_format(vol),
+                "capacity": capacity,
+                "allocation": allocation,
+                "key": parsed["key"],
+                "complete": parsed["complete"],
+                "used_by": sorted(users.get(vol.path(), [])),
+            }
+    return result
+
+
+def _drop_temp(conn: libvirt.virConnect, pool: libvirt.virStoragePool, name: str) -> None:
+    try:
+        chains.delete_volume(conn, pool.storageVolLookupByName(name).path(), "download cleanup")
+    except libvirt.libvirtError:
+        pass  # never created, or already gone
+    except ConflictError as exc:
+        log.warning("temporary image volume %s kept: %s", name, exc)
+
+
+def delete_image(conn: libvirt.virConnect, name: str, pool: str | None = None) -> dict:
+    """Delete a cached image (or an unfinished download); refused while any
+    domain's disk is it or is backed by it."""
+    if parse_name(str(name)) is None:
+        raise SpecError("name", f"{name!r} is not an image cache volume", "a name from image_list")
+    images = list_images(conn, pool)
+    if name not in images:
+        where = f" in pool {pool!r}" if pool else ""
+        raise NotFoundError(f"no cached image named {name!r}{where}")
+    entry = images[name]
+    if entry["used_by"]:
+        raise ConflictError(
+            f"image {name} is used by {', '.join(entry['used_by'])}; destroy those first"
+        )
+    vol = conn.storagePoolLookupByName(entry["pool"]).storageVolLookupByName(name)
+    chains.check_deletable(conn, [vol.path()], f"delete of image {name}")
+    vol.delete(0)
+    return {"deleted": name, "pool": entry["pool"]}

@@ -1,0 +1,535 @@
+"""NAT port forwards of domains: add, remove, list, apply a whole set, re-apply.
+
+Every change renders salt-kvm's whole nftables table from the desired state
+(``natstore``) and replaces it in one ``nft`` transaction: a call changes all
+it should or nothing. libvirt is asked for guest addresses before the state
+lock is taken, so a libvirt hook waiting on that lock can never deadlock
+libvirtd.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import libvirt
+from lxml import etree
+
+from salt_kvm.errors import ConflictError, ForwardsBlocked, NotFoundError, SaltKvmError, SpecError
+from salt_kvm.nat import firewall as hostnet
+from salt_kvm.nat import rules as nat
+from salt_kvm.nat.store import Entry, Placement, Store, all_forwards
+from salt_kvm.virt import connection
+from salt_kvm.virt.domain import Domain
+
+log = logging.getLogger(__name__)
+
+
+# ---- where a guest is --------------------------------------------------------
+
+
+def _networks(conn: libvirt.virConnect) -> dict[str, libvirt.virNetwork]:
+    return {n.name(): n for n in conn.listAllNetworks(libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE)}
+
+
+def _subnet(root: etree._Element) -> ipaddress.IPv4Network | None:
+    for ip in root.findall("ip"):
+        if ip.get("family", "ipv4") != "ipv4" or ip.get("address") is None:
+            continue
+        mask = ip.get("prefix") or ip.get("netmask") or "24"
+        network = ipaddress.IPv4Network(f"{ip.get('address')}/{mask}", strict=False)
+        return network
+    return None
+
+
+def _reserved(root: etree._Element, mac: str) -> list[str]:
+    """The network's DHCP reservation for ``mac`` (a reservation by host name
+    only is the guest's word: any guest can send that name)."""
+    return [
+        host.get("ip")
+        for host in root.findall("ip/dhcp/host")
+        if (host.get("mac") or "").lower() == mac and host.get("ip")
+    ]
+
+
+def _leased(net: libvirt.virNetwork, mac: str) -> list[str]:
+    """dnsmasq's leases of ``mac`` on the network (the host's record)."""
+    try:
+        leases = net.DHCPLeases(mac) or []
+    except libvirt.libvirtError:
+        return []
+    return [
+        lease["ipaddr"]
+        for lease in leases
+        if lease.get("ipaddr") and (lease.get("mac") or "").lower() == mac
+    ]
+
+
+def locate(conn: libvirt.virConnect, name: str, known: Placement | None = None) -> Placement:
+    """Where a domain salt-kvm manages is reached: its NIC's DHCP reservation,
+    else its lease, matched to the NIC's MAC.
+
+    Never the guest agent: what a guest reports about itself is the guest's
+    word, and a forward must not follow it (a guest could aim the host's
+    port at another guest). ``known``: where the host last recorded this
+    domain (the state file), used for the same MAC on the same network when
+    the network lost its leases (a ``net-destroy``/``net-start``) and the
+    guest has not renewed yet.
+    """
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        raise NotFoundError(f"no domain named {name!r} on {conn.getURI()}") from exc
+    if Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).managed_info() is None:
+        raise SpecError(
+            "domain",
+            f"{name} was not created by salt-kvm (no salt-kvm metadata)",
+            "a domain salt-kvm manages (made by its cloud driver)",
+        )
+    networks = _networks(conn)
+    by_bridge = {n.bridgeName(): n for n in networks.values()}
+    on_network = False
+    for iface in Domain(dom.XMLDesc(0)).interfaces:
+        net = networks.get(iface.source_network or "") or by_bridge.get(iface.source_bridge or "")
+        if net is None or not iface.mac:
+            continue
+        on_network = True
+        mac = iface.mac.lower()
+        root = etree.fromstring(net.XMLDesc(0).encode())
+        subnet = _subnet(root)
+        if subnet is None:
+            continue
+        candidates = _reserved(root, mac) + _leased(net, mac)
+        if known is not None and known.mac == mac and known.network == net.name():
+            candidates.append(known.address)
+        for address in candidates:
+            if ipaddress.ip_address(address) in subnet:
+                return Placement(net.name(), net.bridgeName(), str(subnet), address, mac)
+    if not on_network:
+        raise SpecError(
+            "domain",
+            f"{name} has no interface on an active libvirt-managed network",
+            "a domain with a NIC on a libvirt network (e.g. nics: [default])",
+        )
+    raise ConflictError(
+        f"{name} has no DHCP reservation or lease for its MAC on its libvirt network yet "
+        "(the guest agent's word is not used); start it or reserve an address"
+    )
+
+
+def managed_domains(conn: libvirt.virConnect) -> set[str]:
+    """The names of the domains salt-kvm manages on ``conn``."""
+    names = set()
+    for dom in conn.listAllDomains(0):
+        try:
+            if Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).managed_info() is not None:
+                names.add(dom.name())
+        except libvirt.libvirtError:
+            continue  # undefined meanwhile
+    return names
+
+
+# ---- changing the set --------------------------------------------------------
+
+
+def _check_free(
+    entries: dict[str, Entry], domain: str, rules: list[nat.Rule], busy: set[tuple[str, int]]
+) -> None:
+    ours = {r.key for r in entries.get(domain, Entry([], None)).rules}
+    for rule in rules:
+        for other, entry in entries.items():
+            if other == domain:
+                continue
+            for taken in entry.rules:
+                if rule.clashes(taken):
+                    raise ConflictError(
+                        f"host port {rule.host}/{rule.proto} is already forwarded to {other}"
+                    )
+        if rule.key not in ours and (rule.proto, rule.host) in busy:
+            raise ConflictError(
+                f"host port {rule.host}/{rule.proto} is in use by a process on the host"
+            )
+
+
+def _commit(store: Store, entries: dict[str, Entry], before: dict[str, Entry]) -> None:
+    """The kernel, then the file; if either fails, the old kernel again: a
+    call changes all it should or nothing."""
+    try:
+        sync_kernel(entries)
+        store.save(entries)
+    except (OSError, SaltKvmError) as exc:
+        try:
+            sync_kernel(before)
+        except (OSError, SaltKvmError) as again:
+            log.error("forwards: could not put the previous table back: %s", again)
+        if isinstance(exc, OSError):
+            raise SaltKvmError(f"could not write {store.path}: {exc}; nothing changed") from exc
+        raise
+
+
+def sync_kernel(entries: dict[str, Entry], replace: bool = True, strict: bool = False) -> list[str]:
+    """Make the kernel match ``entries``: the table (if ``replace``), then what
+    the forwards need beside it; re-done by every apply and hook.
+
+    When the host's firewall cannot let forwards through (``hostnet.firewall``),
+    everything else is still done (a removal must go through); ``strict``
+    (the hooks, reapply) then raises so the failure is logged and shown.
+
+    route_localnet lets a guest on a bridge reach the host's 127.0.0.0/8
+    unless the table's guard rule for that bridge drops such traffic. So it is
+    turned off on every libvirt bridge that will not need it, or whose guard is
+    not loaded, BEFORE the table changes; and turned on only AFTER the new
+    table is loaded, and only where the kernel shows that bridge's guard.
+    """
+    forwards = all_forwards(entries)
+    want = set(nat.localnet_bridges(forwards))
+    done = []
+    guarded = hostnet.guarded_bridges()
+    candidates = hostnet.libvirt_bridges() | {e.placement.bridge for e in entries.values()}
+    for bridge in sorted(hostnet.route_localnet_on(candidates)):
+        if (bridge not in want or bridge not in guarded) and hostnet.route_localnet(bridge, False):
+            done.append(f"route_localnet off on {bridge}")
+    if replace:
+        hostnet.replace_table(nat.script(forwards))
+        done.append("table")
+        guarded = hostnet.guarded_bridges()
+    for bridge in sorted(want):
+        if bridge not in guarded:
+            raise SaltKvmError(
+                f"the guard rule for {bridge} is not in the kernel's table; "
+                "route_localnet left off (forwards from 127.0.0.1 to it will not work)"
+            )
+        if hostnet.route_localnet(bridge, True):
+            done.append(f"route_localnet on {bridge}")
+    for name, entry in sorted(entries.items()):
+        for tap, _ in hostnet.running_taps(entry.placement.network, {name}):
+            if hostnet.hairpin(tap):
+                done.append(f"hairpin on {tap}")
+    if entries:
+        try:
+            if hostnet.ensure_forward_accept():
+                done.append("forward accept")
+        except ForwardsBlocked as exc:
+            if strict:
+                raise
+            log.error("forwards cannot pass the host's firewall: %s", exc)
+    return done
+
+
+def refuse_if_blocked() -> None:
+    """A forward that the host's firewall would drop is refused, never made dead."""
+    problem = hostnet.forward_problem()
+    if problem is not None:
+        raise ForwardsBlocked(f"forwards cannot work on this host: {problem}; nothing changed")
+
+
+def _changes(old: list[nat.Rule], new: list[nat.Rule]) -> dict:
+    if old == new:
+        return {}
+    return {"old": [r.as_dict() for r in old], "new": [r.as_dict() for r in new]}
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A change to a domain's current set, made under the lock (read-modify-write).
+
+    ``located``: the result needs the guest's address looked up (``add``);
+    otherwise the stored one is kept (``remove``)."""
+
+    change: Callable[[list[nat.Rule]], list[nat.Rule]]
+    located: bool = True
+
+
+def _locked(store: Store):
+    """The one place forwards take the NAT state lock (a project lock helper may
+    replace ``Store.locked`` here)."""
+    return store.locked()
+
+
+def apply(
+    conn: libvirt.virConnect | None,
+    domain: str,
+    rules: object,
+    max_rules: int = nat.DEFAULT_MAX_RULES,
+    store: Store | None = None,
+    test: bool = False,
+    placement: Placement | None = None,
+) -> dict:
+    """Make ``rules`` (or an ``Edit`` of the current set) the forwards of
+    ``domain``; returns old/new (empty: no change).
+
+    The guest's address is looked up again, so a re-apply follows a guest
+    whose address changed.
+    """
+    placements = {domain: placement} if placement is not None else None
+    changes = apply_all(conn, {domain: rules}, max_rules, store, test, placements)
+    return changes.get(domain, {})
+
+
+def apply_all(
+    conn: libvirt.virConnect | None,
+    wanted: dict[str, object],
+    max_rules: int = nat.DEFAULT_MAX_RULES,
+    store: Store | None = None,
+    test: bool = False,
+    placements: dict[str, Placement] | None = None,
+) -> dict[str, dict]:
+    """Set the forwards of several domains in ONE nft transaction; domain → old/new.
+
+    With a connection, forwards of domains that are gone (undefined outside
+    salt-kvm) or not salt-kvm's are dropped in the same transaction.
+    """
+    store = store or Store()
+    edits: dict[str, Edit] = {}
+    for domain, rules in wanted.items():
+        if isinstance(rules, Edit):
+            edits[domain] = rules
+            continue
+        rules = rules if _is_rule_list(rules) else nat.parse_rules(rules, "rules", max_rules)
+        check_host_addresses(rules)
+        edits[domain] = Edit(lambda _, r=rules: r, located=bool(rules))
+    if any(edit.located for edit in edits.values()):
+        refuse_if_blocked()
+    placements = dict(placements or {})
+    # libvirt is asked before the lock: a hook waiting on the lock while
+    # libvirtd waits on the hook must never meet a call into libvirtd here.
+    stored = store.load()
+    for domain, edit in edits.items():
+        if edit.located and domain not in placements:
+            check_local(conn, "rules")
+            known = stored[domain].placement if domain in stored else None
+            placements[domain] = locate(conn, domain, known)
+    gone = _gone(conn, store, set(edits))
+    with _locked(store):
+        entries = store.load()
+        before = dict(entries)
+        busy = hostnet.local_ports()
+        changes = {}
+        for domain in sorted(gone & set(entries)):
+            log.warning("forwards of %s dropped: the domain is gone or not salt-kvm's", domain)
+            entries.pop(domain)
+        for domain, edit in edits.items():
+            old = entries[domain].rules if domain in entries else []
+            rules = sorted(edit.change(list(old)))
+            if len(rules) > max_rules and len(rules) >= len(old):
+                raise SpecError(
+                    "rules", f"{len(rules)} rules are more than the maximum", f"at most {max_rules}"
+                )
+            change = _set(entries, domain, rules, placements.get(domain), busy)
+            if change:
+                changes[domain] = change
+        if test:
+            return changes
+        if changes or entries != before:
+            _commit(store, entries, before)
+        else:  # nothing to store; the kernel is still made right (a flushed table, a stray sysctl)
+            sync_kernel(entries, replace=not _active(entries))
+    return changes
+
+
+def _gone(conn: libvirt.virConnect | None, store: Store, keep: set[str]) -> set[str]:
+    """Domains with stored forwards that no longer exist as salt-kvm domains.
+
+    Only names stored BEFORE libvirt is asked count: a domain being created
+    meanwhile is defined before its forwards are stored."""
+    if conn is None or connection.remote_host(conn) is not None:
+        return set()
+    stored = set(store.load()) - keep
+    if not stored:
+        return set()
+    return stored - managed_domains(conn)
+
+
+def _set(entries, domain, rules, placement, busy) -> dict:
+    old_entry = entries.get(domain)
+    _check_free(entries, domain, rules, busy)
+    if placement is None and old_entry is not None:
+        placement = old_entry.placement
+    if rules:
+        if placement is None:
+            raise ConflictError(f"{domain} has no known address for its forwards")
+        entries[domain] = Entry(rules, placement)
+    else:
+        entries.pop(domain, None)
+    changes = _changes(old_entry.rules if old_entry else [], rules)
+    if not changes and old_entry and rules and old_entry.placement != placement:
+        changes = {
+            "old": {"address": old_entry.placement.address},
+            "new": {"address": placement.address},
+        }
+    return changes
+
+
+def _is_rule_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(r, nat.Rule) for r in value) and bool(value)
+
+
+def _active(entries: dict[str, Entry]) -> bool:
+    """Whether the kernel's table holds exactly what the state says (forwards and guards)."""
+    forwards = all_forwards(entries)
+    chains = hostnet.table_comments()
+    wanted = sorted(f.comment for f in forwards)
+    guards = sorted(nat.GUARD + b for b in {f.bridge for f in forwards})
+    return (
+        sorted(chains.get("prerouting", [])) == wanted and sorted(chains.get("guard", [])) == guards
+    )
+
+
+def current(domain: str, store: Store | None = None) -> list[nat.Rule]:
+    entry = (store or Store()).load().get(domain)
+    return list(entry.rules) if entry else []
+
+
+def add(
+    conn, domain: str, guest_port, host_port=None, proto="tcp", host_address=None, **kw
+) -> dict:
+    """Add one forward to the domain's set (the others stay), read and written
+    under the lock so concurrent adds all persist."""
+    item = {"guest": guest_port, "host": host_port, "proto": proto, "host_address": host_address}
+    rule = nat.parse_rule(item, "rule")
+    check_host_addresses([rule], "rule")
+
+    def change(have: list[nat.Rule]) -> list[nat.Rule]:
+        if rule in have:
+            return have
+        for existing in have:
+            if existing.clashes(rule):
+                raise ConflictError(
+                    f"host port {rule.host}/{rule.proto} is already forwarded to {domain}"
+                )
+        return [*have, rule]
+
+    return apply(conn, domain, Edit(change), **kw)
+
+
+def remove(conn, domain: str, guest_port=None, host_port=None, proto="tcp", **kw) -> dict:
+    """Remove the domain's forwards matching the given guest and/or host port."""
+    if guest_port is None and host_port is None:
+        raise SpecError("guest_port", "is required (or host_port)", nat.PORTS)
+    proto = nat.parse_proto(proto)
+    guest = None if guest_port is None else nat.parse_port(guest_port, "guest_port")
+    host = None if host_port is None else nat.parse_port(host_port, "host_port")
+
+    def change(have: list[nat.Rule]) -> list[nat.Rule]:
+        return [
+            r
+            for r in have
+            if not (
+                r.proto == proto
+                and (guest is None or r.guest == guest)
+                and (host is None or r.host == host)
+            )
+        ]
+
+    return apply(conn, domain, Edit(change, located=False), **kw)
+
+
+def forget(domain: str, store: Store | None = None) -> dict:
+    """Drop a (removed) domain's forwards; no libvirt needed."""
+    store = store or Store()
+    if domain not in store.load():
+        return {}
+    return apply(None, domain, [], store=store)
+
+
+def undo_for(domain: str, store: Store | None = None) -> Callable[[], object]:
+    """What puts the domain's forwards back as they are now: registered as a
+    rollback step BEFORE a create writes any, so a failed create leaves none."""
+    store = store or Store()
+    entry = store.load().get(domain)
+    if entry is None:
+        return lambda: forget(domain, store)
+    rules, placement = list(entry.rules), entry.placement
+    return lambda: apply(None, domain, rules, max(len(rules), 1), store=store, placement=placement)
+
+
+def check_host_addresses(rules: list[nat.Rule], key: str = "rules") -> None:
+    """A forward listens only on an address of this host (or the documented wildcards)."""
+    explicit = [r.host_address for r in rules if r.host_address not in (None, nat.EVERY)]
+    if not explicit:
+        return
+    local = hostnet.local_addresses()
+    for address in explicit:
+        if address not in local and not ipaddress.IPv4Address(address).is_loopback:
+            raise SpecError(
+                f"{key}.host_address",
+                f"{address} is not an address of this host",
+                nat.HOST_ADDRESSES,
+            )
+
+
+def check_local(conn: libvirt.virConnect, key: str = "nat_rules") -> None:
+    """Forwards are programmed in this host's kernel: the hypervisor must be this host."""
+    host = connection.remote_host(conn)
+    if host is not None:
+        raise SpecError(
+            key,
+            f"forwards are made in the kernel of the host salt-kvm runs on, not {host}",
+            "a local libvirt URI (qemu:///system); or run kvm_nat on the hypervisor's minion",
+        )
+
+
+def check_free(domain: str, rules: list[nat.Rule], store: Store | None = None) -> None:
+    """Refuse, before anything is made, forwards whose host ports are taken or
+    whose host address is not this host's."""
+    if rules:
+        refuse_if_blocked()
+    check_host_addresses(rules, "nat_rules")
+    _check_free((store or Store()).load(), domain, rules, hostnet.local_ports())
+
+
+def listing(domain: str | None = None, store: Store | None = None) -> dict[str, dict]:
+    """Domain → its forwards, guest address and whether the kernel has them.
+
+    ``active``: in salt-kvm's table AND able to pass libvirt's forward rules
+    (``firewall`` says how, or why not)."""
+    entries = (store or Store()).load()
+    active = set(hostnet.table_comments().get("prerouting", []))
+    result = {}
+    through, why = hostnet.passable() if entries else (True, "")
+    for name, entry in sorted(entries.items()):
+        if domain is not None and name != domain:
+            continue
+        result[name] = {
+            "network": entry.placement.network,
+            "address": entry.placement.address,
+            "firewall": why,
+            "forwards": [
+                {**r.as_dict(), "active": through and nat.comment_for(name, r) in active}
+                for r in entry.rules
+            ],
+        }
+    return result
+
+
+def reapply(store: Store | None = None) -> list[str]:
+    """Put the stored forwards back in the kernel (hooks, boot); no libvirt calls."""
+    store = store or Store()
+    with _locked(store):
+        entries = store.load()
+        return sync_kernel(entries, replace=not _active(entries), strict=True)
+
+
+def refresh(
+    conn: libvirt.virConnect, store: Store | None = None, max_rules: int = nat.DEFAULT_MAX_RULES
+) -> dict:
+    """Look every domain up again: follow address changes, drop removed domains."""
+    store = store or Store()
+    apply_all(conn, {}, max_rules, store)  # drops the forwards of domains that are gone
+    changes = {}
+    for name, entry in sorted(store.load().items()):
+        try:
+            placement = locate(conn, name, entry.placement)
+        except NotFoundError:
+            changes[name] = forget(name, store)
+            continue
+        except SaltKvmError as exc:
+            log.warning("forwards of %s kept as they are: %s", name, exc)
+            continue
+        change = apply(conn, name, entry.rules, max_rules, store=store, placement=placement)
+        if change:
+            changes[name] = change
+    reapply(store)
+    return changes

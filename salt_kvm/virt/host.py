@@ -1,0 +1,90 @@
+"""Facts about a hypervisor, and its storage pools."""
+
+from __future__ import annotations
+
+import os
+
+import libvirt
+from lxml import etree
+
+from salt_kvm import __version__
+from salt_kvm.errors import SaltKvmError, SpecError
+from salt_kvm.virt.accel import kvm_access
+from salt_kvm.virt.connection import kvm_available
+
+
+def _version(number: int) -> str:
+    return f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+def info(conn: libvirt.virConnect) -> dict:
+    """What a user checks first on a hypervisor: versions, acceleration (and whether
+    QEMU's user can open /dev/kvm), pools, networks; ``warnings`` says what to fix."""
+    access = kvm_access(conn)
+    facts = {
+        "uri": conn.getURI(),
+        "hostname": conn.getHostname(),
+        "hypervisor": conn.getType(),
+        "hypervisor_version": _version(conn.getVersion()),
+        "libvirt_version": _version(conn.getLibVersion()),
+        "kvm_available": kvm_available(conn),
+        "kvm_access": {k: v for k, v in access.items() if k != "warning"},
+        "pools": sorted(p.name() for p in conn.listAllStoragePools(0)),
+        "networks": sorted(n.name() for n in conn.listAllNetworks(0)),
+        "salt_kvm_version": __version__,
+    }
+    if "warning" in access:
+        facts["warnings"] = [access["warning"]]
+    return facts
+
+
+def pool_state(conn: libvirt.virConnect, name: str) -> dict | None:
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError:
+        return None
+    xml = etree.fromstring(pool.XMLDesc(0).encode())
+    return {
+        "type": xml.get("type"),
+        "path": xml.findtext("target/path"),
+        "active": bool(pool.isActive()),
+        "autostart": bool(pool.autostart()),
+    }
+
+
+def pool_xml(name: str, path: str) -> str:
+    pool = etree.Element("pool", type="dir")
+    etree.SubElement(pool, "name").text = name
+    target = etree.SubElement(pool, "target")
+    etree.SubElement(target, "path").text = path
+    return etree.tostring(pool, encoding="unicode")
+
+
+def ensure_dir_pool(conn: libvirt.virConnect, name: str, path: str) -> dict:
+    """Make ``name`` a defined, running, autostarted ``dir`` pool on ``path``.
+
+    Returns what changed (``{}`` when nothing did). An existing pool of the
+    same name on another path is an error: its volumes are not ours to move.
+    """
+    if not os.path.isabs(path):
+        raise SpecError("path", f"{path!r} is not an absolute path", "an absolute directory path")
+    before = pool_state(conn, name)
+    if before is not None and before["path"] != path:
+        raise SaltKvmError(
+            f"pool {name!r} already exists on {before['path']!r}, not {path!r}; "
+            "salt-kvm will not redefine it"
+        )
+    try:
+        if before is None:
+            pool = conn.storagePoolDefineXML(pool_xml(name, path), 0)
+            pool.build(0)  # a dir pool: creates the directory if missing
+        else:
+            pool = conn.storagePoolLookupByName(name)
+        if not pool.isActive():
+            pool.create(0)
+        if not pool.autostart():
+            pool.setAutostart(1)
+    except libvirt.libvirtError as exc:
+        raise SaltKvmError(f"pool {name!r} on {path!r}: {exc}") from exc
+    after = pool_state(conn, name)
+    return {} if after == before else {"old": before, "new": after}

@@ -1,0 +1,123 @@
+"""Start, stop and remove the domains salt-kvm manages."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import libvirt
+
+from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError
+from salt_kvm.virt import chains
+from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.rollback import Rollback
+
+log = logging.getLogger(__name__)
+
+
+def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        raise NotFoundError(f"no domain named {name!r} on {conn.getURI()}") from exc
+
+
+def managed_info(dom: libvirt.virDomain) -> dict | None:
+    return Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).managed_info()
+
+
+def remove(conn: libvirt.virConnect, name: str, also: list[str] | tuple[str, ...] = ()) -> dict:
+    """Remove a salt-kvm domain and the volumes salt-kvm created for it.
+
+    Never touches the base's volumes nor disks attached from elsewhere (those
+    are not listed in the domain's salt-kvm metadata). Refused, before anything
+    changes, while any of its volumes is needed by something else: another
+    domain's disk, or the backing chain of any volume or disk (a quick clone of
+    this guest); so are the volumes in ``also`` (deleted by the caller
+    afterwards) when in such a chain; one another domain has attached is only
+    kept. Returns what was removed.
+    """
+    dom = lookup(conn, name)
+    info = managed_info(dom)
+    if info is None:
+        raise SaltKvmError(
+            f"{name!r} was not created by salt-kvm (no salt-kvm metadata); refusing to remove it"
+        )
+    seed = [info["seed"]] if info.get("seed") else []
+    paths = [*(info.get("volumes") or []), *seed]
+    blocked = chains.dependents(conn).blocking([*paths, *also], domains=(name,))
+    for path in also:  # a shared extra disk is kept (delete_volumes), not a refusal
+        blocked[path] = [d for d in blocked.get(path, []) if d.domain is None or d.backing]
+    blocked = {path: needs for path, needs in blocked.items() if needs}
+    if blocked:
+        raise ConflictError(
+            f"destroy of {name!r}: refused, nothing was deleted: {chains.describe(blocked)} "
+            "(destroy or flatten those first)"
+        )
+    undefine(dom)
+    removed = []
+    doomed, kept = chains.dependents(conn).deletable(paths)
+    for path, needs in kept.items():  # only if something appeared meanwhile
+        log.warning("volume %s of %s is needed by %s; kept", path, name, needs[0])
+    for path in doomed:
+        try:
+            conn.storageVolLookupByPath(path).delete(0)
+            removed.append(path)
+        except libvirt.libvirtError as exc:
+            log.warning("volume %s of %s was not removed: %s", path, name, exc)
+    return {"domain": name, "volumes": removed}
+
+
+def shutdown(dom: libvirt.virDomain, timeout: float = 180, interval: float = 0.5) -> bool:
+    """Ask the guest to power off (guest agent first, then the ACPI button) and
+    wait until it has; ``False`` if it is still running after ``timeout``."""
+    if not dom.isActive():
+        return True
+    flags = libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT | libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
+    try:
+        dom.shutdownFlags(flags)
+    except libvirt.libvirtError:
+        dom.shutdown()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not dom.isActive():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def define(
+    conn: libvirt.virConnect, xml: Domain, rollback: Rollback, validate: bool = False
+) -> libvirt.virDomain:
+    """Define ``xml``; with ``validate``, libvirt checks it against its schema first."""
+    flags = libvirt.VIR_DOMAIN_DEFINE_VALIDATE if validate else 0
+    rollback.intend("domain", name=xml.name)
+    try:
+        dom = conn.defineXMLFlags(xml.to_xml(), flags)
+    except libvirt.libvirtError as exc:
+        raise SaltKvmError(f"libvirt refused the definition of {xml.name!r}: {exc}") from exc
+    uuid = dom.UUIDString()
+    rollback.add(
+        f"domain {xml.name}", lambda: undefine(rollback.live(conn).lookupByUUIDString(uuid))
+    )
+    return dom
+
+
+def undefine(dom: libvirt.virDomain) -> None:
+    """Stop and undefine, taking libvirt's per-domain state (managed save,
+    snapshot and checkpoint metadata, NVRAM) with it, as far as the driver can."""
+    if dom.isActive():
+        dom.destroy()
+    base = (
+        libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+    )
+    for flags in (base | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA, base):
+        try:
+            dom.undefineFlags(flags)
+            return
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_INVALID_ARG:
+                raise
+    dom.undefine()
