@@ -66,7 +66,7 @@ def _child(tmp_path, first, second="SIGINT", setup=""):
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(first=first, second=second, setup=setup))
     log = tmp_path / "log"

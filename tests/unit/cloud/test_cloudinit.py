@@ -9,7 +9,7 @@ import yaml
 from salt_kvm.cloud import cloudinit
 from salt_kvm.cloud.spec import NicSpec, build_spec
 from salt_kvm.errors import SpecError
-from tests.unit.test_seed import read_iso
+from tests.unit.cloud.test_seed import read_iso
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdTkEaG7sL1HcH1X3oUqXzFZrxvRvaqZ0ZkE1E2bYtM test@host"
 MINION = {

@@ -14,8 +14,7 @@ from salt_kvm.nat import firewall as hostnet
 from salt_kvm.nat import forwards
 from salt_kvm.nat import rules as nat
 from salt_kvm.nat.store import Store
-
-from .test_nat_safety import PLACE1, Kernel
+from tests.unit.nat.test_safety import PLACE1, Kernel
 
 LIBVIRT_JUMPS = ["jump guest_cross", "jump guest_input", "jump guest_output"]
 OURS = hostnet.ACCEPT_TAG
@@ -262,7 +261,7 @@ def _kvm_nat_module():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "_modules" / "kvm_nat.py"
+    path = Path(__file__).resolve().parents[3] / "_modules" / "kvm_nat.py"
     spec = importlib.util.spec_from_file_location("kvm_nat_module_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -18,8 +18,7 @@ from salt_kvm.backup import store as bs
 from salt_kvm.errors import SaltKvmError, SpecError
 from salt_kvm.virt import qemuimg
 from salt_kvm.virt.domain import Domain
-
-from .test_backup_snapshot import dest, dir_pool, pattern_at, qemu_io, vm
+from tests.functional.backup.test_snapshot_method import dest, dir_pool, pattern_at, qemu_io, vm
 
 MIB = 1024**2
 

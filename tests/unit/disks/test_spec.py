@@ -180,7 +180,7 @@ def test_the_example_profile_is_valid():
 
     import yaml
 
-    path = pathlib.Path(__file__).parents[2] / "profiles.example/cloud.profiles.d/data-disks.conf"
+    path = pathlib.Path(__file__).parents[3] / "profiles.example/cloud.profiles.d/data-disks.conf"
     (profile,) = yaml.safe_load(path.read_text()).values()
     spec = build_spec({"name": "db1", **profile})
     assert [d.name for d in spec.disks.disks] == ["data", "archive"]

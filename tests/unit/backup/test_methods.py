@@ -13,8 +13,7 @@ from salt_kvm.backup import snapshots as snapshot
 from salt_kvm.backup import store as bs
 from salt_kvm.backup.core import SourceDisk, check_method
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
-
-from .test_backup_store import _load_state
+from tests.unit.backup.test_store import _load_state
 
 DISKS = [
     SourceDisk("vda", "/p/vm.qcow2", "qcow2", True),

@@ -16,7 +16,7 @@ from salt_kvm.images import cache as images
 from salt_kvm.nat import store as natstore
 from salt_kvm.virt import locks
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

@@ -13,9 +13,8 @@ from salt_kvm.virt.domain import DISKS_NS, DISKS_PREFIX, Domain, disks_metadata_
 from salt_kvm.virt.rollback import Rollback
 from salt_kvm.virt.units import GIB
 from salt_kvm.virt.xmlmodel import tostring
-
-from .test_provision import spec as vm_spec
-from .test_provision import state
+from tests.functional.cloud.test_provision import spec as vm_spec
+from tests.functional.cloud.test_provision import state
 
 
 def volume(pool, name, size=GIB, fmt="qcow2"):
@@ -303,7 +302,7 @@ def _disk_state(conn, monkeypatch, test):
     import importlib.util
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     loaded = {}
     for kind in ("_modules", "_states"):
         spec = importlib.util.spec_from_file_location(

@@ -9,8 +9,7 @@ import pytest
 from salt_kvm.cloud import intent, provision
 from salt_kvm.errors import ConflictError, SaltKvmError
 from salt_kvm.virt.rollback import Rollback
-
-from .test_provision import spec, state
+from tests.functional.cloud.test_provision import spec, state
 
 NIC = {"network": "default", "mac": "52:54:00:12:34:56", "ip": "192.168.122.60"}
 

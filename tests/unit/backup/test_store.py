@@ -13,7 +13,7 @@ from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError, SpecErro
 from salt_kvm.virt import qemuimg
 from salt_kvm.virt.units import parse_duration
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def point(pid, parent=None, chain=None, kind=None):
