@@ -31,7 +31,7 @@ BUSES = ("virtio", "scsi", "sata", "ide")
 TARGET_PREFIX = {"virtio": "vd", "scsi": "sd", "sata": "sd", "ide": "hd"}
 CACHES = ("default", "none", "writethrough", "writeback", "directsync", "unsafe")
 # What each format can preallocate (libvirt: metadata flag, or allocation = capacity).
-PREALLOCATION = {"qcow2": ("off", "metadata"), "raw": ("off", "full")}
+PREALLOCATION: dict[str, tuple[str, ...]] = {"qcow2": ("off", "metadata"), "raw": ("off", "full")}
 DISK_KEYS = (
     "size",
     "path",
@@ -173,7 +173,7 @@ def parse_disk(name: object, values: dict[str, Any], where: str = "") -> DiskSpe
         raise SpecError(
             _label(where, "pool"), "goes with size (where to create the volume)", "leave it out"
         )
-    allowed = PREALLOCATION.get(fmt, ("off",)) if has_size else ("off",)
+    allowed = PREALLOCATION.get(fmt or "", ("off",)) if has_size else ("off",)
     preallocation = one_of(values, "preallocation", allowed, "off", _label(where, "preallocation"))
     return DiskSpec(
         name=name,
@@ -222,8 +222,9 @@ def parse_disks(value: object, key: str = "disks") -> tuple[DiskSpec, ...]:
                 f"{spec.path} is also disk {paths[spec.path]}",
                 "distinct paths",
             )
-        paths[spec.path] = spec.name
-    numbered = sorted((s for s in specs if s.index is not None), key=lambda s: s.index)
+        if spec.path is not None:
+            paths[spec.path] = spec.name
+    numbered = sorted((s for s in specs if s.index is not None), key=lambda s: s.index or 0)
     return tuple(numbered + [s for s in specs if s.index is None])
 
 

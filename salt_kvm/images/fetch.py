@@ -214,6 +214,7 @@ class Digests:
     def verify(self, compressed: bool) -> None:
         if self.checksum is None:
             return
+        assert self.served is not None and self.image is not None  # made with the checksum
         got = {self.served.hexdigest()}
         if compressed:
             got.add(self.image.hexdigest())

@@ -13,122 +13,18 @@ import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import libvirt
-from lxml import etree
 
 from salt_kvm.errors import ConflictError, ForwardsBlocked, NotFoundError, SaltKvmError, SpecError
 from salt_kvm.nat import firewall as hostnet
 from salt_kvm.nat import rules as nat
+from salt_kvm.nat.placement import locate, managed_domains
 from salt_kvm.nat.store import Entry, Placement, Store, all_forwards
 from salt_kvm.virt import connection
-from salt_kvm.virt.domain import Domain
 
 log = logging.getLogger(__name__)
-
-
-# ---- where a guest is --------------------------------------------------------
-
-
-def _networks(conn: libvirt.virConnect) -> dict[str, libvirt.virNetwork]:
-    return {n.name(): n for n in conn.listAllNetworks(libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE)}
-
-
-def _subnet(root: etree._Element) -> ipaddress.IPv4Network | None:
-    for ip in root.findall("ip"):
-        if ip.get("family", "ipv4") != "ipv4" or ip.get("address") is None:
-            continue
-        mask = ip.get("prefix") or ip.get("netmask") or "24"
-        network = ipaddress.IPv4Network(f"{ip.get('address')}/{mask}", strict=False)
-        return network
-    return None
-
-
-def _reserved(root: etree._Element, mac: str) -> list[str]:
-    """The network's DHCP reservation for ``mac`` (a reservation by host name
-    only is the guest's word: any guest can send that name)."""
-    return [
-        host.get("ip")
-        for host in root.findall("ip/dhcp/host")
-        if (host.get("mac") or "").lower() == mac and host.get("ip")
-    ]
-
-
-def _leased(net: libvirt.virNetwork, mac: str) -> list[str]:
-    """dnsmasq's leases of ``mac`` on the network (the host's record)."""
-    try:
-        leases = net.DHCPLeases(mac) or []
-    except libvirt.libvirtError:
-        return []
-    return [
-        lease["ipaddr"]
-        for lease in leases
-        if lease.get("ipaddr") and (lease.get("mac") or "").lower() == mac
-    ]
-
-
-def locate(conn: libvirt.virConnect, name: str, known: Placement | None = None) -> Placement:
-    """Where a domain salt-kvm manages is reached: its NIC's DHCP reservation,
-    else its lease, matched to the NIC's MAC.
-
-    Never the guest agent: what a guest reports about itself is the guest's
-    word, and a forward must not follow it (a guest could aim the host's
-    port at another guest). ``known``: where the host last recorded this
-    domain (the state file), used for the same MAC on the same network when
-    the network lost its leases (a ``net-destroy``/``net-start``) and the
-    guest has not renewed yet.
-    """
-    try:
-        dom = conn.lookupByName(name)
-    except libvirt.libvirtError as exc:
-        raise NotFoundError(f"no domain named {name!r} on {conn.getURI()}") from exc
-    if Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).managed_info() is None:
-        raise SpecError(
-            "domain",
-            f"{name} was not created by salt-kvm (no salt-kvm metadata)",
-            "a domain salt-kvm manages (made by its cloud driver)",
-        )
-    networks = _networks(conn)
-    by_bridge = {n.bridgeName(): n for n in networks.values()}
-    on_network = False
-    for iface in Domain(dom.XMLDesc(0)).interfaces:
-        net = networks.get(iface.source_network or "") or by_bridge.get(iface.source_bridge or "")
-        if net is None or not iface.mac:
-            continue
-        on_network = True
-        mac = iface.mac.lower()
-        root = etree.fromstring(net.XMLDesc(0).encode())
-        subnet = _subnet(root)
-        if subnet is None:
-            continue
-        candidates = _reserved(root, mac) + _leased(net, mac)
-        if known is not None and known.mac == mac and known.network == net.name():
-            candidates.append(known.address)
-        for address in candidates:
-            if ipaddress.ip_address(address) in subnet:
-                return Placement(net.name(), net.bridgeName(), str(subnet), address, mac)
-    if not on_network:
-        raise SpecError(
-            "domain",
-            f"{name} has no interface on an active libvirt-managed network",
-            "a domain with a NIC on a libvirt network (e.g. nics: [default])",
-        )
-    raise ConflictError(
-        f"{name} has no DHCP reservation or lease for its MAC on its libvirt network yet "
-        "(the guest agent's word is not used); start it or reserve an address"
-    )
-
-
-def managed_domains(conn: libvirt.virConnect) -> set[str]:
-    """The names of the domains salt-kvm manages on ``conn``."""
-    names = set()
-    for dom in conn.listAllDomains(0):
-        try:
-            if Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).managed_info() is not None:
-                names.add(dom.name())
-        except libvirt.libvirtError:
-            continue  # undefined meanwhile
-    return names
 
 
 # ---- changing the set --------------------------------------------------------
@@ -137,7 +33,7 @@ def managed_domains(conn: libvirt.virConnect) -> set[str]:
 def _check_free(
     entries: dict[str, Entry], domain: str, rules: list[nat.Rule], busy: set[tuple[str, int]]
 ) -> None:
-    ours = {r.key for r in entries.get(domain, Entry([], None)).rules}
+    ours = {r.key for r in entries[domain].rules} if domain in entries else set()
     for rule in rules:
         for other, entry in entries.items():
             if other == domain:
@@ -242,6 +138,11 @@ class Edit:
     located: bool = True
 
 
+def _replaced_by(rules: list[nat.Rule]) -> Callable[[list[nat.Rule]], list[nat.Rule]]:
+    """The change that sets the whole list to ``rules``."""
+    return lambda _current: rules
+
+
 def _locked(store: Store):
     """The one place forwards take the NAT state lock (a project lock helper may
     replace ``Store.locked`` here)."""
@@ -287,9 +188,9 @@ def apply_all(
         if isinstance(rules, Edit):
             edits[domain] = rules
             continue
-        rules = rules if _is_rule_list(rules) else nat.parse_rules(rules, "rules", max_rules)
-        check_host_addresses(rules)
-        edits[domain] = Edit(lambda _, r=rules: r, located=bool(rules))
+        parsed = rules if _is_rule_list(rules) else nat.parse_rules(rules, "rules", max_rules)
+        check_host_addresses(parsed)
+        edits[domain] = Edit(_replaced_by(parsed), located=bool(parsed))
     if any(edit.located for edit in edits.values()):
         refuse_if_blocked()
     placements = dict(placements or {})
@@ -362,7 +263,7 @@ def _set(entries, domain, rules, placement, busy) -> dict:
     return changes
 
 
-def _is_rule_list(value: object) -> bool:
+def _is_rule_list(value: object) -> TypeGuard[list[nat.Rule]]:
     return isinstance(value, list) and all(isinstance(r, nat.Rule) for r in value) and bool(value)
 
 

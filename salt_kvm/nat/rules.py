@@ -181,7 +181,7 @@ def parse_rules(
 
 
 def rule_from_dict(data: dict) -> Rule:
-    return Rule(**{k: data.get(k) for k in RULE_KEYS if k in data})
+    return Rule(**{k: data[k] for k in RULE_KEYS if k in data})
 
 
 # ---- the ruleset -----------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from salt_kvm.cloud import addresses
 from salt_kvm.errors import ConflictError, SpecError
 from salt_kvm.nat import firewall as hostnet
-from salt_kvm.nat import forwards
+from salt_kvm.nat import forwards, placement
 from salt_kvm.nat import rules as nat
 from salt_kvm.nat.store import Entry, Placement, Store
 from salt_kvm.virt.domain import new_domain
@@ -76,7 +76,7 @@ def store(tmp_path):
 def test_the_reservation_of_the_nics_mac_is_the_target(conn, kernel, store):
     conn.networkCreateXML(network_xml(f"<host mac='{MAC}' ip='192.168.230.50'/>"))
     guest(conn, "vm1")
-    assert forwards.locate(conn, "vm1").address == "192.168.230.50"
+    assert placement.locate(conn, "vm1").address == "192.168.230.50"
     forwards.apply(conn, "vm1", [22], store=store)
     assert store.load()["vm1"].placement.address == "192.168.230.50"
 
@@ -90,7 +90,7 @@ def test_the_guest_agent_and_a_name_only_reservation_never_aim_a_forward(
     guest(conn, "vm1")
     monkeypatch.setattr(addresses, "addresses_from", lambda *_: ["192.168.230.70"])
     with pytest.raises(ConflictError, match="no DHCP reservation or lease for its MAC"):
-        forwards.locate(conn, "vm1")
+        placement.locate(conn, "vm1")
     with pytest.raises(ConflictError):
         forwards.apply(conn, "vm1", [22], store=store)
     assert store.load() == {}
@@ -107,7 +107,7 @@ def test_the_hosts_last_record_serves_while_a_restarted_network_has_no_lease(con
         NET, "virbr-nt", "192.168.230.0/24", "192.168.230.56", "52:54:00:aa:00:09"
     )
     with pytest.raises(ConflictError):
-        forwards.locate(conn, "vm1", other_mac)  # a record for another MAC never serves
+        placement.locate(conn, "vm1", other_mac)  # a record for another MAC never serves
 
 
 def test_only_domains_salt_kvm_manages(conn, kernel, store):
