@@ -43,7 +43,7 @@ import salt.client  # noqa: E402
 import salt.config  # noqa: E402
 import salt.utils.event  # noqa: E402
 
-from bench import linked, listing, timeline  # noqa: E402
+from bench import linked, listing, maps, timeline  # noqa: E402
 from salt_kvm.virt import connection, lifecycle  # noqa: E402, F401 - connection silences libvirt stderr
 from tests.integration import saltenv  # noqa: E402
 
@@ -156,9 +156,7 @@ def median(values: list[float]) -> float:
 VARIANTS = ("bare", "ssh", "cloud-init", "salt3007")
 
 
-def provisioning(
-    conn, env, bin3007: Path, rounds: int, variants=VARIANTS, inside: bool = False
-) -> dict[str, list[dict]]:
+def write_profiles(env) -> None:
     env.write_profiles(
         {
             "bare": profile(env, BASE, deploy_method="none", wait_for_ip_interval=0.1),
@@ -168,6 +166,12 @@ def provisioning(
             "salt3007": profile(env, BASE),
         }
     )
+
+
+def provisioning(
+    conn, env, bin3007: Path, rounds: int, variants=VARIANTS, inside: bool = False
+) -> dict[str, list[dict]]:
+    write_profiles(env)
     pinger = Pinger(env)
     results: dict[str, list[dict]] = {v: [] for v in variants}
     try:
@@ -271,7 +275,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--venv3007", type=Path, required=True, help="Salt 3007.8, no salt-kvm")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", choices=("provision", "linked", "listing"), action="append")
+    parser.add_argument(
+        "--only", choices=("provision", "maps", "linked", "listing"), action="append"
+    )
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help="provisioning variants, comma-separated"
     )
@@ -281,7 +287,7 @@ def main() -> None:
         help="after each deploy, read the guest's own first-boot timeline over SSH",
     )
     args = parser.parse_args()
-    parts = args.only or ["provision", "linked", "listing"]
+    parts = args.only or ["provision", "maps", "linked", "listing"]
     conn = libvirt.open(URI)
     if "linked" in parts:
         linked.run(conn)
@@ -302,6 +308,24 @@ def main() -> None:
                 if args.inside:
                     report_inside(results)
                     report_floor(results)
+            if "maps" in parts:
+                print(f"Maps: {args.rounds} rounds of a single VM and a map of {maps.COUNT}")
+                write_profiles(env)
+                pinger = Pinger(env)
+                try:
+                    found = maps.run(
+                        conn,
+                        env,
+                        args.venv3007 / "bin",
+                        pinger,
+                        args.rounds,
+                        single=run_variant,
+                        destroy=destroy,
+                        prefix=PREFIX,
+                    )
+                finally:
+                    pinger.events.destroy()
+                maps.report(found, median)
         finally:
             saltenv.stop_master(env)
 
