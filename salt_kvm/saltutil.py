@@ -1,13 +1,105 @@
-"""Helpers shared by salt-kvm's loader modules (they speak Salt; this reads its config)."""
+"""The Salt glue: the one library module (with the driver) that imports Salt.
+
+salt-kvm's library raises its own errors (``salt_kvm.errors``); the loader
+modules speak Salt. This module is where one becomes the other, once for all
+of them:
+
+- ``command_errors``: execution modules; a library error becomes
+  ``CommandExecutionError`` with the same message.
+- ``cloud_errors``: the cloud driver; a ``SpecError`` becomes
+  ``SaltCloudConfigError``, any other library error ``SaltCloudSystemExit``.
+- ``state_ret`` / ``state_failed`` / ``state_changed``: the state return
+  ``{"name", "result", "changes", "comment"}``; ``STATE_ERRORS`` are what a
+  state turns into ``result: False`` with the message as its comment.
+
+It also reads salt-kvm's settings (``kvm:...``) from Salt's config and pillar,
+and holds the salt-cloud helpers that build a minion's files and accept its
+key (``salt_kvm.cloud`` receives their results and imports no Salt).
+"""
 
 from __future__ import annotations
 
-from salt_kvm.virt.connection import DEFAULT_URI, connected
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from salt.exceptions import (
+    CommandExecutionError,
+    SaltCloudConfigError,
+    SaltCloudSystemExit,
+)
+
+from salt_kvm.errors import SaltKvmError, SpecError
+from salt_kvm.virt.choices import DEFAULT_URI
+from salt_kvm.virt.connection import connected
 
 CONFIG_KEY = "kvm:connection:uri"
 
+# What a state reports as its failure: a library error, or its execution
+# module's translation of one.
+STATE_ERRORS = (SaltKvmError, CommandExecutionError)
 
-def _traverse(data: dict, path: str):
+
+# ---- errors -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def command_errors(prefix: str = "", also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Inside the block, a library error (or one of ``also``, e.g.
+    ``libvirt.libvirtError``) becomes ``CommandExecutionError`` with its
+    message (after ``prefix``)."""
+    try:
+        yield
+    except (SaltKvmError, *also) as exc:
+        raise CommandExecutionError(f"{prefix}{exc}") from exc
+
+
+@contextlib.contextmanager
+def cloud_errors(
+    config_prefix: str = "",
+    exit_prefix: str = "",
+    also: tuple[type[BaseException], ...] = (),
+) -> Iterator[None]:
+    """Inside the block, a ``SpecError`` becomes ``SaltCloudConfigError`` (its
+    message after ``config_prefix``, e.g. the profile's name), any other library
+    error (or one of ``also``) ``SaltCloudSystemExit`` (after ``exit_prefix``)."""
+    try:
+        yield
+    except SpecError as exc:
+        raise SaltCloudConfigError(f"{config_prefix}{exc}") from exc
+    except (SaltKvmError, *also) as exc:
+        raise SaltCloudSystemExit(f"{exit_prefix}{exc}") from exc
+
+
+def profile_prefix(vm_: dict) -> str:
+    """How the driver's configuration errors begin: the profile they are about."""
+    return f"profile {vm_.get('profile')!r}: "
+
+
+def state_ret(name: str, comment: str = "") -> dict[str, Any]:
+    """A state's return before it knows anything: nothing changed, no failure."""
+    return {"name": name, "result": True, "changes": {}, "comment": comment}
+
+
+def state_failed(ret: dict[str, Any], error: object, prefix: str = "") -> dict[str, Any]:
+    """``ret`` failed with ``error``'s message (after ``prefix``); nothing changed."""
+    ret.update(result=False, comment=f"{prefix}{error}")
+    return ret
+
+
+def state_changed(
+    ret: dict[str, Any], changes: dict[str, Any], comment: str, test: bool = False
+) -> dict[str, Any]:
+    """``ret`` with the changes made, or with ``test=True`` those that would be
+    made (``result: None``: nothing was changed)."""
+    ret.update(result=None if test else True, changes=changes, comment=comment)
+    return ret
+
+
+# ---- configuration ------------------------------------------------------------
+
+
+def _traverse(data: dict, path: str) -> Any:
     for part in path.split(":"):
         if not isinstance(data, dict) or part not in data:
             return None
@@ -26,10 +118,11 @@ def hypervisor_uri(opts: dict, pillar: dict, uri: str | None = None) -> str:
 
 
 def connection_for(opts: dict, pillar: dict, uri: str | None = None):
+    """A context manager holding a connection to the hypervisor the minion manages."""
     return connected(hypervisor_uri(opts, pillar, uri))
 
 
-def config_value(opts: dict, pillar: dict, key: str, default=None):
+def config_value(opts: dict, pillar: dict, key: str, default: Any = None) -> Any:
     """A ``kvm:...`` setting: pillar first, then the minion config, else ``default``."""
     for source in (pillar or {}, opts or {}):
         value = _traverse(source, key)

@@ -48,6 +48,7 @@ try:
     from salt_kvm.errors import SaltKvmError, SpecError
     from salt_kvm.images import cache as images
     from salt_kvm.nat import forwards
+    from salt_kvm.saltutil import cloud_errors, profile_prefix
     from salt_kvm.virt import host, lifecycle
     from salt_kvm.virt.checks import boolean, seconds
     from salt_kvm.virt.connection import connected, open_connection
@@ -151,14 +152,12 @@ def _check_profile_keys(vm_):
 
 
 def _spec(vm_):
-    try:
+    with cloud_errors(profile_prefix(vm_)):
         _check_profile_keys(vm_)
         check_key_typos(_written_keys(vm_), PROFILE_KEYS + DEPLOY_KEYS)
         for key in ("minion", "grains"):
             check_mapping(key, config.get_cloud_config_value(key, vm_, __opts__, default=None))
         return build_spec(_profile_values(vm_))
-    except SpecError as exc:
-        raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc
 
 
 # ---- create ------------------------------------------------------------------
@@ -192,10 +191,8 @@ def _create(vm_):
     # The intent journal: what a SIGKILL of this run would leave, for the next
     # create of the name (or -f cleanup) to undo. A killed run's is taken over.
     journal = intent.Journal.in_cache(__opts__, name)
-    try:
+    with cloud_errors(profile_prefix(vm_), f"creating {name}: ", also=(OSError,)):
         journal.begin(keep=journal.stale())
-    except (SaltKvmError, OSError) as exc:
-        raise SaltCloudSystemExit(f"creating {name}: {exc}") from exc
     rollback = Rollback(reconnect=lambda: open_connection(**_connection_args(vm_)), journal=journal)
     if vm_.get("pub_key"):
         # salt-cloud accepted this minion's key before calling us: a failed
@@ -214,12 +211,10 @@ def _create(vm_):
         # Whatever the type (a Jinja TypeError, an interrupt): nothing stays.
         rollback.run()
         if isinstance(exc, SpecError):
-            raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc
+            raise SaltCloudConfigError(f"{profile_prefix(vm_)}{exc}") from exc
         if isinstance(exc, SaltCloudConfigError) or not isinstance(exc, Exception):
             raise
-        raise SaltCloudConfigError(
-            f"profile {vm_.get('profile')!r}: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise SaltCloudConfigError(f"{profile_prefix(vm_)}{type(exc).__name__}: {exc}") from exc
     started = time.monotonic()
     log.info("creating %s (profile %s)", name, vm_.get("profile"))
 
@@ -255,7 +250,7 @@ def _create(vm_):
         failed = rollback.failed or rollback.run()
         leftover = f"; could not remove: {', '.join(failed)}" if failed else ""
         if isinstance(exc, SpecError):
-            raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc
+            raise SaltCloudConfigError(f"{profile_prefix(vm_)}{exc}") from exc
         raise SaltCloudSystemExit(
             f"creating {name} failed: {exc}. Everything this run created was removed{leftover}."
         ) from exc
@@ -289,10 +284,8 @@ def destroy(name, kwargs=None, call=None):
     if call == "function":
         raise SaltCloudSystemExit("destroy is an action: use -d or -a destroy")
     _fire(name, "destroying", {"name": name})
-    try:
+    with cloud_errors():
         removed = _destroy_on_hypervisor(name, kwargs)
-    except SaltKvmError as exc:
-        raise SaltCloudSystemExit(str(exc)) from exc
     salt.utils.cloud.remove_key(__opts__["pki_dir"], name)
     if __opts__.get("update_cachedir", False) is True:
         __utils__["cloud.delete_minion_cachedir"](name, _active_provider().split(":")[0], __opts__)
@@ -316,15 +309,12 @@ def _destroy_on_hypervisor(name, kwargs):
 def _action(name, call, what, fn):
     if call != "action":
         raise SaltCloudSystemExit(f"{what} is an action: use -a {what}")
-    try:
-        with _connect() as conn:
-            dom = lifecycle.lookup(conn, name)
-            if lifecycle.managed_info(dom) is None:
-                raise SaltKvmError(f"{name!r} was not created by salt-kvm")
-            fn(dom)
-            return {name: inventory.state_of(dom)}
-    except (SaltKvmError, libvirt.libvirtError) as exc:
-        raise SaltCloudSystemExit(str(exc)) from exc
+    with cloud_errors(also=(libvirt.libvirtError,)), _connect() as conn:
+        dom = lifecycle.lookup(conn, name)
+        if lifecycle.managed_info(dom) is None:
+            raise SaltKvmError(f"{name!r} was not created by salt-kvm")
+        fn(dom)
+        return {name: inventory.state_of(dom)}
 
 
 def start(name, call=None):
@@ -351,10 +341,8 @@ def stop(name, call=None):
 
         salt-cloud -a stop vm1
     """
-    try:
+    with cloud_errors():
         timeout = seconds(_provider_value("stop_timeout", 180), "stop_timeout", 0)
-    except SpecError as exc:
-        raise SaltCloudSystemExit(str(exc)) from exc
 
     def stop_domain(dom):
         if not lifecycle.shutdown(dom, timeout):
@@ -388,13 +376,11 @@ def show_instance(name, call=None):
     """
     if call != "action":
         raise SaltCloudSystemExit("show_instance is an action: use -a show_instance")
-    try:
+    with cloud_errors():
         with _connect() as conn:
             info = inventory.describe(conn, lifecycle.lookup(conn, name))
         info["nat"] = forwards.listing(name).get(name, {}).get("forwards", [])
         return info
-    except SaltKvmError as exc:
-        raise SaltCloudSystemExit(str(exc)) from exc
 
 
 def list_nodes_full(call=None):
@@ -416,7 +402,7 @@ def _live_nodes(lister):
     """The nodes ``lister`` finds on the hypervisor. A killed create's
     half-made domain is not one: salt-cloud would refuse to create the name
     again ("already exists") instead of letting the driver clear it."""
-    with _connect() as conn:
+    with cloud_errors(), _connect() as conn:
         nodes = lister(conn)
     for name in intent.killed(__opts__):
         nodes.pop(name, None)
@@ -481,7 +467,7 @@ def avail_images(call=None):
     """
     if call == "action":
         raise SaltCloudSystemExit("avail_images is a function: use --list-images")
-    with _connect() as conn:
+    with cloud_errors(), _connect() as conn:
         return inventory.base_domains(conn)
 
 
@@ -511,11 +497,8 @@ def avail_locations(call=None):
     if call == "action":
         raise SaltCloudSystemExit("avail_locations is a function: use -f or --list-locations")
     url = _provider_value("url", "qemu:///system")
-    try:
-        with _connect() as conn:
-            facts = host.info(conn)
-    except SaltKvmError as exc:
-        raise SaltCloudSystemExit(str(exc)) from exc
+    with cloud_errors(), _connect() as conn:
+        facts = host.info(conn)
     facts["driver"] = f"salt-kvm {__version__}"
     return {url: facts}
 
@@ -542,11 +525,8 @@ def image_list(kwargs=None, call=None):
     """
     _image_function(call, "image_list")
     kwargs = kwargs or {}
-    try:
-        with _connect() as conn:
-            return images.list_images(conn, kwargs.get("pool"))
-    except SaltKvmError as exc:
-        raise SaltCloudSystemExit(str(exc)) from exc
+    with cloud_errors(), _connect() as conn:
+        return images.list_images(conn, kwargs.get("pool"))
 
 
 def image_delete(kwargs=None, call=None):
@@ -564,11 +544,8 @@ def image_delete(kwargs=None, call=None):
     kwargs = kwargs or {}
     if not kwargs.get("name"):
         raise SaltCloudSystemExit("image_delete needs name=<a name from image_list>")
-    try:
-        with _connect() as conn:
-            return images.delete_image(conn, kwargs["name"], kwargs.get("pool"))
-    except SaltKvmError as exc:
-        raise SaltCloudSystemExit(str(exc)) from exc
+    with cloud_errors(), _connect() as conn:
+        return images.delete_image(conn, kwargs["name"], kwargs.get("pool"))
 
 
 # ---- what killed runs left ------------------------------------------------------
@@ -591,7 +568,7 @@ def cleanup(kwargs=None, call=None):
         raise SaltCloudSystemExit("cleanup is a function: use -f cleanup <provider>")
     remove_key = lambda key_id: salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)  # noqa: E731
     removed = {}
-    with _connect() as conn:
+    with cloud_errors(), _connect() as conn:
         for journal in intent.journals(__opts__):
             try:
                 records = journal.stale()
