@@ -20,9 +20,12 @@ key (``salt_kvm.cloud`` receives their results and imports no Salt).
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import salt.config
+import salt.utils.cloud
 from salt.exceptions import (
     CommandExecutionError,
     SaltCloudConfigError,
@@ -33,6 +36,11 @@ from salt_kvm.errors import SaltKvmError, SpecError
 from salt_kvm.virt.choices import DEFAULT_URI
 from salt_kvm.virt.connection import connected
 
+if TYPE_CHECKING:  # the driver's side only: execution modules never load salt_kvm.cloud
+    from salt_kvm.cloud.deploy import MinionFiles
+    from salt_kvm.cloud.spec import VMSpec
+
+log = logging.getLogger(__name__)
 CONFIG_KEY = "kvm:connection:uri"
 
 # What a state reports as its failure: a library error, or its execution
@@ -129,3 +137,74 @@ def config_value(opts: dict, pillar: dict, key: str, default: Any = None) -> Any
         if value is not None:
             return value
     return default
+
+
+# ---- salt-cloud's side of a deploy ------------------------------------------------
+
+
+def minion_id(opts: dict, vm_: dict) -> str:
+    """The key id salt-cloud uses: the minion config's id (or the VM name) + append_domain."""
+    minion = salt.config.get_cloud_config_value("minion", vm_, opts, default={})
+    if not isinstance(minion, dict):
+        minion = {}  # refused by name when the profile is checked
+    key_id = minion.get("id", vm_["name"])
+    if minion.get("append_domain"):
+        key_id = f"{key_id}.{minion['append_domain']}"
+    return key_id
+
+
+def minion_files(opts: dict, vm_: dict, spec: VMSpec) -> MinionFiles:
+    """The new minion's files as salt-cloud makes them: its config (a master
+    is set), keys (salt-cloud's, else new ones), grains and, for an SSH
+    deploy, the deploy script (found, unless ``deploy_command`` replaces it).
+    ``vm_`` is read, never changed."""
+    from salt_kvm.cloud.deploy import MinionFiles  # here: see TYPE_CHECKING above
+
+    deploy = spec.deploy
+    minion_conf = salt.utils.cloud.minion_config(opts, vm_)
+    script = None
+    if deploy.method == "ssh":
+        script = salt.utils.cloud.os_script(deploy.script, vm_, opts, minion_conf)
+        if not script and not deploy.deploy_command:
+            raise SpecError(
+                "script",
+                f"no deploy script named {deploy.script!r} in {opts['deploy_scripts_search_path']}",
+            )
+    # salt-cloud has usually made and accepted the keys already (vm_ carries them).
+    priv, pub = vm_.get("priv_key"), vm_.get("pub_key")
+    if not pub or not priv:
+        priv, pub = salt.utils.cloud.gen_keys(deploy.keysize)
+    files = {"minion.pem": (priv.encode(), 0o600), "minion.pub": (pub.encode(), 0o600)}
+    grains = minion_conf.pop("grains", {})
+    if grains:
+        files["grains"] = (salt.utils.cloud.salt_config_to_yaml(grains).encode(), 0o600)
+    minion_conf["grains"] = {
+        "salt-cloud": {
+            "driver": vm_.get("driver"),
+            "provider": vm_.get("provider"),
+            "profile": vm_.get("profile"),
+        }
+    }
+    files["minion"] = (salt.utils.cloud.salt_config_to_yaml(minion_conf).encode(), 0o600)
+    return MinionFiles(key_id=minion_id(opts, vm_), pub=pub, files=files, script=script)
+
+
+class SaltMaster:
+    """The master's side of a deploy (``salt_kvm.cloud.deploy.Master``): accept
+    the new minion's key, listen for its start event."""
+
+    def __init__(self, opts: dict):
+        self.opts = opts
+
+    def accept_key(self, pub: str, key_id: str) -> None:
+        salt.utils.cloud.accept_key(self.opts["pki_dir"], pub, key_id)
+
+    def listen(self) -> Any:
+        """Subscribe to the master's event bus before the minion can start."""
+        try:
+            import salt.utils.event
+
+            return salt.utils.event.get_master_event(self.opts, self.opts["sock_dir"], listen=True)
+        except Exception as exc:  # noqa: BLE001 - no local master: nothing to wait on
+            log.warning("not waiting for the minion: no master event bus here (%s)", exc)
+            return None

@@ -38,7 +38,8 @@ try:
     from salt_kvm.cloud import deploy as cloud_deploy
     from salt_kvm.cloud import intent, inventory, provision
     from salt_kvm.cloud.spec import (
-        DEPLOY_KEYS,
+        DEPLOY_SETTING_KEYS,
+        KNOWN_KEYS,
         PROFILE_KEYS,
         build_spec,
         check_key_typos,
@@ -48,7 +49,13 @@ try:
     from salt_kvm.errors import SaltKvmError, SpecError
     from salt_kvm.images import cache as images
     from salt_kvm.nat import forwards
-    from salt_kvm.saltutil import cloud_errors, profile_prefix
+    from salt_kvm.saltutil import (
+        SaltMaster,
+        cloud_errors,
+        minion_files,
+        minion_id,
+        profile_prefix,
+    )
     from salt_kvm.virt import host, lifecycle
     from salt_kvm.virt.checks import boolean, seconds
     from salt_kvm.virt.connection import connected, open_connection
@@ -117,9 +124,13 @@ def _fire(name, step, args):
 
 
 def _profile_values(vm_):
+    """What build_spec reads; salt-cloud's deploy settings are looked up as
+    salt-cloud's own deploy does (the master config too)."""
     values = {"name": vm_.get("name")}
-    for key in PROFILE_KEYS:
-        value = config.get_cloud_config_value(key, vm_, __opts__, search_global=False)
+    for key in PROFILE_KEYS + DEPLOY_SETTING_KEYS:
+        value = config.get_cloud_config_value(
+            key, vm_, __opts__, search_global=key in DEPLOY_SETTING_KEYS
+        )
         if value is not None:
             values[key] = value
     return values
@@ -154,7 +165,7 @@ def _check_profile_keys(vm_):
 def _spec(vm_):
     with cloud_errors(profile_prefix(vm_)):
         _check_profile_keys(vm_)
-        check_key_typos(_written_keys(vm_), PROFILE_KEYS + DEPLOY_KEYS)
+        check_key_typos(_written_keys(vm_), KNOWN_KEYS)
         for key in ("minion", "grains"):
             check_mapping(key, config.get_cloud_config_value(key, vm_, __opts__, default=None))
         return build_spec(_profile_values(vm_))
@@ -197,7 +208,7 @@ def _create(vm_):
     if vm_.get("pub_key"):
         # salt-cloud accepted this minion's key before calling us: a failed
         # create (even on bad input) must not leave it behind.
-        key_id = cloud_deploy.minion_id(__opts__, vm_)
+        key_id = minion_id(__opts__, vm_)
         rollback.intend("key", id=key_id)
         rollback.add(
             f"minion key {key_id}", lambda: salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)
@@ -205,8 +216,14 @@ def _create(vm_):
     try:
         # Bad input stops here, before anything is made.
         spec = _spec(vm_)
-        deploy_plan = cloud_deploy.prepare(__opts__, vm_, spec) if spec.deploy.enabled else None
-        seed_iso = cloud_deploy.seed_iso(__opts__, vm_, spec, deploy_plan)
+        deploy_plan = None
+        if spec.deploy.enabled:
+            made = minion_files(__opts__, vm_, spec)
+            deploy_plan = cloud_deploy.prepare(spec, made, bool(__opts__.get("keep_tmp", False)))
+        grains = config.get_cloud_config_value("grains", vm_, __opts__, default={})
+        seed_iso = cloud_deploy.seed_iso(
+            spec, deploy_plan, grains, profile=vm_.get("profile"), provider=vm_.get("provider")
+        )
     except BaseException as exc:
         # Whatever the type (a Jinja TypeError, an interrupt): nothing stays.
         rollback.run()
@@ -236,8 +253,9 @@ def _create(vm_):
                 undone = journal.recover(conn)  # the minion key is this run's now
                 log.warning("removed what a killed create of %s left: %s", name, undone)
             guest, deployed = cloud_deploy.create(
-                __opts__, conn, vm_, spec, deploy_plan, seed_iso, rollback, emit
+                SaltMaster(__opts__), conn, spec, deploy_plan, seed_iso, rollback, emit
             )
+            vm_["ssh_host"] = guest.addresses[0]
             result = {"name": name, "ip_address": guest.addresses[0], "addresses": guest.addresses}
             if deployed is not None:
                 result["deploy"] = deployed
