@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import salt.config
@@ -77,6 +77,40 @@ def cloud_errors(
         raise SaltCloudConfigError(f"{config_prefix}{exc}") from exc
     except (SaltKvmError, *also) as exc:
         raise SaltCloudSystemExit(f"{exit_prefix}{exc}") from exc
+
+
+@contextlib.contextmanager
+def input_errors(config_prefix: str = "") -> Iterator[None]:
+    """The driver's checks of its input, before anything is made: whatever the
+    type of the failure (a Jinja ``TypeError`` in a template...), it is a
+    ``SaltCloudConfigError`` (after ``config_prefix``); an interrupt stays one."""
+    try:
+        yield
+    except SpecError as exc:
+        raise SaltCloudConfigError(f"{config_prefix}{exc}") from exc
+    except SaltCloudConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any type: the user's input caused it
+        raise SaltCloudConfigError(f"{config_prefix}{type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def create_errors(
+    name: str, config_prefix: str, leftovers: Callable[[], list[str]]
+) -> Iterator[None]:
+    """The driver's create, once it makes things: a failure says that what
+    this run made was removed (``leftovers()`` rolls back and names what could
+    not be); a ``SpecError`` is still a configuration error."""
+    try:
+        yield
+    except Exception as exc:
+        failed = leftovers()
+        if isinstance(exc, SpecError):
+            raise SaltCloudConfigError(f"{config_prefix}{exc}") from exc
+        leftover = f"; could not remove: {', '.join(failed)}" if failed else ""
+        raise SaltCloudSystemExit(
+            f"creating {name} failed: {exc}. Everything this run created was removed{leftover}."
+        ) from exc
 
 
 def profile_prefix(vm_: dict) -> str:
@@ -137,6 +171,33 @@ def config_value(opts: dict, pillar: dict, key: str, default: Any = None) -> Any
         if value is not None:
             return value
     return default
+
+
+# ---- salt-cloud's configuration ----------------------------------------------------
+
+
+def profile_values(opts: dict, vm_: dict) -> dict:
+    """What ``build_spec`` reads of a VM's configuration (profile, provider);
+    salt-cloud's deploy settings are looked up as salt-cloud's own deploy does
+    (the master config too)."""
+    from salt_kvm.cloud.spec import DEPLOY_SETTING_KEYS, PROFILE_KEYS  # see TYPE_CHECKING
+
+    values = {"name": vm_.get("name")}
+    for key in PROFILE_KEYS + DEPLOY_SETTING_KEYS:
+        value = salt.config.get_cloud_config_value(
+            key, vm_, opts, search_global=key in DEPLOY_SETTING_KEYS
+        )
+        if value is not None:
+            values[key] = value
+    return values
+
+
+def written_config(opts: dict, vm_: dict) -> tuple[dict, dict]:
+    """The profile and the provider the user wrote for this VM (``vm_`` also
+    holds every master option)."""
+    alias, _, driver = str(vm_.get("provider", "")).partition(":")
+    provider = (opts.get("providers") or {}).get(alias, {}).get(driver or "libvirt", {})
+    return (opts.get("profiles") or {}).get(vm_.get("profile")) or {}, provider
 
 
 # ---- salt-cloud's side of a deploy ------------------------------------------------

@@ -288,6 +288,25 @@ def _base_or_image(values: dict) -> tuple[str | None, images.ImageSpec | None]:
 SALT_CLOUD_LOOKALIKES = ("priv_key", "win_password")
 
 
+# Keys that widen what the hypervisor exposes: its operator sets them (provider
+# or master configuration), never a profile, which a requester may write.
+HYPERVISOR_KEYS = ("disk_allowed_dirs", "image_allowed_dirs")
+
+
+def check_written_keys(profile: dict, provider: dict) -> None:
+    """The keys the user wrote for a VM (its profile's and its provider's):
+    none of the hypervisor's in the profile, none a typo of a known key."""
+    for key in HYPERVISOR_KEYS:
+        if key in profile:
+            raise SpecError(
+                key,
+                "is the hypervisor's setting, not a profile's: a profile could open any "
+                "host directory to its guest",
+                f"{key} in the provider configuration (cloud.providers.d), or leave it out",
+            )
+    check_key_typos(set(profile) | set(provider), KNOWN_KEYS)
+
+
 def check_key_typos(keys: Iterable[str], known: Iterable[str]) -> None:
     """Refuse a key that is not one we read but is one letter or two away from
     one (``memroy``, ``cpu``): left alone it would be ignored silently and the

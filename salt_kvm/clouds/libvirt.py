@@ -29,34 +29,32 @@ import time
 import salt.config as config
 import salt.utils.cloud
 import salt.utils.yaml
-from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
+from salt.exceptions import SaltCloudSystemExit
 
 try:
     import libvirt
 
     from salt_kvm import __version__
+    from salt_kvm.cloud import actions, intent, inventory
     from salt_kvm.cloud import deploy as cloud_deploy
-    from salt_kvm.cloud import intent, inventory, provision
     from salt_kvm.cloud.spec import (
-        DEPLOY_SETTING_KEYS,
-        KNOWN_KEYS,
-        PROFILE_KEYS,
         build_spec,
-        check_key_typos,
         check_mapping,
+        check_written_keys,
     )
-    from salt_kvm.disks import ops as diskops
-    from salt_kvm.errors import SaltKvmError, SpecError
     from salt_kvm.images import cache as images
-    from salt_kvm.nat import forwards
     from salt_kvm.saltutil import (
         SaltMaster,
         cloud_errors,
+        create_errors,
+        input_errors,
         minion_files,
         minion_id,
         profile_prefix,
+        profile_values,
+        written_config,
     )
-    from salt_kvm.virt import host, lifecycle
+    from salt_kvm.virt import host
     from salt_kvm.virt.checks import boolean, seconds
     from salt_kvm.virt.connection import connected, open_connection
     from salt_kvm.virt.rollback import Interrupted, Rollback, interruptible
@@ -123,52 +121,12 @@ def _fire(name, step, args):
     )
 
 
-def _profile_values(vm_):
-    """What build_spec reads; salt-cloud's deploy settings are looked up as
-    salt-cloud's own deploy does (the master config too)."""
-    values = {"name": vm_.get("name")}
-    for key in PROFILE_KEYS + DEPLOY_SETTING_KEYS:
-        value = config.get_cloud_config_value(
-            key, vm_, __opts__, search_global=key in DEPLOY_SETTING_KEYS
-        )
-        if value is not None:
-            values[key] = value
-    return values
-
-
-def _written_keys(vm_):
-    """The keys the user wrote for this VM: its profile's and its provider's
-    (``vm_`` also holds every master option)."""
-    alias, _, driver = str(vm_.get("provider", "")).partition(":")
-    provider = (__opts__.get("providers") or {}).get(alias, {}).get(driver or "libvirt", {})
-    profile = (__opts__.get("profiles") or {}).get(vm_.get("profile")) or {}
-    return set(profile) | set(provider)
-
-
-# Keys that widen what the hypervisor exposes: its operator sets them (provider
-# or master configuration), never a profile, which a requester may write.
-HYPERVISOR_KEYS = ("disk_allowed_dirs", "image_allowed_dirs")
-
-
-def _check_profile_keys(vm_):
-    profile = (__opts__.get("profiles") or {}).get(vm_.get("profile")) or {}
-    for key in HYPERVISOR_KEYS:
-        if key in profile:
-            raise SpecError(
-                key,
-                "is the hypervisor's setting, not a profile's: a profile could open any "
-                "host directory to its guest",
-                f"{key} in the provider configuration (cloud.providers.d), or leave it out",
-            )
-
-
 def _spec(vm_):
     with cloud_errors(profile_prefix(vm_)):
-        _check_profile_keys(vm_)
-        check_key_typos(_written_keys(vm_), KNOWN_KEYS)
+        check_written_keys(*written_config(__opts__, vm_))
         for key in ("minion", "grains"):
             check_mapping(key, config.get_cloud_config_value(key, vm_, __opts__, default=None))
-        return build_spec(_profile_values(vm_))
+        return build_spec(profile_values(__opts__, vm_))
 
 
 # ---- create ------------------------------------------------------------------
@@ -213,8 +171,8 @@ def _create(vm_):
         rollback.add(
             f"minion key {key_id}", lambda: salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)
         )
-    try:
-        # Bad input stops here, before anything is made.
+    # Bad input stops here, before anything is made; whatever the failure, nothing stays.
+    with input_errors(profile_prefix(vm_)), rollback:
         spec = _spec(vm_)
         deploy_plan = None
         if spec.deploy.enabled:
@@ -224,14 +182,6 @@ def _create(vm_):
         seed_iso = cloud_deploy.seed_iso(
             spec, deploy_plan, grains, profile=vm_.get("profile"), provider=vm_.get("provider")
         )
-    except BaseException as exc:
-        # Whatever the type (a Jinja TypeError, an interrupt): nothing stays.
-        rollback.run()
-        if isinstance(exc, SpecError):
-            raise SaltCloudConfigError(f"{profile_prefix(vm_)}{exc}") from exc
-        if isinstance(exc, SaltCloudConfigError) or not isinstance(exc, Exception):
-            raise
-        raise SaltCloudConfigError(f"{profile_prefix(vm_)}{type(exc).__name__}: {exc}") from exc
     started = time.monotonic()
     log.info("creating %s (profile %s)", name, vm_.get("profile"))
 
@@ -247,7 +197,8 @@ def _create(vm_):
         "creating",
         __utils__["cloud.filter_event"]("creating", vm_, ["name", "profile", "provider", "driver"]),
     )
-    try:
+    # The rollback runs on leaving the block with an error, connection still open.
+    with create_errors(name, profile_prefix(vm_), lambda: rollback.failed or rollback.run()):
         with _connect(vm_) as conn, rollback:
             if journal.pending:
                 undone = journal.recover(conn)  # the minion key is this run's now
@@ -256,22 +207,8 @@ def _create(vm_):
                 SaltMaster(__opts__), conn, spec, deploy_plan, seed_iso, rollback, emit
             )
             vm_["ssh_host"] = guest.addresses[0]
-            result = {"name": name, "ip_address": guest.addresses[0], "addresses": guest.addresses}
-            if deployed is not None:
-                result["deploy"] = deployed
-            if guest.virt_type_note:
-                result["virt_type_note"] = guest.virt_type_note
-            result.update(inventory.describe(conn, guest.domain))
+            result = actions.created(conn, guest, deployed)
             rollback.forget()
-    except Exception as exc:
-        # The rollback ran on leaving the block, connection still open.
-        failed = rollback.failed or rollback.run()
-        leftover = f"; could not remove: {', '.join(failed)}" if failed else ""
-        if isinstance(exc, SpecError):
-            raise SaltCloudConfigError(f"{profile_prefix(vm_)}{exc}") from exc
-        raise SaltCloudSystemExit(
-            f"creating {name} failed: {exc}. Everything this run created was removed{leftover}."
-        ) from exc
     guest.mark("total")
     result["timings"] = dict(guest.timings)
     emit("created", {"name": name, "ip_address": guest.addresses[0], "timings": result["timings"]})
@@ -299,8 +236,7 @@ def destroy(name, kwargs=None, call=None):
         salt-cloud -d vm1
         salt-cloud -a destroy vm1 delete_disks=true
     """
-    if call == "function":
-        raise SaltCloudSystemExit("destroy is an action: use -d or -a destroy")
+    _only(call != "function", "destroy is an action: use -d or -a destroy")
     _fire(name, "destroying", {"name": name})
     with cloud_errors():
         removed = _destroy_on_hypervisor(name, kwargs)
@@ -314,25 +250,19 @@ def destroy(name, kwargs=None, call=None):
 def _destroy_on_hypervisor(name, kwargs):
     delete_disks = boolean(kwargs or {}, "delete_disks", False)
     with _connect() as conn:
-        dom = lifecycle.lookup(conn, name)
-        info = lifecycle.managed_info(dom) or {}
-        doomed, kept = diskops.split_for_destroy(dom, delete_disks)
-        removed = lifecycle.remove(conn, name, also=doomed)
-        removed["reservations"] = provision.release_reservations(conn, info)
-        removed.update(disks=diskops.delete_volumes(conn, doomed), kept_disks=kept)
-    removed["nat"] = forwards.forget(name)
-    return removed
+        return actions.destroy(conn, name, delete_disks)
+
+
+def _only(allowed, refusal):
+    """salt-cloud's -a (action) / -f (function) check."""
+    if not allowed:
+        raise SaltCloudSystemExit(refusal)
 
 
 def _action(name, call, what, fn):
-    if call != "action":
-        raise SaltCloudSystemExit(f"{what} is an action: use -a {what}")
+    _only(call == "action", f"{what} is an action: use -a {what}")
     with cloud_errors(also=(libvirt.libvirtError,)), _connect() as conn:
-        dom = lifecycle.lookup(conn, name)
-        if lifecycle.managed_info(dom) is None:
-            raise SaltKvmError(f"{name!r} was not created by salt-kvm")
-        fn(dom)
-        return {name: inventory.state_of(dom)}
+        return actions.on_managed(conn, name, fn)
 
 
 def start(name, call=None):
@@ -361,12 +291,7 @@ def stop(name, call=None):
     """
     with cloud_errors():
         timeout = seconds(_provider_value("stop_timeout", 180), "stop_timeout", 0)
-
-    def stop_domain(dom):
-        if not lifecycle.shutdown(dom, timeout):
-            raise SaltKvmError(f"{name} is still running {timeout:g}s after the shutdown request")
-
-    return _action(name, call, "stop", stop_domain)
+    return _action(name, call, "stop", actions.stopper(name, timeout))
 
 
 def reboot(name, call=None):
@@ -392,13 +317,9 @@ def show_instance(name, call=None):
 
         salt-cloud -a show_instance vm1
     """
-    if call != "action":
-        raise SaltCloudSystemExit("show_instance is an action: use -a show_instance")
-    with cloud_errors():
-        with _connect() as conn:
-            info = inventory.describe(conn, lifecycle.lookup(conn, name))
-        info["nat"] = forwards.listing(name).get(name, {}).get("forwards", [])
-        return info
+    _only(call == "action", "show_instance is an action: use -a show_instance")
+    with cloud_errors(), _connect() as conn:
+        return actions.describe(conn, name)
 
 
 def list_nodes_full(call=None):
@@ -411,20 +332,13 @@ def list_nodes_full(call=None):
 
         salt-cloud -F
     """
-    if call == "action":
-        raise SaltCloudSystemExit("list_nodes_full is a function: use -F or -f list_nodes_full")
+    _only(call != "action", "list_nodes_full is a function: use -F or -f list_nodes_full")
     return _live_nodes(inventory.managed)
 
 
 def _live_nodes(lister):
-    """The nodes ``lister`` finds on the hypervisor. A killed create's
-    half-made domain is not one: salt-cloud would refuse to create the name
-    again ("already exists") instead of letting the driver clear it."""
     with cloud_errors(), _connect() as conn:
-        nodes = lister(conn)
-    for name in intent.killed(__opts__):
-        nodes.pop(name, None)
-    return nodes
+        return actions.live_nodes(conn, __opts__, lister)
 
 
 def list_nodes(call=None):
@@ -437,8 +351,7 @@ def list_nodes(call=None):
 
         salt-cloud -Q
     """
-    if call == "action":
-        raise SaltCloudSystemExit("list_nodes is a function: use -Q or -f list_nodes")
+    _only(call != "action", "list_nodes is a function: use -Q or -f list_nodes")
     keys = ("id", "name", "state", "public_ips", "private_ips", "size", "image")
     return {name: {k: node.get(k) for k in keys} for name, node in list_nodes_full().items()}
 
@@ -455,8 +368,7 @@ def list_nodes_min(call=None):
 
         salt-cloud -f list_nodes_min my-provider
     """
-    if call == "action":
-        raise SaltCloudSystemExit("list_nodes_min is a function: use -f list_nodes_min")
+    _only(call != "action", "list_nodes_min is a function: use -f list_nodes_min")
     return _live_nodes(inventory.managed_min)
 
 
@@ -483,8 +395,7 @@ def avail_images(call=None):
 
         salt-cloud --list-images my-kvm-provider
     """
-    if call == "action":
-        raise SaltCloudSystemExit("avail_images is a function: use --list-images")
+    _only(call != "action", "avail_images is a function: use --list-images")
     with cloud_errors(), _connect() as conn:
         return inventory.base_domains(conn)
 
@@ -512,8 +423,7 @@ def avail_locations(call=None):
 
         salt-cloud --list-locations my-kvm-provider
     """
-    if call == "action":
-        raise SaltCloudSystemExit("avail_locations is a function: use -f or --list-locations")
+    _only(call != "action", "avail_locations is a function: use -f or --list-locations")
     url = _provider_value("url", "qemu:///system")
     with cloud_errors(), _connect() as conn:
         facts = host.info(conn)
@@ -522,11 +432,6 @@ def avail_locations(call=None):
 
 
 # ---- image cache ---------------------------------------------------------------
-
-
-def _image_function(call, what):
-    if call != "function":
-        raise SaltCloudSystemExit(f"{what} is a function: use -f {what} <provider>")
 
 
 def image_list(kwargs=None, call=None):
@@ -541,7 +446,7 @@ def image_list(kwargs=None, call=None):
         salt-cloud -f image_list my-kvm-provider
         salt-cloud -f image_list my-kvm-provider pool=default
     """
-    _image_function(call, "image_list")
+    _only(call == "function", "image_list is a function: use -f image_list <provider>")
     kwargs = kwargs or {}
     with cloud_errors(), _connect() as conn:
         return images.list_images(conn, kwargs.get("pool"))
@@ -558,7 +463,7 @@ def image_delete(kwargs=None, call=None):
 
         salt-cloud -f image_delete my-kvm-provider name=image-sha256-0123abcd....qcow2
     """
-    _image_function(call, "image_delete")
+    _only(call == "function", "image_delete is a function: use -f image_delete <provider>")
     kwargs = kwargs or {}
     if not kwargs.get("name"):
         raise SaltCloudSystemExit("image_delete needs name=<a name from image_list>")
@@ -582,18 +487,7 @@ def cleanup(kwargs=None, call=None):
 
         salt-cloud -f cleanup my-kvm-provider
     """
-    if call != "function":
-        raise SaltCloudSystemExit("cleanup is a function: use -f cleanup <provider>")
+    _only(call == "function", "cleanup is a function: use -f cleanup <provider>")
     remove_key = lambda key_id: salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)  # noqa: E731
-    removed = {}
     with cloud_errors(), _connect() as conn:
-        for journal in intent.journals(__opts__):
-            try:
-                records = journal.stale()
-                if records is None:
-                    continue
-                removed[journal.name] = intent.undo(conn, records, remove_key)
-                journal.path.unlink()
-            except SaltKvmError as exc:
-                removed[journal.name] = {"error": str(exc)}
-    return removed
+        return actions.cleanup(conn, __opts__, remove_key)
