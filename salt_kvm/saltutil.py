@@ -56,9 +56,10 @@ def command_errors(prefix: str = "", also: tuple[type[BaseException], ...] = ())
     """Inside the block, a library error (or one of ``also``, e.g.
     ``libvirt.libvirtError``) becomes ``CommandExecutionError`` with its
     message (after ``prefix``)."""
+    errors: tuple[type[BaseException], ...] = (SaltKvmError, *also)
     try:
         yield
-    except (SaltKvmError, *also) as exc:
+    except errors as exc:
         raise CommandExecutionError(f"{prefix}{exc}") from exc
 
 
@@ -71,11 +72,12 @@ def cloud_errors(
     """Inside the block, a ``SpecError`` becomes ``SaltCloudConfigError`` (its
     message after ``config_prefix``, e.g. the profile's name), any other library
     error (or one of ``also``) ``SaltCloudSystemExit`` (after ``exit_prefix``)."""
+    errors: tuple[type[BaseException], ...] = (SaltKvmError, *also)
     try:
         yield
     except SpecError as exc:
         raise SaltCloudConfigError(f"{config_prefix}{exc}") from exc
-    except (SaltKvmError, *also) as exc:
+    except errors as exc:
         raise SaltCloudSystemExit(f"{exit_prefix}{exc}") from exc
 
 

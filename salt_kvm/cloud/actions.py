@@ -20,7 +20,11 @@ log = logging.getLogger(__name__)
 
 def created(conn: libvirt.virConnect, guest: provision.Guest, deployed: dict | None) -> dict:
     """What ``salt-cloud -p`` shows of a new guest."""
-    result = {"name": guest.name, "ip_address": guest.addresses[0], "addresses": guest.addresses}
+    result: dict[str, object] = {
+        "name": guest.name,
+        "ip_address": guest.addresses[0],
+        "addresses": guest.addresses,
+    }
     if deployed is not None:
         result["deploy"] = deployed
     if guest.virt_type_note:

@@ -102,7 +102,7 @@ DEPLOY_KEYS = (
 KNOWN_KEYS = PROFILE_KEYS + DEPLOY_SETTING_KEYS + DEPLOY_KEYS
 
 
-DEFAULTS = {
+DEFAULTS: dict[str, Any] = {
     # Salt 3007's driver defaults, kept for drop-in compatibility.
     "clone_strategy": choices.STRATEGY_FULL,
     "ip_source": choices.SOURCE_LEASE,
@@ -117,7 +117,7 @@ DEFAULTS = {
     "nic_model": "virtio",
 }
 # salt-cloud's defaults for its deploy settings (DEPLOY_SETTING_KEYS).
-DEPLOY_SETTING_DEFAULTS = {
+DEPLOY_SETTING_DEFAULTS: dict[str, Any] = {
     "script": "bootstrap-salt",
     "keysize": 2048,
     "wait_for_minion_timeout": 300,

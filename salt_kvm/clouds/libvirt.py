@@ -25,6 +25,7 @@ See the salt-kvm documentation (docs/cloud.rst) for every key.
 
 import logging
 import time
+from typing import Any
 
 import salt.config as config
 import salt.utils.cloud
@@ -66,6 +67,10 @@ except ImportError as _exc:  # pragma: no cover - depends on the master
 
 log = logging.getLogger(__name__)
 __virtualname__ = "libvirt"
+# Injected by Salt's loader (declared for the type checker).
+__opts__: dict[str, Any]
+__utils__: dict[str, Any]
+__active_provider_name__: str | None
 
 
 def __virtual__():
