@@ -136,7 +136,7 @@ def list_(name=None):
     """
     with command_errors():
         listed = forwards.listing(name)
-    active, why = hookscript.status()
+        active, why = hookscript.status()
     for domain, info in listed.items():
         info["hooks"] = "active" if active else why
         info["hook_errors"] = nathook.problems({domain, info["network"]})
@@ -217,9 +217,10 @@ def hooks_status(hooks_dir="/etc/libvirt/hooks"):
 
         salt hypervisor kvm_nat.hooks_status
     """
-    active, why = hookscript.status(hooks_dir)
-    state = hostnet.firewall()
-    through, how = hostnet.passable(state)
+    with command_errors():
+        active, why = hookscript.status(hooks_dir)
+        state = hostnet.firewall()
+        through, how = hostnet.passable(state)
     firewall = {
         "backends": state["backends"],
         "configured": state["configured"],

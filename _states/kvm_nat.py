@@ -21,7 +21,7 @@ NAT port forwards of a domain, converged to exactly the listed set.
 """
 
 try:
-    from salt_kvm.saltutil import state_changed, state_failed, state_ret
+    from salt_kvm.saltutil import STATE_ERRORS, state_changed, state_failed, state_ret
 
     HAS_LIBS = True
 except ImportError:  # pragma: no cover - depends on the minion
@@ -112,15 +112,18 @@ def hooks_installed(name="libvirt-hooks", hooks_dir="/etc/libvirt/hooks"):
         salt hypervisor state.single kvm_nat.hooks_installed
     """
     ret = state_ret(name, "Hooks are installed")
-    missing = __salt__["kvm_nat.install_hooks"](hooks_dir, test=True)
-    if not missing:
-        status = __salt__["kvm_nat.hooks_status"](hooks_dir)
-        if not status["active"]:
-            ret["comment"] = f"Hooks are installed: {status['status']}"
-        return ret
-    if __opts__["test"]:
-        return state_changed(ret, {"written": missing}, "Hooks would be written", test=True)
-    written = __salt__["kvm_nat.install_hooks"](hooks_dir)
+    try:
+        missing = __salt__["kvm_nat.install_hooks"](hooks_dir, test=True)
+        if not missing:
+            status = __salt__["kvm_nat.hooks_status"](hooks_dir)
+            if not status["active"]:
+                ret["comment"] = f"Hooks are installed: {status['status']}"
+            return ret
+        if __opts__["test"]:
+            return state_changed(ret, {"written": missing}, "Hooks would be written", test=True)
+        written = __salt__["kvm_nat.install_hooks"](hooks_dir)
+    except STATE_ERRORS as exc:
+        return state_failed(ret, exc)
     if written:
         ret["changes"] = {"written": written}
     status = __salt__["kvm_nat.hooks_status"](hooks_dir)

@@ -98,3 +98,15 @@ def test_absent_removes_every_forward(salt):
     ret = kvm_nat.absent("vm1")
     assert ret["result"] is True and ret["comment"] == "Forwards of vm1 are absent"
     assert calls == [([], True), ([], False)]
+
+
+def test_hooks_that_cannot_be_written_are_result_false_with_the_message(salt):
+    def install(hooks_dir, test=False):
+        if test:
+            return ["/etc/libvirt/hooks/qemu"]
+        raise CommandExecutionError("cannot install the hooks: read-only file system")
+
+    salt["kvm_nat.install_hooks"] = install
+    ret = kvm_nat.hooks_installed()
+    assert ret["result"] is False
+    assert ret["comment"] == "cannot install the hooks: read-only file system"
