@@ -47,9 +47,9 @@ def _hooks_note():
 
 def _converge(name, rules, uri, what):
     ret = state_ret(name)
-    note = _hooks_note() if rules else ""
     not_changed = f"Forwards of {name} not changed: "
     try:
+        note = _hooks_note() if rules else ""
         would = __salt__["kvm_nat.apply"](name, rules=rules, test=True, uri=uri)
     except Exception as exc:  # noqa: BLE001 - CommandExecutionError: refused, nothing changed
         return state_failed(ret, exc, not_changed)
