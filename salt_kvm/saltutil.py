@@ -194,6 +194,21 @@ def profile_values(opts: dict, vm_: dict) -> dict:
     return values
 
 
+def connection_args(opts: dict, source: dict) -> dict[str, Any]:
+    """The libvirt connection a provider (or a VM's configuration) names."""
+
+    def get(key: str, default: Any = None) -> Any:
+        return salt.config.get_cloud_config_value(
+            key, source, opts, search_global=False, default=default
+        )
+
+    return {
+        "uri": get("url", DEFAULT_URI),
+        "username": get("libvirt_username"),
+        "password": get("libvirt_password"),
+    }
+
+
 def written_config(opts: dict, vm_: dict) -> tuple[dict, dict]:
     """The profile and the provider the user wrote for this VM (``vm_`` also
     holds every master option)."""

@@ -47,6 +47,7 @@ try:
     from salt_kvm.saltutil import (
         SaltMaster,
         cloud_errors,
+        connection_args,
         create_errors,
         input_errors,
         minion_files,
@@ -57,7 +58,7 @@ try:
     )
     from salt_kvm.virt import host
     from salt_kvm.virt.checks import boolean, seconds
-    from salt_kvm.virt.connection import connected, open_connection
+    from salt_kvm.virt.connection import DEFAULT_URI, connected, open_connection
     from salt_kvm.virt.rollback import Interrupted, Rollback, interruptible
 
     HAS_LIBS = True
@@ -100,15 +101,7 @@ def _provider_value(key, default=None):
 
 
 def _connection_args(vm_=None) -> dict:
-    source = vm_ if vm_ is not None else (get_configured_provider() or {})
-    get = lambda key, default=None: config.get_cloud_config_value(  # noqa: E731
-        key, source, __opts__, search_global=False, default=default
-    )
-    return {
-        "uri": get("url", "qemu:///system"),
-        "username": get("libvirt_username"),
-        "password": get("libvirt_password"),
-    }
+    return connection_args(__opts__, vm_ if vm_ is not None else (get_configured_provider() or {}))
 
 
 def _connect(vm_=None):
@@ -429,7 +422,7 @@ def avail_locations(call=None):
         salt-cloud --list-locations my-kvm-provider
     """
     _only(call != "action", "avail_locations is a function: use -f or --list-locations")
-    url = _provider_value("url", "qemu:///system")
+    url = _provider_value("url", DEFAULT_URI)
     with cloud_errors(), _connect() as conn:
         facts = host.info(conn)
     facts["driver"] = f"salt-kvm {__version__}"

@@ -152,3 +152,13 @@ def test_state_helpers_say_what_would_change_under_test():
     assert saltutil.state_failed(saltutil.state_ret("x"), ValueError("no"), "x: ")["comment"] == (
         "x: no"
     )
+
+
+def test_the_connection_comes_from_the_provider_with_libvirts_default(opts):
+    provider = {"driver": "libvirt", "url": "qemu+ssh://root@kvm1/system", "libvirt_username": "u"}
+    assert saltutil.connection_args(opts, provider) == {
+        "uri": "qemu+ssh://root@kvm1/system",
+        "username": "u",
+        "password": None,
+    }
+    assert saltutil.connection_args(opts, {"driver": "libvirt"})["uri"] == "qemu:///system"
