@@ -22,8 +22,7 @@ try:
     from salt_kvm.backup import restore as restoring
     from salt_kvm.backup import run as backup
     from salt_kvm.backup import snapshots
-    from salt_kvm.errors import SaltKvmError
-    from salt_kvm.saltutil import connection_for
+    from salt_kvm.saltutil import command_errors, connection_for
     from salt_kvm.virt import qemuimg
 
     HAS_LIBS = True
@@ -46,19 +45,9 @@ def __virtual__():
     return __virtualname__
 
 
-def _call(func, *args, **kwargs):
-    try:
-        return func(*args, **kwargs)
-    except SaltKvmError as exc:
-        raise CommandExecutionError(str(exc)) from exc
-
-
 def _with_conn(uri, func, *args, **kwargs):
-    try:
-        with connection_for(__opts__, __pillar__, uri) as conn:
-            return func(conn, *args, **kwargs)
-    except SaltKvmError as exc:
-        raise CommandExecutionError(str(exc)) from exc
+    with command_errors(), connection_for(__opts__, __pillar__, uri) as conn:
+        return func(conn, *args, **kwargs)
 
 
 def _emitter(domain, events):
@@ -193,7 +182,8 @@ def create(
         emit=_emitter(domain, events),
         method=method,
     )
-    result["copies"] = [_call(backup_ops.replicate, dest, domain, **args) for args in copy_args]
+    with command_errors():
+        result["copies"] = [backup_ops.replicate(dest, domain, **args) for args in copy_args]
     return result
 
 
@@ -243,10 +233,8 @@ def _copy_args(copy):
     password = _password(copy.get("password_pillar"))
     if password is not None:
         args["password"] = password
-    try:
+    with command_errors("copies: "):
         backup_ops.parse_target(args["target"])
-    except SaltKvmError as exc:
-        raise CommandExecutionError(f"copies: {exc}") from exc
     return args
 
 
@@ -261,7 +249,8 @@ def list_(domain, dest):
 
         salt hypervisor kvm_backup.list web1 /srv/backup
     """
-    return _call(backup_ops.list_points, dest, domain)
+    with command_errors():
+        return backup_ops.list_points(dest, domain)
 
 
 def verify(domain, dest, point=None, deep=True):
@@ -278,7 +267,8 @@ def verify(domain, dest, point=None, deep=True):
 
         salt hypervisor kvm_backup.verify web1 /srv/backup
     """
-    return _call(backup_ops.verify, dest, domain, point, deep)
+    with command_errors():
+        return backup_ops.verify(dest, domain, point, deep)
 
 
 def prune(domain, dest, keep, test=False, uri=None):
@@ -368,14 +358,15 @@ def replicate(
             f"replicate: unknown argument(s) {', '.join(unknown)} "
             "(accepted: key_filename, keep, host_key, known_hosts, password_pillar)"
         )
-    return _call(
-        backup_ops.replicate,
-        dest,
-        domain,
-        target,
-        password=_password(password_pillar),
-        key_filename=key_filename,
-        keep=keep,
-        host_key=host_key,
-        known_hosts=known_hosts,
-    )
+    password = _password(password_pillar)
+    with command_errors():
+        return backup_ops.replicate(
+            dest,
+            domain,
+            target,
+            password=password,
+            key_filename=key_filename,
+            keep=keep,
+            host_key=host_key,
+            known_hosts=known_hosts,
+        )

@@ -17,8 +17,7 @@ try:
 
     from salt_kvm.disks import ops as diskops
     from salt_kvm.disks import spec as disks
-    from salt_kvm.errors import SaltKvmError
-    from salt_kvm.saltutil import connection_for
+    from salt_kvm.saltutil import command_errors, connection_for
     from salt_kvm.virt import lifecycle
     from salt_kvm.virt.checks import boolean, seconds
 
@@ -26,8 +25,6 @@ try:
 except ImportError as _exc:  # pragma: no cover - depends on the minion
     HAS_LIBS = False
     _IMPORT_ERROR = str(_exc)
-
-from salt.exceptions import CommandExecutionError
 
 log = logging.getLogger(__name__)
 __virtualname__ = "kvm_disk"
@@ -42,19 +39,15 @@ def __virtual__():
 
 
 def _run(uri, domain, action):
-    try:
+    with command_errors(also=(libvirt.libvirtError,)):
         with connection_for(__opts__, __pillar__, uri) as conn:
             return action(conn, lifecycle.lookup(conn, domain))
-    except (SaltKvmError, libvirt.libvirtError) as exc:
-        raise CommandExecutionError(str(exc)) from exc
 
 
 def _allowed_dirs():
-    try:
+    with command_errors():
         value = __salt__["config.get"](ALLOWED_DIRS_KEY, [])
         return disks.parse_allowed_dirs(value, ALLOWED_DIRS_KEY)
-    except SaltKvmError as exc:
-        raise CommandExecutionError(str(exc)) from exc
 
 
 def list_(domain, uri=None):
@@ -121,10 +114,8 @@ def attach(
         "shareable": shareable,
         "preallocation": preallocation,
     }
-    try:
+    with command_errors():
         spec = disks.parse_disk(name, {k: v for k, v in values.items() if v is not None})
-    except SaltKvmError as exc:
-        raise CommandExecutionError(str(exc)) from exc
     allowed = _allowed_dirs()
     live, persistent = _bool(live, "live"), _bool(persistent, "persistent")
     if _bool(test, "test", False):
@@ -141,10 +132,8 @@ def attach(
 
 
 def _bool(value, key, default=True):
-    try:
+    with command_errors():
         return boolean({key: value}, key, default)
-    except SaltKvmError as exc:
-        raise CommandExecutionError(str(exc)) from exc
 
 
 def _planned(plan):
@@ -215,8 +204,6 @@ def resize(domain, name, size, uri=None):
 
         salt hypervisor kvm_disk.resize vm1 data 20G
     """
-    try:
+    with command_errors():
         wanted = disks.parse_size_arg(size)
-    except SaltKvmError as exc:
-        raise CommandExecutionError(str(exc)) from exc
     return _run(uri, domain, lambda conn, dom: diskops.resize(conn, dom, name, wanted))

@@ -10,16 +10,13 @@ import logging
 try:
     import libvirt  # noqa: F401
 
-    from salt_kvm.errors import SaltKvmError
-    from salt_kvm.saltutil import connection_for
+    from salt_kvm.saltutil import command_errors, connection_for
     from salt_kvm.virt import host
 
     HAS_LIBS = True
 except ImportError as _exc:  # pragma: no cover - depends on the minion
     HAS_LIBS = False
     _IMPORT_ERROR = str(_exc)
-
-from salt.exceptions import CommandExecutionError
 
 log = logging.getLogger(__name__)
 __virtualname__ = "kvm_host"
@@ -45,11 +42,8 @@ def info(uri=None):
         salt hypervisor kvm_host.info
         salt hypervisor kvm_host.info uri=qemu+ssh://root@kvm1/system
     """
-    try:
-        with connection_for(__opts__, __pillar__, uri) as conn:
-            return host.info(conn)
-    except SaltKvmError as exc:
-        raise CommandExecutionError(str(exc)) from exc
+    with command_errors(), connection_for(__opts__, __pillar__, uri) as conn:
+        return host.info(conn)
 
 
 def pool_info(name, uri=None):
@@ -63,11 +57,8 @@ def pool_info(name, uri=None):
 
         salt hypervisor kvm_host.pool_info default
     """
-    try:
-        with connection_for(__opts__, __pillar__, uri) as conn:
-            return host.pool_state(conn, name)
-    except SaltKvmError as exc:
-        raise CommandExecutionError(str(exc)) from exc
+    with command_errors(), connection_for(__opts__, __pillar__, uri) as conn:
+        return host.pool_state(conn, name)
 
 
 def ensure_pool(name, path, uri=None):
@@ -81,8 +72,5 @@ def ensure_pool(name, path, uri=None):
 
         salt hypervisor kvm_host.ensure_pool default /var/lib/libvirt/images
     """
-    try:
-        with connection_for(__opts__, __pillar__, uri) as conn:
-            return host.ensure_dir_pool(conn, name, path)
-    except SaltKvmError as exc:
-        raise CommandExecutionError(str(exc)) from exc
+    with command_errors(), connection_for(__opts__, __pillar__, uri) as conn:
+        return host.ensure_dir_pool(conn, name, path)

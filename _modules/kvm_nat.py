@@ -24,15 +24,13 @@ try:
     from salt_kvm.nat import hooks as nathook
     from salt_kvm.nat import rules as nat
     from salt_kvm.nat.store import Store
-    from salt_kvm.saltutil import config_value, connection_for
+    from salt_kvm.saltutil import command_errors, config_value, connection_for
     from salt_kvm.virt.checks import whole_number
 
     HAS_LIBS = True
 except ImportError as _exc:  # pragma: no cover - depends on the minion
     HAS_LIBS = False
     _IMPORT_ERROR = str(_exc)
-
-from salt.exceptions import CommandExecutionError
 
 log = logging.getLogger(__name__)
 __virtualname__ = "kvm_nat"
@@ -50,10 +48,8 @@ def __virtual__():
 
 def _max_rules():
     value = config_value(__opts__, __pillar__, "kvm:nat:max_rules", nat.DEFAULT_MAX_RULES)
-    try:
+    with command_errors():
         return whole_number(value, "kvm:nat:max_rules", 0)
-    except SaltKvmError as exc:
-        raise CommandExecutionError(str(exc)) from exc
 
 
 def _hooks_warning(changes, name=None):
@@ -71,11 +67,8 @@ def _hooks_warning(changes, name=None):
 
 
 def _call(fn, uri=None):
-    try:
-        with connection_for(__opts__, __pillar__, uri) as conn:
-            return fn(conn)
-    except SaltKvmError as exc:
-        raise CommandExecutionError(str(exc)) from exc
+    with command_errors(), connection_for(__opts__, __pillar__, uri) as conn:
+        return fn(conn)
 
 
 def add(name, guest_port, host_port=None, proto="tcp", host_address=None, uri=None):
@@ -141,11 +134,9 @@ def list_(name=None):
         salt hypervisor kvm_nat.list
         salt hypervisor kvm_nat.list vm1
     """
-    try:
+    with command_errors():
         listed = forwards.listing(name)
-    except SaltKvmError as exc:
-        raise CommandExecutionError(str(exc)) from exc
-    active, why = hookscript.status()
+        active, why = hookscript.status()
     for domain, info in listed.items():
         info["hooks"] = "active" if active else why
         info["hook_errors"] = nathook.problems({domain, info["network"]})
@@ -208,10 +199,8 @@ def install_hooks(hooks_dir="/etc/libvirt/hooks", test=False):
 
         salt hypervisor kvm_nat.install_hooks
     """
-    try:
+    with command_errors("cannot install the hooks: ", also=(OSError, ValueError)):
         return nathook.install(hooks_dir, test=bool(test))
-    except (OSError, ValueError) as exc:
-        raise CommandExecutionError(f"cannot install the hooks: {exc}") from exc
 
 
 def hooks_status(hooks_dir="/etc/libvirt/hooks"):
@@ -228,9 +217,10 @@ def hooks_status(hooks_dir="/etc/libvirt/hooks"):
 
         salt hypervisor kvm_nat.hooks_status
     """
-    active, why = hookscript.status(hooks_dir)
-    state = hostnet.firewall()
-    through, how = hostnet.passable(state)
+    with command_errors():
+        active, why = hookscript.status(hooks_dir)
+        state = hostnet.firewall()
+        through, how = hostnet.passable(state)
     firewall = {
         "backends": state["backends"],
         "configured": state["configured"],

@@ -22,14 +22,12 @@ import datetime
 
 try:
     from salt_kvm.backup.core import check_method
-    from salt_kvm.errors import SaltKvmError
+    from salt_kvm.saltutil import STATE_ERRORS, state_changed, state_failed, state_ret
     from salt_kvm.virt.units import parse_duration
 
     HAS_LIBS = True
 except ImportError:  # pragma: no cover - depends on the minion
     HAS_LIBS = False
-
-from salt.exceptions import CommandExecutionError
 
 __virtualname__ = "kvm_backup"
 
@@ -78,15 +76,13 @@ def backed_up(
         ``auto`` (default), ``api`` or ``snapshot``: how the disks are copied
         (see ``kvm_backup.create``).
     """
-    ret = {"name": name, "result": True, "changes": {}, "comment": ""}
+    ret = state_ret(name)
     try:
         limit = parse_duration(max_age, "max_age")
         method = check_method(method)
         points = __salt__["kvm_backup.list"](name, dest)
-    except (SaltKvmError, CommandExecutionError) as exc:
-        ret["result"] = False
-        ret["comment"] = str(exc)
-        return ret
+    except STATE_ERRORS as exc:
+        return state_failed(ret, exc)
     if points:
         age = _age(points[-1]["created"])
         if age < limit:
@@ -96,10 +92,12 @@ def backed_up(
             )
             return ret
     if __opts__["test"]:
-        ret["result"] = None
-        ret["changes"] = {"backup": {"old": points[-1]["id"] if points else None, "new": "new"}}
-        ret["comment"] = f"A backup of {name} would be taken into {dest}"
-        return ret
+        return state_changed(
+            ret,
+            {"backup": {"old": points[-1]["id"] if points else None, "new": "new"}},
+            f"A backup of {name} would be taken into {dest}",
+            test=True,
+        )
     try:
         made = __salt__["kvm_backup.create"](
             name,
@@ -112,10 +110,8 @@ def backed_up(
             method=method,
         )
         pruned = __salt__["kvm_backup.prune"](name, dest, keep)
-    except CommandExecutionError as exc:
-        ret["result"] = False
-        ret["comment"] = f"Backup of {name} failed: {exc}"
-        return ret
+    except STATE_ERRORS as exc:
+        return state_failed(ret, exc, f"Backup of {name} failed: ")
     ret["changes"] = {
         "backup": {
             "old": points[-1]["id"] if points else None,
@@ -150,26 +146,27 @@ def snapshot_present(name, snapshot, disk_only=True, quiesce="auto", description
     disk_only
         External disk-only snapshot (default) or internal (``False``).
     """
-    ret = {"name": name, "result": True, "changes": {}, "comment": ""}
+    ret = state_ret(name)
     try:
         existing = _snapshot_names(name, uri)
-    except CommandExecutionError as exc:
-        ret.update(result=False, comment=str(exc))
-        return ret
+    except STATE_ERRORS as exc:
+        return state_failed(ret, exc)
     if snapshot in existing:
         ret["comment"] = f"Snapshot {snapshot} of {name} exists"
         return ret
     if __opts__["test"]:
-        ret.update(result=None, comment=f"Snapshot {snapshot} of {name} would be taken")
-        ret["changes"] = {"snapshot": {"old": None, "new": snapshot}}
-        return ret
+        return state_changed(
+            ret,
+            {"snapshot": {"old": None, "new": snapshot}},
+            f"Snapshot {snapshot} of {name} would be taken",
+            test=True,
+        )
     try:
         made = __salt__["kvm_backup.snapshot"](
             name, snapshot, disk_only=disk_only, quiesce=quiesce, description=description, uri=uri
         )
-    except CommandExecutionError as exc:
-        ret.update(result=False, comment=str(exc))
-        return ret
+    except STATE_ERRORS as exc:
+        return state_failed(ret, exc)
     ret["changes"] = {
         "snapshot": {
             "old": None,
@@ -192,24 +189,25 @@ def snapshot_absent(name, snapshot, uri=None):
     snapshot
         The snapshot's name.
     """
-    ret = {"name": name, "result": True, "changes": {}, "comment": ""}
+    ret = state_ret(name)
     try:
         existing = _snapshot_names(name, uri)
-    except CommandExecutionError as exc:
-        ret.update(result=False, comment=str(exc))
-        return ret
+    except STATE_ERRORS as exc:
+        return state_failed(ret, exc)
     if snapshot not in existing:
         ret["comment"] = f"Snapshot {snapshot} of {name} is absent"
         return ret
     if __opts__["test"]:
-        ret.update(result=None, comment=f"Snapshot {snapshot} of {name} would be deleted")
-        ret["changes"] = {"snapshot": {"old": snapshot, "new": None}}
-        return ret
+        return state_changed(
+            ret,
+            {"snapshot": {"old": snapshot, "new": None}},
+            f"Snapshot {snapshot} of {name} would be deleted",
+            test=True,
+        )
     try:
         __salt__["kvm_backup.snapshot_delete"](name, snapshot, uri=uri)
-    except CommandExecutionError as exc:
-        ret.update(result=False, comment=str(exc))
-        return ret
+    except STATE_ERRORS as exc:
+        return state_failed(ret, exc)
     ret["changes"] = {"snapshot": {"old": snapshot, "new": None}}
     ret["comment"] = f"Deleted snapshot {snapshot} of {name}"
     return ret

@@ -24,11 +24,9 @@ External disks of KVM guests, as states on the hypervisor minion.
         - domain: vm1
 """
 
-from salt.exceptions import CommandExecutionError
-
 try:
     from salt_kvm.disks import spec as disks
-    from salt_kvm.errors import SaltKvmError
+    from salt_kvm.saltutil import STATE_ERRORS, state_changed, state_failed, state_ret
     from salt_kvm.virt.units import human_size
 
     HAS_LIBS = True
@@ -42,10 +40,6 @@ def __virtual__():
     if not HAS_LIBS or "kvm_disk.list" not in __salt__:
         return (False, "the kvm_disk execution module is not available")
     return __virtualname__
-
-
-def _ret(name):
-    return {"name": name, "result": True, "changes": {}, "comment": ""}
 
 
 def _current(domain, name, uri):
@@ -82,15 +76,14 @@ def attached(
 
         salt hypervisor state.single kvm_disk.attached data domain=vm1 size=10G
     """
-    ret = _ret(name)
+    ret = state_ret(name)
     given = (size, path, format, pool, bus, cache, index, readonly, shareable, preallocation)
     args = {k: v for k, v in zip(disks.DISK_KEYS, given, strict=True) if v is not None}
     try:
         spec = disks.parse_disk(name, args)
         current = _current(domain, name, uri)
-    except (SaltKvmError, CommandExecutionError) as exc:
-        ret.update(result=False, comment=str(exc))
-        return ret
+    except STATE_ERRORS as exc:
+        return state_failed(ret, exc)
     if current is not None:
         return _attached_already(ret, domain, current, spec, uri)
     where = f"{human_size(spec.size)} volume" if spec.new else spec.path
@@ -101,52 +94,45 @@ def attached(
             __salt__["kvm_disk.attach"](
                 domain, name, live=live, persistent=persistent, uri=uri, test=True, **args
             )
-        except CommandExecutionError as exc:
-            ret.update(result=False, comment=str(exc))
-            return ret
-        ret.update(
-            result=None,
-            changes={"old": None, "new": {"name": name, "domain": domain, "source": where}},
-            comment=f"Disk {name} ({where}) would be attached to {domain}",
+        except STATE_ERRORS as exc:
+            return state_failed(ret, exc)
+        return state_changed(
+            ret,
+            {"old": None, "new": {"name": name, "domain": domain, "source": where}},
+            f"Disk {name} ({where}) would be attached to {domain}",
+            test=True,
         )
-        return ret
     try:
         new = __salt__["kvm_disk.attach"](
             domain, name, live=live, persistent=persistent, uri=uri, **args
         )
-    except CommandExecutionError as exc:
-        ret.update(result=False, comment=str(exc))
-        return ret
-    ret.update(
-        changes={"old": None, "new": new},
-        comment=f"Disk {name} ({where}) is attached to {domain} as {new['target']}",
+    except STATE_ERRORS as exc:
+        return state_failed(ret, exc)
+    return state_changed(
+        ret,
+        {"old": None, "new": new},
+        f"Disk {name} ({where}) is attached to {domain} as {new['target']}",
     )
-    return ret
 
 
 def _attached_already(ret, domain, current, spec, uri):
     name = spec.name
     fixed, grow = disks.differences(current, spec)
     if fixed:
-        ret.update(
-            result=False,
-            comment=f"Disk {name} of {domain} differs: {'; '.join(fixed)}. Detach it first",
+        return state_failed(
+            ret, f"Disk {name} of {domain} differs: {'; '.join(fixed)}. Detach it first"
         )
-        return ret
     if grow is None:
         ret["comment"] = f"Disk {name} is attached to {domain} as {current['target']}"
         return ret
     change = {"old": {"size": current["size"]}, "new": {"size": grow}}
     if __opts__["test"]:
-        ret.update(result=None, changes=change, comment=f"Disk {name} would grow to {grow} bytes")
-        return ret
+        return state_changed(ret, change, f"Disk {name} would grow to {grow} bytes", test=True)
     try:
         __salt__["kvm_disk.resize"](domain, name, grow, uri=uri)
-    except CommandExecutionError as exc:
-        ret.update(result=False, comment=str(exc))
-        return ret
-    ret.update(changes=change, comment=f"Disk {name} of {domain} grew to {grow} bytes")
-    return ret
+    except STATE_ERRORS as exc:
+        return state_failed(ret, exc)
+    return state_changed(ret, change, f"Disk {name} of {domain} grew to {grow} bytes")
 
 
 def detached(name, domain, delete=False, timeout=120, force=False, uri=None):
@@ -161,12 +147,11 @@ def detached(name, domain, delete=False, timeout=120, force=False, uri=None):
 
         salt hypervisor state.single kvm_disk.detached data domain=vm1
     """
-    ret = _ret(name)
+    ret = state_ret(name)
     try:
         current = _current(domain, name, uri)
-    except CommandExecutionError as exc:
-        ret.update(result=False, comment=str(exc))
-        return ret
+    except STATE_ERRORS as exc:
+        return state_failed(ret, exc)
     if current is None:
         ret["comment"] = f"{domain} has no disk named {name}"
         return ret
@@ -181,19 +166,18 @@ def detached(name, domain, delete=False, timeout=120, force=False, uri=None):
             uri=uri,
             test=bool(__opts__["test"]),
         )
-    except CommandExecutionError as exc:
-        ret.update(result=False, comment=str(exc))
-        return ret
+    except STATE_ERRORS as exc:
+        return state_failed(ret, exc)
     if __opts__["test"]:
-        ret.update(
-            result=None,
-            changes={"old": current, "new": None},
-            comment=f"Disk {name} would be detached from {domain}"
+        return state_changed(
+            ret,
+            {"old": current, "new": None},
+            f"Disk {name} would be detached from {domain}"
             + (" and its volume deleted" if delete else ""),
+            test=True,
         )
-        return ret
-    ret.update(
-        changes={"old": current, "new": None, **({"deleted": result["deleted"]} if delete else {})},
-        comment=f"Disk {name} is detached from {domain}",
+    return state_changed(
+        ret,
+        {"old": current, "new": None, **({"deleted": result["deleted"]} if delete else {})},
+        f"Disk {name} is detached from {domain}",
     )
-    return ret

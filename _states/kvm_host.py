@@ -9,11 +9,18 @@ States for a KVM hypervisor's own setup (storage pools).
         - path: /var/lib/libvirt/images
 """
 
+try:
+    from salt_kvm.saltutil import STATE_ERRORS, state_changed, state_failed, state_ret
+
+    HAS_LIBS = True
+except ImportError:  # pragma: no cover - depends on the minion
+    HAS_LIBS = False
+
 __virtualname__ = "kvm_host"
 
 
 def __virtual__():
-    if "kvm_host.info" not in __salt__:
+    if not HAS_LIBS or "kvm_host.info" not in __salt__:
         return (False, "the kvm_host execution module is not available")
     return __virtualname__
 
@@ -30,21 +37,26 @@ def pool_present(name, path, uri=None):
     uri
         libvirt URI; default from ``kvm:connection:uri`` or ``qemu:///system``.
     """
-    ret = {"name": name, "result": True, "changes": {}, "comment": ""}
-    before = __salt__["kvm_host.pool_info"](name, uri=uri)
+    ret = state_ret(name)
+    try:
+        before = __salt__["kvm_host.pool_info"](name, uri=uri)
+    except STATE_ERRORS as exc:
+        return state_failed(ret, exc)
     wanted = {"type": "dir", "path": path, "active": True, "autostart": True}
     if before == wanted:
         ret["comment"] = f"Pool {name} is present on {path}"
         return ret
     if before is not None and before["path"] != path:
-        ret["result"] = False
-        ret["comment"] = f"Pool {name} exists on {before['path']}, not {path}; not changed"
-        return ret
+        return state_failed(ret, f"Pool {name} exists on {before['path']}, not {path}; not changed")
     if __opts__["test"]:
-        ret["result"] = None
-        ret["changes"] = {"old": before, "new": wanted}
-        ret["comment"] = f"Pool {name} would be made present on {path}"
-        return ret
-    ret["changes"] = __salt__["kvm_host.ensure_pool"](name, path, uri=uri)
-    ret["comment"] = f"Pool {name} is present on {path}"
-    return ret
+        return state_changed(
+            ret,
+            {"old": before, "new": wanted},
+            f"Pool {name} would be made present on {path}",
+            test=True,
+        )
+    try:
+        changes = __salt__["kvm_host.ensure_pool"](name, path, uri=uri)
+    except STATE_ERRORS as exc:
+        return state_failed(ret, exc)
+    return state_changed(ret, changes, f"Pool {name} is present on {path}")

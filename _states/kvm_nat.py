@@ -20,11 +20,18 @@ NAT port forwards of a domain, converged to exactly the listed set.
       kvm_nat.hooks_installed
 """
 
+try:
+    from salt_kvm.saltutil import STATE_ERRORS, state_changed, state_failed, state_ret
+
+    HAS_LIBS = True
+except ImportError:  # pragma: no cover - depends on the minion
+    HAS_LIBS = False
+
 __virtualname__ = "kvm_nat"
 
 
 def __virtual__():
-    if "kvm_nat.apply" not in __salt__:
+    if not HAS_LIBS or "kvm_nat.apply" not in __salt__:
         return (False, "the kvm_nat execution module is not available")
     return __virtualname__
 
@@ -39,33 +46,25 @@ def _hooks_note():
 
 
 def _converge(name, rules, uri, what):
-    ret = {"name": name, "result": True, "changes": {}, "comment": ""}
-    note = _hooks_note() if rules else ""
+    ret = state_ret(name)
+    not_changed = f"Forwards of {name} not changed: "
     try:
+        note = _hooks_note() if rules else ""
         would = __salt__["kvm_nat.apply"](name, rules=rules, test=True, uri=uri)
     except Exception as exc:  # noqa: BLE001 - CommandExecutionError: refused, nothing changed
-        ret["result"] = False
-        ret["comment"] = f"Forwards of {name} not changed: {exc}"
-        return ret
+        return state_failed(ret, exc, not_changed)
     if not would:
         ret["comment"] = f"Forwards of {name} are {what}{note}"
         return ret
     if __opts__["test"]:
-        ret["result"] = None
-        ret["changes"] = would
-        ret["comment"] = f"Forwards of {name} would be made {what}{note}"
-        return ret
+        return state_changed(ret, would, f"Forwards of {name} would be made {what}{note}", True)
     try:
         changes = __salt__["kvm_nat.apply"](name, rules=rules, uri=uri)
-        changes.pop("warning", None)  # both said in the comment (_hooks_note)
-        changes.pop("hook_errors", None)
-        ret["changes"] = changes
-    except Exception as exc:  # noqa: BLE001
-        ret["result"] = False
-        ret["comment"] = f"Forwards of {name} not changed: {exc}"
-        return ret
-    ret["comment"] = f"Forwards of {name} are {what}{note}"
-    return ret
+    except Exception as exc:  # noqa: BLE001 - as above: the transaction changed nothing
+        return state_failed(ret, exc, not_changed)
+    changes.pop("warning", None)  # both said in the comment (_hooks_note)
+    changes.pop("hook_errors", None)
+    return state_changed(ret, changes, f"Forwards of {name} are {what}{note}")
 
 
 def forwarded(name, rules=True, uri=None):
@@ -112,19 +111,19 @@ def hooks_installed(name="libvirt-hooks", hooks_dir="/etc/libvirt/hooks"):
 
         salt hypervisor state.single kvm_nat.hooks_installed
     """
-    ret = {"name": name, "result": True, "changes": {}, "comment": "Hooks are installed"}
-    missing = __salt__["kvm_nat.install_hooks"](hooks_dir, test=True)
-    if not missing:
-        status = __salt__["kvm_nat.hooks_status"](hooks_dir)
-        if not status["active"]:
-            ret["comment"] = f"Hooks are installed: {status['status']}"
-        return ret
-    if __opts__["test"]:
-        ret["result"] = None
-        ret["changes"] = {"written": missing}
-        ret["comment"] = "Hooks would be written"
-        return ret
-    written = __salt__["kvm_nat.install_hooks"](hooks_dir)
+    ret = state_ret(name, "Hooks are installed")
+    try:
+        missing = __salt__["kvm_nat.install_hooks"](hooks_dir, test=True)
+        if not missing:
+            status = __salt__["kvm_nat.hooks_status"](hooks_dir)
+            if not status["active"]:
+                ret["comment"] = f"Hooks are installed: {status['status']}"
+            return ret
+        if __opts__["test"]:
+            return state_changed(ret, {"written": missing}, "Hooks would be written", test=True)
+        written = __salt__["kvm_nat.install_hooks"](hooks_dir)
+    except STATE_ERRORS as exc:
+        return state_failed(ret, exc)
     if written:
         ret["changes"] = {"written": written}
     status = __salt__["kvm_nat.hooks_status"](hooks_dir)

@@ -2,7 +2,7 @@
 
 Loader modules translate them into Salt's forms (``SaltCloudConfigError``,
 ``CommandExecutionError``, state comments). The library does not import Salt;
-only the loader-side helpers ``saltutil`` and ``cloud_deploy`` do.
+only the Salt glue ``saltutil`` and the driver (``salt_kvm.clouds``) do.
 """
 
 from __future__ import annotations

@@ -1,11 +1,25 @@
 """Every test is marked with its tier from the folder it lives in."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 TIERS = ("unit", "functional", "integration")
+
+
+def pytest_configure(config):
+    """Importing Salt before any logging is configured (pytest-salt-factories'
+    plugin imports it while pytest loads its conftests) makes Salt queue every
+    record of the run in a deferred handler writing to the sys.stderr of that
+    moment: pytest's capture stream, closed before the handler flushes at exit
+    ("--- Logging error ---" tracebacks). Hand what it queued to the handlers
+    now configured and drop it: records go through pytest's logging capture,
+    shown with a failing test as any other."""
+    impl = sys.modules.get("salt._logging.impl")
+    if impl is not None:
+        impl.shutdown_temp_handler()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,50 +2,33 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable
 
 import libvirt
 
-from salt_kvm.errors import SpecError, TimeoutError_
+from salt_kvm.cloud.choices import (  # noqa: F401 - re-exported: the names' old home
+    ALIASES,
+    AUTO_ORDER,
+    SOURCE_AGENT,
+    SOURCE_ARP,
+    SOURCE_AUTO,
+    SOURCE_LEASE,
+    SOURCES,
+    check_source,
+    usable,
+)
+from salt_kvm.errors import TimeoutError_
 from salt_kvm.virt.domain import Domain
 
 log = logging.getLogger(__name__)
 
-# Profile values of ip_source. Salt 3007's driver called the lease source
-# "ip-learning"; "lease" is accepted as its plain name.
-SOURCE_LEASE = "ip-learning"
-SOURCE_AGENT = "qemu-agent"
-SOURCE_ARP = "arp"
-SOURCE_AUTO = "auto"
-SOURCES = (SOURCE_LEASE, SOURCE_AGENT, SOURCE_ARP, SOURCE_AUTO)
-ALIASES = {"lease": SOURCE_LEASE, "agent": SOURCE_AGENT}
-AUTO_ORDER = (SOURCE_LEASE, SOURCE_AGENT, SOURCE_ARP)
 _LIBVIRT_SOURCE = {
     SOURCE_LEASE: libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
     SOURCE_AGENT: libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
     SOURCE_ARP: libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP,
 }
-
-
-def check_source(value: object, key: str = "ip_source") -> str:
-    value = ALIASES.get(value, value) if isinstance(value, str) else value
-    if value not in SOURCES:
-        raise SpecError(key, f"{value!r} is not an address source", SOURCES + tuple(ALIASES))
-    return value
-
-
-def usable(address: str) -> bool:
-    """Addresses a master can reach a minion on: not link-local, loopback or unspecified."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    return not (
-        ip.is_link_local or ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_reserved
-    )
 
 
 def domain_macs(dom: libvirt.virDomain) -> list[str]:

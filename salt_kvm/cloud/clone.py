@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import libvirt
 from lxml import etree
 
+from salt_kvm.cloud.choices import STRATEGIES, STRATEGY_FULL, STRATEGY_QUICK  # noqa: F401
 from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError, SpecError
 from salt_kvm.images.cache import CachedImage
 from salt_kvm.virt import chains, names
@@ -25,10 +26,6 @@ from salt_kvm.virt.rollback import Rollback
 from salt_kvm.virt.volumes import volume_format
 
 log = logging.getLogger(__name__)
-
-STRATEGY_QUICK = "quick"
-STRATEGY_FULL = "full"
-STRATEGIES = (STRATEGY_QUICK, STRATEGY_FULL)
 
 
 @dataclass

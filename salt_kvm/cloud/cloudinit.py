@@ -29,18 +29,14 @@ import re
 from dataclasses import dataclass, field
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jinja2
 import yaml
 
 from salt_kvm import redact
-from salt_kvm.cloud import seed
 from salt_kvm.errors import SpecError
 from salt_kvm.virt.checks import one_of
-
-if TYPE_CHECKING:
-    from salt_kvm.cloud.spec import VMSpec
 
 KEY = "cloud_init"
 KEYS = (
@@ -401,16 +397,3 @@ def context(vm_name: str, nics: list, grains: dict | None, **extra: Any) -> dict
         "grains": dict(grains or {}),
         **extra,
     }
-
-
-def seed_iso(vm: VMSpec, minion: dict | None, grains: dict | None, **extra: Any) -> bytes | None:
-    """The guest's NoCloud seed: the profile's ``cloud_init`` and the minion
-    preseed (``minion``, a cloud-config) merged; None when there is neither."""
-    ci = vm.cloud_init
-    if minion is None and ci is None:
-        return None
-    variables = context(vm.name, vm.nics or [], grains, **extra)
-    data = user_data(ci, vm.deploy.ssh_username, minion, variables)
-    return seed.nocloud(
-        vm.name, data, ci.network_config if ci else None, dict(ci.meta_data) if ci else None
-    )

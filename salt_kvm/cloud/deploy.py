@@ -1,48 +1,60 @@
-"""salt-cloud's deploy for salt-kvm guests: Salt's own helpers build the files
-(minion config, keys, grains, the deploy script), salt_kvm.cloud.sshdeploy runs them
-in one SSH session, and the master's event bus tells when the minion is up."""
+"""salt-cloud's deploy for salt-kvm guests: Salt's own helpers build the
+minion's files (config, keys, grains, the deploy script: salt_kvm.saltutil
+hands them over as ``MinionFiles``), salt_kvm.cloud.sshdeploy runs them in one
+SSH session, and the master's event bus tells when the minion is up. Imports
+no Salt: the master's side comes in as a ``Master``."""
+
+from __future__ import annotations
 
 import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import libvirt
-import salt.config as config
-import salt.utils.cloud
-from salt.exceptions import SaltCloudConfigError
 
 from salt_kvm import ssh as ssh_lib
-from salt_kvm.cloud import cloudinit, provision
+from salt_kvm.cloud import cloudinit, provision, seed
 from salt_kvm.cloud import sshdeploy as ssh_deploy
 from salt_kvm.cloud.provision import Guest
 from salt_kvm.cloud.spec import VMSpec
-from salt_kvm.errors import SaltKvmError
+from salt_kvm.errors import SaltKvmError, SpecError
 from salt_kvm.virt import guestagent
-from salt_kvm.virt.checks import seconds
 from salt_kvm.virt.rollback import Rollback
 
 log = logging.getLogger(__name__)
-DEFAULT_MINION_TIMEOUT = 300
 # How often the wait for the minion asks the guest whether its start failed.
 CHECK_EVERY = 2.0
 
 
-def minion_id(opts: dict, vm_: dict) -> str:
-    """The key id salt-cloud uses: the minion config's id (or the VM name) + append_domain."""
-    minion = config.get_cloud_config_value("minion", vm_, opts, default={})
-    if not isinstance(minion, dict):
-        minion = {}  # refused by name when the profile is checked
-    key_id = minion.get("id", vm_["name"])
-    if minion.get("append_domain"):
-        key_id = f"{key_id}.{minion['append_domain']}"
-    return key_id
+@dataclass
+class MinionFiles:
+    """What Salt's helpers made for the new minion (``saltutil.minion_files``)."""
+
+    key_id: str
+    pub: str
+    # "minion", "minion.pem", "minion.pub" and maybe "grains": (data, mode)
+    files: dict[str, tuple[bytes, int]]
+    # The deploy script's text (an SSH deploy without deploy_command).
+    script: str | None = None
 
 
-def _value(opts: dict, vm_: dict, key: str, default=None):
-    return config.get_cloud_config_value(key, vm_, opts, default=default)
+class Listener(Protocol):
+    def get_event(self, wait: float, tag: str, full: bool) -> Any: ...
+
+    def destroy(self) -> None: ...
+
+
+class Master(Protocol):
+    """The salt master's side of a deploy (``saltutil.SaltMaster``)."""
+
+    def accept_key(self, pub: str, key_id: str) -> None: ...
+
+    def listen(self) -> Listener | None:
+        """Subscribe to the event bus; None when there is none to wait on."""
 
 
 @dataclass
@@ -53,59 +65,27 @@ class Plan:
     minion_timeout: float
 
 
-def prepare(opts: dict, vm_: dict, spec: VMSpec) -> Plan:
-    """Everything the deploy needs, checked before any guest exists: the minion
-    config (a master is set), the deploy script (found), keys, credentials."""
-    name = vm_["name"]
-    minion_conf = salt.utils.cloud.minion_config(opts, vm_)
-    script_name = _value(opts, vm_, "script", "bootstrap-salt")
-    script = None
-    if spec.deploy.method == "ssh":
-        script = salt.utils.cloud.os_script(script_name, vm_, opts, minion_conf)
-    if spec.deploy.method == "ssh" and not script and not _value(opts, vm_, "deploy_command"):
-        raise SaltCloudConfigError(
-            f"script: no deploy script named {script_name!r} in "
-            f"{opts['deploy_scripts_search_path']}"
-        )
-    # salt-cloud has usually made and accepted the keys already (vm_ carries them).
-    if not vm_.get("pub_key") or not vm_.get("priv_key"):
-        vm_["priv_key"], vm_["pub_key"] = salt.utils.cloud.gen_keys(
-            _value(opts, vm_, "keysize", 2048)
-        )
-    priv, pub = vm_["priv_key"], vm_["pub_key"]
-    files = {"minion.pem": (priv.encode(), 0o600), "minion.pub": (pub.encode(), 0o600)}
-    grains = minion_conf.pop("grains", {})
-    if grains:
-        files["grains"] = (salt.utils.cloud.salt_config_to_yaml(grains).encode(), 0o600)
-    minion_conf["grains"] = {
-        "salt-cloud": {
-            "driver": vm_.get("driver"),
-            "provider": vm_.get("provider"),
-            "profile": vm_.get("profile"),
-        }
-    }
-    files["minion"] = (salt.utils.cloud.salt_config_to_yaml(minion_conf).encode(), 0o600)
-    key_id = minion_id(opts, vm_)
-
+def prepare(spec: VMSpec, made: MinionFiles, keep_tmp: bool = False) -> Plan:
+    """Everything the deploy needs, checked before any guest exists: the files
+    Salt made, the deploy settings, credentials and host key trust."""
+    deploy = spec.deploy
     bundle = ssh_deploy.Bundle(
-        files=files,
-        script=script.encode() if script else None,
-        deploy_command=_value(opts, vm_, "deploy_command"),
-        script_args=_value(opts, vm_, "script_args"),
-        bootstrap_style="bootstrap-salt" in str(script_name),
-        force_minion_config=bool(_value(opts, vm_, "force_minion_config", False)),
-        tmp_dir=_value(opts, vm_, "tmp_dir", ssh_deploy.DEFAULT_TMP_DIR),
-        keep_tmp=bool(opts.get("keep_tmp", False)),
-        sudo=bool(_value(opts, vm_, "sudo", spec.deploy.ssh_username != "root")),
-        sudo_password=_value(opts, vm_, "sudo_password") or spec.deploy.password,
-        hostname=name.split(".", 1)[0],
+        files=made.files,
+        script=made.script.encode() if made.script else None,
+        deploy_command=deploy.deploy_command,
+        script_args=deploy.script_args,
+        bootstrap_style="bootstrap-salt" in str(deploy.script),
+        force_minion_config=deploy.force_minion_config,
+        tmp_dir=deploy.tmp_dir or ssh_deploy.DEFAULT_TMP_DIR,
+        keep_tmp=keep_tmp,
+        sudo=deploy.sudo,
+        sudo_password=deploy.sudo_password,
+        hostname=spec.name.split(".", 1)[0],
     )
-    if spec.deploy.private_key and not os.access(spec.deploy.private_key, os.R_OK):
-        raise SaltCloudConfigError(f"private_key: cannot read {spec.deploy.private_key!r}")
+    if deploy.private_key and not os.access(deploy.private_key, os.R_OK):
+        raise SpecError("private_key", f"cannot read {deploy.private_key!r}")
     host_trust(spec)  # a bad known_hosts_file stops here, before the guest exists
-    timeout = _value(opts, vm_, "wait_for_minion_timeout", DEFAULT_MINION_TIMEOUT)
-    minion_timeout = seconds(timeout, "wait_for_minion_timeout", 0)
-    return Plan(bundle, key_id, pub, minion_timeout)
+    return Plan(bundle, made.key_id, made.pub, deploy.minion_timeout)
 
 
 # Start the minion as soon as cloud-init's write_files has put its files in
@@ -215,21 +195,24 @@ def cloud_config(plan: Plan) -> dict:
 
 @contextlib.contextmanager
 def minion_watch(
-    opts: dict,
+    master: Master,
     plan: Plan,
-    guest_of: Callable[[], Guest | None],
+    guest_of: Callable[[], Guest],
     guest_check: Callable[[Guest], None] | None = None,
-):
+) -> Iterator[None]:
     """Accept the minion's key and subscribe to the master's bus before the guest
     can start its minion; on leaving the block without an error, wait for the
     minion's start event (``wait_for_minion_timeout``; 0: do not wait), calling
     ``guest_check`` now and then: it raises when the guest says it cannot start one."""
-    salt.utils.cloud.accept_key(opts["pki_dir"], plan.pub, plan.key_id)
-    listener = _minion_listener(opts) if plan.minion_timeout > 0 else None
+    master.accept_key(plan.pub, plan.key_id)
+    listener = master.listen() if plan.minion_timeout > 0 else None
     try:
         yield
         if listener is not None:
-            check = (lambda: guest_check(guest_of())) if guest_check else None
+            check = None
+            if guest_check is not None:
+                checker = guest_check
+                check = lambda: checker(guest_of())  # noqa: E731
             _wait_for_minion(listener, plan.key_id, plan.minion_timeout, check)
             guest_of().mark("minion")
     finally:
@@ -246,9 +229,8 @@ def host_trust(spec: VMSpec) -> ssh_lib.HostTrust | None:
         return None
     try:
         return ssh_lib.HostTrust.build(known_hosts=spec.deploy.known_hosts_file)
-    except SaltKvmError as exc:
-        key = "known_hosts_file"
-        raise SaltCloudConfigError(str(exc).replace("known_hosts:", f"{key}:", 1)) from exc
+    except SpecError as exc:  # named by the profile's key, not the library's
+        raise SpecError("known_hosts_file", exc.problem, exc.accepted) from exc
 
 
 def check_minion_start(guest: Guest) -> None:
@@ -260,10 +242,10 @@ def check_minion_start(guest: Guest) -> None:
         raise SaltKvmError(f"the minion cannot start in the guest {guest.name}: {cause}")
 
 
-def run(opts: dict, plan: Plan, spec: VMSpec, guest: Guest) -> dict:
+def run(master: Master, plan: Plan, spec: VMSpec, guest: Guest) -> dict:
     """Make ``guest`` a minion the way salt-cloud does (files + deploy script), in
     one SSH session, then wait until the minion has started on the master."""
-    with minion_watch(opts, plan, lambda: guest):
+    with minion_watch(master, plan, lambda: guest):
         with ssh_lib.connect(
             guest.addresses[0],
             spec.deploy.ssh_username,
@@ -280,18 +262,9 @@ def run(opts: dict, plan: Plan, spec: VMSpec, guest: Guest) -> dict:
     return {"method": "ssh", "minion_id": plan.key_id}
 
 
-def _minion_listener(opts: dict):
-    """Subscribe to the master's event bus before the minion can start."""
-    try:
-        import salt.utils.event
-
-        return salt.utils.event.get_master_event(opts, opts["sock_dir"], listen=True)
-    except Exception as exc:  # noqa: BLE001 - no local master: nothing to wait on
-        log.warning("not waiting for the minion: no master event bus here (%s)", exc)
-        return None
-
-
-def _wait_for_minion(listener, minion_id, timeout, check: Callable[[], None] | None = None):
+def _wait_for_minion(
+    listener: Listener, minion_id: str, timeout: float, check: Callable[[], None] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     next_check = time.monotonic() + CHECK_EVERY
     tag = f"salt/minion/{minion_id}/start"
@@ -307,24 +280,26 @@ def _wait_for_minion(listener, minion_id, timeout, check: Callable[[], None] | N
     raise SaltKvmError(f"the minion {minion_id} did not connect to the master within {timeout:g}s")
 
 
-def seed_iso(opts: dict, vm_: dict, spec: VMSpec, plan: Plan | None) -> bytes | None:
-    """The guest's NoCloud seed (None if it needs none), built before anything
-    is created: a bad template stops here."""
+def seed_iso(spec: VMSpec, plan: Plan | None, grains: dict | None, **extra: Any) -> bytes | None:
+    """The guest's NoCloud seed, None when it needs none: the profile's
+    ``cloud_init`` and, with ``deploy_method: cloud-init``, the minion preseed
+    (a cloud-config) merged. Built before anything is created: a bad template
+    stops here. ``extra``: more names for a user_data template (profile...)."""
     minion = cloud_config(plan) if plan is not None and spec.deploy.method == "cloud-init" else None
-    return cloudinit.seed_iso(
-        spec,
-        minion,
-        config.get_cloud_config_value("grains", vm_, opts, default={}),
-        minion_id=plan.key_id if plan is not None else vm_["name"],
-        profile=vm_.get("profile"),
-        provider=vm_.get("provider"),
+    ci = spec.cloud_init
+    if minion is None and ci is None:
+        return None
+    extra.setdefault("minion_id", plan.key_id if plan is not None else spec.name)
+    variables = cloudinit.context(spec.name, spec.nics or [], grains, **extra)
+    data = cloudinit.user_data(ci, spec.deploy.ssh_username, minion, variables)
+    return seed.nocloud(
+        spec.name, data, ci.network_config if ci else None, dict(ci.meta_data) if ci else None
     )
 
 
 def create(
-    opts: dict,
+    master: Master,
     conn: libvirt.virConnect,
-    vm_: dict,
     spec: VMSpec,
     plan: Plan | None,
     seed: bytes | None,
@@ -337,7 +312,7 @@ def create(
         # The minion's config and accepted keys are in the seed; no SSH. The
         # seed is ejected and deleted as soon as the minion has started.
         created: list[Guest] = []
-        with minion_watch(opts, plan, lambda: created[0], check_minion_start):
+        with minion_watch(master, plan, lambda: created[0], check_minion_start):
             emit("deploying", {"name": spec.name, "method": "cloud-init"})
             created.append(provision.create(conn, spec, rollback, emit, seed_iso=seed))
         provision.detach_seed(conn, created[0])
@@ -346,8 +321,7 @@ def create(
     # cloud-init read the seed in its local stage, before the guest's network
     # (and so its address) came up: it can go now.
     provision.detach_seed(conn, guest)
-    vm_["ssh_host"] = guest.addresses[0]
     if plan is None:
         return guest, None
     emit("deploying", {"name": spec.name, "ip_address": guest.addresses[0]})
-    return guest, run(opts, plan, spec, guest)
+    return guest, run(master, plan, spec, guest)

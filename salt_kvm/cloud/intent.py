@@ -113,7 +113,7 @@ class Journal:
     def read(self) -> tuple[dict, list[dict]]:
         """(owner, records) of the journal on disk; a torn last line is skipped."""
         owner: dict = {}
-        records = []
+        records: list[dict] = []
         if _existing(self.cachedir) is None:
             return owner, records
         try:

@@ -89,6 +89,10 @@ def _disk_sizes(xml: Domain, stats: dict) -> list[dict]:
     return disks
 
 
+def _shown(source: str | list[str] | None) -> str | list[str] | None:
+    return redact.url(source) if isinstance(source, str) else source
+
+
 def describe(
     conn: libvirt.virConnect,
     dom: libvirt.virDomain,
@@ -123,7 +127,7 @@ def describe(
         "private_ips": [ip for ip in ips if ipaddress.ip_address(ip).is_private],
         "size": size,
         # older salt-kvm stored the URL as given: never show its credentials
-        "image": redact.url(info.get("image_source") or info.get("base")),
+        "image": _shown(info.get("image_source") or info.get("base")),
         "base_domain": None if info.get("image") else info.get("base"),
         "clone_strategy": info.get("strategy"),
         "created": info.get("created"),

@@ -75,7 +75,7 @@ def _check_fixed_macs(conn: libvirt.virConnect, spec: VMSpec, taken: set[str]) -
     for index, nic in enumerate(spec.nics or []):
         if nic.mac and nic.mac in taken:
             raise ConflictError(f"nics[{index}].mac: {nic.mac} is already used by another domain")
-        if nic.ip and nic.network:
+        if nic.ip and nic.network and nic.mac:  # a fixed ip comes with its mac (spec)
             dhcp.check(conn, nic.network, nic.mac, nic.ip, f"nics[{index}].ip")
 
 
@@ -94,12 +94,12 @@ def _customize(spec: VMSpec, taken: set[str], guest: Guest) -> Callable[[Domain]
 def _reserve(conn, spec: VMSpec, rollback: Rollback) -> list[str]:
     made = []
     for nic in spec.nics or []:
-        if nic.ip and nic.network:
+        if nic.ip and nic.network and nic.mac:  # a fixed ip comes with its mac (spec)
             rollback.intend("reservation", network=nic.network, mac=nic.mac, ip=nic.ip)
             if dhcp.reserve(conn, nic.network, nic.mac, nic.ip, spec.name):
                 rollback.add(
                     f"DHCP reservation {nic.ip} on {nic.network}",
-                    lambda n=nic: dhcp.release(rollback.live(conn), n.network, n.mac, n.ip),
+                    _releaser(conn, rollback, nic.network, nic.mac, nic.ip),
                 )
             made.append(f"{nic.network}|{nic.mac}|{nic.ip}")
     return made
@@ -168,17 +168,23 @@ def _existing(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
     return dom
 
 
+def _releaser(
+    conn: libvirt.virConnect, rollback: Rollback, network: str, mac: str, ip: str
+) -> Callable[[], object]:
+    return lambda: dhcp.release(rollback.live(conn), network, mac, ip)
+
+
 def _plan_image(
-    conn: libvirt.virConnect, spec: VMSpec, emit: Emit
+    conn: libvirt.virConnect, spec: VMSpec, image: images.ImageSpec, emit: Emit
 ) -> tuple[clone.ClonePlan, accel.VirtChoice]:
     """Fetch (or find cached) the profile's image and plan a guest on it. The
     domain is new: no base to copy the definition from."""
     clone.check_name_free(conn, spec.name)
 
     def progress(data: dict) -> None:
-        emit("downloading", {"name": spec.name, "image": spec.image.shown, **data})
+        emit("downloading", {"name": spec.name, "image": image.shown, **data})
 
-    cached = images.ensure(conn, spec.image, progress)
+    cached = images.ensure(conn, image, progress)
     choice = accel.choose_virt_type(conn, spec.virt_type, None, (cached.path, cached.format))
     networks = tuple(n.network for n in spec.nics or [] if n.network) or (DEFAULT_NETWORK,)
     xml = new_domain(
@@ -191,7 +197,7 @@ def _plan_image(
         networks=networks,
     )
     plan = clone.plan_image(conn, cached, xml, spec.clone_strategy, spec.disk_size)
-    plan.image_info = {"image": cached.name, "image_source": spec.image.shown}
+    plan.image_info = {"image": cached.name, "image_source": image.shown}
     return plan, choice
 
 
@@ -211,8 +217,9 @@ def _clone(
     _check_fixed_macs(conn, spec, taken)
     diskops.precheck(conn, spec.name, spec.disks)
     if spec.image is not None:
-        plan, choice = _plan_image(conn, spec, emit)
+        plan, choice = _plan_image(conn, spec, spec.image, emit)
     else:
+        assert spec.base_domain is not None  # build_spec: base_domain or image
         plan = clone.plan_clone(
             conn, spec.base_domain, spec.name, spec.clone_strategy, None, spec.disk_size
         )
@@ -262,7 +269,7 @@ def _clone(
 
 def detach_seed(conn: libvirt.virConnect, guest: Guest) -> None:
     """The guest has read its seed: eject it and delete the volume (keys in it)."""
-    if not guest.seed_path:
+    if not guest.seed_path or guest.seed_target is None:  # attached: it has a target
         return
     seed.eject(guest.domain, guest.seed_target)
     chains.delete_volume(conn, guest.seed_path, "seed deletion")

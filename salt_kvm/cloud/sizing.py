@@ -12,9 +12,12 @@ from salt_kvm.virt.xmlmodel import find_or_create
 def _set_vcpus(xml: Domain, spec: VMSpec) -> None:
     topo = spec.cpu_topology
     current = spec.cpus
-    if topo is None and current is None:
+    if topo is not None:
+        maximum = topo.maxcpus
+    elif current is not None:
+        maximum = current
+    else:
         return
-    maximum = topo.maxcpus if topo else current
     vcpu = find_or_create(xml.node, ["vcpu"])
     vcpu.text = str(maximum)
     vcpu.attrib.pop("current", None)

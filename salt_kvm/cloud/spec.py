@@ -13,14 +13,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from salt_kvm.cloud import addresses, clone, cloudinit
+from salt_kvm.cloud import choices, cloudinit
 from salt_kvm.cloud.topology import CpuTopology, NumaCell, parse_cpu_options, parse_numa
 from salt_kvm.disks.spec import ProfileDisks
 from salt_kvm.disks.spec import parse_profile as parse_profile_disks
 from salt_kvm.errors import SpecError
-from salt_kvm.images import cache as images
+from salt_kvm.images import spec as images
 from salt_kvm.nat import rules as nat
-from salt_kvm.virt import connection, names
+from salt_kvm.virt import choices as virt_choices
+from salt_kvm.virt import names
 from salt_kvm.virt.checks import boolean, one_of, seconds, text, whole_number
 from salt_kvm.virt.units import GIB, MIB, parse_size
 
@@ -72,31 +73,39 @@ PROFILE_KEYS = (
 )
 
 
-# Keys read besides the spec's: the connection and salt-cloud's deploy
-# (salt_kvm.cloud.deploy). A key in neither is a typo when it is close to one.
-DEPLOY_KEYS = (
-    "url",
-    "libvirt_username",
-    "libvirt_password",
-    "minion",
-    "grains",
+# salt-cloud's deploy settings build_spec reads too: the driver looks them up
+# as salt-cloud's own deploy does, in the profile, provider and master config.
+DEPLOY_SETTING_KEYS = (
     "script",
     "script_args",
     "deploy_command",
     "force_minion_config",
     "keysize",
-    "stop_timeout",
     "sudo",
     "sudo_password",
     "tmp_dir",
     "wait_for_minion_timeout",
 )
 
+# Keys read besides the spec's: the connection, the action's stop_timeout, and
+# the minion's config and grains (Salt's helpers build the minion config from
+# them, salt_kvm.saltutil). A key in none is a typo when it is close to one.
+DEPLOY_KEYS = (
+    "url",
+    "libvirt_username",
+    "libvirt_password",
+    "minion",
+    "grains",
+    "stop_timeout",
+)
+# Every key a profile or its provider may hold.
+KNOWN_KEYS = PROFILE_KEYS + DEPLOY_SETTING_KEYS + DEPLOY_KEYS
 
-DEFAULTS = {
+
+DEFAULTS: dict[str, Any] = {
     # Salt 3007's driver defaults, kept for drop-in compatibility.
-    "clone_strategy": clone.STRATEGY_FULL,
-    "ip_source": addresses.SOURCE_LEASE,
+    "clone_strategy": choices.STRATEGY_FULL,
+    "ip_source": choices.SOURCE_LEASE,
     "validate_xml": True,
     "wait_for_ip_timeout": 600,
     # 3007 polled every 10 s; we poll fast unless the profile says otherwise.
@@ -106,6 +115,12 @@ DEFAULTS = {
     "deploy": True,
     "deploy_method": "ssh",
     "nic_model": "virtio",
+}
+# salt-cloud's defaults for its deploy settings (DEPLOY_SETTING_KEYS).
+DEPLOY_SETTING_DEFAULTS: dict[str, Any] = {
+    "script": "bootstrap-salt",
+    "keysize": 2048,
+    "wait_for_minion_timeout": 300,
 }
 DEPLOY_METHODS = ("ssh", "cloud-init", "none")
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "ne2k_pci", "pcnet")
@@ -143,6 +158,17 @@ class DeploySpec:
     ssh_agent: bool = False
     # salt-cloud's key: the guest's host key must already be in this file.
     known_hosts_file: str | None = None
+    # salt-cloud's deploy settings, as salt-cloud reads them.
+    script: str = "bootstrap-salt"
+    script_args: str | None = None
+    deploy_command: str | None = None
+    force_minion_config: bool = False
+    keysize: int = 2048
+    sudo: bool = False
+    sudo_password: str | None = None
+    tmp_dir: str | None = None
+    # Seconds to wait for the minion's start event (0: do not wait).
+    minion_timeout: float = 300
 
 
 @dataclass
@@ -215,7 +241,7 @@ def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
                     f"{item['ip']!r} is not an IP address",
                     "an IPv4 address such as 192.168.122.50",
                 ) from None
-            if ip.version != 4 or not addresses.usable(str(ip)):
+            if ip.version != 4 or not choices.usable(str(ip)):
                 raise SpecError(f"{where}.ip", f"{ip} cannot be reserved", "a unicast IPv4 address")
             if nic.mac is None:
                 raise SpecError(
@@ -262,6 +288,25 @@ def _base_or_image(values: dict) -> tuple[str | None, images.ImageSpec | None]:
 SALT_CLOUD_LOOKALIKES = ("priv_key", "win_password")
 
 
+# Keys that widen what the hypervisor exposes: its operator sets them (provider
+# or master configuration), never a profile, which a requester may write.
+HYPERVISOR_KEYS = ("disk_allowed_dirs", "image_allowed_dirs")
+
+
+def check_written_keys(profile: dict, provider: dict) -> None:
+    """The keys the user wrote for a VM (its profile's and its provider's):
+    none of the hypervisor's in the profile, none a typo of a known key."""
+    for key in HYPERVISOR_KEYS:
+        if key in profile:
+            raise SpecError(
+                key,
+                "is the hypervisor's setting, not a profile's: a profile could open any "
+                "host directory to its guest",
+                f"{key} in the provider configuration (cloud.providers.d), or leave it out",
+            )
+    check_key_typos(set(profile) | set(provider), KNOWN_KEYS)
+
+
 def check_key_typos(keys: Iterable[str], known: Iterable[str]) -> None:
     """Refuse a key that is not one we read but is one letter or two away from
     one (``memroy``, ``cpu``): left alone it would be ignored silently and the
@@ -286,6 +331,23 @@ def check_mapping(key: str, value: Any) -> None:
         raise SpecError(
             key, f"{value!r} is not a mapping", "option: value lines indented under the key"
         )
+
+
+def _deploy_settings(deploy: DeploySpec, values: dict) -> None:
+    """salt-cloud's deploy settings, taken as salt-cloud takes them."""
+    deploy.script = values.get("script") or DEPLOY_SETTING_DEFAULTS["script"]
+    deploy.script_args = values.get("script_args")
+    deploy.deploy_command = values.get("deploy_command")
+    deploy.force_minion_config = bool(values.get("force_minion_config", False))
+    deploy.keysize = values.get("keysize") or DEPLOY_SETTING_DEFAULTS["keysize"]
+    deploy.sudo = bool(values.get("sudo", deploy.ssh_username != "root"))
+    deploy.sudo_password = values.get("sudo_password") or deploy.password
+    deploy.tmp_dir = values.get("tmp_dir")
+    deploy.minion_timeout = seconds(
+        values.get("wait_for_minion_timeout", DEPLOY_SETTING_DEFAULTS["wait_for_minion_timeout"]),
+        "wait_for_minion_timeout",
+        0,
+    )
 
 
 def build_spec(values: dict) -> VMSpec:
@@ -346,6 +408,8 @@ def build_spec(values: dict) -> VMSpec:
         ssh_agent=boolean(values, "ssh_agent", False),
         known_hosts_file=text(values, "known_hosts_file"),
     )
+    if deploy.enabled:
+        _deploy_settings(deploy, values)
     needs_ssh = deploy.enabled and deploy.method == "ssh"
     if needs_ssh and not (deploy.password or deploy.private_key or deploy.ssh_agent):
         raise SpecError(
@@ -362,10 +426,10 @@ def build_spec(values: dict) -> VMSpec:
         name=name,
         base_domain=base,
         clone_strategy=one_of(
-            values, "clone_strategy", clone.STRATEGIES, DEFAULTS["clone_strategy"]
+            values, "clone_strategy", choices.STRATEGIES, DEFAULTS["clone_strategy"]
         ),
-        virt_type=connection.check_virt_type(values.get("virt_type")),
-        ip_source=addresses.check_source(values.get("ip_source") or DEFAULTS["ip_source"]),
+        virt_type=virt_choices.check_virt_type(values.get("virt_type")),
+        ip_source=choices.check_source(values.get("ip_source") or DEFAULTS["ip_source"]),
         validate_xml=boolean(values, "validate_xml", DEFAULTS["validate_xml"]),
         wait_for_ip_timeout=seconds(
             values.get("wait_for_ip_timeout", DEFAULTS["wait_for_ip_timeout"]),

@@ -100,8 +100,8 @@ def _run(session: Session, bundle: Bundle, command: str) -> tuple[int, str, str]
     return session.run(full, timeout=900)
 
 
-def set_hostname(session: Session, bundle: Bundle) -> None:
-    name = shlex.quote(bundle.hostname)
+def set_hostname(session: Session, bundle: Bundle, hostname: str) -> None:
+    name = shlex.quote(hostname)
     code, out, err = _run(
         session,
         bundle,
@@ -130,7 +130,7 @@ def run(session: Session, bundle: Bundle) -> str:
         output = redact.text(err or out, secrets(bundle))
         raise DeployError(f"cannot create {workdir} in the guest: {output}")
     if bundle.hostname:
-        set_hostname(session, bundle)
+        set_hostname(session, bundle, bundle.hostname)
     for name, (data, mode) in bundle.files.items():
         session.put(data, posixpath.join(workdir, name), mode)
     if bundle.script is not None:

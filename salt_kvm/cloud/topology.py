@@ -46,18 +46,22 @@ def parse_cpu_options(value: Any, cpus: int | None, key: str = "cpu_options") ->
     if unknown:
         raise SpecError(key, f"unknown option(s) {', '.join(sorted(unknown))}", CPU_OPTION_KEYS)
     nums = {k: whole_number(v, f"{key}.{k}", 1, 4096) for k, v in items.items()}
-    maxcpus = nums.get("maxcpus")
+    wanted_max = nums.get("maxcpus")
     threads = nums.get("threads", 1)
-    cores = nums.get("cores")
-    sockets = nums.get("sockets")
-    total = maxcpus or cpus or (sockets or 1) * (cores or 1) * threads
-    if cores is None and sockets is None:
+    given_cores = nums.get("cores")
+    given_sockets = nums.get("sockets")
+    total = wanted_max or cpus or (given_sockets or 1) * (given_cores or 1) * threads
+    if given_cores is None and given_sockets is None:
         sockets, cores = 1, max(1, total // threads)
-    elif cores is None:
+    elif given_cores is None:
+        sockets = given_sockets if given_sockets is not None else 1
         cores = max(1, total // (sockets * threads))
-    elif sockets is None:
+    elif given_sockets is None:
+        cores = given_cores
         sockets = max(1, total // (cores * threads))
-    maxcpus = maxcpus or sockets * cores * threads
+    else:
+        sockets, cores = given_sockets, given_cores
+    maxcpus = wanted_max or sockets * cores * threads
     if sockets * cores * threads != maxcpus:
         raise SpecError(
             key,
@@ -116,7 +120,9 @@ def parse_numa(value: Any, vcpus: int, key: str = "numa") -> list[NumaCell]:
         entries = value
     else:
         raise SpecError(key, f"{value!r} is not a NUMA layout", accepted)
-    cells, seen_ids, seen_cpus = [], set(), set()
+    cells: list[NumaCell] = []
+    seen_ids: set[int] = set()
+    seen_cpus: set[int] = set()
     for entry in entries:
         if not isinstance(entry, dict) or set(entry) - {"nodeid", "cpus", "mem", "memory"}:
             raise SpecError(key, f"{entry!r} has unknown fields", "nodeid, cpus, mem")
@@ -165,7 +171,7 @@ def check_numa_memory(numa: list[NumaCell], memory_mib: int | None) -> None:
             "is required when numa cells give their own mem",
             "memory in MiB or as 2G, covering all cells",
         )
-    given = sum(c.memory_mib for c in fixed)
+    given = sum(c.memory_mib or 0 for c in fixed)  # fixed: cells that give theirs
     flexible = len(numa) - len(fixed)
     left = memory_mib - given
     if left < 0 or (flexible and left < flexible) or (not flexible and left != 0):

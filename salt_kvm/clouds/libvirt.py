@@ -25,32 +25,40 @@ See the salt-kvm documentation (docs/cloud.rst) for every key.
 
 import logging
 import time
+from typing import Any
 
 import salt.config as config
 import salt.utils.cloud
 import salt.utils.yaml
-from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
+from salt.exceptions import SaltCloudSystemExit
 
 try:
     import libvirt
 
     from salt_kvm import __version__
+    from salt_kvm.cloud import actions, intent, inventory
     from salt_kvm.cloud import deploy as cloud_deploy
-    from salt_kvm.cloud import intent, inventory, provision
     from salt_kvm.cloud.spec import (
-        DEPLOY_KEYS,
-        PROFILE_KEYS,
         build_spec,
-        check_key_typos,
         check_mapping,
+        check_written_keys,
     )
-    from salt_kvm.disks import ops as diskops
-    from salt_kvm.errors import SaltKvmError, SpecError
     from salt_kvm.images import cache as images
-    from salt_kvm.nat import forwards
-    from salt_kvm.virt import host, lifecycle
+    from salt_kvm.saltutil import (
+        SaltMaster,
+        cloud_errors,
+        connection_args,
+        create_errors,
+        input_errors,
+        minion_files,
+        minion_id,
+        profile_prefix,
+        profile_values,
+        written_config,
+    )
+    from salt_kvm.virt import host
     from salt_kvm.virt.checks import boolean, seconds
-    from salt_kvm.virt.connection import connected, open_connection
+    from salt_kvm.virt.connection import DEFAULT_URI, connected, open_connection
     from salt_kvm.virt.rollback import Interrupted, Rollback, interruptible
 
     HAS_LIBS = True
@@ -60,6 +68,10 @@ except ImportError as _exc:  # pragma: no cover - depends on the master
 
 log = logging.getLogger(__name__)
 __virtualname__ = "libvirt"
+# Injected by Salt's loader (declared for the type checker).
+__opts__: dict[str, Any]
+__utils__: dict[str, Any]
+__active_provider_name__: str | None
 
 
 def __virtual__():
@@ -89,15 +101,7 @@ def _provider_value(key, default=None):
 
 
 def _connection_args(vm_=None) -> dict:
-    source = vm_ if vm_ is not None else (get_configured_provider() or {})
-    get = lambda key, default=None: config.get_cloud_config_value(  # noqa: E731
-        key, source, __opts__, search_global=False, default=default
-    )
-    return {
-        "uri": get("url", "qemu:///system"),
-        "username": get("libvirt_username"),
-        "password": get("libvirt_password"),
-    }
+    return connection_args(__opts__, vm_ if vm_ is not None else (get_configured_provider() or {}))
 
 
 def _connect(vm_=None):
@@ -115,50 +119,12 @@ def _fire(name, step, args):
     )
 
 
-def _profile_values(vm_):
-    values = {"name": vm_.get("name")}
-    for key in PROFILE_KEYS:
-        value = config.get_cloud_config_value(key, vm_, __opts__, search_global=False)
-        if value is not None:
-            values[key] = value
-    return values
-
-
-def _written_keys(vm_):
-    """The keys the user wrote for this VM: its profile's and its provider's
-    (``vm_`` also holds every master option)."""
-    alias, _, driver = str(vm_.get("provider", "")).partition(":")
-    provider = (__opts__.get("providers") or {}).get(alias, {}).get(driver or "libvirt", {})
-    profile = (__opts__.get("profiles") or {}).get(vm_.get("profile")) or {}
-    return set(profile) | set(provider)
-
-
-# Keys that widen what the hypervisor exposes: its operator sets them (provider
-# or master configuration), never a profile, which a requester may write.
-HYPERVISOR_KEYS = ("disk_allowed_dirs", "image_allowed_dirs")
-
-
-def _check_profile_keys(vm_):
-    profile = (__opts__.get("profiles") or {}).get(vm_.get("profile")) or {}
-    for key in HYPERVISOR_KEYS:
-        if key in profile:
-            raise SpecError(
-                key,
-                "is the hypervisor's setting, not a profile's: a profile could open any "
-                "host directory to its guest",
-                f"{key} in the provider configuration (cloud.providers.d), or leave it out",
-            )
-
-
 def _spec(vm_):
-    try:
-        _check_profile_keys(vm_)
-        check_key_typos(_written_keys(vm_), PROFILE_KEYS + DEPLOY_KEYS)
+    with cloud_errors(profile_prefix(vm_)):
+        check_written_keys(*written_config(__opts__, vm_))
         for key in ("minion", "grains"):
             check_mapping(key, config.get_cloud_config_value(key, vm_, __opts__, default=None))
-        return build_spec(_profile_values(vm_))
-    except SpecError as exc:
-        raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc
+        return build_spec(profile_values(__opts__, vm_))
 
 
 # ---- create ------------------------------------------------------------------
@@ -192,34 +158,28 @@ def _create(vm_):
     # The intent journal: what a SIGKILL of this run would leave, for the next
     # create of the name (or -f cleanup) to undo. A killed run's is taken over.
     journal = intent.Journal.in_cache(__opts__, name)
-    try:
+    with cloud_errors(profile_prefix(vm_), f"creating {name}: ", also=(OSError,)):
         journal.begin(keep=journal.stale())
-    except (SaltKvmError, OSError) as exc:
-        raise SaltCloudSystemExit(f"creating {name}: {exc}") from exc
     rollback = Rollback(reconnect=lambda: open_connection(**_connection_args(vm_)), journal=journal)
     if vm_.get("pub_key"):
         # salt-cloud accepted this minion's key before calling us: a failed
         # create (even on bad input) must not leave it behind.
-        key_id = cloud_deploy.minion_id(__opts__, vm_)
+        key_id = minion_id(__opts__, vm_)
         rollback.intend("key", id=key_id)
         rollback.add(
             f"minion key {key_id}", lambda: salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)
         )
-    try:
-        # Bad input stops here, before anything is made.
+    # Bad input stops here, before anything is made; whatever the failure, nothing stays.
+    with input_errors(profile_prefix(vm_)), rollback:
         spec = _spec(vm_)
-        deploy_plan = cloud_deploy.prepare(__opts__, vm_, spec) if spec.deploy.enabled else None
-        seed_iso = cloud_deploy.seed_iso(__opts__, vm_, spec, deploy_plan)
-    except BaseException as exc:
-        # Whatever the type (a Jinja TypeError, an interrupt): nothing stays.
-        rollback.run()
-        if isinstance(exc, SpecError):
-            raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc
-        if isinstance(exc, SaltCloudConfigError) or not isinstance(exc, Exception):
-            raise
-        raise SaltCloudConfigError(
-            f"profile {vm_.get('profile')!r}: {type(exc).__name__}: {exc}"
-        ) from exc
+        deploy_plan = None
+        if spec.deploy.enabled:
+            made = minion_files(__opts__, vm_, spec)
+            deploy_plan = cloud_deploy.prepare(spec, made, bool(__opts__.get("keep_tmp", False)))
+        grains = config.get_cloud_config_value("grains", vm_, __opts__, default={})
+        seed_iso = cloud_deploy.seed_iso(
+            spec, deploy_plan, grains, profile=vm_.get("profile"), provider=vm_.get("provider")
+        )
     started = time.monotonic()
     log.info("creating %s (profile %s)", name, vm_.get("profile"))
 
@@ -235,30 +195,18 @@ def _create(vm_):
         "creating",
         __utils__["cloud.filter_event"]("creating", vm_, ["name", "profile", "provider", "driver"]),
     )
-    try:
+    # The rollback runs on leaving the block with an error, connection still open.
+    with create_errors(name, profile_prefix(vm_), lambda: rollback.failed or rollback.run()):
         with _connect(vm_) as conn, rollback:
             if journal.pending:
                 undone = journal.recover(conn)  # the minion key is this run's now
                 log.warning("removed what a killed create of %s left: %s", name, undone)
             guest, deployed = cloud_deploy.create(
-                __opts__, conn, vm_, spec, deploy_plan, seed_iso, rollback, emit
+                SaltMaster(__opts__), conn, spec, deploy_plan, seed_iso, rollback, emit
             )
-            result = {"name": name, "ip_address": guest.addresses[0], "addresses": guest.addresses}
-            if deployed is not None:
-                result["deploy"] = deployed
-            if guest.virt_type_note:
-                result["virt_type_note"] = guest.virt_type_note
-            result.update(inventory.describe(conn, guest.domain))
+            vm_["ssh_host"] = guest.addresses[0]
+            result = actions.created(conn, guest, deployed)
             rollback.forget()
-    except Exception as exc:
-        # The rollback ran on leaving the block, connection still open.
-        failed = rollback.failed or rollback.run()
-        leftover = f"; could not remove: {', '.join(failed)}" if failed else ""
-        if isinstance(exc, SpecError):
-            raise SaltCloudConfigError(f"profile {vm_.get('profile')!r}: {exc}") from exc
-        raise SaltCloudSystemExit(
-            f"creating {name} failed: {exc}. Everything this run created was removed{leftover}."
-        ) from exc
     guest.mark("total")
     result["timings"] = dict(guest.timings)
     emit("created", {"name": name, "ip_address": guest.addresses[0], "timings": result["timings"]})
@@ -286,13 +234,10 @@ def destroy(name, kwargs=None, call=None):
         salt-cloud -d vm1
         salt-cloud -a destroy vm1 delete_disks=true
     """
-    if call == "function":
-        raise SaltCloudSystemExit("destroy is an action: use -d or -a destroy")
+    _only(call != "function", "destroy is an action: use -d or -a destroy")
     _fire(name, "destroying", {"name": name})
-    try:
+    with cloud_errors():
         removed = _destroy_on_hypervisor(name, kwargs)
-    except SaltKvmError as exc:
-        raise SaltCloudSystemExit(str(exc)) from exc
     salt.utils.cloud.remove_key(__opts__["pki_dir"], name)
     if __opts__.get("update_cachedir", False) is True:
         __utils__["cloud.delete_minion_cachedir"](name, _active_provider().split(":")[0], __opts__)
@@ -303,28 +248,19 @@ def destroy(name, kwargs=None, call=None):
 def _destroy_on_hypervisor(name, kwargs):
     delete_disks = boolean(kwargs or {}, "delete_disks", False)
     with _connect() as conn:
-        dom = lifecycle.lookup(conn, name)
-        info = lifecycle.managed_info(dom) or {}
-        doomed, kept = diskops.split_for_destroy(dom, delete_disks)
-        removed = lifecycle.remove(conn, name, also=doomed)
-        removed["reservations"] = provision.release_reservations(conn, info)
-        removed.update(disks=diskops.delete_volumes(conn, doomed), kept_disks=kept)
-    removed["nat"] = forwards.forget(name)
-    return removed
+        return actions.destroy(conn, name, delete_disks)
+
+
+def _only(allowed, refusal):
+    """salt-cloud's -a (action) / -f (function) check."""
+    if not allowed:
+        raise SaltCloudSystemExit(refusal)
 
 
 def _action(name, call, what, fn):
-    if call != "action":
-        raise SaltCloudSystemExit(f"{what} is an action: use -a {what}")
-    try:
-        with _connect() as conn:
-            dom = lifecycle.lookup(conn, name)
-            if lifecycle.managed_info(dom) is None:
-                raise SaltKvmError(f"{name!r} was not created by salt-kvm")
-            fn(dom)
-            return {name: inventory.state_of(dom)}
-    except (SaltKvmError, libvirt.libvirtError) as exc:
-        raise SaltCloudSystemExit(str(exc)) from exc
+    _only(call == "action", f"{what} is an action: use -a {what}")
+    with cloud_errors(also=(libvirt.libvirtError,)), _connect() as conn:
+        return actions.on_managed(conn, name, fn)
 
 
 def start(name, call=None):
@@ -351,16 +287,9 @@ def stop(name, call=None):
 
         salt-cloud -a stop vm1
     """
-    try:
+    with cloud_errors():
         timeout = seconds(_provider_value("stop_timeout", 180), "stop_timeout", 0)
-    except SpecError as exc:
-        raise SaltCloudSystemExit(str(exc)) from exc
-
-    def stop_domain(dom):
-        if not lifecycle.shutdown(dom, timeout):
-            raise SaltKvmError(f"{name} is still running {timeout:g}s after the shutdown request")
-
-    return _action(name, call, "stop", stop_domain)
+    return _action(name, call, "stop", actions.stopper(name, timeout))
 
 
 def reboot(name, call=None):
@@ -386,15 +315,9 @@ def show_instance(name, call=None):
 
         salt-cloud -a show_instance vm1
     """
-    if call != "action":
-        raise SaltCloudSystemExit("show_instance is an action: use -a show_instance")
-    try:
-        with _connect() as conn:
-            info = inventory.describe(conn, lifecycle.lookup(conn, name))
-        info["nat"] = forwards.listing(name).get(name, {}).get("forwards", [])
-        return info
-    except SaltKvmError as exc:
-        raise SaltCloudSystemExit(str(exc)) from exc
+    _only(call == "action", "show_instance is an action: use -a show_instance")
+    with cloud_errors(), _connect() as conn:
+        return actions.describe(conn, name)
 
 
 def list_nodes_full(call=None):
@@ -407,20 +330,13 @@ def list_nodes_full(call=None):
 
         salt-cloud -F
     """
-    if call == "action":
-        raise SaltCloudSystemExit("list_nodes_full is a function: use -F or -f list_nodes_full")
+    _only(call != "action", "list_nodes_full is a function: use -F or -f list_nodes_full")
     return _live_nodes(inventory.managed)
 
 
 def _live_nodes(lister):
-    """The nodes ``lister`` finds on the hypervisor. A killed create's
-    half-made domain is not one: salt-cloud would refuse to create the name
-    again ("already exists") instead of letting the driver clear it."""
-    with _connect() as conn:
-        nodes = lister(conn)
-    for name in intent.killed(__opts__):
-        nodes.pop(name, None)
-    return nodes
+    with cloud_errors(), _connect() as conn:
+        return actions.live_nodes(conn, __opts__, lister)
 
 
 def list_nodes(call=None):
@@ -433,8 +349,7 @@ def list_nodes(call=None):
 
         salt-cloud -Q
     """
-    if call == "action":
-        raise SaltCloudSystemExit("list_nodes is a function: use -Q or -f list_nodes")
+    _only(call != "action", "list_nodes is a function: use -Q or -f list_nodes")
     keys = ("id", "name", "state", "public_ips", "private_ips", "size", "image")
     return {name: {k: node.get(k) for k in keys} for name, node in list_nodes_full().items()}
 
@@ -451,8 +366,7 @@ def list_nodes_min(call=None):
 
         salt-cloud -f list_nodes_min my-provider
     """
-    if call == "action":
-        raise SaltCloudSystemExit("list_nodes_min is a function: use -f list_nodes_min")
+    _only(call != "action", "list_nodes_min is a function: use -f list_nodes_min")
     return _live_nodes(inventory.managed_min)
 
 
@@ -479,9 +393,8 @@ def avail_images(call=None):
 
         salt-cloud --list-images my-kvm-provider
     """
-    if call == "action":
-        raise SaltCloudSystemExit("avail_images is a function: use --list-images")
-    with _connect() as conn:
+    _only(call != "action", "avail_images is a function: use --list-images")
+    with cloud_errors(), _connect() as conn:
         return inventory.base_domains(conn)
 
 
@@ -508,24 +421,15 @@ def avail_locations(call=None):
 
         salt-cloud --list-locations my-kvm-provider
     """
-    if call == "action":
-        raise SaltCloudSystemExit("avail_locations is a function: use -f or --list-locations")
-    url = _provider_value("url", "qemu:///system")
-    try:
-        with _connect() as conn:
-            facts = host.info(conn)
-    except SaltKvmError as exc:
-        raise SaltCloudSystemExit(str(exc)) from exc
+    _only(call != "action", "avail_locations is a function: use -f or --list-locations")
+    url = _provider_value("url", DEFAULT_URI)
+    with cloud_errors(), _connect() as conn:
+        facts = host.info(conn)
     facts["driver"] = f"salt-kvm {__version__}"
     return {url: facts}
 
 
 # ---- image cache ---------------------------------------------------------------
-
-
-def _image_function(call, what):
-    if call != "function":
-        raise SaltCloudSystemExit(f"{what} is a function: use -f {what} <provider>")
 
 
 def image_list(kwargs=None, call=None):
@@ -540,13 +444,10 @@ def image_list(kwargs=None, call=None):
         salt-cloud -f image_list my-kvm-provider
         salt-cloud -f image_list my-kvm-provider pool=default
     """
-    _image_function(call, "image_list")
+    _only(call == "function", "image_list is a function: use -f image_list <provider>")
     kwargs = kwargs or {}
-    try:
-        with _connect() as conn:
-            return images.list_images(conn, kwargs.get("pool"))
-    except SaltKvmError as exc:
-        raise SaltCloudSystemExit(str(exc)) from exc
+    with cloud_errors(), _connect() as conn:
+        return images.list_images(conn, kwargs.get("pool"))
 
 
 def image_delete(kwargs=None, call=None):
@@ -560,15 +461,12 @@ def image_delete(kwargs=None, call=None):
 
         salt-cloud -f image_delete my-kvm-provider name=image-sha256-0123abcd....qcow2
     """
-    _image_function(call, "image_delete")
+    _only(call == "function", "image_delete is a function: use -f image_delete <provider>")
     kwargs = kwargs or {}
     if not kwargs.get("name"):
         raise SaltCloudSystemExit("image_delete needs name=<a name from image_list>")
-    try:
-        with _connect() as conn:
-            return images.delete_image(conn, kwargs["name"], kwargs.get("pool"))
-    except SaltKvmError as exc:
-        raise SaltCloudSystemExit(str(exc)) from exc
+    with cloud_errors(), _connect() as conn:
+        return images.delete_image(conn, kwargs["name"], kwargs.get("pool"))
 
 
 # ---- what killed runs left ------------------------------------------------------
@@ -587,18 +485,7 @@ def cleanup(kwargs=None, call=None):
 
         salt-cloud -f cleanup my-kvm-provider
     """
-    if call != "function":
-        raise SaltCloudSystemExit("cleanup is a function: use -f cleanup <provider>")
+    _only(call == "function", "cleanup is a function: use -f cleanup <provider>")
     remove_key = lambda key_id: salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)  # noqa: E731
-    removed = {}
-    with _connect() as conn:
-        for journal in intent.journals(__opts__):
-            try:
-                records = journal.stale()
-                if records is None:
-                    continue
-                removed[journal.name] = intent.undo(conn, records, remove_key)
-                journal.path.unlink()
-            except SaltKvmError as exc:
-                removed[journal.name] = {"error": str(exc)}
-    return removed
+    with cloud_errors(), _connect() as conn:
+        return actions.cleanup(conn, __opts__, remove_key)

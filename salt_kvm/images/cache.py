@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import re
 import time
 import uuid
@@ -33,42 +32,25 @@ from dataclasses import dataclass
 import libvirt
 from lxml import etree
 
-from salt_kvm import redact
-from salt_kvm.disks import spec as disks
 from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError, SpecError
 from salt_kvm.images import fetch as imagefetch
-from salt_kvm.images.fetch import Checksum
+from salt_kvm.images.spec import (  # noqa: F401 - re-exported: the names' old home
+    ACCEPTED_SOURCE,
+    DEFAULT_POOL,
+    ImageSpec,
+    parse_image,
+)
 from salt_kvm.virt import chains, locks
-from salt_kvm.virt.checks import one_of, text
 from salt_kvm.virt.volumes import volume_format
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POOL = "default"
 PREFIX = "image-"
 _NAME_RE = re.compile(
     r"image-(?P<key>(?:sha256|sha512|md5|url)-[0-9a-f]{32})"
     r"(?:\.(?P<format>qcow2|raw)|\.part-(?P<part>[0-9a-f]{8}))"
 )
-ACCEPTED_SOURCE = (
-    "an http:// or https:// URL, a file:// URL, or the absolute path of an image file "
-    "on the salt-cloud machine"
-)
 Progress = Callable[[dict], None]
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    source: str
-    checksum: Checksum | None = None
-    format: str = "auto"
-    pool: str = DEFAULT_POOL
-
-    @property
-    def shown(self) -> str:
-        """The source as logs, events, metadata and names may carry it: a URL's
-        userinfo and query (credentials, signed tokens) left out."""
-        return redact.url(self.source)
 
 
 @dataclass
@@ -80,48 +62,6 @@ class CachedImage:
     pool: str
     source: str
     downloaded: bool = False
-
-
-def parse_image(values: dict) -> ImageSpec:
-    """The profile's ``image``, ``image_checksum``, ``image_format``, ``image_pool``."""
-    source = text(values, "image", required=True)
-    path = imagefetch.local_path(source)
-    scheme = source.split("://", 1)[0].lower() if "://" in source else ""
-    if path is None and scheme not in ("http", "https"):
-        raise SpecError(
-            "image", f"{redact.url(source)!r} is not a URL or absolute path", ACCEPTED_SOURCE
-        )
-    if path is not None:
-        _check_local(path, values.get("image_allowed_dirs"))
-    checksum = values.get("image_checksum")
-    return ImageSpec(
-        source=source,
-        checksum=imagefetch.parse_checksum(checksum) if checksum not in (None, "") else None,
-        format=one_of(values, "image_format", imagefetch.FORMAT_CHOICES, "auto"),
-        pool=text(values, "image_pool") or DEFAULT_POOL,
-    )
-
-
-def _check_local(path: str, allowed: object) -> None:
-    """A local image is read as root on the salt-cloud machine into a guest's
-    disk (as raw, any file is an image): only below a directory the provider
-    opens with ``image_allowed_dirs``, symbolic links resolved first."""
-    dirs = [os.path.realpath(d) for d in disks.parse_allowed_dirs(allowed, "image_allowed_dirs")]
-    real = os.path.realpath(path)
-    if not disks.within(real, dirs):
-        where = f"{path!r}" + (f" (really {real!r})" if real != os.path.normpath(path) else "")
-        raise SpecError(
-            "image",
-            f"{where} is outside image_allowed_dirs",
-            (
-                f"a file below {', '.join(dirs)}"
-                if dirs
-                else "a file below a directory of image_allowed_dirs (provider configuration)"
-            )
-            + ", or an http(s) URL",
-        )
-    if not (os.path.isfile(real) and os.access(real, os.R_OK)):
-        raise SpecError("image", f"{path!r} is not a readable file", ACCEPTED_SOURCE)
 
 
 def cache_key(image: ImageSpec, validator: str | None) -> str:

@@ -11,15 +11,17 @@ import libvirt
 from lxml import etree
 
 from salt_kvm import redact
-from salt_kvm.errors import SaltKvmError, SpecError
+from salt_kvm.errors import SaltKvmError
+from salt_kvm.virt.choices import (  # noqa: F401 - re-exported: the names' old home
+    DEFAULT_URI,
+    VIRT_AUTO,
+    VIRT_KVM,
+    VIRT_QEMU,
+    VIRT_TYPES,
+    check_virt_type,
+)
 
 log = logging.getLogger(__name__)
-
-DEFAULT_URI = "qemu:///system"
-VIRT_KVM = "kvm"
-VIRT_QEMU = "qemu"
-VIRT_AUTO = "auto"
-VIRT_TYPES = (VIRT_KVM, VIRT_QEMU, VIRT_AUTO)
 
 
 def _silence_libvirt_stderr() -> None:
@@ -85,11 +87,3 @@ def kvm_available(conn: libvirt.virConnect) -> bool:
         arch.get("name") == "x86_64" and arch.find(f"domain[@type='{VIRT_KVM}']") is not None
         for arch in caps.findall("guest/arch")
     )
-
-
-def check_virt_type(value: object, key: str = "virt_type") -> str:
-    if value is None:
-        return VIRT_AUTO
-    if value not in VIRT_TYPES:
-        raise SpecError(key, f"{value!r} is not a domain type", VIRT_TYPES)
-    return value

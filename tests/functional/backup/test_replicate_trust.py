@@ -168,6 +168,13 @@ def test_a_deploy_with_known_hosts_file_checks_the_guest_key(server, tmp_path):
     assert cloud_deploy.host_trust(build_spec(values)) is None  # a fresh guest: new key
     from salt.exceptions import SaltCloudConfigError
 
+    from salt_kvm.errors import SpecError
+    from salt_kvm.saltutil import cloud_errors
+
     missing = build_spec({**values, "known_hosts_file": str(tmp_path / "nope")})
-    with pytest.raises(SaltCloudConfigError, match="known_hosts_file: cannot read"):
+    with pytest.raises(SpecError, match="known_hosts_file: cannot read"):
         cloud_deploy.host_trust(missing)
+    # the driver's translation: a configuration error, by the profile's key
+    with pytest.raises(SaltCloudConfigError, match="known_hosts_file: cannot read"):
+        with cloud_errors():
+            cloud_deploy.host_trust(missing)

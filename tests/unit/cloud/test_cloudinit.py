@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from salt_kvm.cloud import cloudinit
+from salt_kvm.cloud import deploy as cloud_deploy
 from salt_kvm.cloud.spec import NicSpec, build_spec
 from salt_kvm.errors import SpecError
 from tests.unit.cloud.test_seed import read_iso
@@ -237,11 +238,11 @@ def test_seed_iso_carries_meta_and_network_config():
             },
         }
     )
-    label, files = read_iso(cloudinit.seed_iso(spec, None, {}))
+    label, files = read_iso(cloud_deploy.seed_iso(spec, None, {}))
     meta = yaml.safe_load(files["meta-data"])
     assert label == "cidata" and meta["local-hostname"] == "front"
     assert meta["instance-id"].startswith("web1.lan-")
     assert yaml.safe_load(files["network-config"]) == {"version": 2}
     assert cloud_config(files["user-data"]) == {"runcmd": ["true"]}
     no_seed = build_spec({"name": "vm", "base_domain": "b", "deploy": False})
-    assert cloudinit.seed_iso(no_seed, None, {}) is None
+    assert cloud_deploy.seed_iso(no_seed, None, {}) is None

@@ -568,3 +568,9 @@ def test_the_spec_alone_knows_the_profile_keys():
     # Every top-level default is a profile key (nic_model is nics[].model's).
     assert set(spec.DEFAULTS) - {"nic_model"} <= set(spec.PROFILE_KEYS)
     assert not set(spec.PROFILE_KEYS) & set(spec.DEPLOY_KEYS)
+    # salt-cloud's deploy settings are the spec's too (nothing downstream reads vm_)
+    assert set(spec.DEPLOY_SETTING_DEFAULTS) <= set(spec.DEPLOY_SETTING_KEYS)
+    assert not set(spec.DEPLOY_SETTING_KEYS) & set(spec.PROFILE_KEYS + spec.DEPLOY_KEYS)
+    assert set(spec.KNOWN_KEYS) == set(
+        spec.PROFILE_KEYS + spec.DEPLOY_SETTING_KEYS + spec.DEPLOY_KEYS
+    )

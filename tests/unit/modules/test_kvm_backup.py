@@ -1,0 +1,77 @@
+"""kvm_backup execution module through Salt's loader: why it does not load,
+arguments refused before anything runs, library errors as
+CommandExecutionError with their message. (Passwords: tests/unit/test_secret_args.py.)"""
+
+import pytest
+from salt.exceptions import CommandExecutionError
+
+from salt_kvm.errors import NotFoundError, SaltKvmError, SpecError
+from tests.unit.loader import load, never, no_connection, raising
+
+kvm_backup = load("modules", "kvm_backup")
+
+
+@pytest.fixture
+def configure_loader_modules():
+    return {
+        kvm_backup: {
+            "__opts__": {},
+            "__pillar__": {},
+            "__salt__": {"config.get": lambda key, default=None: default},
+            "connection_for": no_connection,
+        }
+    }
+
+
+def test_without_libvirt_it_does_not_load_and_says_why(monkeypatch):
+    monkeypatch.setattr(kvm_backup, "HAS_LIBS", False)
+    monkeypatch.setattr(kvm_backup, "_IMPORT_ERROR", "No module named 'libvirt'", raising=False)
+    loaded, why = kvm_backup.__virtual__()
+    assert loaded is False and "libvirt-python" in why
+
+
+def test_without_qemu_img_it_does_not_load_and_says_why(monkeypatch):
+    monkeypatch.setattr(kvm_backup.qemuimg, "available", lambda: False)
+    assert kvm_backup.__virtual__() == (
+        False,
+        "kvm_backup needs qemu-img (Debian package qemu-utils)",
+    )
+
+
+def test_library_errors_keep_their_message(monkeypatch):
+    monkeypatch.setattr(kvm_backup.backup_ops, "list_points", raising(SaltKvmError("bad store")))
+    with pytest.raises(CommandExecutionError, match="^bad store$"):
+        kvm_backup.list_("web1", "/srv/backup")
+    monkeypatch.setattr(kvm_backup.snapshots, "delete", raising(NotFoundError("no snapshot s1")))
+    with pytest.raises(CommandExecutionError, match="^no snapshot s1$"):
+        kvm_backup.snapshot_delete("web1", "s1")
+    monkeypatch.setattr(kvm_backup.backup_ops, "verify", raising(SpecError("point", "not an id")))
+    with pytest.raises(CommandExecutionError, match="^point: not an id$"):
+        kvm_backup.verify("web1", "/srv/backup", point="x")
+
+
+def test_a_bad_copy_target_is_refused_by_name_before_the_backup(monkeypatch):
+    monkeypatch.setattr(kvm_backup.backup, "create", never)
+    with pytest.raises(CommandExecutionError, match="^copies: "):
+        kvm_backup.create("web1", "/srv/backup", copies=["ftp://nas/backup"])
+    with pytest.raises(CommandExecutionError, match="^copies: 42 is not a copy destination"):
+        kvm_backup.create("web1", "/srv/backup", copies=[42])
+
+
+def test_a_failed_copy_after_the_backup_keeps_its_message(monkeypatch):
+    monkeypatch.setattr(kvm_backup.backup, "create", lambda conn, *a, **k: {"point": "p1"})
+    monkeypatch.setattr(kvm_backup.backup_ops, "replicate", raising(SaltKvmError("disk full")))
+    with pytest.raises(CommandExecutionError, match="^disk full$"):
+        kvm_backup.create("web1", "/srv/backup", copies=["/mnt/copy"])
+
+
+def test_prune_test_true_is_passed_to_the_library(monkeypatch):
+    seen = {}
+
+    def prune(dest, domain, keep, test, conn=None):
+        seen.update(keep=keep, test=test)
+        return {"deleted": []}
+
+    monkeypatch.setattr(kvm_backup.backup_ops, "prune", prune)
+    assert kvm_backup.prune("web1", "/srv/backup", 4, test=True) == {"deleted": []}
+    assert seen == {"keep": 4, "test": True}
