@@ -19,9 +19,7 @@ try:
 
     from salt_kvm.errors import SaltKvmError
     from salt_kvm.nat import firewall as hostnet
-    from salt_kvm.nat import forwards
-    from salt_kvm.nat import hookfiles as hookscript
-    from salt_kvm.nat import hooks as nathook
+    from salt_kvm.nat import forwards, hookfiles, hooks
     from salt_kvm.nat import rules as nat
     from salt_kvm.nat.store import Store
     from salt_kvm.saltutil import command_errors, config_value, connection_for
@@ -56,11 +54,11 @@ def _hooks_warning(changes, name=None):
     """``changes`` plus, when the hooks that keep forwards alive are not
     active, a ``warning`` saying so and what to do, and the hooks' latest
     logged failures about the domain or its network (``hook_errors``)."""
-    active, why = hookscript.status()
+    active, why = hookfiles.status()
     if not active:
         changes = {**changes, "warning": why}
     if name is not None:
-        errors = nathook.problems(_names(name))
+        errors = hooks.problems(_names(name))
         if errors:
             changes = {**changes, "hook_errors": errors}
     return changes
@@ -136,10 +134,10 @@ def list_(name=None):
     """
     with command_errors():
         listed = forwards.listing(name)
-        active, why = hookscript.status()
+        active, why = hookfiles.status()
     for domain, info in listed.items():
         info["hooks"] = "active" if active else why
-        info["hook_errors"] = nathook.problems({domain, info["network"]})
+        info["hook_errors"] = hooks.problems({domain, info["network"]})
     return listed
 
 
@@ -200,7 +198,7 @@ def install_hooks(hooks_dir="/etc/libvirt/hooks", test=False):
         salt hypervisor kvm_nat.install_hooks
     """
     with command_errors("cannot install the hooks: ", also=(OSError, ValueError)):
-        return nathook.install(hooks_dir, test=bool(test))
+        return hooks.install(hooks_dir, test=bool(test))
 
 
 def hooks_status(hooks_dir="/etc/libvirt/hooks"):
@@ -218,7 +216,7 @@ def hooks_status(hooks_dir="/etc/libvirt/hooks"):
         salt hypervisor kvm_nat.hooks_status
     """
     with command_errors():
-        active, why = hookscript.status(hooks_dir)
+        active, why = hookfiles.status(hooks_dir)
         state = hostnet.firewall()
         through, how = hostnet.passable(state)
     firewall = {
@@ -230,7 +228,7 @@ def hooks_status(hooks_dir="/etc/libvirt/hooks"):
     return {
         "active": active,
         "status": why,
-        "errors": nathook.problems(_names()),
+        "errors": hooks.problems(_names()),
         "firewall": firewall,
     }
 

@@ -17,8 +17,7 @@ from typing import Any, Protocol
 import libvirt
 
 from salt_kvm import ssh as ssh_lib
-from salt_kvm.cloud import cloudinit, provision, seed
-from salt_kvm.cloud import sshdeploy as ssh_deploy
+from salt_kvm.cloud import cloudinit, provision, seed, sshdeploy
 from salt_kvm.cloud.provision import Guest
 from salt_kvm.cloud.spec import VMSpec
 from salt_kvm.errors import SaltKvmError, SpecError
@@ -59,7 +58,7 @@ class Master(Protocol):
 
 @dataclass
 class Plan:
-    bundle: ssh_deploy.Bundle
+    bundle: sshdeploy.Bundle
     key_id: str
     pub: str
     minion_timeout: float
@@ -69,14 +68,14 @@ def prepare(spec: VMSpec, made: MinionFiles, keep_tmp: bool = False) -> Plan:
     """Everything the deploy needs, checked before any guest exists: the files
     Salt made, the deploy settings, credentials and host key trust."""
     deploy = spec.deploy
-    bundle = ssh_deploy.Bundle(
+    bundle = sshdeploy.Bundle(
         files=made.files,
         script=made.script.encode() if made.script else None,
         deploy_command=deploy.deploy_command,
         script_args=deploy.script_args,
         bootstrap_style="bootstrap-salt" in str(deploy.script),
         force_minion_config=deploy.force_minion_config,
-        tmp_dir=deploy.tmp_dir or ssh_deploy.DEFAULT_TMP_DIR,
+        tmp_dir=deploy.tmp_dir or sshdeploy.DEFAULT_TMP_DIR,
         keep_tmp=keep_tmp,
         sudo=deploy.sudo,
         sudo_password=deploy.sudo_password,
@@ -257,7 +256,7 @@ def run(master: Master, plan: Plan, spec: VMSpec, guest: Guest) -> dict:
             trust=host_trust(spec),
         ) as session:
             guest.mark("ssh")
-            ssh_deploy.run(session, plan.bundle)
+            sshdeploy.run(session, plan.bundle)
         guest.mark("deploy")
     return {"method": "ssh", "minion_id": plan.key_id}
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from salt_kvm import redact
 from salt_kvm.disks import spec as disks
 from salt_kvm.errors import SpecError
-from salt_kvm.images import fetch as imagefetch
+from salt_kvm.images import fetch
 from salt_kvm.images.fetch import Checksum
 from salt_kvm.virt.checks import one_of, text
 
@@ -39,7 +39,7 @@ class ImageSpec:
 def parse_image(values: dict) -> ImageSpec:
     """The profile's ``image``, ``image_checksum``, ``image_format``, ``image_pool``."""
     source = text(values, "image", required=True)
-    path = imagefetch.local_path(source)
+    path = fetch.local_path(source)
     scheme = source.split("://", 1)[0].lower() if "://" in source else ""
     if path is None and scheme not in ("http", "https"):
         raise SpecError(
@@ -50,8 +50,8 @@ def parse_image(values: dict) -> ImageSpec:
     checksum = values.get("image_checksum")
     return ImageSpec(
         source=source,
-        checksum=imagefetch.parse_checksum(checksum) if checksum not in (None, "") else None,
-        format=one_of(values, "image_format", imagefetch.FORMAT_CHOICES, "auto"),
+        checksum=fetch.parse_checksum(checksum) if checksum not in (None, "") else None,
+        format=one_of(values, "image_format", fetch.FORMAT_CHOICES, "auto"),
         pool=text(values, "image_pool") or DEFAULT_POOL,
     )
 

@@ -18,7 +18,7 @@ from typing import TypeGuard
 import libvirt
 
 from salt_kvm.errors import ConflictError, ForwardsBlocked, NotFoundError, SaltKvmError, SpecError
-from salt_kvm.nat import firewall as hostnet
+from salt_kvm.nat import firewall
 from salt_kvm.nat import rules as nat
 from salt_kvm.nat.placement import locate, managed_domains
 from salt_kvm.nat.store import Entry, Placement, Store, all_forwards
@@ -82,30 +82,30 @@ def sync_kernel(entries: dict[str, Entry], replace: bool = True, strict: bool = 
     forwards = all_forwards(entries)
     want = set(nat.localnet_bridges(forwards))
     done = []
-    guarded = hostnet.guarded_bridges()
-    candidates = hostnet.libvirt_bridges() | {e.placement.bridge for e in entries.values()}
-    for bridge in sorted(hostnet.route_localnet_on(candidates)):
-        if (bridge not in want or bridge not in guarded) and hostnet.route_localnet(bridge, False):
+    guarded = firewall.guarded_bridges()
+    candidates = firewall.libvirt_bridges() | {e.placement.bridge for e in entries.values()}
+    for bridge in sorted(firewall.route_localnet_on(candidates)):
+        if (bridge not in want or bridge not in guarded) and firewall.route_localnet(bridge, False):
             done.append(f"route_localnet off on {bridge}")
     if replace:
-        hostnet.replace_table(nat.script(forwards))
+        firewall.replace_table(nat.script(forwards))
         done.append("table")
-        guarded = hostnet.guarded_bridges()
+        guarded = firewall.guarded_bridges()
     for bridge in sorted(want):
         if bridge not in guarded:
             raise SaltKvmError(
                 f"the guard rule for {bridge} is not in the kernel's table; "
                 "route_localnet left off (forwards from 127.0.0.1 to it will not work)"
             )
-        if hostnet.route_localnet(bridge, True):
+        if firewall.route_localnet(bridge, True):
             done.append(f"route_localnet on {bridge}")
     for name, entry in sorted(entries.items()):
-        for tap, _ in hostnet.running_taps(entry.placement.network, {name}):
-            if hostnet.hairpin(tap):
+        for tap, _ in firewall.running_taps(entry.placement.network, {name}):
+            if firewall.hairpin(tap):
                 done.append(f"hairpin on {tap}")
     if entries:
         try:
-            if hostnet.ensure_forward_accept():
+            if firewall.ensure_forward_accept():
                 done.append("forward accept")
         except ForwardsBlocked as exc:
             if strict:
@@ -116,7 +116,7 @@ def sync_kernel(entries: dict[str, Entry], replace: bool = True, strict: bool = 
 
 def refuse_if_blocked() -> None:
     """A forward that the host's firewall would drop is refused, never made dead."""
-    problem = hostnet.forward_problem()
+    problem = firewall.forward_problem()
     if problem is not None:
         raise ForwardsBlocked(f"forwards cannot work on this host: {problem}; nothing changed")
 
@@ -206,7 +206,7 @@ def apply_all(
     with _locked(store):
         entries = store.load()
         before = dict(entries)
-        busy = hostnet.local_ports()
+        busy = firewall.local_ports()
         changes = {}
         for domain in sorted(gone & set(entries)):
             log.warning("forwards of %s dropped: the domain is gone or not salt-kvm's", domain)
@@ -270,7 +270,7 @@ def _is_rule_list(value: object) -> TypeGuard[list[nat.Rule]]:
 def _active(entries: dict[str, Entry]) -> bool:
     """Whether the kernel's table holds exactly what the state says (forwards and guards)."""
     forwards = all_forwards(entries)
-    chains = hostnet.table_comments()
+    chains = firewall.table_comments()
     wanted = sorted(f.comment for f in forwards)
     guards = sorted(nat.GUARD + b for b in {f.bridge for f in forwards})
     return (
@@ -351,7 +351,7 @@ def check_host_addresses(rules: list[nat.Rule], key: str = "rules") -> None:
     explicit = [r.host_address for r in rules if r.host_address not in (None, nat.EVERY)]
     if not explicit:
         return
-    local = hostnet.local_addresses()
+    local = firewall.local_addresses()
     for address in explicit:
         if address not in local and not ipaddress.IPv4Address(address).is_loopback:
             raise SpecError(
@@ -378,7 +378,7 @@ def check_free(domain: str, rules: list[nat.Rule], store: Store | None = None) -
     if rules:
         refuse_if_blocked()
     check_host_addresses(rules, "nat_rules")
-    _check_free((store or Store()).load(), domain, rules, hostnet.local_ports())
+    _check_free((store or Store()).load(), domain, rules, firewall.local_ports())
 
 
 def listing(domain: str | None = None, store: Store | None = None) -> dict[str, dict]:
@@ -387,9 +387,9 @@ def listing(domain: str | None = None, store: Store | None = None) -> dict[str, 
     ``active``: in salt-kvm's table AND able to pass libvirt's forward rules
     (``firewall`` says how, or why not)."""
     entries = (store or Store()).load()
-    active = set(hostnet.table_comments().get("prerouting", []))
+    active = set(firewall.table_comments().get("prerouting", []))
     result = {}
-    through, why = hostnet.passable() if entries else (True, "")
+    through, why = firewall.passable() if entries else (True, "")
     for name, entry in sorted(entries.items()):
         if domain is not None and name != domain:
             continue

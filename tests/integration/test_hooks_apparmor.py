@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import salt_kvm
-from salt_kvm.nat import hookfiles as hookscript
+from salt_kvm.nat import hookfiles
 from tests import apparmor
 
 pytestmark = pytest.mark.integration
@@ -36,7 +36,7 @@ HOOK_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 def installed_profiles():
     """The profiles of the daemons that run network/qemu hooks, as installed."""
     found = {}
-    for daemon in hookscript.DAEMONS:
+    for daemon in hookfiles.DAEMONS:
         path = PROFILES / f"usr.sbin.{daemon}"
         if path.exists():
             found[daemon] = apparmor.load(path)
@@ -59,17 +59,17 @@ def trace_hook(tmp_path, python, driver="qemu", args=("vm1", "stopped", "end", "
     root = tmp_path / "root"
     hooks = root / "etc" / "libvirt" / "hooks"
     log = tmp_path / "log" / "hook.log"
-    hookscript.install(
+    hookfiles.install(
         python,
         PACKAGE_PARENT,
         tmp_path / "nat.json",
         hooks,
         conf=root / "etc" / "salt-kvm" / "hook.conf",
         log=log,
-        launcher=root / hookscript.LAUNCHER.relative_to("/"),
+        launcher=root / hookfiles.LAUNCHER.relative_to("/"),
     )
     out = tmp_path / "trace"
-    hook = hooks / f"{driver}.d" / hookscript.HOOK_NAME
+    hook = hooks / f"{driver}.d" / hookfiles.HOOK_NAME
     proc = subprocess.run(
         ["strace", "-f", "-qq", "-s", "512", "-o", str(out), "-e",
          "trace=execve,fork,vfork,clone,clone3", str(hook), *args],

@@ -25,8 +25,7 @@ from pathlib import Path
 import pytest
 
 import salt_kvm
-from salt_kvm.nat import firewall as hostnet
-from salt_kvm.nat import hookfiles as hookscript
+from salt_kvm.nat import firewall, hookfiles
 from salt_kvm.nat import rules as nat
 
 from . import nftbed
@@ -101,7 +100,7 @@ def bed(tmp_path_factory):
     try:
         host = nftbed.private_libvirtd(
             tmp / "root",
-            lambda hooks: hookscript.install(
+            lambda hooks: hookfiles.install(
                 sys.executable, PACKAGE_PARENT, state, hooks, conf=tmp / "hook.conf", log=log
             ),
         )
@@ -181,7 +180,7 @@ def forward_chain(bed):
 
 def drop_our_accept(bed):
     for rule in forward_chain(bed):
-        if rule.get("comment") == hostnet.ACCEPT_TAG:
+        if rule.get("comment") == firewall.ACCEPT_TAG:
             bed["host"].run(
                 "nft", "delete", "rule", *LIBVIRT_NFT, "forward", "handle",
                 str(rule["handle"]),
@@ -211,8 +210,8 @@ def test_forward_passes_libvirts_nftables_rejects_and_comes_back_after_a_network
     assert "new" in out
     assert from_outside(bed).strip() == "guest-ok", _debug(bed)
     rules = forward_chain(bed)
-    assert rules[0].get("comment") == hostnet.ACCEPT_TAG, rules
-    assert [r.get("comment") for r in rules].count(hostnet.ACCEPT_TAG) == 1
+    assert rules[0].get("comment") == firewall.ACCEPT_TAG, rules
+    assert [r.get("comment") for r in rules].count(firewall.ACCEPT_TAG) == 1
     drop_our_accept(bed)
     assert from_outside(bed).startswith("ConnectionRefusedError")  # libvirt's reject
     # kvm_nat.reapply's path puts it back, first, once; a second run changes nothing.
@@ -231,7 +230,7 @@ def test_forward_passes_libvirts_nftables_rejects_and_comes_back_after_a_network
     bed["host"].run("ip", "link", "set", "skn-tap", "master", BRIDGE, "up")  # a tap's re-attach
     forwarding(bed["host"])
     rules = forward_chain(bed)
-    assert rules[0].get("comment") == hostnet.ACCEPT_TAG, (rules, _log(bed))
+    assert rules[0].get("comment") == firewall.ACCEPT_TAG, (rules, _log(bed))
     assert from_outside(bed).strip() == "guest-ok", _debug(bed)
     assert " ERROR " not in _log(bed)
     # kvm_nat.list's view, inside the namespace: passable through nftables.

@@ -3,7 +3,7 @@ name before anything is created, or read the one documented way."""
 
 import pytest
 
-from salt_kvm.backup import snapshots as snapshot
+from salt_kvm.backup import snapshots
 from salt_kvm.backup import store as backup_store
 from salt_kvm.cloud import cloudinit
 from salt_kvm.cloud.spec import build_spec
@@ -73,7 +73,7 @@ def test_names_with_a_trailing_newline_are_refused(suffix):
     with pytest.raises(SpecError):
         names.check_vm_name("vm1" + suffix)
     with pytest.raises(SpecError):
-        snapshot.check_name("before" + suffix)
+        snapshots.check_name("before" + suffix)
     with pytest.raises(SpecError):
         backup_store.check_point_ref("20260101T000000Z" + suffix)
 
@@ -82,7 +82,7 @@ def test_names_with_a_trailing_newline_are_refused(suffix):
     "pattern,good",
     [
         (names._NAME_RE, "vm1"),
-        (snapshot.NAME_RE, "before-upgrade"),
+        (snapshots.NAME_RE, "before-upgrade"),
         (disks._NAME_RE, "data"),
         (disks._TARGET_RE, "vdb"),
         (backup_store.POINT_RE, "20260101T000000Z"),

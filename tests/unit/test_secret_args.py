@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from salt.exceptions import CommandExecutionError
 
-from salt_kvm.cloud import sshdeploy as deploy
+from salt_kvm.cloud import sshdeploy
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "s3cret-Pw-77"
@@ -99,15 +99,15 @@ class _Session:
 
 @pytest.mark.parametrize("code", [0, 3])
 def test_deploy_never_logs_script_args(caplog, code):
-    bundle = deploy.Bundle(script=b"#!/bin/sh\n", script_args=f"-P {SECRET}")
+    bundle = sshdeploy.Bundle(script=b"#!/bin/sh\n", script_args=f"-P {SECRET}")
     session = _Session(code)
     with caplog.at_level(logging.DEBUG, logger="salt_kvm"):
         if code:
-            with pytest.raises(deploy.DeployError) as err:
-                deploy.run(session, bundle)
+            with pytest.raises(sshdeploy.DeployError) as err:
+                sshdeploy.run(session, bundle)
             assert SECRET not in str(err.value) and "exit code 3" in str(err.value)
         else:
-            deploy.run(session, bundle)
+            sshdeploy.run(session, bundle)
     assert any(SECRET in c for c in session.ran)  # the guest still gets them
     assert "running the deploy command" in caplog.text
     assert SECRET not in caplog.text

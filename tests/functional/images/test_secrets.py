@@ -11,7 +11,7 @@ from salt_kvm.cloud import provision
 from salt_kvm.cloud.spec import build_spec
 from salt_kvm.errors import SaltKvmError
 from salt_kvm.images import cache as images
-from salt_kvm.images import fetch as imagefetch
+from salt_kvm.images import fetch
 from salt_kvm.virt import lifecycle
 from salt_kvm.virt.domain import Domain
 from salt_kvm.virt.rollback import Rollback
@@ -40,14 +40,14 @@ def _assert_clean(text):
 
 def test_credentials_in_the_url_open_the_download(server, caplog):
     with caplog.at_level(logging.DEBUG):
-        source = imagefetch.open_source(_secret_url(server))
+        source = fetch.open_source(_secret_url(server))
         assert b"".join(source.chunks()) == IMAGE
     _assert_clean(caplog.text)
 
 
 def test_a_refused_download_names_the_url_without_its_secrets(server, caplog):
     with caplog.at_level(logging.DEBUG), pytest.raises(SaltKvmError) as err:
-        b"".join(imagefetch.open_source(_secret_url(server, password="Wrong-Pa55word")).chunks())
+        b"".join(fetch.open_source(_secret_url(server, password="Wrong-Pa55word")).chunks())
     assert "401" in str(err.value) and server.url("/d.qcow2") in str(err.value)
     _assert_clean(str(err.value) + caplog.text)
     assert "Wrong-Pa55word" not in str(err.value) + caplog.text

@@ -7,8 +7,7 @@ import pytest
 
 from salt_kvm.cloud import addresses
 from salt_kvm.errors import ConflictError, SpecError
-from salt_kvm.nat import firewall as hostnet
-from salt_kvm.nat import forwards, placement
+from salt_kvm.nat import firewall, forwards, placement
 from salt_kvm.nat import rules as nat
 from salt_kvm.nat.store import Entry, Placement, Store
 from salt_kvm.virt.domain import new_domain
@@ -53,7 +52,7 @@ def kernel(monkeypatch):
         "libvirt_bridges": lambda: set(),
         "guarded_bridges": lambda: set(),
     }.items():
-        monkeypatch.setattr(hostnet, name, value, raising=False)
+        monkeypatch.setattr(firewall, name, value, raising=False)
     if hasattr(forwards, "sync_kernel"):
         monkeypatch.setattr(forwards, "sync_kernel", lambda entries, **_: [])
 
@@ -163,12 +162,12 @@ def test_a_create_whose_forward_write_fails_leaves_no_forward(conn, pool, base, 
         "guarded_bridges": lambda: {"virbr0"},
         "firewall": lambda: FIREWALL_OK,
     }.items():
-        monkeypatch.setattr(hostnet, name, value, raising=False)
+        monkeypatch.setattr(firewall, name, value, raising=False)
 
     def iptables_fails():
         raise forwards.SaltKvmError("iptables -w -t filter -N SALT_KVM_FWD failed: injected")
 
-    monkeypatch.setattr(hostnet, "ensure_forward_accept", iptables_fails)
+    monkeypatch.setattr(firewall, "ensure_forward_accept", iptables_fails)
     nic = {"network": "default", "mac": "52:54:00:12:34:58", "ip": "192.168.122.62"}
     values = {"name": "vm1", "base_domain": "base", "password": "pw", "clone_strategy": "quick"}
     rollback = Rollback()

@@ -6,10 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from salt_kvm.backup import method_api as backup_api
-from salt_kvm.backup import method_snapshot as backup_snap
+from salt_kvm.backup import method_api, method_snapshot, snapshots
 from salt_kvm.backup import run as backup
-from salt_kvm.backup import snapshots as snapshot
 from salt_kvm.backup import store as bs
 from salt_kvm.backup.core import SourceDisk, check_method
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
@@ -86,7 +84,7 @@ def test_api_is_refused_on_old_libvirt_pointing_at_the_fallback():
 
 
 def test_snapshot_method_follows_any_point_without_a_checkpoint():
-    plan = backup_snap.SnapshotMethod().plan
+    plan = method_snapshot.SnapshotMethod().plan
     api_point = point("20260101T000000Z")
     snap_point = point("20260102T000000Z", api_point.id, "snapshot", None)
     # raw disks, no bitmaps, no checkpoint: still incremental
@@ -102,29 +100,29 @@ def test_snapshot_method_follows_any_point_without_a_checkpoint():
 def test_api_after_a_snapshot_point_starts_a_new_chain_and_says_why():
     qcow2 = [SourceDisk("vda", "/p/vm.qcow2", "qcow2", True)]
     latest = point("20260102T000000Z", None, "snapshot", None, disks=("vda",))
-    parent, reason = backup_api._plan_kind(None, qcow2, latest, False, None, 1)
+    parent, reason = method_api._plan_kind(None, qcow2, latest, False, None, 1)
     assert parent is None
     assert "taken with method=snapshot" in reason and "no checkpoint" in reason
 
 
 def test_overlay_names_are_recognised():
-    overlay = backup_snap.overlay_for("/var/lib/libvirt/images/vm.qcow2", "20261121T041100Z")
+    overlay = method_snapshot.overlay_for("/var/lib/libvirt/images/vm.qcow2", "20261121T041100Z")
     assert overlay == "/var/lib/libvirt/images/vm.saltkvm-backup-20261121T041100Z.qcow2"
-    assert backup_snap.is_overlay(overlay)
-    assert backup_snap.is_overlay("/x/vm.saltkvm-backup-20261121T041100Z-2.qcow2")
+    assert method_snapshot.is_overlay(overlay)
+    assert method_snapshot.is_overlay("/x/vm.saltkvm-backup-20261121T041100Z-2.qcow2")
     for other in (
         "/x/vm.qcow2",
         "/x/vm.before-upgrade.qcow2",
         None,
         "/x/vm.saltkvm-backup-x.qcow2",
     ):
-        assert not backup_snap.is_overlay(other)
+        assert not method_snapshot.is_overlay(other)
 
 
 def test_user_snapshots_cannot_take_the_backup_overlay_names():
     with pytest.raises(SpecError, match="^name: .*reserved for backups"):
-        snapshot.check_name("saltkvm-backup-20261121T041100Z")
-    assert snapshot.check_name("saltkvm-before") == "saltkvm-before"
+        snapshots.check_name("saltkvm-backup-20261121T041100Z")
+    assert snapshots.check_name("saltkvm-before") == "saltkvm-before"
 
 
 def test_manifests_record_the_method_and_old_or_newer_ones_still_read():

@@ -9,7 +9,7 @@ import pytest
 
 from salt_kvm.errors import SaltKvmError, SpecError
 from salt_kvm.images import cache as images
-from salt_kvm.images import fetch as imagefetch
+from salt_kvm.images import fetch
 from salt_kvm.images.fetch import Checksum
 
 SHA = hashlib.sha256(b"x").hexdigest()
@@ -34,7 +34,7 @@ def qcow2_header(backing_offset=0, version=3, incompatible=0):
     ],
 )
 def test_checksums_name_their_algorithm(value, expected):
-    assert imagefetch.parse_checksum(value) == expected
+    assert fetch.parse_checksum(value) == expected
     assert str(expected) == f"{expected.algorithm}:{expected.digest}"
 
 
@@ -50,7 +50,7 @@ def test_checksums_name_their_algorithm(value, expected):
 )
 def test_bad_checksums_name_the_key_and_the_forms(value, problem):
     with pytest.raises(SpecError) as err:
-        imagefetch.parse_checksum(value)
+        fetch.parse_checksum(value)
     assert err.value.key == "image_checksum" and problem in str(err.value)
     assert "sha256:<64 hex digits>" in err.value.accepted
 
@@ -72,29 +72,29 @@ def test_bad_checksums_name_the_key_and_the_forms(value, problem):
     ],
 )
 def test_formats_are_detected_by_magic(head, fmt):
-    assert imagefetch.detect_format(head) == fmt
+    assert fetch.detect_format(head) == fmt
 
 
 def test_qcow2_and_raw_are_stored_and_must_match_image_format():
-    assert imagefetch.check_image(qcow2_header()) == "qcow2"
-    assert imagefetch.check_image(qcow2_header(), "qcow2") == "qcow2"
-    assert imagefetch.check_image(b"\0" * 512, "raw") == "raw"
+    assert fetch.check_image(qcow2_header()) == "qcow2"
+    assert fetch.check_image(qcow2_header(), "qcow2") == "qcow2"
+    assert fetch.check_image(b"\0" * 512, "raw") == "raw"
     with pytest.raises(SpecError, match="image_format: the image is qcow2, not raw"):
-        imagefetch.check_image(qcow2_header(), "raw")
+        fetch.check_image(qcow2_header(), "raw")
     with pytest.raises(SpecError, match="the image is raw, not qcow2"):
-        imagefetch.check_image(b"\0" * 512, "qcow2")
+        fetch.check_image(b"\0" * 512, "qcow2")
 
 
 def test_other_formats_are_refused_with_a_conversion_hint():
     with pytest.raises(SpecError, match="the image is vmdk.*qemu-img convert -O qcow2"):
-        imagefetch.check_image(b"KDMV" + b"\0" * 100)
+        fetch.check_image(b"KDMV" + b"\0" * 100)
 
 
 def test_qcow2_with_backing_file_or_external_data_is_refused():
     with pytest.raises(SaltKvmError, match="names a backing file"):
-        imagefetch.check_image(qcow2_header(backing_offset=512))
+        fetch.check_image(qcow2_header(backing_offset=512))
     with pytest.raises(SaltKvmError, match="external file"):
-        imagefetch.check_image(qcow2_header(incompatible=imagefetch.QCOW2_EXTERNAL_DATA_FILE))
+        fetch.check_image(qcow2_header(incompatible=fetch.QCOW2_EXTERNAL_DATA_FILE))
 
 
 # ---- decompression ----------------------------------------------------------
@@ -119,22 +119,22 @@ PAYLOAD = qcow2_header() + bytes(range(256)) * 4000 + b"\0" * 10_000_000
     ids=["plain", "gzip", "gzip-members", "xz", "xz-streams"],
 )
 def test_decompression_streams_in_bounded_pieces(compress, kind):
-    found, out = imagefetch.decompressed(pieces(compress(PAYLOAD), 4096))
+    found, out = fetch.decompressed(pieces(compress(PAYLOAD), 4096))
     chunks = list(out)
     assert found == kind
     assert b"".join(chunks) == PAYLOAD
-    assert max(len(c) for c in chunks) <= max(imagefetch.MAX_OUTPUT, 4096)
+    assert max(len(c) for c in chunks) <= max(fetch.MAX_OUTPUT, 4096)
 
 
 def test_a_truncated_compressed_download_is_an_error():
     data = gzip.compress(PAYLOAD)
-    _, out = imagefetch.decompressed(pieces(data[: len(data) // 2]))
+    _, out = fetch.decompressed(pieces(data[: len(data) // 2]))
     with pytest.raises(SaltKvmError, match="truncated"):
         b"".join(out)
 
 
 def test_head_of_keeps_every_byte():
-    head, rest = imagefetch.head_of(pieces(PAYLOAD, 3000), 10_000)
+    head, rest = fetch.head_of(pieces(PAYLOAD, 3000), 10_000)
     assert head == PAYLOAD[: len(head)] and len(head) >= 10_000
     assert b"".join(rest) == PAYLOAD
 
@@ -143,8 +143,8 @@ def test_head_of_keeps_every_byte():
 
 
 def digests_of(data: bytes, checksum: Checksum | None):
-    digests = imagefetch.Digests(checksum)
-    kind, out = imagefetch.decompressed(digests.wrap(pieces(data), "served"))
+    digests = fetch.Digests(checksum)
+    kind, out = fetch.decompressed(digests.wrap(pieces(data), "served"))
     b"".join(digests.wrap(out, "image"))
     return digests, kind is not None
 
@@ -161,7 +161,7 @@ def test_checksum_matches_the_served_or_the_decompressed_bytes():
 
 def test_checksum_mismatch_names_both_digests():
     digests, compressed = digests_of(PAYLOAD, Checksum("md5", "0" * 32))
-    with pytest.raises(imagefetch.ChecksumMismatch) as err:
+    with pytest.raises(fetch.ChecksumMismatch) as err:
         digests.verify(compressed)
     assert hashlib.md5(PAYLOAD).hexdigest() in str(err.value)
     assert str(err.value).startswith("image_checksum: ")

@@ -17,8 +17,8 @@ def configure_loader_modules():
 
 @pytest.fixture
 def hooks_active(monkeypatch):
-    monkeypatch.setattr(kvm_nat.hookscript, "status", lambda *a: (True, "active"))
-    monkeypatch.setattr(kvm_nat.nathook, "problems", lambda names: [])
+    monkeypatch.setattr(kvm_nat.hookfiles, "status", lambda *a: (True, "active"))
+    monkeypatch.setattr(kvm_nat.hooks, "problems", lambda names: [])
 
 
 def test_without_libvirt_it_does_not_load_and_says_why(monkeypatch):
@@ -53,7 +53,7 @@ def test_a_library_error_is_a_command_execution_error_with_its_message(monkeypat
 
 
 def test_hooks_that_cannot_be_written_say_so(monkeypatch):
-    monkeypatch.setattr(kvm_nat.nathook, "install", raising(PermissionError("/etc/libvirt")))
+    monkeypatch.setattr(kvm_nat.hooks, "install", raising(PermissionError("/etc/libvirt")))
     with pytest.raises(CommandExecutionError, match="^cannot install the hooks: /etc/libvirt$"):
         kvm_nat.install_hooks()
 
@@ -72,7 +72,7 @@ def test_apply_test_true_changes_nothing_and_passes_test_on(monkeypatch, hooks_a
 
 def test_add_warns_when_the_hooks_are_not_active(monkeypatch):
     monkeypatch.setattr(kvm_nat.forwards, "add", lambda *a, **k: {"added": 1})
-    monkeypatch.setattr(kvm_nat.hookscript, "status", lambda *a: (False, "not installed"))
-    monkeypatch.setattr(kvm_nat.nathook, "problems", lambda names: [])
+    monkeypatch.setattr(kvm_nat.hookfiles, "status", lambda *a: (False, "not installed"))
+    monkeypatch.setattr(kvm_nat.hooks, "problems", lambda names: [])
     monkeypatch.setattr(kvm_nat, "_names", lambda domain=None: {domain})
     assert kvm_nat.add("vm1", 22) == {"added": 1, "warning": "not installed"}

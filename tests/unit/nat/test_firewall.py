@@ -10,15 +10,14 @@ import shlex
 import pytest
 
 from salt_kvm.errors import ForwardsBlocked
-from salt_kvm.nat import firewall as hostnet
-from salt_kvm.nat import forwards
+from salt_kvm.nat import firewall, forwards
 from salt_kvm.nat import rules as nat
 from salt_kvm.nat.store import Store
 from tests.unit.nat.test_safety import PLACE1, Kernel
 
 LIBVIRT_JUMPS = ["jump guest_cross", "jump guest_input", "jump guest_output"]
-OURS = hostnet.ACCEPT_TAG
-_real_ensure = hostnet.ensure_forward_accept  # the fixtures below replace it
+OURS = firewall.ACCEPT_TAG
+_real_ensure = firewall.ensure_forward_accept  # the fixtures below replace it
 
 
 class FakeFirewall:
@@ -36,10 +35,10 @@ class FakeFirewall:
         self.conf = tmp_path / "network.conf"
         proc = tmp_path / "proc"
         proc.mkdir()
-        monkeypatch.setattr(hostnet, "_run", self.run)
-        monkeypatch.setattr(hostnet, "NETWORK_CONF", self.conf)
-        monkeypatch.setattr(hostnet, "PROC", proc)
-        monkeypatch.setattr(hostnet.shutil, "which", lambda n: n if n in self.binaries else None)
+        monkeypatch.setattr(firewall, "_run", self.run)
+        monkeypatch.setattr(firewall, "NETWORK_CONF", self.conf)
+        monkeypatch.setattr(firewall, "PROC", proc)
+        monkeypatch.setattr(firewall.shutil, "which", lambda n: n if n in self.binaries else None)
 
     def configure(self, backend):
         self.conf.write_text(f'# libvirt\nfirewall_backend = "{backend}"  # chosen\n')
@@ -48,7 +47,7 @@ class FakeFirewall:
     def run(self, cmd, data=None, check=True):
         out, rc = self._answer(cmd, data)
         if check and rc:
-            raise hostnet.SaltKvmError(f"{' '.join(cmd)} failed")
+            raise firewall.SaltKvmError(f"{' '.join(cmd)} failed")
         return type("P", (), {"returncode": rc, "stdout": out, "stderr": ""})()
 
     def _answer(self, cmd, data):
@@ -121,60 +120,60 @@ def fw(monkeypatch, tmp_path):
 
 
 def test_nftables_backend_gets_our_accept_first_once(fw):
-    state = hostnet.firewall()
+    state = firewall.firewall()
     assert state["backends"] == ["nftables"] and state["problem"] is None
     assert state["accept"] == {"nftables": False}
-    assert hostnet.ensure_forward_accept() is True
+    assert firewall.ensure_forward_accept() is True
     assert fw.comments()[0] == OURS and fw.comments().count(OURS) == 1
     assert "ct mark and 0x100000 == 0x100000" in fw.nft_files[-1]
     assert f'comment "{OURS}"' in fw.nft_files[-1]
-    assert hostnet.ensure_forward_accept() is False  # idempotent: no nft write
+    assert firewall.ensure_forward_accept() is False  # idempotent: no nft write
     assert len(fw.nft_files) == 1
-    assert hostnet.firewall()["accept"] == {"nftables": True}
+    assert firewall.firewall()["accept"] == {"nftables": True}
 
 
 def test_nftables_accept_put_back_first_in_one_transaction(fw):
-    hostnet.ensure_forward_accept()
+    firewall.ensure_forward_accept()
     # libvirt inserts its jumps at the head again (a net-start, a libvirtd start)
     ours = fw.nft_forward.pop(0)
     fw.nft_forward.append(ours)
     fw.nft_forward.insert(0, {"handle": 99, "expr": "jump guest_cross"})
-    assert hostnet.passable()[0] is False
-    assert hostnet.ensure_forward_accept() is True
+    assert firewall.passable()[0] is False
+    assert firewall.ensure_forward_accept() is True
     assert fw.comments()[0] == OURS and fw.comments().count(OURS) == 1
     last = fw.nft_files[-1].splitlines()
     assert last[0] == f"delete rule ip libvirt_network forward handle {ours['handle']}"
     assert last[1].startswith("insert rule ip libvirt_network forward ")
-    assert hostnet.passable() == (True, "accept first ahead of libvirt's nftables rules")
+    assert firewall.passable() == (True, "accept first ahead of libvirt's nftables rules")
 
 
 def test_iptables_backend_keeps_its_jump_first(monkeypatch, tmp_path):
     fw = FakeFirewall(monkeypatch, tmp_path, nft=False, iptables=True)
-    assert hostnet.firewall()["backends"] == ["iptables"]
-    assert hostnet.ensure_forward_accept() is True
-    assert fw.iptables["FORWARD"][0] == f"-j {hostnet.ACCEPT_CHAIN}"
-    assert fw.iptables[hostnet.ACCEPT_CHAIN] == [
+    assert firewall.firewall()["backends"] == ["iptables"]
+    assert firewall.ensure_forward_accept() is True
+    assert fw.iptables["FORWARD"][0] == f"-j {firewall.ACCEPT_CHAIN}"
+    assert fw.iptables[firewall.ACCEPT_CHAIN] == [
         f"-m connmark --mark {nat.CT_MARK:#x}/{nat.CT_MARK:#x} -j ACCEPT"
     ]
-    assert hostnet.ensure_forward_accept() is False
-    assert hostnet.firewall()["accept"] == {"iptables": True}
+    assert firewall.ensure_forward_accept() is False
+    assert firewall.firewall()["accept"] == {"iptables": True}
 
 
 def test_both_backends_rules_in_the_kernel_get_the_accept(monkeypatch, tmp_path):
     # A backend switch leaves the old backend's rules until libvirtd reloads them.
     fw = FakeFirewall(monkeypatch, tmp_path, nft=True, iptables=True)
-    assert hostnet.ensure_forward_accept() is True
+    assert firewall.ensure_forward_accept() is True
     assert fw.comments()[0] == OURS
-    assert fw.iptables["FORWARD"][0] == f"-j {hostnet.ACCEPT_CHAIN}"
-    assert hostnet.passable()[0] is True
+    assert fw.iptables["FORWARD"][0] == f"-j {firewall.ACCEPT_CHAIN}"
+    assert firewall.passable()[0] is True
 
 
 def test_no_libvirt_rules_yet_is_not_a_problem(monkeypatch, tmp_path):
     fw = FakeFirewall(monkeypatch, tmp_path, nft=False)
     fw.configure("nftables")
-    assert hostnet.firewall()["problem"] is None
-    assert hostnet.ensure_forward_accept() is False
-    assert hostnet.passable()[0] is True
+    assert firewall.firewall()["problem"] is None
+    assert firewall.ensure_forward_accept() is False
+    assert firewall.passable()[0] is True
 
 
 @pytest.mark.parametrize(
@@ -195,11 +194,11 @@ def test_what_cannot_work_is_refused_with_the_reason(monkeypatch, tmp_path, setu
         fw.binaries.discard("iptables")
     elif setup == "no-nft":
         fw.binaries.discard("nft")
-    problem = hostnet.forward_problem()
+    problem = firewall.forward_problem()
     assert problem and all(w in problem for w in words), problem
     with pytest.raises(ForwardsBlocked, match=words[0].split("'")[0]):
-        hostnet.ensure_forward_accept()
-    assert hostnet.passable() == (False, problem)
+        firewall.ensure_forward_accept()
+    assert firewall.passable() == (False, problem)
 
 
 def test_a_blocked_host_refuses_new_forwards_and_changes_nothing(tmp_path, monkeypatch):
@@ -208,8 +207,8 @@ def test_a_blocked_host_refuses_new_forwards_and_changes_nothing(tmp_path, monke
     forwards.apply(None, "vm1", [22], store=store, placement=PLACE1)
     script = kernel.script
     blocked = {"backends": [], "configured": "pf", "problem": "firewall_backend 'pf'", "accept": {}}
-    monkeypatch.setattr(hostnet, "firewall", lambda: blocked)
-    monkeypatch.setattr(hostnet, "ensure_forward_accept", _real_ensure)
+    monkeypatch.setattr(firewall, "firewall", lambda: blocked)
+    monkeypatch.setattr(firewall, "ensure_forward_accept", _real_ensure)
     for call in (
         lambda: forwards.apply(None, "vm2", [80], store=store, placement=PLACE1),
         lambda: forwards.add(None, "vm1", 443, store=store, placement=PLACE1),
@@ -232,8 +231,8 @@ def test_reapply_and_listing_say_when_forwards_cannot_pass(tmp_path, monkeypatch
     listed = forwards.listing(store=store)["vm1"]
     assert listed["forwards"][0]["active"] is True and "iptables" in listed["firewall"]
     blocked = {"backends": [], "configured": None, "problem": "firewalld is running", "accept": {}}
-    monkeypatch.setattr(hostnet, "firewall", lambda: blocked)
-    monkeypatch.setattr(hostnet, "ensure_forward_accept", _real_ensure)
+    monkeypatch.setattr(firewall, "firewall", lambda: blocked)
+    monkeypatch.setattr(firewall, "ensure_forward_accept", _real_ensure)
     with pytest.raises(ForwardsBlocked, match="firewalld is running"):
         forwards.reapply(store)  # the hooks log this as an ERROR line
     listed = forwards.listing(store=store)["vm1"]
@@ -241,20 +240,20 @@ def test_reapply_and_listing_say_when_forwards_cannot_pass(tmp_path, monkeypatch
     assert listed["firewall"] == "firewalld is running"
     missing = {"backends": ["nftables"], "configured": None, "problem": None,
                "accept": {"nftables": False}}  # fmt: skip
-    monkeypatch.setattr(hostnet, "firewall", lambda: missing)
+    monkeypatch.setattr(firewall, "firewall", lambda: missing)
     listed = forwards.listing(store=store)["vm1"]
     assert listed["forwards"][0]["active"] is False and "kvm_nat.reapply" in listed["firewall"]
 
 
 def test_configured_backend_reads_network_conf(tmp_path):
     conf = tmp_path / "network.conf"
-    assert hostnet.configured_backend(conf) is None
+    assert firewall.configured_backend(conf) is None
     conf.write_text('#firewall_backend = "iptables"\n')
-    assert hostnet.configured_backend(conf) is None
+    assert firewall.configured_backend(conf) is None
     conf.write_text('firewall_backend = "nftables"\n')
-    assert hostnet.configured_backend(conf) == "nftables"
+    assert firewall.configured_backend(conf) == "nftables"
     conf.write_text("firewall_backend='iptables' # here\n")
-    assert hostnet.configured_backend(conf) == "iptables"
+    assert firewall.configured_backend(conf) == "iptables"
 
 
 def _kvm_nat_module():
@@ -270,8 +269,7 @@ def _kvm_nat_module():
 
 
 def test_kvm_nat_shows_the_firewall_and_recent_hook_errors(tmp_path, monkeypatch):
-    from salt_kvm.nat import hookfiles as hookscript
-    from salt_kvm.nat import hooks as nathook
+    from salt_kvm.nat import hookfiles, hooks
 
     Kernel(tmp_path, monkeypatch)
     monkeypatch.setenv("SALT_KVM_NAT_STATE", str(tmp_path / "nat.json"))
@@ -281,9 +279,9 @@ def test_kvm_nat_shows_the_firewall_and_recent_hook_errors(tmp_path, monkeypatch
         "2026-11-30 10:00:00 ERROR network net1 started: firewalld is running\n"
         "2026-11-30 10:00:01 ERROR network other started: not ours\n"
     )
-    real = nathook.problems
-    monkeypatch.setattr(nathook, "problems", lambda names, log_file=None, last=5: real(names, log))
-    monkeypatch.setattr(hookscript, "status", lambda *a: (True, "active (libvirtd runs them)"))
+    real = hooks.problems
+    monkeypatch.setattr(hooks, "problems", lambda names, log_file=None, last=5: real(names, log))
+    monkeypatch.setattr(hookfiles, "status", lambda *a: (True, "active (libvirtd runs them)"))
     mod = _kvm_nat_module()
     listed = mod.list_()
     assert listed["vm1"]["firewall"].startswith("accept first")
@@ -293,7 +291,7 @@ def test_kvm_nat_shows_the_firewall_and_recent_hook_errors(tmp_path, monkeypatch
     # apply/add answers carry the hooks' latest errors about the domain's network
     assert mod._hooks_warning({}, "vm1") == {"hook_errors": [log.read_text().splitlines()[0]]}
     blocked = {"backends": [], "configured": None, "problem": "firewalld is running", "accept": {}}
-    monkeypatch.setattr(hostnet, "firewall", lambda: blocked)
+    monkeypatch.setattr(firewall, "firewall", lambda: blocked)
     status = mod.hooks_status()
     assert status["firewall"]["passable"] is False
     assert status["firewall"]["why"] == "firewalld is running"

@@ -7,7 +7,7 @@ import pytest
 
 from salt_kvm.cloud.spec import build_spec
 from salt_kvm.errors import SpecError
-from salt_kvm.nat import hooks as nathook
+from salt_kvm.nat import hooks
 from salt_kvm.nat import rules as nat
 from salt_kvm.nat.store import Entry, Placement, Store, all_forwards
 
@@ -173,15 +173,15 @@ def test_store_round_trip(tmp_path):
 
 
 def test_hooks_install_is_idempotent(tmp_path):
-    written = nathook.install(tmp_path, state=tmp_path / "nat.json")
+    written = hooks.install(tmp_path, state=tmp_path / "nat.json")
     assert sorted(written) == [
         str(tmp_path / "network.d" / "salt-kvm-nat"),
         str(tmp_path / "qemu.d" / "salt-kvm-nat"),
         str(tmp_path / "salt-kvm-hook.conf"),
         str(tmp_path / "salt-kvm-libvirt-hook"),
     ]
-    assert nathook.install(tmp_path, state=tmp_path / "nat.json", test=True) == []
-    assert nathook.install(tmp_path, state=tmp_path / "nat.json") == []
+    assert hooks.install(tmp_path, state=tmp_path / "nat.json", test=True) == []
+    assert hooks.install(tmp_path, state=tmp_path / "nat.json") == []
     script = (tmp_path / "qemu.d" / "salt-kvm-nat").read_text()
     assert script.startswith("#!/bin/sh\n") and "DRIVER=qemu" in script
     assert f"python={sys.executable}" in (tmp_path / "salt-kvm-hook.conf").read_text()

@@ -8,8 +8,7 @@ import time
 import pytest
 
 from salt_kvm.errors import SpecError
-from salt_kvm.nat import firewall as hostnet
-from salt_kvm.nat import forwards
+from salt_kvm.nat import firewall, forwards
 from salt_kvm.nat import rules as nat
 from salt_kvm.nat.store import Placement, Store
 
@@ -41,18 +40,18 @@ class Kernel:
             (status / f"{bridge}.xml").write_text(
                 f"<networkstatus><network><bridge name='{bridge}'/></network></networkstatus>"
             )
-        monkeypatch.setattr(hostnet, "SYSCTL", self.sysctl)
-        monkeypatch.setattr(hostnet, "NETWORK_STATUS", status, raising=False)
-        monkeypatch.setattr(hostnet, "replace_table", self.replace)
-        monkeypatch.setattr(hostnet, "table_comments", self.comments)
-        monkeypatch.setattr(hostnet, "local_ports", lambda: set())
+        monkeypatch.setattr(firewall, "SYSCTL", self.sysctl)
+        monkeypatch.setattr(firewall, "NETWORK_STATUS", status, raising=False)
+        monkeypatch.setattr(firewall, "replace_table", self.replace)
+        monkeypatch.setattr(firewall, "table_comments", self.comments)
+        monkeypatch.setattr(firewall, "local_ports", lambda: set())
         monkeypatch.setattr(
-            hostnet, "local_addresses", lambda: {"127.0.0.1", PUBLIC}, raising=False
+            firewall, "local_addresses", lambda: {"127.0.0.1", PUBLIC}, raising=False
         )
-        monkeypatch.setattr(hostnet, "ensure_forward_accept", lambda: False)
-        monkeypatch.setattr(hostnet, "firewall", lambda: dict(FIREWALL_OK))
-        monkeypatch.setattr(hostnet, "running_taps", lambda *_: [])
-        real = hostnet.route_localnet
+        monkeypatch.setattr(firewall, "ensure_forward_accept", lambda: False)
+        monkeypatch.setattr(firewall, "firewall", lambda: dict(FIREWALL_OK))
+        monkeypatch.setattr(firewall, "running_taps", lambda *_: [])
+        real = firewall.route_localnet
 
         def route_localnet(bridge, on=True):
             changed = real(bridge) if on else real(bridge, on)
@@ -60,7 +59,7 @@ class Kernel:
                 self.events.append((bridge, int(on), sorted(self.guards())))
             return changed
 
-        monkeypatch.setattr(hostnet, "route_localnet", route_localnet)
+        monkeypatch.setattr(firewall, "route_localnet", route_localnet)
 
     def replace(self, script):
         time.sleep(self.delay)
