@@ -1,7 +1,7 @@
 """Restore a backup point: as a new domain, or over a shut-off domain's disks.
 
 The store is untrusted input (a NAS, a replica): its manifests are read
-through ``backup_store.parse_manifest``, and every image of the point's chain
+through ``manifest.parse_manifest``, and every image of the point's chain
 is checked against its recorded checksum and its header (a qcow2 whose
 backing file is exactly the parent point's image, no external data file)
 before ``qemu-img convert`` (with explicit formats) flattens the chain.
@@ -28,6 +28,7 @@ from lxml import etree
 
 from salt_kvm.backup import core as backup_core
 from salt_kvm.backup import store as bs
+from salt_kvm.backup import verify
 from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError
 from salt_kvm.virt import chains, names, qemuimg
 from salt_kvm.virt.domain import Disk, Domain
@@ -89,7 +90,7 @@ def _pool_dir(conn: libvirt.virConnect, pool: str) -> tuple[libvirt.virStoragePo
 
 def checked_chain(store: bs.Store, point_ref: str) -> tuple[bs.Point, list[bs.Point]]:
     point, chain = store.chain(point_ref)
-    problems = [p for link in chain for p in bs.verify_point(store, link)]
+    problems = [p for link in chain for p in verify.verify_point(store, link)]
     if not problems:
         for target in sorted(point.disks):
             problems += _chain_problems(store, chain, target)
