@@ -34,6 +34,7 @@ from salt_kvm.virt import chains, names, qemuimg
 from salt_kvm.virt.domain import Disk, Domain
 from salt_kvm.virt.identity import prepare_identity, used_macs
 from salt_kvm.virt.lifecycle import define
+from salt_kvm.virt.pools import Pool
 from salt_kvm.virt.rollback import Rollback
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def _pool_dir(conn: libvirt.virConnect, pool: str) -> tuple[libvirt.virStoragePo
         handle = conn.storagePoolLookupByName(pool)
     except libvirt.libvirtError as exc:
         raise NotFoundError(f"pool: no storage pool named {pool!r} on {conn.getURI()}") from exc
-    path = etree.fromstring(handle.XMLDesc(0).encode()).findtext("target/path")
+    path = Pool(handle.XMLDesc(0)).target_path
     if not path:
         raise SaltKvmError(f"pool: {pool!r} is not a directory pool")
     return handle, path

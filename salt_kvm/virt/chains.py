@@ -21,7 +21,8 @@ import libvirt
 
 from salt_kvm.errors import ConflictError
 from salt_kvm.virt import connection
-from salt_kvm.virt.domain import Domain, Volume
+from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.volumes import Volume
 
 QCOW2_MAGIC = b"QFI\xfb"
 EXT_BACKING_FORMAT = 0xE2792ACA
@@ -140,8 +141,7 @@ def _volume_backing(conn: libvirt.virConnect, path: str) -> tuple[str, str | Non
         return None
     if not vol.backing_path:
         return None
-    fmt = vol.node.find("./backingStore/format")
-    return vol.backing_path, fmt.get("type") if fmt is not None else None
+    return vol.backing_path, vol.backing_format
 
 
 def chain_below(conn: libvirt.virConnect, path: str, fmt: str | None, local: bool) -> set[str]:

@@ -205,27 +205,6 @@ def disks_metadata_element(records: dict[str, dict], namespaced: bool = True) ->
     return node
 
 
-class Volume(XMLObject):
-    """A storage volume definition (``pool.createXML``)."""
-
-    TAG = "volume"
-
-    name = XMLProperty("./name")
-    capacity = XMLProperty("./capacity", int)
-    allocation = XMLProperty("./allocation", int)
-    format = XMLProperty("./target/format/@type")
-    # qcow2 v3 ("1.1"): libvirt writes v2 unless told, and v2 cannot hold the
-    # persistent dirty bitmaps incremental backups need.
-    compat = XMLProperty("./target/compat")
-    mode = XMLProperty("./target/permissions/mode")
-    backing_path = XMLProperty("./backingStore/path")
-
-    def __init__(self, xml: str | bytes | etree._Element | None = None):
-        if isinstance(xml, str | bytes):
-            xml = parse(xml)
-        super().__init__(xml)
-
-
 def metadata_element(info: dict[str, str | list[str]]) -> etree._Element:
     node = etree.Element(f"{{{METADATA_NS}}}instance", nsmap={METADATA_PREFIX: METADATA_NS})
     for key, value in info.items():
