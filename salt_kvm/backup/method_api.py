@@ -144,15 +144,16 @@ def _plan_kind(
     if not all(d.bitmaps for d in disks):
         plain = [d.target for d in disks if not d.bitmaps]
         return None, f"{', '.join(plain)} cannot hold dirty bitmaps (not qcow2 v3): full only"
-    if latest.checkpoint is None and latest.method == core.METHOD_SNAPSHOT:
+    # parent is latest (plan_chain returns it when a chain may go on)
+    if parent.checkpoint is None and parent.method == core.METHOD_SNAPSHOT:
         return None, (
-            f"the last point {latest.id} was taken with method=snapshot, which leaves no "
+            f"the last point {parent.id} was taken with method=snapshot, which leaves no "
             "checkpoint for the backup API to follow"
         )
-    if not _has_checkpoint(dom, latest.checkpoint):
-        return None, f"checkpoint {latest.checkpoint} of the last point is missing"
+    if not _has_checkpoint(dom, parent.checkpoint):
+        return None, f"checkpoint {parent.checkpoint} of the last point is missing"
     reason = core.full_every_reached(full_every, chain_length)
-    return (None, reason) if reason else (latest, None)
+    return (None, reason) if reason else (parent, None)
 
 
 class ApiMethod(core.Method):

@@ -140,6 +140,7 @@ def replicate(
     if not store.scan()[0]:  # nothing to copy: fail before taking the lock (which writes)
         store.point(bs.LATEST)  # says why: no backups, or the newest one's problem
     with store.locked("replicate"):
+        copier: _DirCopier | _SshCopier
         if isinstance(where, Path):
             copier = _DirCopier(bs.Store(where, domain))
         else:

@@ -17,6 +17,7 @@ before anything is written.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import stat
@@ -186,7 +187,7 @@ def _as_new(
         plan.append((disk, image, path))
     with Rollback() as rollback:
         for disk, image, path in plan:
-            rollback.add(f"volume {path}", lambda p=path: _remove(conn, p))
+            rollback.add(f"volume {path}", functools.partial(_remove, conn, path))
             qemuimg.convert(str(store.path(point) / image.file), path, "qcow2")
             os.chmod(path, 0o600)
             disk.path = path  # a file now, whatever it was
