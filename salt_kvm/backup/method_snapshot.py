@@ -295,8 +295,10 @@ def reconcile(dom: libvirt.virDomain) -> list[str]:
             stem = os.path.basename(path).rsplit(".", 1)[0]
             folders.setdefault(os.path.dirname(path), set()).add(stem)
     for folder, stems in folders.items():
-        with contextlib.suppress(OSError):
+        try:
             names = os.listdir(folder)
+        except OSError:
+            continue  # a folder gone or unreadable holds no overlay of ours to remove
         for name in names:
             stray = os.path.join(folder, name)
             stem = name.split(f".{OVERLAY_PREFIX}", 1)[0]
