@@ -111,13 +111,15 @@ def our_checkpoints(dom: libvirt.virDomain, tag: str | None = None) -> list[str]
     return sorted(c.getName() for c in dom.listAllCheckpoints(0) if c.getName().startswith(prefix))
 
 
-def delete_checkpoint(dom: libvirt.virDomain, name: str) -> None:
+def delete_checkpoint(dom: libvirt.virDomain, name: str | None) -> None:
     """Delete a checkpoint; when its bitmaps are broken or gone, its metadata only.
 
     libvirt 9.0 deletes checkpoints of running domains only; for a shut-off one
     the metadata goes and qemu-img removes the bitmaps from the images: a stale
     persistent bitmap would make QEMU refuse to load an internal snapshot.
     """
+    if not name:
+        return  # a point without a checkpoint
     try:
         cp = dom.checkpointLookupByName(name, 0)
     except libvirt.libvirtError:

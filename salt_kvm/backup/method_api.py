@@ -20,12 +20,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import libvirt
-from lxml import etree
 
 from salt_kvm.backup import core
 from salt_kvm.backup import store as bs
 from salt_kvm.backup.core import CHECKPOINT_PREFIX, Run, SourceDisk
 from salt_kvm.errors import SaltKvmError
+from salt_kvm.virt.snapshots import BackupJob, Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -82,27 +82,14 @@ def _wait_job_end(dom: libvirt.virDomain, progress: Callable[[dict], None] | Non
 
 
 def _backup_xml(disks: list[SourceDisk], folder: Path, incremental: str | None) -> str:
-    root = etree.Element("domainbackup", mode="push")
-    if incremental:
-        etree.SubElement(root, "incremental").text = incremental
-    node = etree.SubElement(root, "disks")
+    job = BackupJob.push(incremental)
     for disk in disks:
-        entry = etree.SubElement(node, "disk", name=disk.target, backup="yes", type="file")
-        etree.SubElement(entry, "target", file=str(folder / f"{disk.target}.qcow2"))
-        etree.SubElement(entry, "driver", type="qcow2")
-    return etree.tostring(root, encoding="unicode")
+        job.add_file(disk.target, str(folder / f"{disk.target}.qcow2"))
+    return job.to_xml()
 
 
 def _checkpoint_xml(name: str, disks: list[SourceDisk], all_targets: list[str]) -> str:
-    root = etree.Element("domaincheckpoint")
-    etree.SubElement(root, "name").text = name
-    node = etree.SubElement(root, "disks")
-    wanted = {d.target for d in disks}
-    for target in all_targets:
-        etree.SubElement(
-            node, "disk", name=target, checkpoint="bitmap" if target in wanted else "no"
-        )
-    return etree.tostring(root, encoding="unicode")
+    return Checkpoint.new(name, [d.target for d in disks], all_targets).to_xml()
 
 
 @contextlib.contextmanager
@@ -157,15 +144,16 @@ def _plan_kind(
     if not all(d.bitmaps for d in disks):
         plain = [d.target for d in disks if not d.bitmaps]
         return None, f"{', '.join(plain)} cannot hold dirty bitmaps (not qcow2 v3): full only"
-    if latest.checkpoint is None and latest.method == core.METHOD_SNAPSHOT:
+    # parent is latest (plan_chain returns it when a chain may go on)
+    if parent.checkpoint is None and parent.method == core.METHOD_SNAPSHOT:
         return None, (
-            f"the last point {latest.id} was taken with method=snapshot, which leaves no "
+            f"the last point {parent.id} was taken with method=snapshot, which leaves no "
             "checkpoint for the backup API to follow"
         )
-    if not _has_checkpoint(dom, latest.checkpoint):
-        return None, f"checkpoint {latest.checkpoint} of the last point is missing"
+    if not _has_checkpoint(dom, parent.checkpoint):
+        return None, f"checkpoint {parent.checkpoint} of the last point is missing"
     reason = core.full_every_reached(full_every, chain_length)
-    return (None, reason) if reason else (latest, None)
+    return (None, reason) if reason else (parent, None)
 
 
 class ApiMethod(core.Method):

@@ -30,6 +30,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import libvirt
 
@@ -57,8 +58,10 @@ def overlay_for(path: str, point_id: str) -> str:
     return snapshot.overlay_path(path, f"{OVERLAY_PREFIX}{point_id}")
 
 
-def is_overlay(path: str | None) -> bool:
-    return bool(path) and bool(OVERLAY_RE.search(os.path.basename(path)))
+def is_overlay(path: str | None) -> TypeGuard[str]:
+    if not path:
+        return False
+    return bool(OVERLAY_RE.search(os.path.basename(path)))
 
 
 @dataclass
@@ -197,7 +200,7 @@ def _fix_persistent(dom: libvirt.virDomain, frozen: list[Frozen]) -> bool:
         return False
     flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
     xml = Domain(dom.XMLDesc(flags))
-    by_overlay = {f.overlay: f for f in frozen}
+    by_overlay: dict[str | None, Frozen] = {f.overlay: f for f in frozen}
     changed = False
     for disk in xml.disks:
         each = by_overlay.get(disk.path)
@@ -286,14 +289,16 @@ def reconcile(dom: libvirt.virDomain) -> list[str]:
     done = merge_back(dom, list(leftovers.values())) if leftovers else []
     if leftovers and not done:
         done = [f"restored the definition of {dom.name()} to {f.image}" for f in leftovers.values()]
-    folders = {}
+    folders: dict[str, set[str]] = {}
     for path in {**stored, **current}.values():
         if path and not is_overlay(path):
             stem = os.path.basename(path).rsplit(".", 1)[0]
             folders.setdefault(os.path.dirname(path), set()).add(stem)
     for folder, stems in folders.items():
-        with contextlib.suppress(OSError):
+        try:
             names = os.listdir(folder)
+        except OSError:
+            continue  # a folder gone or unreadable holds no overlay of ours to remove
         for name in names:
             stray = os.path.join(folder, name)
             stem = name.split(f".{OVERLAY_PREFIX}", 1)[0]

@@ -24,6 +24,7 @@ import libvirt
 
 from salt_kvm import redact, ssh
 from salt_kvm.backup import store as bs
+from salt_kvm.backup.verify import verify_point
 from salt_kvm.errors import SaltKvmError, SpecError
 from salt_kvm.virt import chains
 
@@ -50,7 +51,7 @@ def verify(dest: str, domain: str, point: str | None = None, deep: bool = True) 
         broken = [p.id for p in points if p.parent and p.parent not in by_id]
         problems.update({folder: [str(exc)] for folder, exc in sorted(bad.items())})
     for each in points:
-        found = bs.verify_point(store, each, deep)
+        found = verify_point(store, each, deep)
         if found:
             problems[each.id] = found
     if point is None:
@@ -139,6 +140,7 @@ def replicate(
     if not store.scan()[0]:  # nothing to copy: fail before taking the lock (which writes)
         store.point(bs.LATEST)  # says why: no backups, or the newest one's problem
     with store.locked("replicate"):
+        copier: _DirCopier | _SshCopier
         if isinstance(where, Path):
             copier = _DirCopier(bs.Store(where, domain))
         else:
@@ -153,7 +155,7 @@ def replicate(
                     continue
                 # a hostile image (or one following it) is never spread to a second copy;
                 # the checksums are checked on the copy
-                problems = bs.verify_point(store, point, deep=False)
+                problems = verify_point(store, point, deep=False)
                 if point.parent in refused:
                     problems.append(f"it follows {point.parent}, which is not copied")
                 if problems:

@@ -1,7 +1,7 @@
 """Restore a backup point: as a new domain, or over a shut-off domain's disks.
 
 The store is untrusted input (a NAS, a replica): its manifests are read
-through ``backup_store.parse_manifest``, and every image of the point's chain
+through ``manifest.parse_manifest``, and every image of the point's chain
 is checked against its recorded checksum and its header (a qcow2 whose
 backing file is exactly the parent point's image, no external data file)
 before ``qemu-img convert`` (with explicit formats) flattens the chain.
@@ -17,6 +17,7 @@ before anything is written.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import stat
@@ -28,11 +29,13 @@ from lxml import etree
 
 from salt_kvm.backup import core as backup_core
 from salt_kvm.backup import store as bs
+from salt_kvm.backup import verify
 from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError
 from salt_kvm.virt import chains, names, qemuimg
 from salt_kvm.virt.domain import Disk, Domain
 from salt_kvm.virt.identity import prepare_identity, used_macs
 from salt_kvm.virt.lifecycle import define
+from salt_kvm.virt.pools import Pool
 from salt_kvm.virt.rollback import Rollback
 
 log = logging.getLogger(__name__)
@@ -81,7 +84,7 @@ def _pool_dir(conn: libvirt.virConnect, pool: str) -> tuple[libvirt.virStoragePo
         handle = conn.storagePoolLookupByName(pool)
     except libvirt.libvirtError as exc:
         raise NotFoundError(f"pool: no storage pool named {pool!r} on {conn.getURI()}") from exc
-    path = etree.fromstring(handle.XMLDesc(0).encode()).findtext("target/path")
+    path = Pool(handle.XMLDesc(0)).target_path
     if not path:
         raise SaltKvmError(f"pool: {pool!r} is not a directory pool")
     return handle, path
@@ -89,7 +92,7 @@ def _pool_dir(conn: libvirt.virConnect, pool: str) -> tuple[libvirt.virStoragePo
 
 def checked_chain(store: bs.Store, point_ref: str) -> tuple[bs.Point, list[bs.Point]]:
     point, chain = store.chain(point_ref)
-    problems = [p for link in chain for p in bs.verify_point(store, link)]
+    problems = [p for link in chain for p in verify.verify_point(store, link)]
     if not problems:
         for target in sorted(point.disks):
             problems += _chain_problems(store, chain, target)
@@ -184,7 +187,7 @@ def _as_new(
         plan.append((disk, image, path))
     with Rollback() as rollback:
         for disk, image, path in plan:
-            rollback.add(f"volume {path}", lambda p=path: _remove(conn, p))
+            rollback.add(f"volume {path}", functools.partial(_remove, conn, path))
             qemuimg.convert(str(store.path(point) / image.file), path, "qcow2")
             os.chmod(path, 0o600)
             disk.path = path  # a file now, whatever it was

@@ -19,7 +19,7 @@ import time
 
 import libvirt
 
-from salt_kvm.backup import core
+from salt_kvm.backup import core, verify
 from salt_kvm.backup import method_api as backup_api
 from salt_kvm.backup import method_snapshot as backup_snap
 from salt_kvm.backup import store as bs
@@ -119,7 +119,7 @@ def _readable_parent(
         chain = store.chain(parent.id)[1]
     except SaltKvmError as exc:
         return None, f"the chain of {parent.id} is unusable ({exc}); new full chain"
-    problems = [p for link in chain for p in bs.verify_point(store, link, deep=False)]
+    problems = [p for link in chain for p in verify.verify_point(store, link, deep=False)]
     if problems:
         return (
             None,

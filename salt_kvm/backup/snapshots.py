@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import libvirt
-from lxml import etree
 
 from salt_kvm.backup import core as backup_core
 from salt_kvm.backup import store as backup_store
@@ -31,6 +30,7 @@ from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError, SpecErro
 from salt_kvm.virt import chains, qemuimg
 from salt_kvm.virt.domain import Disk, Domain
 from salt_kvm.virt.lifecycle import lookup
+from salt_kvm.virt.snapshots import DomainSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def check_name(value: object, key: str = "name") -> str:
 
 def _snapshottable(dom: libvirt.virDomain) -> tuple[list[Disk], list[Disk]]:
     """(file-backed disks that get an overlay, every other disk)."""
-    take, skip = [], []
+    take: list[Disk] = []
+    skip: list[Disk] = []
     for disk in Domain(dom.XMLDesc(0)).disks:
         flags = {child.tag for child in disk.node}
         ok = disk.device == Disk.DEVICE_DISK and disk.path and not {"readonly", "shareable"} & flags
@@ -82,23 +83,24 @@ def external_xml(
     name: str, description: str | None, overlays: dict[str, str], skipped: list[str]
 ) -> str:
     """A disk-only snapshot: an overlay per target of ``overlays``, none for ``skipped``."""
-    root = etree.Element("domainsnapshot")
-    etree.SubElement(root, "name").text = name
-    if description:
-        etree.SubElement(root, "description").text = description
-    etree.SubElement(root, "memory", snapshot="no")
-    disks = etree.SubElement(root, "disks")
+    snap = DomainSnapshot.new(name, description)
+    snap.memory_snapshot = "no"
+    snap.node.append(snap.node.makeelement("disks"))  # there even when empty, as before
     for target, overlay in overlays.items():
-        node = etree.SubElement(disks, "disk", name=target, snapshot="external")
-        etree.SubElement(node, "driver", type="qcow2")
-        etree.SubElement(node, "source", file=overlay)
+        snap.add_overlay(target, overlay)
     for target in skipped:
-        etree.SubElement(disks, "disk", name=target, snapshot="no")
-    return etree.tostring(root, encoding="unicode")
+        snap.skip_disk(target)
+    return snap.to_xml()
+
+
+def _overlay(disk: Disk, snapshot: str) -> str:
+    """The overlay of a disk ``_snapshottable`` takes (a file-backed one)."""
+    assert disk.path, f"{disk.target_dev} has no file"
+    return overlay_path(disk.path, snapshot)
 
 
 def _external_xml(name: str, description: str | None, take: list[Disk], skip: list[Disk]) -> str:
-    overlays = {d.target_dev: overlay_path(d.path, name) for d in take}
+    overlays = {d.target_dev: _overlay(d, name) for d in take}
     return external_xml(name, description, overlays, [d.target_dev for d in skip if d.target_dev])
 
 
@@ -132,11 +134,7 @@ def _drop_our_checkpoints(dom: libvirt.virDomain, refusal: Callable[[str], str])
 
 
 def _internal_xml(name: str, description: str | None) -> str:
-    root = etree.Element("domainsnapshot")
-    etree.SubElement(root, "name").text = name
-    if description:
-        etree.SubElement(root, "description").text = description
-    return etree.tostring(root, encoding="unicode")
+    return DomainSnapshot.new(name, description).to_xml()
 
 
 def create(
@@ -168,8 +166,8 @@ def _create(dom, domain, name, disk_only, quiesce, description) -> dict:
         if not take:
             raise SaltKvmError(f"{domain} has no file-backed disk to snapshot")
         for disk in take:
-            if os.path.exists(overlay_path(disk.path, name)):
-                raise ConflictError(f"{overlay_path(disk.path, name)} already exists")
+            if os.path.exists(_overlay(disk, name)):
+                raise ConflictError(f"{_overlay(disk, name)} already exists")
         xml = _external_xml(name, description, take, skip)
         flags = (
             libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
@@ -196,30 +194,18 @@ def create_quiesced(dom, xml: str, flags: int, try_quiesce: bool, quiesce) -> tu
     return dom.snapshotCreateXML(xml, flags), False
 
 
-def _kind(xml: etree._Element) -> str:
-    external = xml.xpath("./disks/disk[@snapshot='external']") or (
-        xml.find("memory") is not None and xml.find("memory").get("snapshot") == "external"
-    )
-    return KIND_EXTERNAL if external else KIND_INTERNAL
-
-
 def describe(snap: libvirt.virDomainSnapshot) -> dict:
-    xml = etree.fromstring(snap.getXMLDesc(0).encode())
-    created = int(xml.findtext("creationTime") or 0)
-    parent = xml.findtext("parent/name")
+    xml = DomainSnapshot(snap.getXMLDesc(0))
+    created = xml.creation_time or 0
     return {
         "name": snap.getName(),
-        "kind": _kind(xml),
+        "kind": KIND_EXTERNAL if xml.external else KIND_INTERNAL,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
-        "state": xml.findtext("state"),
-        "parent": parent,
+        "state": xml.state,
+        "parent": xml.parent,
         "current": bool(snap.isCurrent(0)),
-        "description": xml.findtext("description"),
-        "overlays": {
-            d.get("name"): d.find("source").get("file")
-            for d in xml.xpath("./disks/disk[@snapshot='external']")
-            if d.find("source") is not None
-        },
+        "description": xml.description,
+        "overlays": xml.overlays(),
     }
 
 

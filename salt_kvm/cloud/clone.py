@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import libvirt
-from lxml import etree
 
 from salt_kvm.cloud.choices import STRATEGIES, STRATEGY_FULL, STRATEGY_QUICK  # noqa: F401
 from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError, SpecError
@@ -23,7 +22,7 @@ from salt_kvm.virt.domain import Disk, Domain
 from salt_kvm.virt.identity import prepare_identity, used_macs
 from salt_kvm.virt.lifecycle import define
 from salt_kvm.virt.rollback import Rollback
-from salt_kvm.virt.volumes import volume_format
+from salt_kvm.virt.volumes import Volume, volume_format
 
 log = logging.getLogger(__name__)
 
@@ -190,24 +189,11 @@ def plan_clone(
 
 
 def _volume_xml(disk: DiskPlan, with_backing: bool) -> str:
-    vol = etree.Element("volume", type="file")
-    etree.SubElement(vol, "name").text = disk.volume_name
-    etree.SubElement(vol, "capacity", unit="bytes").text = str(
-        disk.capacity if with_backing else disk.base_capacity
-    )
-    target = etree.SubElement(vol, "target")
-    etree.SubElement(target, "format", type=disk.format)
-    if disk.format == "qcow2":
-        # libvirt writes qcow2 v2 unless told; v3 holds the persistent dirty
-        # bitmaps that incremental backups (checkpoints) need.
-        etree.SubElement(target, "compat").text = "1.1"
-    perms = etree.SubElement(target, "permissions")
-    etree.SubElement(perms, "mode").text = "0600"
+    capacity = disk.capacity if with_backing else disk.base_capacity
+    vol = Volume.new(disk.volume_name, capacity, disk.format, v3=True)
     if with_backing:
-        backing = etree.SubElement(vol, "backingStore")
-        etree.SubElement(backing, "path").text = disk.base_path
-        etree.SubElement(backing, "format", type=disk.base_format)
-    return etree.tostring(vol, encoding="unicode")
+        vol.set_backing(disk.base_path, disk.base_format)
+    return vol.to_xml()
 
 
 def create_volume(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import ipaddress
 
 import libvirt
-from lxml import etree
 
 from salt_kvm.errors import ConflictError, NotFoundError, SpecError
+from salt_kvm.virt.network import DhcpHost, Network
 
 LIVE_AND_CONFIG = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
 
@@ -19,7 +19,7 @@ def _network(conn: libvirt.virConnect, name: str) -> libvirt.virNetwork:
         raise NotFoundError(f"no libvirt network named {name!r}") from exc
 
 
-def _config_xml(net: libvirt.virNetwork) -> etree._Element:
+def _config_xml(net: libvirt.virNetwork) -> Network:
     """The persistent definition (where reservations are kept), as the driver allows."""
     try:
         text = net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE)
@@ -27,12 +27,11 @@ def _config_xml(net: libvirt.virNetwork) -> etree._Element:
         if exc.get_error_code() != libvirt.VIR_ERR_INVALID_ARG:
             raise
         text = net.XMLDesc(0)
-    return etree.fromstring(text.encode())
+    return Network(text)
 
 
 def _host_xml(mac: str, ip: str, name: str | None) -> str:
-    attrs = {"mac": mac, "name": name, "ip": ip} if name else {"mac": mac, "ip": ip}
-    return etree.tostring(etree.Element("host", attrs), encoding="unicode")
+    return DhcpHost.new(mac, ip, name or None).to_xml()
 
 
 def _flags(net: libvirt.virNetwork) -> int:
@@ -44,26 +43,20 @@ def check(conn: libvirt.virConnect, network: str, mac: str, ip: str, key: str) -
     net = _network(conn, network)
     xml = _config_xml(net)
     address = ipaddress.ip_address(ip)
-    for ip_node in xml.findall("ip"):
-        if ip_node.find("dhcp") is None or ip_node.get("address") is None:
+    for ip_node in xml.ips:
+        subnet = ip_node.subnet() if ip_node.dhcp else None
+        if subnet is None or address not in subnet:
             continue
-        prefix = (
-            ip_node.get("prefix")
-            or ipaddress.IPv4Network(f"0.0.0.0/{ip_node.get('netmask', '255.255.255.0')}").prefixlen
-        )
-        subnet = ipaddress.ip_network(f"{ip_node.get('address')}/{prefix}", strict=False)
-        if address not in subnet:
-            continue
-        if address == ipaddress.ip_address(ip_node.get("address")):
+        if address == ipaddress.ip_address(ip_node.address):
             raise SpecError(key, f"{ip} is the network's own address", f"an address in {subnet}")
-        for host in ip_node.findall("dhcp/host"):
-            if host.get("ip") == ip and (host.get("mac") or "").lower() != mac:
+        for host in ip_node.hosts:
+            if host.ip == ip and (host.mac or "").lower() != mac:
                 raise ConflictError(
-                    f"{key}: {ip} is already reserved on network {network!r} for {host.get('mac')}"
+                    f"{key}: {ip} is already reserved on network {network!r} for {host.mac}"
                 )
-            if (host.get("mac") or "").lower() == mac and host.get("ip") != ip:
+            if (host.mac or "").lower() == mac and host.ip != ip:
                 raise ConflictError(
-                    f"{key}: {mac} already has a reservation for {host.get('ip')} on {network!r}"
+                    f"{key}: {mac} already has a reservation for {host.ip} on {network!r}"
                 )
         return
     raise SpecError(
@@ -81,10 +74,10 @@ def reserve(conn: libvirt.virConnect, network: str, mac: str, ip: str, name: str
     net = _network(conn, network)
     xml = _config_xml(net)
     named = False
-    for host in xml.findall("ip/dhcp/host"):
-        if (host.get("mac") or "").lower() == mac and host.get("ip") == ip:
+    for host in xml.dhcp_hosts():
+        if (host.mac or "").lower() == mac and host.ip == ip:
             return False
-        named = named or host.get("name") == name
+        named = named or host.name == name
     net.update(
         libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
         libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
@@ -98,12 +91,12 @@ def reserve(conn: libvirt.virConnect, network: str, mac: str, ip: str, name: str
 def release(conn: libvirt.virConnect, network: str, mac: str, ip: str) -> None:
     net = _network(conn, network)
     xml = _config_xml(net)
-    for host in xml.findall("ip/dhcp/host"):
-        if (host.get("mac") or "").lower() == mac and host.get("ip") == ip:
+    for host in xml.dhcp_hosts():
+        if (host.mac or "").lower() == mac and host.ip == ip:
             net.update(
                 libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
                 libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
                 -1,
-                etree.tostring(host, encoding="unicode"),
+                host.to_xml(),
                 _flags(net),
             )

@@ -18,6 +18,7 @@ from lxml import etree
 
 from salt_kvm.virt import chains
 from salt_kvm.virt.domain import Disk, Domain
+from salt_kvm.virt.volumes import Volume
 
 LABEL = "cidata"
 
@@ -64,13 +65,7 @@ def upload(
 ) -> libvirt.virStorageVol:
     """Create ``volume`` (mode 0600) in the pool and stream ``data`` into it."""
     pool = conn.storagePoolLookupByName(pool_name)
-    xml = etree.Element("volume", type="file")
-    etree.SubElement(xml, "name").text = volume
-    etree.SubElement(xml, "capacity", unit="bytes").text = str(len(data))
-    target = etree.SubElement(xml, "target")
-    etree.SubElement(target, "format", type="raw")
-    etree.SubElement(etree.SubElement(target, "permissions"), "mode").text = "0600"
-    vol = pool.createXML(etree.tostring(xml, encoding="unicode"), 0)
+    vol = pool.createXML(Volume.new(volume, len(data), Volume.FORMAT_RAW).to_xml(), 0)
     try:
         stream = conn.newStream(0)
         vol.upload(stream, 0, len(data), 0)

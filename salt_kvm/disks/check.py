@@ -8,13 +8,13 @@ import stat
 from dataclasses import dataclass
 
 import libvirt
-from lxml import etree
 
 from salt_kvm.disks.spec import DiskSpec, Source, max_index, target_name, within
 from salt_kvm.errors import ConflictError, NotFoundError, SpecError
 from salt_kvm.virt import connection, names
-from salt_kvm.virt.domain import Disk, Domain, Volume
-from salt_kvm.virt.volumes import volume_format
+from salt_kvm.virt.domain import Disk, Domain
+from salt_kvm.virt.pools import Pool
+from salt_kvm.virt.volumes import Volume, volume_format
 
 LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
 CONFIG = libvirt.VIR_DOMAIN_AFFECT_CONFIG
@@ -96,7 +96,7 @@ def pools(conn: libvirt.virConnect) -> dict[str, str]:
     """Active pool name -> its directory."""
     roots = {}
     for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
-        path = etree.fromstring(pool.XMLDesc(0).encode()).findtext("target/path")
+        path = Pool(pool.XMLDesc(0)).target_path
         if path:
             roots[pool.name()] = os.path.normpath(path)
     return roots

@@ -38,11 +38,11 @@ from salt_kvm.virt.domain import (
     DISKS_PREFIX,
     Disk,
     Domain,
-    Volume,
     disks_metadata_element,
 )
 from salt_kvm.virt.rollback import Rollback
 from salt_kvm.virt.units import human_size
+from salt_kvm.virt.volumes import Volume
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +100,9 @@ def _update_records(
 
 
 def _create_volume(conn: libvirt.virConnect, domain: str, spec: DiskSpec):
-    vol = Volume()
-    vol.name = names.extra_volume_name(domain, spec.name, spec.format)
-    vol.capacity = spec.size
+    name = names.extra_volume_name(domain, spec.name, spec.format)
+    vol = Volume.new(name, spec.size, spec.format, v3=True)
     vol.allocation = spec.size if spec.preallocation == "full" else 0
-    vol.format = spec.format
-    if spec.format == "qcow2":
-        vol.compat = "1.1"
-    vol.mode = "0600"
     metadata = spec.preallocation == "metadata"
     flags = libvirt.VIR_STORAGE_VOL_CREATE_PREALLOC_METADATA if metadata else 0
     return conn.storagePoolLookupByName(spec.pool).createXML(vol.to_xml(), flags)

@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import libvirt
-from lxml import etree
 
 from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError, SpecError
 from salt_kvm.images import fetch as imagefetch
@@ -41,7 +40,8 @@ from salt_kvm.images.spec import (  # noqa: F401 - re-exported: the names' old h
     parse_image,
 )
 from salt_kvm.virt import chains, locks
-from salt_kvm.virt.volumes import volume_format
+from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.volumes import Volume, volume_format
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +136,7 @@ def _local_lock(uri: str, pool: str, key: str) -> Iterator[None]:
 
 
 def _volume_xml(name: str, capacity: int, fmt: str, mode: str) -> str:
-    vol = etree.Element("volume", type="file")
-    etree.SubElement(vol, "name").text = name
-    etree.SubElement(vol, "capacity", unit="bytes").text = str(capacity)
-    target = etree.SubElement(vol, "target")
-    etree.SubElement(target, "format", type=fmt)
-    etree.SubElement(etree.SubElement(target, "permissions"), "mode").text = mode
-    return etree.tostring(vol, encoding="unicode")
+    return Volume.new(name, capacity, fmt, mode).to_xml()
 
 
 class _Progress:
@@ -259,14 +253,13 @@ def _backing_users(conn: libvirt.virConnect) -> dict[str, list[str]]:
     for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
         for vol in pool.listAllVolumes(0):
             with contextlib.suppress(libvirt.libvirtError):
-                node = etree.fromstring(vol.XMLDesc(0).encode()).find("backingStore/path")
-                if node is not None and node.text:
-                    backing_of[vol.path()] = node.text
+                backing = Volume(vol.XMLDesc(0)).backing_path
+                if backing:
+                    backing_of[vol.path()] = backing
     users: dict[str, list[str]] = {}
     for dom in conn.listAllDomains(0):
-        xml = etree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
-        for source in xml.findall("devices/disk/source"):
-            path = source.get("file") or source.get("dev")
+        for disk in Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).disks:
+            path = disk.path
             for used in {path, backing_of.get(path)} - {None}:
                 users.setdefault(used, [])
                 if dom.name() not in users[used]:

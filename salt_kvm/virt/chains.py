@@ -21,7 +21,8 @@ import libvirt
 
 from salt_kvm.errors import ConflictError
 from salt_kvm.virt import connection
-from salt_kvm.virt.domain import Domain, Volume
+from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.volumes import Volume
 
 QCOW2_MAGIC = b"QFI\xfb"
 EXT_BACKING_FORMAT = 0xE2792ACA
@@ -73,7 +74,7 @@ def _qcow2_links(path: str) -> list[tuple[str, str | None]]:
         return []
     if len(head) < 72 or head[:4] != QCOW2_MAGIC:
         return []
-    links = []
+    links: list[tuple[str, str | None]] = []
     version = struct.unpack(">I", head[4:8])[0]
     offset, size = struct.unpack(">QI", head[8:20])
     backing = None
@@ -140,8 +141,7 @@ def _volume_backing(conn: libvirt.virConnect, path: str) -> tuple[str, str | Non
         return None
     if not vol.backing_path:
         return None
-    fmt = vol.node.find("./backingStore/format")
-    return vol.backing_path, fmt.get("type") if fmt is not None else None
+    return vol.backing_path, vol.backing_format
 
 
 def chain_below(conn: libvirt.virConnect, path: str, fmt: str | None, local: bool) -> set[str]:
@@ -159,7 +159,7 @@ def chain_below(conn: libvirt.virConnect, path: str, fmt: str | None, local: boo
         if current in seen or depth > MAX_DEPTH or current_fmt == "raw":
             continue
         seen.add(current)
-        links = _qcow2_links(current) if local else []
+        links: list[tuple[str, str | None] | None] = list(_qcow2_links(current)) if local else []
         links.append(_volume_backing(conn, current))
         for link in links:
             if link is None:
@@ -220,7 +220,7 @@ class Dependents(dict):
     ) -> tuple[list[str], dict[str, list[Dependent]]]:
         """(those of ``paths`` that may go together, those kept and why): a file
         kept keeps the files below it too."""
-        doomed, kept = list(paths), {}
+        doomed, kept = list(paths), dict[str, list[Dependent]]()
         while True:
             blocked = self.blocking(doomed, domains)
             if not blocked:
@@ -293,9 +293,9 @@ def dependents(conn: libvirt.virConnect) -> Dependents:
                 if not top:
                     continue
                 _add(found, _key(top, local), Dependent(top, name, disk.target_dev, False))
-                below = set(chain_below(conn, top, disk.driver_type, local))
-                below |= {_norm(p, local) for p in disk.backing_paths()}
-                keys = {_key(p, local) for p in below}
+                chain = set(chain_below(conn, top, disk.driver_type, local))
+                chain |= {_norm(p, local) for p in disk.backing_paths()}
+                keys = {_key(p, local) for p in chain}
                 for key in keys:
                     _add(found, key, Dependent(top, name, disk.target_dev))
                 files_of.setdefault(name, set()).update({_key(top, local), *keys})

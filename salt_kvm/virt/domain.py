@@ -50,6 +50,20 @@ class Disk(XMLObject):
     def path(self) -> str | None:
         return self.source_file or self.source_dev
 
+    @path.setter
+    def path(self, value: str) -> None:
+        """Point the disk at a file, dropping any pool/volume or backing chain."""
+        for child in list(self.node):
+            if child.tag in ("source", "backingStore"):
+                self.node.remove(child)
+        self.type = "file"
+        self.source_file = value
+        # The source goes right after <driver> as libvirt writes it (readability only).
+        source = self.node.find("source")
+        driver = self.node.find("driver")
+        if driver is not None:
+            driver.addnext(source)
+
     def set_block(self, dev: str) -> None:
         """Point the disk at a block device."""
         self.path = dev
@@ -65,20 +79,6 @@ class Disk(XMLObject):
         """The files below this disk in a running guest's backing chain."""
         found = self.node.findall(".//backingStore/source")
         return [s.get("file") or s.get("dev") for s in found if s.get("file") or s.get("dev")]
-
-    @path.setter
-    def path(self, value: str) -> None:
-        """Point the disk at a file, dropping any pool/volume or backing chain."""
-        for child in list(self.node):
-            if child.tag in ("source", "backingStore"):
-                self.node.remove(child)
-        self.type = "file"
-        self.source_file = value
-        # The source goes right after <driver> as libvirt writes it (readability only).
-        source = self.node.find("source")
-        driver = self.node.find("driver")
-        if driver is not None:
-            driver.addnext(source)
 
 
 class Interface(XMLObject):
@@ -203,27 +203,6 @@ def disks_metadata_element(records: dict[str, dict], namespaced: bool = True) ->
             vol.set("delete-with-domain", "yes")
         vol.text = path
     return node
-
-
-class Volume(XMLObject):
-    """A storage volume definition (``pool.createXML``)."""
-
-    TAG = "volume"
-
-    name = XMLProperty("./name")
-    capacity = XMLProperty("./capacity", int)
-    allocation = XMLProperty("./allocation", int)
-    format = XMLProperty("./target/format/@type")
-    # qcow2 v3 ("1.1"): libvirt writes v2 unless told, and v2 cannot hold the
-    # persistent dirty bitmaps incremental backups need.
-    compat = XMLProperty("./target/compat")
-    mode = XMLProperty("./target/permissions/mode")
-    backing_path = XMLProperty("./backingStore/path")
-
-    def __init__(self, xml: str | bytes | etree._Element | None = None):
-        if isinstance(xml, str | bytes):
-            xml = parse(xml)
-        super().__init__(xml)
 
 
 def metadata_element(info: dict[str, str | list[str]]) -> etree._Element:

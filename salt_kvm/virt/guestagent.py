@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import logging
+from typing import Any
 
 import libvirt
 import libvirt_qemu
@@ -19,7 +20,7 @@ AGENT_TIMEOUT = 2  # seconds per agent command: a busy TCG guest answers slowly
 MAX_BYTES = 4096
 
 
-def _command(dom: libvirt.virDomain, execute: str, arguments: dict) -> object:
+def _command(dom: libvirt.virDomain, execute: str, arguments: dict) -> Any:
     reply = libvirt_qemu.qemuAgentCommand(
         dom, json.dumps({"execute": execute, "arguments": arguments}), AGENT_TIMEOUT, 0
     )

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 
 import libvirt
-from lxml import etree
 
 from salt_kvm import __version__
 from salt_kvm.errors import SaltKvmError, SpecError
 from salt_kvm.virt.accel import kvm_access
 from salt_kvm.virt.connection import kvm_available
+from salt_kvm.virt.pools import Pool
 
 
 def _version(number: int) -> str:
@@ -43,21 +43,17 @@ def pool_state(conn: libvirt.virConnect, name: str) -> dict | None:
         pool = conn.storagePoolLookupByName(name)
     except libvirt.libvirtError:
         return None
-    xml = etree.fromstring(pool.XMLDesc(0).encode())
+    xml = Pool(pool.XMLDesc(0))
     return {
-        "type": xml.get("type"),
-        "path": xml.findtext("target/path"),
+        "type": xml.type,
+        "path": xml.target_path,
         "active": bool(pool.isActive()),
         "autostart": bool(pool.autostart()),
     }
 
 
 def pool_xml(name: str, path: str) -> str:
-    pool = etree.Element("pool", type="dir")
-    etree.SubElement(pool, "name").text = name
-    target = etree.SubElement(pool, "target")
-    etree.SubElement(target, "path").text = path
-    return etree.tostring(pool, encoding="unicode")
+    return Pool.new_dir(name, path).to_xml()
 
 
 def ensure_dir_pool(conn: libvirt.virConnect, name: str, path: str) -> dict:

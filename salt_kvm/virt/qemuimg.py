@@ -10,6 +10,7 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Callable
+from typing import Literal, overload
 
 from salt_kvm.errors import SaltKvmError
 
@@ -40,7 +41,13 @@ def run(*args: str, timeout: float | None = None) -> str:
     return proc.stdout
 
 
-def info(path: str, chain: bool = False, fmt: str | None = None) -> dict | list:
+@overload
+def info(path: str, chain: Literal[False] = False, fmt: str | None = None) -> dict: ...
+@overload
+def info(path: str, chain: Literal[True], fmt: str | None = None) -> list[dict]: ...
+
+
+def info(path: str, chain: bool = False, fmt: str | None = None) -> dict | list[dict]:
     """``qemu-img info`` as JSON; ``-U`` reads images a running guest holds.
 
     Pass ``fmt`` whenever it is known: a probed format is the image's word (a
@@ -128,7 +135,7 @@ def run_progress(*args: str, progress: Callable[[float], None] | None = None) ->
             raise SaltKvmError(f"{' '.join(cmd)}: {exc}") from exc
         try:
             pending = b""
-            while chunk := proc.stdout.read1(4096):
+            while chunk := proc.stdout.read1(4096):  # type: ignore[union-attr]  # stdout=PIPE
                 pending += chunk
                 *lines, pending = re.split(rb"[\r\n]", pending)
                 for line in lines:

@@ -9,7 +9,7 @@ Paths are limited to ``./a/b``, ``./a/b/@attr`` and ``./@attr`` forms.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from lxml import etree
 
@@ -22,7 +22,9 @@ def parse(xml: str | bytes) -> etree._Element:
 
 
 def tostring(node: etree._Element) -> str:
-    return etree.tostring(node, pretty_print=True, encoding="unicode")
+    # with_tail=False: an element taken from a parsed document (a network's
+    # <host>) is sent alone, without the whitespace that followed it.
+    return etree.tostring(node, pretty_print=True, encoding="unicode", with_tail=False)
 
 
 def _split(path: str) -> tuple[list[str], str | None]:
@@ -94,15 +96,62 @@ class XMLProperty:
 
 
 class XMLObject:
-    """Base for objects that wrap one element; subclasses declare properties."""
+    """Base for objects that wrap one element; subclasses declare properties.
+
+    ``Cls()`` starts an empty ``<TAG>``, ``Cls(xml_text)`` reads libvirt's
+    document, ``Cls(element)`` wraps a node of a larger document (a device).
+    """
 
     TAG = ""
 
-    def __init__(self, node: etree._Element | None = None):
-        self.node = node if node is not None else etree.Element(self.TAG)
+    def __init__(self, node: etree._Element | str | bytes | None = None):
+        if isinstance(node, str | bytes):
+            node = parse(node)
+        self.node: etree._Element = node if node is not None else etree.Element(self.TAG)
 
     def to_xml(self) -> str:
         return tostring(self.node)
+
+
+Child = TypeVar("Child", bound=XMLObject)
+
+
+class ChildList(list[Child]):
+    """The children a ``XMLChildren`` found; ``add()`` appends a new one."""
+
+    def __init__(self, kind: type[Child], parent: etree._Element, parts: list[str], found):
+        super().__init__(kind(n) for n in found)
+        self._kind, self._parent, self._parts = kind, parent, parts
+
+    def add(self, **values: Any) -> Child:
+        """A new child at the end (its container made if missing), with ``values``
+        set through its properties in the order given."""
+        container = find_or_create(self._parent, self._parts[:-1])
+        child = self._kind(etree.SubElement(container, self._parts[-1]))
+        for key, value in values.items():
+            setattr(child, key, value)
+        self.append(child)
+        return child
+
+
+class XMLChildren(Generic[Child]):
+    """Repeated child elements at ``path`` (``./disks/disk``), each read as ``kind``."""
+
+    def __init__(self, kind: type[Child], path: str):
+        self.kind = kind
+        self.parts, attr = _split(path)
+        if attr or not self.parts:
+            raise ValueError(f"XMLChildren paths name elements: {path!r}")
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        container = obj.node
+        for tag in self.parts[:-1]:
+            container = container.find(tag)
+            if container is None:
+                return ChildList(self.kind, obj.node, self.parts, [])
+        return ChildList(self.kind, obj.node, self.parts, container.findall(self.parts[-1]))
 
 
 class XMLFlag:

@@ -12,7 +12,7 @@ import libvirt
 import pytest
 
 from salt_kvm.backup import ops as backup_ops
-from salt_kvm.backup import restore
+from salt_kvm.backup import restore, verify
 from salt_kvm.backup import run as backup
 from salt_kvm.backup import store as bs
 from salt_kvm.errors import SaltKvmError, SpecError
@@ -312,7 +312,7 @@ def test_a_hostile_store_is_refused_by_name_and_nothing_is_written(
     copy = tmp_path / "copy"
     backup_ops.replicate(str(store.dest), "vm", str(copy))
     for each in bs.Store(copy, "vm").points():
-        assert not bs.verify_point(bs.Store(copy, "vm"), each), each.id
+        assert not verify.verify_point(bs.Store(copy, "vm"), each), each.id
     assert bs.sha256_file(secret) not in {bs.sha256_file(p) for p in _files(copy)}
 
 

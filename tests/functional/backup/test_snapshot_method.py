@@ -344,3 +344,22 @@ def test_unfinished_points_are_kept_while_a_disk_stands_on_them(conn, vm, dest, 
     conn.lookupByName("peek").undefine()
     made = backup.create(conn, "vm", dest, method="snapshot")
     assert any("removed .partial-20261121T010000Z" in c for c in made["cleaned"])
+
+
+def test_reconcile_passes_over_a_disk_folder_that_cannot_be_listed(conn, vm, tmp_path):
+    """A CD-ROM whose ISO's folder is gone (listed first) and the disks' own
+    folder: the stray overlay next to the disk is still found and removed, and
+    nothing is reported for the folder that could not be listed."""
+    dom, disk, data, base = vm
+    gone = tmp_path / "gone"
+    xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    devices = xml.node.find("devices")
+    cdrom = Disk(etree.Element("disk", type="file", device=Disk.DEVICE_CDROM))
+    cdrom.driver_name, cdrom.driver_type = "qemu", "raw"
+    cdrom.path, cdrom.target_dev, cdrom.target_bus = str(gone / "seed.iso"), "sda", "sata"
+    devices.insert(0, cdrom.node)
+    conn.defineXML(xml.to_xml())
+    stray = backup_snap.overlay_for(disk, "20261121T010000Z")
+    qemuimg.create_overlay(stray, disk, "qcow2")
+    assert backup_snap.reconcile(dom) == [f"removed the stray backup overlay {stray}"]
+    assert not os.path.exists(stray)

@@ -9,6 +9,7 @@ import pytest
 
 from salt_kvm.backup import ops as backup_ops
 from salt_kvm.backup import store as bs
+from salt_kvm.backup import verify
 from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError, SpecError
 from salt_kvm.virt import qemuimg
 from salt_kvm.virt.units import parse_duration
@@ -144,16 +145,16 @@ def test_verify_point_finds_changed_and_missing_files(tmp_path):
         "vda", "vda.qcow2", "qcow2", 1024**2, image.stat().st_size, bs.sha256_file(image)
     )
     store.commit(partial, p)
-    assert bs.verify_point(store, p) == []
+    assert verify.verify_point(store, p) == []
     assert backup_ops.verify(str(tmp_path), "vm")["ok"] is True
     with open(store.path(p, "vda.qcow2"), "r+b") as handle:
         handle.seek(100000)
         handle.write(b"x")
-    assert bs.verify_point(store, p) == [f"{p.id}/vda.qcow2: checksum mismatch"]
+    assert verify.verify_point(store, p) == [f"{p.id}/vda.qcow2: checksum mismatch"]
     report = backup_ops.verify(str(tmp_path), "vm")
     assert report["ok"] is False and p.id in report["problems"]
     store.path(p, "vda.qcow2").unlink()
-    assert bs.verify_point(store, p) == [f"{p.id}/vda.qcow2: missing"]
+    assert verify.verify_point(store, p) == [f"{p.id}/vda.qcow2: missing"]
 
 
 def test_manifest_round_trip():
