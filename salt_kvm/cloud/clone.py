@@ -7,6 +7,7 @@ undo step for each so a failure leaves nothing behind.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -209,6 +210,10 @@ def create_volume(
     return vol
 
 
+def _undo_volume(rollback: Rollback, conn: libvirt.virConnect, path: str) -> None:
+    chains.delete_volume(rollback.live(conn), path, "rollback")
+
+
 def clone_domain(
     conn: libvirt.virConnect,
     plan: ClonePlan,
@@ -235,7 +240,7 @@ def clone_domain(
         path = create_volume(conn, plan, disk).path()
         rollback.add(
             f"volume {path}",
-            lambda p=path: chains.delete_volume(rollback.live(conn), p, "rollback"),
+            functools.partial(_undo_volume, rollback, conn, path),
         )
         created.append(path)
         disk_xml.path = path

@@ -152,7 +152,7 @@ def new_volume_source(
     if not pool.isActive():
         raise ConflictError(f"pool: {spec.pool!r} is not running (virsh pool-start {spec.pool})")
     pool.refresh(0)
-    volume = names.extra_volume_name(domain, spec.name, spec.format)
+    volume = names.extra_volume_name(domain, spec.name, spec.volume_format)
     if volume not in pool.listVolumes():
         return None
     path = pool.storageVolLookupByName(volume).path()
@@ -161,7 +161,7 @@ def new_volume_source(
             f"volume {volume!r} already exists in pool {spec.pool!r} and salt-kvm did not "
             f"create it for this disk; it will not overwrite it (attach it with path=)"
         )
-    return Source(path=path, format=spec.format)
+    return Source(path=path, format=spec.volume_format)
 
 
 # Header magics of the image formats QEMU would parse: a file that starts with
@@ -215,6 +215,8 @@ def existing_source(
     host = connection.remote_host(conn)
     # Symlinks resolved first: the check is on the file QEMU will open, and the
     # resolved path is what is attached (a link swapped later changes nothing).
+    if spec.path is None:
+        raise SpecError(spec.name, "has neither size nor path", "size or path")
     path = real(spec.path, host is None)
     roots = sorted(pools(conn).values())
     allowed = [real(d, host is None) for d in (*roots, *allowed_dirs)]

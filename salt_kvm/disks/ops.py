@@ -100,8 +100,10 @@ def _update_records(
 
 
 def _create_volume(conn: libvirt.virConnect, domain: str, spec: DiskSpec):
-    name = names.extra_volume_name(domain, spec.name, spec.format)
-    vol = Volume.new(name, spec.size, spec.format, v3=True)
+    if spec.size is None:
+        raise SpecError(spec.name, "has no size: salt-kvm creates no volume for it", "size")
+    name = names.extra_volume_name(domain, spec.name, spec.volume_format)
+    vol = Volume.new(name, spec.size, spec.volume_format, v3=True)
     vol.allocation = spec.size if spec.preallocation == "full" else 0
     metadata = spec.preallocation == "metadata"
     flags = libvirt.VIR_STORAGE_VOL_CREATE_PREALLOC_METADATA if metadata else 0
@@ -127,14 +129,14 @@ def attach(
     try:
         source = attach_plan.source
         if source is None:
-            volume_name = names.extra_volume_name(dom.name(), spec.name, spec.format)
+            volume_name = names.extra_volume_name(dom.name(), spec.name, spec.volume_format)
             rollback.intend("volume", pool=spec.pool, name=volume_name)
             path = _create_volume(conn, dom.name(), spec).path()
             rollback.add(
                 f"volume {path}",
                 lambda: chains.delete_volume(rollback.live(conn), path, "rollback"),
             )
-            source = Source(path=path, format=spec.format)
+            source = Source(path=path, format=spec.volume_format)
         xml = disk_element(spec, attach_plan.target, source).to_xml()
         try:
             dom.attachDeviceFlags(xml, attach_plan.flags)
@@ -174,7 +176,7 @@ def _detach_live(dom: libvirt.virDomain, disk: Disk, timeout: float, interval: f
     """Unplug from the running guest and wait until the guest has let it go."""
     dom.detachDeviceFlags(disk.to_xml(), LIVE)
     deadline = time.monotonic() + timeout
-    while dom.isActive() and find_disk(Domain(dom.XMLDesc(0)), disk.name) is not None:
+    while dom.isActive() and find_disk(Domain(dom.XMLDesc(0)), disk.name or "") is not None:
         if time.monotonic() >= deadline:
             raise TimeoutError_(
                 f"the guest did not release disk {disk.name!r} within {timeout:g}s; "
@@ -211,9 +213,11 @@ def detach(
             f"disk {name!r} is the boot disk of {dom.name()}; detached, the guest no longer starts",
             "force=True to detach it anyway",
         )
-    path = (in_live or in_config).path
+    disk = in_live or in_config
+    assert disk is not None  # refused above
+    path = disk.path
     if delete:
-        target = (in_live or in_config).target_dev
+        target = disk.target_dev
         created = created_records(config, live_xml)
         _check_deletable(conn, dom, name, path, target, created, live, persistent)
     if not ((in_live is not None and live) or (in_config is not None and persistent)):
@@ -230,7 +234,7 @@ def detach(
         flags |= CONFIG
     if not flags:
         raise SpecError("live", f"disk {name!r} is not where live/persistent point", "true")
-    if delete:
+    if delete and path is not None:
         # Kept otherwise: attaching the disk again reuses the volume.
         _update_records(dom, flags & (CONFIG | (LIVE if dom.isActive() else 0)), _drop(path))
         chains.delete_volume(conn, path, f"delete of disk {name!r}", missing_ok=False)
@@ -287,7 +291,7 @@ def resize(conn: libvirt.virConnect, dom: libvirt.virDomain, name: str, size: in
     if disk.readonly or disk.type == "block":
         what = "read-only" if disk.readonly else "a block device (grow the device itself)"
         raise ConflictError(f"disk {name!r} is {what}; it is not resized")
-    others = [u for u in path_uses(conn).of(disk.path) if u.domain != dom.name()]
+    others = [u for u in path_uses(conn).of(disk.path or "") if u.domain != dom.name()]
     if others:
         raise ConflictError(f"disk {name!r} is also used by {others[0].domain!r}; not resized")
     if find_disk(live_xml, name) is not None:
@@ -331,13 +335,15 @@ def describe(conn: libvirt.virConnect, dom: libvirt.virDomain) -> dict[str, dict
     created = created_records(config, live)
     in_config = {d.target_dev for d in config.disks} if config else set()
     in_live = {d.target_dev for d in live.disks} if live else set()
-    current = (live or config).disks
+    shown = live or config
+    assert shown is not None  # a domain always has its definition
+    current = shown.disks
     current += [d for d in (config.disks if config and live else []) if d.target_dev not in in_live]
-    result = {}
+    result: dict[str, dict] = {}
     for disk in current:
         size, allocation = _sizes(conn, dom, disk, disk.target_dev in in_live)
         record = created.get(disk.path or "")
-        result[disk.name] = {
+        result[disk.name or ""] = {
             "name": disk.name,
             "target": disk.target_dev,
             "bus": disk.target_bus,

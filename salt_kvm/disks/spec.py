@@ -73,6 +73,11 @@ class DiskSpec:
         """salt-kvm creates the volume (``size``) rather than using ``path``."""
         return self.size is not None
 
+    @property
+    def volume_format(self) -> str:
+        """The format of the volume salt-kvm creates (the parser sets it with ``size``)."""
+        return self.format or "qcow2"
+
 
 @dataclass(frozen=True)
 class ProfileDisks:

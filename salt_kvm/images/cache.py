@@ -159,7 +159,7 @@ class _Progress:
         if self.reported == self.done:
             return
         self.reported = self.done
-        data = {"received": self.done, "total": self.total}
+        data: dict[str, float | None] = {"received": self.done, "total": self.total}
         if self.total:
             data["percent"] = round(100 * self.done / self.total, 1)
         data["seconds"] = round(time.monotonic() - self.started, 1)
@@ -259,8 +259,9 @@ def _backing_users(conn: libvirt.virConnect) -> dict[str, list[str]]:
     users: dict[str, list[str]] = {}
     for dom in conn.listAllDomains(0):
         for disk in Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).disks:
-            path = disk.path
-            for used in {path, backing_of.get(path)} - {None}:
+            if disk.path is None:
+                continue
+            for used in {disk.path, backing_of.get(disk.path, disk.path)}:
                 users.setdefault(used, [])
                 if dom.name() not in users[used]:
                     users[used].append(dom.name())

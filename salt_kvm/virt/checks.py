@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Literal, overload
 
 from salt_kvm import redact
 from salt_kvm.errors import SpecError
@@ -103,6 +103,26 @@ def plain(value: str, key: str, multiline: bool = False) -> str:
             key, f"{shown(key, value)} holds the control character {found.group()!r}", allowed
         )
     return value
+
+
+@overload
+def text(
+    values: dict,
+    key: str,
+    required: Literal[True],
+    label: str | None = None,
+    multiline: bool = False,
+) -> str: ...
+
+
+@overload
+def text(
+    values: dict,
+    key: str,
+    required: bool = False,
+    label: str | None = None,
+    multiline: bool = False,
+) -> str | None: ...
 
 
 def text(
