@@ -34,8 +34,7 @@ from typing import TypeGuard
 
 import libvirt
 
-from salt_kvm.backup import core
-from salt_kvm.backup import snapshots as snapshot
+from salt_kvm.backup import core, snapshots
 from salt_kvm.backup.core import Run
 from salt_kvm.errors import ConflictError, SaltKvmError
 from salt_kvm.virt import chains, qemuimg
@@ -43,7 +42,7 @@ from salt_kvm.virt.domain import Domain
 
 log = logging.getLogger(__name__)
 
-OVERLAY_PREFIX = snapshot.BACKUP_PREFIX
+OVERLAY_PREFIX = snapshots.BACKUP_PREFIX
 OVERLAY_RE = re.compile(r"\.saltkvm-backup-\d{8}T\d{6}Z(?:-\d+)?\.qcow2\Z", re.ASCII)
 POLL = 0.5
 COMMIT_TIMEOUT = 3600.0
@@ -55,7 +54,7 @@ SNAPSHOT_FLAGS = (
 
 
 def overlay_for(path: str, point_id: str) -> str:
-    return snapshot.overlay_path(path, f"{OVERLAY_PREFIX}{point_id}")
+    return snapshots.overlay_path(path, f"{OVERLAY_PREFIX}{point_id}")
 
 
 def is_overlay(path: str | None) -> TypeGuard[str]:
@@ -118,11 +117,11 @@ def _snapshot(run: Run) -> list[Frozen]:
         for d in Domain(dom.XMLDesc(0)).disks
         if d.target_dev and d.target_dev not in taken
     ]
-    xml = snapshot.external_xml(
+    xml = snapshots.external_xml(
         f"{OVERLAY_PREFIX}{run.point_id}", None, {f.target: f.overlay for f in frozen}, others
     )
     try:
-        _snap, run.frozen = snapshot.create_quiesced(
+        _snap, run.frozen = snapshots.create_quiesced(
             dom, xml, SNAPSHOT_FLAGS, run.quiesce is not False, run.quiesce
         )
     except libvirt.libvirtError as exc:

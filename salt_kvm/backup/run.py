@@ -19,9 +19,7 @@ import time
 
 import libvirt
 
-from salt_kvm.backup import core, verify
-from salt_kvm.backup import method_api as backup_api
-from salt_kvm.backup import method_snapshot as backup_snap
+from salt_kvm.backup import core, method_api, method_snapshot, verify
 from salt_kvm.backup import store as bs
 from salt_kvm.backup.core import (
     MIN_LIBVIRT,
@@ -49,8 +47,8 @@ def choose_method(conn: libvirt.virConnect, method: str) -> core.Method:
             f"{conn.getURI()}; method=snapshot (or auto) works there"
         )
     if method == core.METHOD_SNAPSHOT or (method == core.METHOD_AUTO and not has_api):
-        return backup_snap.SnapshotMethod()
-    return backup_api.ApiMethod()
+        return method_snapshot.SnapshotMethod()
+    return method_api.ApiMethod()
 
 
 def clean_partials(dom: libvirt.virDomain, store: bs.Store) -> list[str]:
@@ -66,8 +64,8 @@ def reconcile(dom: libvirt.virDomain, store: bs.Store, keep_checkpoint: str | No
     overlays, its partial folder and the checkpoint it created; the previous
     chain is untouched."""
     partials = store.partials()
-    done = backup_api.reconcile(dom, partials)
-    done += backup_snap.reconcile(dom)
+    done = method_api.reconcile(dom, partials)
+    done += method_snapshot.reconcile(dom)
     done += [f"removed {name}" for name in clean_partials(dom, store)]
     for name in our_checkpoints(dom, store_tag(store)):
         if name != keep_checkpoint:

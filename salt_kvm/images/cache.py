@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import libvirt
 
 from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError, SpecError
-from salt_kvm.images import fetch as imagefetch
+from salt_kvm.images import fetch
 from salt_kvm.images.spec import (  # noqa: F401 - re-exported: the names' old home
     ACCEPTED_SOURCE,
     DEFAULT_POOL,
@@ -110,7 +110,7 @@ def _cached(pool: libvirt.virStoragePool, vol: libvirt.virStorageVol, src: str) 
 
 
 def _find(pool: libvirt.virStoragePool, key: str) -> libvirt.virStorageVol | None:
-    for fmt in imagefetch.FORMATS:
+    for fmt in fetch.FORMATS:
         try:
             return pool.storageVolLookupByName(f"{PREFIX}{key}.{fmt}")
         except libvirt.libvirtError:
@@ -142,7 +142,7 @@ def _volume_xml(name: str, capacity: int, fmt: str, mode: str) -> str:
 class _Progress:
     """Turns byte counts into at most ~20 reports (and one at the end)."""
 
-    def __init__(self, report: Progress | None, source: imagefetch.Source):
+    def __init__(self, report: Progress | None, source: fetch.Source):
         self.report, self.total, self.done = report, source.size, 0
         self.step = max(source.size // 20, 1) if source.size else 64 * 1024 * 1024
         self.next, self.started, self.reported = self.step, time.monotonic(), -1
@@ -192,12 +192,12 @@ def _upload(conn, pool, temp_name: str, chunks: Iterator[bytes]) -> None:
 
 
 def _fetch(conn, pool, image: ImageSpec, source, key: str, progress) -> CachedImage:
-    digests = imagefetch.Digests(image.checksum)
+    digests = fetch.Digests(image.checksum)
     counter = _Progress(progress, source)
     served = digests.wrap(counter.count(source.chunks()), "served")
-    compression, data = imagefetch.decompressed(served)
-    head, data = imagefetch.head_of(digests.wrap(data, "image"))
-    fmt = imagefetch.check_image(head, image.format)
+    compression, data = fetch.decompressed(served)
+    head, data = fetch.head_of(digests.wrap(data, "image"))
+    fmt = fetch.check_image(head, image.format)
     log.info(
         "image %s: downloading into pool %s (%s%s)",
         image.shown,
@@ -230,7 +230,7 @@ def ensure(
 ) -> CachedImage:
     """The image's volume in its pool: the cached one, or fetched now."""
     pool = _pool(conn, image.pool)
-    source = imagefetch.open_source(image.source)
+    source = fetch.open_source(image.source)
     key = cache_key(image, source.validator)
     with _local_lock(conn.getURI(), image.pool, key):
         pool.refresh(0)

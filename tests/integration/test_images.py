@@ -144,7 +144,7 @@ def test_gzipped_image_boots_a_minion_and_is_downloaded_once(
         assert server.gets("/debian.qcow2.gz") == 1  # not downloaded again
         spec = images.ImageSpec(
             server.url("/debian.qcow2"),
-            images.imagefetch.parse_checksum(f"sha256:{image_files['sha256']}"),
+            images.fetch.parse_checksum(f"sha256:{image_files['sha256']}"),
             pool=POOL,
         )
         assert images.ensure(hv, spec).name == cached

@@ -447,7 +447,7 @@ def test_in_place_restore_is_refused_while_a_snapshot_or_backup_holds_the_domain
     """An in-place restore rewrites the disks a snapshot operation or a backup
     run of the domain is working on: it takes their per-domain lock, and is
     refused (naming the holder) with nothing written while they run."""
-    from salt_kvm.backup import snapshots as snapshot
+    from salt_kvm.backup import snapshots
     from salt_kvm.errors import ConflictError
 
     monkeypatch.setenv("SALT_KVM_LOCK_DIR", str(tmp_path / "locks"))
@@ -455,7 +455,7 @@ def test_in_place_restore_is_refused_while_a_snapshot_or_backup_holds_the_domain
     backup.create(conn, "vm", dest, method="snapshot")
     qemu_io(data, "write -P 7 0 16M", "raw")
     sums = {p: bs.sha256_file(p) for p in (disk, data)}
-    with snapshot.locked(dom, "snapshot s1"):
+    with snapshots.locked(dom, "snapshot s1"):
         with pytest.raises(ConflictError, match=r"held by snapshot s1 of vm pid"):
             restore.restore(conn, "vm", dest, force=True)
     assert {p: bs.sha256_file(p) for p in (disk, data)} == sums
@@ -466,7 +466,7 @@ def test_in_place_restore_is_refused_while_a_snapshot_or_backup_holds_the_domain
 
     def convert_and_snapshot(*args, **kwargs):
         try:
-            snapshot.create(conn, "vm", "s2")
+            snapshots.create(conn, "vm", "s2")
             tried.append(None)
         except SaltKvmError as exc:
             tried.append(exc)

@@ -11,10 +11,8 @@ import pytest
 from lxml import etree
 
 from salt_kvm.backup import core as backup_core
-from salt_kvm.backup import method_api as backup_api
-from salt_kvm.backup import method_snapshot as backup_snap
+from salt_kvm.backup import method_api, method_snapshot, restore
 from salt_kvm.backup import ops as backup_ops
-from salt_kvm.backup import restore
 from salt_kvm.backup import run as backup
 from salt_kvm.backup import store as bs
 from salt_kvm.errors import SpecError
@@ -131,7 +129,7 @@ def test_a_snapshot_point_makes_the_next_api_run_full(conn, vm, dest):
     assert latest.method == "snapshot" and latest.checkpoint is None
     disks = backup_core.source_disks(conn.lookupByName("vm"), ["vda"])
     assert disks[0].bitmaps  # a checkpoint could be made: only the method is missing
-    parent, reason = backup_api.ApiMethod().plan(None, disks, latest, False, None, 1)
+    parent, reason = method_api.ApiMethod().plan(None, disks, latest, False, None, 1)
     assert parent is None and f"{latest.id} was taken with method=snapshot" in reason
 
 
@@ -146,13 +144,13 @@ def test_a_killed_runs_overlay_is_merged_back_by_the_next_run(conn, vm, dest):
     first = backup.create(conn, "vm", dest, method="snapshot")
     # what a run killed after its snapshot leaves: the definition on an overlay
     # that took writes, a partial folder, and a stray overlay of an older run
-    overlay = backup_snap.overlay_for(disk, "20261121T010000Z")
+    overlay = method_snapshot.overlay_for(disk, "20261121T010000Z")
     qemuimg.create_overlay(overlay, disk, "qcow2")
     qemu_io(overlay, "write -P 7 0 4M")
     xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     xml.disks[0].path = overlay
     conn.defineXML(xml.to_xml())
-    stray = backup_snap.overlay_for(data, "20261120T010000Z")
+    stray = method_snapshot.overlay_for(data, "20261120T010000Z")
     qemuimg.create_overlay(stray, data, "raw")
     (bs.Store(dest, "vm").root / ".partial-20261121T010000Z").mkdir()
 
@@ -228,7 +226,7 @@ def test_a_snapshot_during_a_backup_copy_is_refused_naming_the_run(
     """kvm_backup.snapshot while a method=snapshot run copies: refused (the
     per-domain lock of backups), so the run's overlay never gets a snapshot on
     top that its merge-back would pull away; the backup itself completes."""
-    from salt_kvm.backup import snapshots as snapshot
+    from salt_kvm.backup import snapshots
     from salt_kvm.errors import ConflictError, SaltKvmError
 
     monkeypatch.setenv("SALT_KVM_LOCK_DIR", str(tmp_path / "locks"))
@@ -237,9 +235,9 @@ def test_a_snapshot_during_a_backup_copy_is_refused_naming_the_run(
 
     def copy_and_snapshot(*args, **kwargs):
         for attempt in (
-            lambda: snapshot.create(conn, "vm", "s1"),
-            lambda: snapshot.delete(conn, "vm", "s1"),
-            lambda: snapshot.revert(conn, "vm", "s1"),
+            lambda: snapshots.create(conn, "vm", "s1"),
+            lambda: snapshots.delete(conn, "vm", "s1"),
+            lambda: snapshots.revert(conn, "vm", "s1"),
         ):
             try:
                 attempt()
@@ -254,8 +252,8 @@ def test_a_snapshot_during_a_backup_copy_is_refused_naming_the_run(
     assert tried and all(isinstance(e, ConflictError) for e in tried), tried
     assert f"held by backup into {dest} pid {os.getpid()}" in str(tried[0])
     assert dom.snapshotNum(0) == 0
-    assert not os.path.exists(snapshot.overlay_path(disk, "s1"))
-    with snapshot.locked(dom, "snapshot s2"):  # the run is over: the lock is free
+    assert not os.path.exists(snapshots.overlay_path(disk, "s1"))
+    with snapshots.locked(dom, "snapshot s2"):  # the run is over: the lock is free
         pass
 
 
@@ -266,7 +264,7 @@ def test_merge_back_never_deletes_an_overlay_a_snapshot_stands_on(conn, vm):
     from salt_kvm.errors import SaltKvmError
 
     dom, disk, data, base = vm
-    overlay = backup_snap.overlay_for(disk, "20261121T010000Z")
+    overlay = method_snapshot.overlay_for(disk, "20261121T010000Z")
     qemuimg.create_overlay(overlay, disk, "qcow2")
     qemu_io(overlay, "write -P 7 0 4M")
     top = os.path.join(os.path.dirname(disk), "vm.s1.qcow2")
@@ -275,14 +273,14 @@ def test_merge_back_never_deletes_an_overlay_a_snapshot_stands_on(conn, vm):
     xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     xml.disks[0].path = top
     conn.defineXML(xml.to_xml())
-    frozen = backup_snap.Frozen("vda", overlay, disk, "qcow2")
+    frozen = method_snapshot.Frozen("vda", overlay, disk, "qcow2")
     with pytest.raises(SaltKvmError, match=rf"{overlay} kept, it is needed by domain 'vm'"):
-        backup_snap.merge_back(dom, [frozen])
+        method_snapshot.merge_back(dom, [frozen])
     assert os.path.exists(overlay)
     chain = qemuimg.info(top, chain=True)
     assert [c["filename"] for c in chain] == [top, overlay, disk, base]
     assert pattern_at(top, 0, 4 * MIB, 7)
-    assert backup_snap.reconcile(dom) == [] and os.path.exists(overlay)
+    assert method_snapshot.reconcile(dom) == [] and os.path.exists(overlay)
 
 
 def peek_domain(conn, name, path):
@@ -359,7 +357,7 @@ def test_reconcile_passes_over_a_disk_folder_that_cannot_be_listed(conn, vm, tmp
     cdrom.path, cdrom.target_dev, cdrom.target_bus = str(gone / "seed.iso"), "sda", "sata"
     devices.insert(0, cdrom.node)
     conn.defineXML(xml.to_xml())
-    stray = backup_snap.overlay_for(disk, "20261121T010000Z")
+    stray = method_snapshot.overlay_for(disk, "20261121T010000Z")
     qemuimg.create_overlay(stray, disk, "qcow2")
-    assert backup_snap.reconcile(dom) == [f"removed the stray backup overlay {stray}"]
+    assert method_snapshot.reconcile(dom) == [f"removed the stray backup overlay {stray}"]
     assert not os.path.exists(stray)
