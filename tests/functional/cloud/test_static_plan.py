@@ -84,8 +84,9 @@ def test_create_puts_the_network_config_in_the_seed_and_waits_for_no_lease(
     assert network == {
         "version": 2,
         "ethernets": {
-            "nic0": {
+            "eth0": {
                 "match": {"macaddress": MAC},
+                "set-name": "eth0",
                 "addresses": ["192.168.1.11/24"],
                 "routes": [{"to": "0.0.0.0/0", "via": "192.168.1.1"}],
             }

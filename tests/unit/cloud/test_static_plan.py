@@ -148,13 +148,14 @@ def test_network_config_matches_each_nic_by_mac():
     assert cloudinit.network_config(s.nics) == {
         "version": 2,
         "ethernets": {
-            "nic0": {
+            "eth0": {
                 "match": {"macaddress": MAC},
+                "set-name": "eth0",
                 "addresses": ["192.168.1.11/24"],
                 "routes": [{"to": "0.0.0.0/0", "via": "192.168.1.1"}],
                 "nameservers": {"addresses": ["192.168.1.1"]},
             },
-            "nic1": {"match": {"macaddress": MAC2}, "dhcp4": True},
+            "eth1": {"match": {"macaddress": MAC2}, "set-name": "eth1", "dhcp4": True},
         },
     }
 
@@ -169,15 +170,15 @@ def test_the_seed_carries_the_network_config_even_without_other_seed_data():
     s = spec(bridge(gateway="192.168.1.1"), deploy=False)
     _, files = read_iso(cloud_deploy.seed_iso(s, None, None))
     network = yaml.safe_load(files["network-config"])
-    assert network["ethernets"]["nic0"]["addresses"] == ["192.168.1.11/24"]
-    assert network["ethernets"]["nic0"]["routes"] == [{"to": "0.0.0.0/0", "via": "192.168.1.1"}]
+    assert network["ethernets"]["eth0"]["addresses"] == ["192.168.1.11/24"]
+    assert network["ethernets"]["eth0"]["routes"] == [{"to": "0.0.0.0/0", "via": "192.168.1.1"}]
     assert files["user-data"].startswith(b"#cloud-config")
 
 
 def test_the_seed_of_a_cloud_init_deploy_has_both_the_minion_and_the_network():
     s = spec(bridge(), deploy_method="cloud-init")
     _, files = read_iso(cloud_deploy.seed_iso(s, plan(), None))
-    assert yaml.safe_load(files["network-config"])["ethernets"]["nic0"]["match"] == {
+    assert yaml.safe_load(files["network-config"])["ethernets"]["eth0"]["match"] == {
         "macaddress": MAC
     }
     paths = [f["path"] for f in yaml.safe_load(files["user-data"])["write_files"]]
