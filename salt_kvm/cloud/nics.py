@@ -91,10 +91,10 @@ def _plan(nic: NicSpec, item: dict, where: str, cidr: int | None) -> None:
     """The static plan of a bridge NIC with an ``ip``; checked as a whole."""
     assert nic.ip is not None
     nic.prefix = _prefix(item, where, cidr)
-    if nic.prefix > 30:
-        raise SpecError(
-            f"{where}.prefix", f"/{nic.prefix} leaves no room for a host", "a prefix of 8 to 30"
-        )
+    if not 8 <= nic.prefix <= 30:
+        why = "leaves no room for a host" if nic.prefix > 30 else "is no LAN"
+        given = "ip" if cidr is not None else "netmask" if item.get("netmask") else "prefix"
+        raise SpecError(f"{where}.{given}", f"/{nic.prefix} {why}", "a prefix of 8 to 30")
     subnet = ipaddress.IPv4Interface(f"{nic.ip}/{nic.prefix}").network
     if nic.ip in (str(subnet.network_address), str(subnet.broadcast_address)):
         raise SpecError(

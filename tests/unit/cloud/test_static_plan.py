@@ -76,6 +76,9 @@ def test_an_address_on_a_bridge_without_a_prefix():
         (bridge(prefix="x"), "nics[0].prefix"),
         (bridge(prefix=True), "nics[0].prefix"),
         (bridge(prefix=31), "nics[0].prefix"),
+        (bridge(prefix=0), "nics[0].prefix"),
+        ({"bridge": "br0", "mac": MAC, "ip": "192.168.1.11/4"}, "nics[0].ip"),
+        (bridge(prefix=None, netmask="255.255.255.254"), "nics[0].netmask"),
         (bridge(prefix=None, netmask="255.0.255.0"), "nics[0].netmask"),
         (bridge(netmask="255.255.255.0"), "nics[0].netmask"),  # with prefix: twice
         ({"bridge": "br0", "mac": MAC, "ip": "192.168.1.11/24", "prefix": 24}, "nics[0].prefix"),
