@@ -19,7 +19,9 @@ SOURCE_LEASE = "ip-learning"
 SOURCE_AGENT = "qemu-agent"
 SOURCE_ARP = "arp"
 SOURCE_AUTO = "auto"
-SOURCES = (SOURCE_LEASE, SOURCE_AGENT, SOURCE_ARP, SOURCE_AUTO)
+# The profile's own static plan (nics[].ip on a bridge): no source is asked.
+SOURCE_PLAN = "plan"
+SOURCES = (SOURCE_LEASE, SOURCE_AGENT, SOURCE_ARP, SOURCE_AUTO, SOURCE_PLAN)
 ALIASES = {"lease": SOURCE_LEASE, "agent": SOURCE_AGENT}
 AUTO_ORDER = (SOURCE_LEASE, SOURCE_AGENT, SOURCE_ARP)
 

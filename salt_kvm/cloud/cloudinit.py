@@ -397,3 +397,31 @@ def context(vm_name: str, nics: list, grains: dict | None, **extra: Any) -> dict
         "grains": dict(grains or {}),
         **extra,
     }
+
+
+# ---- the network config of a static plan ------------------------------------
+
+
+def network_config(nics: list) -> dict | None:
+    """cloud-init network config v2 for NICs with a static ip on a bridge
+    (``nics[].ip``), None when there is none. Every NIC is matched by its MAC
+    (the spec makes sure each has one) and named ``eth<index>`` in NIC order:
+    cloud-init's networkd, ifupdown and sysconfig renderers match the name as
+    well as the MAC, so only a ``set-name`` makes the match hold on every
+    image, not just on netplan's. NICs without a static ip keep DHCP, as the
+    image's own fallback config would have given them."""
+    if not any(n.static for n in nics):
+        return None
+    ethernets: dict = {}
+    for index, nic in enumerate(nics):
+        entry: dict = {"match": {"macaddress": nic.mac}, "set-name": f"eth{index}"}
+        if nic.static:
+            entry["addresses"] = [f"{nic.ip}/{nic.prefix}"]
+            if nic.gateway:
+                entry["routes"] = [{"to": "0.0.0.0/0", "via": nic.gateway}]
+            if nic.dns:
+                entry["nameservers"] = {"addresses": list(nic.dns)}
+        else:
+            entry["dhcp4"] = True
+        ethernets[f"eth{index}"] = entry
+    return {"version": 2, "ethernets": ethernets}

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import libvirt
 
 from salt_kvm import ssh as ssh_lib
-from salt_kvm.cloud import cloudinit, provision, seed, sshdeploy
+from salt_kvm.cloud import choices, cloudinit, provision, seed, sshdeploy
 from salt_kvm.cloud.provision import Guest
 from salt_kvm.cloud.spec import VMSpec
 from salt_kvm.errors import SaltKvmError, SpecError
@@ -286,14 +286,15 @@ def seed_iso(spec: VMSpec, plan: Plan | None, grains: dict | None, **extra: Any)
     stops here. ``extra``: more names for a user_data template (profile...)."""
     minion = cloud_config(plan) if plan is not None and spec.deploy.method == "cloud-init" else None
     ci = spec.cloud_init
-    if minion is None and ci is None:
+    # nics[].ip on a bridge: the guest's network config (the spec refuses it
+    # beside cloud_init.network_config).
+    network = cloudinit.network_config(spec.nics or []) or (ci.network_config if ci else None)
+    if minion is None and ci is None and network is None:
         return None
     extra.setdefault("minion_id", plan.key_id if plan is not None else spec.name)
     variables = cloudinit.context(spec.name, spec.nics or [], grains, **extra)
     data = cloudinit.user_data(ci, spec.deploy.ssh_username, minion, variables)
-    return seed.nocloud(
-        spec.name, data, ci.network_config if ci else None, dict(ci.meta_data) if ci else None
-    )
+    return seed.nocloud(spec.name, data, network, dict(ci.meta_data) if ci else None)
 
 
 def create(
@@ -306,7 +307,14 @@ def create(
     emit: provision.Emit,
 ) -> tuple[Guest, dict | None]:
     """Create the guest and make it a minion by the profile's ``deploy_method``;
-    returns the guest and what the deploy reports (None: no deploy)."""
+    returns the guest and what the deploy reports (None: no deploy).
+
+    With ``ip_source: plan`` (a static ip on a bridge) the create does not wait
+    for an address: the deploy waits for the guest to answer on the planned
+    one. The seed stays attached until then; without a deploy (or a wait for
+    the minion) nothing tells that the guest has read it, and it stays until
+    ``salt-cloud -d``."""
+    planned = spec.ip_source == choices.SOURCE_PLAN
     if plan is not None and spec.deploy.method == "cloud-init":
         # The minion's config and accepted keys are in the seed; no SSH. The
         # seed is ejected and deleted as soon as the minion has started.
@@ -314,13 +322,19 @@ def create(
         with minion_watch(master, plan, lambda: created[0], check_minion_start):
             emit("deploying", {"name": spec.name, "method": "cloud-init"})
             created.append(provision.create(conn, spec, rollback, emit, seed_iso=seed))
-        provision.detach_seed(conn, created[0])
+        if plan.minion_timeout > 0 or not planned:
+            provision.detach_seed(conn, created[0])
         return created[0], {"method": "cloud-init", "minion_id": plan.key_id}
     guest = provision.create(conn, spec, rollback, emit, seed_iso=seed)
     # cloud-init read the seed in its local stage, before the guest's network
-    # (and so its address) came up: it can go now.
-    provision.detach_seed(conn, guest)
+    # (and so its address) came up: with an address learned, it can go now;
+    # with a planned one, once the guest answers on it.
+    if not planned:
+        provision.detach_seed(conn, guest)
     if plan is None:
         return guest, None
     emit("deploying", {"name": spec.name, "ip_address": guest.addresses[0]})
-    return guest, run(master, plan, spec, guest)
+    deployed = run(master, plan, spec, guest)
+    if planned:
+        provision.detach_seed(conn, guest)
+    return guest, deployed

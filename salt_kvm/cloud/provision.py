@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from salt_kvm.cloud import addresses, clone, dhcp, seed, sizing
+from salt_kvm.cloud import addresses, choices, clone, dhcp, nics, seed, sizing
 from salt_kvm.cloud.spec import VMSpec
 from salt_kvm.disks import ops as diskops
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
@@ -138,13 +138,16 @@ def create(
             )
     guest.mark("start")
     emit("waiting_for_ip", {"name": spec.name, "ip_source": spec.ip_source, "macs": guest.macs})
-    guest.addresses = addresses.wait_for_addresses(
-        guest.domain,
-        spec.ip_source,
-        spec.wait_for_ip_timeout,
-        spec.wait_for_ip_interval,
-        guest.macs,
-    )
+    if spec.ip_source == choices.SOURCE_PLAN:  # the guest sets them itself (nics[].ip)
+        guest.addresses = nics.planned(spec.nics)
+    else:
+        guest.addresses = addresses.wait_for_addresses(
+            guest.domain,
+            spec.ip_source,
+            spec.wait_for_ip_timeout,
+            spec.wait_for_ip_interval,
+            guest.macs,
+        )
     guest.mark("ip")
     if spec.nat_rules:
         rollback.intend("nat", name=spec.name)

@@ -7,13 +7,20 @@ downstream reads the raw profile again.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from salt_kvm.cloud import choices, cloudinit
+from salt_kvm.cloud.nics import (  # noqa: F401 - re-exported: the names' old home
+    MAC_RE,
+    NIC_KEYS,
+    NIC_MODELS,
+    NicSpec,
+    check_plan,
+    parse_nics,
+)
 from salt_kvm.cloud.topology import CpuTopology, NumaCell, parse_cpu_options, parse_numa
 from salt_kvm.disks.spec import ProfileDisks
 from salt_kvm.disks.spec import parse_profile as parse_profile_disks
@@ -123,10 +130,7 @@ DEPLOY_SETTING_DEFAULTS: dict[str, Any] = {
     "wait_for_minion_timeout": 300,
 }
 DEPLOY_METHODS = ("ssh", "cloud-init", "none")
-NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "ne2k_pci", "pcnet")
-NIC_KEYS = ("network", "bridge", "mac", "ip", "model")
 KEYMAP_RE = re.compile(r"[a-z]{2}(-[a-z]{2,5})?")
-MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 # Proxmox-style keys from Salt's old docs that have no libvirt meaning here.
 REJECTED = {
     "swap": "libvirt guests have no hypervisor-side swap; make swap inside the guest "
@@ -136,15 +140,6 @@ REJECTED = {
     "nameserver": "the guest's resolver comes from DHCP on its network; set DNS on the "
     "libvirt network (<dns><forwarder>) or inside the guest",
 }
-
-
-@dataclass
-class NicSpec:
-    network: str | None = None
-    bridge: str | None = None
-    mac: str | None = None
-    ip: str | None = None
-    model: str = "virtio"
 
 
 @dataclass
@@ -197,64 +192,6 @@ class VMSpec:
     cloud_init: cloudinit.CloudInitSpec | None = None
     nat_rules: list[nat.Rule] = field(default_factory=list)
     disks: ProfileDisks = field(default_factory=ProfileDisks)
-
-
-def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
-    accepted = "a list of network names or mappings with network|bridge, mac, ip, model"
-    if not isinstance(value, list) or not value:
-        raise SpecError(key, f"{value!r} is not a list of NICs", accepted)
-    nics, macs, fixed = [], set(), set()
-    for index, item in enumerate(value):
-        where = f"{key}[{index}]"
-        if isinstance(item, str):
-            item = {"network": item}
-        if not isinstance(item, dict):
-            raise SpecError(where, f"{item!r} is not a NIC", accepted)
-        unknown = set(item) - set(NIC_KEYS)
-        if unknown:
-            raise SpecError(where, f"unknown key(s) {', '.join(sorted(unknown))}", NIC_KEYS)
-        if bool(item.get("network")) == bool(item.get("bridge")):
-            raise SpecError(where, "needs exactly one of network or bridge", ("network", "bridge"))
-        nic = NicSpec(
-            network=text(item, "network", label=f"{where}.network"),
-            bridge=text(item, "bridge", label=f"{where}.bridge"),
-            model=one_of(item, "model", NIC_MODELS, DEFAULTS["nic_model"], f"{where}.model"),
-        )
-        if item.get("mac") is not None:
-            mac = str(item["mac"]).lower()
-            if not MAC_RE.fullmatch(mac) or int(mac[:2], 16) & 1:
-                raise SpecError(
-                    f"{where}.mac",
-                    f"{item['mac']!r} is not a unicast MAC address",
-                    "six colon-separated hex bytes, e.g. 52:54:00:12:34:56",
-                )
-            if mac in macs:
-                raise SpecError(f"{where}.mac", f"{mac} is used twice", "distinct MACs")
-            macs.add(mac)
-            nic.mac = mac
-        if item.get("ip") is not None:
-            try:
-                ip = ipaddress.ip_address(str(item["ip"]))
-            except ValueError:
-                raise SpecError(
-                    f"{where}.ip",
-                    f"{item['ip']!r} is not an IP address",
-                    "an IPv4 address such as 192.168.122.50",
-                ) from None
-            if ip.version != 4 or not choices.usable(str(ip)):
-                raise SpecError(f"{where}.ip", f"{ip} cannot be reserved", "a unicast IPv4 address")
-            if nic.mac is None:
-                raise SpecError(
-                    f"{where}.ip",
-                    "a fixed ip needs a fixed mac to reserve it for",
-                    "mac and ip together",
-                )
-            if (nic.network, str(ip)) in fixed:
-                raise SpecError(f"{where}.ip", f"{ip} is used twice on one network", "distinct IPs")
-            fixed.add((nic.network, str(ip)))
-            nic.ip = str(ip)
-        nics.append(nic)
-    return nics
 
 
 # ---- the whole profile -----------------------------------------------------
@@ -350,6 +287,21 @@ def _deploy_settings(deploy: DeploySpec, values: dict) -> None:
     )
 
 
+def _check_network_config(
+    nics: list[NicSpec] | None, cloud_init: cloudinit.CloudInitSpec | None
+) -> None:
+    """A static ip on a bridge writes the guest's network config: the profile
+    cannot give another one beside it."""
+    static = [i for i, n in enumerate(nics or []) if n.static]
+    if static and cloud_init is not None and cloud_init.network_config is not None:
+        raise SpecError(
+            f"nics[{static[0]}].ip",
+            "on a bridge writes the guest's network config, and cloud_init.network_config "
+            "gives another one",
+            "nics[].ip with prefix, gateway, dns, or cloud_init.network_config (not both)",
+        )
+
+
 def build_spec(values: dict) -> VMSpec:
     """Validate a profile's values (after salt-cloud merged provider and profile)."""
     for key, why in REJECTED.items():
@@ -421,6 +373,11 @@ def build_spec(values: dict) -> VMSpec:
     cloud_init = None
     if values.get("cloud_init") not in (None, "", {}):
         cloud_init = cloudinit.parse(values["cloud_init"])
+    source_given = values.get("ip_source") not in (None, "")
+    ip_source = check_plan(
+        nics, choices.check_source(values.get("ip_source") or DEFAULTS["ip_source"]), source_given
+    )
+    _check_network_config(nics, cloud_init)
 
     return VMSpec(
         name=name,
@@ -429,7 +386,7 @@ def build_spec(values: dict) -> VMSpec:
             values, "clone_strategy", choices.STRATEGIES, DEFAULTS["clone_strategy"]
         ),
         virt_type=virt_choices.check_virt_type(values.get("virt_type")),
-        ip_source=choices.check_source(values.get("ip_source") or DEFAULTS["ip_source"]),
+        ip_source=ip_source,
         validate_xml=boolean(values, "validate_xml", DEFAULTS["validate_xml"]),
         wait_for_ip_timeout=seconds(
             values.get("wait_for_ip_timeout", DEFAULTS["wait_for_ip_timeout"]),

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import jinja2
 import pytest
 import yaml
 
@@ -44,3 +45,33 @@ def test_example_profile_names_are_unique():
 def test_example_profile_is_valid(conf, name, profile, tmp_path):
     profile = with_operator_files(profile, tmp_path)
     assert build_spec({"name": "vm1", **profile}).name == "vm1"
+
+
+MAPS = PROFILES.parent / "cloud.maps.d"
+
+
+def test_the_cluster_map_makes_every_vm_of_its_table_with_its_static_plan():
+    """cluster.map renders (Jinja, as salt-cloud's jinja|yaml does) into one VM
+    per table line, each accepted by the spec parser with its planned address."""
+    rendered = jinja2.Environment().from_string((MAPS / "cluster.map").read_text()).render()
+    profiles = {name: profile for _, name, profile in EXAMPLES}
+    specs = {}
+    for profile_name, vms in yaml.safe_load(rendered).items():
+        for entry in vms:
+            ((name, overrides),) = entry.items()
+            # salt-cloud: the map's values over the profile's
+            specs[name] = build_spec({**profiles[profile_name], **overrides, "name": name})
+    assert list(specs) == ["provision", "mcp", "web1", "db1"]
+    web1 = specs["web1"]
+    assert (web1.memory_mib, web1.disk_size, web1.cpus) == (2048, 20 * 1024**3, 2)
+    (nic,) = web1.nics
+    assert (nic.bridge, nic.mac, nic.ip, nic.prefix, nic.gateway, nic.dns) == (
+        "br1",
+        "52:54:00:10:01:11",
+        "192.168.1.11",
+        24,
+        "192.168.1.1",
+        ["192.168.1.1"],
+    )
+    assert all(s.ip_source == "plan" for s in specs.values())
+    assert specs["provision"].nics[0].gateway is None  # it is the gateway
