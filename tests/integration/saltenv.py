@@ -246,16 +246,24 @@ def minion_config(tmp_path, **extra):
     return salt_config(tmp_path, "minion", {"file_client": "local", "id": "hv", **extra})
 
 
-def salt_call(conf, *args):
-    out = run(
-        [
-            str(VENV_3008 / "bin" / "salt-call"),
-            "--local",
-            "-c",
-            str(conf),
-            "--out=json",
-            "--log-level=quiet",
-            *args,
-        ]
+def salt_call_cmd(conf, venv: Path = VENV_3008, quiet: bool = True) -> list[str]:
+    """``salt-call --local`` of ``venv`` with the config folder ``conf``, JSON out."""
+    cmd = [str(venv / "bin" / "salt-call"), "--local", "-c", str(conf), "--out=json"]
+    return [*cmd, "--log-level=quiet"] if quiet else cmd
+
+
+def salt_call_proc(conf, *args, venv: Path = VENV_3008, timeout: float = 300):
+    """The finished ``salt-call``, whatever its exit status."""
+    return subprocess.run(
+        [*salt_call_cmd(conf, venv), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
+
+
+def salt_call(conf, *args):
+    """What ``salt-call`` returned; it must succeed."""
+    out = run([*salt_call_cmd(conf), *args])
     return json.loads(out)["local"]
