@@ -35,11 +35,10 @@ from salt_kvm.virt.domain import Domain
 
 from . import guests, saltenv
 from .conftest import GUEST_PASSWORD, PREFIX, URI, backup_dest, unique
-from .saltenv import minion_config, salt_config
+from .saltenv import REPO, minion_config, salt_config
 from .sshserver import SshServer
 
 MIB = 1024**2
-REPO = Path(__file__).resolve().parents[2]
 SSH_PORT = saltenv.PORT_BASE + 20
 
 
@@ -170,13 +169,25 @@ def killed_run(hv, guest, dest, api_chain):
     (/data/a: a3)."""
     store = bs.Store(dest, guest.name)
     run = SimpleNamespace(before=[p.id for p in store.points()])
+    _kill_9_mid_copy(store, f"{guest.name!r}, {dest!r}, full=True")
+    run.after_kill = [p["id"] for p in backup_ops.list_points(dest, guest.name)]
+    run.verified = backup_ops.verify(dest, guest.name)["ok"]
+    run.a3 = write(guest, "/data/a", 8)
+    run.nxt = backup.create(hv, guest.name, dest)
+    return run
+
+
+def _kill_9_mid_copy(store, args):
+    """Start ``backup.create(conn, <args>)`` in a process of its own and SIGKILL it
+    once its copy of vda is under way (50 MiB); returns the partial folder it left."""
     code = (
-        "import libvirt, sys; from salt_kvm.virt import connection; "
+        "import libvirt; from salt_kvm.virt import connection; "
         "from salt_kvm.backup import run as backup; "
-        f"backup.create(libvirt.open({URI!r}), {guest.name!r}, {dest!r}, full=True)"
+        f"backup.create(libvirt.open({URI!r}), {args})"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     try:
         for _ in range(1200):  # until the copy is under way
             partial = store.partials()
@@ -188,11 +199,7 @@ def killed_run(hv, guest, dest, api_chain):
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    run.after_kill = [p["id"] for p in backup_ops.list_points(dest, guest.name)]
-    run.verified = backup_ops.verify(dest, guest.name)["ok"]
-    run.a3 = write(guest, "/data/a", 8)
-    run.nxt = backup.create(hv, guest.name, dest)
-    return run
+    return partial[0]
 
 
 def test_kill_9_mid_backup_keeps_the_chain_and_next_run_continues(hv, guest, dest, killed_run):
@@ -417,33 +424,14 @@ def test_snapshot_method_killed_run_is_merged_back_by_the_next(hv, guest, snapde
     before = _sources(guest.dom)
     store = bs.Store(snapdest, guest.name)
     points = [p.id for p in store.points()]
-    code = (
-        "import libvirt; from salt_kvm.virt import connection; "
-        "from salt_kvm.backup import run as backup; "
-        f"backup.create(libvirt.open({URI!r}), {guest.name!r}, {snapdest!r}, full=True, "
-        "method='snapshot')"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}
-    )
-    try:
-        for _ in range(1200):  # until the copy is under way
-            partial = store.partials()
-            image = partial[0] / "vda.qcow2" if partial else None
-            if image and image.exists() and image.stat().st_size > 50 * MIB:
-                break
-            assert proc.poll() is None, "the backup ended before it could be killed"
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    partial = _kill_9_mid_copy(store, f"{guest.name!r}, {snapdest!r}, full=True, method='snapshot'")
     # the guest runs on the run's overlays; its copy died with it
     assert all(backup_snap.is_overlay(p) for p in _sources(guest.dom).values())
     for _ in range(50):
-        if not _processes_using(str(partial[0])):
+        if not _processes_using(str(partial)):
             break
         time.sleep(0.1)
-    assert not _processes_using(str(partial[0]))
+    assert not _processes_using(str(partial))
     s3 = write(guest, "/data/s", 8)  # lands in the overlay
     nxt = backup.create(hv, guest.name, snapdest, method="snapshot")
     merged = [c for c in nxt["cleaned"] if c.startswith("merged ")]
@@ -609,19 +597,8 @@ def test_snapshot_method_on_the_shut_off_guest(hv, guest, snapdest, snap_chain, 
     assert backup_ops.verify(snapdest, guest.name, made["point"])["ok"]
 
 
-VENV_3007 = Path(os.environ.get("SALT_KVM_VENV_3007", "/opt/salt-kvm/venv-3007"))
-
-
-def _salt_call(tmp_path, *args, venv=None, fails=False):
-    conf = minion_config(tmp_path)
-    salt_call = (venv / "bin" if venv else Path(sys.executable).parent) / "salt-call"
-    proc = subprocess.run(
-        [str(salt_call), "--local", "-c", str(conf), "--out=json", "--log-level=quiet", *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+def _salt_call(tmp_path, *args, venv=saltenv.VENV_3008, fails=False):
+    proc = saltenv.salt_call_proc(minion_config(tmp_path), *args, venv=venv, timeout=900)
     if fails:
         assert proc.returncode == 1, proc.stdout + proc.stderr
         return proc.stdout + proc.stderr
@@ -642,7 +619,9 @@ def test_state_backed_up_and_snapshot_states(hv, guest, tmp_path):
         assert ret["result"] is True and ret["changes"] == {}, ret
         listed = _salt_call(tmp_path, "kvm_backup.list", guest.name, where)
         assert len(listed) == 1
-        checked = _salt_call(tmp_path, "kvm_backup.verify", guest.name, where, venv=VENV_3007)
+        checked = _salt_call(
+            tmp_path, "kvm_backup.verify", guest.name, where, venv=saltenv.VENV_3007
+        )
         assert checked["ok"] is True and checked["checked"] == [listed[0]["id"]]
         snap = ["state.single", "kvm_backup.snapshot_present", guest.name, "snapshot=st1"]
         (ret,) = _salt_call(tmp_path, *snap, "test=True").values()
