@@ -21,10 +21,9 @@ from salt_kvm.virt.domain import Domain
 from salt_kvm.virt.rollback import Rollback
 from salt_kvm.virt.units import GIB
 
-from .conftest import GUEST_PASSWORD, GUEST_USER, POOL, unique
-from .saltenv import VENV_3008, minion_config, salt_call
+from .conftest import GUEST_PASSWORD, GUEST_USER, IMAGES, POOL, unique
+from .saltenv import minion_config, salt_call, salt_call_cmd
 
-IMAGES = "/var/lib/libvirt/images"
 MARKER = b"salt-kvm read-only image\n"
 
 
@@ -92,10 +91,6 @@ def minion(tmp_path_factory):
         file_roots={"base": [str(srv)]},
     )
     return conf, outside
-
-
-def salt_call_cmd(conf):
-    return [str(VENV_3008 / "bin" / "salt-call"), "--local", "-c", str(conf), "--out=json"]
 
 
 def wait_in_guest(session, command, expect, timeout=180):
@@ -310,13 +305,15 @@ def test_module_refusals_through_salt_call(hv, stopped, minion):
         (["size=1G", "index=1", "bus=sata"], "index: 1 (sdb) is already used"),
     ]:
         proc = subprocess.run(
-            [*salt_call_cmd(conf), "kvm_disk.attach", name, "bad", *args],
+            [*salt_call_cmd(conf, quiet=False), "kvm_disk.attach", name, "bad", *args],
             capture_output=True,
             text=True,
         )
         assert proc.returncode != 0 and message in proc.stdout + proc.stderr, proc.stdout
     missing = subprocess.run(
-        [*salt_call_cmd(conf), "kvm_disk.list", unique("missing")], capture_output=True, text=True
+        [*salt_call_cmd(conf, quiet=False), "kvm_disk.list", unique("missing")],
+        capture_output=True,
+        text=True,
     )
     assert missing.returncode != 0 and "no domain named" in missing.stdout + missing.stderr
     assert definition(stopped) == before
