@@ -14,9 +14,7 @@ from salt_kvm.virt.domain import Domain
 from salt_kvm.virt.rollback import Rollback
 
 from .cloudcheck import assert_gone, cloud_error, created, sized_profile
-from .conftest import POOL, unique
-
-IMAGES = "/var/lib/libvirt/images"
+from .conftest import IMAGES, POOL, unique
 
 
 @pytest.fixture
