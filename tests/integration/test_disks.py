@@ -123,6 +123,17 @@ def definition(dom):
 # ---- on the booted guest ---------------------------------------------------------
 
 
+@pytest.fixture
+def data_disk(hv, guest):
+    """The guest's 2G "data" disk at index 1, as the hotplug test leaves it
+    (attached here when that test did not run first)."""
+    dom, session = guest
+    if "data" not in diskops.describe(hv, dom):
+        attach(hv, dom, "data", size="2G", index=1)
+        present(session, "data")
+    return dom
+
+
 def test_new_qcow2_disk_hotplugs_keeps_its_data_across_detach_and_reattach(hv, guest, minion):
     dom, session = guest
     conf, _ = minion
@@ -156,7 +167,7 @@ def test_new_qcow2_disk_hotplugs_keeps_its_data_across_detach_and_reattach(hv, g
     session.check(f"mount {dev} /mnt/data && sha256sum -c /root/sum && umount /mnt/data")
 
 
-def test_disk_grows_live_and_never_shrinks(hv, guest):
+def test_disk_grows_live_and_never_shrinks(hv, guest, data_disk):
     dom, session = guest
     grown = diskops.resize(hv, dom, "data", 3 * GIB)
     assert grown == {"old": 2 * GIB, "new": 3 * GIB}
@@ -236,7 +247,9 @@ def attach(hv, dom, name, **values):
     return diskops.attach(hv, dom, disks.parse_disk(name, values), ())
 
 
-def test_refusals_leave_the_definition_unchanged(hv, guest, stopped, raw_image, base_domain):
+def test_refusals_leave_the_definition_unchanged(
+    hv, guest, data_disk, stopped, raw_image, base_domain
+):
     running, _ = guest
     data = diskops.describe(hv, running)["data"]["source"]
     base_disk = Domain(hv.lookupByName(base_domain).XMLDesc(0)).disks[0].path
@@ -295,7 +308,17 @@ def test_refusals_leave_the_definition_unchanged(hv, guest, stopped, raw_image, 
         lifecycle.lookup(hv, unique("missing"))
 
 
-def test_module_refusals_through_salt_call(hv, stopped, minion):
+@pytest.fixture
+def stopped_with_first(hv, stopped):
+    """The shut-off clone with its 1G "first" disk on sata index 1, as
+    test_refusals_leave_the_definition_unchanged leaves it."""
+    if "first" not in diskops.describe(hv, stopped):
+        attach(hv, stopped, "first", size="1G", index=1, bus="sata")
+    return stopped
+
+
+def test_module_refusals_through_salt_call(hv, stopped_with_first, minion):
+    stopped = stopped_with_first
     conf, outside = minion
     before = definition(stopped)
     name = stopped.name()
