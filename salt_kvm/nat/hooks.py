@@ -27,6 +27,7 @@ import os
 import sys
 from pathlib import Path
 
+import salt_kvm
 from salt_kvm.nat import firewall as hostnet
 from salt_kvm.nat import forwards
 from salt_kvm.nat import hookfiles as hookscript
@@ -127,7 +128,7 @@ def install(
 ) -> list[str]:
     """Write hook.conf (this Python, this package) and the sh hooks (idempotent);
     returns the files written (or, with ``test``, that would be)."""
-    package_parent = str(Path(__file__).resolve().parent.parent)
+    package_parent = str(Path(salt_kvm.__file__).resolve().parent.parent)
     return hookscript.install(
         sys.executable, package_parent, Store(state).path, hooks_dir, conf, log, test
     )

@@ -121,3 +121,20 @@ def test_status_says_whether_libvirtd_runs_the_hooks(tmp_path, monkeypatch):
         False,
         "libvirtd is not running: the hooks load when it starts",
     )
+
+
+def test_installed_hooks_import_this_package(tmp_path):
+    """kvm_nat.install_hooks writes the folder holding salt_kvm (wherever the
+    module doing the writing sits in the package) and the hook can import it."""
+    hooks = tmp_path / "hooks"
+    nathook.install(hooks, state=tmp_path / "nat.json", log=tmp_path / "log" / "hook.log")
+    conf = dict(
+        line.split("=", 1)
+        for line in (hooks / "salt-kvm-hook.conf").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    assert conf["path"] == str(Path(salt_kvm.__file__).resolve().parent.parent)
+    proc = run_hook(tmp_path)  # qemu stopped: nothing to do
+    assert proc.returncode == 0, proc.stderr
+    log = tmp_path / "log" / "hook.log"
+    assert not log.exists() or "ERROR" not in log.read_text()
