@@ -12,29 +12,23 @@ import pytest
 import yaml
 
 from salt_kvm import ssh
-from salt_kvm.cloud import addresses, clone
+from salt_kvm.cloud import addresses
 from salt_kvm.disks import ops as diskops
 from salt_kvm.disks import spec as disks
 from salt_kvm.errors import ConflictError, NotFoundError, SpecError
 from salt_kvm.virt import lifecycle
 from salt_kvm.virt.domain import Domain
-from salt_kvm.virt.rollback import Rollback
 from salt_kvm.virt.units import GIB
 
 from .conftest import GUEST_PASSWORD, GUEST_USER, IMAGES, POOL, unique
+from .guests import quick_clone
 from .saltenv import minion_config, salt_call, salt_call_cmd
 
 MARKER = b"salt-kvm read-only image\n"
 
 
 def make_clone(hv, base_domain, stem):
-    rollback = Rollback()
-    with rollback:
-        dom = clone.clone_domain(
-            hv, clone.plan_clone(hv, base_domain, unique(stem), "quick"), rollback
-        )
-        rollback.forget()
-    return dom
+    return quick_clone(hv, base_domain, unique(stem))
 
 
 def remove(hv, dom):
