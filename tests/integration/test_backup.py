@@ -452,7 +452,7 @@ def test_snapshot_method_killed_run_is_merged_back_by_the_next(hv, guest, snapde
 @pytest.fixture(scope="module")
 def snapshot_round(hv, guest):
     """External snapshot s1 reverted to; s2 on top of it deleted after /data/keep
-    was written (kept) onto its overlay."""
+    was written (kept) onto its overlay; then s1 deleted."""
     done = SimpleNamespace(before=write(guest, "/data/snap", 4))
     done.made = snapshot.create(hv, guest.name, "s1")
     write(guest, "/data/snap", 4)
@@ -466,6 +466,10 @@ def snapshot_round(hv, guest):
     done.kept = write(guest, "/data/keep", 4)
     done.overlays = snapshot.list_snapshots(hv, guest.name)[-1]["overlays"]
     done.deleted = snapshot.delete(hv, guest.name, "s2")
+    done.kept_after_s2 = guest.run("sync; md5sum /data/keep").split()[0]
+    done.s2_overlays_left = [p for p in done.overlays.values() if os.path.exists(p)]
+    # s1 goes too: a snapshot left would hold the guest's images (and refuse its removal)
+    snapshot.delete(hv, guest.name, "s1")
     return done
 
 
@@ -475,11 +479,9 @@ def test_snapshot_revert_and_delete(hv, guest, snapshot_round):
     assert done.reverted["restarted"] is True
     assert done.after_revert == done.before
 
-    kept, overlays, deleted = done.kept, done.overlays, done.deleted
-    assert deleted["deleted"] is True
-    assert guest.run("sync; md5sum /data/keep").split()[0] == kept
-    assert not any(os.path.exists(p) for p in overlays.values())
-    snapshot.delete(hv, guest.name, "s1")
+    assert done.deleted["deleted"] is True
+    assert done.kept_after_s2 == done.kept
+    assert done.s2_overlays_left == []
     assert snapshot.list_snapshots(hv, guest.name) == []
     assert guest.data_path in guest.dom.XMLDesc(0)
 
