@@ -21,6 +21,7 @@ URI = "qemu:///system"
 BASE = os.environ.get("SALT_KVM_BASE_DOMAIN", "salt-kvm-base-debian12")
 NETWORK = os.environ.get("SALT_KVM_TEST_NET", "salt-kvm-test")
 POOL = os.environ.get("SALT_KVM_POOL", "default")
+IMAGES = "/var/lib/libvirt/images"  # the pool's folder (scripts/setup-host makes it)
 GUEST_USER, GUEST_PASSWORD = "root", "salt-kvm"
 # Every guest (and so every volume) the tests make is named PREFIX*; a worktree
 # running the tier beside another sets its own prefix and port base.
@@ -98,14 +99,16 @@ def salt(tmp_path_factory, hv):
     saltenv.stop_master(env)
 
 
+def prefixed_volumes(conn) -> set[str]:
+    """The test pool's volumes named PREFIX* (what this run's guests made)."""
+    pool = conn.storagePoolLookupByName(POOL)
+    pool.refresh(0)
+    return {v for v in pool.listVolumes() if v.startswith(PREFIX)}
+
+
 @pytest.fixture
 def pool_volumes(hv):
-    def listing():
-        pool = hv.storagePoolLookupByName(POOL)
-        pool.refresh(0)
-        return {v for v in pool.listVolumes() if v.startswith(PREFIX)}
-
-    return listing
+    return lambda: prefixed_volumes(hv)
 
 
 def pytest_collection_modifyitems(config, items):

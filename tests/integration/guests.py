@@ -49,6 +49,17 @@ def data_volume(conn, pool_name: str, name: str, size: int, fmt: str = "qcow2") 
     return pool.createXML(etree.tostring(vol, encoding="unicode"), 0).path()
 
 
+def quick_clone(conn, base: str, name: str) -> libvirt.virDomain:
+    """A quick clone of ``base`` as it is (on its networks), defined, not started."""
+    rollback = Rollback()
+    with rollback:
+        dom = clone.clone_domain(
+            conn, clone.plan_clone(conn, base, name, clone.STRATEGY_QUICK), rollback
+        )
+        rollback.forget()
+    return dom
+
+
 def define_guest(conn, base: str, name: str, data_size: int | None = None) -> tuple:
     """Define (not start) a quick clone on the test network; returns (dom, data path)."""
     plan = clone.plan_clone(conn, base, name, clone.STRATEGY_QUICK)

@@ -23,8 +23,12 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TEST_NET_PREFIX = os.environ.get("SALT_KVM_TEST_NET_PREFIX", "192.168.213")
 MASTER_ADDRESS = f"{TEST_NET_PREFIX}.1"
-_PORT_BASE = int(os.environ.get("SALT_KVM_TEST_PORT_BASE", "45505"))
-PUBLISH_PORT, RET_PORT = _PORT_BASE, _PORT_BASE + 1
+# Every host port the tier listens on is PORT_BASE + an offset, so a worktree
+# running beside another sets its own base: +0/+1 this master, +10/+11 a second
+# master (test_cloud's Salt 3007), +20 test_backup's SSH server, +30..+33
+# test_nat's forwards, +40 test_cloud's forward.
+PORT_BASE = int(os.environ.get("SALT_KVM_TEST_PORT_BASE", "45505"))
+PUBLISH_PORT, RET_PORT = PORT_BASE, PORT_BASE + 1
 
 
 @dataclass
@@ -242,16 +246,24 @@ def minion_config(tmp_path, **extra):
     return salt_config(tmp_path, "minion", {"file_client": "local", "id": "hv", **extra})
 
 
-def salt_call(conf, *args):
-    out = run(
-        [
-            str(VENV_3008 / "bin" / "salt-call"),
-            "--local",
-            "-c",
-            str(conf),
-            "--out=json",
-            "--log-level=quiet",
-            *args,
-        ]
+def salt_call_cmd(conf, venv: Path = VENV_3008, quiet: bool = True) -> list[str]:
+    """``salt-call --local`` of ``venv`` with the config folder ``conf``, JSON out."""
+    cmd = [str(venv / "bin" / "salt-call"), "--local", "-c", str(conf), "--out=json"]
+    return [*cmd, "--log-level=quiet"] if quiet else cmd
+
+
+def salt_call_proc(conf, *args, venv: Path = VENV_3008, timeout: float = 300):
+    """The finished ``salt-call``, whatever its exit status."""
+    return subprocess.run(
+        [*salt_call_cmd(conf, venv), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
+
+
+def salt_call(conf, *args):
+    """What ``salt-call`` returned; it must succeed."""
+    out = run([*salt_call_cmd(conf), *args])
     return json.loads(out)["local"]

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import libvirt
 import pytest
@@ -34,12 +35,11 @@ from salt_kvm.virt.domain import Domain
 
 from . import guests, saltenv
 from .conftest import GUEST_PASSWORD, PREFIX, URI, backup_dest, unique
-from .saltenv import minion_config, salt_config
+from .saltenv import REPO, minion_config, salt_config
 from .sshserver import SshServer
 
 MIB = 1024**2
-REPO = Path(__file__).resolve().parents[2]
-SSH_PORT = int(os.environ.get("SALT_KVM_TEST_PORT_BASE", "45505")) + 20
+SSH_PORT = saltenv.PORT_BASE + 20
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +63,6 @@ def snapdest():
     path = backup_dest("snapmethod")
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def state():
-    return {}
 
 
 def write(g, path, mib):
@@ -118,25 +113,35 @@ def assert_restores(hv, guest, dest, full, inc, path, latest_md5, full_md5, stem
         guests.remove_guest(hv, target)
 
 
-def test_full_incremental_and_restores(hv, guest, dest, state):
-    state["a1"] = write(guest, "/data/a", 16)
-    events = []
-    full = backup.create(hv, guest.name, dest, emit=lambda s, d: events.append(s))
+# What later tests build on is a module fixture made on first use, so any test
+# runs alone (-k) and in any selection; the test that checks a fixture's
+# results is its first user, so in a whole run each is made where it was before.
+@pytest.fixture(scope="module")
+def api_chain(hv, guest, dest):
+    """The first full and incremental point in ``dest`` (/data/a: a1, then a2)."""
+    chain = SimpleNamespace(events=[])
+    chain.a1 = write(guest, "/data/a", 16)
+    chain.full = backup.create(hv, guest.name, dest, emit=lambda s, d: chain.events.append(s))
+    chain.a2 = write(guest, "/data/a", 64)
+    chain.inc = backup.create(hv, guest.name, dest)
+    return chain
+
+
+def test_full_incremental_and_restores(hv, guest, dest, api_chain):
+    full, inc, events = api_chain.full, api_chain.inc, api_chain.events
     assert full["kind"] == "full" and full["frozen"] is True and full["consistency"] == "frozen"
     assert events[0] == "start" and events[-1] == "done"
     assert full["progress"]["processed"] == full["progress"]["total"] > 0
-    state["a2"] = write(guest, "/data/a", 64)
-    inc = backup.create(hv, guest.name, dest)
     assert inc["kind"] == "incremental" and inc["parent"] == full["point"]
     # close to the 64 MiB changed, nowhere near the disks' size
     assert 64 * MIB <= inc["disk_bytes"]["vdb"] < 80 * MIB, inc
     assert inc["bytes"] < 128 * MIB < full["bytes"]
-    state["full"], state["inc"] = full["point"], inc["point"]
     points = backup_ops.list_points(dest, guest.name)
     assert [p["id"] for p in points] == [full["point"], inc["point"]]
     assert backup_ops.verify(dest, guest.name)["ok"]
 
-    assert_restores(hv, guest, dest, full, inc, "a", state["a2"], state["a1"], "bkr", "bkf")
+    a1, a2 = api_chain.a1, api_chain.a2
+    assert_restores(hv, guest, dest, full, inc, "a", a2, a1, "bkr", "bkf")
 
 
 def test_concurrent_run_and_bad_input_are_refused(hv, guest, dest):
@@ -158,16 +163,31 @@ def test_concurrent_run_and_bad_input_are_refused(hv, guest, dest):
         shutil.rmtree(empty, ignore_errors=True)
 
 
-def test_kill_9_mid_backup_keeps_the_chain_and_next_run_continues(hv, guest, dest, state):
+@pytest.fixture(scope="module")
+def killed_run(hv, guest, dest, api_chain):
+    """A full run into ``dest`` killed with SIGKILL mid-copy, then the next run
+    (/data/a: a3)."""
     store = bs.Store(dest, guest.name)
-    before = [p.id for p in store.points()]
+    run = SimpleNamespace(before=[p.id for p in store.points()])
+    _kill_9_mid_copy(store, f"{guest.name!r}, {dest!r}, full=True")
+    run.after_kill = [p["id"] for p in backup_ops.list_points(dest, guest.name)]
+    run.verified = backup_ops.verify(dest, guest.name)["ok"]
+    run.a3 = write(guest, "/data/a", 8)
+    run.nxt = backup.create(hv, guest.name, dest)
+    return run
+
+
+def _kill_9_mid_copy(store, args):
+    """Start ``backup.create(conn, <args>)`` in a process of its own and SIGKILL it
+    once its copy of vda is under way (50 MiB); returns the partial folder it left."""
     code = (
-        "import libvirt, sys; from salt_kvm.virt import connection; "
+        "import libvirt; from salt_kvm.virt import connection; "
         "from salt_kvm.backup import run as backup; "
-        f"backup.create(libvirt.open({URI!r}), {guest.name!r}, {dest!r}, full=True)"
+        f"backup.create(libvirt.open({URI!r}), {args})"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     try:
         for _ in range(1200):  # until the copy is under way
             partial = store.partials()
@@ -179,18 +199,23 @@ def test_kill_9_mid_backup_keeps_the_chain_and_next_run_continues(hv, guest, des
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    assert [p["id"] for p in backup_ops.list_points(dest, guest.name)] == before
-    assert backup_ops.verify(dest, guest.name)["ok"]
-    state["a3"] = write(guest, "/data/a", 8)
-    nxt = backup.create(hv, guest.name, dest)
+    return partial[0]
+
+
+def test_kill_9_mid_backup_keeps_the_chain_and_next_run_continues(hv, guest, dest, killed_run):
+    store = bs.Store(dest, guest.name)
+    before, nxt = killed_run.before, killed_run.nxt
+    assert killed_run.after_kill == before
+    assert killed_run.verified
     assert nxt["kind"] == "incremental" and nxt["parent"] == before[-1], nxt
     assert any("removed .partial-" in c for c in nxt["cleaned"]), nxt["cleaned"]
     assert not store.partials()
     assert len(backup_core.our_checkpoints(guest.dom)) == 1
-    state["inc2"] = nxt["point"]
 
 
-def test_missing_or_broken_checkpoint_starts_a_new_full_chain(hv, guest, dest, state):
+def test_missing_or_broken_checkpoint_starts_a_new_full_chain(
+    hv, guest, dest, api_chain, killed_run
+):
     (name,) = backup_core.our_checkpoints(guest.dom)
     # metadata that libvirt believes but whose bitmaps are gone: SlapOS's "inconsistent"
     xml = guest.dom.checkpointLookupByName(name, 0).getXMLDesc(0)
@@ -205,7 +230,8 @@ def test_missing_or_broken_checkpoint_starts_a_new_full_chain(hv, guest, dest, s
     chains = bs.chains(bs.Store(dest, guest.name).points())
     assert len(chains) == 3
     pruned = backup_ops.prune(dest, guest.name, keep=2)
-    assert sorted(pruned["deleted"]) == sorted([state["full"], state["inc"], state["inc2"]])
+    first_chain = [api_chain.full["point"], api_chain.inc["point"], killed_run.nxt["point"]]
+    assert sorted(pruned["deleted"]) == sorted(first_chain)
     assert backup_ops.verify(dest, guest.name)["ok"]
 
 
@@ -240,7 +266,7 @@ def test_ssh_copy_to_an_unknown_or_mispinned_host_is_refused(hv, guest, tmp_path
         shutil.rmtree(small, ignore_errors=True)
 
 
-def test_second_copies_folder_and_ssh(hv, guest, dest, state):
+def test_second_copies_folder_and_ssh(hv, guest, dest, killed_run):
     copy = backup_dest("copy")
     try:
         first = backup_ops.replicate(dest, guest.name, copy)
@@ -250,7 +276,7 @@ def test_second_copies_folder_and_ssh(hv, guest, dest, state):
         target = unique("bkc")
         try:
             made = restore.restore(hv, guest.name, copy, target=target)
-            assert md5_on_attached(guest, hv, made["volumes"][1]) == state["a3"]
+            assert md5_on_attached(guest, hv, made["volumes"][1]) == killed_run.a3
         finally:
             guests.remove_guest(hv, target)
     finally:
@@ -292,31 +318,43 @@ def _on_the_original_images(g, before):
         assert all(not g.dom.blockJobInfo(t, 0) for t in before)
 
 
-def test_snapshot_method_full_incremental_and_restores(hv, guest, dest, snapdest, state):
-    before = _sources(guest.dom)
-    assert before == _sources(guest.dom, libvirt.VIR_DOMAIN_XML_INACTIVE)
-    state["s1"] = write(guest, "/data/s", 16)
-    events = []
-    full = backup.create(
-        hv, guest.name, snapdest, method="snapshot", emit=lambda s, d: events.append((s, d))
+@pytest.fixture(scope="module")
+def snap_chain(hv, guest, snapdest):
+    """The first full and incremental method=snapshot point in ``snapdest``
+    (/data/s: s1, then s2)."""
+    chain = SimpleNamespace(events=[], before=_sources(guest.dom))
+    chain.inactive = _sources(guest.dom, libvirt.VIR_DOMAIN_XML_INACTIVE)
+    chain.s1 = write(guest, "/data/s", 16)
+    chain.full = backup.create(
+        hv, guest.name, snapdest, method="snapshot", emit=lambda s, d: chain.events.append((s, d))
     )
+    _on_the_original_images(guest, chain.before)  # between the runs
+    chain.s2 = write(guest, "/data/s", 64)
+    chain.inc = backup.create(hv, guest.name, snapdest, method="snapshot")
+    return chain
+
+
+def test_snapshot_method_full_incremental_and_restores(
+    hv, guest, dest, snapdest, api_chain, snap_chain
+):
+    before, events = snap_chain.before, snap_chain.events
+    full, inc = snap_chain.full, snap_chain.inc
+    assert before == snap_chain.inactive
     assert full["kind"] == "full" and full["method"] == "snapshot", full
     assert full["frozen"] is True and full["consistency"] == "frozen"
     assert events[0][0] == "start" and events[-1][0] == "done"
     assert {"copy", "copied", "merge"} <= {d.get("phase") for s, d in events if s == "progress"}
-    _on_the_original_images(guest, before)
 
-    state["s2"] = write(guest, "/data/s", 64)
-    inc = backup.create(hv, guest.name, snapdest, method="snapshot")
     assert inc["kind"] == "incremental" and inc["parent"] == full["point"], inc
     # close to the 64 MiB changed, nowhere near the disks' size, without any bitmap
     assert 64 * MIB <= inc["disk_bytes"]["vdb"] < 80 * MIB, inc
     assert inc["bytes"] < 128 * MIB < full["bytes"]
     _on_the_original_images(guest, before)
     assert backup_ops.verify(snapdest, guest.name)["ok"]
-    assert guest.run("md5sum /data/s").split()[0] == state["s2"]  # the guest goes on
+    s1, s2 = snap_chain.s1, snap_chain.s2
+    assert guest.run("md5sum /data/s").split()[0] == s2  # the guest goes on
 
-    assert_restores(hv, guest, snapdest, full, inc, "s", state["s2"], state["s1"], "bks", "bksf")
+    assert_restores(hv, guest, snapdest, full, inc, "s", s2, s1, "bks", "bksf")
     # the API's chain in the other destination goes on over the snapshot and commit
     api = backup.create(hv, guest.name, dest)
     assert api["kind"] == "incremental" and api["method"] == "api", api
@@ -382,38 +420,19 @@ def _processes_using(path):
     return found
 
 
-def test_snapshot_method_killed_run_is_merged_back_by_the_next(hv, guest, snapdest, state):
+def test_snapshot_method_killed_run_is_merged_back_by_the_next(hv, guest, snapdest, snap_chain):
     before = _sources(guest.dom)
     store = bs.Store(snapdest, guest.name)
     points = [p.id for p in store.points()]
-    code = (
-        "import libvirt; from salt_kvm.virt import connection; "
-        "from salt_kvm.backup import run as backup; "
-        f"backup.create(libvirt.open({URI!r}), {guest.name!r}, {snapdest!r}, full=True, "
-        "method='snapshot')"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}
-    )
-    try:
-        for _ in range(1200):  # until the copy is under way
-            partial = store.partials()
-            image = partial[0] / "vda.qcow2" if partial else None
-            if image and image.exists() and image.stat().st_size > 50 * MIB:
-                break
-            assert proc.poll() is None, "the backup ended before it could be killed"
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    partial = _kill_9_mid_copy(store, f"{guest.name!r}, {snapdest!r}, full=True, method='snapshot'")
     # the guest runs on the run's overlays; its copy died with it
     assert all(backup_snap.is_overlay(p) for p in _sources(guest.dom).values())
     for _ in range(50):
-        if not _processes_using(str(partial[0])):
+        if not _processes_using(str(partial)):
             break
         time.sleep(0.1)
-    assert not _processes_using(str(partial[0]))
-    state["s3"] = write(guest, "/data/s", 8)  # lands in the overlay
+    assert not _processes_using(str(partial))
+    s3 = write(guest, "/data/s", 8)  # lands in the overlay
     nxt = backup.create(hv, guest.name, snapdest, method="snapshot")
     merged = [c for c in nxt["cleaned"] if c.startswith("merged ")]
     assert len(merged) == 2 and any("removed .partial-" in c for c in nxt["cleaned"]), nxt
@@ -425,30 +444,44 @@ def test_snapshot_method_killed_run_is_merged_back_by_the_next(hv, guest, snapde
     target = unique("bkk")
     try:  # what the guest wrote on the overlay went into its image, and so into the backup
         made = restore.restore(hv, guest.name, snapdest, target=target)
-        assert md5_on_attached(guest, hv, made["volumes"][1], "s") == state["s3"]
+        assert md5_on_attached(guest, hv, made["volumes"][1], "s") == s3
     finally:
         guests.remove_guest(hv, target)
 
 
-def test_snapshot_revert_and_delete(hv, guest, state):
-    before = write(guest, "/data/snap", 4)
-    made = snapshot.create(hv, guest.name, "s1")
-    assert made["kind"] == "external" and made["quiesced"] is True
+@pytest.fixture(scope="module")
+def snapshot_round(hv, guest):
+    """External snapshot s1 reverted to; s2 on top of it deleted after /data/keep
+    was written (kept) onto its overlay; then s1 deleted."""
+    done = SimpleNamespace(before=write(guest, "/data/snap", 4))
+    done.made = snapshot.create(hv, guest.name, "s1")
     write(guest, "/data/snap", 4)
-    with pytest.raises(ConflictError, match="force=True"):
+    with pytest.raises(ConflictError, match="force=True"):  # the guest's writes since
         snapshot.revert(hv, guest.name, "s1")
-    assert snapshot.revert(hv, guest.name, "s1", force=True)["restarted"] is True
+    done.reverted = snapshot.revert(hv, guest.name, "s1", force=True)
     guests.wait_booted(guest.dom)
-    assert guest.run("mount /dev/vdb /data && md5sum /data/snap").split()[0] == before
+    done.after_revert = guest.run("mount /dev/vdb /data && md5sum /data/snap").split()[0]
 
     snapshot.create(hv, guest.name, "s2")
-    kept = state["kept"] = write(guest, "/data/keep", 4)
-    overlays = snapshot.list_snapshots(hv, guest.name)[-1]["overlays"]
-    deleted = snapshot.delete(hv, guest.name, "s2")
-    assert deleted["deleted"] is True
-    assert guest.run("sync; md5sum /data/keep").split()[0] == kept
-    assert not any(os.path.exists(p) for p in overlays.values())
+    done.kept = write(guest, "/data/keep", 4)
+    done.overlays = snapshot.list_snapshots(hv, guest.name)[-1]["overlays"]
+    done.deleted = snapshot.delete(hv, guest.name, "s2")
+    done.kept_after_s2 = guest.run("sync; md5sum /data/keep").split()[0]
+    done.s2_overlays_left = [p for p in done.overlays.values() if os.path.exists(p)]
+    # s1 goes too: a snapshot left would hold the guest's images (and refuse its removal)
     snapshot.delete(hv, guest.name, "s1")
+    return done
+
+
+def test_snapshot_revert_and_delete(hv, guest, snapshot_round):
+    done = snapshot_round
+    assert done.made["kind"] == "external" and done.made["quiesced"] is True
+    assert done.reverted["restarted"] is True
+    assert done.after_revert == done.before
+
+    assert done.deleted["deleted"] is True
+    assert done.kept_after_s2 == done.kept
+    assert done.s2_overlays_left == []
     assert snapshot.list_snapshots(hv, guest.name) == []
     assert guest.data_path in guest.dom.XMLDesc(0)
 
@@ -528,9 +561,17 @@ def test_create_fires_events_on_the_master_bus(hv, guest, tmp_path):
     assert done["point"] == made["point"] and done["kind"] == "full"
 
 
-def test_shut_off_guest_backup_and_in_place_restore(hv, guest, dest):
-    assert lifecycle.shutdown(guest.dom, timeout=300)
-    made = backup.create(hv, guest.name, dest)
+@pytest.fixture(scope="module")
+def shut_off(hv, guest, dest):
+    """The guest shut off (for the rest of the module) and a point of it in ``dest``."""
+    off = SimpleNamespace(shutdown=lifecycle.shutdown(guest.dom, timeout=300))
+    off.made = backup.create(hv, guest.name, dest)
+    return off
+
+
+def test_shut_off_guest_backup_and_in_place_restore(hv, guest, dest, shut_off):
+    assert shut_off.shutdown
+    made = shut_off.made
     assert made["consistency"] == "shut-off" and made["frozen"] is False
     assert not guest.dom.isActive()
     # libvirt 9.0 allows no block operation offline with checkpoints: ours are dropped
@@ -549,7 +590,7 @@ def test_shut_off_guest_backup_and_in_place_restore(hv, guest, dest):
     qemuimg.run("compare", "-q", "-U", guest.data_path, str(folder / "vdb.qcow2"))
 
 
-def test_snapshot_method_on_the_shut_off_guest(hv, guest, snapdest):
+def test_snapshot_method_on_the_shut_off_guest(hv, guest, snapdest, snap_chain, shut_off):
     before = _sources(guest.dom)
     made = backup.create(hv, guest.name, snapdest, method="snapshot")
     assert made["kind"] == "incremental" and made["consistency"] == "shut-off", made
@@ -558,19 +599,8 @@ def test_snapshot_method_on_the_shut_off_guest(hv, guest, snapdest):
     assert backup_ops.verify(snapdest, guest.name, made["point"])["ok"]
 
 
-VENV_3007 = Path(os.environ.get("SALT_KVM_VENV_3007", "/opt/salt-kvm/venv-3007"))
-
-
-def _salt_call(tmp_path, *args, venv=None, fails=False):
-    conf = minion_config(tmp_path)
-    salt_call = (venv / "bin" if venv else Path(sys.executable).parent) / "salt-call"
-    proc = subprocess.run(
-        [str(salt_call), "--local", "-c", str(conf), "--out=json", "--log-level=quiet", *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+def _salt_call(tmp_path, *args, venv=saltenv.VENV_3008, fails=False):
+    proc = saltenv.salt_call_proc(minion_config(tmp_path), *args, venv=venv, timeout=900)
     if fails:
         assert proc.returncode == 1, proc.stdout + proc.stderr
         return proc.stdout + proc.stderr
@@ -591,7 +621,9 @@ def test_state_backed_up_and_snapshot_states(hv, guest, tmp_path):
         assert ret["result"] is True and ret["changes"] == {}, ret
         listed = _salt_call(tmp_path, "kvm_backup.list", guest.name, where)
         assert len(listed) == 1
-        checked = _salt_call(tmp_path, "kvm_backup.verify", guest.name, where, venv=VENV_3007)
+        checked = _salt_call(
+            tmp_path, "kvm_backup.verify", guest.name, where, venv=saltenv.VENV_3007
+        )
         assert checked["ok"] is True and checked["checked"] == [listed[0]["id"]]
         snap = ["state.single", "kvm_backup.snapshot_present", guest.name, "snapshot=st1"]
         (ret,) = _salt_call(tmp_path, *snap, "test=True").values()
@@ -615,8 +647,11 @@ def test_state_backed_up_and_snapshot_states(hv, guest, tmp_path):
         shutil.rmtree(where, ignore_errors=True)
 
 
-def test_takeover_from_the_ssh_copy_after_the_guest_is_lost(hv, guest, dest, state):
-    """Last: the guest of this module is lost, then brought back from the copy."""
+def test_takeover_from_the_ssh_copy_after_the_guest_is_lost(
+    hv, guest, dest, snapshot_round, shut_off
+):
+    """Last: the guest of this module is lost, then brought back from the copy
+    (whose latest point, taken shut off, holds /data/keep)."""
     other = backup_dest("takeover")  # the second host's folder, reached over SSH
     backup_ops.prune(dest, guest.name, keep=1)  # fewer GiB through the Python SSH server
     try:
@@ -635,7 +670,7 @@ def test_takeover_from_the_ssh_copy_after_the_guest_is_lost(hv, guest, dest, sta
         back = guests.TestGuest(guest.name, hv.lookupByName(guest.name), "", None)
         back.address = guests.wait_booted(back.dom)
         out = back.run("mount /dev/vdb /data && md5sum /data/keep")
-        assert out.split()[0] == state["kept"]
+        assert out.split()[0] == snapshot_round.kept
     finally:
         shutil.rmtree(other, ignore_errors=True)
 

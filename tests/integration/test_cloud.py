@@ -18,10 +18,10 @@ from salt_kvm.virt.domain import Domain
 
 from . import saltenv
 from .cloudcheck import assert_gone, cloud_error, created, sized_profile
-from .conftest import GUEST_PASSWORD, GUEST_USER, POOL, PREFIX, unique
+from .conftest import GUEST_PASSWORD, GUEST_USER, IMAGES, POOL, PREFIX, unique
 from .guests import boot_guest, define_guest, remove_guest, wait_booted
 
-NAT_PORT = 10222  # beside test_nat's 10022 and 10122
+NAT_PORT = saltenv.PORT_BASE + 40
 EXAMPLES = Path(__file__).resolve().parents[2] / "profiles.example"
 
 
@@ -174,7 +174,7 @@ def test_salt_3007_docs_profile_works_with_names_credentials_and_master_changed(
             "clones-are-awesome": True
         }
         # a full clone: the guest's disk has no backing file
-        vol = hv.storageVolLookupByPath(f"/var/lib/libvirt/images/{name}.qcow2")
+        vol = hv.storageVolLookupByPath(f"{IMAGES}/{name}.qcow2")
         assert "<backingStore" not in vol.XMLDesc(0) or "<backingStore/>" in vol.XMLDesc(0)
     finally:
         salt.cloud("-d", name)

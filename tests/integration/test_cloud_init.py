@@ -11,7 +11,7 @@ import pytest
 from salt_kvm import ssh
 
 from .cloudcheck import assert_gone, created
-from .conftest import GUEST_PASSWORD, GUEST_USER, POOL, PREFIX, unique
+from .conftest import GUEST_PASSWORD, GUEST_USER, prefixed_volumes, unique
 
 
 @pytest.fixture(scope="module")
@@ -21,16 +21,10 @@ def key(tmp_path_factory):
     return path
 
 
-def volumes(hv):
-    pool = hv.storagePoolLookupByName(POOL)
-    pool.refresh(0)
-    return {v for v in pool.listVolumes() if v.startswith(PREFIX)}
-
-
 @pytest.fixture(scope="module")
 def guest(hv, salt, base_domain, key):
     name = unique("ci")
-    before = volumes(hv)
+    before = prefixed_volumes(hv)
     salt.write_profiles(
         {
             "ci": {
@@ -61,7 +55,7 @@ def guest(hv, salt, base_domain, key):
     info = created(salt.cloud("-p", "ci", name), name)
     yield name, info
     salt.cloud("-d", name)
-    assert_gone(hv, salt, name, before, lambda: volumes(hv))
+    assert_gone(hv, salt, name, before, lambda: prefixed_volumes(hv))
 
 
 def test_the_authorized_key_logs_in_and_the_password_still_works(guest, key):

@@ -12,30 +12,23 @@ import pytest
 import yaml
 
 from salt_kvm import ssh
-from salt_kvm.cloud import addresses, clone
+from salt_kvm.cloud import addresses
 from salt_kvm.disks import ops as diskops
 from salt_kvm.disks import spec as disks
 from salt_kvm.errors import ConflictError, NotFoundError, SpecError
 from salt_kvm.virt import lifecycle
 from salt_kvm.virt.domain import Domain
-from salt_kvm.virt.rollback import Rollback
 from salt_kvm.virt.units import GIB
 
-from .conftest import GUEST_PASSWORD, GUEST_USER, POOL, unique
-from .saltenv import VENV_3008, minion_config, salt_call
+from .conftest import GUEST_PASSWORD, GUEST_USER, IMAGES, POOL, unique
+from .guests import quick_clone
+from .saltenv import minion_config, salt_call, salt_call_cmd
 
-IMAGES = "/var/lib/libvirt/images"
 MARKER = b"salt-kvm read-only image\n"
 
 
 def make_clone(hv, base_domain, stem):
-    rollback = Rollback()
-    with rollback:
-        dom = clone.clone_domain(
-            hv, clone.plan_clone(hv, base_domain, unique(stem), "quick"), rollback
-        )
-        rollback.forget()
-    return dom
+    return quick_clone(hv, base_domain, unique(stem))
 
 
 def remove(hv, dom):
@@ -94,10 +87,6 @@ def minion(tmp_path_factory):
     return conf, outside
 
 
-def salt_call_cmd(conf):
-    return [str(VENV_3008 / "bin" / "salt-call"), "--local", "-c", str(conf), "--out=json"]
-
-
 def wait_in_guest(session, command, expect, timeout=180):
     """Poll ``command`` in the guest until ``expect(output)``; the output."""
     deadline = time.monotonic() + timeout
@@ -126,6 +115,17 @@ def definition(dom):
 
 
 # ---- on the booted guest ---------------------------------------------------------
+
+
+@pytest.fixture
+def data_disk(hv, guest):
+    """The guest's 2G "data" disk at index 1, as the hotplug test leaves it
+    (attached here when that test did not run first)."""
+    dom, session = guest
+    if "data" not in diskops.describe(hv, dom):
+        attach(hv, dom, "data", size="2G", index=1)
+        present(session, "data")
+    return dom
 
 
 def test_new_qcow2_disk_hotplugs_keeps_its_data_across_detach_and_reattach(hv, guest, minion):
@@ -161,7 +161,7 @@ def test_new_qcow2_disk_hotplugs_keeps_its_data_across_detach_and_reattach(hv, g
     session.check(f"mount {dev} /mnt/data && sha256sum -c /root/sum && umount /mnt/data")
 
 
-def test_disk_grows_live_and_never_shrinks(hv, guest):
+def test_disk_grows_live_and_never_shrinks(hv, guest, data_disk):
     dom, session = guest
     grown = diskops.resize(hv, dom, "data", 3 * GIB)
     assert grown == {"old": 2 * GIB, "new": 3 * GIB}
@@ -241,7 +241,9 @@ def attach(hv, dom, name, **values):
     return diskops.attach(hv, dom, disks.parse_disk(name, values), ())
 
 
-def test_refusals_leave_the_definition_unchanged(hv, guest, stopped, raw_image, base_domain):
+def test_refusals_leave_the_definition_unchanged(
+    hv, guest, data_disk, stopped, raw_image, base_domain
+):
     running, _ = guest
     data = diskops.describe(hv, running)["data"]["source"]
     base_disk = Domain(hv.lookupByName(base_domain).XMLDesc(0)).disks[0].path
@@ -300,7 +302,17 @@ def test_refusals_leave_the_definition_unchanged(hv, guest, stopped, raw_image, 
         lifecycle.lookup(hv, unique("missing"))
 
 
-def test_module_refusals_through_salt_call(hv, stopped, minion):
+@pytest.fixture
+def stopped_with_first(hv, stopped):
+    """The shut-off clone with its 1G "first" disk on sata index 1, as
+    test_refusals_leave_the_definition_unchanged leaves it."""
+    if "first" not in diskops.describe(hv, stopped):
+        attach(hv, stopped, "first", size="1G", index=1, bus="sata")
+    return stopped
+
+
+def test_module_refusals_through_salt_call(hv, stopped_with_first, minion):
+    stopped = stopped_with_first
     conf, outside = minion
     before = definition(stopped)
     name = stopped.name()
@@ -310,13 +322,15 @@ def test_module_refusals_through_salt_call(hv, stopped, minion):
         (["size=1G", "index=1", "bus=sata"], "index: 1 (sdb) is already used"),
     ]:
         proc = subprocess.run(
-            [*salt_call_cmd(conf), "kvm_disk.attach", name, "bad", *args],
+            [*salt_call_cmd(conf, quiet=False), "kvm_disk.attach", name, "bad", *args],
             capture_output=True,
             text=True,
         )
         assert proc.returncode != 0 and message in proc.stdout + proc.stderr, proc.stdout
     missing = subprocess.run(
-        [*salt_call_cmd(conf), "kvm_disk.list", unique("missing")], capture_output=True, text=True
+        [*salt_call_cmd(conf, quiet=False), "kvm_disk.list", unique("missing")],
+        capture_output=True,
+        text=True,
     )
     assert missing.returncode != 0 and "no domain named" in missing.stdout + missing.stderr
     assert definition(stopped) == before

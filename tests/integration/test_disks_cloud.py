@@ -7,16 +7,13 @@ import os
 
 import pytest
 
-from salt_kvm.cloud import clone
 from salt_kvm.disks import ops as diskops
 from salt_kvm.disks import spec as disks
 from salt_kvm.virt.domain import Domain
-from salt_kvm.virt.rollback import Rollback
 
 from .cloudcheck import assert_gone, cloud_error, created, sized_profile
-from .conftest import POOL, unique
-
-IMAGES = "/var/lib/libvirt/images"
+from .conftest import IMAGES, POOL, unique
+from .guests import quick_clone
 
 
 @pytest.fixture
@@ -71,10 +68,7 @@ def test_destroy_deletes_disks_when_the_call_asks(hv, salt, base_domain, pool_vo
     """A shut-off clone with a disk salt-kvm made: -a destroy delete_disks=true."""
     name = unique("deld")
     before = pool_volumes()
-    rollback = Rollback()
-    with rollback:
-        dom = clone.clone_domain(hv, clone.plan_clone(hv, base_domain, name, "quick"), rollback)
-        rollback.forget()
+    dom = quick_clone(hv, base_domain, name)
     info = diskops.attach(hv, dom, disks.parse_disk("data", {"size": "1G"}))
     assert os.path.exists(info["source"])
     salt.cloud("-a", "destroy", name, "delete_disks=true")

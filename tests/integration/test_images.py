@@ -18,7 +18,7 @@ from salt_kvm.images import cache as images
 from tests.imageserver import ImageServer
 
 from .cloudcheck import assert_gone, cloud_error, created
-from .conftest import BASE, GUEST_PASSWORD, GUEST_USER, NETWORK, POOL, PREFIX, unique
+from .conftest import BASE, GUEST_PASSWORD, GUEST_USER, IMAGES, NETWORK, POOL, PREFIX, unique
 
 
 def sha256(path):
@@ -113,6 +113,7 @@ def test_gzipped_image_boots_a_minion_and_is_downloaded_once(
     URL is fetched once; the plain URL and a second (full) clone reuse it."""
     first, second = unique("img1"), unique("img2")
     before = pool_volumes()
+    plain_gets = server.gets("/debian.qcow2")  # 1 after the wrong-checksum test, else 0
     gz_url = server.url("/debian.qcow2.gz")
     salt.write_profiles(
         {
@@ -136,7 +137,7 @@ def test_gzipped_image_boots_a_minion_and_is_downloaded_once(
         assert server.gets("/debian.qcow2.gz") == 1
 
         (cached,) = [v for v in cache_volumes(hv) if v.startswith(clean_cache)]
-        vol = hv.storageVolLookupByPath(f"/var/lib/libvirt/images/{first}.qcow2")
+        vol = hv.storageVolLookupByPath(f"{IMAGES}/{first}.qcow2")
         assert cached in vol.XMLDesc(0)  # the linked clone's backing volume
 
         info2 = created(salt.cloud("-p", "img-full", second), second)
@@ -148,7 +149,7 @@ def test_gzipped_image_boots_a_minion_and_is_downloaded_once(
             pool=POOL,
         )
         assert images.ensure(hv, spec).name == cached
-        assert server.gets("/debian.qcow2") == 1  # only the wrong-checksum test's GET
+        assert server.gets("/debian.qcow2") == plain_gets  # not downloaded
 
         listed = json.loads(salt.cloud("-f", "image_list", "test-kvm").stdout)
         assert first in json.dumps(listed) and cached in json.dumps(listed)
@@ -266,7 +267,7 @@ def test_secrets_of_a_profile_go_nowhere(hv, salt, image_files, pool_volumes, tm
             if (salt.root / where).exists():
                 shown[where] = (salt.root / where).read_text(errors="replace")
         # the pool: only this test's files (other sessions' are not ours to read)
-        pool_dir = "/var/lib/libvirt/images"
+        pool_dir = IMAGES
         for path, text in _world_readable_texts(pool_dir, prefixes=(PREFIX, "image-")):
             shown[path] = text
         for path, text in _world_readable_texts(salt.root):

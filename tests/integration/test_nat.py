@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,11 +31,16 @@ from salt_kvm.virt.rollback import Rollback
 
 from .conftest import BASE, GUEST_PASSWORD, GUEST_USER, PREFIX, URI, unique
 from .probes import LOOPBACK_PROBE
-from .saltenv import minion_config
+from .saltenv import PORT_BASE, minion_config, salt_call_proc
 
 NET_PREFIXES = os.environ.get("SALT_KVM_NAT_TEST_NETS", "192.168.214,192.168.215").split(",")
 STEM = PREFIX.strip("-")
-VENV_BIN = Path(sys.executable).parent
+# Host ports of the forwards (from the port base, see saltenv): vm1's SSH, vm2's
+# SSH, vm1's UDP responder, one more of vm1's.
+SSH1, SSH2, UDP1, HTTP1 = (PORT_BASE + 30 + i for i in range(4))
+SSH1_RULE = f"{{guest: 22, host: {SSH1}}}"
+UDP1_RULE = f"{{guest: 5353, proto: udp, host: {UDP1}}}"
+HTTP1_RULE = f"{{guest: 80, host: {HTTP1}}}"
 UDP_RESPONDER = (
     "import socket\n"
     "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
@@ -106,7 +110,7 @@ def guests(conn, networks, base_domain):
     nets = [networks[0][0].name(), networks[1][0].name()]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         # vm2's forward comes from the profile key, applied by the create itself.
-        macs = list(pool.map(boot, names, nets, [None, [{"guest": 22, "host": 10122}]]))
+        macs = list(pool.map(boot, names, nets, [None, [{"guest": 22, "host": SSH2}]]))
     yield dict(zip(names, macs, strict=True))
     with connection.connected(URI) as fresh:
         from salt_kvm.virt import lifecycle
@@ -117,6 +121,27 @@ def guests(conn, networks, base_domain):
                 lifecycle.remove(fresh, name)
             except SaltKvmError:
                 pass
+
+
+@pytest.fixture
+def vm1_on_ssh1(guests):
+    """vm1's SSH forwarded from SSH1, as test_apply_forwards_ssh_and_udp_into_the_guest
+    leaves it (applied here when that test did not run first)."""
+    vm1 = next(iter(guests))
+    if nat.Rule(22, SSH1) not in forwards.current(vm1):
+        forwards.apply(None, vm1, [{"guest": 22, "host": SSH1}], placement=_where(vm1))
+    return vm1
+
+
+@pytest.fixture(scope="module")
+def udp_responder(guests):
+    """The UDP responder on vm1's port 5353 (test_apply_forwards_ssh_and_udp_into_the_guest
+    starts it too), started over the test network, not through a forward."""
+    where = _where(next(iter(guests)))
+    with ssh.connect(where.address, GUEST_USER, GUEST_PASSWORD, timeout=240) as session:
+        session.put(UDP_RESPONDER.encode(), "/root/udp.py", 0o644)
+        started = "{ nohup python3 /root/udp.py >/dev/null 2>&1 & }"
+        session.check(f"ss -lun | grep -q ':5353 ' || {started}")
 
 
 def guest_mac_via(port, timeout=240):
@@ -143,29 +168,25 @@ def kernel_and_state():
 
 
 def salt_call(tmp_path, *args):
-    conf = minion_config(tmp_path)
-    cmd = [str(VENV_BIN / "salt-call"), "--local", "-c", str(conf), "--out=json"]
-    proc = subprocess.run(
-        [*cmd, "--log-level=quiet", *args], capture_output=True, text=True, timeout=300
-    )
+    proc = salt_call_proc(minion_config(tmp_path), *args)
     return json.loads(proc.stdout)["local"] if proc.stdout.strip() else proc.stderr
 
 
 def test_apply_forwards_ssh_and_udp_into_the_guest(guests, tmp_path):
     vm1 = next(iter(guests))
-    out = salt_call(tmp_path, "kvm_nat.apply", vm1, "rules=[22]")
-    assert out["new"] == [{"guest": 22, "host": 10022, "proto": "tcp", "host_address": None}]
-    assert guest_mac_via(10022) == guests[vm1]
-    rules = [22, {"guest": 5353, "proto": "udp"}]
-    assert forwards.apply(None, vm1, rules, placement=_where(vm1))["new"][1]["host"] == 15353
-    with ssh.connect("127.0.0.1", GUEST_USER, GUEST_PASSWORD, port=10022) as session:
+    out = salt_call(tmp_path, "kvm_nat.apply", vm1, f"rules=[{SSH1_RULE}]")
+    assert out["new"] == [{"guest": 22, "host": SSH1, "proto": "tcp", "host_address": None}]
+    assert guest_mac_via(SSH1) == guests[vm1]
+    rules = [{"guest": 22, "host": SSH1}, {"guest": 5353, "proto": "udp", "host": UDP1}]
+    assert forwards.apply(None, vm1, rules, placement=_where(vm1))["new"][1]["host"] == UDP1
+    with ssh.connect("127.0.0.1", GUEST_USER, GUEST_PASSWORD, port=SSH1) as session:
         session.put(UDP_RESPONDER.encode(), "/root/udp.py", 0o644)
         session.check("nohup python3 /root/udp.py >/dev/null 2>&1 &")
-    assert udp_ask(15353) == b"guest:ping"
+    assert udp_ask(UDP1) == b"guest:ping"
     listed = salt_call(tmp_path, "kvm_nat.list", vm1)[vm1]
     assert [(f["host"], f["proto"], f["active"]) for f in listed["forwards"]] == [
-        (10022, "tcp", True),
-        (15353, "udp", True),
+        (SSH1, "tcp", True),
+        (UDP1, "udp", True),
     ]
 
 
@@ -174,7 +195,7 @@ def _where(name):
         return forwards.locate(c, name)
 
 
-def test_refusals_change_nothing(guests, tmp_path):
+def test_refusals_change_nothing(guests, vm1_on_ssh1, tmp_path):
     vm1, vm2 = guests
     before = kernel_and_state()
     busy = socket.socket()
@@ -184,7 +205,7 @@ def test_refusals_change_nothing(guests, tmp_path):
     cases = [
         ((vm2, "rules=[70000]"), "rules[0]: 70000 is out of range"),
         ((vm2, "rules=[{guest: 22, proto: sctp}]"), "rules[0].proto: 'sctp' is not a protocol"),
-        ((vm2, "rules=[{guest: 22, host: 10022}]"), f"10022/tcp is already forwarded to {vm1}"),
+        ((vm2, f"rules=[{SSH1_RULE}]"), f"{SSH1}/tcp is already forwarded to {vm1}"),
         ((vm2, f"rules=[{{guest: 22, host: {busy_port}}}]"), "in use by a process on the host"),
         ((f"{PREFIX}no-such-domain", "rules=[22]"), "no domain named"),
         ((vm2, "rules=[{guest: 22, host_address: 198.51.100.1}]"), "not an address of this host"),
@@ -220,28 +241,32 @@ def test_refusals_change_nothing(guests, tmp_path):
     assert kernel_and_state() == before
 
 
-def test_two_guests_each_reach_the_right_one_also_from_guests(guests):
+def test_two_guests_each_reach_the_right_one_also_from_guests(guests, vm1_on_ssh1):
     vm1, vm2 = guests
-    assert forwards.current(vm2) == [nat.Rule(22, 10122)]
-    assert guest_mac_via(10022) == guests[vm1]
-    assert guest_mac_via(10122) == guests[vm2]
+    assert forwards.current(vm2) == [nat.Rule(22, SSH2)]
+    assert guest_mac_via(SSH1) == guests[vm1]
+    assert guest_mac_via(SSH2) == guests[vm2]
     probe = "import socket; s = socket.create_connection(('{}', {}), 10); print(s.recv(7).decode())"
     gateway1, gateway2 = (f"{p}.1" for p in NET_PREFIXES)
-    with ssh.connect("127.0.0.1", GUEST_USER, GUEST_PASSWORD, port=10122) as on_vm2:
+    with ssh.connect("127.0.0.1", GUEST_USER, GUEST_PASSWORD, port=SSH2) as on_vm2:
         # From another network: through libvirt's forward rejects, as outside traffic.
-        assert on_vm2.check(f'python3 -c "{probe.format(gateway2, 10022)}"').strip() == "SSH-2.0"
-    with ssh.connect("127.0.0.1", GUEST_USER, GUEST_PASSWORD, port=10022) as on_vm1:
+        assert on_vm2.check(f'python3 -c "{probe.format(gateway2, SSH1)}"').strip() == "SSH-2.0"
+    with ssh.connect("127.0.0.1", GUEST_USER, GUEST_PASSWORD, port=SSH1) as on_vm1:
         # Hairpin: vm1 reaches its own forward through the host.
-        assert on_vm1.check(f'python3 -c "{probe.format(gateway1, 10022)}"').strip() == "SSH-2.0"
+        assert on_vm1.check(f'python3 -c "{probe.format(gateway1, SSH1)}"').strip() == "SSH-2.0"
 
 
 def test_state_twice_and_test_mode(guests, tmp_path):
     vm1 = next(iter(guests))
     single = ("state.single", "kvm_nat.forwarded", vm1)
-    rules = "rules=[22, {guest: 5353, proto: udp}, 80]"
+    rules = f"rules=[{SSH1_RULE}, {UDP1_RULE}, {HTTP1_RULE}]"
     before = kernel_and_state()
     (dry,) = salt_call(tmp_path, *single, rules, "test=True").values()
     assert dry["result"] is None and dry["changes"]["new"][1]["guest"] == 80
+    # the default mapping (guest p -> host 10000 + p) in a dry run, which binds nothing
+    (default,) = salt_call(tmp_path, *single, "rules=[22, 80]", "test=True").values()
+    mapped = [(r["guest"], r["host"]) for r in default["changes"]["new"]]
+    assert mapped == [(22, 10022), (80, 10080)]
     assert kernel_and_state() == before
     (first,) = salt_call(tmp_path, *single, rules).values()
     assert first["result"] is True and len(first["changes"]["new"]) == 3
@@ -249,9 +274,9 @@ def test_state_twice_and_test_mode(guests, tmp_path):
     assert second["result"] is True and second["changes"] == {}
     (dry_again,) = salt_call(tmp_path, *single, rules, "test=True").values()
     assert dry_again["result"] is True and dry_again["changes"] == {}
-    (back,) = salt_call(tmp_path, *single, "rules=[22, {guest: 5353, proto: udp}]").values()
+    (back,) = salt_call(tmp_path, *single, f"rules=[{SSH1_RULE}, {UDP1_RULE}]").values()
     assert [r["guest"] for r in back["changes"]["new"]] == [22, 5353]
-    assert guest_mac_via(10022) == guests[vm1]
+    assert guest_mac_via(SSH1) == guests[vm1]
 
 
 def guest_reaches_host_loopback(session, where):
@@ -275,7 +300,7 @@ def route_localnet(bridge):
 def test_guests_never_reach_the_hosts_loopback(guests):
     vm1 = next(iter(guests))
     where = _where(vm1)
-    forwards.apply(None, vm1, [22], placement=where)
+    forwards.apply(None, vm1, [{"guest": 22, "host": SSH1}], placement=where)
     assert route_localnet(where.bridge) == "1"
     assert nat.GUARD + where.bridge in hostnet.table_comments()["guard"]
     # Straight to the guest on the test's own network: removing the forward
@@ -303,7 +328,7 @@ def test_guests_never_reach_the_hosts_loopback(guests):
         forwards.apply(None, vm1, [])
         assert route_localnet(where.bridge) == "0"
         assert not guest_reaches_host_loopback(session, where)
-    forwards.apply(None, vm1, [22], placement=where)
+    forwards.apply(None, vm1, [{"guest": 22, "host": SSH1}], placement=where)
 
 
 def test_apply_says_when_the_hooks_are_not_active(guests, tmp_path):
@@ -314,13 +339,13 @@ def test_apply_says_when_the_hooks_are_not_active(guests, tmp_path):
     for hook in hooks:
         os.utime(hook, (later, later))
     try:
-        out = salt_call(tmp_path, "kvm_nat.apply", vm1, "rules=[22, 80]")
+        out = salt_call(tmp_path, "kvm_nat.apply", vm1, f"rules=[{SSH1_RULE}, {HTTP1_RULE}]")
         assert "written after libvirtd started" in out["warning"], out
         assert "restart libvirtd" in out["warning"]
         listed = salt_call(tmp_path, "kvm_nat.list", vm1)[vm1]
         assert "written after libvirtd started" in listed["hooks"]
         (state,) = salt_call(
-            tmp_path, "state.single", "kvm_nat.forwarded", vm1, "rules=[22]"
+            tmp_path, "state.single", "kvm_nat.forwarded", vm1, f"rules=[{SSH1_RULE}]"
         ).values()
         assert "warning: the libvirt hooks were written after" in state["comment"]
         assert "warning" not in state["changes"]
@@ -344,10 +369,11 @@ def restart_libvirtd():
 
 
 @pytest.mark.restarts_libvirtd
-def test_forwards_come_back_after_network_and_libvirtd_restarts(guests, networks):
+def test_forwards_come_back_after_network_and_libvirtd_restarts(guests, networks, udp_responder):
     vm1, vm2 = guests
     net, xml = networks[0]
-    forwards.apply(None, vm1, [22, {"guest": 5353, "proto": "udp"}], placement=_where(vm1))
+    rules = [{"guest": 22, "host": SSH1}, {"guest": 5353, "proto": "udp", "host": UDP1}]
+    forwards.apply(None, vm1, rules, placement=_where(vm1))
     if not hookscript.status()[0]:
         restart_libvirtd()  # libvirtd finds hook scripts only when it starts
     assert hookscript.status() == (True, "active (libvirtd runs them)")
@@ -358,14 +384,14 @@ def test_forwards_come_back_after_network_and_libvirtd_restarts(guests, networks
     with connection.connected(URI) as c:  # a fresh connection: libvirtd may have restarted
         c.networkLookupByName(net.name()).destroy()
         c.networkCreateXML(xml)
-    assert guest_mac_via(10022) == guests[vm1]
-    assert udp_ask(15353) == b"guest:ping"
+    assert guest_mac_via(SSH1) == guests[vm1]
+    assert udp_ask(UDP1) == b"guest:ping"
     # An empty kernel and a libvirtd restart: the qemu reconnect hook rebuilds it.
     hostnet.nft("delete", "table", "ip", nat.TABLE_NAME)
     subprocess.run(["iptables", "-w", "-D", "FORWARD", "-j", hostnet.ACCEPT_CHAIN], check=True)
     restart_libvirtd()
-    assert guest_mac_via(10022) == guests[vm1]
-    assert guest_mac_via(10122) == guests[vm2]
+    assert guest_mac_via(SSH1) == guests[vm1]
+    assert guest_mac_via(SSH2) == guests[vm2]
     rules = hostnet._iptables("-S", "FORWARD").stdout.splitlines()
     assert rules[1] == f"-A FORWARD -j {hostnet.ACCEPT_CHAIN}"
     assert route_localnet(Store().load()[vm1].placement.bridge) == "1"
