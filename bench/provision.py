@@ -37,6 +37,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("SALT_KVM_TEST_PORT_BASE", "45550")  # beside a test run's master
+# The checkout is on sys.path above; a PYTHONPATH naming it would also reach Salt
+# 3007.8's salt-cloud, which would then find salt-kvm's driver (its egg-info's
+# entry point) instead of its own.
+os.environ.pop("PYTHONPATH", None)
 
 import libvirt  # noqa: E402
 import salt.client  # noqa: E402
