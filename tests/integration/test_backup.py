@@ -23,11 +23,9 @@ import pytest
 
 from salt_kvm import ssh
 from salt_kvm.backup import core as backup_core
-from salt_kvm.backup import method_snapshot as backup_snap
+from salt_kvm.backup import method_snapshot, restore, snapshots
 from salt_kvm.backup import ops as backup_ops
-from salt_kvm.backup import restore
 from salt_kvm.backup import run as backup
-from salt_kvm.backup import snapshots as snapshot
 from salt_kvm.backup import store as bs
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
 from salt_kvm.virt import lifecycle, qemuimg
@@ -312,7 +310,7 @@ def _on_the_original_images(g, before):
     assert _sources(g.dom) == before
     assert _sources(g.dom, libvirt.VIR_DOMAIN_XML_INACTIVE) == before
     folders = {os.path.dirname(p) for p in before.values()}
-    left = [f for d in folders for f in os.listdir(d) if backup_snap.OVERLAY_PREFIX in f]
+    left = [f for d in folders for f in os.listdir(d) if method_snapshot.OVERLAY_PREFIX in f]
     assert left == []
     if g.dom.isActive():
         assert all(not g.dom.blockJobInfo(t, 0) for t in before)
@@ -426,7 +424,7 @@ def test_snapshot_method_killed_run_is_merged_back_by_the_next(hv, guest, snapde
     points = [p.id for p in store.points()]
     partial = _kill_9_mid_copy(store, f"{guest.name!r}, {snapdest!r}, full=True, method='snapshot'")
     # the guest runs on the run's overlays; its copy died with it
-    assert all(backup_snap.is_overlay(p) for p in _sources(guest.dom).values())
+    assert all(method_snapshot.is_overlay(p) for p in _sources(guest.dom).values())
     for _ in range(50):
         if not _processes_using(str(partial)):
             break
@@ -454,22 +452,22 @@ def snapshot_round(hv, guest):
     """External snapshot s1 reverted to; s2 on top of it deleted after /data/keep
     was written (kept) onto its overlay; then s1 deleted."""
     done = SimpleNamespace(before=write(guest, "/data/snap", 4))
-    done.made = snapshot.create(hv, guest.name, "s1")
+    done.made = snapshots.create(hv, guest.name, "s1")
     write(guest, "/data/snap", 4)
     with pytest.raises(ConflictError, match="force=True"):  # the guest's writes since
-        snapshot.revert(hv, guest.name, "s1")
-    done.reverted = snapshot.revert(hv, guest.name, "s1", force=True)
+        snapshots.revert(hv, guest.name, "s1")
+    done.reverted = snapshots.revert(hv, guest.name, "s1", force=True)
     guests.wait_booted(guest.dom)
     done.after_revert = guest.run("mount /dev/vdb /data && md5sum /data/snap").split()[0]
 
-    snapshot.create(hv, guest.name, "s2")
+    snapshots.create(hv, guest.name, "s2")
     done.kept = write(guest, "/data/keep", 4)
-    done.overlays = snapshot.list_snapshots(hv, guest.name)[-1]["overlays"]
-    done.deleted = snapshot.delete(hv, guest.name, "s2")
+    done.overlays = snapshots.list_snapshots(hv, guest.name)[-1]["overlays"]
+    done.deleted = snapshots.delete(hv, guest.name, "s2")
     done.kept_after_s2 = guest.run("sync; md5sum /data/keep").split()[0]
     done.s2_overlays_left = [p for p in done.overlays.values() if os.path.exists(p)]
     # s1 goes too: a snapshot left would hold the guest's images (and refuse its removal)
-    snapshot.delete(hv, guest.name, "s1")
+    snapshots.delete(hv, guest.name, "s1")
     return done
 
 
@@ -482,7 +480,7 @@ def test_snapshot_revert_and_delete(hv, guest, snapshot_round):
     assert done.deleted["deleted"] is True
     assert done.kept_after_s2 == done.kept
     assert done.s2_overlays_left == []
-    assert snapshot.list_snapshots(hv, guest.name) == []
+    assert snapshots.list_snapshots(hv, guest.name) == []
     assert guest.data_path in guest.dom.XMLDesc(0)
 
 
@@ -490,7 +488,7 @@ def test_internal_snapshot_revert_and_delete(hv, guest):
     where = backup_dest("internal")
     try:
         before = write(guest, "/data/internal", 4)
-        made = snapshot.create(hv, guest.name, "i1", disk_only=False)
+        made = snapshots.create(hv, guest.name, "i1", disk_only=False)
         assert made["kind"] == "internal" and made["state"] == "running", made
         write(guest, "/data/internal", 4)
         # a backup in between leaves a checkpoint: its dirty bitmap would keep QEMU
@@ -499,16 +497,16 @@ def test_internal_snapshot_revert_and_delete(hv, guest):
         assert backup_core.our_checkpoints(guest.dom) == [_checkpoint_of(taken)]
         # the running guest's memory and writes since would be thrown away: intent needed
         with pytest.raises(SpecError, match="^force: "):
-            snapshot.revert(hv, guest.name, "i1")
+            snapshots.revert(hv, guest.name, "i1")
         assert backup_core.our_checkpoints(guest.dom) == [_checkpoint_of(taken)]
-        reverted = snapshot.revert(hv, guest.name, "i1", force=True)
+        reverted = snapshots.revert(hv, guest.name, "i1", force=True)
         assert reverted["kind"] == "internal" and reverted["reverted"] is True
         assert reverted["checkpoints_dropped"] == [_checkpoint_of(taken)]
         assert guest.dom.isActive()  # with its memory: the guest runs on from that instant
         out = guest.run("echo 3 > /proc/sys/vm/drop_caches && md5sum /data/internal")
         assert out.split()[0] == before
-        assert snapshot.delete(hv, guest.name, "i1")["deleted"] is True
-        assert snapshot.list_snapshots(hv, guest.name) == []
+        assert snapshots.delete(hv, guest.name, "i1")["deleted"] is True
+        assert snapshots.list_snapshots(hv, guest.name) == []
         info = qemuimg.info(guest.data_path)
         assert not info.get("snapshots"), info  # gone from the image too
         again = backup.create(hv, guest.name, where, disks=["vdb"])
@@ -575,9 +573,9 @@ def test_shut_off_guest_backup_and_in_place_restore(hv, guest, dest, shut_off):
     assert made["consistency"] == "shut-off" and made["frozen"] is False
     assert not guest.dom.isActive()
     # libvirt 9.0 allows no block operation offline with checkpoints: ours are dropped
-    snap = snapshot.create(hv, guest.name, "off1")
+    snap = snapshots.create(hv, guest.name, "off1")
     assert snap["quiesced"] is False and snap["checkpoints_dropped"], snap
-    assert snapshot.delete(hv, guest.name, "off1")["deleted"] is True
+    assert snapshots.delete(hv, guest.name, "off1")["deleted"] is True
     assert guest.data_path in guest.dom.XMLDesc(0) and not guest.dom.isActive()
     with pytest.raises(ConflictError, match="force=True"):
         restore.restore(hv, guest.name, dest)
@@ -702,17 +700,17 @@ def test_snapshot_during_a_snapshot_method_run_never_breaks_the_chain(hv, base_d
     try:
         before = _sources(g.dom)
         disk = before["vda"]
-        refused = _during_copy(monkeypatch, lambda: snapshot.create(hv, name, "s1"))
+        refused = _during_copy(monkeypatch, lambda: snapshots.create(hv, name, "s1"))
         made = backup.create(hv, name, where, method="snapshot", disks=["vda"])
         assert made["kind"] == "full"
         assert isinstance(refused[0], ConflictError), refused
         assert f"held by backup into {where} pid {os.getpid()}" in str(refused[0])
-        assert snapshot.list_snapshots(hv, name) == []
+        assert snapshots.list_snapshots(hv, name) == []
         _on_the_original_images(g, before)
 
         # around salt-kvm: a disk-only snapshot on top of the run's overlay
-        top = snapshot.overlay_path(disk, "outside")
-        xml = snapshot.external_xml("outside", None, {"vda": top}, [])
+        top = snapshots.overlay_path(disk, "outside")
+        xml = snapshots.external_xml("outside", None, {"vda": top}, [])
         flags = (
             libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
@@ -725,7 +723,7 @@ def test_snapshot_during_a_snapshot_method_run_never_breaks_the_chain(hv, base_d
         assert _sources(g.dom)["vda"] == top
         assert _sources(g.dom, libvirt.VIR_DOMAIN_XML_INACTIVE)["vda"] == top
         chain = [c["filename"] for c in qemuimg.info(top, chain=True)]
-        assert chain[0] == top and backup_snap.is_overlay(chain[1]) and chain[2] == disk, chain
+        assert chain[0] == top and method_snapshot.is_overlay(chain[1]) and chain[2] == disk, chain
         assert all(os.path.exists(p) for p in chain)
         g.dom.destroy()  # a fresh start opens the whole chain again
         g.dom.create()
@@ -748,7 +746,7 @@ def _overlays_of(disk):
     return [
         os.path.join(folder, f)
         for f in os.listdir(folder)
-        if f.startswith(f"{stem}.") and backup_snap.is_overlay(f)
+        if f.startswith(f"{stem}.") and method_snapshot.is_overlay(f)
     ]
 
 
@@ -760,16 +758,16 @@ def test_snapshot_revert_and_delete_refuse_an_overlay_others_stand_on(hv, base_d
     folder = os.path.dirname(_sources(dom)["vda"])
     hand = None
     try:
-        snapshot.create(hv, name, "s1", quiesce=False)
-        overlay = snapshot.list_snapshots(hv, name)[0]["overlays"]["vda"]
+        snapshots.create(hv, name, "s1", quiesce=False)
+        overlay = snapshots.list_snapshots(hv, name)[0]["overlays"]["vda"]
         subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 0 1M", overlay], check=True)
         hand = guests.data_volume(hv, "default", f"{name}-hand.qcow2", 1 << 30)
         # a hand-made overlay: the same as an image someone made with qemu-img -b
         qemuimg.rebase_unsafe(hand, overlay, "qcow2")
         hv.storagePoolLookupByName("default").refresh(0)
         for attempt in (
-            lambda: snapshot.revert(hv, name, "s1"),
-            lambda: snapshot.delete(hv, name, "s1"),
+            lambda: snapshots.revert(hv, name, "s1"),
+            lambda: snapshots.delete(hv, name, "s1"),
         ):
             with pytest.raises(ConflictError, match=rf"{overlay} is needed by volume {hand}"):
                 attempt()
@@ -779,10 +777,10 @@ def test_snapshot_revert_and_delete_refuse_an_overlay_others_stand_on(hv, base_d
                 text=True,
             )
             assert check.returncode == 0 and "verification failed" not in check.stdout
-        assert [s["name"] for s in snapshot.list_snapshots(hv, name)] == ["s1"]
+        assert [s["name"] for s in snapshots.list_snapshots(hv, name)] == ["s1"]
         hv.storageVolLookupByPath(hand).delete(0)
         hand = None
-        assert snapshot.delete(hv, name, "s1")["deleted"] is True  # nothing stands on it now
+        assert snapshots.delete(hv, name, "s1")["deleted"] is True  # nothing stands on it now
     finally:
         if hand is not None:
             with contextlib.suppress(libvirt.libvirtError):

@@ -11,8 +11,7 @@ import pytest
 import yaml
 
 from salt_kvm import ssh
-from salt_kvm.nat import firewall as hostnet
-from salt_kvm.nat import forwards
+from salt_kvm.nat import firewall, forwards
 from salt_kvm.virt import lifecycle, qemuimg
 from salt_kvm.virt.domain import Domain
 
@@ -246,7 +245,7 @@ def test_reserved_address_nat_rules_actions_and_listing(hv, salt, base_domain, p
         salt.cloud("-d", name)
     assert f"ip='{ip}'" not in network.XMLDesc(0)
     assert name not in forwards.listing()
-    assert name not in json.dumps(hostnet.table_comments())
+    assert name not in json.dumps(firewall.table_comments())
     assert_gone(hv, salt, name, before, pool_volumes)
 
 

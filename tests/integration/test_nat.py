@@ -20,9 +20,7 @@ from salt_kvm import ssh
 from salt_kvm.cloud import provision
 from salt_kvm.cloud.spec import build_spec
 from salt_kvm.errors import SaltKvmError
-from salt_kvm.nat import firewall as hostnet
-from salt_kvm.nat import forwards
-from salt_kvm.nat import hookfiles as hookscript
+from salt_kvm.nat import firewall, forwards, hookfiles
 from salt_kvm.nat import hooks as nathook
 from salt_kvm.nat import rules as nat
 from salt_kvm.nat.store import Store
@@ -162,7 +160,7 @@ def udp_ask(port, payload=b"ping", tries=30):
 
 
 def kernel_and_state():
-    table = hostnet.nft("list", "table", "ip", nat.TABLE_NAME, check=False).stdout
+    table = firewall.nft("list", "table", "ip", nat.TABLE_NAME, check=False).stdout
     state = Store().path.read_text() if Store().path.exists() else ""
     return table, state
 
@@ -294,7 +292,7 @@ def guest_reaches_host_loopback(session, where):
 
 
 def route_localnet(bridge):
-    return (hostnet.SYSCTL / bridge / "route_localnet").read_text().strip()
+    return (firewall.SYSCTL / bridge / "route_localnet").read_text().strip()
 
 
 def test_guests_never_reach_the_hosts_loopback(guests):
@@ -302,7 +300,7 @@ def test_guests_never_reach_the_hosts_loopback(guests):
     where = _where(vm1)
     forwards.apply(None, vm1, [{"guest": 22, "host": SSH1}], placement=where)
     assert route_localnet(where.bridge) == "1"
-    assert nat.GUARD + where.bridge in hostnet.table_comments()["guard"]
+    assert nat.GUARD + where.bridge in firewall.table_comments()["guard"]
     # Straight to the guest on the test's own network: removing the forward
     # below must not cut the session the probe runs in.
     with ssh.connect(where.address, GUEST_USER, GUEST_PASSWORD, timeout=240) as session:
@@ -311,7 +309,7 @@ def test_guests_never_reach_the_hosts_loopback(guests):
         assert not guest_reaches_host_loopback(session, where)
         # The guard gone (as after `nft flush ruleset`) and route_localnet still
         # on: this is the exposure the invariant forbids; the probe sees it.
-        hostnet.nft("delete", "table", "ip", nat.TABLE_NAME)
+        firewall.nft("delete", "table", "ip", nat.TABLE_NAME)
         try:
             assert guest_reaches_host_loopback(session, where)
         finally:
@@ -333,7 +331,7 @@ def test_guests_never_reach_the_hosts_loopback(guests):
 
 def test_apply_says_when_the_hooks_are_not_active(guests, tmp_path):
     vm1 = next(iter(guests))
-    hooks = [hookscript.HOOKS_DIR / f"{d}.d" / hookscript.HOOK_NAME for d in hookscript.DRIVERS]
+    hooks = [hookfiles.HOOKS_DIR / f"{d}.d" / hookfiles.HOOK_NAME for d in hookfiles.DRIVERS]
     times = [(h.stat().st_atime, h.stat().st_mtime) for h in hooks]
     later = time.time() + 60  # written after the running libvirtd started
     for hook in hooks:
@@ -374,31 +372,31 @@ def test_forwards_come_back_after_network_and_libvirtd_restarts(guests, networks
     net, xml = networks[0]
     rules = [{"guest": 22, "host": SSH1}, {"guest": 5353, "proto": "udp", "host": UDP1}]
     forwards.apply(None, vm1, rules, placement=_where(vm1))
-    if not hookscript.status()[0]:
+    if not hookfiles.status()[0]:
         restart_libvirtd()  # libvirtd finds hook scripts only when it starts
-    assert hookscript.status() == (True, "active (libvirtd runs them)")
+    assert hookfiles.status() == (True, "active (libvirtd runs them)")
     log_before = _hook_log()
     # An empty kernel (as after a reboot) and a network restart: the network hook
     # re-attaches the guest to the new bridge and rebuilds the table.
-    hostnet.nft("delete", "table", "ip", nat.TABLE_NAME)
+    firewall.nft("delete", "table", "ip", nat.TABLE_NAME)
     with connection.connected(URI) as c:  # a fresh connection: libvirtd may have restarted
         c.networkLookupByName(net.name()).destroy()
         c.networkCreateXML(xml)
     assert guest_mac_via(SSH1) == guests[vm1]
     assert udp_ask(UDP1) == b"guest:ping"
     # An empty kernel and a libvirtd restart: the qemu reconnect hook rebuilds it.
-    hostnet.nft("delete", "table", "ip", nat.TABLE_NAME)
-    subprocess.run(["iptables", "-w", "-D", "FORWARD", "-j", hostnet.ACCEPT_CHAIN], check=True)
+    firewall.nft("delete", "table", "ip", nat.TABLE_NAME)
+    subprocess.run(["iptables", "-w", "-D", "FORWARD", "-j", firewall.ACCEPT_CHAIN], check=True)
     restart_libvirtd()
     assert guest_mac_via(SSH1) == guests[vm1]
     assert guest_mac_via(SSH2) == guests[vm2]
-    rules = hostnet._iptables("-S", "FORWARD").stdout.splitlines()
-    assert rules[1] == f"-A FORWARD -j {hostnet.ACCEPT_CHAIN}"
+    rules = firewall._iptables("-S", "FORWARD").stdout.splitlines()
+    assert rules[1] == f"-A FORWARD -j {firewall.ACCEPT_CHAIN}"
     assert route_localnet(Store().load()[vm1].placement.bridge) == "1"
     new_lines = _hook_log()[len(log_before) :]
     assert "table" in new_lines and " ERROR " not in new_lines, new_lines
 
 
 def _hook_log():
-    path = hookscript.LOG_FILE
+    path = hookfiles.LOG_FILE
     return path.read_text() if path.exists() else ""
