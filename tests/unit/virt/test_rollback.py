@@ -40,6 +40,9 @@ def test_forget_keeps_everything():
 CHILD = """
 import os, signal, sys, time
 from salt_kvm.virt.rollback import Rollback, interruptible
+# Ctrl-C as in a terminal, whatever started this test: a shell's background job
+# inherits SIGINT ignored, and an ignored signal stays ignored (tested below).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 {setup}
 log = open(sys.argv[1], "a", buffering=1)
 
