@@ -7,7 +7,6 @@ undo step for each so a failure leaves nothing behind.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -108,6 +107,12 @@ def _disk_plan(
     return DiskPlan(target, base_path, base_format, capacity, pool.name(), volume_name, wanted, fmt)
 
 
+def _check_request(name: str, strategy: str) -> None:
+    names.check_vm_name(name)
+    if strategy not in STRATEGIES:
+        raise SpecError("clone_strategy", f"{strategy!r} is not a clone strategy", STRATEGIES)
+
+
 def plan_image(
     conn: libvirt.virConnect,
     image: CachedImage,
@@ -118,9 +123,7 @@ def plan_image(
     """Like ``plan_clone`` for a guest built on a cached image: ``xml`` is its
     new definition (one disk, vda); the image is the backing volume (quick) or
     is copied (full)."""
-    names.check_vm_name(xml.name)
-    if strategy not in STRATEGIES:
-        raise SpecError("clone_strategy", f"{strategy!r} is not a clone strategy", STRATEGIES)
+    _check_request(xml.name, strategy)
     check_name_free(conn, xml.name)
     pool = conn.storagePoolLookupByName(image.pool)
     fmt = "qcow2" if strategy == STRATEGY_QUICK else image.format
@@ -144,9 +147,7 @@ def plan_clone(
     root_size: int | None = None,
 ) -> ClonePlan:
     """Check the request against the hypervisor; create nothing."""
-    names.check_vm_name(name)
-    if strategy not in STRATEGIES:
-        raise SpecError("clone_strategy", f"{strategy!r} is not a clone strategy", STRATEGIES)
+    _check_request(name, strategy)
     try:
         base = conn.lookupByName(base_name)
     except libvirt.libvirtError as exc:
@@ -210,10 +211,6 @@ def create_volume(
     return vol
 
 
-def _undo_volume(rollback: Rollback, conn: libvirt.virConnect, path: str) -> None:
-    chains.delete_volume(rollback.live(conn), path, "rollback")
-
-
 def clone_domain(
     conn: libvirt.virConnect,
     plan: ClonePlan,
@@ -238,10 +235,7 @@ def clone_domain(
     for disk_xml, disk in zip(clonable, plan.disks, strict=True):
         rollback.intend("volume", pool=disk.pool, name=disk.volume_name)
         path = create_volume(conn, plan, disk).path()
-        rollback.add(
-            f"volume {path}",
-            functools.partial(_undo_volume, rollback, conn, path),
-        )
+        chains.delete_on_rollback(rollback, conn, path)
         created.append(path)
         disk_xml.path = path
         disk_xml.driver_type = disk.format

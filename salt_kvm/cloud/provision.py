@@ -249,10 +249,7 @@ def _clone(
         rollback.intend("volume", pool=plan.disks[0].pool, name=seed_name)
         vol = seed.upload(conn, plan.disks[0].pool, seed_name, seed_iso)
         seed_path = vol.path()
-        rollback.add(
-            f"seed volume {seed_path}",
-            lambda: chains.delete_volume(rollback.live(conn), seed_path, "rollback"),
-        )
+        chains.delete_on_rollback(rollback, conn, seed_path, "seed volume")
         guest.seed_path = info["seed"] = seed_path
     guest.domain = clone.clone_domain(
         conn,

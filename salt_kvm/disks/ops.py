@@ -132,10 +132,7 @@ def attach(
             volume_name = names.extra_volume_name(dom.name(), spec.name, spec.volume_format)
             rollback.intend("volume", pool=spec.pool, name=volume_name)
             path = _create_volume(conn, dom.name(), spec).path()
-            rollback.add(
-                f"volume {path}",
-                lambda: chains.delete_volume(rollback.live(conn), path, "rollback"),
-            )
+            chains.delete_on_rollback(rollback, conn, path)
             source = Source(path=path, format=spec.volume_format)
         xml = disk_element(spec, attach_plan.target, source).to_xml()
         try:

@@ -22,6 +22,7 @@ import libvirt
 from salt_kvm.errors import ConflictError
 from salt_kvm.virt import connection
 from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.rollback import Rollback
 from salt_kvm.virt.volumes import Volume
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -354,3 +355,11 @@ def delete_file(conn: libvirt.virConnect, path: str, what: str = "delete") -> No
     """Unlink a local file (an overlay outside any pool) after the guard."""
     check_deletable(conn, [path], what)
     os.unlink(path)
+
+
+def delete_on_rollback(
+    rollback: Rollback, conn: libvirt.virConnect, path: str, label: str = "volume"
+) -> None:
+    """Record the undo of a volume just created at ``path``: deleted through the guard
+    (never while something else needs it), on a live connection."""
+    rollback.add(f"{label} {path}", lambda: delete_volume(rollback.live(conn), path, "rollback"))
