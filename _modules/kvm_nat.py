@@ -147,7 +147,8 @@ def apply(name, rules=None, test=False, uri=None):
     what is missing is added, what is not listed is removed, and the guest's
     current address is used. ``rules``: a list of ports or of
     ``{guest, host, proto, host_address}`` mappings, ``True`` for 22 80 443,
-    an empty list for none. Returns old/new (empty: nothing changed).
+    an empty list (the default) for none. Returns old/new (empty: nothing
+    changed).
 
     CLI Example:
 
