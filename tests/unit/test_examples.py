@@ -1,5 +1,6 @@
 """Every example profile in profiles.example/ is a valid profile."""
 
+import re
 from pathlib import Path
 
 import jinja2
@@ -7,6 +8,8 @@ import pytest
 import yaml
 
 from salt_kvm.cloud.spec import build_spec
+from salt_kvm.errors import SpecError
+from salt_kvm.images.fetch import ALGORITHMS
 
 PROFILES = Path(__file__).resolve().parents[2] / "profiles.example" / "cloud.profiles.d"
 EXAMPLES = [
@@ -36,6 +39,21 @@ def with_operator_files(profile, tmp_path):
     return {**profile, "cloud_init": {**cloud_init, "authorized_keys": made}}
 
 
+# An example's image_checksum may be a placeholder for the digest the user
+# takes from the publisher's SHA256SUMS/SHA512SUMS: "sha512:<...>".
+PLACEHOLDER = re.compile(r"(?P<algorithm>[a-z0-9]+):<[^<>]+>")
+
+
+def with_checksum(profile):
+    """The profile with a digest of the right length in place of its
+    ``image_checksum`` placeholder (as a user fills it in)."""
+    match = PLACEHOLDER.fullmatch(str(profile.get("image_checksum", "")))
+    if match is None:
+        return profile
+    algorithm = match["algorithm"]
+    return {**profile, "image_checksum": f"{algorithm}:{'0' * ALGORITHMS[algorithm]}"}
+
+
 def test_example_profile_names_are_unique():
     names = [name for _, name, _ in EXAMPLES]
     assert sorted(names) == sorted(set(names))
@@ -43,8 +61,25 @@ def test_example_profile_names_are_unique():
 
 @pytest.mark.parametrize("conf,name,profile", EXAMPLES, ids=[f"{c}:{n}" for c, n, _ in EXAMPLES])
 def test_example_profile_is_valid(conf, name, profile, tmp_path):
-    profile = with_operator_files(profile, tmp_path)
+    profile = with_checksum(with_operator_files(profile, tmp_path))
     assert build_spec({"name": "vm1", **profile}).name == "vm1"
+
+
+PLACEHOLDERS = [
+    (c, n, p) for c, n, p in EXAMPLES if PLACEHOLDER.fullmatch(str(p.get("image_checksum")))
+]
+
+
+@pytest.mark.parametrize(
+    "conf,name,profile", PLACEHOLDERS, ids=[f"{c}:{n}" for c, n, _ in PLACEHOLDERS]
+)
+def test_an_example_checksum_placeholder_copied_unchanged_is_refused(conf, name, profile, tmp_path):
+    """A profile copied without its digest filled in stops before anything is
+    fetched, naming the key; it is never fetched unverified."""
+    profile = with_operator_files(profile, tmp_path)
+    with pytest.raises(SpecError) as err:
+        build_spec({"name": "vm1", **profile})
+    assert err.value.key == "image_checksum"
 
 
 MAPS = PROFILES.parent / "cloud.maps.d"
