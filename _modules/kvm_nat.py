@@ -17,7 +17,7 @@ import logging
 try:
     import libvirt  # noqa: F401
 
-    from salt_kvm.errors import SaltKvmError
+    from salt_kvm.errors import SaltKvmError, SpecError
     from salt_kvm.nat import firewall as hostnet
     from salt_kvm.nat import forwards, hookfiles, hooks
     from salt_kvm.nat import rules as nat
@@ -145,10 +145,10 @@ def apply(name, rules=None, test=False, uri=None):
     """
     Make ``rules`` exactly the forwards of domain ``name``, in one transaction:
     what is missing is added, what is not listed is removed, and the guest's
-    current address is used. ``rules``: a list of ports or of
-    ``{guest, host, proto, host_address}`` mappings, ``True`` for 22 80 443,
-    an empty list (the default) for none. Returns old/new (empty: nothing
-    changed).
+    current address is used. ``rules`` (required: a call without it would
+    remove every forward): a list of ports or of ``{guest, host, proto,
+    host_address}`` mappings, ``True`` for 22 80 443, an empty list to remove
+    every forward. Returns old/new (empty: nothing changed).
 
     CLI Example:
 
@@ -158,11 +158,16 @@ def apply(name, rules=None, test=False, uri=None):
         salt hypervisor kvm_nat.apply vm1 rules='[{guest: 53, host: 5353, proto: udp}]'
         salt hypervisor kvm_nat.apply vm1 rules='[]'
     """
+    if rules is None:
+        with command_errors():
+            raise SpecError(
+                "rules",
+                "required: without it every forward of the domain would be removed",
+                "a list of ports or {guest, host, proto, host_address} mappings, "
+                "True for 22 80 443, [] to remove every forward",
+            )
     changes = _call(
-        lambda conn: forwards.apply(
-            conn, name, rules if rules is not None else [], _max_rules(), test=bool(test)
-        ),
-        uri,
+        lambda conn: forwards.apply(conn, name, rules, _max_rules(), test=bool(test)), uri
     )
     return changes if test else _hooks_warning(changes, name)
 

@@ -208,6 +208,8 @@ def test_refusals_change_nothing(guests, vm1_on_ssh1, tmp_path):
         ((f"{PREFIX}no-such-domain", "rules=[22]"), "no domain named"),
         ((vm2, "rules=[{guest: 22, host_address: 198.51.100.1}]"), "not an address of this host"),
         ((vm2, "rules=[{guest: 22, proto: TCPX}]"), "rules[0].proto: 'TCPX' is not a protocol"),
+        # Without rules, apply would remove every forward of vm1: refused.
+        ((vm1,), "rules: required"),
     ]
     try:
         for args, message in cases:

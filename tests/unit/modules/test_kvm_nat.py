@@ -76,3 +76,23 @@ def test_add_warns_when_the_hooks_are_not_active(monkeypatch):
     monkeypatch.setattr(kvm_nat.hooks, "problems", lambda names: [])
     monkeypatch.setattr(kvm_nat, "_names", lambda domain=None: {domain})
     assert kvm_nat.add("vm1", 22) == {"added": 1, "warning": "not installed"}
+
+
+def test_apply_without_rules_is_refused_and_removes_nothing(monkeypatch):
+    # "kvm_nat.apply vm1" alone used to remove every forward of vm1: a
+    # destructive call needs its intent said (rules='[]').
+    monkeypatch.setattr(kvm_nat.forwards, "apply", never)
+    with pytest.raises(CommandExecutionError, match=r"^rules: .*\[\] to remove every forward"):
+        kvm_nat.apply("vm1")
+
+
+def test_apply_with_an_empty_list_removes_every_forward(monkeypatch, hooks_active):
+    seen = {}
+
+    def apply(conn, name, rules, max_rules, test=False):
+        seen["rules"] = rules
+        return {"old": [22], "new": []}
+
+    monkeypatch.setattr(kvm_nat.forwards, "apply", apply)
+    assert kvm_nat.apply("vm1", rules=[])["new"] == []
+    assert seen["rules"] == []
