@@ -220,6 +220,16 @@ def check_plan(nics: list[NicSpec] | None, ip_source: str, source_given: bool) -
                 "nics[].ip on a bridge, or another source: "
                 + ", ".join(s for s in choices.SOURCES if s != choices.SOURCE_PLAN),
             )
+        if nics and all(n.bridge for n in nics) and ip_source == choices.SOURCE_LEASE:
+            raise SpecError(
+                "ip_source",
+                f"{'ip-learning (the default)' if not source_given else repr(ip_source)} reads "
+                "libvirt's DHCP leases, which exist only on libvirt networks, and every NIC "
+                "is on a bridge: no address would ever come",
+                f"{choices.SOURCE_AGENT} (the image runs the guest agent), {choices.SOURCE_ARP} "
+                f"(the host's neighbour table), {choices.SOURCE_AUTO}, or nics[].ip with "
+                "prefix on a bridge NIC (a static plan)",
+            )
         return ip_source
     if source_given and ip_source != choices.SOURCE_PLAN:
         raise SpecError(

@@ -281,7 +281,7 @@ def test_nic_as_network_name():
 
 
 def test_nic_with_bridge_and_model():
-    nics = spec(nics=[{"bridge": "br0", "model": "e1000"}]).nics
+    nics = spec(nics=[{"bridge": "br0", "model": "e1000"}], ip_source="qemu-agent").nics
     assert nics == [NicSpec(bridge="br0", model="e1000")]
 
 

@@ -186,3 +186,25 @@ def test_the_seed_of_a_cloud_init_deploy_has_both_the_minion_and_the_network():
     }
     paths = [f["path"] for f in yaml.safe_load(files["user-data"])["write_files"]]
     assert "/etc/salt/pki/minion/minion.pem" in paths
+
+
+# ---- bridges without a plan -----------------------------------------------------
+
+
+@pytest.mark.parametrize("given", [{}, {"ip_source": "ip-learning"}, {"ip_source": "lease"}])
+def test_only_bridges_without_a_plan_refuse_the_lease_source(given):
+    # libvirt's leases exist only on its own networks: the create would wait
+    # wait_for_ip_timeout (600 s) for an address that never comes.
+    err = refused("ip_source", {"bridge": "br0"}, {"bridge": "br1", "mac": MAC2}, **given)
+    assert "bridge" in err.problem
+    for way_out in ("qemu-agent", "arp", "auto", "nics[].ip"):
+        assert way_out in err.accepted
+
+
+@pytest.mark.parametrize("source", ["qemu-agent", "agent", "arp", "auto"])
+def test_only_bridges_with_a_source_that_can_answer(source):
+    assert spec({"bridge": "br0"}, ip_source=source).ip_source in ("qemu-agent", "arp", "auto")
+
+
+def test_a_bridge_beside_a_network_keeps_the_lease_source():
+    assert spec({"bridge": "br0"}, "default").ip_source == "ip-learning"
