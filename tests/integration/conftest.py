@@ -12,7 +12,7 @@ import libvirt
 import pytest
 
 from salt_kvm.errors import ConflictError, SaltKvmError
-from salt_kvm.virt import connection, lifecycle  # noqa: F401 - connection silences libvirt stderr
+from salt_kvm.virt import connection, lifecycle, pools  # noqa: F401 - connection silences libvirt stderr
 from salt_kvm.virt.domain import Domain
 
 from . import saltenv
@@ -102,7 +102,7 @@ def salt(tmp_path_factory, hv):
 def prefixed_volumes(conn) -> set[str]:
     """The test pool's volumes named PREFIX* (what this run's guests made)."""
     pool = conn.storagePoolLookupByName(POOL)
-    pool.refresh(0)
+    pools.refresh(pool)
     return {v for v in pool.listVolumes() if v.startswith(PREFIX)}
 
 
