@@ -111,8 +111,15 @@ def pool_volumes(hv):
     return lambda: prefixed_volumes(hv)
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects by marker
 def pytest_collection_modifyitems(config, items):
     """Modules that restart libvirtd run last (whole, in their own order): every
-    libvirt connection open at that moment, like the session's ``hv``, dies."""
+    libvirt connection open at that moment, like the session's ``hv``, dies. The
+    whole module is ``exclusive`` too: scripts/run-integration runs such tests
+    alone, after its parallel streams (a restart would cut theirs), and the
+    module's other tests share its fixtures (booted guests)."""
     restarting = {item.module for item in items if item.get_closest_marker("restarts_libvirtd")}
+    for item in items:
+        if item.module in restarting:
+            item.add_marker(pytest.mark.exclusive)
     items.sort(key=lambda item: item.module in restarting)
