@@ -31,7 +31,7 @@ from salt_kvm.backup import core as backup_core
 from salt_kvm.backup import store as bs
 from salt_kvm.backup import verify
 from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError
-from salt_kvm.virt import chains, names, qemuimg
+from salt_kvm.virt import chains, names, pools, qemuimg
 from salt_kvm.virt.domain import Disk, Domain
 from salt_kvm.virt.identity import prepare_identity, used_macs
 from salt_kvm.virt.lifecycle import define
@@ -193,7 +193,7 @@ def _as_new(
             disk.path = path  # a file now, whatever it was
             disk.driver_name = "qemu"
             disk.driver_type = "qcow2"
-        pool_handle.refresh(0)
+        pools.refresh(pool_handle)
         volumes = [path for _, _, path in plan]
         xml.set_managed_info(
             {

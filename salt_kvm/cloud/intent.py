@@ -27,7 +27,7 @@ from typing import Any
 import libvirt
 
 from salt_kvm.errors import ConflictError
-from salt_kvm.virt import chains, locks
+from salt_kvm.virt import chains, locks, pools
 
 log = logging.getLogger(__name__)
 SUBDIR = "salt-kvm/creating"
@@ -271,7 +271,7 @@ def _domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
 def _volume_path(conn: libvirt.virConnect, pool: str, name: str) -> str | None:
     try:
         storage = conn.storagePoolLookupByName(pool)
-        storage.refresh(0)
+        pools.refresh(storage)
         return storage.storageVolLookupByName(name).path()
     except libvirt.libvirtError:
         return None

@@ -12,6 +12,7 @@ import libvirt
 from salt_kvm.disks.spec import DiskSpec, Source, max_index, target_name, within
 from salt_kvm.errors import ConflictError, NotFoundError, SpecError
 from salt_kvm.virt import connection, names
+from salt_kvm.virt import pools as storage_pools
 from salt_kvm.virt.domain import Disk, Domain
 from salt_kvm.virt.pools import Pool
 from salt_kvm.virt.volumes import Volume, volume_format
@@ -105,7 +106,7 @@ def pools(conn: libvirt.virConnect) -> dict[str, str]:
 def pool_volume(conn: libvirt.virConnect, path: str) -> libvirt.virStorageVol | None:
     for name, root in pools(conn).items():
         if within(path, [root]):
-            conn.storagePoolLookupByName(name).refresh(0)  # a file copied in since
+            storage_pools.refresh(conn.storagePoolLookupByName(name))  # a file copied in since
     try:
         return conn.storageVolLookupByPath(path)
     except libvirt.libvirtError:
@@ -151,7 +152,7 @@ def new_volume_source(
         raise SpecError("pool", f"no storage pool named {spec.pool!r}", known) from None
     if not pool.isActive():
         raise ConflictError(f"pool: {spec.pool!r} is not running (virsh pool-start {spec.pool})")
-    pool.refresh(0)
+    storage_pools.refresh(pool)
     volume = names.extra_volume_name(domain, spec.name, spec.volume_format)
     if volume not in pool.listVolumes():
         return None

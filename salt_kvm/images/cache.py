@@ -39,7 +39,7 @@ from salt_kvm.images.spec import (  # noqa: F401 - re-exported: the names' old h
     ImageSpec,
     parse_image,
 )
-from salt_kvm.virt import chains, locks
+from salt_kvm.virt import chains, locks, pools
 from salt_kvm.virt.domain import Domain
 from salt_kvm.virt.volumes import Volume, volume_format
 
@@ -210,7 +210,7 @@ def _fetch(conn, pool, image: ImageSpec, source, key: str, progress) -> CachedIm
         _upload(conn, pool, temp_name, data)
         counter.emit()
         digests.verify(compression is not None)
-        pool.refresh(0)
+        pools.refresh(pool)
         temp = pool.storageVolLookupByName(temp_name)
         probed = volume_format(temp)
         if probed != fmt:
@@ -233,7 +233,7 @@ def ensure(
     source = fetch.open_source(image.source)
     key = cache_key(image, source.validator)
     with _local_lock(conn.getURI(), image.pool, key):
-        pool.refresh(0)
+        pools.refresh(pool)
         found = _find(pool, key)
         if found is not None:
             log.info("image %s: using the cached volume %s", image.shown, found.name())
@@ -279,7 +279,7 @@ def list_images(conn: libvirt.virConnect, pool: str | None = None) -> dict[str, 
     users = _backing_users(conn)
     result = {}
     for pool_obj in _pools(conn, pool):
-        pool_obj.refresh(0)
+        pools.refresh(pool_obj)
         for vol in pool_obj.listAllVolumes(0):
             parsed = parse_name(vol.name())
             if parsed is None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import libvirt
 
 from salt_kvm.errors import ConflictError
-from salt_kvm.virt import connection
+from salt_kvm.virt import connection, pools
 from salt_kvm.virt.domain import Domain
 from salt_kvm.virt.rollback import Rollback
 from salt_kvm.virt.volumes import Volume
@@ -266,8 +266,8 @@ def dependents(conn: libvirt.virConnect) -> Dependents:
     files_of: dict[str, set[str]] = {}
     for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
         try:
-            pool.refresh(0)  # files copied in since libvirt last looked
-        except libvirt.libvirtError:
+            pools.refresh(pool)  # files copied in since libvirt last looked
+        except (libvirt.libvirtError, ConflictError):
             pass
         try:
             volumes = pool.listAllVolumes(0)

@@ -1,8 +1,40 @@
-"""Storage pools: the ``<pool>`` document salt-kvm defines and reads."""
+"""Storage pools: the ``<pool>`` document salt-kvm defines and reads, and a
+refresh that waits for another caller's volume build."""
 
 from __future__ import annotations
 
+import time
+
+import libvirt
+
+from salt_kvm.errors import ConflictError
 from salt_kvm.virt.xmlmodel import XMLObject, XMLProperty
+
+# libvirt refuses a pool refresh while a volume of that pool is still being
+# built (virStorageVolCreateXML/CreateXMLFrom: an overlay, a full clone, an
+# image copied into the cache), whoever builds it.
+BUSY = "has asynchronous jobs running"
+REFRESH_TIMEOUT = 600  # a full copy of a large disk by another caller
+
+
+def refresh(pool: libvirt.virStoragePool, timeout: float = REFRESH_TIMEOUT) -> None:
+    """``pool.refresh(0)`` (to see files copied in since libvirt last looked),
+    waiting while another caller (a parallel salt-cloud create, a map) builds a
+    volume in the pool; any other error at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pool.refresh(0)
+            return
+        except libvirt.libvirtError as exc:
+            if BUSY not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise ConflictError(
+                    f"pool {pool.name()!r} is still building a volume after {timeout:g} s "
+                    f"(another caller's create or copy); libvirt refreshes it only after that"
+                ) from exc
+        time.sleep(0.5)
 
 
 class Pool(XMLObject):

@@ -12,7 +12,7 @@ import libvirt
 import pytest
 
 from salt_kvm.errors import ConflictError, SaltKvmError
-from salt_kvm.virt import connection, lifecycle  # noqa: F401 - connection silences libvirt stderr
+from salt_kvm.virt import connection, lifecycle, pools  # noqa: F401 - connection silences libvirt stderr
 from salt_kvm.virt.domain import Domain
 
 from . import saltenv
@@ -102,7 +102,7 @@ def salt(tmp_path_factory, hv):
 def prefixed_volumes(conn) -> set[str]:
     """The test pool's volumes named PREFIX* (what this run's guests made)."""
     pool = conn.storagePoolLookupByName(POOL)
-    pool.refresh(0)
+    pools.refresh(pool)
     return {v for v in pool.listVolumes() if v.startswith(PREFIX)}
 
 
@@ -111,8 +111,15 @@ def pool_volumes(hv):
     return lambda: prefixed_volumes(hv)
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects by marker
 def pytest_collection_modifyitems(config, items):
     """Modules that restart libvirtd run last (whole, in their own order): every
-    libvirt connection open at that moment, like the session's ``hv``, dies."""
+    libvirt connection open at that moment, like the session's ``hv``, dies. The
+    whole module is ``exclusive`` too: scripts/run-integration runs such tests
+    alone, after its parallel streams (a restart would cut theirs), and the
+    module's other tests share its fixtures (booted guests)."""
     restarting = {item.module for item in items if item.get_closest_marker("restarts_libvirtd")}
+    for item in items:
+        if item.module in restarting:
+            item.add_marker(pytest.mark.exclusive)
     items.sort(key=lambda item: item.module in restarting)

@@ -31,6 +31,14 @@ PORT_BASE = int(os.environ.get("SALT_KVM_TEST_PORT_BASE", "45505"))
 PUBLISH_PORT, RET_PORT = PORT_BASE, PORT_BASE + 1
 
 
+def _terminal_signals() -> None:
+    """SIGHUP and SIGINT at their defaults, whatever started the tests: under
+    nohup SIGHUP is ignored, in a shell's background job SIGINT, a child
+    inherits that, and salt-kvm rightly keeps an ignored signal ignored."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @dataclass
 class SaltEnv:
     root: Path
@@ -66,12 +74,14 @@ class SaltEnv:
         return proc
 
     def cloud_started(self, *args: str) -> subprocess.Popen:
-        """salt-cloud running in the background (to interrupt it)."""
+        """salt-cloud running in the background (to interrupt it), with a hangup
+        and Ctrl-C acting as from a terminal."""
         return subprocess.Popen(
             [str(self.bin / "salt-cloud"), "-c", str(self.conf), *self.CLOUD_ARGS, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=_terminal_signals,
         )
 
     def salt(self, target: str, *args: str, timeout: int = 60):

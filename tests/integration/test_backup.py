@@ -28,7 +28,7 @@ from salt_kvm.backup import ops as backup_ops
 from salt_kvm.backup import run as backup
 from salt_kvm.backup import store as bs
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
-from salt_kvm.virt import lifecycle, qemuimg
+from salt_kvm.virt import lifecycle, pools, qemuimg
 from salt_kvm.virt.domain import Domain
 
 from . import guests, saltenv
@@ -764,7 +764,7 @@ def test_snapshot_revert_and_delete_refuse_an_overlay_others_stand_on(hv, base_d
         hand = guests.data_volume(hv, "default", f"{name}-hand.qcow2", 1 << 30)
         # a hand-made overlay: the same as an image someone made with qemu-img -b
         qemuimg.rebase_unsafe(hand, overlay, "qcow2")
-        hv.storagePoolLookupByName("default").refresh(0)
+        pools.refresh(hv.storagePoolLookupByName("default"))
         for attempt in (
             lambda: snapshots.revert(hv, name, "s1"),
             lambda: snapshots.delete(hv, name, "s1"),

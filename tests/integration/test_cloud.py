@@ -12,7 +12,7 @@ import yaml
 
 from salt_kvm import ssh
 from salt_kvm.nat import firewall, forwards
-from salt_kvm.virt import lifecycle, qemuimg
+from salt_kvm.virt import lifecycle, pools, qemuimg
 from salt_kvm.virt.domain import Domain
 
 from . import saltenv
@@ -425,7 +425,7 @@ def _leftovers(hv, salt, name, mac):
     if name in salt.accepted_keys():
         found.append("minion key")
     pool = hv.storagePoolLookupByName(POOL)
-    pool.refresh(0)
+    pools.refresh(pool)
     found += [v for v in pool.listVolumes() if v.startswith(name)]
     return found
 

@@ -16,7 +16,7 @@ from salt_kvm.cloud import addresses
 from salt_kvm.disks import ops as diskops
 from salt_kvm.disks import spec as disks
 from salt_kvm.errors import ConflictError, NotFoundError, SpecError
-from salt_kvm.virt import lifecycle
+from salt_kvm.virt import lifecycle, pools
 from salt_kvm.virt.domain import Domain
 from salt_kvm.virt.units import GIB
 
@@ -68,11 +68,11 @@ def raw_image(hv):
     with open(path, "wb") as handle:
         handle.write(MARKER.ljust(1024 * 1024, b"\0"))
         handle.truncate(64 * 1024 * 1024)
-    hv.storagePoolLookupByName(POOL).refresh(0)
+    pools.refresh(hv.storagePoolLookupByName(POOL))
     yield path
     if os.path.exists(path):
         os.unlink(path)
-    hv.storagePoolLookupByName(POOL).refresh(0)
+    pools.refresh(hv.storagePoolLookupByName(POOL))
 
 
 @pytest.fixture(scope="module")
@@ -228,12 +228,12 @@ def test_states_apply_once_then_report_nothing(hv, guest, minion):
 def refused(hv, dom, error, match, fn, *args, **kwargs):
     before = definition(dom)
     pool = hv.storagePoolLookupByName(POOL)
-    pool.refresh(0)
+    pools.refresh(pool)
     volumes = sorted(pool.listVolumes())
     with pytest.raises(error, match=match):
         fn(hv, dom, *args, **kwargs)
     assert definition(dom) == before
-    pool.refresh(0)
+    pools.refresh(pool)
     assert sorted(pool.listVolumes()) == volumes
 
 
@@ -376,7 +376,7 @@ def test_a_qcow2_header_in_a_guest_written_file_is_not_trusted(hv, stopped, tmp_
     )
     try:
         pool = hv.storagePoolLookupByName(POOL)
-        pool.refresh(0)
+        pools.refresh(pool)
         before = stopped.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
         with pytest.raises(SpecError) as err:
             diskops.attach(hv, stopped, disks.parse_disk("evil", {"path": path}))
@@ -388,7 +388,7 @@ def test_a_qcow2_header_in_a_guest_written_file_is_not_trusted(hv, stopped, tmp_
         assert planned.source.format == "raw"
     finally:
         os.unlink(path)
-        hv.storagePoolLookupByName(POOL).refresh(0)
+        pools.refresh(hv.storagePoolLookupByName(POOL))
 
 
 def test_a_symlink_in_the_pool_to_a_host_file_is_refused(hv, stopped):
@@ -401,7 +401,7 @@ def test_a_symlink_in_the_pool_to_a_host_file_is_refused(hv, stopped):
         assert stopped.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before
     finally:
         os.unlink(link)
-        hv.storagePoolLookupByName(POOL).refresh(0)
+        pools.refresh(hv.storagePoolLookupByName(POOL))
 
 
 def test_the_boot_disk_is_detached_only_with_force(hv, stopped):

@@ -9,6 +9,7 @@ import pytest
 
 from salt_kvm.disks import ops as diskops
 from salt_kvm.disks import spec as disks
+from salt_kvm.virt import pools
 from salt_kvm.virt.domain import Domain
 
 from .cloudcheck import assert_gone, cloud_error, created, sized_profile
@@ -21,10 +22,10 @@ def raw_image(hv):
     path = f"{IMAGES}/{unique('img')}.raw"
     with open(path, "wb") as handle:
         handle.truncate(32 * 1024 * 1024)
-    hv.storagePoolLookupByName(POOL).refresh(0)
+    pools.refresh(hv.storagePoolLookupByName(POOL))
     yield path
     os.unlink(path)
-    hv.storagePoolLookupByName(POOL).refresh(0)
+    pools.refresh(hv.storagePoolLookupByName(POOL))
 
 
 def drop_volume(hv, path):

@@ -15,6 +15,7 @@ import libvirt
 import pytest
 
 from salt_kvm.images import cache as images
+from salt_kvm.virt import pools
 from tests.imageserver import ImageServer
 
 from .cloudcheck import assert_gone, cloud_error, created
@@ -52,7 +53,7 @@ def server(image_files):
 
 def cache_volumes(hv):
     pool = hv.storagePoolLookupByName(POOL)
-    pool.refresh(0)
+    pools.refresh(pool)
     return {v for v in pool.listVolumes() if images.parse_name(v)}
 
 

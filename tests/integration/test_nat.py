@@ -31,6 +31,13 @@ from .conftest import BASE, GUEST_PASSWORD, GUEST_USER, PREFIX, URI, unique
 from .probes import LOOPBACK_PROBE
 from .saltenv import PORT_BASE, minion_config, salt_call_proc
 
+# Alone, after scripts/run-integration's parallel streams, and not only for the
+# libvirtd restart below: the tests compare salt-kvm's whole host-wide NAT table
+# and state file before and after (another stream's forward would change them),
+# delete that table (cutting other guests' forwards meanwhile) and date the
+# host's libvirt hooks into the future (every kvm_nat call then warns).
+pytestmark = pytest.mark.exclusive
+
 NET_PREFIXES = os.environ.get("SALT_KVM_NAT_TEST_NETS", "192.168.214,192.168.215").split(",")
 STEM = PREFIX.strip("-")
 # Host ports of the forwards (from the port base, see saltenv): vm1's SSH, vm2's

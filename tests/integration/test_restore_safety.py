@@ -18,7 +18,7 @@ from salt_kvm.backup import store as bs
 from salt_kvm.disks import ops as diskops
 from salt_kvm.disks import spec as disks
 from salt_kvm.errors import SaltKvmError
-from salt_kvm.virt import lifecycle, qemuimg
+from salt_kvm.virt import lifecycle, pools, qemuimg
 from salt_kvm.virt.domain import Domain
 
 from . import guests
@@ -73,7 +73,7 @@ def guest(hv, base_domain, loop_link):
     finally:
         guests.remove_guest(hv, name)
         pool = hv.storagePoolLookupByName(POOL)
-        pool.refresh(0)
+        pools.refresh(pool)
         for vol in pool.listVolumes():
             if vol.startswith(f"{name}-"):
                 with contextlib.suppress(libvirt.libvirtError):

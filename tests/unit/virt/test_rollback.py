@@ -40,9 +40,11 @@ def test_forget_keeps_everything():
 CHILD = """
 import os, signal, sys, time
 from salt_kvm.virt.rollback import Rollback, interruptible
-# Ctrl-C as in a terminal, whatever started this test: a shell's background job
-# inherits SIGINT ignored, and an ignored signal stays ignored (tested below).
+# Ctrl-C and a hangup as in a terminal, whatever started this test: a shell's
+# background job inherits SIGINT ignored, a run under nohup SIGHUP, and an
+# ignored signal stays ignored (tested below).
 signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 {setup}
 log = open(sys.argv[1], "a", buffering=1)
 
