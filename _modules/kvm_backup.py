@@ -288,7 +288,15 @@ def prune(domain, dest, keep, test=False, uri=None):
 
 
 def restore(
-    domain, dest, point="latest", target=None, force=False, pool="default", start=False, uri=None
+    domain,
+    dest,
+    point="latest",
+    target=None,
+    force=False,
+    pool="default",
+    start=False,
+    uri=None,
+    new_identity=None,
 ):
     """
     Restore backup ``point`` (``latest`` or an id from ``list``) of ``domain``
@@ -299,14 +307,27 @@ def restore(
     this is a takeover. The store is untrusted: a manifest or image that does
     not fit its layout is refused by name before anything is written.
 
+    ``target=<domain>`` where the domain no longer exists (its host or disks
+    were lost, or on another host from a copy) brings the same guest back: its
+    UUID and MAC addresses are kept, and its disks (the minion's id and keys
+    with them) are restored as they were, so DHCP reservations still match and
+    the master knows the minion. Under a new name the restored domain gets a new
+    UUID and new MACs (the original may still run). ``new_identity=True`` gives
+    new ones under the own name too, ``new_identity=False`` keeps them under a
+    new name. A kept UUID or MAC that another domain on this host has is
+    refused by name before anything is written.
+
     CLI Example:
 
     .. code-block:: bash
 
         salt hypervisor kvm_backup.restore web1 /srv/backup target=web1-restored start=True
         salt hypervisor kvm_backup.restore web1 /srv/backup point=20261121T041100Z force=True
+        salt kvm2 kvm_backup.restore web1 /srv/replica target=web1 start=True
     """
-    return _with_conn(uri, restoring.restore, domain, dest, point, target, force, pool, start)
+    return _with_conn(
+        uri, restoring.restore, domain, dest, point, target, force, pool, start, new_identity
+    )
 
 
 def replicate(
