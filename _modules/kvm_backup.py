@@ -22,6 +22,7 @@ try:
     from salt_kvm.backup import restore as restoring
     from salt_kvm.backup import run as backup
     from salt_kvm.backup import snapshots
+    from salt_kvm.backup import store as backup_store
     from salt_kvm.saltutil import command_errors, connection_for
     from salt_kvm.virt import qemuimg
 
@@ -142,17 +143,26 @@ def create(
     events=True,
     uri=None,
     method="auto",
+    keep=None,
 ):
     """
     Back up ``domain``'s disks into ``dest``/``domain``: full the first time
     (or with ``full=True``, or once a chain has ``full_every`` points),
     incremental after. Works on running guests (filesystems frozen through the
     agent when present; ``frozen`` in the result says whether) and shut-off ones.
-    ``disks`` limits it to some targets (``[vdb]``). ``copies`` sends the new
-    points to second destinations (see ``replicate``): a list of folders or
-    ``ssh://user@host/path`` URLs, or dicts with ``target``, ``key_filename``,
-    ``host_key``, ``known_hosts``, ``password_pillar``, ``keep`` (a
-    ``password`` is refused). Bad entries are refused before the backup runs.
+    ``disks`` limits it to some targets (``[vdb]``).
+
+    ``keep``: the retention, in chains (a full and its incrementals). When
+    given, ``dest`` is pruned to the newest ``keep`` chains after the backup
+    (as ``prune`` does; ``pruned`` in the result), before the copies are sent.
+
+    ``copies`` sends the new points to second destinations (see ``replicate``):
+    a list of folders or ``ssh://user@host/path`` URLs, or dicts with
+    ``target``, ``key_filename``, ``host_key``, ``known_hosts``,
+    ``password_pillar``, ``keep`` (a ``password`` is refused). Each copy is
+    pruned with the same retention as ``dest`` (``keep``) unless its entry
+    gives its own ``keep`` (e.g. more chains on a NAS). Bad entries are refused
+    before the backup runs.
 
     ``method``: ``api`` (libvirt's backup API with checkpoints: an incremental
     reads and writes only the changed clusters), ``snapshot`` (an external
@@ -166,10 +176,16 @@ def create(
     .. code-block:: bash
 
         salt hypervisor kvm_backup.create web1 dest=/srv/backup
-        salt hypervisor kvm_backup.create web1 dest=/srv/backup copies='[/mnt/nas/backup]'
+        salt hypervisor kvm_backup.create web1 dest=/srv/backup keep=7 \
+            copies='[/mnt/nas/backup]'
+        salt hypervisor kvm_backup.create web1 dest=/srv/backup keep=7 \
+            copies='[{target: /mnt/nas/backup, keep: 30}]'
         salt hypervisor kvm_backup.create web1 dest=/srv/backup method=snapshot
     """
-    copy_args = [_copy_args(copy) for copy in copies or []]  # refused before the backup
+    if keep is not None:
+        with command_errors():
+            backup_store.check_keep(keep)
+    copy_args = [_copy_args(copy, keep) for copy in copies or []]  # refused before the backup
     result = _with_conn(
         uri,
         backup.create,
@@ -182,6 +198,8 @@ def create(
         emit=_emitter(domain, events),
         method=method,
     )
+    if keep is not None:
+        result["pruned"] = prune(domain, dest, keep, uri=uri)["deleted"]
     with command_errors():
         result["copies"] = [backup_ops.replicate(dest, domain, **args) for args in copy_args]
     return result
@@ -213,8 +231,9 @@ def _password(password_pillar):
     return value
 
 
-def _copy_args(copy):
-    """Library arguments for one ``copies`` entry; a ``password`` is refused."""
+def _copy_args(copy, keep=None):
+    """Library arguments for one ``copies`` entry (pruned to ``keep`` chains
+    unless it says its own ``keep``); a ``password`` is refused."""
     if isinstance(copy, str):
         copy = {"target": copy}
     if not isinstance(copy, dict) or "target" not in copy:
@@ -230,6 +249,11 @@ def _copy_args(copy):
             f"copies: unknown key(s) {', '.join(unknown)} (accepted: {', '.join(COPY_KEYS)})"
         )
     args = {k: v for k, v in copy.items() if k != "password_pillar"}
+    if args.get("keep") is None:
+        args["keep"] = keep
+    else:
+        with command_errors("copies: "):
+            backup_store.check_keep(args["keep"])
     password = _password(copy.get("password_pillar"))
     if password is not None:
         args["password"] = password
@@ -288,7 +312,15 @@ def prune(domain, dest, keep, test=False, uri=None):
 
 
 def restore(
-    domain, dest, point="latest", target=None, force=False, pool="default", start=False, uri=None
+    domain,
+    dest,
+    point="latest",
+    target=None,
+    force=False,
+    pool="default",
+    start=False,
+    uri=None,
+    new_identity=None,
 ):
     """
     Restore backup ``point`` (``latest`` or an id from ``list``) of ``domain``
@@ -299,14 +331,27 @@ def restore(
     this is a takeover. The store is untrusted: a manifest or image that does
     not fit its layout is refused by name before anything is written.
 
+    ``target=<domain>`` where the domain no longer exists (its host or disks
+    were lost, or on another host from a copy) brings the same guest back: its
+    UUID and MAC addresses are kept, and its disks (the minion's id and keys
+    with them) are restored as they were, so DHCP reservations still match and
+    the master knows the minion. Under a new name the restored domain gets a new
+    UUID and new MACs (the original may still run). ``new_identity=True`` gives
+    new ones under the own name too, ``new_identity=False`` keeps them under a
+    new name. A kept UUID or MAC that another domain on this host has is
+    refused by name before anything is written.
+
     CLI Example:
 
     .. code-block:: bash
 
         salt hypervisor kvm_backup.restore web1 /srv/backup target=web1-restored start=True
         salt hypervisor kvm_backup.restore web1 /srv/backup point=20261121T041100Z force=True
+        salt kvm2 kvm_backup.restore web1 /srv/replica target=web1 start=True
     """
-    return _with_conn(uri, restoring.restore, domain, dest, point, target, force, pool, start)
+    return _with_conn(
+        uri, restoring.restore, domain, dest, point, target, force, pool, start, new_identity
+    )
 
 
 def replicate(

@@ -10,7 +10,10 @@ States for guest backups and snapshots.
         - max_age: 24h
         - keep: 7
         - copies:
-          - /mnt/nas/backup
+          - /mnt/nas/backup              # pruned to 7 chains as well
+          - target: ssh://root@kvm2/srv/replica
+            key_filename: /root/.ssh/id_ed25519
+            keep: 30                     # this copy keeps more
 
     web1-before-upgrade:
       kvm_backup.snapshot_present:
@@ -61,8 +64,9 @@ def backed_up(
     Ensure ``dest`` holds a backup of domain ``name`` younger than ``max_age``
     (``90s``, ``30m``, ``24h``, ``7d``); otherwise take one (incremental when
     the chain allows, a new full chain every ``full_every`` points), send it to
-    ``copies`` and prune to the newest ``keep`` chains. With Salt's scheduler
-    this gives nightly backups (see the backup page of the documentation).
+    ``copies`` and prune ``dest`` and every copy to the newest ``keep`` chains.
+    With Salt's scheduler this gives nightly backups (see the backup page of
+    the documentation).
 
     name
         The domain.
@@ -71,7 +75,13 @@ def backed_up(
     max_age
         How old the newest backup may be before a new one is taken.
     keep
-        How many chains (a full and its incrementals) to keep.
+        How many chains (a full and its incrementals) to keep, in ``dest`` and
+        in each copy. ``dest`` is pruned before the copies are sent, so they
+        receive only the kept chains.
+    copies
+        Second destinations (see ``kvm_backup.create``): folders, ``ssh://``
+        URLs, or dicts with ``target`` and its options. A dict's own ``keep``
+        overrides the retention for that copy (e.g. ``keep: 30`` on a NAS).
     method
         ``auto`` (default), ``api`` or ``snapshot``: how the disks are copied
         (see ``kvm_backup.create``).
@@ -108,8 +118,8 @@ def backed_up(
             copies=copies,
             uri=uri,
             method=method,
+            keep=keep,
         )
-        pruned = __salt__["kvm_backup.prune"](name, dest, keep)
     except STATE_ERRORS as exc:
         return state_failed(ret, exc, f"Backup of {name} failed: ")
     ret["changes"] = {
@@ -122,8 +132,8 @@ def backed_up(
             "method": made.get("method"),
         }
     }
-    if pruned["deleted"]:
-        ret["changes"]["pruned"] = pruned["deleted"]
+    if made.get("pruned"):
+        ret["changes"]["pruned"] = made["pruned"]
     if made.get("copies"):
         ret["changes"]["copies"] = {c["target"]: c["copied"] for c in made["copies"]}
     ret["comment"] = f"Took a {made['kind']} backup of {name}: {made['point']}"

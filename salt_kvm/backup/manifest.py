@@ -314,10 +314,16 @@ def chain_to(points: list[Point], point_id: str) -> list[Point]:
     return chain
 
 
+def check_keep(keep: object, key: str = "keep") -> int:
+    """A retention: how many chains (a full and its incrementals) to keep."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise SpecError(key, f"{keep!r} is not a number of chains", "an integer of 1 or more")
+    return keep
+
+
 def prune_plan(points: list[Point], keep: int) -> list[Point]:
     """The points to delete to keep the newest ``keep`` chains: whole chains only."""
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise SpecError("keep", f"{keep!r} is not a number of chains", "an integer of 1 or more")
+    check_keep(keep)
     groups = chains(points)
     return [p for group in groups[: max(0, len(groups) - keep)] for p in group]
 

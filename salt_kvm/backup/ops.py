@@ -25,10 +25,11 @@ import libvirt
 from salt_kvm import redact, ssh
 from salt_kvm.backup import store as bs
 from salt_kvm.backup.verify import verify_point
-from salt_kvm.errors import SaltKvmError, SpecError
+from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
 from salt_kvm.virt import chains
 
 TARGET_ACCEPTED = "an absolute directory path, or ssh://user@host[:port]/absolute/path"
+BUSY = 75  # flock(1)'s exit status when the lock of a copy over SSH is held (EX_TEMPFAIL)
 
 
 def list_points(dest: str, domain: str) -> list[dict]:
@@ -280,8 +281,29 @@ class _SshCopier:
             with contextlib.suppress(ValueError, SaltKvmError):  # not ours: never pruned
                 points.append(bs.parse_manifest(json.loads(data), pid, self.domain))
         doomed = bs.prune_plan(points, keep)
-        for point in reversed(doomed):
-            self._sh(f"rm -rf {shlex.quote(posixpath.join(self.root, point.id))}")
+        if not doomed:
+            return []
+        # Under the store's lock there, which a restore (a takeover reading a
+        # chain), a backup run or a prune on that host holds: never pulled away
+        # from under them. Newest first: a crash never orphans a parent.
+        lock = shlex.quote(posixpath.join(self.root, bs.LOCK))
+        folders = " ".join(shlex.quote(posixpath.join(self.root, p.id)) for p in reversed(doomed))
+        code, out, err = self.session.run(
+            f"test ! -L {lock} || exit 76; "
+            f"flock -n -E {BUSY} {lock} sh -c 'for d; do rm -rf \"$d\"; done' sh {folders}"
+        )
+        if code == BUSY:
+            holder = self.session.run(f"cat {lock}")[1].strip() or "unknown holder"
+            raise ConflictError(
+                f"prune of the copy of {self.domain} on {self.where.host}: another run holds "
+                f"its backup lock (held by {holder}); nothing deleted, try again when it has "
+                "finished"
+            )
+        if code != 0:
+            raise SaltKvmError(
+                f"prune of the copy of {self.domain} on {self.where.host} failed "
+                f"(exit code {code}): {err or out or 'its lock file is a symbolic link'}"
+            )
         return [p.id for p in doomed]
 
     def close(self) -> None:

@@ -6,6 +6,14 @@ is checked against its recorded checksum and its header (a qcow2 whose
 backing file is exactly the parent point's image, no external data file)
 before ``qemu-img convert`` (with explicit formats) flattens the chain.
 
+Under the domain's own name (its domain and disks are gone: a lost host, a
+takeover from a copy) the guest keeps its UUID and MAC addresses, so
+MAC-keyed reservations and the guest's network config still match; under a
+new name it gets new ones, since the original may still exist
+(``new_identity`` overrides either). A kept identity another domain here
+already has is refused by name. The disks are copied as they were: the
+minion's id and keys inside the guest are never rewritten.
+
 As a new domain, each disk becomes a standalone qcow2 volume and the
 definition says qcow2. In place, each disk keeps the format and the kind its
 definition names: a file is written beside the disk in that format and
@@ -30,10 +38,10 @@ from lxml import etree
 from salt_kvm.backup import core as backup_core
 from salt_kvm.backup import store as bs
 from salt_kvm.backup import verify
-from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError
+from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError, SpecError
 from salt_kvm.virt import chains, names, pools, qemuimg
 from salt_kvm.virt.domain import Disk, Domain
-from salt_kvm.virt.identity import prepare_identity, used_macs
+from salt_kvm.virt.identity import identity_clashes, prepare_identity, used_macs
 from salt_kvm.virt.lifecycle import define
 from salt_kvm.virt.pools import Pool
 from salt_kvm.virt.rollback import Rollback
@@ -122,14 +130,32 @@ def restore(
     force: bool = False,
     pool: str = "default",
     start: bool = False,
+    new_identity: bool | None = None,
 ) -> dict:
-    """Restore ``point`` of ``name``'s backups in ``dest`` (a replica folder works too)."""
+    """Restore ``point`` of ``name``'s backups in ``dest`` (a replica folder works too).
+
+    ``new_identity``: ``None`` (default) keeps the UUID and MACs when ``target``
+    is ``name`` and gives new ones under another name; ``True`` or ``False``
+    decides. An in-place restore keeps the domain's definition as it is."""
     point = bs.check_point_ref(point)
+    if new_identity is not None and not isinstance(new_identity, bool):
+        raise SpecError(
+            "new_identity",
+            f"{new_identity!r} is not a yes or no",
+            "True, False, or unset (kept under the domain's own name, new under another)",
+        )
     if target is not None:
         names.check_vm_name(target, "target")
         if target == name and _exists(conn, name):
             target = None  # restoring onto itself is the in-place restore
         # else a takeover: the domain lives on under its own name on this host
+    if target is None and new_identity:
+        raise SpecError(
+            "new_identity",
+            "an in-place restore keeps the domain's definition, its identity with it",
+            "target=<new name> for a copy with a new identity",
+        )
+    keep = (target == name) if new_identity is None else not new_identity
     store = bs.Store(dest, name)
     store.point(point)  # no such backup: fail before taking the lock (which writes)
     with store.locked("restore"):
@@ -138,7 +164,7 @@ def restore(
         if target is None:
             result = _in_place(conn, store, found, force)
         else:
-            result = _as_new(conn, store, found, target, pool, start)
+            result = _as_new(conn, store, found, target, pool, start, keep)
     result.update(
         point=found.id,
         kind=found.kind,
@@ -157,7 +183,13 @@ def _exists(conn: libvirt.virConnect, name: str) -> bool:
 
 
 def _as_new(
-    conn: libvirt.virConnect, store: bs.Store, point: bs.Point, target: str, pool: str, start: bool
+    conn: libvirt.virConnect,
+    store: bs.Store,
+    point: bs.Point,
+    target: str,
+    pool: str,
+    start: bool,
+    keep: bool,
 ) -> dict:
     with contextlib.suppress(libvirt.libvirtError):
         conn.lookupByName(target)
@@ -165,7 +197,14 @@ def _as_new(
     pool_handle, pool_dir = _pool_dir(conn, pool)
     xml = Domain(bs.read_no_follow(store.path(point) / bs.DOMAIN_XML, DOMAIN_XML_MAX))
     _refuse_host_access(point, xml)
-    prepare_identity(xml, target, xml.type or "kvm", used_macs(conn))
+    prepare_identity(xml, target, xml.type or "kvm", used_macs(conn), keep=keep)
+    clashes = identity_clashes(conn, xml) if keep else []
+    if clashes:
+        raise ConflictError(
+            f"target: {target} keeps its identity, which another domain here has "
+            f"({'; '.join(clashes)}): refused, nothing written (new_identity=True gives "
+            "new MACs and a new UUID)"
+        )
     _graphics_on_loopback(xml)
     devices = xml.node.find("devices")
     plan: list[tuple[Disk, bs.DiskImage, str]] = []
@@ -207,7 +246,14 @@ def _as_new(
         if start:
             dom.create()
         rollback.forget()
-    return {"domain": target, "volumes": volumes, "started": bool(start)}
+    return {
+        "domain": target,
+        "volumes": volumes,
+        "started": bool(start),
+        "identity": "kept" if keep else "new",
+        "uuid": dom.UUIDString(),
+        "macs": [iface.mac for iface in xml.interfaces],
+    }
 
 
 def _refuse_host_access(point: bs.Point, xml: Domain) -> None:

@@ -1,7 +1,9 @@
 """A copy of a domain definition gets its own identity: name, UUID, MACs, NVRAM, consoles.
 
 Clones, restores and takeovers all go through ``prepare_identity``, so none of them can
-leave a copy sharing something with its origin.
+leave a copy sharing something with its origin. A restore under the domain's own name
+(the same guest back, after its host or its disks were lost) keeps its UUID and MACs
+instead: ``identity_clashes`` says whether another domain here has them.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from salt_kvm.virt.domain import Disk, Domain
 MAC_PREFIX = "52:54:00"  # QEMU's locally administered range, as libvirt uses
 
 
-def used_macs(conn: libvirt.virConnect) -> set[str]:
-    macs = set()
+def mac_owners(conn: libvirt.virConnect) -> dict[str, str]:
+    """Every MAC address (lower case) of the domains on this host, with its domain's name."""
+    owners: dict[str, str] = {}
     for dom in conn.listAllDomains(0):
         try:
             xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
@@ -25,8 +28,30 @@ def used_macs(conn: libvirt.virConnect) -> set[str]:
             continue  # undefined since the listing
         for iface in xml.interfaces:
             if iface.mac:
-                macs.add(iface.mac.lower())
-    return macs
+                owners.setdefault(iface.mac.lower(), dom.name())
+    return owners
+
+
+def used_macs(conn: libvirt.virConnect) -> set[str]:
+    return set(mac_owners(conn))
+
+
+def identity_clashes(conn: libvirt.virConnect, xml: Domain) -> list[str]:
+    """What of ``xml``'s UUID and MACs a domain of another name on this host has."""
+    found = []
+    if xml.uuid:
+        try:
+            other = conn.lookupByUUIDString(xml.uuid).name()
+        except libvirt.libvirtError:
+            other = None
+        if other is not None and other != xml.name:
+            found.append(f"UUID {xml.uuid} is {other}'s")
+    owners = mac_owners(conn)
+    for iface in xml.interfaces:
+        mac = (iface.mac or "").lower()
+        if mac in owners and owners[mac] != xml.name:
+            found.append(f"MAC {mac} is {owners[mac]}'s")
+    return found
 
 
 def new_mac(taken: set[str], rng: random.Random | None = None) -> str:
@@ -39,17 +64,26 @@ def new_mac(taken: set[str], rng: random.Random | None = None) -> str:
     raise SaltKvmError("could not find a free MAC address in 52:54:00:xx:xx:xx")
 
 
-def prepare_identity(xml: Domain, name: str, virt_type: str, taken_macs: set[str]) -> Domain:
-    """Give the copy of the base definition its own identity (pure XML work)."""
+def prepare_identity(
+    xml: Domain, name: str, virt_type: str, taken_macs: set[str], keep: bool = False
+) -> Domain:
+    """Give the copy of the base definition its own identity (pure XML work).
+
+    With ``keep`` (the same guest brought back under its own name) the UUID and
+    the MAC addresses stay: DHCP reservations, netplan matches and firewall rules
+    keyed on a MAC still hold. The caller makes sure nothing else here has them
+    (``identity_clashes``). Everything else is made the copy's own either way."""
     xml.node.attrib.pop("id", None)
     xml.type = virt_type
     xml.name = name
-    xml.uuid = None  # libvirt makes a new one
+    if not keep:
+        xml.uuid = None  # libvirt makes a new one
     metadata = xml.node.find("metadata")
     if metadata is not None:
         xml.node.remove(metadata)
     for iface in xml.interfaces:
-        iface.mac = new_mac(taken_macs)
+        if not keep or not iface.mac:
+            iface.mac = new_mac(taken_macs)
         iface.target_dev = None
     _own_nvram(xml)
     devices = xml.node.find("devices")

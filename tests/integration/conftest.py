@@ -4,6 +4,7 @@ Nothing here skips: when the test bed is missing, the tests fail and say how
 to build it (scripts/run-tests does).
 """
 
+import contextlib
 import os
 import tempfile
 import uuid
@@ -12,8 +13,14 @@ import libvirt
 import pytest
 
 from salt_kvm.errors import ConflictError, SaltKvmError
-from salt_kvm.virt import connection, lifecycle, pools  # noqa: F401 - connection silences libvirt stderr
+from salt_kvm.virt import (  # noqa: F401 - connection: libvirt stderr
+    chains,
+    connection,
+    lifecycle,
+    pools,
+)
 from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.snapshots import DomainSnapshot
 
 from . import saltenv
 
@@ -47,36 +54,69 @@ def hv():
         conn = libvirt.open(URI)
     except libvirt.libvirtError as exc:
         pytest.fail(f"libvirtd does not answer on {URI}: {exc}; {HOW}")
-    _remove_leftovers(conn)
+    remove_leftovers(conn)
     yield conn
     # What failed tests left: a running guest would also stop run-tests from
     # switching libvirt between its tiers.
     try:
         with connection.connected(URI) as fresh:
-            _remove_leftovers(fresh)
+            remove_leftovers(fresh)
     except (libvirt.libvirtError, SaltKvmError) as exc:
         print(f"\nleft behind by failed tests, not removed: {exc}")
     conn.close()
 
 
-def _remove_leftovers(conn):
-    """Guests an interrupted earlier run left behind; a guest another one is
-    a quick clone of goes after that one (its removal is refused before)."""
+def remove_leftovers(conn, prefix=PREFIX):
+    """Guests an interrupted earlier run left behind (named ``prefix``*, with
+    salt-kvm's metadata), whatever their snapshots and checkpoints; a guest
+    another one is a quick clone of goes after that one (refused before)."""
     left = [
         dom.name()
         for dom in conn.listAllDomains(0)
-        if dom.name().startswith(PREFIX) and Domain(dom.XMLDesc(0)).managed_info() is not None
+        if dom.name().startswith(prefix) and Domain(dom.XMLDesc(0)).managed_info() is not None
     ]
     while left:
         refused = []
         for name in left:
             try:
-                lifecycle.remove(conn, name)
+                _sweep(conn, name, prefix)
             except ConflictError:
                 refused.append(name)
         if len(refused) == len(left):
-            lifecycle.remove(conn, refused[0])  # raises: something else needs it
+            _sweep(conn, refused[0], prefix)  # raises: something else needs it
         left = refused
+
+
+def _owned_files(conn, dom, prefix):
+    """The files a leftover guest owns: the volumes and seed its salt-kvm
+    metadata records, and the files of its disks' chains and snapshots named
+    ``prefix``* (its snapshot overlays); never the base it stands on."""
+    info = Domain(dom.XMLDesc(0)).managed_info() or {}
+    recorded = [*(info.get("volumes") or []), *([info["seed"]] if info.get("seed") else [])]
+    found = list(chains.dependents(conn).files_of.get(dom.name(), set()))
+    for snap in dom.listAllSnapshots(0):
+        found += DomainSnapshot(snap.getXMLDesc(0)).overlays().values()
+    return sorted({*recorded, *(p for p in found if os.path.basename(p).startswith(prefix))})
+
+
+def _sweep(conn, name, prefix):
+    """Remove one leftover guest: snapshot and checkpoint metadata only (a merge
+    or a revert of a half-made guest is pointless and libvirt may refuse it),
+    then the files it owns that nothing else needs. Refused (ConflictError),
+    nothing changed, while something else stands on one of them."""
+    dom = conn.lookupByName(name)
+    owned = _owned_files(conn, dom, prefix)
+    blocked = chains.dependents(conn).blocking(owned, domains=(name,), chains_of=(name,))
+    if blocked:
+        raise ConflictError(f"leftover {name}: {chains.describe(blocked)} needs its files")
+    lifecycle.undefine(dom)  # stops it; takes snapshot and checkpoint metadata with it
+    doomed, kept = chains.dependents(conn).deletable(owned)
+    for path in doomed:
+        try:
+            conn.storageVolLookupByPath(path).delete(0)
+        except libvirt.libvirtError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a file no pool lists
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,8 @@ MASTER_ADDRESS = f"{TEST_NET_PREFIX}.1"
 # Every host port the tier listens on is PORT_BASE + an offset, so a worktree
 # running beside another sets its own base: +0/+1 this master, +10/+11 a second
 # master (test_cloud's Salt 3007), +20 test_backup's SSH server, +30..+33
-# test_nat's forwards, +40 test_cloud's forward.
+# test_nat's forwards, +40 test_cloud's forward, +50/+51 test_backup's master
+# (the takeover's minion).
 PORT_BASE = int(os.environ.get("SALT_KVM_TEST_PORT_BASE", "45505"))
 PUBLISH_PORT, RET_PORT = PORT_BASE, PORT_BASE + 1
 

@@ -4,7 +4,7 @@ SIGKILL, broken checkpoints, second copies (folder and SSH), the snapshot
 method (its points, a copy that fails half-way, a killed run), external and
 internal snapshots, events on a master's bus, a shut-off guest, the
 execution/state modules through salt-call, and last a takeover from a copy
-sent over SSH after the guest is lost."""
+sent over SSH after the guest is lost: the same guest and minion come back."""
 
 import contextlib
 import json
@@ -560,8 +560,59 @@ def test_create_fires_events_on_the_master_bus(hv, guest, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def shut_off(hv, guest, dest):
-    """The guest shut off (for the rest of the module) and a point of it in ``dest``."""
+def minion(guest, tmp_path_factory):
+    """The guest as a minion of a master of this module, as an admin preseeds
+    one: keys made on the host, the public one accepted on the master, config
+    and keys written into the guest, salt-minion enabled; it answers test.ping."""
+    env = saltenv.start_master(tmp_path_factory.mktemp("master"), port_offset=MASTER_OFFSET)
+    try:
+        keys = tmp_path_factory.mktemp("minion-keys")
+        env.run("salt-key", "--gen-keys=minion", f"--gen-keys-dir={keys}")
+        pub, pem = (keys / "minion.pub").read_bytes(), (keys / "minion.pem").read_bytes()
+        (env.pki / "minions" / guest.name).write_bytes(pub)
+        config = {
+            "id": guest.name,
+            "master": saltenv.MASTER_ADDRESS,
+            "master_port": env.ret_port,
+            "acceptance_wait_time": 2,
+        }
+        with guest.session() as session:
+            session.check("install -d -m 700 /etc/salt/pki/minion && rm -f /etc/salt/minion_id")
+            session.put(pem, "/etc/salt/pki/minion/minion.pem", 0o600)
+            session.put(pub, "/etc/salt/pki/minion/minion.pub", 0o644)
+            session.put(json.dumps(config).encode(), "/etc/salt/minion", 0o644)
+            session.check("systemctl enable salt-minion && systemctl restart salt-minion")
+        assert _pinged(env, guest.name), f"{guest.name} never answered test.ping"
+        yield SimpleNamespace(env=env, id=guest.name, pub=pub)
+    finally:
+        saltenv.stop_master(env)
+
+
+MASTER_OFFSET = 50  # saltenv's port list: this module's master
+
+
+def _pinged(env, minion_id, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if env.salt(minion_id, "test.ping", timeout=10).get(minion_id) is True:
+            return True
+        time.sleep(2)
+    return False
+
+
+def _keys_held(env, minion_id):
+    """Where the master holds ``minion_id``'s key: accepted, pending, rejected, denied."""
+    return {
+        state: (env.pki / state / minion_id).read_bytes()
+        for state in ("minions", "minions_pre", "minions_rejected", "minions_denied")
+        if (env.pki / state / minion_id).exists()
+    }
+
+
+@pytest.fixture(scope="module")
+def shut_off(hv, guest, dest, minion):
+    """The guest (a minion: its point holds its id and keys) shut off for the
+    rest of the module, and a point of it in ``dest``."""
     off = SimpleNamespace(shutdown=lifecycle.shutdown(guest.dom, timeout=300))
     off.made = backup.create(hv, guest.name, dest)
     return off
@@ -597,8 +648,9 @@ def test_snapshot_method_on_the_shut_off_guest(hv, guest, snapdest, snap_chain, 
     assert backup_ops.verify(snapdest, guest.name, made["point"])["ok"]
 
 
-def _salt_call(tmp_path, *args, venv=saltenv.VENV_3008, fails=False):
-    proc = saltenv.salt_call_proc(minion_config(tmp_path), *args, venv=venv, timeout=900)
+def _salt_call(tmp_path, *args, venv=saltenv.VENV_3008, fails=False, extra=None):
+    conf = minion_config(tmp_path, **(extra or {}))
+    proc = saltenv.salt_call_proc(conf, *args, venv=venv, timeout=900)
     if fails:
         assert proc.returncode == 1, proc.stdout + proc.stderr
         return proc.stdout + proc.stderr
@@ -645,30 +697,83 @@ def test_state_backed_up_and_snapshot_states(hv, guest, tmp_path):
         shutil.rmtree(where, ignore_errors=True)
 
 
+def _lose(hv, g):
+    """The host dies: the domain and its disks vanish (libvirt only; salt-kvm's
+    own removal, as salt-cloud -d, is not what happens to a lost host)."""
+    disks = [d.path for d in Domain(g.dom.XMLDesc(0)).disks if d.device == "disk" and d.path]
+    if g.dom.isActive():
+        g.dom.destroy()
+    g.dom.undefineFlags(
+        libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+        | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+    )
+    for path in disks:  # each disk's own file; the base a quick clone stands on stays
+        hv.storageVolLookupByPath(path).delete(0)
+
+
+def _identity(dom):
+    return dom.UUIDString(), [i.mac for i in Domain(dom.XMLDesc(0)).interfaces]
+
+
 def test_takeover_from_the_ssh_copy_after_the_guest_is_lost(
-    hv, guest, dest, snapshot_round, shut_off
+    hv, guest, dest, snapshot_round, shut_off, minion, tmp_path
 ):
-    """Last: the guest of this module is lost, then brought back from the copy
-    (whose latest point, taken shut off, holds /data/keep)."""
+    """Last: a backup with a retention of one chain sent to a copy over SSH
+    (the second host's folder), the guest lost, then brought back from the copy
+    under its own name: same MACs and UUID, /data/keep as written, and the same
+    minion answering test.ping with the key its master already holds."""
     other = backup_dest("takeover")  # the second host's folder, reached over SSH
-    backup_ops.prune(dest, guest.name, keep=1)  # fewer GiB through the Python SSH server
+    before, held = _identity(guest.dom), _keys_held(minion.env, minion.id)
+    assert held == {"minions": minion.pub}
     try:
         with SshServer(SSH_PORT, "root", GUEST_PASSWORD) as server:
             url = f"ssh://root@127.0.0.1:{SSH_PORT}{other}"
-            sent = backup_ops.replicate(
-                dest, guest.name, url, password=GUEST_PASSWORD, host_key=server.fingerprint
+            copies = json.dumps(
+                [
+                    {
+                        "target": url,
+                        "host_key": server.fingerprint,
+                        "password_pillar": "kvm:backup:ssh_password",
+                    }
+                ]
             )
-        assert sent["copied"] == [p["id"] for p in backup_ops.list_points(dest, guest.name)]
-        lifecycle.remove(hv, guest.name)  # the host is lost: domain and disks are gone
+            conf = tmp_path / "hv"
+            conf.mkdir()
+            made = _salt_call(
+                conf,
+                "kvm_backup.create",
+                guest.name,
+                f"dest={dest}",
+                "keep=1",
+                f"copies={copies}",
+                venv=saltenv.VENV_3008,
+                extra={"kvm": {"backup": {"ssh_password": GUEST_PASSWORD}}},
+            )
+        kept = backup_ops.list_points(dest, guest.name)
+        # the second place holds only the kept chain, as the first place does
+        assert len({p["chain"] for p in kept}) == 1 and kept[-1]["id"] == made["point"], kept
+        assert [p["id"] for p in backup_ops.list_points(other, guest.name)] == [
+            p["id"] for p in kept
+        ]
+        assert made["copies"][0]["copied"] == [p["id"] for p in kept]
+        _lose(hv, guest)
         with pytest.raises(libvirt.libvirtError):
             hv.lookupByName(guest.name)
         assert backup_ops.verify(other, guest.name)["ok"]
         made = restore.restore(hv, guest.name, other, target=guest.name, start=True)
         assert made["domain"] == guest.name and made["started"] is True, made
+        assert made["identity"] == "kept"
         back = guests.TestGuest(guest.name, hv.lookupByName(guest.name), "", None)
+        assert _identity(back.dom) == before  # the same MACs (and UUID) as before the loss
         back.address = guests.wait_booted(back.dom)
         out = back.run("mount /dev/vdb /data && md5sum /data/keep")
         assert out.split()[0] == snapshot_round.kept
+        # the same minion: its id, and the key the master accepted before the loss
+        inside = back.run("cat /etc/salt/pki/minion/minion.pub && cat /etc/salt/minion")
+        assert minion.pub.decode().strip() in inside and f'"id": "{minion.id}"' in inside
+        assert _pinged(minion.env, minion.id), "the restored minion never answered test.ping"
+        assert _keys_held(minion.env, minion.id) == held  # nothing new to accept
     finally:
         shutil.rmtree(other, ignore_errors=True)
 

@@ -1,9 +1,14 @@
 """The test bed itself: a linked clone of the base domain boots, gets a DHCP
 lease for its own MAC, takes an SSH login, and is removed without a trace."""
 
+import contextlib
+import os
+
 import libvirt
+import pytest
 
 from salt_kvm import ssh
+from salt_kvm.backup import snapshots
 from salt_kvm.cloud import addresses, clone
 from salt_kvm.virt import lifecycle
 from salt_kvm.virt.domain import Domain
@@ -36,3 +41,36 @@ def test_linked_clone_boots_gets_its_lease_and_takes_ssh(hv, base_domain, pool_v
         raise AssertionError(f"{name} still defined")
     except libvirt.libvirtError:
         pass
+
+
+def test_the_sweep_removes_a_leftover_with_snapshots_and_only_guests_with_the_prefix(
+    hv, base_domain
+):
+    """A guest a killed run left with an external snapshot (and a checkpoint)
+    is swept: metadata only, then the volumes it owns; the base it stands on and
+    guests without the prefix stay. (Before, the sweep's removal was refused
+    for such a guest and the hv fixture failed for every later test.)"""
+    from . import conftest, guests
+
+    prefix = unique("sweep")  # this test's own prefix: the session's guests are not swept
+    dom, _ = guests.define_guest(hv, base_domain, f"{prefix}-a")
+    other = f"{prefix[:-1]}x-b"  # shares all but the prefix's last character: not swept
+    guests.define_guest(hv, base_domain, other)
+    try:
+        snapshots.create(hv, dom.name(), "s1")
+        overlays = snapshots.list_snapshots(hv, dom.name())[-1]["overlays"]
+        assert overlays and all(os.path.exists(p) for p in overlays.values())
+        with contextlib.suppress(libvirt.libvirtError):  # where the driver makes one offline
+            dom.checkpointCreateXML("<domaincheckpoint><name>c1</name></domaincheckpoint>", 0)
+        base_disks = {d.path for d in Domain(hv.lookupByName(base_domain).XMLDesc(0)).disks}
+        conftest.remove_leftovers(hv, prefix)
+        with pytest.raises(libvirt.libvirtError):
+            hv.lookupByName(f"{prefix}-a")
+        assert not [v for v in conftest.prefixed_volumes(hv) if v.startswith(prefix)]
+        assert not [p for p in overlays.values() if os.path.exists(p)]
+        assert all(os.path.exists(p) for p in base_disks if p)
+        assert hv.lookupByName(other)  # not this prefix
+    finally:
+        for name in (f"{prefix}-a", other):
+            with contextlib.suppress(Exception):
+                lifecycle.remove(hv, name)

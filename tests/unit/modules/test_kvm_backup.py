@@ -75,3 +75,57 @@ def test_prune_test_true_is_passed_to_the_library(monkeypatch):
     monkeypatch.setattr(kvm_backup.backup_ops, "prune", prune)
     assert kvm_backup.prune("web1", "/srv/backup", 4, test=True) == {"deleted": []}
     assert seen == {"keep": 4, "test": True}
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """What create did, in order: the backup, the prune of dest, each copy."""
+    calls = []
+    monkeypatch.setattr(
+        kvm_backup.backup, "create", lambda conn, *a, **k: calls.append("backup") or {"point": "p"}
+    )
+
+    def prune(dest, domain, keep, test, conn=None):
+        calls.append(("prune", dest, keep))
+        return {"deleted": ["old"]}
+
+    def replicate(dest, domain, target, **kwargs):
+        calls.append(("copy", target, kwargs.get("keep")))
+        return {"target": target, "copied": ["p"]}
+
+    monkeypatch.setattr(kvm_backup.backup_ops, "prune", prune)
+    monkeypatch.setattr(kvm_backup.backup_ops, "replicate", replicate)
+    return calls
+
+
+def test_copies_are_pruned_with_the_retention_of_dest_unless_they_say_their_own(recorded):
+    copies = ["/mnt/a", {"target": "/mnt/b"}, {"target": "/mnt/c", "keep": 30}]
+    made = kvm_backup.create("web1", "/srv/backup", copies=copies, keep=7)
+    assert recorded == [
+        "backup",
+        ("prune", "/srv/backup", 7),  # first: the copies then receive only the kept chains
+        ("copy", "/mnt/a", 7),
+        ("copy", "/mnt/b", 7),
+        ("copy", "/mnt/c", 30),
+    ]
+    assert made["pruned"] == ["old"] and len(made["copies"]) == 3
+
+
+def test_without_keep_nothing_is_pruned_but_a_copy_with_its_own_keep(recorded):
+    made = kvm_backup.create("web1", "/srv/backup", copies=["/mnt/a", {"target": "/b", "keep": 2}])
+    assert recorded == ["backup", ("copy", "/mnt/a", None), ("copy", "/b", 2)]
+    assert "pruned" not in made
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ({"keep": 0}, r"^keep: 0 is not a number of chains \(accepted: an integer of 1 or more"),
+        ({"keep": "7"}, r"^keep: '7' is not a number of chains"),
+        ({"copies": [{"target": "/b", "keep": -1}]}, r"^copies: keep: -1 is not a number"),
+    ],
+)
+def test_a_bad_retention_is_refused_before_the_backup(recorded, args, match):
+    with pytest.raises(CommandExecutionError, match=match):
+        kvm_backup.create("web1", "/srv/backup", **args)
+    assert recorded == []

@@ -88,3 +88,25 @@ def test_snapshot_present_existing_is_left_alone(salt):
     ret = kvm_backup.snapshot_present("web1", "s1")
     assert (ret["result"], ret["changes"]) == (True, {})
     assert ret["comment"] == "Snapshot s1 of web1 exists"
+
+
+def test_backed_up_prunes_dest_and_copies_with_its_keep(salt):
+    got = {}
+
+    def create(name, dest, **kwargs):
+        got.update(kwargs)
+        return {
+            "point": "p2",
+            "kind": "full",
+            "bytes": 1,
+            "frozen": True,
+            "pruned": ["20200101T000000Z"],
+            "copies": [{"target": "/mnt/nas", "copied": ["p2"], "pruned": ["20200101T000000Z"]}],
+        }
+
+    salt["kvm_backup.create"] = create
+    ret = kvm_backup.backed_up("web1", "/srv/backup", max_age="1h", keep=3, copies=["/mnt/nas"])
+    assert ret["result"] is True, ret
+    assert got["keep"] == 3 and got["copies"] == ["/mnt/nas"]
+    assert ret["changes"]["pruned"] == ["20200101T000000Z"]
+    assert ret["changes"]["copies"] == {"/mnt/nas": ["p2"]}

@@ -100,3 +100,15 @@ def test_a_copy_never_shares_its_origins_nvram():
     etree.SubElement(nvram, "source", file="/var/lib/libvirt/qemu/nvram/base_VARS.fd")
     prepare_identity(xml, "clone", "kvm", set())
     assert xml.node.find("os/nvram") is None
+
+
+def test_keep_leaves_uuid_and_macs_and_still_drops_what_is_host_specific():
+    original = Domain(BASE)
+    uuid, mac = original.uuid, original.interfaces[0].mac
+    xml = prepare_identity(Domain(BASE), "base", "qemu", {mac}, keep=True)
+    assert xml.uuid == uuid and uuid
+    assert [i.mac for i in xml.interfaces] == [mac]
+    assert "id" not in xml.node.attrib and xml.node.find("metadata") is None
+    assert xml.interfaces[0].target_dev is None
+    assert xml.node.find("devices/serial/source") is None
+    assert xml.node.find("devices/graphics").get("port") is None

@@ -1,0 +1,106 @@
+"""Second copies keep the retention they are given, in whole chains, and never
+pull a chain away from under a run that holds the copy's lock (a takeover
+restoring from it, a prune or a backup there). Real stores in temporary
+folders; SSH copies go to the loopback SSH server of the integration tier."""
+
+import hashlib
+import subprocess
+
+import pytest
+
+from salt_kvm.backup import ops as backup_ops
+from salt_kvm.backup import store as bs
+from salt_kvm.errors import ConflictError
+from tests.integration.sshserver import SshServer
+
+PASSWORD = "s3cret-Replica!"
+DOMAIN = "vm1"
+# two chains: A (full, incremental), B (full, incremental)
+A, A1, B, B1 = "20260101T000000Z", "20260102T000000Z", "20260108T000000Z", "20260109T000000Z"
+
+
+def commit(store, pid, parent=None, chain=None):
+    """A complete point with a real (small) qcow2, as a backup would leave it."""
+    partial = store.begin(pid)
+    image = partial / "vda.qcow2"
+    backing = ["-b", f"../{parent}/vda.qcow2", "-F", "qcow2"] if parent else []
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", *backing, str(image), "1M"], check=True
+    )
+    data = image.read_bytes()
+    (partial / bs.DOMAIN_XML).write_text("<domain/>")
+    point = bs.Point(
+        id=pid,
+        domain=DOMAIN,
+        kind=bs.KIND_INCREMENTAL if parent else bs.KIND_FULL,
+        chain=chain or pid,
+        parent=parent,
+        checkpoint=None,
+        created="2026-01-01T00:00:00Z",
+        consistency="crash-consistent",
+        frozen=False,
+        disks={
+            "vda": bs.DiskImage(
+                "vda",
+                "vda.qcow2",
+                "qcow2",
+                1 << 20,
+                len(data),
+                hashlib.sha256(data).hexdigest(),
+                f"../{parent}/vda.qcow2" if parent else None,
+            )
+        },
+        domain_xml_sha256=hashlib.sha256(b"<domain/>").hexdigest(),
+    )
+    store.commit(partial, point)
+
+
+@pytest.fixture
+def source(tmp_path):
+    dest = tmp_path / "backup"
+    store = bs.Store(dest, DOMAIN)
+    commit(store, A)
+    commit(store, A1, A, A)
+    commit(store, B)
+    commit(store, B1, B, B)
+    return str(dest)
+
+
+@pytest.fixture
+def server():
+    with SshServer(0, "root", PASSWORD) as srv:
+        yield srv
+
+
+def held_copy(where):
+    """The copy's store lock, as a restore from it on that host holds it."""
+    return bs.Store(where, DOMAIN).locked("restore of vm1 (takeover)")
+
+
+def on_copy(where):
+    return [p["id"] for p in backup_ops.list_points(str(where), DOMAIN)]
+
+
+def test_a_folder_copy_keeps_whole_chains_and_waits_for_a_run_holding_it(source, tmp_path):
+    copy = tmp_path / "copy"
+    backup_ops.replicate(source, DOMAIN, str(copy))
+    with held_copy(copy), pytest.raises(ConflictError, match="holds the backup lock"):
+        backup_ops.replicate(source, DOMAIN, str(copy), keep=1)
+    assert on_copy(copy) == [A, A1, B, B1]  # nothing pulled from under the run
+    sent = backup_ops.replicate(source, DOMAIN, str(copy), keep=1)
+    assert sent["pruned"] == [A, A1] and on_copy(copy) == [B, B1]
+
+
+def test_an_ssh_copy_is_pruned_in_whole_chains_never_under_a_run_holding_it(
+    source, server, tmp_path
+):
+    remote = tmp_path / "remote"
+    url = f"ssh://root@127.0.0.1:{server.port}{remote}"
+    trust = {"password": PASSWORD, "host_key": server.fingerprint}
+    assert backup_ops.replicate(source, DOMAIN, url, **trust)["copied"] == [A, A1, B, B1]
+    with held_copy(remote), pytest.raises(ConflictError, match="another run holds its backup"):
+        backup_ops.replicate(source, DOMAIN, url, keep=1, **trust)
+    assert on_copy(remote) == [A, A1, B, B1]  # the chain a takeover reads is still there
+    sent = backup_ops.replicate(source, DOMAIN, url, keep=1, **trust)
+    assert sent["pruned"] == [A, A1] and on_copy(remote) == [B, B1]
+    assert backup_ops.verify(str(remote), DOMAIN)["ok"]  # B1's full stayed with it
