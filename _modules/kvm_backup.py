@@ -155,6 +155,9 @@ def create(
     ``keep``: the retention, in chains (a full and its incrementals). When
     given, ``dest`` is pruned to the newest ``keep`` chains after the backup
     (as ``prune`` does; ``pruned`` in the result), before the copies are sent.
+    A prune refused there (something still stands on a chain it would delete)
+    keeps nothing from the copies: they are sent, then the call fails saying
+    so (the result in the error's ``info``).
 
     ``copies`` sends the new points to second destinations (see ``replicate``):
     a list of folders or ``ssh://user@host/path`` URLs, or dicts with
@@ -198,10 +201,19 @@ def create(
         emit=_emitter(domain, events),
         method=method,
     )
+    refused = None
     if keep is not None:
-        result["pruned"] = prune(domain, dest, keep, uri=uri)["deleted"]
+        try:
+            result["pruned"] = prune(domain, dest, keep, uri=uri)["deleted"]
+        except CommandExecutionError as exc:
+            refused = exc  # the new point still goes to the second place
     with command_errors():
         result["copies"] = [backup_ops.replicate(dest, domain, **args) for args in copy_args]
+    if refused is not None:
+        raise CommandExecutionError(
+            f"the backup and its copies were made, but pruning {dest} was refused: {refused}",
+            info=result,
+        )
     return result
 
 

@@ -5,7 +5,7 @@ CommandExecutionError with their message. (Passwords: tests/unit/test_secret_arg
 import pytest
 from salt.exceptions import CommandExecutionError
 
-from salt_kvm.errors import NotFoundError, SaltKvmError, SpecError
+from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError, SpecError
 from tests.unit.loader import load, never, no_connection, raising
 
 kvm_backup = load("modules", "kvm_backup")
@@ -129,3 +129,16 @@ def test_a_bad_retention_is_refused_before_the_backup(recorded, args, match):
     with pytest.raises(CommandExecutionError, match=match):
         kvm_backup.create("web1", "/srv/backup", **args)
     assert recorded == []
+
+
+def test_a_refused_prune_of_dest_still_sends_the_copies_and_then_fails(recorded, monkeypatch):
+    # The new point exists in dest: a prune refused there (something stands on
+    # a chain it would delete) must not keep it from the second place.
+    monkeypatch.setattr(
+        kvm_backup.backup_ops, "prune", raising(ConflictError("vm2's disk stands on chain c1"))
+    )
+    with pytest.raises(CommandExecutionError, match="pruning /srv/backup was refused") as err:
+        kvm_backup.create("web1", "/srv/backup", copies=["/mnt/a"], keep=7)
+    assert recorded == ["backup", ("copy", "/mnt/a", 7)]
+    assert "vm2's disk stands on chain c1" in str(err.value)
+    assert err.value.info["copies"] == [{"target": "/mnt/a", "copied": ["p"]}]
