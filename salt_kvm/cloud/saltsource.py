@@ -9,7 +9,9 @@ it at its first boot (with ``deploy_method: cloud-init``).
   convention, checks it first).
 * any other ``http(s)://`` URL: a pip wheelhouse (a directory listing pip's
   ``--find-links`` reads), installed into a virtualenv at /opt/saltstack/salt
-  with ``pip install --no-index --find-links URL salt==VERSION``.
+  with ``pip install --no-index --find-links URL salt==VERSION``. Stock images
+  have no python3-venv (ensurepip): the venv is made without pip and pip runs
+  from the wheelhouse's own pip wheel (ensurepip only when the wheelhouse has none).
 
 The install runs in the guest as a small Python program (cloud-init needs
 python3, so every image that reads the seed has one), before the start script
@@ -172,8 +174,8 @@ PREFIX = "/opt/saltstack"
 INSTALLER_TEXT = r'''#!/usr/bin/env python3
 """salt-kvm: install Salt (and the guest agent when asked) at first boot.
 On failure the last line on stderr is the cause the host shows."""
-import hashlib, json, os, shutil, subprocess, sys, tarfile, tempfile, time
-import urllib.error, urllib.request
+import hashlib, json, os, re, shutil, subprocess, sys, tarfile, tempfile, time
+import urllib.error, urllib.parse, urllib.request
 
 PREFIX = "/opt/saltstack"
 TRIES_FOR = 40  # seconds: the guest's network may still be settling
@@ -204,7 +206,7 @@ def fetch(url, dest=None):
         try:
             with urllib.request.urlopen(url, timeout=15) as resp:
                 if dest is None:
-                    return resp.read(65536)
+                    return resp.read(1 << 20)
                 with open(dest, "wb") as out:
                     shutil.copyfileobj(resp, out)
                 return None
@@ -281,17 +283,41 @@ def onedir(src, work):
     link(binary)
 
 
+def pip_wheel(url, listing):
+    """The URL of the newest pip-*.whl the wheelhouse's listing links, or None."""
+    found = []
+    for href in re.findall(r"""href=["']?([^"' >]+)""", listing):
+        name = urllib.parse.unquote(href.split("?")[0].rstrip("/").rsplit("/", 1)[-1])
+        match = re.fullmatch(r"pip-([0-9]+(?:\.[0-9]+)*)-py3[^/]*-none-any\.whl", name)
+        if match:
+            found.append((tuple(int(p) for p in match.group(1).split(".")), name, href))
+    return (max(found)[1], urllib.parse.urljoin(url, max(found)[2])) if found else None
+
+
 def wheelhouse(src, work):
-    fetch(src["url"])  # the mirror answers: pip's own errors would say less
+    listing = fetch(src["url"]).decode("utf-8", "replace")
     venv = os.path.join(PREFIX, "salt")
     os.makedirs(PREFIX, exist_ok=True)
-    run([sys.executable, "-m", "venv", venv],
-        "python3 -m venv (the image needs python3-venv; or use a onedir tarball)")
+    wheel = pip_wheel(src["url"], listing)
+    if wheel is not None:
+        # Stock Debian and Ubuntu images have no python3-venv (ensurepip): a
+        # venv without pip, and pip run from its own wheel file.
+        run([sys.executable, "-m", "venv", "--without-pip", venv], "python3 -m venv --without-pip")
+        whl = os.path.join(work, wheel[0])
+        fetch(wheel[1], whl)
+        pip, extra = [os.path.join(venv, "bin", "python3"), os.path.join(whl, "pip")], ["pip"]
+    elif subprocess.run([sys.executable, "-c", "import ensurepip"], capture_output=True).returncode:
+        die(f"{src['url']} lists no pip wheel (pip-*.whl) and the image has no python3-venv "
+            "to make pip: add one to the wheelhouse (pip download pip -d DIR)")
+    else:
+        run([sys.executable, "-m", "venv", venv], "python3 -m venv")
+        pip, extra = [os.path.join(venv, "bin", "pip")], []
     want = "salt==" + src["version"] if src.get("version") else "salt"
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
-    env.pop("PIP_INDEX_URL", None)
-    run([os.path.join(venv, "bin", "pip"), "install", "-q", "--no-index", "--timeout", "15",
-         "--find-links", src["url"], want], f"pip install {want} from {src['url']}", env=env)
+    for name in ("PIP_INDEX_URL", "PIP_FIND_LINKS", "PIP_CONFIG_FILE"):
+        env.pop(name, None)
+    run(pip + ["install", "-q", "--no-index", "--timeout", "15", "--find-links", src["url"]]
+        + extra + [want], f"pip install {want} from {src['url']}", env=env)
     link(os.path.join(venv, "bin", "salt-minion"))
 
 

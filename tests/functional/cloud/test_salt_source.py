@@ -41,7 +41,10 @@ class Master:
     reason="libvirt 9's test driver has no virDomainUpdateDeviceFlags (the seed's eject)",
 )
 def test_the_seed_carries_the_install_and_the_minion_start_is_awaited(
-    conn, pool, base, uploads  # noqa: F811 - the fixture imported above
+    conn,
+    pool,
+    base,
+    uploads,  # noqa: F811 - the fixture imported above
 ):
     s = build_spec(
         {

@@ -346,3 +346,18 @@ def test_the_console_keeps_a_bounded_tail():
     stream = Stream([b"x" * 4096] * 10)
     tail = console.ConsoleTail(Dom(stream))
     assert len(tail.poll()) == console.KEEP
+
+
+def test_the_installer_finds_the_wheelhouses_newest_pip_wheel():
+    names = {}
+    exec(saltsource.INSTALLER_TEXT.replace("\nmain()\n", "\n"), names)
+    listing = (
+        '<a href="pip-9.0.3-py3-none-any.whl">'
+        '<a href="sub/pip-23.0.1-py3-none-any.whl">'
+        '<a href="salt_pip-1.0-py3-none-any.whl"><a href="pip-24.0.tar.gz">'
+    )
+    assert names["pip_wheel"]("http://192.0.2.1/w/", listing) == (
+        "pip-23.0.1-py3-none-any.whl",
+        "http://192.0.2.1/w/sub/pip-23.0.1-py3-none-any.whl",
+    )
+    assert names["pip_wheel"]("http://192.0.2.1/w/", '<a href="salt-3008.3.whl">') is None
