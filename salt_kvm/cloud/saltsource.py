@@ -186,8 +186,11 @@ def die(msg):
     sys.exit(1)
 
 
-def tail(text, lines=4):
-    return " | ".join(t.strip() for t in text.strip().splitlines()[-lines:])
+def tail(text, lines=3):
+    """The last lines of a tool's output, its ERROR lines first of all (pip)."""
+    every = [t.strip() for t in text.strip().splitlines() if t.strip()]
+    errors = [t for t in every if t.startswith("ERROR")]
+    return " | ".join((errors or every)[-lines:])
 
 
 def run(argv, what, **kw):
@@ -316,8 +319,14 @@ def wheelhouse(src, work):
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
     for name in ("PIP_INDEX_URL", "PIP_FIND_LINKS", "PIP_CONFIG_FILE"):
         env.pop(name, None)
+    # pip ignores a plain http:// mirror unless its host is trusted by name.
+    parts = urllib.parse.urlsplit(src["url"])
+    trust = []
+    if parts.scheme == "http":
+        for name in {parts.hostname, parts.netloc}:
+            trust += ["--trusted-host", name]
     run(pip + ["install", "-q", "--no-index", "--timeout", "15", "--find-links", src["url"]]
-        + extra + [want], f"pip install {want} from {src['url']}", env=env)
+        + trust + extra + [want], f"pip install {want} from {src['url']}", env=env)
     link(os.path.join(venv, "bin", "salt-minion"))
 
 
