@@ -17,11 +17,11 @@ from typing import Any, Protocol
 import libvirt
 
 from salt_kvm import ssh as ssh_lib
-from salt_kvm.cloud import choices, cloudinit, provision, seed, sshdeploy
+from salt_kvm.cloud import choices, cloudinit, provision, saltsource, seed, sshdeploy
 from salt_kvm.cloud.provision import Guest
 from salt_kvm.cloud.spec import VMSpec
 from salt_kvm.errors import SaltKvmError, SpecError
-from salt_kvm.virt import guestagent
+from salt_kvm.virt import console, guestagent
 from salt_kvm.virt.rollback import Rollback
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class Plan:
     key_id: str
     pub: str
     minion_timeout: float
+    # Salt installed at first boot (deploy_method: cloud-init), None: the image has it.
+    salt_source: saltsource.SaltSource | None = None
 
 
 def prepare(spec: VMSpec, made: MinionFiles, keep_tmp: bool = False) -> Plan:
@@ -84,7 +86,7 @@ def prepare(spec: VMSpec, made: MinionFiles, keep_tmp: bool = False) -> Plan:
     if deploy.private_key and not os.access(deploy.private_key, os.R_OK):
         raise SpecError("private_key", f"cannot read {deploy.private_key!r}")
     host_trust(spec)  # a bad known_hosts_file stops here, before the guest exists
-    return Plan(bundle, made.key_id, made.pub, deploy.minion_timeout)
+    return Plan(bundle, made.key_id, made.pub, deploy.minion_timeout, deploy.salt_source)
 
 
 # Start the minion as soon as cloud-init's write_files has put its files in
@@ -100,6 +102,11 @@ START_SCRIPT = f"{STATE_DIR}/start-minion"
 # What the start script leaves for the host (read through the guest agent):
 # "started ..." or "failed: <the guest-side cause>".
 STATUS_FILE = f"{STATE_DIR}/minion-status"
+# A failure is also written to the serial console (read through libvirt: no
+# guest agent needed) on a line starting with this, repeated REPEAT times
+# 2 s apart: the host may open the console after the guest has failed.
+CONSOLE_MARK = "salt-kvm-status: failed: "
+REPEAT = 300
 TRANSIENT_UNIT = "salt-kvm-minion.service"
 MINION_START = "systemctl enable salt-minion; systemctl restart salt-minion"
 EARLY_START = [
@@ -127,8 +134,22 @@ say() {{ printf '%s\\n' "$*" > "$STATUS.tmp"; mv -f "$STATUS.tmp" "$STATUS"; }}
 fail() {{
   say "failed: $*"
   echo "salt-kvm: the minion cannot start: $*" > /dev/console 2>/dev/null
+  line="{CONSOLE_MARK}$(printf '%s' "$*" | tr -c '[:print:]' ' ' | cut -c1-600)"
+  n=0
+  while [ "$n" -lt {REPEAT} ]; do
+    printf '\r\n%s\r\n' "$line" > /dev/console 2>/dev/null
+    n=$((n + 1))
+    sleep 2
+  done
   exit 1
 }}
+# salt_source: Salt installed now, before it is started.
+if [ -e {saltsource.SOURCE_FILE} ]; then
+  command -v python3 >/dev/null 2>&1 ||
+    fail "installing Salt needs python3 (cloud-init's own), and the image has none on PATH"
+  OUT=$(python3 {saltsource.INSTALLER} {saltsource.SOURCE_FILE} 2>&1) ||
+    fail "installing Salt failed: $(printf '%s' "$OUT" | tail -n 1)"
+fi
 if systemctl cat salt-minion.service >/dev/null 2>&1; then
   UNIT=salt-minion.service
   systemctl --no-reload enable salt-minion.service >/dev/null 2>&1
@@ -170,8 +191,9 @@ say "started $UNIT"
 def cloud_config(plan: Plan) -> dict:
     """The same files as the SSH deploy, as cloud-init ``write_files``, and the
     minion (re)started once they are in place: by its unit, or as a transient
-    unit when the image has none. No script installs Salt: the image must
-    already have it (as with the salt-preinstalled deploy script)."""
+    unit when the image has none. With ``salt_source`` the start script first
+    installs Salt (saltsource); without it the image must already have Salt
+    (as with the salt-preinstalled deploy script)."""
     targets = {
         "minion": ("/etc/salt/minion", "0644"),
         "minion.pem": ("/etc/salt/pki/minion/minion.pem", "0600"),
@@ -183,6 +205,8 @@ def cloud_config(plan: Plan) -> dict:
         for name, (data, _) in plan.bundle.files.items()
         for path, mode in [targets[name]]
     ]
+    if plan.salt_source is not None:
+        files.extend(saltsource.guest_files(plan.salt_source))
     files.append({"path": START_SCRIPT, "permissions": "0700", "content": START_SCRIPT_TEXT})
     files.append({"path": SEEDED, "permissions": "0600", "content": plan.key_id})
     return {
@@ -232,13 +256,37 @@ def host_trust(spec: VMSpec) -> ssh_lib.HostTrust | None:
         raise SpecError("known_hosts_file", exc.problem, exc.accepted) from exc
 
 
-def check_minion_start(guest: Guest) -> None:
+def check_minion_start(guest: Guest, tail: console.ConsoleTail | None = None) -> None:
     """Raise, naming the guest-side cause, when the guest's start script (see
-    ``START_SCRIPT_TEXT``) reported that the minion cannot start."""
+    ``START_SCRIPT_TEXT``) reported that the minion cannot start: in its
+    status file (through the guest agent) or on its serial console (``tail``,
+    for images without the agent)."""
     status = guestagent.read_file(guest.domain, STATUS_FILE)
+    cause = None
     if status is not None and status.startswith("failed"):
-        cause = guestagent.clean(status.partition(":")[2])
-        raise SaltKvmError(f"the minion cannot start in the guest {guest.name}: {cause}")
+        cause = status.partition(":")[2]
+    elif tail is not None:
+        cause = tail.last_line(CONSOLE_MARK)
+    if cause is not None:
+        raise SaltKvmError(
+            f"the minion cannot start in the guest {guest.name}: {guestagent.clean(cause)}"
+        )
+
+
+class StartCheck:
+    """``check_minion_start`` with each guest's console kept open between calls."""
+
+    def __init__(self) -> None:
+        self.tails: dict[str, console.ConsoleTail] = {}
+
+    def __call__(self, guest: Guest) -> None:
+        if guest.name not in self.tails and guest.domain is not None:
+            self.tails[guest.name] = console.ConsoleTail(guest.domain)
+        check_minion_start(guest, self.tails.get(guest.name))
+
+    def close(self) -> None:
+        for tail in self.tails.values():
+            tail.close()
 
 
 def run(master: Master, plan: Plan, spec: VMSpec, guest: Guest) -> dict:
@@ -319,9 +367,13 @@ def create(
         # The minion's config and accepted keys are in the seed; no SSH. The
         # seed is ejected and deleted as soon as the minion has started.
         created: list[Guest] = []
-        with minion_watch(master, plan, lambda: created[0], check_minion_start):
-            emit("deploying", {"name": spec.name, "method": "cloud-init"})
-            created.append(provision.create(conn, spec, rollback, emit, seed_iso=seed))
+        check = StartCheck()
+        try:
+            with minion_watch(master, plan, lambda: created[0], check):
+                emit("deploying", {"name": spec.name, "method": "cloud-init"})
+                created.append(provision.create(conn, spec, rollback, emit, seed_iso=seed))
+        finally:
+            check.close()
         if plan.minion_timeout > 0 or not planned:
             provision.detach_seed(conn, created[0])
         return created[0], {"method": "cloud-init", "minion_id": plan.key_id}

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from salt_kvm.cloud import choices, cloudinit
+from salt_kvm.cloud import choices, cloudinit, saltsource
 from salt_kvm.cloud.nics import (  # noqa: F401 - re-exported: the names' old home
     MAC_RE,
     NIC_KEYS,
@@ -58,6 +58,8 @@ PROFILE_KEYS = (
     "nics",
     "deploy",
     "deploy_method",
+    "salt_source",
+    "salt_version",
     "ssh_username",
     "ssh_port",
     "password",
@@ -92,6 +94,7 @@ DEPLOY_SETTING_KEYS = (
     "sudo_password",
     "tmp_dir",
     "wait_for_minion_timeout",
+    "bootstrap_script_url",
 )
 
 # Keys read besides the spec's: the connection, the action's stop_timeout, and
@@ -164,6 +167,8 @@ class DeploySpec:
     tmp_dir: str | None = None
     # Seconds to wait for the minion's start event (0: do not wait).
     minion_timeout: float = 300
+    # Where a guest whose image has no Salt gets it (None: the image has it).
+    salt_source: saltsource.SaltSource | None = None
 
 
 @dataclass
@@ -378,6 +383,9 @@ def build_spec(values: dict) -> VMSpec:
         nics, choices.check_source(values.get("ip_source") or DEFAULTS["ip_source"]), source_given
     )
     _check_network_config(nics, cloud_init)
+    deploy.salt_source = saltsource.parse(
+        values, deploy.method, deploy.enabled, ip_source == choices.SOURCE_AGENT
+    )
 
     return VMSpec(
         name=name,
