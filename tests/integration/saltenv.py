@@ -23,13 +23,37 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TEST_NET_PREFIX = os.environ.get("SALT_KVM_TEST_NET_PREFIX", "192.168.213")
 MASTER_ADDRESS = f"{TEST_NET_PREFIX}.1"
-# Every host port the tier listens on is PORT_BASE + an offset, so a worktree
-# running beside another sets its own base: +0/+1 this master, +10/+11 a second
-# master (test_cloud's Salt 3007), +20 test_backup's SSH server, +30..+33
-# test_nat's forwards, +40 test_cloud's forward, +50/+51 test_backup's master
-# (the takeover's minion).
+# Every host port a test process listens on is PORT_BASE + an offset from
+# this table, so two processes whose bases are PORT_SPAN apart (a worktree
+# beside another, scripts/run-integration's streams) never share a port.
+# tests/unit/test_testbed_ports.py checks the ranges and their users.
 PORT_BASE = int(os.environ.get("SALT_KVM_TEST_PORT_BASE", "45505"))
-PUBLISH_PORT, RET_PORT = PORT_BASE, PORT_BASE + 1
+PORT_SPAN = 100
+PORT_RANGES = {  # name: (first offset, how many ports)
+    "master": (0, 2),  # this master: publish, ret
+    "master_3007": (10, 2),  # test_cloud's Salt 3007 master
+    "backup_ssh": (20, 1),  # test_backup's SSH server
+    "nat_forwards": (30, 4),  # test_nat's forwards
+    "cloud_forward": (40, 1),  # test_cloud's forward
+    "takeover_master": (50, 2),  # test_backup's master (the takeover's minion)
+    "mirror": (60, 1),  # test_salt_source's wheelhouse
+}
+
+
+def offset(name: str) -> int:
+    """The first offset of ``name``'s ports (for a master's ``port_offset``)."""
+    return PORT_RANGES[name][0]
+
+
+def port(name: str, index: int = 0) -> int:
+    """Port ``index`` of ``name``'s range."""
+    first, count = PORT_RANGES[name]
+    if not 0 <= index < count:
+        raise IndexError(f"{name} has {count} port(s), not {index + 1}")
+    return PORT_BASE + first + index
+
+
+PUBLISH_PORT, RET_PORT = port("master"), port("master", 1)
 
 
 def _terminal_signals() -> None:

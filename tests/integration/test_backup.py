@@ -37,7 +37,7 @@ from .saltenv import REPO, minion_config, salt_config
 from .sshserver import SshServer
 
 MIB = 1024**2
-SSH_PORT = saltenv.PORT_BASE + 20
+SSH_PORT = saltenv.port("backup_ssh")
 
 
 @pytest.fixture(scope="module")
@@ -588,7 +588,7 @@ def minion(guest, tmp_path_factory):
         saltenv.stop_master(env)
 
 
-MASTER_OFFSET = 50  # saltenv's port list: this module's master
+MASTER_OFFSET = saltenv.offset("takeover_master")
 
 
 def _pinged(env, minion_id, timeout=180):

@@ -20,7 +20,7 @@ from .cloudcheck import assert_gone, cloud_error, created, sized_profile
 from .conftest import GUEST_PASSWORD, GUEST_USER, IMAGES, POOL, PREFIX, unique
 from .guests import boot_guest, define_guest, remove_guest, wait_booted
 
-NAT_PORT = saltenv.PORT_BASE + 40
+NAT_PORT = saltenv.port("cloud_forward")
 EXAMPLES = Path(__file__).resolve().parents[2] / "profiles.example"
 
 
@@ -263,7 +263,9 @@ def test_salt_3007_master_and_salt_cloud_use_salt_kvm(
 ):
     """On Salt 3007, salt-kvm's driver replaces Salt's own libvirt driver."""
     venv = Path(os.environ.get("SALT_KVM_VENV_3007", "/opt/salt-kvm/venv-3007"))
-    env = saltenv.start_master(tmp_path_factory.mktemp("salt3007"), venv / "bin", port_offset=10)
+    env = saltenv.start_master(
+        tmp_path_factory.mktemp("salt3007"), venv / "bin", port_offset=saltenv.offset("master_3007")
+    )
     try:
         env.write_providers(saltenv.provider())
         env.write_profiles({"sized": sized_profile(base_domain, env, cpus=2)})

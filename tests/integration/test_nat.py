@@ -29,7 +29,7 @@ from salt_kvm.virt.rollback import Rollback
 
 from .conftest import BASE, GUEST_PASSWORD, GUEST_USER, PREFIX, URI, unique
 from .probes import LOOPBACK_PROBE
-from .saltenv import PORT_BASE, minion_config, salt_call_proc
+from .saltenv import minion_config, port, salt_call_proc
 
 # Alone, after scripts/run-integration's parallel streams, and not only for the
 # libvirtd restart below: the tests compare salt-kvm's whole host-wide NAT table
@@ -42,7 +42,7 @@ NET_PREFIXES = os.environ.get("SALT_KVM_NAT_TEST_NETS", "192.168.214,192.168.215
 STEM = PREFIX.strip("-")
 # Host ports of the forwards (from the port base, see saltenv): vm1's SSH, vm2's
 # SSH, vm1's UDP responder, one more of vm1's.
-SSH1, SSH2, UDP1, HTTP1 = (PORT_BASE + 30 + i for i in range(4))
+SSH1, SSH2, UDP1, HTTP1 = (port("nat_forwards", i) for i in range(4))
 SSH1_RULE = f"{{guest: 22, host: {SSH1}}}"
 UDP1_RULE = f"{{guest: 5353, proto: udp, host: {UDP1}}}"
 HTTP1_RULE = f"{{guest: 80, host: {HTTP1}}}"

@@ -24,12 +24,12 @@ from salt_kvm.virt.rollback import Rollback
 
 from .cloudcheck import assert_gone, cloud_error, created
 from .conftest import NETWORK, POOL, prefixed_volumes, unique
-from .saltenv import MASTER_ADDRESS, PORT_BASE
+from .saltenv import MASTER_ADDRESS, port
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-MIRROR_PORT = PORT_BASE + 50  # see saltenv: the tier's ports are PORT_BASE + offsets
+MIRROR_PORT = port("mirror")
 SALT_VERSION = os.environ.get("SALT_VERSION", "3008.3")
 # A pip install of Salt under TCG takes minutes; the failure case must end
 # far sooner than this.
