@@ -610,9 +610,12 @@ def _keys_held(env, minion_id):
 
 
 @pytest.fixture(scope="module")
-def shut_off(hv, guest, dest, minion):
+def shut_off(hv, guest, dest, minion, snap_chain):
     """The guest (a minion: its point holds its id and keys) shut off for the
-    rest of the module, and a point of it in ``dest``."""
+    rest of the module, and a point of it in ``dest``. Every module fixture that
+    needs the guest running (``minion``, ``snap_chain``) is made before it
+    stops, so any selection of the tests after it works (``-k shut_off`` ran
+    snap_chain's SSH against the stopped guest)."""
     off = SimpleNamespace(shutdown=lifecycle.shutdown(guest.dom, timeout=300))
     off.made = backup.create(hv, guest.name, dest)
     return off
