@@ -3,56 +3,18 @@ pull a chain away from under a run that holds the copy's lock (a takeover
 restoring from it, a prune or a backup there). Real stores in temporary
 folders; SSH copies go to the loopback SSH server of the integration tier."""
 
-import hashlib
-import subprocess
-
 import pytest
 
 from salt_kvm.backup import ops as backup_ops
 from salt_kvm.backup import store as bs
 from salt_kvm.errors import ConflictError
+from tests.functional.backup.points import commit
 from tests.integration.sshserver import SshServer
 
 PASSWORD = "s3cret-Replica!"
 DOMAIN = "vm1"
 # two chains: A (full, incremental), B (full, incremental)
 A, A1, B, B1 = "20260101T000000Z", "20260102T000000Z", "20260108T000000Z", "20260109T000000Z"
-
-
-def commit(store, pid, parent=None, chain=None):
-    """A complete point with a real (small) qcow2, as a backup would leave it."""
-    partial = store.begin(pid)
-    image = partial / "vda.qcow2"
-    backing = ["-b", f"../{parent}/vda.qcow2", "-F", "qcow2"] if parent else []
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", *backing, str(image), "1M"], check=True
-    )
-    data = image.read_bytes()
-    (partial / bs.DOMAIN_XML).write_text("<domain/>")
-    point = bs.Point(
-        id=pid,
-        domain=DOMAIN,
-        kind=bs.KIND_INCREMENTAL if parent else bs.KIND_FULL,
-        chain=chain or pid,
-        parent=parent,
-        checkpoint=None,
-        created="2026-01-01T00:00:00Z",
-        consistency="crash-consistent",
-        frozen=False,
-        disks={
-            "vda": bs.DiskImage(
-                "vda",
-                "vda.qcow2",
-                "qcow2",
-                1 << 20,
-                len(data),
-                hashlib.sha256(data).hexdigest(),
-                f"../{parent}/vda.qcow2" if parent else None,
-            )
-        },
-        domain_xml_sha256=hashlib.sha256(b"<domain/>").hexdigest(),
-    )
-    store.commit(partial, point)
 
 
 @pytest.fixture

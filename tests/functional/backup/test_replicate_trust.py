@@ -3,9 +3,6 @@ unknown key, a wrong pin or a changed known_hosts entry is refused with no
 credential sent and nothing written there. Against the loopback SSH server
 of the integration tier (paramiko, a new host key per server)."""
 
-import hashlib
-import subprocess
-
 import paramiko
 import pytest
 
@@ -13,6 +10,7 @@ from salt_kvm import ssh
 from salt_kvm.backup import ops as backup_ops
 from salt_kvm.backup import store as bs
 from salt_kvm.errors import SpecError
+from tests.functional.backup.points import commit
 from tests.integration.sshserver import SshServer
 
 PASSWORD = "s3cret-Replica!"
@@ -24,29 +22,7 @@ def store(tmp_path):
     """One complete point with a small image, as a backup would leave it."""
     dest = tmp_path / "backup"
     store = bs.Store(dest, DOMAIN)
-    partial = store.begin("20260101T000000Z")
-    image = partial / "vda.qcow2"  # a real qcow2: replicate checks headers before copying
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
-    data = image.read_bytes()
-    (partial / bs.DOMAIN_XML).write_text("<domain/>")
-    point = bs.Point(
-        id="20260101T000000Z",
-        domain=DOMAIN,
-        kind=bs.KIND_FULL,
-        chain="20260101T000000Z",
-        parent=None,
-        checkpoint=None,
-        created="2026-01-01T00:00:00Z",
-        consistency="crash-consistent",
-        frozen=False,
-        disks={
-            "vda": bs.DiskImage(
-                "vda", "vda.qcow2", "qcow2", 1 << 20, len(data), hashlib.sha256(data).hexdigest()
-            )
-        },
-        domain_xml_sha256=hashlib.sha256(b"<domain/>").hexdigest(),
-    )
-    store.commit(partial, point)
+    commit(store, "20260101T000000Z")
     return str(dest)
 
 
