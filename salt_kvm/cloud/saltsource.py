@@ -169,7 +169,6 @@ def parse(values: dict, method: str, enabled: bool, agent: bool) -> SaltSource |
 # settings (written by write_files) and the installer.
 SOURCE_FILE = "/run/salt-kvm/salt-source.json"
 INSTALLER = "/run/salt-kvm/install-salt"
-PREFIX = "/opt/saltstack"
 
 INSTALLER_TEXT = r'''#!/usr/bin/env python3
 """salt-kvm: install Salt (and the guest agent when asked) at first boot.
