@@ -87,13 +87,13 @@ def remove_leftovers(conn, prefix=PREFIX):
         left = refused
 
 
-def _owned_files(conn, dom, prefix):
+def _owned_files(deps, dom, prefix):
     """The files a leftover guest owns: the volumes and seed its salt-kvm
     metadata records, and the files of its disks' chains and snapshots named
     ``prefix``* (its snapshot overlays); never the base it stands on."""
     info = Domain(dom.XMLDesc(0)).managed_info() or {}
     recorded = [*(info.get("volumes") or []), *([info["seed"]] if info.get("seed") else [])]
-    found = list(chains.dependents(conn).files_of.get(dom.name(), set()))
+    found = list(deps.files_of.get(dom.name(), set()))
     for snap in dom.listAllSnapshots(0):
         found += DomainSnapshot(snap.getXMLDesc(0)).overlays().values()
     return sorted({*recorded, *(p for p in found if os.path.basename(p).startswith(prefix))})
@@ -105,12 +105,13 @@ def _sweep(conn, name, prefix):
     then the files it owns that nothing else needs. Refused (ConflictError),
     nothing changed, while something else stands on one of them."""
     dom = conn.lookupByName(name)
-    owned = _owned_files(conn, dom, prefix)
-    blocked = chains.dependents(conn).blocking(owned, domains=(name,), chains_of=(name,))
+    deps = chains.dependents(conn)
+    owned = _owned_files(deps, dom, prefix)
+    blocked = deps.blocking(owned, domains=(name,), chains_of=(name,))
     if blocked:
         raise ConflictError(f"leftover {name}: {chains.describe(blocked)} needs its files")
     lifecycle.undefine(dom)  # stops it; takes snapshot and checkpoint metadata with it
-    doomed, kept = chains.dependents(conn).deletable(owned)
+    doomed, kept = chains.dependents(conn).deletable(owned)  # again: without the guest
     for path in doomed:
         try:
             conn.storageVolLookupByPath(path).delete(0)
