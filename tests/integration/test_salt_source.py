@@ -18,7 +18,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from salt_kvm.virt import lifecycle
+from salt_kvm.virt import lifecycle, pools
 from salt_kvm.virt.domain import Domain, new_domain
 from salt_kvm.virt.rollback import Rollback
 
@@ -87,7 +87,7 @@ def nosalt_base(hv, base_domain):
     folder = Domain(pool.XMLDesc(0)).node.findtext("target/path")
     path = os.path.join(folder, f"{name}.qcow2")
     shutil.copyfile(image, path)
-    pool.refresh(0)
+    pools.refresh(pool)  # waits while the other stream builds a volume here
     virt_type = Domain(hv.lookupByName(base_domain).XMLDesc(0)).type
     xml = new_domain(name, virt_type, 1024, 1, path, networks=(NETWORK,))
     lifecycle.define(hv, xml, Rollback())
