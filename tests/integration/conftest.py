@@ -140,6 +140,11 @@ def salt(tmp_path_factory, hv):
     saltenv.stop_master(env)
 
 
+def prefixed_domains(conn) -> set[str]:
+    """The domains named PREFIX* (this process's: another stream's change under theirs)."""
+    return {d.name() for d in conn.listAllDomains(0) if d.name().startswith(PREFIX)}
+
+
 def prefixed_volumes(conn) -> set[str]:
     """The test pool's volumes named PREFIX* (what this run's guests made)."""
     pool = conn.storagePoolLookupByName(POOL)

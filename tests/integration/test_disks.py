@@ -20,7 +20,7 @@ from salt_kvm.virt import lifecycle, pools
 from salt_kvm.virt.domain import Domain
 from salt_kvm.virt.units import GIB
 
-from .conftest import GUEST_PASSWORD, GUEST_USER, IMAGES, POOL, unique
+from .conftest import GUEST_PASSWORD, GUEST_USER, IMAGES, POOL, prefixed_volumes, unique
 from .guests import quick_clone
 from .saltenv import minion_config, salt_call, salt_call_cmd
 
@@ -227,14 +227,11 @@ def test_states_apply_once_then_report_nothing(hv, guest, minion):
 
 def refused(hv, dom, error, match, fn, *args, **kwargs):
     before = definition(dom)
-    pool = hv.storagePoolLookupByName(POOL)
-    pools.refresh(pool)
-    volumes = sorted(pool.listVolumes())
+    volumes = prefixed_volumes(hv)  # this process's: the other stream's change beside
     with pytest.raises(error, match=match):
         fn(hv, dom, *args, **kwargs)
     assert definition(dom) == before
-    pools.refresh(pool)
-    assert sorted(pool.listVolumes()) == volumes
+    assert prefixed_volumes(hv) == volumes
 
 
 def attach(hv, dom, name, **values):
