@@ -71,9 +71,17 @@ def network_xml(index, prefix):
 def conn():
     # Written here when setup-host has not; libvirtd runs them only after a
     # restart, which the test marked restarts_libvirtd makes if they are not active.
+    # The host's hook.conf is the machine's, not this checkout's: put back what
+    # setup-host (or the user) wrote, or a hook keeps naming a checkout that a
+    # CI run deletes afterwards.
+    before = hookfiles.CONF.read_bytes() if hookfiles.CONF.exists() else None
     nathook.install()
-    with connection.connected(URI) as c:
-        yield c
+    try:
+        with connection.connected(URI) as c:
+            yield c
+    finally:
+        if before is not None:
+            hookfiles.CONF.write_bytes(before)
 
 
 @pytest.fixture(scope="module")
