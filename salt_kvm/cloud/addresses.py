@@ -111,15 +111,25 @@ def wait_for_addresses(
     macs: Iterable[str] | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    check: Callable[[], None] | None = None,
+    check_every: float = 2.0,
 ) -> list[str]:
-    """Poll ``source`` every ``interval`` seconds until the guest has an address."""
+    """Poll ``source`` every ``interval`` seconds until the guest has an address.
+
+    ``check`` (called every ``check_every`` seconds) raises when the guest has
+    said it cannot come up (e.g. its start script failed): the wait ends with
+    that cause instead of at ``timeout``."""
     macs = list(macs) if macs is not None else domain_macs(dom)
     deadline = clock() + timeout
+    next_check = clock() + check_every
     while True:
         found = lookup(dom, source, macs)
         if found:
             return found
         _check_running(dom)
+        if check is not None and clock() >= next_check:
+            check()
+            next_check = clock() + check_every
         if clock() >= deadline:
             raise TimeoutError_(
                 f"{dom.name()} got no IP address from {source} within {timeout:g}s "

@@ -371,7 +371,9 @@ def create(
         try:
             with minion_watch(master, plan, lambda: created[0], check):
                 emit("deploying", {"name": spec.name, "method": "cloud-init"})
-                created.append(provision.create(conn, spec, rollback, emit, seed_iso=seed))
+                created.append(
+                    provision.create(conn, spec, rollback, emit, seed_iso=seed, watch=check)
+                )
         finally:
             check.close()
         if plan.minion_timeout > 0 or not planned:

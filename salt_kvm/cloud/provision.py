@@ -111,10 +111,13 @@ def create(
     rollback: Rollback,
     emit: Emit,
     seed_iso: bytes | None = None,
+    watch: Callable[[Guest], None] | None = None,
 ) -> Guest:
     """Clone and boot ``spec``; return the running guest with its addresses.
 
     ``seed_iso`` (a NoCloud ISO) is attached to a new clone's first boot.
+    ``watch`` is called now and then while the guest has no address yet; it
+    raises when the guest reports that it cannot come up.
     """
     started = time.monotonic()
     if spec.nat_rules:
@@ -147,6 +150,7 @@ def create(
             spec.wait_for_ip_timeout,
             spec.wait_for_ip_interval,
             guest.macs,
+            check=None if watch is None else lambda: watch(guest),
         )
     guest.mark("ip")
     if spec.nat_rules:

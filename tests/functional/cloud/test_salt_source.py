@@ -78,3 +78,38 @@ def test_the_seed_carries_the_install_and_the_minion_start_is_awaited(
     assert written[saltsource.INSTALLER] == saltsource.INSTALLER_TEXT
     pool.refresh(0)
     assert [v.name() for v in pool.listAllVolumes() if "seed" in v.name()] == []
+
+
+def test_a_guest_that_reports_a_failure_before_it_has_an_address_ends_the_create(
+    conn, pool, base, monkeypatch
+):
+    # ip_source qemu-agent on a stock image: the seed installs the agent; when
+    # that fails the guest never has an address through it, and its start
+    # script says why on its console / in its status file. The create ends
+    # with that cause, not after wait_for_ip_timeout.
+    from salt_kvm.cloud import addresses
+    from salt_kvm.errors import SaltKvmError
+    from salt_kvm.virt import guestagent
+
+    s = build_spec(
+        {
+            "name": "vm1",
+            "base_domain": "base",
+            "clone_strategy": "quick",
+            "virt_type": "auto",
+            "deploy_method": "cloud-init",
+            "wait_for_ip_timeout": 30,
+        }
+    )
+    plan = minion_plan()
+    monkeypatch.setattr(addresses, "lookup", lambda *a, **k: [])
+    monkeypatch.setattr(
+        guestagent,
+        "read_file",
+        lambda dom, path: "failed:installing the guest agent failed: apt-get: 404",
+    )
+    rollback = Rollback()
+    with pytest.raises(SaltKvmError, match="installing the guest agent failed: apt-get: 404"):
+        with rollback:
+            cloud_deploy.create(Master(), conn, s, plan, None, rollback, lambda *a: None)
+    assert "vm1" not in [d.name() for d in conn.listAllDomains()]

@@ -126,3 +126,29 @@ def test_wait_stops_at_once_when_the_guest_pauses_and_suggests_tcg():
             macs=["52:54:00:00:00:01"],
             sleep=lambda s: pytest.fail("should not wait"),
         )
+
+
+def test_wait_asks_the_check_now_and_then_and_stops_with_its_error():
+    # A guest that reports it cannot come up (its agent install failed, say)
+    # ends the wait with that cause, not at the timeout.
+    now = [0.0]
+    asked = []
+
+    def check():
+        asked.append(now[0])
+        if now[0] >= 4:
+            raise RuntimeError("the guest says: installing the agent failed")
+
+    with pytest.raises(RuntimeError, match="installing the agent failed"):
+        addresses.wait_for_addresses(
+            FakeDomain({}),
+            "ip-learning",
+            600,
+            0.5,
+            ["52:54:00:00:00:01"],
+            clock=lambda: now[0],
+            sleep=lambda s: now.__setitem__(0, now[0] + s),
+            check=check,
+            check_every=2.0,
+        )
+    assert asked == [2.0, 4.0]
