@@ -3,7 +3,9 @@ image's ``nosalt`` variant (no Salt, no QEMU guest agent: as a stock cloud
 image comes) becomes a pinging minion from a pip wheelhouse the test serves on
 the test network's host address; a wrong mirror URL ends the create quickly,
 naming the guest-side cause (read from the serial console: the guest has no
-agent), with nothing left behind. One guest at a time."""
+agent), with nothing left behind; ``bootstrap`` runs the script from
+``bootstrap_script_url`` (a stand-in for Salt's, on the Salt image). One guest
+at a time."""
 
 import functools
 import http.server
@@ -132,6 +134,37 @@ def test_a_wheelhouse_makes_a_stock_image_a_minion(hv, salt, nosalt_base, mirror
         # A stock image's lacks: no venv module's pip, no guest agent.
         for package in ("python3-venv", "qemu-guest-agent"):
             assert salt.salt(name, "cmd.retcode", f"dpkg -s {package}")[name] != 0, package
+    finally:
+        salt.cloud("-d", name)
+    assert_gone(hv, salt, name, before, lambda: prefixed_volumes(hv))
+
+
+# Salt's bootstrap script cannot run here (it downloads Salt from the
+# internet): this one stands in for it on an image that has Salt already, and
+# shows what salt-kvm does around it: fetched from bootstrap_script_url, run
+# as root with the pinned version, then the image's minion unit started.
+FAKE_BOOTSTRAP = """#!/bin/sh
+echo "$*" > /var/tmp/salt-kvm-bootstrap-args
+id -u >> /var/tmp/salt-kvm-bootstrap-args
+"""
+
+
+def test_bootstrap_fetches_the_script_and_runs_it_with_the_version(
+    hv, salt, base_domain, mirror, wheelhouse
+):
+    url, requests = mirror
+    (Path(wheelhouse) / "bootstrap-salt.sh").write_text(FAKE_BOOTSTRAP)
+    values = profile(salt, base_domain, "bootstrap")
+    values["bootstrap_script_url"] = url + "bootstrap-salt.sh"
+    salt.write_profiles({"src-bootstrap": values}, "src-bootstrap.conf")
+    name = unique("srcbs")
+    before = prefixed_volumes(hv)
+    created(salt.cloud("-p", "src-bootstrap", name, timeout=MINION_TIMEOUT + 300), name)
+    try:
+        assert "/bootstrap-salt.sh" in requests
+        assert salt.salt(name, "test.ping")[name] is True
+        ran = salt.salt(name, "cmd.run", "cat /var/tmp/salt-kvm-bootstrap-args")[name]
+        assert ran.splitlines() == [f"-X stable {SALT_VERSION}", "0"]
     finally:
         salt.cloud("-d", name)
     assert_gone(hv, salt, name, before, lambda: prefixed_volumes(hv))
