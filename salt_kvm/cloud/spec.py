@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from salt_kvm.cloud import choices, cloudinit, saltsource
+from salt_kvm.cloud.hostdevs import HostdevSpec, parse_hostdevs
 from salt_kvm.cloud.nics import (  # noqa: F401 - re-exported: the names' old home
     MAC_RE,
     NIC_KEYS,
@@ -56,6 +57,7 @@ PROFILE_KEYS = (
     "vhost",
     "cpuunits",
     "nics",
+    "hostdevs",
     "deploy",
     "deploy_method",
     "salt_source",
@@ -192,6 +194,7 @@ class VMSpec:
     vhost: bool = False
     cpu_shares: int | None = None
     nics: list[NicSpec] | None = None
+    hostdevs: list[HostdevSpec] = field(default_factory=list)
     deploy: DeploySpec = field(default_factory=DeploySpec)
     image: images.ImageSpec | None = None
     cloud_init: cloudinit.CloudInitSpec | None = None
@@ -417,6 +420,11 @@ def build_spec(values: dict) -> VMSpec:
         vhost=boolean(values, "vhost", False),
         cpu_shares=cpu_shares,
         nics=nics,
+        hostdevs=(
+            parse_hostdevs(values["hostdevs"])
+            if values.get("hostdevs") not in (None, "", [])
+            else []
+        ),
         deploy=deploy,
         image=image,
         cloud_init=cloud_init,
