@@ -86,14 +86,24 @@ def _matches(spec: HostdevSpec, device: nodedev.PciDevice | nodedev.UsbDevice) -
 
 
 def _resolve_one(
-    spec: HostdevSpec, where: str, devices: list, uri: str
+    spec: HostdevSpec, where: str, devices: list, allowed: list[HostdevSpec], uri: str
 ) -> nodedev.PciDevice | nodedev.UsbDevice:
+    """The one device ``spec`` names, among those the provider allows; the
+    refusals list only allowed devices (the rest of the host is not the
+    profile's to see)."""
+    permitted = [d for d in devices if any(_matches(a, d) for a in allowed if a.bus == spec.bus)]
     found = [d for d in devices if _matches(spec, d)]
     if not found:
         raise SpecError(
             where,
             f"no {spec.shown} on {uri} (libvirt's node devices)",
-            _listing([d.shown() for d in devices]),
+            _listing([d.shown() for d in permitted]),
+        )
+    if any(d not in permitted for d in found):
+        raise SpecError(
+            where,
+            f"{spec.shown} is not among the devices the provider allows (hostdev_allowed)",
+            _listing([d.shown() for d in permitted]),
         )
     if len(found) > 1:
         raise SpecError(
@@ -163,9 +173,13 @@ def _holders(conn: libvirt.virConnect) -> list[tuple[str, Hostdev]]:
 
 
 def resolve_hostdevs(
-    conn: libvirt.virConnect, specs: list[HostdevSpec] | None, key: str = "hostdevs"
+    conn: libvirt.virConnect,
+    specs: list[HostdevSpec] | None,
+    allowed: list[HostdevSpec],
+    key: str = "hostdevs",
 ) -> list[Resolved]:
-    """The host devices ``specs`` name, each checked; refused by name otherwise."""
+    """The host devices ``specs`` name, each checked (and among the ``allowed``,
+    the provider's ``hostdev_allowed``); refused by name otherwise."""
     if not specs:
         return []
     uri = conn.getURI()
@@ -175,7 +189,7 @@ def resolve_hostdevs(
     resolved: list[Resolved] = []
     for index, spec in enumerate(specs):
         where = f"{key}[{index}]"
-        device = _resolve_one(spec, where, pci if spec.bus == PCI else usb, uri)
+        device = _resolve_one(spec, where, pci if spec.bus == PCI else usb, allowed, uri)
         for earlier, other in enumerate(resolved):
             if other.device.name == device.name:
                 raise SpecError(

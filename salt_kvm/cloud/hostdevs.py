@@ -83,8 +83,30 @@ def _usb(value: Any, where: str) -> HostdevSpec:
     )
 
 
+def parse_allowed(value: Any, key: str = "hostdev_allowed") -> list[HostdevSpec]:
+    """The provider's ``hostdev_allowed``: the devices its profiles may take, in
+    the forms of ``hostdevs``. None by default: a profile takes nothing of the
+    host unless its operator lists it."""
+    return parse_hostdevs(value, key)
+
+
+def check_allowed(hostdevs: list[HostdevSpec], allowed: list[HostdevSpec]) -> None:
+    """Without ``hostdev_allowed``, ``hostdevs`` are refused before anything
+    (the devices themselves are matched when the VM is made)."""
+    if hostdevs and not allowed:
+        raise SpecError(
+            "hostdevs",
+            "the provider allows no host devices: a device given to a guest is taken from "
+            "the host (managed detaches it from its host driver)",
+            "hostdev_allowed in the provider configuration (cloud.providers.d) listing the "
+            "devices its profiles may take, in the forms of hostdevs",
+        )
+
+
 def parse_hostdevs(value: Any, key: str = "hostdevs") -> list[HostdevSpec]:
-    if not isinstance(value, list) or not value:
+    if value in (None, "", []):
+        return []
+    if not isinstance(value, list):
         raise SpecError(key, f"{value!r} is not a list of host devices", ACCEPTED)
     found: dict[HostdevSpec, int] = {}
     result = []

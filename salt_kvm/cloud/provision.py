@@ -224,7 +224,7 @@ def _clone(
 ) -> Guest:
     _check_networks(conn, spec)
     hostcheck.check_direct_sources(conn, spec.nics)
-    hostdevs = hostcheck.resolve_hostdevs(conn, spec.hostdevs)
+    hostdevs = hostcheck.resolve_hostdevs(conn, spec.hostdevs, spec.hostdev_allowed)
     taken = identity.used_macs(conn)
     _check_fixed_macs(conn, spec, taken)
     diskops.precheck(conn, spec.name, spec.disks)

@@ -123,7 +123,7 @@ def test_this_hosts_node_devices_answer_the_checks(hv, uplink):
     if device.iommu_group is None:
         # This machine (a microVM without an IOMMU): no PCI device can be assigned.
         with pytest.raises(SpecError, match="libvirt reports no IOMMU group"):
-            hostcheck.resolve_hostdevs(hv, wanted)
+            hostcheck.resolve_hostdevs(hv, wanted, allowed=wanted)
     else:
-        (resolved,) = hostcheck.resolve_hostdevs(hv, wanted)
+        (resolved,) = hostcheck.resolve_hostdevs(hv, wanted, allowed=wanted)
         assert resolved.device.address == device.address

@@ -33,8 +33,24 @@ def conn(tmp_path):
     conn.close()
 
 
+# The provider's: every canned device but the second GPU (0000:05:00.0).
+ALLOWED = [
+    {"pci": "8086:10fb"},
+    {"pci": "0000:04:00.0"},
+    {"pci": "0000:00:03.0"},
+    {"pci": "0000:00:01.0"},
+    {"usb": "046d:c52b"},
+]
+
+
 def spec(**values):
-    base = {"name": "vm1", "base_domain": "base", "password": "pw", "clone_strategy": "quick"}
+    base = {
+        "name": "vm1",
+        "base_domain": "base",
+        "password": "pw",
+        "clone_strategy": "quick",
+        "hostdev_allowed": ALLOWED,
+    }
     return build_spec({**base, **values})
 
 
@@ -118,10 +134,18 @@ def test_an_ovs_port_is_shown_with_its_vlans(conn, pool, base):
             {"nics": ["default", {**DIRECT, "source": "lo"}]},
             r"^nics\[1\]\.source: 'lo' is not a network interface .*\(accepted: eth0\)",
         ),
-        ({"hostdevs": [{"pci": "0000:09:00.0"}]}, r"^hostdevs\[0\]: no pci 0000:09:00.0 on .*"),
+        (
+            {"hostdevs": [{"pci": "0000:09:00.0"}]},
+            r"^hostdevs\[0\]: no pci 0000:09:00.0 on .*\(accepted: 0000:00:01.0 .*0000:04:00.0 "
+            r"\(10de:1eb8\)\)$",
+        ),
+        (
+            {"hostdevs": [{"pci": "0000:05:00.0"}]},
+            r"^hostdevs\[0\]: pci 0000:05:00.0 is not among the devices the provider allows",
+        ),
         ({"hostdevs": [{"usb": "1d6b:0002"}]}, r"^hostdevs\[0\]: no usb 1d6b:0002 .*046d:c52b"),
         (
-            {"hostdevs": [{"pci": "10de:1eb8"}]},
+            {"hostdevs": [{"pci": "10de:1eb8"}], "hostdev_allowed": [{"pci": "10de:1eb8"}]},
             r"^hostdevs\[0\]: pci 10de:1eb8 matches 2 devices .*0000:04:00.0.*0000:05:00.0",
         ),
         (
@@ -141,6 +165,7 @@ def test_an_ovs_port_is_shown_with_its_vlans(conn, pool, base):
         "no-such-interface",
         "loopback",
         "no-pci",
+        "not-allowed",
         "no-usb",
         "ambiguous",
         "no-iommu",
@@ -182,5 +207,6 @@ def test_a_device_another_domain_holds_is_refused(conn, pool, base):
             create(conn, hostdevs=[item])
     assert state(conn, pool) == before
     # the resolution alone, as other features (migration, backups) may use it
-    (free,) = hostcheck.resolve_hostdevs(conn, spec(hostdevs=[{"pci": "04:00.0"}]).hostdevs)
+    wanted = spec(hostdevs=[{"pci": "04:00.0"}])
+    (free,) = hostcheck.resolve_hostdevs(conn, wanted.hostdevs, wanted.hostdev_allowed)
     assert free.device.address_text == "0000:04:00.0"

@@ -3,11 +3,12 @@
 import pytest
 
 from salt_kvm.cloud.hostdevs import HostdevSpec
-from salt_kvm.cloud.spec import build_spec
+from salt_kvm.cloud.spec import build_spec, check_written_keys
 from salt_kvm.errors import SpecError
 from salt_kvm.virt.domain import Domain, has_hostdevs, new_domain
 
-MINIMAL = {"name": "vm1", "base_domain": "base", "password": "pw"}
+ALLOWED = [{"pci": "8086:10fb"}, {"usb": "046d:c52b"}]  # the provider's
+MINIMAL = {"name": "vm1", "base_domain": "base", "password": "pw", "hostdev_allowed": ALLOWED}
 
 
 def refused(key, value):
@@ -50,6 +51,35 @@ def test_every_form_a_device_is_named_by():
 def test_no_hostdevs_is_an_empty_list():
     assert build_spec(MINIMAL).hostdevs == []
     assert build_spec({**MINIMAL, "hostdevs": []}).hostdevs == []
+    assert build_spec({**MINIMAL, "hostdev_allowed": None}).hostdev_allowed == []
+
+
+def test_without_the_providers_hostdev_allowed_no_device_is_taken():
+    values = {**MINIMAL, "hostdevs": [{"pci": "0000:03:00.0"}]}
+    del values["hostdev_allowed"]
+    with pytest.raises(SpecError) as err:
+        build_spec(values)
+    assert err.value.key == "hostdevs"
+    assert "provider allows no host devices" in str(err.value)
+    assert "hostdev_allowed in the provider configuration" in err.value.accepted
+    assert build_spec(MINIMAL).hostdev_allowed == [
+        HostdevSpec("pci", vendor=0x8086, product=0x10FB),
+        HostdevSpec("usb", vendor=0x046D, product=0xC52B),
+    ]
+
+
+def test_a_profile_cannot_allow_host_devices_itself():
+    check_written_keys({}, {"hostdev_allowed": ALLOWED})
+    with pytest.raises(SpecError) as err:
+        check_written_keys({"hostdev_allowed": ALLOWED}, {})
+    assert err.value.key == "hostdev_allowed"
+    assert "take any device from the host" in str(err.value)
+    assert "provider configuration" in err.value.accepted
+
+
+def test_a_bad_allow_list_is_refused_by_its_name():
+    with pytest.raises(SpecError, match=r"^hostdev_allowed\[0\]\.pci: "):
+        build_spec({**MINIMAL, "hostdev_allowed": [{"pci": "nope"}]})
 
 
 @pytest.mark.parametrize(
@@ -57,6 +87,7 @@ def test_no_hostdevs_is_an_empty_list():
     [
         ("0000:03:00.0", "hostdevs", "not a list"),
         ({"pci": "03:00.0"}, "hostdevs", "not a list"),
+        ({}, "hostdevs", "not a list"),
         (["0000:03:00.0"], "hostdevs[0]", "not a host device"),
         ([{"pci": "03:00.0", "usb": "046d:c52b"}], "hostdevs[0]", "exactly one of pci or usb"),
         ([{"managed": True}], "hostdevs[0]", "exactly one of pci or usb"),
