@@ -10,6 +10,7 @@ elements, PCI ones by address.
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from dataclasses import dataclass
 
 import libvirt
@@ -17,7 +18,8 @@ from lxml import etree
 
 from salt_kvm.cloud import nickinds
 from salt_kvm.cloud.hostdevs import PCI, HostdevSpec
-from salt_kvm.cloud.nics import NicSpec
+from salt_kvm.cloud.nics import unreachable
+from salt_kvm.cloud.spec import VMSpec
 from salt_kvm.errors import ConflictError, SpecError
 from salt_kvm.virt import nodedev
 from salt_kvm.virt.domain import Domain, Hostdev
@@ -35,20 +37,39 @@ def _listing(items: list[str]) -> str:
     return ", ".join(items[:SHOWN_MAX]) + more
 
 
-def check_direct_sources(conn: libvirt.virConnect, nics: list[NicSpec] | None) -> None:
+def _local(uri: str) -> bool:
+    host = urllib.parse.urlparse(uri).hostname
+    return host in (None, "", "localhost", "127.0.0.1", "::1")
+
+
+def check_direct(conn: libvirt.virConnect, spec: VMSpec) -> None:
+    """macvtap sources are host interfaces; an SSH deploy from this host can
+    reach the guest (not when its every NIC is macvtap on this very host)."""
+    nics = spec.nics
     wanted = [(i, n) for i, n in enumerate(nics or []) if n.kind == nickinds.KIND_DIRECT]
     if not wanted:
         return
+    uri = conn.getURI()
     host = [n for n in nodedev.interfaces(conn) if n not in NOT_DIRECT_SOURCES]
     for index, nic in wanted:
         if nic.source not in host:
             raise SpecError(
                 f"nics[{index}].source",
-                f"{nic.source!r} is not a network interface of {conn.getURI()} that macvtap "
+                f"{nic.source!r} is not a network interface of {uri} that macvtap "
                 "can use (libvirt's node devices; without udev, libvirtd lists the interfaces "
                 "it saw when it started)",
                 _listing(host),
             )
+    ssh = spec.deploy.enabled and spec.deploy.method == "ssh"
+    if ssh and unreachable(nics) and _local(uri):
+        raise SpecError(
+            "nics",
+            f"an SSH deploy from this host cannot reach the guest on {uri}: every NIC is "
+            f"type direct, and {nickinds.UNREACHABLE}",
+            "a NIC on a libvirt network or bridge beside the macvtap ones, mode: vepa "
+            "behind a reflecting switch, deploy_method: cloud-init with a master the guest "
+            "reaches, or deploy: false",
+        )
 
 
 @dataclass

@@ -29,12 +29,14 @@ VLAN_MIN, VLAN_MAX = 1, 4094
 MTU_MIN, MTU_MAX = 68, 65535
 KIND_KEYS = ("type", "source", "mode", "virtualport", "vlan", "trunk", "mtu")
 # What the host's side of a macvtap NIC means for the guest's address: the host
-# cannot talk to its own macvtap guests, so neither a lease nor its neighbour
-# table ever knows them, and a master on this host cannot reach them.
+# cannot talk to its own macvtap guests (unless, in vepa mode, the external
+# switch reflects their traffic), so neither a lease nor its neighbour table
+# knows them, and a master on this host cannot reach them.
+MODE_VEPA = "vepa"
 UNREACHABLE = (
-    "a macvtap (direct) guest cannot talk to its own host: no libvirt DHCP lease and no "
-    "entry in the host's neighbour table ever comes, and a master on this host cannot "
-    "reach the address"
+    "a macvtap (direct) guest cannot talk to its own host (only in vepa mode through a "
+    "switch that reflects its traffic): no libvirt DHCP lease and no entry in the host's "
+    "neighbour table comes, and a master on this host cannot reach the address"
 )
 
 

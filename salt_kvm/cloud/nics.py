@@ -283,11 +283,20 @@ def check_plan(nics: list[NicSpec] | None, ip_source: str, source_given: bool) -
     return choices.SOURCE_PLAN
 
 
+def unreachable(nics: list[NicSpec] | None) -> bool:
+    """Every NIC is macvtap outside vepa: the host cannot reach the guest."""
+    return bool(nics) and all(
+        n.kind == nickinds.KIND_DIRECT and n.mode != nickinds.MODE_VEPA for n in nics or []
+    )
+
+
 def _check_direct_source(nics: list[NicSpec] | None, ip_source: str, source_given: bool) -> None:
-    """Only the guest agent finds a guest whose every NIC is macvtap."""
+    """Only the guest agent finds a guest whose every NIC is macvtap (the
+    neighbour table too in vepa mode, through a reflecting switch)."""
     if not nics or any(n.kind != nickinds.KIND_DIRECT for n in nics):
         return
-    if ip_source in (choices.SOURCE_LEASE, choices.SOURCE_ARP):
+    refused = (choices.SOURCE_LEASE,) + ((choices.SOURCE_ARP,) if unreachable(nics) else ())
+    if ip_source in refused:
         shown = "ip-learning (the default)" if not source_given else repr(ip_source)
         raise SpecError(
             "ip_source",

@@ -223,7 +223,7 @@ def _clone(
     conn: libvirt.virConnect, spec: VMSpec, rollback: Rollback, emit: Emit, seed_iso: bytes | None
 ) -> Guest:
     _check_networks(conn, spec)
-    hostcheck.check_direct_sources(conn, spec.nics)
+    hostcheck.check_direct(conn, spec)
     hostdevs = hostcheck.resolve_hostdevs(conn, spec.hostdevs, spec.hostdev_allowed)
     taken = identity.used_macs(conn)
     _check_fixed_macs(conn, spec, taken)

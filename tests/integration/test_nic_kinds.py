@@ -103,18 +103,15 @@ def test_libvirt_itself_refuses_an_mtu_on_macvtap_as_the_spec_does(hv, uplink):
 
 
 def test_this_hosts_node_devices_answer_the_checks(hv, uplink):
-    nic = build_spec(
-        {
-            "name": "x",
-            "base_domain": "none",
-            "deploy": False,
-            "nics": [{"type": "direct", "source": uplink}, {"type": "direct", "source": "lo"}],
-            "ip_source": "agent",
-        }
-    ).nics
-    hostcheck.check_direct_sources(hv, nic[:1])
+    def profile(*nics):
+        values = {"name": "x", "base_domain": "none", "deploy": False, "ip_source": "agent"}
+        return build_spec({**values, "nics": list(nics)})
+
+    hostcheck.check_direct(hv, profile({"type": "direct", "source": uplink}))
     with pytest.raises(SpecError, match=r"^nics\[1\]\.source: 'lo' is not a network interface"):
-        hostcheck.check_direct_sources(hv, nic)
+        hostcheck.check_direct(
+            hv, profile({"type": "direct", "source": uplink}, {"type": "direct", "source": "lo"})
+        )
     endpoints = [d for d in nodedev.pci_devices(hv) if not d.is_bridge]
     if not endpoints:
         pytest.fail("libvirt lists no PCI device (virsh nodedev-list --cap pci)")

@@ -183,6 +183,25 @@ def test_what_the_host_cannot_give_is_refused_before_anything_is_made(
     assert state(conn, pool) == before
 
 
+def test_an_ssh_deploy_from_this_host_cannot_reach_a_guest_with_only_macvtap(conn, pool, base):
+    before = state(conn, pool)
+    with pytest.raises(SpecError) as err:
+        create(conn, nics=[DIRECT], ip_source="qemu-agent")
+    assert str(err.value).startswith("nics: an SSH deploy from this host cannot reach the guest")
+    assert "deploy: false" in err.value.accepted
+    assert state(conn, pool) == before
+    # Reachable: another NIC, vepa (a reflecting switch), no SSH deploy, or a remote host.
+    for values in (
+        {"nics": [DIRECT, "default"]},
+        {"nics": [{**DIRECT, "mode": "vepa"}]},
+        {"nics": [DIRECT], "deploy": False},
+        {"nics": [DIRECT], "deploy_method": "cloud-init"},
+    ):
+        hostcheck.check_direct(conn, spec(ip_source="qemu-agent", **values))
+    assert not hostcheck._local("qemu+ssh://root@kvm2.example/system")
+    assert hostcheck._local("qemu+tcp://localhost/system") and hostcheck._local("qemu:///system")
+
+
 def test_a_device_another_domain_holds_is_refused(conn, pool, base):
     held = Domain(base.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     held.name, held.uuid = "holder", None

@@ -148,6 +148,13 @@ def test_lease_and_arp_cannot_find_a_guest_with_only_macvtap_nics(source, shown)
     assert "qemu-agent" in err.accepted
 
 
+def test_in_vepa_mode_a_reflecting_switch_can_show_the_guest_to_the_hosts_neighbour_table():
+    vepa = {**DIRECT, "mode": "vepa"}
+    assert spec(vepa, DIRECT, ip_source="arp").ip_source == "arp"
+    err = refused("ip_source", vepa)  # still no libvirt lease
+    assert "ip-learning (the default) cannot find a guest whose every NIC" in str(err)
+
+
 def test_the_agent_or_a_second_nic_finds_a_macvtap_guest():
     assert spec(DIRECT, ip_source="qemu-agent").ip_source == "qemu-agent"
     assert spec(DIRECT, ip_source="auto").ip_source == "auto"
