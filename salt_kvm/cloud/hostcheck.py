@@ -107,7 +107,12 @@ def _matches(spec: HostdevSpec, device: nodedev.PciDevice | nodedev.UsbDevice) -
 
 
 def _resolve_one(
-    spec: HostdevSpec, where: str, devices: list, allowed: list[HostdevSpec], uri: str
+    spec: HostdevSpec,
+    where: str,
+    devices: list,
+    allowed: list[HostdevSpec],
+    uri: str,
+    backends: list[str] | None = None,
 ) -> nodedev.PciDevice | nodedev.UsbDevice:
     """The one device ``spec`` names, among those the provider allows; the
     refusals list only allowed devices (the rest of the host is not the
@@ -149,6 +154,13 @@ def _resolve_one(
                 "in the firmware and intel_iommu=on (or amd_iommu=on) on the host's kernel "
                 "command line",
                 "a PCI device with an IOMMU group (virsh nodedev-dumpxml shows <iommuGroup>)",
+            )
+        if backends == []:
+            raise SpecError(
+                where,
+                f"{device.shown()} cannot be assigned on {uri}: libvirt's domain capabilities "
+                "name no PCI assignment backend (no VFIO: the vfio-pci driver is not there)",
+                "a host where virsh domcapabilities lists <enum name='pciBackend'> with vfio",
             )
     return device
 
@@ -205,12 +217,14 @@ def resolve_hostdevs(
         return []
     uri = conn.getURI()
     pci = nodedev.pci_devices(conn) if any(s.bus == PCI for s in specs) else []
+    backends = nodedev.pci_backends(conn) if pci else None
     usb = nodedev.usb_devices(conn) if any(s.bus != PCI for s in specs) else []
     holders = _holders(conn)
     resolved: list[Resolved] = []
     for index, spec in enumerate(specs):
         where = f"{key}[{index}]"
-        device = _resolve_one(spec, where, pci if spec.bus == PCI else usb, allowed, uri)
+        devices = pci if spec.bus == PCI else usb
+        device = _resolve_one(spec, where, devices, allowed, uri, backends)
         for earlier, other in enumerate(resolved):
             if other.device.name == device.name:
                 raise SpecError(

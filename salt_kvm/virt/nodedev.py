@@ -138,3 +138,22 @@ def interfaces(conn: libvirt.virConnect) -> list[str]:
     """The host's network interface names libvirt knows of, sorted."""
     names = {NetDevice(n).interface for n in _list(conn, CAP_NET)}
     return sorted(n for n in names if n)
+
+
+def pci_backends_of(domcaps: str) -> list[str] | None:
+    """The PCI assignment backends a ``domainCapabilities`` document names
+    (``vfio``), or ``None`` when it says nothing of host devices."""
+    hostdev = _parse(domcaps).find("devices/hostdev")
+    if hostdev is None:
+        return None
+    enum = hostdev.find("enum[@name='pciBackend']")
+    return [v.text or "" for v in enum.findall("value")] if enum is not None else None
+
+
+def pci_backends(conn: libvirt.virConnect) -> list[str] | None:
+    """What libvirt can assign PCI devices with on this host (empty: nothing,
+    e.g. no VFIO), or ``None`` when the driver does not say."""
+    try:
+        return pci_backends_of(conn.getDomainCapabilities(None, None, None, None, 0))
+    except libvirt.libvirtError:
+        return None

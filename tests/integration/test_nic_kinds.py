@@ -112,6 +112,9 @@ def test_this_hosts_node_devices_answer_the_checks(hv, uplink):
         hostcheck.check_direct(
             hv, profile({"type": "direct", "source": uplink}, {"type": "direct", "source": "lo"})
         )
+    # What libvirt says of PCI assignment here: vfio when the host has VFIO.
+    backends = nodedev.pci_backends(hv)
+    assert backends is not None and ("vfio" in backends) == Path("/dev/vfio").exists(), backends
     endpoints = [d for d in nodedev.pci_devices(hv) if not d.is_bridge]
     if not endpoints:
         pytest.fail("libvirt lists no PCI device (virsh nodedev-list --cap pci)")

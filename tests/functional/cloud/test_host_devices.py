@@ -18,6 +18,12 @@ HERE = Path(__file__).parent
 NODE = HERE.parent / "testnode.xml"
 DEVICES = HERE / "hostdevices.xml"
 DIRECT = {"type": "direct", "source": "eth0", "mac": "52:54:00:20:00:02"}
+# `virsh domcapabilities` on this machine: hostdevs, but no PCI backend (no VFIO).
+NO_VFIO = (
+    "<domainCapabilities><devices><hostdev supported='yes'>"
+    "<enum name='subsysType'><value>usb</value><value>pci</value></enum>"
+    "<enum name='pciBackend'/></hostdev></devices></domainCapabilities>"
+)
 
 
 @pytest.fixture
@@ -200,6 +206,21 @@ def test_an_ssh_deploy_from_this_host_cannot_reach_a_guest_with_only_macvtap(con
         hostcheck.check_direct(conn, spec(ip_source="qemu-agent", **values))
     assert not hostcheck._local("qemu+ssh://root@kvm2.example/system")
     assert hostcheck._local("qemu+tcp://localhost/system") and hostcheck._local("qemu:///system")
+
+
+def test_a_pci_device_is_refused_where_libvirt_names_no_assignment_backend(conn, pool, base):
+    """libvirt's domain capabilities on a host without VFIO (this machine's
+    answer; the test driver says nothing of host devices)."""
+    conn.getDomainCapabilities = lambda *args: NO_VFIO
+    before = state(conn, pool)
+    with pytest.raises(SpecError, match=r"^hostdevs\[0\]: 0000:03:00.0 .* no PCI assignment"):
+        create(conn, hostdevs=[{"pci": "03:00.0"}])
+    assert state(conn, pool) == before
+    # USB needs no IOMMU nor VFIO
+    (usb,) = hostcheck.resolve_hostdevs(
+        conn, spec(hostdevs=[{"usb": "046d:c52b"}]).hostdevs, spec().hostdev_allowed
+    )
+    assert usb.device.name == "usb_1_4"
 
 
 def test_a_device_another_domain_holds_is_refused(conn, pool, base):
