@@ -193,15 +193,19 @@ def _taken(held: Hostdev, device: nodedev.PciDevice | nodedev.UsbDevice) -> bool
 
 
 def _holders(conn: libvirt.virConnect) -> list[tuple[str, Hostdev]]:
-    """Every host device any defined domain holds (a hostdev, or a NIC of type hostdev)."""
+    """Every host device any domain holds (a hostdev, or a NIC of type hostdev),
+    in its definition or, while it runs, plugged in live."""
     held = []
     for dom in conn.listAllDomains(0):
         try:
-            xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            xmls = [Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))]
+            if dom.isActive():
+                xmls.append(Domain(dom.XMLDesc(0)))
         except libvirt.libvirtError:
             continue  # undefined since the listing
-        held += [(xml.name, dev) for dev in xml.hostdevs]
-        held += [(xml.name, Hostdev(i.node)) for i in xml.interfaces if i.type == "hostdev"]
+        for xml in xmls:
+            held += [(xml.name, dev) for dev in xml.hostdevs]
+            held += [(xml.name, Hostdev(i.node)) for i in xml.interfaces if i.type == "hostdev"]
     return held
 
 

@@ -246,6 +246,22 @@ def test_a_device_another_domain_holds_is_refused(conn, pool, base):
         with pytest.raises(ConflictError, match=r"^hostdevs\[0\]: .* already given to .*holder"):
             create(conn, hostdevs=[item])
     assert state(conn, pool) == before
+    # a running domain that has no definition (transient) holds it too
+    transient = Domain(held.to_xml())
+    transient.name = "transient"
+    transient.remove_devices("hostdev")
+    transient.node.find("devices").append(
+        etree.fromstring(
+            "<hostdev mode='subsystem' type='pci' managed='yes'><source>"
+            "<address domain='0x0000' bus='0x04' slot='0x00' function='0x0'/></source></hostdev>"
+        )
+    )
+    conn.createXML(transient.to_xml(), 0)
+    with pytest.raises(
+        ConflictError, match=r"^hostdevs\[0\]: 0000:04:00.0 .* given to .*transient"
+    ):
+        create(conn, hostdevs=[{"pci": "0000:04:00.0"}])
+    conn.lookupByName("transient").destroy()
     # the resolution alone, as other features (migration, backups) may use it
     wanted = spec(hostdevs=[{"pci": "04:00.0"}])
     (free,) = hostcheck.resolve_hostdevs(conn, wanted.hostdevs, wanted.hostdev_allowed)
