@@ -13,6 +13,7 @@ import libvirt
 
 from salt_kvm import redact
 from salt_kvm.cloud import addresses
+from salt_kvm.virt import nodedev
 from salt_kvm.virt.domain import Domain
 from salt_kvm.virt.units import human_size
 
@@ -89,6 +90,45 @@ def _disk_sizes(xml: Domain, stats: dict) -> list[dict]:
     return disks
 
 
+def _nics(xml: Domain) -> list[dict]:
+    """Each NIC's kind (network, bridge, direct...) and what it is on."""
+    shown = []
+    for iface in xml.interfaces:
+        entry = {"type": iface.type, "source": iface.source, "mac": iface.mac, "model": iface.model}
+        extra = {
+            "mode": iface.source_mode if iface.type == "direct" else None,
+            "virtualport": iface.virtualport,
+            "vlan": iface.vlans or None,
+            "trunk": iface.vlan_trunk,
+            "mtu": iface.mtu,
+        }
+        entry.update({k: v for k, v in extra.items() if v is not None})
+        shown.append(entry)
+    return shown
+
+
+def _hostdevs(xml: Domain) -> list[str]:
+    shown = []
+    for dev in xml.hostdevs:
+        if dev.vendor is not None:
+            ids = nodedev.number(dev.vendor) or 0, nodedev.number(dev.product) or 0
+            shown.append(f"{dev.type} {ids[0]:04x}:{ids[1]:04x}")
+        elif dev.type == "pci":
+            d, b, s, f = (
+                nodedev.number(v) or 0
+                for v in (
+                    dev.address_domain,
+                    dev.address_bus,
+                    dev.address_slot,
+                    dev.address_function,
+                )
+            )
+            shown.append(f"pci {d:04x}:{b:02x}:{s:02x}.{f:x}")
+        else:
+            shown.append(f"{dev.type} bus {dev.address_bus} device {dev.address_device}")
+    return shown
+
+
 def _shown(source: str | list[str] | None) -> str | list[str] | None:
     return redact.url(source) if isinstance(source, str) else source
 
@@ -135,6 +175,8 @@ def describe(
         "vcpus": vcpus,
         "memory_mib": memory_mib,
         "macs": macs,
+        "nics": _nics(xml),
+        "hostdevs": _hostdevs(xml),
         "disks": disks,
         "autostart": dom.UUIDString() in facts.autostart,
         "description": xml.description,

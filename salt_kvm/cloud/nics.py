@@ -14,12 +14,22 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from salt_kvm.cloud import choices
+from salt_kvm.cloud import choices, nickinds
 from salt_kvm.errors import SpecError
 from salt_kvm.virt.checks import one_of, text
 
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "ne2k_pci", "pcnet")
-NIC_KEYS = ("network", "bridge", "mac", "ip", "prefix", "netmask", "gateway", "dns", "model")
+NIC_KEYS = (
+    "network",
+    "bridge",
+    "mac",
+    "ip",
+    "prefix",
+    "netmask",
+    "gateway",
+    "dns",
+    "model",
+) + nickinds.KIND_KEYS
 # Keys of a bridge NIC's static plan (a libvirt network's DHCP gives them there).
 PLAN_KEYS = ("prefix", "netmask", "gateway", "dns")
 MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
@@ -37,6 +47,19 @@ class NicSpec:
     prefix: int | None = None
     gateway: str | None = None
     dns: list[str] = field(default_factory=list)
+    # The NIC's kind (nickinds.KINDS; network or bridge by the key given when
+    # left out) and what only some kinds take.
+    kind: str = ""
+    source: str | None = None  # direct: the host interface
+    mode: str | None = None  # direct: the macvtap mode
+    virtualport: str | None = None  # bridge: openvswitch
+    vlans: list[int] = field(default_factory=list)
+    trunk: bool = False
+    mtu: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            self.kind = nickinds.KIND_BRIDGE if self.bridge else nickinds.KIND_NETWORK
 
     @property
     def static(self) -> bool:
@@ -142,9 +165,19 @@ def _ip(nic: NicSpec, item: dict, where: str) -> int | None:
     return int(length) if slash else None
 
 
+def _kind_keys(nic: NicSpec, item: dict, where: str) -> None:
+    """The keys that depend on the NIC's kind (nickinds)."""
+    if nic.kind == nickinds.KIND_DIRECT:
+        nic.source, nic.mode = nickinds.parse_direct(item, where)
+    else:
+        nic.virtualport, nic.vlans, nic.trunk = nickinds.parse_port(item, where, nic.kind)
+    nic.mtu = nickinds.parse_mtu(item, where)
+
+
 def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
     accepted = (
-        "a list of network names or mappings with network|bridge, mac, ip, model "
+        "a list of network names or mappings with network|bridge (or type: direct with "
+        "source, mode), mac, ip, model, mtu, virtualport, vlan, trunk "
         "(and prefix|netmask, gateway, dns with an ip on a bridge)"
     )
     if not isinstance(value, list) or not value:
@@ -161,13 +194,13 @@ def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
         unknown = set(item) - set(NIC_KEYS)
         if unknown:
             raise SpecError(where, f"unknown key(s) {', '.join(sorted(unknown))}", NIC_KEYS)
-        if bool(item.get("network")) == bool(item.get("bridge")):
-            raise SpecError(where, "needs exactly one of network or bridge", ("network", "bridge"))
         nic = NicSpec(
+            kind=nickinds.kind_of(item, where),
             network=text(item, "network", label=f"{where}.network"),
             bridge=text(item, "bridge", label=f"{where}.bridge"),
             model=one_of(item, "model", NIC_MODELS, DEFAULT_MODEL, f"{where}.model"),
         )
+        _kind_keys(nic, item, where)
         if item.get("mac") is not None:
             mac = str(item["mac"]).lower()
             if not MAC_RE.fullmatch(mac) or int(mac[:2], 16) & 1:
@@ -220,12 +253,13 @@ def check_plan(nics: list[NicSpec] | None, ip_source: str, source_given: bool) -
                 "nics[].ip on a bridge, or another source: "
                 + ", ".join(s for s in choices.SOURCES if s != choices.SOURCE_PLAN),
             )
-        if nics and all(n.bridge for n in nics) and ip_source == choices.SOURCE_LEASE:
+        _check_direct_source(nics, ip_source, source_given)
+        if nics and not any(n.network for n in nics) and ip_source == choices.SOURCE_LEASE:
             raise SpecError(
                 "ip_source",
                 f"{'ip-learning (the default)' if not source_given else repr(ip_source)} reads "
                 "libvirt's DHCP leases, which exist only on libvirt networks, and every NIC "
-                "is on a bridge: no address would ever come",
+                "is on a bridge or macvtap: no address would ever come",
                 f"{choices.SOURCE_AGENT} (the image runs the guest agent), {choices.SOURCE_ARP} "
                 f"(the host's neighbour table), {choices.SOURCE_AUTO}, or nics[].ip with "
                 "prefix on a bridge NIC (a static plan)",
@@ -247,3 +281,26 @@ def check_plan(nics: list[NicSpec] | None, ip_source: str, source_given: bool) -
                 "a mac on every NIC of a VM with a static ip",
             )
     return choices.SOURCE_PLAN
+
+
+def unreachable(nics: list[NicSpec] | None) -> bool:
+    """Every NIC is macvtap outside vepa: the host cannot reach the guest."""
+    return bool(nics) and all(
+        n.kind == nickinds.KIND_DIRECT and n.mode != nickinds.MODE_VEPA for n in nics or []
+    )
+
+
+def _check_direct_source(nics: list[NicSpec] | None, ip_source: str, source_given: bool) -> None:
+    """Only the guest agent finds a guest whose every NIC is macvtap (the
+    neighbour table too in vepa mode, through a reflecting switch)."""
+    if not nics or any(n.kind != nickinds.KIND_DIRECT for n in nics):
+        return
+    refused = (choices.SOURCE_LEASE,) + ((choices.SOURCE_ARP,) if unreachable(nics) else ())
+    if ip_source in refused:
+        shown = "ip-learning (the default)" if not source_given else repr(ip_source)
+        raise SpecError(
+            "ip_source",
+            f"{shown} cannot find a guest whose every NIC is type direct: {nickinds.UNREACHABLE}",
+            f"{choices.SOURCE_AGENT} (the image runs the guest agent), or a second NIC on a "
+            "libvirt network or bridge for the host to reach the guest by",
+        )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from salt_kvm.cloud import addresses, choices, clone, dhcp, nics, seed, sizing
+from salt_kvm.cloud import addresses, choices, clone, dhcp, hostcheck, nics, seed, sizing
 from salt_kvm.cloud.spec import VMSpec
 from salt_kvm.disks import ops as diskops
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
@@ -79,9 +79,16 @@ def _check_fixed_macs(conn: libvirt.virConnect, spec: VMSpec, taken: set[str]) -
             dhcp.check(conn, nic.network, nic.mac, nic.ip, f"nics[{index}].ip")
 
 
-def _customize(spec: VMSpec, taken: set[str], guest: Guest) -> Callable[[Domain], None]:
+def _customize(
+    spec: VMSpec,
+    taken: set[str],
+    guest: Guest,
+    hostdevs: list[hostcheck.Resolved] | tuple = (),
+) -> Callable[[Domain], None]:
     def customize(xml: Domain) -> None:
         sizing.apply(xml, spec)
+        for device in hostdevs:
+            xml.node.find("devices").append(device.element())
         for iface in xml.interfaces:
             if not iface.mac:
                 iface.mac = identity.new_mac(taken)
@@ -220,6 +227,8 @@ def _clone(
     conn: libvirt.virConnect, spec: VMSpec, rollback: Rollback, emit: Emit, seed_iso: bytes | None
 ) -> Guest:
     _check_networks(conn, spec)
+    hostcheck.check_direct(conn, spec)
+    hostdevs = hostcheck.resolve_hostdevs(conn, spec.hostdevs, spec.hostdev_allowed)
     taken = identity.used_macs(conn)
     _check_fixed_macs(conn, spec, taken)
     diskops.precheck(conn, spec.name, spec.disks)
@@ -259,7 +268,7 @@ def _clone(
         conn,
         plan,
         rollback,
-        customize=_customize(spec, taken, guest),
+        customize=_customize(spec, taken, guest, hostdevs),
         validate=spec.validate_xml,
         info=info or None,
         taken=taken,

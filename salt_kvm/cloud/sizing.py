@@ -69,14 +69,23 @@ def _use_vhost(iface: Interface) -> None:
 
 
 def _nic_element(nic: NicSpec, vhost: bool) -> etree._Element:
-    iface = Interface(etree.Element("interface", type="network" if nic.network else "bridge"))
+    iface = Interface(etree.Element("interface", type=nic.kind))
     if nic.mac:
         iface.mac = nic.mac
     if nic.network:
         iface.source_network = nic.network
-    else:
+    elif nic.bridge:
         iface.source_bridge = nic.bridge
+    else:
+        iface.source_dev = nic.source
+        iface.source_mode = nic.mode
+    if nic.virtualport:
+        iface.virtualport = nic.virtualport
+    if nic.vlans:
+        iface.vlans = nic.vlans
+        iface.vlan_trunk = True if nic.trunk else None
     iface.model = nic.model
+    iface.mtu = nic.mtu
     if vhost:
         _use_vhost(iface)
     return iface.node

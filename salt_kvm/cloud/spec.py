@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from salt_kvm.cloud import choices, cloudinit, saltsource
+from salt_kvm.cloud.hostdevs import HostdevSpec, check_allowed, parse_allowed, parse_hostdevs
 from salt_kvm.cloud.nics import (  # noqa: F401 - re-exported: the names' old home
     MAC_RE,
     NIC_KEYS,
@@ -56,6 +57,8 @@ PROFILE_KEYS = (
     "vhost",
     "cpuunits",
     "nics",
+    "hostdevs",
+    "hostdev_allowed",
     "deploy",
     "deploy_method",
     "salt_source",
@@ -192,6 +195,8 @@ class VMSpec:
     vhost: bool = False
     cpu_shares: int | None = None
     nics: list[NicSpec] | None = None
+    hostdevs: list[HostdevSpec] = field(default_factory=list)
+    hostdev_allowed: list[HostdevSpec] = field(default_factory=list)  # the provider's
     deploy: DeploySpec = field(default_factory=DeploySpec)
     image: images.ImageSpec | None = None
     cloud_init: cloudinit.CloudInitSpec | None = None
@@ -232,7 +237,9 @@ SALT_CLOUD_LOOKALIKES = ("priv_key", "win_password")
 
 # Keys that widen what the hypervisor exposes: its operator sets them (provider
 # or master configuration), never a profile, which a requester may write.
-HYPERVISOR_KEYS = ("disk_allowed_dirs", "image_allowed_dirs")
+HYPERVISOR_KEYS = ("disk_allowed_dirs", "image_allowed_dirs", "hostdev_allowed")
+# What a profile could take of the host with each, when the profile set it.
+HYPERVISOR_KEY_RISKS = {"hostdev_allowed": "take any device from the host for its guest"}
 
 
 def check_written_keys(profile: dict, provider: dict) -> None:
@@ -242,8 +249,8 @@ def check_written_keys(profile: dict, provider: dict) -> None:
         if key in profile:
             raise SpecError(
                 key,
-                "is the hypervisor's setting, not a profile's: a profile could open any "
-                "host directory to its guest",
+                "is the hypervisor's setting, not a profile's: a profile could "
+                + HYPERVISOR_KEY_RISKS.get(key, "open any host directory to its guest"),
                 f"{key} in the provider configuration (cloud.providers.d), or leave it out",
             )
     check_key_typos(set(profile) | set(provider), KNOWN_KEYS)
@@ -353,6 +360,9 @@ def build_spec(values: dict) -> VMSpec:
     cpu_shares = whole_number(cpuunits, "cpuunits", 2, 262144) if cpuunits is not None else None
 
     nics = parse_nics(values["nics"]) if values.get("nics") is not None else None
+    hostdevs = parse_hostdevs(values.get("hostdevs"))
+    hostdev_allowed = parse_allowed(values.get("hostdev_allowed"))
+    check_allowed(hostdevs, hostdev_allowed)
 
     deploy_method = one_of(values, "deploy_method", DEPLOY_METHODS, DEFAULTS["deploy_method"])
     deploy = DeploySpec(
@@ -417,6 +427,8 @@ def build_spec(values: dict) -> VMSpec:
         vhost=boolean(values, "vhost", False),
         cpu_shares=cpu_shares,
         nics=nics,
+        hostdevs=hostdevs,
+        hostdev_allowed=hostdev_allowed,
         deploy=deploy,
         image=image,
         cloud_init=cloud_init,

@@ -90,6 +90,50 @@ class Interface(XMLObject):
     source_bridge = XMLProperty("./source/@bridge")
     model = XMLProperty("./model/@type")
     target_dev = XMLProperty("./target/@dev")
+    source_dev = XMLProperty("./source/@dev")  # direct (macvtap): the host interface
+    source_mode = XMLProperty("./source/@mode")
+    virtualport = XMLProperty("./virtualport/@type")
+    mtu = XMLProperty("./mtu/@size", int)
+    vlan_trunk = XMLProperty("./vlan/@trunk", bool)
+
+    @property
+    def vlans(self) -> list[int]:
+        return [int(t.get("id")) for t in self.node.findall("vlan/tag") if t.get("id")]
+
+    @vlans.setter
+    def vlans(self, tags: list[int]) -> None:
+        old = self.node.find("vlan")
+        if old is not None:
+            self.node.remove(old)
+        if tags:
+            vlan = etree.SubElement(self.node, "vlan")
+            for tag in tags:
+                etree.SubElement(vlan, "tag", id=str(tag))
+
+    @property
+    def source(self) -> str | None:
+        """What the NIC is on: its network, bridge or host interface."""
+        return self.source_network or self.source_bridge or self.source_dev
+
+
+class Hostdev(XMLObject):
+    """A host device given to the guest (``<hostdev mode='subsystem'>``)."""
+
+    TAG = "hostdev"
+    PCI = "pci"
+    USB = "usb"
+
+    type = XMLProperty("./@type")
+    mode = XMLProperty("./@mode")
+    managed = XMLProperty("./@managed", bool)
+    # PCI: <source><address domain bus slot function/>; USB: vendor/product or bus/device.
+    address_domain = XMLProperty("./source/address/@domain")
+    address_bus = XMLProperty("./source/address/@bus")
+    address_slot = XMLProperty("./source/address/@slot")
+    address_function = XMLProperty("./source/address/@function")
+    address_device = XMLProperty("./source/address/@device")
+    vendor = XMLProperty("./source/vendor/@id")
+    product = XMLProperty("./source/product/@id")
 
 
 class Domain(XMLObject):
@@ -123,6 +167,10 @@ class Domain(XMLObject):
     @property
     def interfaces(self) -> list[Interface]:
         return [Interface(n) for n in self._devices().findall("interface")]
+
+    @property
+    def hostdevs(self) -> list[Hostdev]:
+        return [Hostdev(n) for n in self._devices().findall("hostdev")]
 
     def remove_devices(self, tag: str) -> int:
         devices = self._devices()
@@ -189,6 +237,16 @@ class Domain(XMLObject):
 
     def to_xml(self) -> str:
         return tostring(self.node)
+
+
+def has_hostdevs(xml: str | Domain) -> bool:
+    """The domain holds host devices (PCI/USB passthrough, or a NIC of type
+    hostdev): it cannot be migrated, and a snapshot cannot capture the device."""
+    dom = xml if isinstance(xml, Domain) else Domain(xml)
+    devices = dom.node.find("devices")
+    if devices is None:
+        return False
+    return devices.find("hostdev") is not None or any(i.type == "hostdev" for i in dom.interfaces)
 
 
 def disks_metadata_element(records: dict[str, dict], namespaced: bool = True) -> etree._Element:

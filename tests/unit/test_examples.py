@@ -7,11 +7,16 @@ import jinja2
 import pytest
 import yaml
 
-from salt_kvm.cloud.spec import build_spec
+from salt_kvm.cloud.spec import build_spec, check_written_keys
 from salt_kvm.errors import SpecError
 from salt_kvm.images.fetch import ALGORITHMS
 
 PROFILES = Path(__file__).resolve().parents[2] / "profiles.example" / "cloud.profiles.d"
+PROVIDERS = {
+    name: provider
+    for conf in sorted((PROFILES.parent / "cloud.providers.d").glob("*.conf"))
+    for name, provider in yaml.safe_load(conf.read_text()).items()
+}
 EXAMPLES = [
     (conf.name, name, profile)
     for conf in sorted(PROFILES.glob("*.conf"))
@@ -62,7 +67,15 @@ def test_example_profile_names_are_unique():
 @pytest.mark.parametrize("conf,name,profile", EXAMPLES, ids=[f"{c}:{n}" for c, n, _ in EXAMPLES])
 def test_example_profile_is_valid(conf, name, profile, tmp_path):
     profile = with_checksum(with_operator_files(profile, tmp_path))
-    assert build_spec({"name": "vm1", **profile}).name == "vm1"
+    # Its provider's settings under the profile's, as salt-cloud merges them;
+    # a hypervisor's key (hostdev_allowed...) only in the provider.
+    provider = {
+        k: v
+        for k, v in PROVIDERS.get(profile.get("provider"), {}).items()
+        if k not in ("driver", "url")
+    }
+    check_written_keys(profile, provider)
+    assert build_spec({"name": "vm1", **provider, **profile}).name == "vm1"
 
 
 PLACEHOLDERS = [

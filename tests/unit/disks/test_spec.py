@@ -180,8 +180,15 @@ def test_the_example_profile_is_valid():
 
     import yaml
 
-    path = pathlib.Path(__file__).parents[3] / "profiles.example/cloud.profiles.d/data-disks.conf"
-    (profile,) = yaml.safe_load(path.read_text()).values()
-    spec = build_spec({"name": "db1", **profile})
+    examples = pathlib.Path(__file__).parents[3] / "profiles.example"
+    (profile,) = yaml.safe_load(
+        (examples / "cloud.profiles.d/data-disks.conf").read_text()
+    ).values()
+    # disk_allowed_dirs is the provider's (a profile that sets it is refused)
+    providers = yaml.safe_load((examples / "cloud.providers.d/kvm.conf").read_text())
+    provider = providers[profile["provider"]]
+    spec = build_spec(
+        {"name": "db1", "disk_allowed_dirs": provider["disk_allowed_dirs"], **profile}
+    )
     assert [d.name for d in spec.disks.disks] == ["data", "archive"]
     assert spec.disks.allowed_dirs == ("/srv/images",) and spec.disks.delete is False
