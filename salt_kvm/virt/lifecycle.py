@@ -65,7 +65,20 @@ def remove(conn: libvirt.virConnect, name: str, also: list[str] | tuple[str, ...
             removed.append(path)
         except libvirt.libvirtError as exc:
             log.warning("volume %s of %s was not removed: %s", path, name, exc)
+    if info.get("nvram") and _remove_nvram(conn, name, info["nvram"]):
+        removed.append(info["nvram"])
     return {"domain": name, "volumes": removed}
+
+
+def _remove_nvram(conn: libvirt.virConnect, name: str, path: str) -> bool:
+    """The UEFI variables file salt-kvm made for the guest, if libvirt's
+    undefine left it (a driver that does not delete it, or a file kept while
+    another domain used it and free since): through the delete gate."""
+    try:
+        return chains.delete_volume(conn, path, f"NVRAM of {name}")
+    except (ConflictError, libvirt.libvirtError) as exc:
+        log.warning("the NVRAM %s of %s is kept: %s", path, name, exc)
+        return False
 
 
 def shutdown(dom: libvirt.virDomain, timeout: float = 180, interval: float = 0.5) -> bool:

@@ -10,7 +10,7 @@ import pytest
 from salt_kvm.cloud import actions, console, provision, seed
 from salt_kvm.cloud.spec import build_spec
 from salt_kvm.errors import SaltKvmError, SpecError
-from salt_kvm.virt import lifecycle
+from salt_kvm.virt import firmware, lifecycle
 from salt_kvm.virt.domain import Domain, new_domain
 from salt_kvm.virt.rollback import Rollback
 
@@ -133,3 +133,39 @@ def test_nvram_goes_only_when_it_is_the_guests_own_and_unused(conn):
     assert lifecycle.nvram_is_own(vm1)
     lifecycle.undefine(vm1)
     assert "vm1" not in [d.name() for d in conn.listAllDomains(0)]
+
+
+def test_a_uefi_base_clones_with_its_own_copy_of_the_variables(conn, pool, base, monkeypatch):
+    """The base's NVRAM (a pool volume here) is copied to ``<name>_VARS.fd``;
+    the base's own file is never the clone's, and destroy removes the copy only.
+    (The test driver lists no firmware: the host is said to have OVMF.)"""
+    ovmf = firmware.HostSupport(efi=True, secure_boot=True, graphics_known=False)
+    monkeypatch.setattr(firmware, "host_support", lambda *a: ovmf)
+    xml = Domain(base.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    vars_vol = pool.createXML(
+        "<volume><name>base_VARS.fd</name><capacity>540672</capacity></volume>", 0
+    )
+    os_node = xml.node.find("os")
+    loader = os_node.makeelement("loader", {"readonly": "yes", "type": "pflash"})
+    loader.text = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    os_node.append(loader)
+    nvram = os_node.makeelement("nvram", {})
+    nvram.text = vars_vol.path()
+    os_node.append(nvram)
+    conn.defineXML(xml.to_xml())
+    for strategy in ("quick", "full"):
+        name = f"vm-{strategy}"
+        guest = provision.create(
+            conn, spec(name=name, clone_strategy=strategy), Rollback(), lambda *a: None
+        )
+        made = Domain(guest.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        own = made.node.findtext("os/nvram").strip()
+        assert own.endswith(f"/{name}_VARS.fd") and own != vars_vol.path()
+        assert made.managed_info()["nvram"] == own
+        pool.refresh(0)
+        assert f"{name}_VARS.fd" in pool.listVolumes()
+        removed = actions.destroy(conn, name, False)
+        assert own in removed["volumes"]
+        pool.refresh(0)
+        assert f"{name}_VARS.fd" not in pool.listVolumes()
+    assert "base_VARS.fd" in pool.listVolumes()
