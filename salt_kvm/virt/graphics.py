@@ -57,8 +57,7 @@ def set_consoles(xml: Domain, kind: str | None, listen: str) -> list[str]:
     passwords = []
     for graphics in devices.findall("graphics"):
         if graphics.get("type") not in CONSOLE_TYPES:
-            devices.remove(graphics)  # sdl, egl-headless, dbus: nothing to reach remotely
-            continue
+            continue  # sdl, egl-headless, dbus: local displays, no port to protect
         _listen_on(graphics, listen)
         password = new_password()
         graphics.set("passwd", password)

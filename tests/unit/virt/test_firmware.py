@@ -149,7 +149,8 @@ def test_a_base_console_gets_a_password_and_loopback_and_bios_drops_uefi():
     etree.SubElement(os_node, "nvram").text = "/var/lib/libvirt/qemu/nvram/base_VARS.fd"
     machine.apply(xml, plan(GuestFeatures(firmware="bios"), False))
     assert os_node.get("firmware") is None and os_node.find("nvram") is None
-    (vnc,) = xml.node.findall("devices/graphics")
+    vnc, sdl = xml.node.findall("devices/graphics")
+    assert sdl.attrib == {"type": "sdl"}  # a local display: left as it is
     assert vnc.get("listen") == "127.0.0.1" and vnc.get("port") is None
     assert [e.get("address") for e in vnc.findall("listen")] == ["127.0.0.1"]
     assert vnc.get("passwd")
