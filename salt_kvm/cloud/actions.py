@@ -9,11 +9,12 @@ from collections.abc import Callable
 
 import libvirt
 
-from salt_kvm.cloud import intent, inventory, provision
+from salt_kvm.cloud import intent, inventory, machine, provision
 from salt_kvm.disks import ops as diskops
 from salt_kvm.errors import SaltKvmError
 from salt_kvm.nat import forwards
 from salt_kvm.virt import lifecycle
+from salt_kvm.virt.domain import Domain
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ def created(conn: libvirt.virConnect, guest: provision.Guest, deployed: dict | N
     if guest.virt_type_note:
         result["virt_type_note"] = guest.virt_type_note
     result.update(inventory.describe(conn, guest.domain))
+    result["machine"] = machine.shown(Domain(guest.domain.XMLDesc(0)))
     return result
 
 
@@ -71,7 +73,9 @@ def stopper(name: str, timeout: float) -> Callable[[libvirt.virDomain], None]:
 
 def describe(conn: libvirt.virConnect, name: str) -> dict:
     """A guest's state, addresses, size, base and NAT forwards."""
-    info = inventory.describe(conn, lifecycle.lookup(conn, name))
+    dom = lifecycle.lookup(conn, name)
+    info = inventory.describe(conn, dom)
+    info["machine"] = machine.shown(Domain(dom.XMLDesc(0)))
     info["nat"] = forwards.listing(name).get(name, {}).get("forwards", [])
     return info
 

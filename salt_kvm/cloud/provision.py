@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from salt_kvm.cloud import addresses, choices, clone, dhcp, hostcheck, nics, seed, sizing
+from salt_kvm.cloud import addresses, choices, clone, dhcp, hostcheck, machine, nics, seed, sizing
 from salt_kvm.cloud.spec import VMSpec
 from salt_kvm.disks import ops as diskops
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
@@ -83,9 +83,11 @@ def _customize(
     spec: VMSpec,
     taken: set[str],
     guest: Guest,
+    machine_plan: machine.MachinePlan,
     hostdevs: list[hostcheck.Resolved] | tuple = (),
 ) -> Callable[[Domain], None]:
     def customize(xml: Domain) -> None:
+        machine.apply(xml, machine_plan)
         sizing.apply(xml, spec)
         for device in hostdevs:
             xml.node.find("devices").append(device.element())
@@ -242,6 +244,9 @@ def _clone(
         # plan.xml is still the base's definition here: its type is the base's.
         choice = accel.choose_virt_type(conn, spec.virt_type, plan.xml.type, _boot_disk(plan))
         plan.virt_type = choice.virt_type
+    machine_plan = machine.plan(
+        conn, spec.features, spec.name, plan.xml, choice.virt_type, plan.disks[0].pool
+    )
     requesting = {
         "name": spec.name,
         "base_domain": spec.base_domain,
@@ -264,11 +269,14 @@ def _clone(
         seed_path = vol.path()
         chains.delete_on_rollback(rollback, conn, seed_path, "seed volume")
         guest.seed_path = info["seed"] = seed_path
+    machine.make(conn, machine_plan, rollback)
+    if machine_plan.nvram:
+        info["nvram"] = machine_plan.nvram
     guest.domain = clone.clone_domain(
         conn,
         plan,
         rollback,
-        customize=_customize(spec, taken, guest, hostdevs),
+        customize=_customize(spec, taken, guest, machine_plan, hostdevs),
         validate=spec.validate_xml,
         info=info or None,
         taken=taken,
@@ -286,7 +294,9 @@ def detach_seed(conn: libvirt.virConnect, guest: Guest) -> None:
         return
     seed.eject(guest.domain, guest.seed_target)
     chains.delete_volume(conn, guest.seed_path, "seed deletion")
-    xml = Domain(guest.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    # Secure: the definition is written back whole, with its console's password.
+    secure = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+    xml = Domain(guest.domain.XMLDesc(secure))
     info = xml.managed_info() or {}
     info.pop("seed", None)
     xml.set_managed_info(info)

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from salt_kvm.cloud import choices, cloudinit, saltsource
+from salt_kvm.cloud import choices, cloudinit, features, saltsource
+from salt_kvm.cloud.features import GuestFeatures
 from salt_kvm.cloud.hostdevs import HostdevSpec, check_allowed, parse_allowed, parse_hostdevs
 from salt_kvm.cloud.nics import (  # noqa: F401 - re-exported: the names' old home
     MAC_RE,
@@ -82,6 +83,7 @@ PROFILE_KEYS = (
     "disks",
     "delete_disks",
     "disk_allowed_dirs",
+    *features.KEYS,
 )
 
 
@@ -202,6 +204,7 @@ class VMSpec:
     cloud_init: cloudinit.CloudInitSpec | None = None
     nat_rules: list[nat.Rule] = field(default_factory=list)
     disks: ProfileDisks = field(default_factory=ProfileDisks)
+    features: GuestFeatures = field(default_factory=GuestFeatures)
 
 
 # ---- the whole profile -----------------------------------------------------
@@ -237,9 +240,17 @@ SALT_CLOUD_LOOKALIKES = ("priv_key", "win_password")
 
 # Keys that widen what the hypervisor exposes: its operator sets them (provider
 # or master configuration), never a profile, which a requester may write.
-HYPERVISOR_KEYS = ("disk_allowed_dirs", "image_allowed_dirs", "hostdev_allowed")
+HYPERVISOR_KEYS = (
+    "disk_allowed_dirs",
+    "image_allowed_dirs",
+    "hostdev_allowed",
+    "graphics_listen_allowed",
+)
 # What a profile could take of the host with each, when the profile set it.
-HYPERVISOR_KEY_RISKS = {"hostdev_allowed": "take any device from the host for its guest"}
+HYPERVISOR_KEY_RISKS = {
+    "hostdev_allowed": "take any device from the host for its guest",
+    "graphics_listen_allowed": "open its console on any address of the host",
+}
 
 
 def check_written_keys(profile: dict, provider: dict) -> None:
@@ -434,4 +445,5 @@ def build_spec(values: dict) -> VMSpec:
         cloud_init=cloud_init,
         nat_rules=nat.parse_rules(values.get("nat_rules"), "nat_rules"),
         disks=parse_profile_disks(values),
+        features=features.parse(values),
     )

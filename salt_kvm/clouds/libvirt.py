@@ -37,12 +37,14 @@ try:
 
     from salt_kvm import __version__
     from salt_kvm.cloud import actions, intent, inventory
+    from salt_kvm.cloud import console as guest_console
     from salt_kvm.cloud import deploy as cloud_deploy
     from salt_kvm.cloud.spec import (
         build_spec,
         check_mapping,
         check_written_keys,
     )
+    from salt_kvm.errors import SpecError
     from salt_kvm.images import cache as images
     from salt_kvm.saltutil import (
         SaltMaster,
@@ -318,6 +320,45 @@ def show_instance(name, call=None):
     _only(call == "action", "show_instance is an action: use -a show_instance")
     with cloud_errors(), _connect() as conn:
         return actions.describe(conn, name)
+
+
+def console(name, call=None):
+    """
+    How to reach a running guest's console (profile key ``graphics``): type,
+    address, port, its password and, for a hypervisor on another host, the SSH
+    tunnel line to run first. The password is shown to the caller only.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -a console vm1
+    """
+    _only(call == "action", "console is an action: use -a console")
+    with cloud_errors(also=(libvirt.libvirtError,)), _connect() as conn:
+        return guest_console.console(conn, name)
+
+
+def screenshot(name, kwargs=None, call=None):
+    """
+    Save a running guest's screen as a PNG at ``path`` (on this machine, as
+    this user; an existing file only with ``overwrite=true``).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -a screenshot vm1 path=/tmp/vm1.png
+    """
+    _only(call == "action", "screenshot is an action: use -a screenshot")
+    kwargs = kwargs or {}
+    with cloud_errors(also=(libvirt.libvirtError, OSError)):
+        path = kwargs.get("path")
+        if not path or not isinstance(path, str):
+            raise SpecError("path", "is required", "path=/some/file.png")
+        overwrite = boolean(kwargs, "overwrite", False)
+        with _connect() as conn:
+            return guest_console.screenshot(conn, name, path, overwrite)
 
 
 def list_nodes_full(call=None):

@@ -22,6 +22,7 @@ import libvirt
 from salt_kvm.errors import ConflictError
 from salt_kvm.virt import connection, pools
 from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.firmware import nvram_path
 from salt_kvm.virt.rollback import Rollback
 from salt_kvm.virt.volumes import Volume
 
@@ -300,6 +301,9 @@ def dependents(conn: libvirt.virConnect) -> Dependents:
                 for key in keys:
                     _add(found, key, Dependent(top, name, disk.target_dev))
                 files_of.setdefault(name, set()).update({_key(top, local), *keys})
+            nvram = nvram_path(xml)
+            if nvram:  # a UEFI variables file: the domain writes it
+                _add(found, _key(nvram, local), Dependent(nvram, name, "nvram", False))
     return Dependents(found, local, files_of)
 
 

@@ -8,7 +8,7 @@ import time
 import libvirt
 
 from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError
-from salt_kvm.virt import chains
+from salt_kvm.virt import chains, firmware
 from salt_kvm.virt.domain import Domain
 from salt_kvm.virt.rollback import Rollback
 
@@ -65,7 +65,20 @@ def remove(conn: libvirt.virConnect, name: str, also: list[str] | tuple[str, ...
             removed.append(path)
         except libvirt.libvirtError as exc:
             log.warning("volume %s of %s was not removed: %s", path, name, exc)
+    if info.get("nvram") and _remove_nvram(conn, name, info["nvram"]):
+        removed.append(info["nvram"])
     return {"domain": name, "volumes": removed}
+
+
+def _remove_nvram(conn: libvirt.virConnect, name: str, path: str) -> bool:
+    """The UEFI variables file salt-kvm made for the guest, if libvirt's
+    undefine left it (a driver that does not delete it, or a file kept while
+    another domain used it and free since): through the delete gate."""
+    try:
+        return chains.delete_volume(conn, path, f"NVRAM of {name}")
+    except (ConflictError, libvirt.libvirtError) as exc:
+        log.warning("the NVRAM %s of %s is kept: %s", path, name, exc)
+        return False
 
 
 def shutdown(dom: libvirt.virDomain, timeout: float = 180, interval: float = 0.5) -> bool:
@@ -105,19 +118,55 @@ def define(
 
 def undefine(dom: libvirt.virDomain) -> None:
     """Stop and undefine, taking libvirt's per-domain state (managed save,
-    snapshot and checkpoint metadata, NVRAM) with it, as far as the driver can."""
+    snapshot and checkpoint metadata, the emulated TPM's state) with it, as far
+    as the driver can; the UEFI variables file too when it is the domain's own
+    and nothing else uses it (``nvram_is_own``)."""
+    own_nvram = nvram_is_own(dom)
     if dom.isActive():
         dom.destroy()
+    nvram = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+    if not own_nvram:
+        nvram = libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
     base = (
         libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
         | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-        | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+        | nvram
     )
-    for flags in (base | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA, base):
+    # libvirt >= 8.9 (9.0 of the stable tier too): remove the swtpm state explicitly.
+    tpm = getattr(libvirt, "VIR_DOMAIN_UNDEFINE_TPM", 0)
+    checkpoints = libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+    for flags in (base | checkpoints | tpm, base | checkpoints, base):
         try:
             dom.undefineFlags(flags)
             return
         except libvirt.libvirtError as exc:
-            if exc.get_error_code() != libvirt.VIR_ERR_INVALID_ARG:
+            if exc.get_error_code() not in (
+                libvirt.VIR_ERR_INVALID_ARG,
+                libvirt.VIR_ERR_NO_SUPPORT,
+            ):
                 raise
     dom.undefine()
+
+
+def nvram_is_own(dom: libvirt.virDomain) -> bool:
+    """Whether the domain's UEFI variables file goes with it: the file salt-kvm
+    made for it (its metadata names it) or the one libvirt made in its own
+    folder, and no other domain uses it (salt_kvm.virt.chains)."""
+    try:
+        xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    except libvirt.libvirtError:
+        return True
+    path = firmware.nvram_path(xml)
+    if path is None:
+        return True
+    info = xml.managed_info() or {}
+    name = dom.name()
+    made = path in (info.get("nvram"), f"{firmware.LIBVIRT_NVRAM_DIR}/{name}_VARS.fd")
+    if not made:
+        log.info("the NVRAM %s of %s is not its own: kept", path, name)
+        return False
+    needs = chains.dependents(dom.connect()).blocking([path], domains=(name,))
+    if needs:
+        log.warning("the NVRAM %s of %s is kept: %s", path, name, chains.describe(needs))
+        return False
+    return True
