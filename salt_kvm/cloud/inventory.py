@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import libvirt
 
 from salt_kvm import redact
-from salt_kvm.cloud import addresses
+from salt_kvm.cloud import addresses, sharehost
 from salt_kvm.virt.domain import Domain
 from salt_kvm.virt.units import human_size
 
@@ -136,6 +136,7 @@ def describe(
         "memory_mib": memory_mib,
         "macs": macs,
         "disks": disks,
+        "shares": sharehost.describe(xml),
         "autostart": dom.UUIDString() in facts.autostart,
         "description": xml.description,
     }

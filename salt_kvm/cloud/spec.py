@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from salt_kvm.cloud import choices, cloudinit, saltsource
+from salt_kvm.cloud import shares as profile_shares
 from salt_kvm.cloud.nics import (  # noqa: F401 - re-exported: the names' old home
     MAC_RE,
     NIC_KEYS,
@@ -79,6 +80,8 @@ PROFILE_KEYS = (
     "disks",
     "delete_disks",
     "disk_allowed_dirs",
+    "shares",
+    "share_allowed_dirs",
 )
 
 
@@ -197,6 +200,8 @@ class VMSpec:
     cloud_init: cloudinit.CloudInitSpec | None = None
     nat_rules: list[nat.Rule] = field(default_factory=list)
     disks: ProfileDisks = field(default_factory=ProfileDisks)
+    shares: tuple[profile_shares.ShareSpec, ...] = ()
+    share_allowed_dirs: tuple[str, ...] = ()
 
 
 # ---- the whole profile -----------------------------------------------------
@@ -232,7 +237,7 @@ SALT_CLOUD_LOOKALIKES = ("priv_key", "win_password")
 
 # Keys that widen what the hypervisor exposes: its operator sets them (provider
 # or master configuration), never a profile, which a requester may write.
-HYPERVISOR_KEYS = ("disk_allowed_dirs", "image_allowed_dirs")
+HYPERVISOR_KEYS = ("disk_allowed_dirs", "image_allowed_dirs", "share_allowed_dirs")
 
 
 def check_written_keys(profile: dict, provider: dict) -> None:
@@ -387,6 +392,10 @@ def build_spec(values: dict) -> VMSpec:
         values, deploy.method, deploy.enabled, ip_source == choices.SOURCE_AGENT
     )
 
+    share_list, share_dirs = profile_shares.parse(
+        values.get("shares"), values.get("share_allowed_dirs")
+    )
+
     return VMSpec(
         name=name,
         base_domain=base,
@@ -422,4 +431,6 @@ def build_spec(values: dict) -> VMSpec:
         cloud_init=cloud_init,
         nat_rules=nat.parse_rules(values.get("nat_rules"), "nat_rules"),
         disks=parse_profile_disks(values),
+        shares=share_list,
+        share_allowed_dirs=share_dirs,
     )

@@ -12,6 +12,7 @@ from salt_kvm.errors import SpecError
 from salt_kvm.images.fetch import ALGORITHMS
 
 PROFILES = Path(__file__).resolve().parents[2] / "profiles.example" / "cloud.profiles.d"
+PROVIDERS = yaml.safe_load((PROFILES.parent / "cloud.providers.d" / "kvm.conf").read_text())
 EXAMPLES = [
     (conf.name, name, profile)
     for conf in sorted(PROFILES.glob("*.conf"))
@@ -62,7 +63,9 @@ def test_example_profile_names_are_unique():
 @pytest.mark.parametrize("conf,name,profile", EXAMPLES, ids=[f"{c}:{n}" for c, n, _ in EXAMPLES])
 def test_example_profile_is_valid(conf, name, profile, tmp_path):
     profile = with_checksum(with_operator_files(profile, tmp_path))
-    assert build_spec({"name": "vm1", **profile}).name == "vm1"
+    # salt-cloud merges the profile over its provider (share_allowed_dirs...).
+    provider = PROVIDERS.get(profile.get("provider"), {})
+    assert build_spec({**provider, "name": "vm1", **profile}).name == "vm1"
 
 
 PLACEHOLDERS = [
