@@ -314,3 +314,19 @@ def test_a_mount_makes_a_seed_even_without_cloud_init():
     assert iso is not None and b"a /mnt/a virtiofs" in iso
     s = spec(shares=[{"source": "/srv/shares/a", "tag": "a"}], share_allowed_dirs=["/srv/shares"])
     assert deploy.seed_iso(s, None, None) is None
+
+
+class RemoteConn(LocalConn):
+    def getURI(self):  # noqa: N802
+        return "qemu+ssh://root@hv1.example/system"
+
+
+def test_a_remote_hypervisors_shares_are_checked_as_written_and_say_so():
+    from salt_kvm.cloud import sharehost
+
+    wanted = (ShareSpec("/srv/shares/link-or-not", "data"),)
+    checked = sharehost.check(RemoteConn(), wanted, ("/srv/shares",))
+    # Not resolved on the master's filesystem: the path is the hypervisor's.
+    assert checked.shares == [virtiofs.Share("/srv/shares/link-or-not", "data", False)]
+    assert "hv1.example" in checked.unchecked and "not on its filesystem" in checked.unchecked
+    assert sharehost.check(RemoteConn(), (), ("/srv/shares",)).shares == []
