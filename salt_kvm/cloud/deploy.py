@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import libvirt
 
 from salt_kvm import ssh as ssh_lib
-from salt_kvm.cloud import choices, cloudinit, provision, saltsource, seed, sshdeploy
+from salt_kvm.cloud import choices, cloudinit, provision, saltsource, seed, shares, sshdeploy
 from salt_kvm.cloud.provision import Guest
 from salt_kvm.cloud.spec import VMSpec
 from salt_kvm.errors import SaltKvmError, SpecError
@@ -333,6 +333,10 @@ def seed_iso(spec: VMSpec, plan: Plan | None, grains: dict | None, **extra: Any)
     (a cloud-config) merged. Built before anything is created: a bad template
     stops here. ``extra``: more names for a user_data template (profile...)."""
     minion = cloud_config(plan) if plan is not None and spec.deploy.method == "cloud-init" else None
+    # shares[].mount: the guest mounts them at first boot (and keeps them in fstab).
+    mounts = shares.cloud_config(spec.shares)
+    if mounts:
+        minion = cloudinit.merge(mounts, minion or {})
     ci = spec.cloud_init
     # nics[].ip on a bridge: the guest's network config (the spec refuses it
     # beside cloud_init.network_config).

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import libvirt
 
 from salt_kvm import redact
-from salt_kvm.cloud import addresses
+from salt_kvm.cloud import addresses, sharehost
 from salt_kvm.virt import nodedev
 from salt_kvm.virt.domain import Domain
 from salt_kvm.virt.units import human_size
@@ -178,6 +178,7 @@ def describe(
         "nics": _nics(xml),
         "hostdevs": _hostdevs(xml),
         "disks": disks,
+        "shares": sharehost.describe(xml),
         "autostart": dom.UUIDString() in facts.autostart,
         "description": xml.description,
     }

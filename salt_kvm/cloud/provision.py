@@ -13,13 +13,24 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from salt_kvm.cloud import addresses, choices, clone, dhcp, hostcheck, machine, nics, seed, sizing
+from salt_kvm.cloud import (
+    addresses,
+    choices,
+    clone,
+    dhcp,
+    hostcheck,
+    machine,
+    nics,
+    seed,
+    sharehost,
+    sizing,
+)
 from salt_kvm.cloud.spec import VMSpec
 from salt_kvm.disks import ops as diskops
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
 from salt_kvm.images import cache as images
 from salt_kvm.nat import forwards
-from salt_kvm.virt import accel, chains, identity, lifecycle, names
+from salt_kvm.virt import accel, chains, identity, lifecycle, names, virtiofs
 from salt_kvm.virt.domain import Domain, new_domain
 from salt_kvm.virt.rollback import Rollback
 
@@ -85,12 +96,15 @@ def _customize(
     guest: Guest,
     machine_plan: machine.MachinePlan,
     hostdevs: list[hostcheck.Resolved] | tuple = (),
+    shared: sharehost.Checked | None = None,
 ) -> Callable[[Domain], None]:
     def customize(xml: Domain) -> None:
         machine.apply(xml, machine_plan)
         sizing.apply(xml, spec)
         for device in hostdevs:
             xml.node.find("devices").append(device.element())
+        if shared is not None:
+            virtiofs.add_shares(xml, shared.shares)
         for iface in xml.interfaces:
             if not iface.mac:
                 iface.mac = identity.new_mac(taken)
@@ -234,6 +248,7 @@ def _clone(
     taken = identity.used_macs(conn)
     _check_fixed_macs(conn, spec, taken)
     diskops.precheck(conn, spec.name, spec.disks)
+    shared = sharehost.check(conn, spec.shares, spec.share_allowed_dirs)
     if spec.image is not None:
         plan, choice = _plan_image(conn, spec, spec.image, emit)
     else:
@@ -256,12 +271,15 @@ def _clone(
     }
     if choice.note:
         requesting["virt_type_note"] = choice.note
+    if shared.unchecked:
+        requesting["shares_unchecked"] = shared.unchecked
     emit("requesting", requesting)
     reservations = _reserve(conn, spec, rollback)
     guest = Guest(spec.name, None, [])
     guest.virt_type_note = choice.note
     info: dict = {"reservations": reservations} if reservations else {}
     info.update(plan.image_info)
+    info.update(sharehost.mounts_info(spec.shares))
     if seed_iso is not None:
         seed_name = names.seed_volume_name(spec.name)
         rollback.intend("volume", pool=plan.disks[0].pool, name=seed_name)
@@ -276,7 +294,7 @@ def _clone(
         conn,
         plan,
         rollback,
-        customize=_customize(spec, taken, guest, machine_plan, hostdevs),
+        customize=_customize(spec, taken, guest, machine_plan, hostdevs, shared),
         validate=spec.validate_xml,
         info=info or None,
         taken=taken,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from salt_kvm.cloud import choices, cloudinit, features, saltsource
+from salt_kvm.cloud import shares as profile_shares
 from salt_kvm.cloud.features import GuestFeatures
 from salt_kvm.cloud.hostdevs import HostdevSpec, check_allowed, parse_allowed, parse_hostdevs
 from salt_kvm.cloud.nics import (  # noqa: F401 - re-exported: the names' old home
@@ -84,6 +85,8 @@ PROFILE_KEYS = (
     "delete_disks",
     "disk_allowed_dirs",
     *features.KEYS,
+    "shares",
+    "share_allowed_dirs",
 )
 
 
@@ -205,6 +208,8 @@ class VMSpec:
     nat_rules: list[nat.Rule] = field(default_factory=list)
     disks: ProfileDisks = field(default_factory=ProfileDisks)
     features: GuestFeatures = field(default_factory=GuestFeatures)
+    shares: tuple[profile_shares.ShareSpec, ...] = ()
+    share_allowed_dirs: tuple[str, ...] = ()
 
 
 # ---- the whole profile -----------------------------------------------------
@@ -243,6 +248,7 @@ SALT_CLOUD_LOOKALIKES = ("priv_key", "win_password")
 HYPERVISOR_KEYS = (
     "disk_allowed_dirs",
     "image_allowed_dirs",
+    "share_allowed_dirs",
     "hostdev_allowed",
     "graphics_listen_allowed",
 )
@@ -408,6 +414,10 @@ def build_spec(values: dict) -> VMSpec:
         values, deploy.method, deploy.enabled, ip_source == choices.SOURCE_AGENT
     )
 
+    share_list, share_dirs = profile_shares.parse(
+        values.get("shares"), values.get("share_allowed_dirs")
+    )
+
     return VMSpec(
         name=name,
         base_domain=base,
@@ -446,4 +456,6 @@ def build_spec(values: dict) -> VMSpec:
         nat_rules=nat.parse_rules(values.get("nat_rules"), "nat_rules"),
         disks=parse_profile_disks(values),
         features=features.parse(values),
+        shares=share_list,
+        share_allowed_dirs=share_dirs,
     )

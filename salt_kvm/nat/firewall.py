@@ -59,9 +59,10 @@ def replace_table(script: str) -> None:
     nft("-f", "-", data=script)
 
 
-def table_comments() -> dict[str, list[str]]:
-    """Chain → comments of the rules now in salt-kvm's table (empty: no table)."""
-    proc = nft("-j", "list", "table", nat.TABLE_FAMILY, nat.TABLE_NAME, check=False)
+def table_comments(family: str = nat.TABLE_FAMILY) -> dict[str, list[str]]:
+    """Chain → comments of the rules now in salt-kvm's table of ``family``
+    (``ip``, or ``ip6``; empty: no table)."""
+    proc = nft("-j", "list", "table", family, nat.TABLE_NAME, check=False)
     if proc.returncode != 0:
         return {}
     found: dict[str, list[str]] = {}

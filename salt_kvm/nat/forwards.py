@@ -273,8 +273,12 @@ def _active(entries: dict[str, Entry]) -> bool:
     chains = firewall.table_comments()
     wanted = sorted(f.comment for f in forwards)
     guards = sorted(nat.GUARD + b for b in {f.bridge for f in forwards})
+    wanted6 = sorted(f.comment for f in forwards if f.answers_ipv6)
+    chains6 = firewall.table_comments(nat.TABLE6_FAMILY)
     return (
-        sorted(chains.get("prerouting", [])) == wanted and sorted(chains.get("guard", [])) == guards
+        sorted(chains.get("prerouting", [])) == wanted
+        and sorted(chains.get("guard", [])) == guards
+        and sorted(chains6.get("prerouting", [])) == wanted6
     )
 
 
@@ -396,6 +400,8 @@ def listing(domain: str | None = None, store: Store | None = None) -> dict[str, 
         result[name] = {
             "network": entry.placement.network,
             "address": entry.placement.address,
+            # The forwards also answer over IPv6, at this address (None: IPv4 only).
+            "address6": entry.placement.address6 or None,
             "firewall": why,
             "forwards": [
                 {**r.as_dict(), "active": through and nat.comment_for(name, r) in active}

@@ -30,6 +30,31 @@ def _subnet(root: etree._Element) -> ipaddress.IPv4Network | None:
     return None
 
 
+def _subnet6(root: etree._Element) -> ipaddress.IPv6Network | None:
+    """The network's IPv6 subnet (a dual-stack network), None without one."""
+    for ip in root.findall("ip"):
+        if ip.get("family") == "ipv6" and ip.get("address") is not None:
+            prefix = ip.get("prefix") or "64"
+            return ipaddress.IPv6Network(f"{ip.get('address')}/{prefix}", strict=False)
+    return None
+
+
+def _address6(
+    root: etree._Element, leased: list[str], known: str
+) -> tuple[ipaddress.IPv6Network | None, str]:
+    """The guest's IPv6 address on a dual-stack network: dnsmasq's DHCPv6
+    lease for the NIC's MAC (libvirt records the MAC with it), else the one
+    last recorded for that MAC (``known``). Never a SLAAC address the guest
+    made itself, nor a reservation by DUID or name: those are the guest's word."""
+    subnet = _subnet6(root)
+    if subnet is None:
+        return None, ""
+    for address in [*leased, known]:
+        if address and ipaddress.ip_address(address) in subnet:
+            return subnet, address
+    return subnet, ""
+
+
 def _reserved(root: etree._Element, mac: str) -> list[str]:
     """The network's DHCP reservation for ``mac`` (a reservation by host name
     only is the guest's word: any guest can send that name)."""
@@ -87,12 +112,23 @@ def locate(conn: libvirt.virConnect, name: str, known: Placement | None = None) 
         subnet = _subnet(root)
         if subnet is None:
             continue
-        candidates = _reserved(root, mac) + _leased(net, mac)
-        if known is not None and known.mac == mac and known.network == net.name():
-            candidates.append(known.address)
+        leased = _leased(net, mac)
+        candidates = _reserved(root, mac) + leased
+        recorded = known if known and known.mac == mac and known.network == net.name() else None
+        if recorded is not None:
+            candidates.append(recorded.address)
         for address in candidates:
             if ipaddress.ip_address(address) in subnet:
-                return Placement(net.name(), net.bridgeName(), str(subnet), address, mac)
+                subnet6, address6 = _address6(root, leased, recorded.address6 if recorded else "")
+                return Placement(
+                    net.name(),
+                    net.bridgeName(),
+                    str(subnet),
+                    address,
+                    mac,
+                    address6,
+                    str(subnet6) if address6 else "",
+                )
     if not on_network:
         raise SpecError(
             "domain",

@@ -28,10 +28,14 @@ RULE_KEYS = ("guest", "host", "proto", "host_address")
 
 TABLE_FAMILY = "ip"
 TABLE_NAME = "salt_kvm"
+# The IPv6 forwards: a second table of the same name, replaced in the same
+# transaction (a table holds one family; ``inet`` would move the IPv4 rules).
+TABLE6_FAMILY = "ip6"
 # The conntrack mark bit our DNAT sets, so one static rule ahead of libvirt's
 # forward rejects (see ``nft_glue``) accepts exactly our forwarded connections.
 CT_MARK = 0x00100000
 LOOPBACK = "127.0.0.0/8"
+LOOPBACK6 = "::1"
 # host_address: not given = the host's loopback and its guests' bridges (the
 # documented, safe default); EVERY (or "*") = every address of the host, the
 # public ones too: the operator must say so.
@@ -196,6 +200,15 @@ class Forward:
     address: str
     bridge: str
     subnet: str
+    address6: str = ""  # the guest's IPv6 address on a dual-stack network
+    subnet6: str = ""
+
+    @property
+    def answers_ipv6(self) -> bool:
+        """Whether the forward also answers on the host's IPv6 addresses: the
+        guest has one (the host's record) and the rule listens by default
+        (an explicit host_address is an IPv4 one)."""
+        return bool(self.address6) and self.rule.host_address is None
 
     @property
     def comment(self) -> str:
@@ -264,13 +277,46 @@ def ruleset(forwards: list[Forward]) -> dict[str, list[str]]:
     }
 
 
+def _dnat6(forward: Forward, arriving: str | None = None) -> str:
+    """The IPv6 DNAT of a default forward: to the host's own IPv6 addresses,
+    from the host itself (``output``) or from the guests' bridges. Not ``::1``:
+    the kernel drops a packet with a loopback source that would leave ``lo``,
+    and IPv6 has no route_localnet."""
+    rule = forward.rule
+    match = f"fib daddr type local ip6 daddr != {LOOPBACK6}"
+    if arriving is not None:
+        match = f"iifname {arriving} {match}"
+    return (
+        f"{match} {rule.proto} dport {rule.host} "
+        f"ct mark set ct mark or {CT_MARK:#x} "
+        f"dnat to [{forward.address6}]:{rule.guest} "
+        f'comment "{forward.comment}"'
+    )
+
+
+def ruleset6(forwards: list[Forward]) -> dict[str, list[str]]:
+    """The IPv6 table's chains: the forwards whose guest has an IPv6 address."""
+    forwards = sorted(f for f in forwards if f.answers_ipv6)
+    if not forwards:
+        return {}
+    bridge_set = "{ " + ", ".join(f'"{b}"' for b in sorted({f.bridge for f in forwards})) + " }"
+    marked = f"ct mark and {CT_MARK:#x} == {CT_MARK:#x}"
+    subnets = sorted({(f.bridge, f.subnet6) for f in forwards})
+    return {
+        "prerouting": [_dnat6(f, bridge_set) for f in forwards],
+        "output": [_dnat6(f) for f in forwards],
+        # Hairpin: a guest reaching a forward on its own network.
+        "postrouting": [f'{marked} oifname "{b}" ip6 saddr {s} masquerade' for b, s in subnets],
+    }
+
+
 def localnet_bridges(forwards: list[Forward]) -> list[str]:
     """The bridges that need route_localnet: those of forwards listening on 127.0.0.1."""
     return sorted({f.bridge for f in forwards if f.rule.reaches_loopback})
 
 
-def _table_body(chains: dict[str, list[str]]) -> list[str]:
-    lines = [f"table {TABLE_FAMILY} {TABLE_NAME} {{"]
+def _table_body(chains: dict[str, list[str]], family: str = TABLE_FAMILY) -> list[str]:
+    lines = [f"table {family} {TABLE_NAME} {{"]
     for name, rules in chains.items():
         kind, hook, priority = CHAINS[name]
         lines.append(f"  chain {name} {{")
@@ -282,7 +328,8 @@ def _table_body(chains: dict[str, list[str]]) -> list[str]:
 
 
 def script(forwards: list[Forward]) -> str:
-    """One ``nft -f`` transaction that replaces the table with exactly ``forwards``.
+    """One ``nft -f`` transaction that replaces the tables (IPv4, IPv6) with
+    exactly ``forwards``.
 
     ``add`` then ``delete`` makes the delete valid whether or not the table
     exists; the kernel applies the whole file atomically or not at all.
@@ -294,4 +341,9 @@ def script(forwards: list[Forward]) -> str:
     chains = ruleset(forwards)
     if chains:
         lines.extend(_table_body(chains))
+    lines.append(f"add table {TABLE6_FAMILY} {TABLE_NAME}")
+    lines.append(f"delete table {TABLE6_FAMILY} {TABLE_NAME}")
+    chains6 = ruleset6(forwards)
+    if chains6:
+        lines.extend(_table_body(chains6, TABLE6_FAMILY))
     return "\n".join(lines) + "\n"

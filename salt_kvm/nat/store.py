@@ -4,7 +4,8 @@ Why a file and not the domains' metadata: the libvirt hooks that put the
 forwards back (network start, libvirtd restart, host boot) must not call
 libvirtd, and the whole table is rendered in one transaction from every
 domain's rules. The file holds each domain's rules and where its guest was
-last seen (network, bridge, subnet, address), which is all a hook needs.
+last seen (network, bridge, subnet, address, and its IPv6 address and subnet
+on a dual-stack network), which is all a hook needs.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class Placement:
     subnet: str
     address: str
     mac: str = ""
+    # On a dual-stack network: the guest's IPv6 address (the host's DHCPv6
+    # record for the same MAC) and the network's IPv6 subnet; "" without.
+    address6: str = ""
+    subnet6: str = ""
 
 
 @dataclass
@@ -43,7 +48,10 @@ class Entry:
 
     def forwards(self, domain: str) -> list[nat.Forward]:
         p = self.placement
-        return [nat.Forward(domain, r, p.address, p.bridge, p.subnet) for r in self.rules]
+        return [
+            nat.Forward(domain, r, p.address, p.bridge, p.subnet, p.address6, p.subnet6)
+            for r in self.rules
+        ]
 
     def to_json(self) -> dict:
         return {"rules": [r.as_dict() for r in self.rules], **self.placement.__dict__}
@@ -51,7 +59,12 @@ class Entry:
 
 def _entry(data: dict) -> Entry:
     fields = {k: data[k] for k in ("network", "bridge", "subnet", "address") if k in data}
-    placement = Placement(**fields, mac=data.get("mac", ""))
+    placement = Placement(
+        **fields,
+        mac=data.get("mac", ""),
+        address6=data.get("address6", ""),
+        subnet6=data.get("subnet6", ""),
+    )
     return Entry([nat.rule_from_dict(r) for r in data.get("rules", [])], placement)
 
 

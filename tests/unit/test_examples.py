@@ -68,14 +68,14 @@ def test_example_profile_names_are_unique():
 def test_example_profile_is_valid(conf, name, profile, tmp_path):
     profile = with_checksum(with_operator_files(profile, tmp_path))
     # Its provider's settings under the profile's, as salt-cloud merges them;
-    # a hypervisor's key (hostdev_allowed...) only in the provider.
+    # a hypervisor's key (hostdev_allowed, share_allowed_dirs...) only in the provider.
     provider = {
         k: v
         for k, v in PROVIDERS.get(profile.get("provider"), {}).items()
         if k not in ("driver", "url")
     }
     check_written_keys(profile, provider)
-    assert build_spec({"name": "vm1", **provider, **profile}).name == "vm1"
+    assert build_spec({**provider, "name": "vm1", **profile}).name == "vm1"
 
 
 PLACEHOLDERS = [

@@ -111,3 +111,54 @@ def test_auto_that_falls_back_to_qemu_says_so(conn, pool, base):
     assert requesting["virt_type"] == "qemu"
     assert "virt_type auto: using qemu" in requesting["virt_type_note"]
     assert guest.virt_type_note == requesting["virt_type_note"]
+
+
+@pytest.fixture
+def share_host(tmp_path, monkeypatch):
+    """An allowed directory with a share in it, and a virtiofsd libvirt finds."""
+    from salt_kvm.virt import virtiofs
+
+    daemon = tmp_path / "virtiofsd"
+    daemon.write_text("#!/bin/sh\necho '-o source=PATH'\n")
+    daemon.chmod(0o755)
+    descriptors = tmp_path / "vhost-user"
+    descriptors.mkdir()
+    (descriptors / "50-virtiofsd.json").write_text(f'{{"type": "fs", "binary": "{daemon}"}}')
+    monkeypatch.setattr(virtiofs, "DESCRIPTOR_DIRS", (str(descriptors),))
+    allowed = tmp_path / "shares"
+    (allowed / "data").mkdir(parents=True)
+    (allowed / "out").symlink_to("/etc")
+    return allowed
+
+
+def test_shares_are_defined_with_shared_memory_and_shown(conn, pool, base, share_host):
+    from salt_kvm.cloud import inventory
+
+    shares = [{"source": f"{share_host}/data", "tag": "data", "mount": "/mnt/data"}]
+    values = {"shares": shares, "share_allowed_dirs": [str(share_host)]}
+    guest = provision.create(conn, spec(**values), Rollback(), lambda *a: None)
+    xml = Domain(guest.domain.XMLDesc(0))
+    assert xml.node.find("memoryBacking/access").get("mode") == "shared"
+    fs = xml.node.find("devices/filesystem")
+    assert fs.find("driver").get("type") == "virtiofs"
+    assert fs.find("source").get("dir") == f"{share_host}/data"
+    assert inventory.describe(conn, guest.domain)["shares"] == [
+        {"source": f"{share_host}/data", "tag": "data", "readonly": False, "mount": "/mnt/data"}
+    ]
+
+
+def test_a_share_the_host_refuses_stops_the_create_before_anything_is_made(
+    conn, pool, base, share_host
+):
+    before = state(conn, pool)
+    dirs = [str(share_host)]
+    cases = [
+        ({"source": f"{share_host}/out", "tag": "x"}, r"^shares\[0\]\.source: .*outside"),
+        ({"source": f"{share_host}/none", "tag": "x"}, r"^shares\[0\]\.source: .*does not exist"),
+        ({"source": f"{share_host}/data", "tag": "x", "readonly": True}, r"^shares\[0\]\.readonly"),
+    ]
+    for share, message in cases:
+        with pytest.raises(SpecError, match=message):
+            values = {"shares": [share], "share_allowed_dirs": dirs}
+            provision.create(conn, spec(**values), Rollback(), lambda *a: None)
+        assert state(conn, pool) == before

@@ -42,7 +42,7 @@ def kernel(monkeypatch):
     """No nft, no sysctls: the kernel side is another test's business."""
     for name, value in {
         "replace_table": lambda script: None,
-        "table_comments": lambda: {},
+        "table_comments": lambda *_: {},
         "local_ports": lambda: set(),
         "ensure_forward_accept": lambda: False,
         "firewall": lambda: FIREWALL_OK,
@@ -153,7 +153,7 @@ def test_a_create_whose_forward_write_fails_leaves_no_forward(conn, pool, base, 
     monkeypatch.setenv("SALT_KVM_NAT_STATE", str(store.path))
     for name, value in {
         "replace_table": lambda script: kernel.update(script=script),
-        "table_comments": lambda: {},
+        "table_comments": lambda *_: {},
         "local_ports": lambda: set(),
         "running_taps": lambda *_: [],
         "route_localnet": lambda *_: False,
@@ -177,3 +177,28 @@ def test_a_create_whose_forward_write_fails_leaves_no_forward(conn, pool, base, 
             provision.create(conn, spec, rollback, lambda *a: None)
     assert "vm1" not in kernel["script"]
     assert store.load() == {}
+
+
+def test_the_ipv6_address_is_the_hosts_dhcpv6_record_for_the_mac(conn, kernel, store):
+    """On a dual-stack network: the lease libvirt records for the NIC's MAC (the
+    test driver has no leases: the host's last record stands in), never one
+    for another MAC nor one outside the network's IPv6 subnet."""
+    dual = network_xml(f"<host mac='{MAC}' ip='192.168.230.50'/>").replace(
+        "</network>",
+        "<ip family='ipv6' address='fd5b:230::1' prefix='64'><dhcp>"
+        "<range start='fd5b:230::100' end='fd5b:230::1ff'/></dhcp></ip></network>",
+    )
+    conn.networkCreateXML(dual)
+    guest(conn, "vm1")
+    recorded = Placement(
+        NET, "virbr-nt", "192.168.230.0/24", "192.168.230.50", MAC, "fd5b:230::150", "x"
+    )
+    found = placement.locate(conn, "vm1", recorded)
+    assert (found.address, found.address6, found.subnet6) == (
+        "192.168.230.50",
+        "fd5b:230::150",
+        "fd5b:230::/64",
+    )
+    outside = Placement(NET, "virbr-nt", "", "192.168.230.50", MAC, "fd5b:999::150", "")
+    assert placement.locate(conn, "vm1", outside).address6 == ""
+    assert placement.locate(conn, "vm1").address6 == ""  # no record, no lease: IPv4 only

@@ -150,8 +150,15 @@ def test_script_replaces_the_table_in_one_file():
     lines = text.splitlines()
     assert lines[:3] == ["add table ip salt_kvm", "delete table ip salt_kvm", "table ip salt_kvm {"]
     assert "    type nat hook output priority -100; policy accept;" in lines
-    # No forwards: the table is removed, nothing else.
-    assert nat.script([]).splitlines() == ["add table ip salt_kvm", "delete table ip salt_kvm"]
+    # No forwards: the tables are removed (IPv4 and IPv6), nothing else.
+    assert nat.script([]).splitlines() == [
+        "add table ip salt_kvm",
+        "delete table ip salt_kvm",
+        "add table ip6 salt_kvm",
+        "delete table ip6 salt_kvm",
+    ]
+    # A guest without an IPv6 address: the IPv6 table stays empty.
+    assert "table ip6 salt_kvm {" not in lines
 
 
 def test_comment_is_safe_for_any_domain_name():
@@ -185,3 +192,55 @@ def test_hooks_install_is_idempotent(tmp_path):
     script = (tmp_path / "qemu.d" / "salt-kvm-nat").read_text()
     assert script.startswith("#!/bin/sh\n") and "DRIVER=qemu" in script
     assert f"python={sys.executable}" in (tmp_path / "salt-kvm-hook.conf").read_text()
+
+
+def fwd6(domain, rule, address, address6, bridge="virbr1"):
+    return nat.Forward(domain, rule, address, bridge, "192.168.214.0/24", address6, "fd00:214::/64")
+
+
+def test_ipv6_table_dnats_default_forwards_of_dual_stack_guests():
+    forwards = [
+        fwd6("vm1", R(22, 10022), "192.168.214.11", "fd00:214::11"),
+        fwd6("vm1", nat.Rule(80, 8080, host_address="192.0.2.7"), "192.168.214.11", "fd00:214::11"),
+        fwd("vm2", R(22, 10122), "192.168.214.12"),  # IPv4 only: no IPv6 forward
+    ]
+    chains = nat.ruleset6(forwards)
+    mark = "ct mark set ct mark or 0x100000"
+    assert chains["output"] == [
+        f"fib daddr type local ip6 daddr != ::1 tcp dport 10022 {mark} "
+        'dnat to [fd00:214::11]:22 comment "vm1|tcp||10022"'
+    ]
+    assert chains["prerouting"] == [
+        f'iifname {{ "virbr1" }} fib daddr type local ip6 daddr != ::1 tcp dport 10022 {mark} '
+        'dnat to [fd00:214::11]:22 comment "vm1|tcp||10022"'
+    ]
+    assert chains["postrouting"] == [
+        'ct mark and 0x100000 == 0x100000 oifname "virbr1" ip6 saddr fd00:214::/64 masquerade'
+    ]
+    lines = nat.script(forwards).splitlines()
+    assert lines.index("add table ip6 salt_kvm") > lines.index("table ip salt_kvm {")
+    assert "table ip6 salt_kvm {" in lines
+    assert nat.ruleset6([fwd("vm2", R(22, 10122), "192.168.214.12")]) == {}
+
+
+def test_store_keeps_the_ipv6_placement_and_reads_old_files(tmp_path):
+    store = Store(tmp_path / "nat.json")
+    placement = Placement(
+        "net",
+        "virbr1",
+        "192.168.214.0/24",
+        "192.168.214.11",
+        "52:54:00:00:00:01",
+        "fd00:214::11",
+        "fd00:214::/64",
+    )
+    entries = {"vm1": Entry(nat.parse_rules([22]), placement)}
+    with store.locked():
+        store.save(entries)
+    assert store.load() == entries
+    assert all_forwards(entries)[0].answers_ipv6
+    old = json.loads((tmp_path / "nat.json").read_text())
+    for item in old["domains"].values():
+        del item["address6"], item["subnet6"]
+    (tmp_path / "nat.json").write_text(json.dumps(old))
+    assert store.load()["vm1"].placement.address6 == ""

@@ -69,10 +69,16 @@ class Kernel:
     def flush(self):
         self.script = ""
 
-    def comments(self):
+    def comments(self, family="ip"):
         found = {}
         chain = None
+        table = None
         for line in self.script.splitlines():
+            match = re.match(r"table (\w+) ", line)
+            if match:
+                table = match.group(1)
+            if table != family:
+                continue
             match = re.match(r"\s*chain (\w+) \{", line)
             if match:
                 chain = match.group(1)

@@ -1,0 +1,123 @@
+"""NAT forwards over IPv6 on a booted guest: a dual-stack libvirt network this
+module makes (isolated, never a shared one), one guest on it. A default
+forward answers on the network's own IPv6 host address, from the host, at the
+guest's DHCPv6 address the host recorded for its MAC; its IPv4 side is
+unchanged. Not exclusive: it adds and removes only its own forwards (the state
+file and table are changed under the NAT lock) and restarts nothing."""
+
+import contextlib
+import socket
+import time
+
+import libvirt
+import pytest
+
+from salt_kvm import ssh
+from salt_kvm.cloud import inventory, provision
+from salt_kvm.cloud.spec import build_spec
+from salt_kvm.errors import SaltKvmError
+from salt_kvm.nat import firewall, forwards
+from salt_kvm.nat import rules as nat
+from salt_kvm.nat.store import Store
+from salt_kvm.virt import connection, lifecycle
+from salt_kvm.virt.rollback import Rollback
+
+from .conftest import BASE, GUEST_PASSWORD, GUEST_USER, PREFIX, URI, unique
+from .saltenv import PORT_BASE, port
+
+STEM = PREFIX.strip("-")
+# One subnet per port base (two streams, a worktree beside another).
+OCTET = 150 + (PORT_BASE // 100) % 50
+HOST4, HOST6 = f"192.168.{OCTET}.1", f"fd5b:5c00:{OCTET}::1"
+SSH = port("nat_ipv6")
+
+
+def network_xml():
+    return f"""<network>
+  <name>{STEM}-v6</name>
+  <bridge name='{STEM}-v6' stp='on' delay='0'/>
+  <ip address='{HOST4}' netmask='255.255.255.0'>
+    <dhcp><range start='192.168.{OCTET}.100' end='192.168.{OCTET}.200'/></dhcp>
+  </ip>
+  <ip family='ipv6' address='{HOST6}' prefix='64'>
+    <dhcp><range start='fd5b:5c00:{OCTET}::100' end='fd5b:5c00:{OCTET}::1ff'/></dhcp>
+  </ip>
+</network>"""
+
+
+def dhcpv6_lease(net, mac, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for lease in net.DHCPLeases(mac) or []:
+            if lease["type"] == libvirt.VIR_IP_ADDR_TYPE_IPV6:
+                return lease["ipaddr"]
+        time.sleep(1)
+    raise AssertionError(f"no DHCPv6 lease for {mac} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def conn():
+    with connection.connected(URI) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def guest(conn, base_domain):
+    name = unique("nat6")
+    started = time.monotonic()
+    net = conn.networkCreateXML(network_xml())
+    try:
+        values = {
+            "name": name,
+            "base_domain": BASE,
+            "clone_strategy": "quick",
+            "nics": [net.name()],
+            "deploy": False,
+            "memory": "768MB",
+            "virt_type": "qemu",
+        }
+        with Rollback() as rollback:
+            made = provision.create(conn, build_spec(values), rollback, lambda *_: None)
+            rollback.forget()
+        mac = made.macs[0]
+        address6 = dhcpv6_lease(net, mac)
+        print(f"guest with a DHCPv6 lease: {time.monotonic() - started:.1f} s")
+        yield name, mac, address6
+    finally:
+        forwards.forget(name)
+        with contextlib.suppress(SaltKvmError, libvirt.libvirtError):
+            lifecycle.remove(conn, name)
+        net.destroy()
+
+
+def mac_via(host, timeout=120):
+    with ssh.connect(host, GUEST_USER, GUEST_PASSWORD, port=SSH, timeout=timeout) as session:
+        return session.check("cat /sys/class/net/eth0/address").strip()
+
+
+def test_a_forward_answers_on_the_networks_ipv6_address(conn, guest):
+    name, mac, address6 = guest
+    forwards.apply(conn, name, [{"guest": 22, "host": SSH}])
+    placement = Store().load()[name].placement
+    assert (placement.address6, placement.subnet6) == (address6, f"fd5b:5c00:{OCTET}::/64")
+    assert forwards.listing(name)[name]["address6"] == address6
+    assert mac_via(HOST6) == mac  # [fd5b:...::1]:port, the host's own address on the network
+    assert mac_via("127.0.0.1") == mac  # the IPv4 side as before
+    comments = firewall.table_comments(nat.TABLE6_FAMILY)
+    assert nat.comment_for(name, nat.Rule(22, SSH)) in comments["output"]
+
+
+def test_show_instance_reports_the_ipv6_address_beside_the_ipv4_one(conn, guest):
+    name, _, address6 = guest
+    shown = inventory.describe(conn, conn.lookupByName(name))
+    ips = shown["private_ips"]
+    assert address6 in ips and any(ip.startswith(f"192.168.{OCTET}.") for ip in ips)
+
+
+def test_removing_the_forward_empties_the_ipv6_side(conn, guest):
+    name, _, _ = guest
+    forwards.apply(conn, name, [{"guest": 22, "host": SSH}])
+    forwards.apply(conn, name, [])
+    assert name not in str(firewall.table_comments(nat.TABLE6_FAMILY))
+    with pytest.raises(OSError):
+        socket.create_connection((HOST6, SSH), timeout=5).close()
