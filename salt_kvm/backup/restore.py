@@ -39,7 +39,7 @@ from salt_kvm.backup import core as backup_core
 from salt_kvm.backup import store as bs
 from salt_kvm.backup import verify
 from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError, SpecError
-from salt_kvm.virt import chains, names, pools, qemuimg
+from salt_kvm.virt import chains, graphics, names, pools, qemuimg
 from salt_kvm.virt.domain import Disk, Domain
 from salt_kvm.virt.identity import identity_clashes, prepare_identity, used_macs
 from salt_kvm.virt.lifecycle import define
@@ -329,14 +329,11 @@ def _firmware_problems(xml: Domain) -> list[str]:
 
 def _graphics_on_loopback(xml: Domain) -> None:
     """A console of the restored domain is reachable from this host only, as
-    salt-kvm's own guests' are: no address of the store's choosing, no socket
-    path (qemu would unlink what is there), no host render node."""
-    for graphics in xml.node.iter("graphics"):
-        for child in graphics.findall("listen") + graphics.findall("gl"):
-            graphics.remove(child)
-        for attr in ("socket", "listen"):
-            graphics.attrib.pop(attr, None)
-        graphics.set("listen", LOOPBACK)
+    salt-kvm's own guests' are: no address or port of the store's choosing, no
+    socket path (qemu would unlink what is there), no host render node; and a
+    password of its own (the stored one is the original's, which may still
+    run). Other graphics types are refused before (``_refuse_host_access``)."""
+    graphics.set_consoles(xml, None, LOOPBACK)
 
 
 def _remove(conn: libvirt.virConnect, path: str) -> None:

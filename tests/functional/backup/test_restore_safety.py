@@ -552,6 +552,30 @@ def test_a_restored_domain_gets_its_own_nvram_and_loopback_graphics(conn, tmp_pa
     assert victim.read_text() == "the original's variables"
 
 
+def test_a_restored_domain_gets_console_passwords_of_its_own(conn, tmp_path, stored):
+    """The stored definition's console password is the original's (it may run
+    still, or the store may be read by others than the guest's owner): every
+    VNC/SPICE console of the restored domain gets a new one, as a new guest's
+    does (salt-cloud -a console shows it)."""
+    store, points, secret = stored
+
+    def change(root, etree):
+        devices = root.find("devices")
+        etree.SubElement(devices, "graphics", type="vnc", autoport="yes", passwd="original1")
+        etree.SubElement(devices, "graphics", type="spice", autoport="yes")
+
+    _hostile_xml(store, points[-1], change)
+    restore.restore(conn, "vm", store.dest, target="vm2", pool="restore")
+    xml = Domain(
+        conn.lookupByName("vm2").XMLDesc(
+            libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        )
+    )
+    passwords = [g.get("passwd") for g in xml.node.findall("devices/graphics")]
+    assert len(passwords) == 2 and all(passwords), passwords
+    assert "original1" not in passwords and len(set(passwords)) == 2
+
+
 @pytest.mark.parametrize("how", ["other-owner", "group-writable", "world-writable", "symlink"])
 def test_a_domain_folder_planted_in_a_shared_destination_is_refused(conn, vm, tmp_path, how):
     """In a world-writable destination (a careless ``chmod 1777``), a local
