@@ -149,7 +149,7 @@ def _placed(vm_, spec, rollback, journal):
     it left is cleared there."""
     with input_errors(profile_prefix(vm_)), rollback:
         hosts = _fleet(vm_)
-        location = config.get_cloud_config_value("location", vm_, __opts__, search_global=False)
+        location = config.get_cloud_config_value("location", vm_, __opts__)  # also -L/--location
         location = locations.check_location(location, hosts.hosts if hosts else None)
     if hosts is None:
         return None
