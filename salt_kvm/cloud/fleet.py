@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import urllib.parse
 from collections.abc import Callable, Iterator
 
 import libvirt
@@ -136,7 +137,9 @@ class Fleet:
         """--list-locations: each host's memory, committed memory, guests and facts."""
         result: dict[str, dict] = {}
         for host, conn, error in self.each():
-            uri = redact.url(self.hosts[host])
+            uri = self.hosts[host]
+            if urllib.parse.urlsplit(uri).password:  # else shown as written
+                uri = redact.url(uri)
             if conn is None:
                 result[host] = {"uri": uri, "error": error}
                 continue

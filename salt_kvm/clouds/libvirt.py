@@ -93,9 +93,10 @@ def _active_provider():
 def get_configured_provider():
     """Return the first configured provider of this driver (needs ``url``, or
     ``hosts`` for several hypervisors)."""
-    return config.is_provider_configured(
-        __opts__, _active_provider(), ("url",)
-    ) or config.is_provider_configured(__opts__, _active_provider(), ("hosts",))
+    several = config.is_provider_configured(
+        __opts__, _active_provider(), ("hosts",), log_message=False
+    )
+    return several or config.is_provider_configured(__opts__, _active_provider(), ("url",))
 
 
 def _provider_value(key, default=None):

@@ -150,14 +150,17 @@ def provider(hosts, monkeypatch, tmp_path):
     return conf
 
 
-def test_driver_lists_and_acts_on_guests_of_every_host(provider, hosts):
+def test_driver_lists_and_acts_on_guests_of_every_host(provider, hosts, caplog):
     guest(hosts["hv2"], "vm-b")
     assert driver.list_nodes()["vm-b"]["location"] == "hv2"
     assert driver.list_nodes_min()["vm-b"]["location"] == "hv2"
     assert driver.show_instance("vm-b", call="action")["location"] == "hv2"
     assert driver.start("vm-b", call="action") == {"vm-b": "running"}
     assert hosts["hv2"].lookupByName("vm-b").isActive()
-    assert set(driver.avail_locations()) == {"hv1", "hv2", "rack7"}
+    found = driver.avail_locations()
+    assert set(found) == {"hv1", "hv2", "rack7"}
+    assert found["hv1"]["uri"] == "test:///hv1"  # as written: no credentials in it
+    assert "required 'url'" not in caplog.text  # hosts, not url, configures it
     with pytest.raises(driver.SaltCloudSystemExit, match="no domain named 'vm-x' on any host"):
         driver.start("vm-x", call="action")
 
@@ -170,3 +173,9 @@ def test_driver_refuses_hosts_with_url_and_functions_need_a_location(provider):
     provider["url"] = "qemu:///system"
     with pytest.raises(SaltCloudConfigError, match="hosts: is given together with url"):
         driver.list_nodes()
+
+
+def test_a_uri_password_never_shows_in_locations():
+    uri = "qemu+ssh://root:s3cretpw@127.0.0.1:1/system?no_tty=1"  # loopback, closed port
+    found = fleet.Fleet({"h": uri}).locations()["h"]
+    assert found["error"] and "s3cretpw" not in str(found)
