@@ -617,13 +617,19 @@ def cleanup(kwargs=None, call=None):
                 return actions.cleanup(conn, __opts__, remove_key)
         # Each killed create on the host its placement names.
         placed = placement.Placements(__opts__["cachedir"])
-        removed = {}
+        # A create killed before its placement was written had made nothing on
+        # any host but maybe its minion key: undone with the first host that answers.
+        removed, silent, first = {}, {}, None
         for host, conn, error in hosts.each():
             if conn is None:
-                removed[host] = {"error": error}
+                silent[host] = error
                 continue
-            mine = lambda name, host=host: placed.killed(name) == host  # noqa: E731
-            removed.update(actions.cleanup(conn, __opts__, remove_key, only=mine))
-        for name in removed:
-            placed.remove(name)
+            first = first or host
+            mine = lambda name, host=host, first=first: (placed.killed(name) or first) == host  # noqa: E731
+            for name, result in actions.cleanup(conn, __opts__, remove_key, only=mine).items():
+                removed[name] = result
+                if not (isinstance(result, dict) and "error" in result):
+                    placed.remove(name)
+        if silent:
+            removed["hosts that did not answer"] = silent
         return removed

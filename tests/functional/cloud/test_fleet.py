@@ -179,3 +179,29 @@ def test_a_uri_password_never_shows_in_locations():
     uri = "qemu+ssh://root:s3cretpw@127.0.0.1:1/system?no_tty=1"  # loopback, closed port
     found = fleet.Fleet({"h": uri}).locations()["h"]
     assert found["error"] and "s3cretpw" not in str(found)
+
+
+def test_cleanup_undoes_a_killed_create_on_the_host_it_was_placed_on(provider, hosts, tmp_path):
+    from salt_kvm.cloud import intent
+
+    from .test_intent import killed
+
+    for conn in hosts.values():  # a domain of the name on both: only hv2's is the killed one's
+        guest(conn, "vmk")
+    journal = intent.Journal(tmp_path, "vmk")
+    journal.begin()
+    journal.intend("domain", name="vmk")
+    killed(journal)
+    placements = placement.Placements(tmp_path)
+    placements.add("vmk", "hv2", 256)
+    record = placements._path("vmk")
+    record.write_text(record.read_text().replace('"pid": ', '"pid": 1, "was": '))  # pid 1: not ours
+    assert placements.killed("vmk") == "hv2"
+
+    removed = driver.cleanup({}, call="function")
+    assert removed["vmk"] == ["domain vmk"]
+    assert "rack7" in removed["hosts that did not answer"]
+    with pytest.raises(libvirt.libvirtError):
+        hosts["hv2"].lookupByName("vmk")
+    hosts["hv1"].lookupByName("vmk")  # not the killed create's: kept
+    assert placements.killed("vmk") is None  # its placement went with it
