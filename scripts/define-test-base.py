@@ -3,6 +3,10 @@
 
 Usage: define-test-base.py IMAGE KEY
 
+On the hypervisor ``$SALT_KVM_URI`` names (default ``qemu:///system``;
+scripts/second-hypervisor passes its own): the pool's folder must be a path
+this process can write, as it is for the test bed's second hypervisor.
+
 Idempotent: a base domain already made from the image with KEY is kept. The
 domain type is probed: ``kvm`` when a guest really boots with it (reaches its
 DHCP lease), else ``qemu`` (TCG). A host where QEMU cannot open /dev/kvm, or
@@ -28,6 +32,7 @@ from salt_kvm.virt.rollback import Rollback
 POOL = os.environ.get("SALT_KVM_POOL", "default")
 NETWORK = os.environ.get("SALT_KVM_TEST_NET", "salt-kvm-test")
 BASE = os.environ.get("SALT_KVM_BASE_DOMAIN", "salt-kvm-base-debian12")
+URI = os.environ.get("SALT_KVM_URI", connection.DEFAULT_URI)
 PROBE_TIMEOUT = 180
 MARK = "salt-kvm test base, image "
 
@@ -116,7 +121,7 @@ def boots_with(conn: libvirt.virConnect, virt_type: str, disk: str) -> bool:
 
 def main() -> int:
     image, key = sys.argv[1], sys.argv[2]
-    with connection.connected() as conn:
+    with connection.connected(URI) as conn:
         if existing_base(conn, key):
             log(f"base domain {BASE} is up to date")
             print(BASE)

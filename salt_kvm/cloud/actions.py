@@ -93,12 +93,18 @@ def live_nodes(
 
 
 def cleanup(
-    conn: libvirt.virConnect, opts: dict, remove_key: Callable[[str], None]
+    conn: libvirt.virConnect,
+    opts: dict,
+    remove_key: Callable[[str], None],
+    only: Callable[[str], bool] | None = None,
 ) -> dict[str, object]:
     """Undo what each killed create wrote down before making it (only runs
-    whose process is gone); its journal goes once undone."""
+    whose process is gone; with ``only``, only the names it accepts: the
+    creates that were on this host); its journal goes once undone."""
     removed: dict[str, object] = {}
     for journal in intent.journals(opts):
+        if only is not None and not only(journal.name):
+            continue
         try:
             records = journal.stale()
             if records is None:

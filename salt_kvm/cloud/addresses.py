@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import libvirt
 
@@ -67,11 +69,33 @@ def addresses_from(dom: libvirt.virDomain, source: str, macs: Iterable[str]) -> 
     return [addr for _, addr in found]
 
 
+# The DHCP leases of the other hypervisors of a several-host provider: a guest
+# on a network bridged onto another host's (one L2 segment, as in a cluster)
+# leases from that host's dnsmasq, so its own host knows no lease.
+_PEER_LEASES: contextvars.ContextVar[Callable[[list[str]], list[str]] | None] = (
+    contextvars.ContextVar("peer_leases", default=None)
+)
+
+
+@contextlib.contextmanager
+def peer_leases(find: Callable[[list[str]], list[str]]) -> Iterator[None]:
+    """Inside the block, a lease lookup that finds nothing on the guest's own
+    host asks ``find(macs)`` (the other hosts' lease tables)."""
+    token = _PEER_LEASES.set(find)
+    try:
+        yield
+    finally:
+        _PEER_LEASES.reset(token)
+
+
 def lookup(dom: libvirt.virDomain, source: str, macs: Iterable[str] | None = None) -> list[str]:
     macs = list(macs) if macs is not None else domain_macs(dom)
     order = AUTO_ORDER if source == SOURCE_AUTO else (source,)
     for each in order:
         found = addresses_from(dom, each, macs)
+        peers = _PEER_LEASES.get()
+        if not found and each == SOURCE_LEASE and peers is not None:
+            found = [addr for addr in peers(macs) if usable(addr)]
         if found:
             return found
     return []

@@ -105,11 +105,14 @@ DEPLOY_SETTING_KEYS = (
     "bootstrap_script_url",
 )
 
-# Keys read besides the spec's: the connection, the action's stop_timeout, and
+# Keys read besides the spec's: the connection (url, or hosts and location:
+# salt_kvm.cloud.locations), the action's stop_timeout, and
 # the minion's config and grains (Salt's helpers build the minion config from
 # them, salt_kvm.saltutil). A key in none is a typo when it is close to one.
 DEPLOY_KEYS = (
     "url",
+    "hosts",
+    "location",
     "libvirt_username",
     "libvirt_password",
     "minion",

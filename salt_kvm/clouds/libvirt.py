@@ -23,6 +23,7 @@ sizing, NICs, DHCP reservations, virt_type and faster address learning.
 See the salt-kvm documentation (docs/cloud.rst) for every key.
 """
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -36,10 +37,11 @@ try:
     import libvirt
 
     from salt_kvm import __version__
-    from salt_kvm.cloud import actions, intent, inventory
+    from salt_kvm.cloud import actions, addresses, fleet, intent, inventory, locations, placement
     from salt_kvm.cloud import console as guest_console
     from salt_kvm.cloud import deploy as cloud_deploy
     from salt_kvm.cloud.spec import (
+        SpecError,
         build_spec,
         check_mapping,
         check_written_keys,
@@ -91,8 +93,12 @@ def _active_provider():
 
 
 def get_configured_provider():
-    """Return the first configured provider of this driver (needs ``url``)."""
-    return config.is_provider_configured(__opts__, _active_provider(), ("url",))
+    """Return the first configured provider of this driver (needs ``url``, or
+    ``hosts`` for several hypervisors)."""
+    several = config.is_provider_configured(
+        __opts__, _active_provider(), ("hosts",), log_message=False
+    )
+    return several or config.is_provider_configured(__opts__, _active_provider(), ("url",))
 
 
 def _provider_value(key, default=None):
@@ -108,6 +114,57 @@ def _connection_args(vm_=None) -> dict:
 
 def _connect(vm_=None):
     return connected(**_connection_args(vm_))
+
+
+def _fleet(source=None):
+    """The provider's hosts (``hosts``: several hypervisors), or None (``url``: one)."""
+    if source is None:
+        # No providers in the options: no hosts to read (a call outside salt-cloud).
+        source = (get_configured_provider() if __opts__.get("providers") else None) or {}
+
+    def get(key):
+        return config.get_cloud_config_value(key, source, __opts__, search_global=False)
+
+    hosts = locations.parse_hosts(get("hosts"), get("url"))
+    if hosts is None:
+        return None
+    auth = connection_args(__opts__, source)
+    return fleet.Fleet(hosts, auth["username"], auth["password"])
+
+
+@contextlib.contextmanager
+def _guest_connection(name):
+    """A connection to the hypervisor guest ``name`` is on (with several hosts:
+    wherever it is)."""
+    hosts = _fleet()
+    if hosts is None:
+        with _connect() as conn:
+            yield conn
+        return
+    with hosts.guest(name) as (_host, conn):
+        yield conn
+
+
+def _placed(vm_, spec, rollback, journal):
+    """With several hosts: the host ``location`` (default auto) gives the new
+    guest, written down for parallel creates; the VM's connection goes there.
+    After a killed create of the name, ``auto`` goes where that one went: what
+    it left is cleared there."""
+    with input_errors(profile_prefix(vm_)), rollback:
+        hosts = _fleet(vm_)
+        location = config.get_cloud_config_value("location", vm_, __opts__)  # also -L/--location
+        location = locations.check_location(location, hosts.hosts if hosts else None)
+    if hosts is None:
+        return None
+    placements = placement.Placements(__opts__["cachedir"])
+    with cloud_errors(profile_prefix(vm_), f"creating {vm_['name']}: "), rollback:
+        if journal.pending and location == locations.AUTO:
+            location = placements.killed(vm_["name"]) or location
+            location = location if location in hosts.hosts else locations.AUTO
+        chosen = placement.place(placements, hosts.hosts, hosts.connect, spec, location)
+    log.info("placing %s on host %s (location %s)", vm_["name"], chosen.name, location)
+    vm_["url"] = hosts.hosts[chosen.name]
+    return hosts, chosen.name
 
 
 def _fire(name, step, args):
@@ -153,6 +210,9 @@ def create(vm_):
         raise SaltCloudSystemExit(
             f"creating {vm_['name']} was {exc}; everything this run created was removed."
         ) from exc
+    finally:
+        if "cachedir" in __opts__:
+            placement.Placements(__opts__["cachedir"]).release(vm_["name"])
 
 
 def _create(vm_):
@@ -182,6 +242,7 @@ def _create(vm_):
         seed_iso = cloud_deploy.seed_iso(
             spec, deploy_plan, grains, profile=vm_.get("profile"), provider=vm_.get("provider")
         )
+    placed = _placed(vm_, spec, rollback, journal)
     started = time.monotonic()
     log.info("creating %s (profile %s)", name, vm_.get("profile"))
 
@@ -203,11 +264,14 @@ def _create(vm_):
             if journal.pending:
                 undone = journal.recover(conn)  # the minion key is this run's now
                 log.warning("removed what a killed create of %s left: %s", name, undone)
-            guest, deployed = cloud_deploy.create(
-                SaltMaster(__opts__), conn, spec, deploy_plan, seed_iso, rollback, emit
-            )
+            with _peer_leases(placed):
+                guest, deployed = cloud_deploy.create(
+                    SaltMaster(__opts__), conn, spec, deploy_plan, seed_iso, rollback, emit
+                )
             vm_["ssh_host"] = guest.addresses[0]
             result = actions.created(conn, guest, deployed)
+            if placed is not None:
+                result["location"] = placed[1]
             rollback.forget()
     guest.mark("total")
     result["timings"] = dict(guest.timings)
@@ -217,6 +281,39 @@ def _create(vm_):
             {k: v for k, v in result.items() if k != "deploy"}, _active_provider(), __opts__
         )
     return result
+
+
+@contextlib.contextmanager
+def _host_connection(kwargs):
+    """A function's connection: the provider's hypervisor, or with several
+    hosts the one ``location=`` names (required then)."""
+    hosts = _fleet()
+    if hosts is None:
+        with _connect() as conn:
+            yield conn
+        return
+    location = (kwargs or {}).get("location")
+    if location not in hosts.hosts:
+        raise SpecError(
+            "location",
+            f"{location!r} is not one of this provider's hosts"
+            if location
+            else "is required with hosts",
+            ", ".join(sorted(hosts.hosts)),
+        )
+    with connected(hosts.hosts[location], **hosts.auth) as conn:
+        yield conn
+
+
+@contextlib.contextmanager
+def _peer_leases(placed):
+    """With several hosts, a lease lookup also asks the other hosts' tables."""
+    if placed is None:
+        yield
+        return
+    hosts, chosen = placed
+    with hosts.peer_leases(chosen) as find, addresses.peer_leases(find):
+        yield
 
 
 # ---- destroy and actions -----------------------------------------------------
@@ -249,7 +346,7 @@ def destroy(name, kwargs=None, call=None):
 
 def _destroy_on_hypervisor(name, kwargs):
     delete_disks = boolean(kwargs or {}, "delete_disks", False)
-    with _connect() as conn:
+    with _guest_connection(name) as conn:
         return actions.destroy(conn, name, delete_disks)
 
 
@@ -261,7 +358,7 @@ def _only(allowed, refusal):
 
 def _action(name, call, what, fn):
     _only(call == "action", f"{what} is an action: use -a {what}")
-    with cloud_errors(also=(libvirt.libvirtError,)), _connect() as conn:
+    with cloud_errors(also=(libvirt.libvirtError,)), _guest_connection(name) as conn:
         return actions.on_managed(conn, name, fn)
 
 
@@ -318,8 +415,13 @@ def show_instance(name, call=None):
         salt-cloud -a show_instance vm1
     """
     _only(call == "action", "show_instance is an action: use -a show_instance")
-    with cloud_errors(), _connect() as conn:
-        return actions.describe(conn, name)
+    with cloud_errors():
+        hosts = _fleet()
+        if hosts is None:
+            with _connect() as conn:
+                return actions.describe(conn, name)
+        with hosts.guest(name) as (host, conn):
+            return {**actions.describe(conn, name), "location": host}
 
 
 def console(name, call=None):
@@ -376,8 +478,12 @@ def list_nodes_full(call=None):
 
 
 def _live_nodes(lister):
-    with cloud_errors(), _connect() as conn:
-        return actions.live_nodes(conn, __opts__, lister)
+    with cloud_errors():
+        hosts = _fleet()
+        if hosts is not None:
+            return hosts.nodes(__opts__, lister)
+        with _connect() as conn:
+            return actions.live_nodes(conn, __opts__, lister)
 
 
 def list_nodes(call=None):
@@ -392,7 +498,11 @@ def list_nodes(call=None):
     """
     _only(call != "action", "list_nodes is a function: use -Q or -f list_nodes")
     keys = ("id", "name", "state", "public_ips", "private_ips", "size", "image")
-    return {name: {k: node.get(k) for k in keys} for name, node in list_nodes_full().items()}
+    nodes = list_nodes_full()
+    return {
+        name: {k: node.get(k) for k in (*keys, "location") if k in node or k in keys}
+        for name, node in nodes.items()
+    }
 
 
 def list_nodes_min(call=None):
@@ -435,8 +545,12 @@ def avail_images(call=None):
         salt-cloud --list-images my-kvm-provider
     """
     _only(call != "action", "avail_images is a function: use --list-images")
-    with cloud_errors(), _connect() as conn:
-        return inventory.base_domains(conn)
+    with cloud_errors():
+        hosts = _fleet()
+        if hosts is not None:
+            return hosts.base_domains()
+        with _connect() as conn:
+            return inventory.base_domains(conn)
 
 
 def avail_sizes(call=None):
@@ -454,7 +568,10 @@ def avail_sizes(call=None):
 
 def avail_locations(call=None):
     """
-    The hypervisor this provider manages, with its versions.
+    The hypervisor this provider manages, with its versions; with ``hosts``,
+    each host with its memory, committed memory (running and autostart
+    guests), uncommitted memory and salt-kvm guests (a host that does not
+    answer: its error).
 
     CLI Example:
 
@@ -463,6 +580,10 @@ def avail_locations(call=None):
         salt-cloud --list-locations my-kvm-provider
     """
     _only(call != "action", "avail_locations is a function: use -f or --list-locations")
+    with cloud_errors():
+        hosts = _fleet()
+    if hosts is not None:
+        return hosts.locations()
     url = _provider_value("url", DEFAULT_URI)
     with cloud_errors(), _connect() as conn:
         facts = host.info(conn)
@@ -484,10 +605,11 @@ def image_list(kwargs=None, call=None):
 
         salt-cloud -f image_list my-kvm-provider
         salt-cloud -f image_list my-kvm-provider pool=default
+        salt-cloud -f image_list my-cluster location=hv2
     """
     _only(call == "function", "image_list is a function: use -f image_list <provider>")
     kwargs = kwargs or {}
-    with cloud_errors(), _connect() as conn:
+    with cloud_errors(), _host_connection(kwargs) as conn:
         return images.list_images(conn, kwargs.get("pool"))
 
 
@@ -501,12 +623,13 @@ def image_delete(kwargs=None, call=None):
     .. code-block:: bash
 
         salt-cloud -f image_delete my-kvm-provider name=image-sha256-0123abcd....qcow2
+        salt-cloud -f image_delete my-cluster location=hv2 name=image-sha256-0123abcd....qcow2
     """
     _only(call == "function", "image_delete is a function: use -f image_delete <provider>")
     kwargs = kwargs or {}
     if not kwargs.get("name"):
         raise SaltCloudSystemExit("image_delete needs name=<a name from image_list>")
-    with cloud_errors(), _connect() as conn:
+    with cloud_errors(), _host_connection(kwargs) as conn:
         return images.delete_image(conn, kwargs["name"], kwargs.get("pool"))
 
 
@@ -528,5 +651,26 @@ def cleanup(kwargs=None, call=None):
     """
     _only(call == "function", "cleanup is a function: use -f cleanup <provider>")
     remove_key = lambda key_id: salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)  # noqa: E731
-    with cloud_errors(), _connect() as conn:
-        return actions.cleanup(conn, __opts__, remove_key)
+    with cloud_errors():
+        hosts = _fleet()
+        if hosts is None:
+            with _connect() as conn:
+                return actions.cleanup(conn, __opts__, remove_key)
+        # Each killed create on the host its placement names.
+        placed = placement.Placements(__opts__["cachedir"])
+        # A create killed before its placement was written had made nothing on
+        # any host but maybe its minion key: undone with the first host that answers.
+        removed, silent, first = {}, {}, None
+        for host, conn, error in hosts.each():
+            if conn is None:
+                silent[host] = error
+                continue
+            first = first or host
+            mine = lambda name, host=host, first=first: (placed.killed(name) or first) == host  # noqa: E731
+            for name, result in actions.cleanup(conn, __opts__, remove_key, only=mine).items():
+                removed[name] = result
+                if not (isinstance(result, dict) and "error" in result):
+                    placed.remove(name)
+        if silent:
+            removed["hosts that did not answer"] = silent
+        return removed

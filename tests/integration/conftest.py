@@ -6,6 +6,7 @@ to build it (scripts/run-tests does).
 
 import contextlib
 import os
+import subprocess
 import tempfile
 import uuid
 
@@ -118,6 +119,25 @@ def _sweep(conn, name, prefix):
         except libvirt.libvirtError:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # a file no pool lists
+
+
+@pytest.fixture(scope="session")
+def hv2(hv):
+    """The test bed's second hypervisor (scripts/second-hypervisor: started when
+    it does not run, with its pool, bridged network and base domain) and a
+    connection to it; what an interrupted run left there is removed first."""
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "second-hypervisor")
+    proc = subprocess.run([script], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/second-hypervisor failed: {proc.stderr[-3000:]}")
+    uri = proc.stdout.strip().splitlines()[-1]
+    conn = libvirt.open(uri)
+    remove_leftovers(conn)
+    yield uri, conn
+    try:
+        remove_leftovers(conn)
+    finally:
+        conn.close()
 
 
 @pytest.fixture(scope="session")

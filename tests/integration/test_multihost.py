@@ -1,0 +1,135 @@
+"""One provider over two hypervisors (#15): the main bed's libvirtd (hv1) and
+the second hypervisor scripts/second-hypervisor runs beside it (hv2), whose
+network is bridged onto hv1's test bridge: its guests lease from hv1's
+dnsmasq and reach the master.
+
+Three TCG guests in all (the map's), the fewest that show a map spread over
+both hosts with ``auto`` choosing the emptier one.
+"""
+
+import json
+
+import libvirt
+import pytest
+import yaml
+
+from salt_kvm.virt import pools
+from salt_kvm.virt.domain import new_domain
+
+from .cloudcheck import cloud_error, sized_profile
+from .conftest import POOL, PREFIX, URI, unique
+
+BALLAST_MIB = 16384
+# A host that does not answer: skipped by auto, named in the listings.
+SILENT = f"qemu+unix:///system?socket=/nonexistent/{PREFIX}libvirt-sock"
+
+
+@pytest.fixture(scope="module")
+def cluster(salt, hv2):
+    """The module's master with a provider over both hosts, in place of the
+    one-host test provider: two providers over the same hypervisor would list
+    its guests twice, and salt-cloud -d would destroy each name twice."""
+    uri, _conn = hv2
+    hosts = {"hv1": URI, "hv2": uri, "rack7": SILENT}
+    salt.write_providers({"test-multi": {"driver": "libvirt", "hosts": hosts}})
+    return salt
+
+
+@pytest.fixture
+def ballast(hv):
+    """An autostart (never started) domain on hv1: committed memory, as a
+    guest that boots with the host would be, without a running guest."""
+    name = f"{PREFIX}ballast"
+    with_leftover = [d for d in hv.listAllDomains(0) if d.name() == name]
+    for dom in with_leftover:
+        dom.undefine()
+    xml = new_domain(name, "qemu", BALLAST_MIB, 1, f"/nonexistent/{name}.qcow2")
+    dom = hv.defineXML(xml.to_xml())
+    dom.setAutostart(1)
+    yield name
+    dom.undefine()
+
+
+def _nodes(salt, *args):
+    return json.loads(salt.cloud(*args).stdout)["test-multi"]["libvirt"]
+
+
+def _volumes(conn):
+    pool = conn.storagePoolLookupByName(POOL)
+    pools.refresh(pool)
+    return {v for v in pool.listVolumes() if v.startswith(PREFIX)}
+
+
+def test_locations_list_both_hosts_and_bad_locations_are_refused_first(
+    cluster, hv, hv2, base_domain
+):
+    found = json.loads(cluster.cloud("--list-locations", "test-multi").stdout)
+    hosts = found["test-multi"]["libvirt"]
+    assert set(hosts) == {"hv1", "hv2", "rack7"}
+    assert "cannot connect to libvirt" in hosts.pop("rack7")["error"]
+    for facts in hosts.values():
+        assert facts["memory_mib"] > 0
+        assert (
+            facts["uncommitted_memory_mib"] == facts["memory_mib"] - facts["committed_memory_mib"]
+        )
+    name = unique("nowhere")
+    before = (_volumes(hv), _volumes(hv2[1]))
+    cluster.write_profiles(
+        {"nowhere": sized_profile(base_domain, cluster, provider="test-multi", location="hv3")},
+        "nowhere.conf",
+    )
+    proc = cluster.cloud("-p", "nowhere", name, check=False)
+    text = cloud_error(proc, name)
+    assert (
+        "location: 'hv3' is not one of this provider's hosts (accepted: auto, hv1, hv2, rack7)"
+        in text
+    )
+    for conn in (hv, hv2[1]):
+        with pytest.raises(libvirt.libvirtError):
+            conn.lookupByName(name)
+    assert (_volumes(hv), _volumes(hv2[1])) == before
+    assert name not in cluster.accepted_keys()
+
+
+def test_a_map_spreads_over_both_hosts_auto_takes_the_emptier(
+    cluster, hv, hv2, base_domain, ballast
+):
+    """vm a: location hv1, b: location hv2, c: auto (hv1 carries the ballast,
+    so hv2 is emptier; rack7 does not answer). Created in parallel (-P), they all answer test.ping;
+    -Q shows each one's host; -d removes each from its host."""
+    _uri, conn2 = hv2
+    names = {role: unique(f"mh{role}") for role in "abc"}
+    profile = sized_profile(base_domain, cluster, provider="test-multi", memory=512)
+    cluster.write_profiles({"multi": profile}, "multi.conf")
+    mapfile = cluster.conf / "cloud.maps.d" / "multi.map"
+    mapfile.write_text(
+        yaml.safe_dump(
+            {
+                "multi": [
+                    {names["a"]: {"location": "hv1"}},
+                    {names["b"]: {"location": "hv2"}},
+                    {names["c"]: {"location": "auto"}},
+                ]
+            }
+        )
+    )
+    before = (_volumes(hv), _volumes(conn2))
+    try:
+        cluster.cloud("-P", "-m", str(mapfile))
+        nodes = _nodes(cluster, "-Q")
+        where = {role: nodes[name]["location"] for role, name in names.items()}
+        assert where == {"a": "hv1", "b": "hv2", "c": "hv2"}
+        assert all(nodes[n]["private_ips"] for n in names.values()), nodes
+        pings = cluster.salt(f"{PREFIX}mh*", "test.ping")
+        assert {n: pings.get(n) for n in names.values()} == dict.fromkeys(names.values(), True)
+        conn2.lookupByName(names["c"])  # really on hv2
+        shown = json.loads(cluster.cloud("-a", "show_instance", names["c"]).stdout)
+        assert names["c"] in json.dumps(shown) and '"location": "hv2"' in json.dumps(shown)
+    finally:
+        cluster.cloud("-d", *names.values(), check=False)
+    for name in names.values():
+        for conn in (hv, conn2):
+            with pytest.raises(libvirt.libvirtError):
+                conn.lookupByName(name)
+        assert name not in cluster.accepted_keys()
+    assert (_volumes(hv), _volumes(conn2)) == before
