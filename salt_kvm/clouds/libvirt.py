@@ -41,7 +41,6 @@ try:
     from salt_kvm.cloud import console as guest_console
     from salt_kvm.cloud import deploy as cloud_deploy
     from salt_kvm.cloud.spec import (
-        SpecError,
         build_spec,
         check_mapping,
         check_written_keys,
