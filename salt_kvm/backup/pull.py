@@ -11,8 +11,10 @@ into a qcow2 laid out front to back (``qcow2.Writer``) that is hashed while
 it is written: the process writes the image as the caller, so a destination
 only the caller can write is enough.
 
-A second thread writes and hashes while the next chunk is read (both calls
-release the GIL; QEMU serves the reads in its own process).
+While the next chunk is read, a second thread writes the last one and a
+third hashes it (both calls release the GIL; QEMU serves the reads in its own
+process): the sha256 is the slowest of the three, so the run costs about
+what hashing the data costs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from salt_kvm.backup import nbd, qcow2
 from salt_kvm.errors import SaltKvmError
 
 CHUNK = 4 * 1024 * 1024
-BUFFERS = 3
+BUFFERS = 4
 
 
 def cluster_map(client: nbd.Client, dirty: str | None) -> bytearray:
@@ -73,32 +75,49 @@ def copy_disk(
 def _stream(
     client: nbd.Client, writer: qcow2.Writer, progress: Callable[[int, int], None] | None
 ) -> None:
-    free: queue.Queue[memoryview] = queue.Queue()
+    """Read (this thread), write (a second) and hash (a third), in file order;
+    a buffer is read into again only once it is written and hashed."""
+    free: queue.Queue[bytearray] = queue.Queue()
     for _ in range(BUFFERS):
-        free.put(memoryview(bytearray(CHUNK)))
-    work: queue.Queue[memoryview | None] = queue.Queue()
+        free.put(bytearray(CHUNK))
+    to_write: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+    to_hash: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
     failed: list[BaseException] = []
 
-    def drain() -> None:
-        while (view := work.get()) is not None:
+    def write() -> None:
+        while (item := to_write.get()) is not None:
             try:
                 if not failed:
-                    writer.write(view)
+                    writer.write(memoryview(item[0])[: item[1]], digest=False)
             except BaseException as exc:  # handed to the reading thread
                 failed.append(exc)
-            free.put(memoryview(view.obj))  # the whole buffer again
+            to_hash.put(item)
+        to_hash.put(None)
 
-    thread = threading.Thread(target=drain, name="backup-writer", daemon=True)
-    thread.start()
+    def digest() -> None:
+        while (item := to_hash.get()) is not None:
+            writer.digest.update(memoryview(item[0])[: item[1]])
+            free.put(item[0])
+
+    threads = [
+        threading.Thread(target=write, name="backup-writer", daemon=True),
+        threading.Thread(target=digest, name="backup-hasher", daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
     done = 0
     try:
         for offset, length in writer.data_ranges():
             end = offset + length
             while offset < end and not failed:
                 count = min(CHUNK, end - offset)
-                view = free.get()
-                client.read(offset, view[:count])
-                work.put(view[:count])
+                buf = free.get()
+                try:
+                    client.read(offset, memoryview(buf)[:count])
+                except BaseException:
+                    free.put(buf)
+                    raise
+                to_write.put((buf, count))
                 offset += count
                 done += count
                 if progress is not None:
@@ -106,7 +125,8 @@ def _stream(
             if failed:
                 break
     finally:
-        work.put(None)
-        thread.join()
+        to_write.put(None)
+        for thread in threads:
+            thread.join()
     if failed:
         raise SaltKvmError(f"writing the backup image failed: {failed[0]}") from failed[0]

@@ -98,9 +98,10 @@ class Writer:
         return self.total * CLUSTER
 
     # ---- output --------------------------------------------------------------------
-    def _out(self, data: bytes | bytearray | memoryview) -> None:
+    def _out(self, data: bytes | bytearray | memoryview, digest: bool = True) -> None:
         view = memoryview(data)
-        self.digest.update(view)
+        if digest:
+            self.digest.update(view)
         while view:
             done = os.write(self.fd, view)
             view = view[done:]
@@ -175,11 +176,13 @@ class Writer:
         for part in self._tables():
             self._out(part)
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """The next bytes of the data clusters, in the guest's order."""
+    def write(self, data: bytes | bytearray | memoryview, digest: bool = True) -> None:
+        """The next bytes of the data clusters, in the guest's order; with
+        ``digest=False`` the caller hands the same bytes, in the same order, to
+        ``self.digest.update`` itself (in another thread) before ``finish``."""
         if self.written + len(data) > self.expected:
             raise SaltKvmError("more data than the image's map holds")
-        self._out(data)
+        self._out(data, digest)
         self.written += len(data)
 
     def finish(self) -> str:
