@@ -236,9 +236,22 @@ def _end_job(dom: libvirt.virDomain) -> None:
         _wait_job_end(dom, None)
 
 
+def _check_socket(dom: libvirt.virDomain, path: str) -> None:
+    """The socket QEMU made, not something planted in its place: a socket of
+    QEMU's user (or root), never followed through a link."""
+    ids = _qemu_ids(dom)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError as exc:
+        raise SaltKvmError(f"{dom.name()}: the backup job made no NBD socket {path}") from exc
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid not in {0, ids[0] if ids else 0}:
+        raise SaltKvmError(f"{dom.name()}: {path} is not the NBD socket of the backup job")
+
+
 def _read_exports(run: Run, socket: str) -> None:
     """Copy every disk's export into the partial folder, hashing as it goes."""
     dom, parent = run.dom, run.parent
+    _check_socket(dom, socket)
     sizes = {d.target: dom.blockInfo(d.target, 0)[0] for d in run.disks}
     total, done = sum(sizes.values()), 0
     for disk in run.disks:
