@@ -154,6 +154,9 @@ def _wait_job_end(dom: libvirt.virDomain, progress: Callable[[dict], None] | Non
 
 
 def export_bitmap(target: str) -> str:
+    """The dirty bitmap an incremental's export carries. The export's name
+    (the disk's target) and this are libvirt's own defaults too, so a libvirt
+    that ignored ``exportname``/``exportbitmap`` would serve the same names."""
     return f"backup-{target}"
 
 
