@@ -233,6 +233,10 @@ class Run:
     frozen: bool = False
     offline: bool = False
     stats: dict = field(default_factory=dict)
+    # the sha256 of each image, when the method hashed it while writing it
+    # (then its header already names its parent's image)
+    digests: dict[str, str] = field(default_factory=dict)
+    read_bytes: int = 0
 
     @property
     def consistency(self) -> str:
@@ -288,10 +292,18 @@ def full_every_reached(full_every: int | None, chain_length: int) -> str | None:
 
 
 def finish_images(
-    disks: list[SourceDisk], partial: Path, parent: bs.Point | None
+    disks: list[SourceDisk],
+    partial: Path,
+    parent: bs.Point | None,
+    digests: dict[str, str] | None = None,
 ) -> dict[str, bs.DiskImage]:
     """Check each copied image, point an incremental's at its parent's (relative
-    path: a copy of the folder stays usable anywhere), record size and checksum."""
+    path: a copy of the folder stays usable anywhere), record size and checksum.
+
+    An image in ``digests`` was hashed while it was written, its header naming
+    its parent's image already: it is checked (header, metadata) but neither
+    changed nor read again."""
+    digests = digests or {}
     images = {}
     for disk in disks:
         path = partial / f"{disk.target}.qcow2"
@@ -300,16 +312,22 @@ def finish_images(
         backing = None
         if parent is not None:
             backing = f"../{parent.id}/{parent.disks[disk.target].file}"
-            qemuimg.rebase_unsafe(str(path), backing)
-        qemuimg.check(str(path), fmt="qcow2")
+            if disk.target not in digests:
+                qemuimg.rebase_unsafe(str(path), backing)
+        qemuimg.check(str(path), fmt="qcow2", backing=False)
         info = qemuimg.info(str(path), fmt="qcow2")
+        if info.get("backing-filename") != backing:
+            raise SaltKvmError(
+                f"the backup of {disk.target} names the backing file "
+                f"{info.get('backing-filename')!r}, not {backing!r}"
+            )
         images[disk.target] = bs.DiskImage(
             target=disk.target,
             file=path.name,
             format="qcow2",
             virtual_size=int(info["virtual-size"]),
             size=path.stat().st_size,
-            sha256=bs.sha256_file(path),
+            sha256=digests.get(disk.target) or bs.sha256_file(path),
             backing=backing,
             source=disk.path,
         )

@@ -103,14 +103,20 @@ class Checkpoint(XMLObject):
 
 
 class BackupDisk(XMLObject):
-    """One disk of a backup job; a push backup writes it to ``target_file``."""
+    """One disk of a backup job; a push backup writes it to ``target_file``, a
+    pull backup exports it as ``exportname`` (an incremental's changed blocks as
+    the dirty bitmap ``exportbitmap``), keeping the guest's new writes apart in
+    ``scratch_file`` meanwhile."""
 
     TAG = "disk"
 
     name = XMLProperty("./@name")
     backup = XMLProperty("./@backup")
     type = XMLProperty("./@type")
+    exportname = XMLProperty("./@exportname")
+    exportbitmap = XMLProperty("./@exportbitmap")
     target_file = XMLProperty("./target/@file")
+    scratch_file = XMLProperty("./scratch/@file")
     driver_type = XMLProperty("./driver/@type")
 
 
@@ -119,9 +125,12 @@ class BackupJob(XMLObject):
 
     TAG = "domainbackup"
     MODE_PUSH = "push"
+    MODE_PULL = "pull"
 
     mode = XMLProperty("./@mode")
     incremental = XMLProperty("./incremental")
+    server_transport = XMLProperty("./server/@transport")
+    server_socket = XMLProperty("./server/@socket")
     disks = XMLChildren(BackupDisk, "./disks/disk")
 
     @classmethod
@@ -132,6 +141,28 @@ class BackupJob(XMLObject):
         job.incremental = incremental or None
         job.node.append(job.node.makeelement("disks"))
         return job
+
+    @classmethod
+    def pull(cls, socket: str, incremental: str | None = None) -> BackupJob:
+        """A pull backup served by QEMU's NBD server on the unix socket ``socket``."""
+        job = cls()
+        job.mode = cls.MODE_PULL
+        job.incremental = incremental or None
+        job.server_transport = "unix"
+        job.server_socket = socket
+        job.node.append(job.node.makeelement("disks"))
+        return job
+
+    def add_export(self, target: str, export: str, bitmap: str | None, scratch: str) -> BackupDisk:
+        """Disk ``target`` is exported as ``export`` (with dirty bitmap ``bitmap``)."""
+        return self.disks.add(
+            name=target,
+            backup="yes",
+            type="file",
+            exportname=export,
+            exportbitmap=bitmap,
+            scratch_file=scratch,
+        )
 
     def add_file(self, target: str, path: str, fmt: str = "qcow2") -> BackupDisk:
         """Disk ``target`` is written to the file ``path``."""

@@ -42,8 +42,8 @@ def unique(stem: str) -> str:
 
 
 def backup_dest(stem: str) -> str:
-    """A backup destination folder; QEMU (not root) writes the images there in
-    push mode, so it must be traversable."""
+    """A backup destination folder (traversable, as restores that put a
+    domain on a point's image need; the backup itself writes as root)."""
     path = tempfile.mkdtemp(prefix=f"{PREFIX}{stem}-", dir="/var/tmp")
     os.chmod(path, 0o711)
     return path

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -159,6 +160,30 @@ def test_concurrent_run_and_bad_input_are_refused(hv, guest, dest):
         assert backup_core.our_checkpoints(guest.dom) and not bs.Store(dest, guest.name).partials()
     finally:
         shutil.rmtree(empty, ignore_errors=True)
+
+
+def test_a_destination_only_the_caller_can_enter(hv, guest):
+    """Pull mode: the run writes the images itself, so a 0700 folder of root's
+    (as /root/backups) is enough; QEMU's scratch folder is gone afterwards."""
+    private = tempfile.mkdtemp(prefix=f"{PREFIX}private-", dir="/var/tmp")  # 0700
+    try:
+        write(guest, "/data/p", 24)
+        full = backup.create(hv, guest.name, private, disks=["vdb"])
+        write(guest, "/data/p", 8)
+        inc = backup.create(hv, guest.name, private, disks=["vdb"])
+        assert (full["kind"], inc["kind"]) == ("full", "incremental")
+        assert inc["disk_bytes"]["vdb"] < 16 * MIB < full["disk_bytes"]["vdb"], inc
+        assert backup_ops.verify(private, guest.name)["ok"]
+        uuid = guest.dom.UUIDString()
+        assert not [n for n in os.listdir("/var/tmp") if n.startswith(f"salt-kvm-backup-{uuid}")]
+        tag = backup_core.store_tag(bs.Store(private, guest.name))
+        assert len(backup_core.our_checkpoints(guest.dom, tag)) == 1
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+        for name in backup_core.our_checkpoints(
+            guest.dom, backup_core.store_tag(bs.Store(private, guest.name))
+        ):
+            backup_core.delete_checkpoint(guest.dom, name)
 
 
 @pytest.fixture(scope="module")

@@ -129,3 +129,21 @@ def test_full_and_incremental_push_backups():
     assert [(d.name, d.target_file, d.driver_type) for d in read.disks] == [
         ("vda", "/dest/vm/.partial-x/vda.qcow2", "qcow2")
     ]
+
+
+def test_full_and_incremental_pull_backups():
+    full = BackupJob.pull("/var/tmp/x/nbd.sock")
+    full.add_export("vda", "vda", None, "/var/tmp/x/vda.scratch")
+    assert_same_xml(
+        full.to_xml(),
+        """<domainbackup mode="pull"><server transport="unix" socket="/var/tmp/x/nbd.sock"/>
+        <disks><disk name="vda" backup="yes" type="file" exportname="vda">
+        <scratch file="/var/tmp/x/vda.scratch"/></disk></disks></domainbackup>""",
+    )
+    inc = BackupJob.pull("/s", "cp1")
+    inc.add_export("vdb", "vdb", "backup-vdb", "/vdb.scratch")
+    read = BackupJob(inc.to_xml())
+    assert (read.mode, read.incremental, read.server_socket) == ("pull", "cp1", "/s")
+    assert [(d.name, d.exportname, d.exportbitmap, d.scratch_file) for d in read.disks] == [
+        ("vdb", "vdb", "backup-vdb", "/vdb.scratch")
+    ]

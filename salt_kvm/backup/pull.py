@@ -1,0 +1,132 @@
+"""Copying one disk from libvirt's pull-mode NBD export into a point's image.
+
+The export is the disk as it was when the backup job began (QEMU keeps that
+view with copy-before-write into a scratch file while the guest goes on).
+Block status says which parts to read: for a full point every cluster that
+is not known to read as zeros (``base:allocation``); for an incremental the
+clusters of the job's dirty bitmap (``qemu:dirty-bitmap:NAME``: what changed
+since the checkpoint the point follows), of which those that now read as
+zeros are stored as zero clusters. Only those are read, once, and streamed
+into a qcow2 laid out front to back (``qcow2.Writer``) that is hashed while
+it is written: the process writes the image as the caller, so a destination
+only the caller can write is enough.
+
+While the next chunk is read, a second thread writes the last one and a
+third hashes it (both calls release the GIL; QEMU serves the reads in its own
+process): the sha256 is the slowest of the three, so the run costs about
+what hashing the data costs.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from salt_kvm.backup import nbd, qcow2
+from salt_kvm.errors import SaltKvmError
+
+CHUNK = 4 * 1024 * 1024
+BUFFERS = 4
+
+
+def cluster_map(client: nbd.Client, dirty: str | None) -> bytearray:
+    """One byte per 64 KiB cluster: ``DATA``, ``ZERO`` or ``UNALLOCATED``."""
+    count = qcow2.clusters(client.size)
+    nonzero = bytearray(count)
+    for ext in client.extents(nbd.BASE_ALLOCATION):
+        if not ext.flags & nbd.STATE_ZERO:
+            first, last = ext.offset // qcow2.CLUSTER, qcow2.clusters(ext.offset + ext.length)
+            nonzero[first:last] = b"\x01" * (last - first)
+    if dirty is None:
+        return nonzero  # DATA == 1; everything else is unallocated: reads as zeros
+    kinds = bytearray(count)
+    for ext in client.extents(dirty):
+        if ext.flags & nbd.STATE_DIRTY:
+            first, last = ext.offset // qcow2.CLUSTER, qcow2.clusters(ext.offset + ext.length)
+            kinds[first:last] = bytes(qcow2.DATA if n else qcow2.ZERO for n in nonzero[first:last])
+    return kinds
+
+
+def copy_disk(
+    client: nbd.Client,
+    dest: Path,
+    backing: str | None,
+    dirty: str | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[str, int]:
+    """Write the export into the new qcow2 ``dest`` (0600, never through a link);
+    return its sha256 and the guest bytes read."""
+    kinds = cluster_map(client, dirty)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        writer = qcow2.Writer(fd, client.size, kinds, backing)
+        writer.begin()
+        _stream(client, writer, progress)
+        digest = writer.finish()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return digest, writer.expected
+
+
+def _stream(
+    client: nbd.Client, writer: qcow2.Writer, progress: Callable[[int, int], None] | None
+) -> None:
+    """Read (this thread), write (a second) and hash (a third), in file order;
+    a buffer is read into again only once it is written and hashed."""
+    free: queue.Queue[bytearray] = queue.Queue()
+    for _ in range(BUFFERS):
+        free.put(bytearray(CHUNK))
+    to_write: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+    to_hash: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+    failed: list[BaseException] = []
+
+    def write() -> None:
+        while (item := to_write.get()) is not None:
+            try:
+                if not failed:
+                    writer.write(memoryview(item[0])[: item[1]], digest=False)
+            except BaseException as exc:  # handed to the reading thread
+                failed.append(exc)
+            to_hash.put(item)
+        to_hash.put(None)
+
+    def digest() -> None:
+        while (item := to_hash.get()) is not None:
+            writer.digest.update(memoryview(item[0])[: item[1]])
+            free.put(item[0])
+
+    threads = [
+        threading.Thread(target=write, name="backup-writer", daemon=True),
+        threading.Thread(target=digest, name="backup-hasher", daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    done = 0
+    try:
+        for offset, length in writer.data_ranges():
+            end = offset + length
+            while offset < end and not failed:
+                count = min(CHUNK, end - offset)
+                buf = free.get()
+                try:
+                    client.read(offset, memoryview(buf)[:count])
+                except BaseException:
+                    free.put(buf)
+                    raise
+                to_write.put((buf, count))
+                offset += count
+                done += count
+                if progress is not None:
+                    progress(done, writer.expected)
+            if failed:
+                break
+    finally:
+        to_write.put(None)
+        for thread in threads:
+            thread.join()
+    if failed:
+        raise SaltKvmError(f"writing the backup image failed: {failed[0]}") from failed[0]
