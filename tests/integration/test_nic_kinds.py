@@ -1,7 +1,8 @@
 """The real libvirtd accepts the NIC kinds and host devices salt-kvm writes, and
 this host's node devices answer the checks. Define only, never started: this
-machine has no Open vSwitch, no IOMMU and no USB bus (docs/testbed.rst), and a
-macvtap guest on the host's uplink would talk to the outside network."""
+machine has no IOMMU and no USB bus (docs/testbed.rst), and a macvtap guest on
+the host's uplink would talk to the outside network (test_ovs.py boots a guest
+on Open vSwitch)."""
 
 from pathlib import Path
 
