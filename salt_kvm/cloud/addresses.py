@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -88,6 +89,11 @@ def peer_leases(find: Callable[[list[str]], list[str]]) -> Iterator[None]:
         _PEER_LEASES.reset(token)
 
 
+def has_ipv4(found: list[str]) -> bool:
+    """Whether an IPv4 address is among ``found`` (NAT forwards need one)."""
+    return any(ipaddress.ip_address(a.split("%")[0]).version == 4 for a in found)
+
+
 def lookup(dom: libvirt.virDomain, source: str, macs: Iterable[str] | None = None) -> list[str]:
     macs = list(macs) if macs is not None else domain_macs(dom)
     order = AUTO_ORDER if source == SOURCE_AUTO else (source,)
@@ -137,8 +143,10 @@ def wait_for_addresses(
     sleep: Callable[[float], None] = time.sleep,
     check: Callable[[], None] | None = None,
     check_every: float = 2.0,
+    accept: Callable[[list[str]], bool] | None = None,
 ) -> list[str]:
-    """Poll ``source`` every ``interval`` seconds until the guest has an address.
+    """Poll ``source`` every ``interval`` seconds until the guest has an address
+    (one ``accept`` takes, e.g. ``has_ipv4``).
 
     ``check`` (called every ``check_every`` seconds) raises when the guest has
     said it cannot come up (e.g. its start script failed): the wait ends with
@@ -146,17 +154,19 @@ def wait_for_addresses(
     macs = list(macs) if macs is not None else domain_macs(dom)
     deadline = clock() + timeout
     next_check = clock() + check_every
+    found: list[str] = []
     while True:
         found = lookup(dom, source, macs)
-        if found:
+        if found and (accept is None or accept(found)):
             return found
         _check_running(dom)
         if check is not None and clock() >= next_check:
             check()
             next_check = clock() + check_every
         if clock() >= deadline:
+            has = f"; it has only {', '.join(found)}" if found else ""
             raise TimeoutError_(
-                f"{dom.name()} got no IP address from {source} within {timeout:g}s "
-                f"(MACs {', '.join(macs)})"
+                f"{dom.name()} got no {'usable ' if found else ''}IP address from {source} "
+                f"within {timeout:g}s (MACs {', '.join(macs)}{has})"
             )
         sleep(interval)

@@ -174,6 +174,8 @@ def create(
             spec.wait_for_ip_interval,
             guest.macs,
             check=None if watch is None else lambda: watch(guest),
+            # A dual-stack network may lease IPv6 first: forwards need IPv4.
+            accept=addresses.has_ipv4 if spec.nat_rules else None,
         )
     guest.mark("ip")
     if spec.nat_rules:

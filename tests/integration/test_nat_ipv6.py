@@ -45,14 +45,16 @@ def network_xml():
 </network>"""
 
 
-def dhcpv6_lease(net, mac, timeout=180):
+def dhcp_lease(net, mac, kind=libvirt.VIR_IP_ADDR_TYPE_IPV6, timeout=180):
+    """The guest's lease of that family (the guest may lease IPv6 before IPv4,
+    or the other way round; the create waited for the first only)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for lease in net.DHCPLeases(mac) or []:
-            if lease["type"] == libvirt.VIR_IP_ADDR_TYPE_IPV6:
+            if lease["type"] == kind:
                 return lease["ipaddr"]
         time.sleep(1)
-    raise AssertionError(f"no DHCPv6 lease for {mac} within {timeout} s")
+    raise AssertionError(f"no lease of type {kind} for {mac} within {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,8 @@ def guest(conn, base_domain):
             made = provision.create(conn, build_spec(values), rollback, lambda *_: None)
             rollback.forget()
         mac = made.macs[0]
-        address6 = dhcpv6_lease(net, mac)
+        address6 = dhcp_lease(net, mac)
+        dhcp_lease(net, mac, libvirt.VIR_IP_ADDR_TYPE_IPV4)  # the IPv4 forward's target
         print(f"guest with a DHCPv6 lease: {time.monotonic() - started:.1f} s")
         yield name, mac, address6
     finally:

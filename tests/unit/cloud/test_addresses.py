@@ -152,3 +152,31 @@ def test_wait_asks_the_check_now_and_then_and_stops_with_its_error():
             check_every=2.0,
         )
     assert asked == [2.0, 4.0]
+
+
+def test_wait_can_ask_for_an_ipv4_address_beside_an_early_ipv6_one():
+    # A dual-stack network may lease IPv6 first; nat_rules forward to the
+    # guest's IPv4 address, so such a create waits for that one too.
+    v6 = {"vnet0": iface("52:54:00:00:00:01", ("fd00::5", V6))}
+    both = {
+        "vnet0": iface(
+            "52:54:00:00:00:01",
+            ("fd00::5", V6),
+            ("10.1.1.5", V4),
+        )
+    }
+    answers = [v6, v6, both]
+    dom = FakeDomain({libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE: None})
+    dom.interfaceAddresses = lambda source, flags=0: (
+        answers.pop(0) if len(answers) > 1 else answers[0]
+    )
+    found = addresses.wait_for_addresses(
+        dom,
+        "ip-learning",
+        60,
+        0.5,
+        ["52:54:00:00:00:01"],
+        sleep=lambda s: None,
+        accept=addresses.has_ipv4,
+    )
+    assert "10.1.1.5" in found and answers == [both]
