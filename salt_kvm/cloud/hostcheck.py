@@ -169,16 +169,7 @@ def _taken(held: Hostdev, device: nodedev.PciDevice | nodedev.UsbDevice) -> bool
     if isinstance(device, nodedev.PciDevice):
         if held.type not in ("pci", "hostdev") or held.address_bus is None:
             return False
-        address = tuple(
-            nodedev.number(v) or 0
-            for v in (
-                held.address_domain,
-                held.address_bus,
-                held.address_slot,
-                held.address_function,
-            )
-        )
-        return address == device.address
+        return nodedev.pci_address(held) == device.address
     if held.type != "usb":
         return False
     if held.vendor is not None:

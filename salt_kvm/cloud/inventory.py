@@ -114,15 +114,7 @@ def _hostdevs(xml: Domain) -> list[str]:
             ids = nodedev.number(dev.vendor) or 0, nodedev.number(dev.product) or 0
             shown.append(f"{dev.type} {ids[0]:04x}:{ids[1]:04x}")
         elif dev.type == "pci":
-            d, b, s, f = (
-                nodedev.number(v) or 0
-                for v in (
-                    dev.address_domain,
-                    dev.address_bus,
-                    dev.address_slot,
-                    dev.address_function,
-                )
-            )
+            d, b, s, f = nodedev.pci_address(dev)
             shown.append(f"pci {d:04x}:{b:02x}:{s:02x}.{f:x}")
         else:
             shown.append(f"{dev.type} bus {dev.address_bus} device {dev.address_device}")

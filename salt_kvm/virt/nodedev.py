@@ -34,6 +34,17 @@ def number(text: str | None) -> int | None:
     return int(text, 16) if text.startswith("0x") else int(text, 10)
 
 
+def pci_address(hostdev) -> tuple[int, int, int, int]:
+    """(domain, bus, slot, function) of a domain's ``Hostdev`` PCI source address,
+    absent parts 0: comparable with ``PciDevice.address``."""
+    return (
+        number(hostdev.address_domain) or 0,
+        number(hostdev.address_bus) or 0,
+        number(hostdev.address_slot) or 0,
+        number(hostdev.address_function) or 0,
+    )
+
+
 class NodeDevice(XMLObject):
     """One ``virsh nodedev-dumpxml`` document."""
 
