@@ -16,9 +16,8 @@ import pycdlib
 import yaml
 from lxml import etree
 
-from salt_kvm.virt import chains
+from salt_kvm.virt import chains, pools
 from salt_kvm.virt.domain import Disk, Domain
-from salt_kvm.virt.volumes import Volume
 
 LABEL = "cidata"
 
@@ -64,17 +63,13 @@ def upload(
     conn: libvirt.virConnect, pool_name: str, volume: str, data: bytes
 ) -> libvirt.virStorageVol:
     """Create ``volume`` (mode 0600) in the pool and stream ``data`` into it."""
-    pool = conn.storagePoolLookupByName(pool_name)
-    vol = pool.createXML(Volume.new(volume, len(data), Volume.FORMAT_RAW).to_xml(), 0)
-    try:
-        stream = conn.newStream(0)
-        vol.upload(stream, 0, len(data), 0)
-        stream.send(data)
-        stream.finish()
-    except libvirt.libvirtError:
-        chains.delete_volume(conn, vol.path(), "seed upload cleanup")
-        raise
-    return vol
+    return pools.upload(
+        conn,
+        pool_name,
+        volume,
+        data,
+        lambda vol: chains.delete_volume(conn, vol.path(), "seed upload cleanup"),
+    )
 
 
 def _free_target(xml: Domain, bus: str) -> str:

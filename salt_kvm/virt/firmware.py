@@ -17,7 +17,7 @@ import libvirt
 from lxml import etree
 
 from salt_kvm.errors import SpecError
-from salt_kvm.virt import connection
+from salt_kvm.virt import connection, pools
 from salt_kvm.virt.domain import Domain
 from salt_kvm.virt.volumes import Volume
 
@@ -282,16 +282,7 @@ def copy_nvram(
     except OSError as exc:
         log.info("the base's NVRAM %s is unreadable (%s): the template is used", source, exc)
         return None
-    vol = pool.createXML(_volume_xml(volume, len(data)), 0)
-    try:
-        stream = conn.newStream(0)
-        vol.upload(stream, 0, len(data), 0)
-        stream.send(data)
-        stream.finish()
-    except libvirt.libvirtError:
-        vol.delete(0)
-        raise
-    return vol
+    return pools.upload(conn, pool_name, volume, data, lambda vol: vol.delete(0))
 
 
 def _volume_xml(name: str, capacity: int = 0) -> str:

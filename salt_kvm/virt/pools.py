@@ -4,10 +4,12 @@ refresh that waits for another caller's volume build."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import libvirt
 
 from salt_kvm.errors import ConflictError
+from salt_kvm.virt.volumes import Volume
 from salt_kvm.virt.xmlmodel import XMLObject, XMLProperty
 
 # libvirt refuses a pool refresh while a volume of that pool is still being
@@ -56,3 +58,26 @@ class Pool(XMLObject):
         pool.name = name
         pool.target_path = path
         return pool
+
+
+def upload(
+    conn: libvirt.virConnect,
+    pool_name: str,
+    volume: str,
+    data: bytes,
+    discard: Callable[[libvirt.virStorageVol], object],
+) -> libvirt.virStorageVol:
+    """Create the raw ``volume`` (mode 0600) in the pool and stream ``data`` into
+    it through libvirt (works for remote hypervisors); on failure ``discard``
+    removes the half-written volume and the error goes on."""
+    pool = conn.storagePoolLookupByName(pool_name)
+    vol = pool.createXML(Volume.new(volume, len(data), Volume.FORMAT_RAW).to_xml(), 0)
+    try:
+        stream = conn.newStream(0)
+        vol.upload(stream, 0, len(data), 0)
+        stream.send(data)
+        stream.finish()
+    except libvirt.libvirtError:
+        discard(vol)
+        raise
+    return vol
