@@ -243,10 +243,18 @@ def _dnat(forward: Forward, arriving: str | None = None) -> str:
         match = "fib daddr type local"
     else:
         match = f"ip daddr {rule.host_address}"
+    return _dnat_to(match, forward, forward.address)
+
+
+def _dnat_to(match: str, forward: Forward, target: str) -> str:
+    """The DNAT rule of ``forward`` for packets ``match`` selects, to ``target``
+    (an address as nft writes it: ``10.0.0.5`` or ``[fd00::5]``), marked for
+    the masquerade rules."""
+    rule = forward.rule
     return (
         f"{match} {rule.proto} dport {rule.host} "
         f"ct mark set ct mark or {CT_MARK:#x} "
-        f"dnat to {forward.address}:{rule.guest} "
+        f"dnat to {target}:{rule.guest} "
         f'comment "{forward.comment}"'
     )
 
@@ -282,16 +290,10 @@ def _dnat6(forward: Forward, arriving: str | None = None) -> str:
     from the host itself (``output``) or from the guests' bridges. Not ``::1``:
     the kernel drops a packet with a loopback source that would leave ``lo``,
     and IPv6 has no route_localnet."""
-    rule = forward.rule
     match = f"fib daddr type local ip6 daddr != {LOOPBACK6}"
     if arriving is not None:
         match = f"iifname {arriving} {match}"
-    return (
-        f"{match} {rule.proto} dport {rule.host} "
-        f"ct mark set ct mark or {CT_MARK:#x} "
-        f"dnat to [{forward.address6}]:{rule.guest} "
-        f'comment "{forward.comment}"'
-    )
+    return _dnat_to(match, forward, f"[{forward.address6}]")
 
 
 def ruleset6(forwards: list[Forward]) -> dict[str, list[str]]:
