@@ -24,6 +24,18 @@ VIRSH="virsh -q -c qemu:///system"
 log() { printf '[salt-kvm %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 need_root() { [ "$(id -u)" = 0 ] || die "run as root"; }
+# Start a daemon without the caller's open files above stderr. A daemon keeps
+# what it inherits: started under `flock LOCK scripts/setup-host` it would hold
+# that lock for as long as it runs, and every later `flock LOCK` would wait.
+daemon() {
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      [ "$fd" -gt 2 ] && eval "exec $fd>&-"
+    done
+    exec "$@"
+  )
+}
 
 # pip, minus this kind of machine's noise about absent local index folders.
 pip_quiet() { "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2); }
