@@ -436,7 +436,7 @@ def console(name, call=None):
         salt-cloud -a console vm1
     """
     _only(call == "action", "console is an action: use -a console")
-    with cloud_errors(also=(libvirt.libvirtError,)), _connect() as conn:
+    with cloud_errors(also=(libvirt.libvirtError,)), _guest_connection(name) as conn:
         return guest_console.console(conn, name)
 
 
@@ -458,7 +458,7 @@ def screenshot(name, kwargs=None, call=None):
         if not path or not isinstance(path, str):
             raise SpecError("path", "is required", "path=/some/file.png")
         overwrite = boolean(kwargs, "overwrite", False)
-        with _connect() as conn:
+        with _guest_connection(name) as conn:
             return guest_console.screenshot(conn, name, path, overwrite)
 
 
