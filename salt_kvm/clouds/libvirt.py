@@ -23,7 +23,6 @@ sizing, NICs, DHCP reservations, virt_type and faster address learning.
 See the salt-kvm documentation (docs/cloud.rst) for every key.
 """
 
-import contextlib
 import logging
 import time
 from typing import Any
@@ -36,8 +35,8 @@ from salt.exceptions import SaltCloudSystemExit
 try:
     import libvirt
 
-    from salt_kvm import __version__
-    from salt_kvm.cloud import actions, addresses, fleet, intent, inventory, locations, placement
+    from salt_kvm import __version__, saltcloud
+    from salt_kvm.cloud import actions, intent, inventory, placement
     from salt_kvm.cloud import console as guest_console
     from salt_kvm.cloud import deploy as cloud_deploy
     from salt_kvm.cloud.spec import (
@@ -120,50 +119,11 @@ def _fleet(source=None):
     if source is None:
         # No providers in the options: no hosts to read (a call outside salt-cloud).
         source = (get_configured_provider() if __opts__.get("providers") else None) or {}
-
-    def get(key):
-        return config.get_cloud_config_value(key, source, __opts__, search_global=False)
-
-    hosts = locations.parse_hosts(get("hosts"), get("url"))
-    if hosts is None:
-        return None
-    auth = connection_args(__opts__, source)
-    return fleet.Fleet(hosts, auth["username"], auth["password"])
+    return saltcloud.provider_fleet(__opts__, source)
 
 
-@contextlib.contextmanager
 def _guest_connection(name):
-    """A connection to the hypervisor guest ``name`` is on (with several hosts:
-    wherever it is)."""
-    hosts = _fleet()
-    if hosts is None:
-        with _connect() as conn:
-            yield conn
-        return
-    with hosts.guest(name) as (_host, conn):
-        yield conn
-
-
-def _placed(vm_, spec, rollback, journal):
-    """With several hosts: the host ``location`` (default auto) gives the new
-    guest, written down for parallel creates; the VM's connection goes there.
-    After a killed create of the name, ``auto`` goes where that one went: what
-    it left is cleared there."""
-    with input_errors(profile_prefix(vm_)), rollback:
-        hosts = _fleet(vm_)
-        location = config.get_cloud_config_value("location", vm_, __opts__)  # also -L/--location
-        location = locations.check_location(location, hosts.hosts if hosts else None)
-    if hosts is None:
-        return None
-    placements = placement.Placements(__opts__["cachedir"])
-    with cloud_errors(profile_prefix(vm_), f"creating {vm_['name']}: "), rollback:
-        if journal.pending and location == locations.AUTO:
-            location = placements.killed(vm_["name"]) or location
-            location = location if location in hosts.hosts else locations.AUTO
-        chosen = placement.place(placements, hosts.hosts, hosts.connect, spec, location)
-    log.info("placing %s on host %s (location %s)", vm_["name"], chosen.name, location)
-    vm_["url"] = hosts.hosts[chosen.name]
-    return hosts, chosen.name
+    return saltcloud.guest_connection(_fleet(), _connect, name)
 
 
 def _fire(name, step, args):
@@ -241,7 +201,7 @@ def _create(vm_):
         seed_iso = cloud_deploy.seed_iso(
             spec, deploy_plan, grains, profile=vm_.get("profile"), provider=vm_.get("provider")
         )
-    placed = _placed(vm_, spec, rollback, journal)
+    placed = saltcloud.place(__opts__, vm_, spec, rollback, journal)
     started = time.monotonic()
     log.info("creating %s (profile %s)", name, vm_.get("profile"))
 
@@ -263,7 +223,7 @@ def _create(vm_):
             if journal.pending:
                 undone = journal.recover(conn)  # the minion key is this run's now
                 log.warning("removed what a killed create of %s left: %s", name, undone)
-            with _peer_leases(placed):
+            with saltcloud.peer_leases(placed):
                 guest, deployed = cloud_deploy.create(
                     SaltMaster(__opts__), conn, spec, deploy_plan, seed_iso, rollback, emit
                 )
@@ -282,37 +242,8 @@ def _create(vm_):
     return result
 
 
-@contextlib.contextmanager
 def _host_connection(kwargs):
-    """A function's connection: the provider's hypervisor, or with several
-    hosts the one ``location=`` names (required then)."""
-    hosts = _fleet()
-    if hosts is None:
-        with _connect() as conn:
-            yield conn
-        return
-    location = (kwargs or {}).get("location")
-    if location not in hosts.hosts:
-        raise SpecError(
-            "location",
-            f"{location!r} is not one of this provider's hosts"
-            if location
-            else "is required with hosts",
-            ", ".join(sorted(hosts.hosts)),
-        )
-    with connected(hosts.hosts[location], **hosts.auth) as conn:
-        yield conn
-
-
-@contextlib.contextmanager
-def _peer_leases(placed):
-    """With several hosts, a lease lookup also asks the other hosts' tables."""
-    if placed is None:
-        yield
-        return
-    hosts, chosen = placed
-    with hosts.peer_leases(chosen) as find, addresses.peer_leases(find):
-        yield
+    return saltcloud.host_connection(_fleet(), _connect, kwargs)
 
 
 # ---- destroy and actions -----------------------------------------------------
@@ -655,21 +586,4 @@ def cleanup(kwargs=None, call=None):
         if hosts is None:
             with _connect() as conn:
                 return actions.cleanup(conn, __opts__, remove_key)
-        # Each killed create on the host its placement names.
-        placed = placement.Placements(__opts__["cachedir"])
-        # A create killed before its placement was written had made nothing on
-        # any host but maybe its minion key: undone with the first host that answers.
-        removed, silent, first = {}, {}, None
-        for host, conn, error in hosts.each():
-            if conn is None:
-                silent[host] = error
-                continue
-            first = first or host
-            mine = lambda name, host=host, first=first: (placed.killed(name) or first) == host  # noqa: E731
-            for name, result in actions.cleanup(conn, __opts__, remove_key, only=mine).items():
-                removed[name] = result
-                if not (isinstance(result, dict) and "error" in result):
-                    placed.remove(name)
-        if silent:
-            removed["hosts that did not answer"] = silent
-        return removed
+        return saltcloud.cleanup_hosts(__opts__, hosts, remove_key)
