@@ -79,7 +79,13 @@ def make(conn: libvirt.virConnect, machine: MachinePlan, rollback: Rollback) -> 
     if not machine.base_nvram or not machine.nvram_pool or not machine.nvram_volume:
         return
     rollback.intend("volume", pool=machine.nvram_pool, name=machine.nvram_volume)
-    vol = firmware.copy_nvram(conn, machine.base_nvram, machine.nvram_pool, machine.nvram_volume)
+    vol = firmware.copy_nvram(
+        conn,
+        machine.base_nvram,
+        machine.nvram_pool,
+        machine.nvram_volume,
+        lambda vol: chains.delete_volume(conn, vol.path(), "NVRAM upload cleanup"),
+    )
     if vol is not None:
         machine.nvram = vol.path()
         machine.made_nvram = True

@@ -11,6 +11,7 @@ with Microsoft's keys enrolled for secure boot. Each guest's UEFI variables
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import libvirt
@@ -261,11 +262,16 @@ def nvram_volume_name(vm: str) -> str:
 
 
 def copy_nvram(
-    conn: libvirt.virConnect, source: str, pool_name: str, volume: str
+    conn: libvirt.virConnect,
+    source: str,
+    pool_name: str,
+    volume: str,
+    discard: Callable[[libvirt.virStorageVol], object],
 ) -> libvirt.virStorageVol | None:
     """Copy the base's UEFI variables into ``volume`` of the pool; None when the
     base's file cannot be read here (not a volume, on another host): the guest
-    then starts from the firmware's template."""
+    then starts from the firmware's template. A failed upload's half-written
+    volume goes through ``discard`` (the caller's delete gate)."""
     pool = conn.storagePoolLookupByName(pool_name)
     try:
         base = conn.storageVolLookupByPath(source)
@@ -282,7 +288,7 @@ def copy_nvram(
     except OSError as exc:
         log.info("the base's NVRAM %s is unreadable (%s): the template is used", source, exc)
         return None
-    return pools.upload(conn, pool_name, volume, data, lambda vol: vol.delete(0))
+    return pools.upload(conn, pool_name, volume, data, discard)
 
 
 def _volume_xml(name: str, capacity: int = 0) -> str:
