@@ -78,10 +78,11 @@ def _tag(value: Any, key: str) -> str:
 def _mount(value: Any, key: str) -> str | None:
     if value in (None, ""):
         return None
+    given = value
     if isinstance(value, str) and len(value) > 1:
         value = value.rstrip("/")
     if not isinstance(value, str) or not MOUNT_RE.fullmatch(value):
-        raise SpecError(key, f"{value!r} is not a guest path salt-kvm mounts", MOUNT_ACCEPTED)
+        raise SpecError(key, f"{given!r} is not a guest path salt-kvm mounts", MOUNT_ACCEPTED)
     if ".." in value.split("/") or "." in value.split("/"):
         raise SpecError(key, f"{value!r} has a '.' or '..' component", MOUNT_ACCEPTED)
     if value in GUEST_SYSTEM_DIRS:

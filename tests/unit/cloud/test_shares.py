@@ -330,3 +330,11 @@ def test_a_remote_hypervisors_shares_are_checked_as_written_and_say_so():
     assert checked.shares == [virtiofs.Share("/srv/shares/link-or-not", "data", False)]
     assert "hv1.example" in checked.unchecked and "not on its filesystem" in checked.unchecked
     assert sharehost.check(RemoteConn(), (), ("/srv/shares",)).shares == []
+
+
+def test_a_refused_mount_is_shown_as_given():
+    exc = refused(
+        "shares[0].mount",
+        shares=[{"source": "/srv/shares/a", "tag": "x", "mount": "/mnt/x; rm -rf /"}],
+    )
+    assert "'/mnt/x; rm -rf /' is not a guest path" in str(exc)
