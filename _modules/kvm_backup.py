@@ -353,6 +353,11 @@ def restore(
     new name. A kept UUID or MAC that another domain on this host has is
     refused by name before anything is written.
 
+    A point's UEFI variables come back as the restored domain's own NVRAM file
+    (``<target>_VARS.fd`` in ``pool``, never an existing one), its emulated
+    TPM's state only with a kept identity (a new UUID starts with an empty
+    TPM); ``nvram`` and ``tpm_state`` in the result say what was done.
+
     CLI Example:
 
     .. code-block:: bash

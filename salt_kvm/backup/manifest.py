@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from salt_kvm.backup.statefiles import FirmwareError, FirmwareState, parse_firmware
 from salt_kvm.errors import NotFoundError, SaltKvmError, SpecError
 
 FORMAT = 1
@@ -69,6 +70,7 @@ class Point:
     duration: float | None = None
     method: str = "api"  # how it was taken: "api" (backup API) or "snapshot" (fallback)
     format: int = FORMAT
+    firmware: FirmwareState | None = None  # UEFI variables, TPM state (statefiles)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +82,7 @@ class Point:
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}  # a newer manifest reads too
         disks = {k: DiskImage(**v) for k, v in (data.pop("disks", None) or {}).items()}
+        data["firmware"] = FirmwareState.from_dict(data.get("firmware"))
         return cls(disks=disks, **data)
 
     @property
@@ -207,7 +210,15 @@ def parse_manifest(data: object, folder: str, domain: str) -> Point:
         raise ManifestError(folder, "disks", f"{disks!r} is not a map of disks", "target: image")
     for target, entry in disks.items():
         point.disks[target] = _parse_disk(folder, point, target, entry)
+    point.firmware = _parse_firmware(folder, data.get("firmware"))
     return point
+
+
+def _parse_firmware(folder: str, value: object) -> FirmwareState | None:
+    try:
+        return parse_firmware(value)
+    except FirmwareError as exc:
+        raise ManifestError(folder, exc.key, exc.problem, exc.accepted) from exc
 
 
 def _parse_disk(folder: str, point: Point, target: object, entry: object) -> DiskImage:

@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 import libvirt
 
 from salt_kvm import redact, ssh
+from salt_kvm.backup import firmware_state
 from salt_kvm.backup import store as bs
 from salt_kvm.backup.verify import verify_point
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
@@ -186,7 +187,7 @@ def _open_source(store: bs.Store, point: bs.Point, name: str):
 
 def _files(point: bs.Point) -> list[tuple[str, str | None]]:
     files = [(d.file, d.sha256) for d in point.disks.values()]
-    return files + [(bs.DOMAIN_XML, point.domain_xml_sha256)]
+    return files + [(bs.DOMAIN_XML, point.domain_xml_sha256)] + firmware_state.stored_files(point)
 
 
 class _DirCopier:

@@ -38,6 +38,7 @@ from lxml import etree
 from salt_kvm.backup import core as backup_core
 from salt_kvm.backup import store as bs
 from salt_kvm.backup import verify
+from salt_kvm.backup.firmware_state import InPlacePlan, NvramPlan, TpmPlan
 from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError, SpecError
 from salt_kvm.virt import chains, graphics, names, pools, qemuimg
 from salt_kvm.virt.domain import Disk, Domain
@@ -224,6 +225,8 @@ def _as_new(
         if os.path.exists(path):
             raise ConflictError(f"volume {vol!r} already exists in pool {pool!r}")
         plan.append((disk, image, path))
+    nvram = NvramPlan.make(conn, point, xml, pool_dir, target)
+    tpm = TpmPlan.make(point, xml, keep)
     with Rollback() as rollback:
         for disk, image, path in plan:
             rollback.add(f"volume {path}", functools.partial(_remove, conn, path))
@@ -232,16 +235,19 @@ def _as_new(
             disk.path = path  # a file now, whatever it was
             disk.driver_name = "qemu"
             disk.driver_type = "qcow2"
+        nvram.write(conn, store, point, xml, rollback)
+        tpm.write(store, point, rollback)
         pools.refresh(pool_handle)
         volumes = [path for _, _, path in plan]
-        xml.set_managed_info(
-            {
-                "restored_from": point.domain,
-                "point": point.id,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "volumes": volumes,
-            }
-        )
+        info: dict[str, str | list[str]] = {
+            "restored_from": point.domain,
+            "point": point.id,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "volumes": volumes,
+        }
+        if nvram.path:  # the domain's own: removed with it (lifecycle.remove)
+            info["nvram"] = nvram.path
+        xml.set_managed_info(info)
         dom = define(conn, xml, rollback)
         if start:
             dom.create()
@@ -253,6 +259,8 @@ def _as_new(
         "identity": "kept" if keep else "new",
         "uuid": dom.UUIDString(),
         "macs": [iface.mac for iface in xml.interfaces],
+        "nvram": nvram.note,
+        "tpm_state": tpm.note,
     }
 
 
@@ -469,6 +477,7 @@ def _in_place_locked(
     xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     plan = _plan_in_place(point.domain, xml, point)
     files = [t for t in plan if not t.block]
+    state = InPlacePlan.make(store, point, dom, xml)
     # The old images are replaced or written into: a quick clone standing on one
     # would be corrupted.
     chains.check_deletable(
@@ -481,6 +490,7 @@ def _in_place_locked(
         # files first, beside the disks: until the renames nothing visible changed
         for each in files:
             _write_file(conn, str(store.path(point) / each.image.file), each)
+        state.write()
         for each in plan:
             if each.block:  # into the device: its node (an LV's link) stays
                 qemuimg.convert(
@@ -489,9 +499,11 @@ def _in_place_locked(
     except BaseException:
         for each in files:
             _remove(conn, each.temp)
+        state.discard()
         raise
     for each in files:
         os.replace(each.temp, each.path)
+    state.commit()
     # The images are new: the old checkpoints' bitmaps went with the old files.
     for name in backup_core.our_checkpoints(dom):
         dom.checkpointLookupByName(name, 0).delete(
@@ -502,4 +514,5 @@ def _in_place_locked(
         "volumes": [each.path for each in plan],
         "formats": {each.target: each.format for each in plan},
         "in_place": True,
+        **state.notes,
     }

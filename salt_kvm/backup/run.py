@@ -19,7 +19,7 @@ import time
 
 import libvirt
 
-from salt_kvm.backup import core, method_api, method_snapshot, verify
+from salt_kvm.backup import core, firmware_state, method_api, method_snapshot, verify
 from salt_kvm.backup import store as bs
 from salt_kvm.backup.core import (
     MIN_LIBVIRT,
@@ -159,6 +159,7 @@ def _run(engine: core.Method, dom, store, point_id, disks, parent, reason, quies
             domain_xml_sha256=bs.sha256_file(partial / bs.DOMAIN_XML),
             duration=round(time.monotonic() - started, 2),
             method=engine.name,
+            firmware=firmware_state.capture(dom, partial),
         )
         store.commit(partial, point)
     except BaseException as exc:

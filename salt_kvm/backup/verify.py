@@ -10,6 +10,7 @@ import os
 import stat
 from pathlib import Path
 
+from salt_kvm.backup import firmware_state
 from salt_kvm.backup.manifest import DOMAIN_XML, IMAGE_FORMAT, DiskImage, Point, sha256_file
 from salt_kvm.backup.store import Store
 from salt_kvm.errors import SaltKvmError
@@ -50,7 +51,7 @@ def verify_point(store: Store, point: Point, deep: bool = True) -> list[str]:
         _regular_file(xml) is not None or sha256_file(xml) != point.domain_xml_sha256
     ):
         problems.append(f"{point.id}/{DOMAIN_XML}: missing or checksum mismatch")
-    return problems
+    return problems + firmware_state.problems(store, point, deep)
 
 
 def _regular_file(path: Path) -> str | None:

@@ -5,7 +5,9 @@ two booted guests for the whole module (TCG + OVMF is slow):
   The test image's loader (GRUB) is not signed for the enrolled keys: the
   firmware refuses it and stays in its own screens, which the screenshot
   shows. Made with the driver's library (it never gets an address);
-  screenshot, console and destroy go through real salt-cloud.
+  screenshot, console and destroy go through real salt-cloud. Backed up while
+  it runs, lost and restored under its own name: its UEFI variables and TPM
+  state come back (kvm_backup's ``firmware`` entry), and it starts on them.
 - ``efi``: ``firmware: efi``, ``graphics: vnc`` through real ``salt-cloud -p``:
   it boots the test image from its ESP (the create waits for its DHCP lease)
   and the guest sees UEFI (``/sys/firmware/efi``).
@@ -13,6 +15,7 @@ two booted guests for the whole module (TCG + OVMF is slow):
 
 import json
 import os
+import shutil
 import socket
 import struct
 import time
@@ -21,14 +24,19 @@ import zlib
 import libvirt
 import pytest
 
+from salt_kvm.backup import ops as backup_ops
+from salt_kvm.backup import restore
+from salt_kvm.backup import run as backup
+from salt_kvm.backup import store as bs
 from salt_kvm.cloud import provision
 from salt_kvm.cloud.spec import build_spec
-from salt_kvm.virt import firmware
+from salt_kvm.virt import firmware, lifecycle
+from salt_kvm.virt.domain import Domain
 from salt_kvm.virt.rollback import Rollback
 
 from . import guests
 from .cloudcheck import created, sized_profile
-from .conftest import IMAGES, NETWORK, unique
+from .conftest import IMAGES, NETWORK, backup_dest, unique
 from .guests import remove_guest
 
 SWTPM_DIR = "/var/lib/libvirt/swtpm"
@@ -167,6 +175,47 @@ def test_an_efi_guest_boots_the_test_image(hv, efi):
     guest = guests.TestGuest(name, dom, info["ip_address"], None)
     assert guest.run("test -d /sys/firmware/efi && echo uefi").strip() == "uefi"
     assert os.path.exists(f"{IMAGES}/{firmware.nvram_volume_name(name)}")
+
+
+def test_a_backup_brings_back_the_uefi_variables_and_the_tpm_state(hv, secure):
+    """The running ``secure`` guest backed up, lost (domain, disk, NVRAM file and
+    TPM state removed), restored under its own name: the variables and the TPM
+    state are the backed-up bytes, and the guest starts on them."""
+    dom = hv.lookupByName(secure)
+    uuid = dom.UUIDString()
+    nvram = f"{IMAGES}/{firmware.nvram_volume_name(secure)}"
+    tpm_dir = os.path.join(SWTPM_DIR, uuid)
+    template = Domain(dom.XMLDesc(0)).node.find("os/nvram").get("template")
+    dest = backup_dest("fwb")
+    started = time.monotonic()
+    try:
+        made = backup.create(hv, secure, dest)
+        point = bs.Store(dest, secure).point(made["point"])
+        folder = bs.Store(dest, secure).path(point)
+        assert point.firmware.consistency == "settled"  # read from the running guest
+        assert set(point.firmware.tpm) == {"tpm2/tpm2-00.permall"}, point.firmware
+        stored_vars = (folder / "nvram.fd").read_bytes()
+        stored_tpm = (folder / "tpm.tpm2_tpm2-00.permall").read_bytes()
+        assert stored_vars == open(nvram, "rb").read()  # the idle firmware wrote nothing since
+        assert stored_vars != open(template, "rb").read(), "the guest's own variables"
+        assert stored_tpm == open(os.path.join(tpm_dir, "tpm2/tpm2-00.permall"), "rb").read()
+        assert backup_ops.verify(dest, secure)["ok"]
+
+        lifecycle.remove(hv, secure)  # lost: its disk, NVRAM file and TPM state with it
+        assert not os.path.exists(nvram) and not os.path.exists(tpm_dir)
+        back = restore.restore(hv, secure, dest, target=secure)
+        assert back["identity"] == "kept" and back["uuid"] == uuid
+        assert back["nvram"] == "restored" and back["tpm_state"] == "restored"
+        assert open(nvram, "rb").read() == stored_vars
+        assert open(os.path.join(tpm_dir, "tpm2/tpm2-00.permall"), "rb").read() == stored_tpm
+        restored = hv.lookupByName(secure)
+        assert firmware.nvram_path(Domain(restored.XMLDesc(0))) == nvram
+        restored.create()  # swtpm reads the restored state, the firmware its variables
+        time.sleep(3)
+        assert restored.isActive()
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+    print(f"\n{secure}: backed up, lost and restored in {time.monotonic() - started:.1f} s")
 
 
 def test_destroy_removes_the_nvram_and_the_tpm_state(hv, salt, secure, efi):
