@@ -122,3 +122,16 @@ def test_takeover_refuses_an_unknown_host_and_a_bad_timeout_first(taken):
     with pytest.raises(CommandExecutionError, match=r"^kvm:hosts:kvm3:backup: host kvm3 has no"):
         kvm_backup.takeover("web1", host="kvm3")
     assert taken == []
+
+
+def test_a_password_in_a_hosts_entry_is_refused_and_never_shown(sent, monkeypatch):
+    monkeypatch.setitem(
+        kvm_backup.__pillar__,
+        "kvm",
+        {"hosts": {"kvm2": {"backup": "ssh://root@kvm2/srv/r", "password": SECRET}}},
+    )
+    with pytest.raises(CommandExecutionError) as err:
+        kvm_backup.replicate("web1", "/srv/backup", host="kvm2")
+    assert "kvm:hosts:kvm2:password" in str(err.value) and "password_pillar" in str(err.value)
+    assert SECRET not in str(err.value)
+    assert sent == []
