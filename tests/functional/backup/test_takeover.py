@@ -146,3 +146,12 @@ def test_a_failed_start_removes_what_was_made(conn, dest, lost, tmp_path, monkey
 def test_bad_arguments_are_refused_by_name(conn, dest, args, error):
     with pytest.raises(SpecError, match=error):
         takeover.takeover(conn, "vm", dest, **args)
+
+
+def test_a_point_whose_parent_is_missing_is_skipped(conn, dest, lost, tmp_path):
+    _before, full, inc = lost
+    store = bs.Store(dest, "vm")
+    store.delete(store.point(full))
+    with pytest.raises(SaltKvmError, match=rf"no backup point of vm .* verifies \({inc}: "):
+        takeover.takeover(conn, "vm", dest, pool="other")
+    assert os.listdir(tmp_path / "other") == []
