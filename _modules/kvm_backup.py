@@ -18,12 +18,14 @@ try:
     import libvirt  # noqa: F401
 
     from salt_kvm import redact
+    from salt_kvm.backup import hosts as backup_hosts
     from salt_kvm.backup import ops as backup_ops
     from salt_kvm.backup import restore as restoring
     from salt_kvm.backup import run as backup
     from salt_kvm.backup import snapshots
     from salt_kvm.backup import store as backup_store
-    from salt_kvm.saltutil import command_errors, connection_for
+    from salt_kvm.backup import takeover as takeovers
+    from salt_kvm.saltutil import command_errors, config_value, connection_for
     from salt_kvm.virt import qemuimg
 
     HAS_LIBS = True
@@ -160,9 +162,10 @@ def create(
     so (the result in the error's ``info``).
 
     ``copies`` sends the new points to second destinations (see ``replicate``):
-    a list of folders or ``ssh://user@host/path`` URLs, or dicts with
-    ``target``, ``key_filename``, ``host_key``, ``known_hosts``,
-    ``password_pillar``, ``keep`` (a ``password`` is refused). Each copy is
+    a list of folders, ``ssh://user@host/path`` URLs or host names of
+    ``kvm:hosts``, or dicts with ``target`` (or ``host``), ``key_filename``,
+    ``host_key``, ``known_hosts``, ``password_pillar``, ``keep`` (a
+    ``password`` is refused). Each copy is
     pruned with the same retention as ``dest`` (``keep``) unless its entry
     gives its own ``keep`` (e.g. more chains on a NAS). Bad entries are refused
     before the backup runs.
@@ -217,7 +220,15 @@ def create(
     return result
 
 
-COPY_KEYS = ("target", "key_filename", "host_key", "known_hosts", "password_pillar", "keep")
+COPY_KEYS = (
+    "target",
+    "host",
+    "key_filename",
+    "host_key",
+    "known_hosts",
+    "password_pillar",
+    "keep",
+)
 NO_PASSWORD = (
     "{where}: a password is never taken as an argument (arguments land in the job cache "
     "and on the event bus); accepted: key_filename (a key file), or password_pillar naming "
@@ -243,9 +254,37 @@ def _password(password_pillar):
     return value
 
 
+def _hosts():
+    """The other hypervisors by name (``kvm:hosts`` in pillar or the minion config)."""
+    with command_errors():
+        return backup_hosts.parse_hosts(config_value(__opts__, __pillar__, backup_hosts.KEY))
+
+
+def _by_host(copy):
+    """A copy entry naming a host (``kvm2``, or ``{host: kvm2, ...}``) as the
+    target and SSH options of that host's entry; the entry's own keys win."""
+    if isinstance(copy, str) and backup_hosts.is_host_name(copy):
+        copy = {"host": copy}
+    if not isinstance(copy, dict) or "host" not in copy:
+        return copy
+    if "target" in copy:
+        raise CommandExecutionError(
+            "copies: give target or host, not both (accepted: host=<name of kvm:hosts>, "
+            "or target=<folder or ssh:// URL>)"
+        )
+    with command_errors("copies: "):
+        entry = backup_hosts.lookup(_hosts(), copy["host"])
+        args = entry.copy_args()
+    args.update({k: v for k, v in copy.items() if k != "host"})
+    return args
+
+
 def _copy_args(copy, keep=None):
     """Library arguments for one ``copies`` entry (pruned to ``keep`` chains
     unless it says its own ``keep``); a ``password`` is refused."""
+    if isinstance(copy, dict) and "password" in copy:
+        raise CommandExecutionError(NO_PASSWORD.format(where="copies.password"))
+    copy = _by_host(copy)
     if isinstance(copy, str):
         copy = {"target": copy}
     if not isinstance(copy, dict) or "target" not in copy:
@@ -374,17 +413,22 @@ def restore(
 def replicate(
     domain,
     dest,
-    target,
+    target=None,
     key_filename=None,
     keep=None,
     host_key=None,
     known_hosts=None,
     password_pillar=None,
+    host=None,
     **kwargs,
 ):
     """
     Copy every backup point of ``domain`` in ``dest`` that ``target`` lacks to
-    ``target``: another folder, or ``ssh://user@host[:port]/path`` (paramiko).
+    ``target``: another folder, or ``ssh://user@host[:port]/path`` (paramiko),
+    or, with ``host=<name>`` (or a bare name as ``target``), another hypervisor
+    of the minion's ``kvm:hosts`` setting: its ``backup`` folder, with the SSH
+    options of its entry (arguments given here win). An unknown name is refused
+    listing the configured ones.
     Each copy is verified by checksum there before it counts; a point whose
     manifest or image does not fit the store's layout is not copied (listed
     under ``refused``). ``keep`` prunes the copy to that many chains.
@@ -411,6 +455,7 @@ def replicate(
         salt hypervisor kvm_backup.replicate web1 /srv/backup ssh://root@kvm2/srv/replica \
             host_key=SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s \
             password_pillar=kvm:backup:ssh_password
+        salt kvm1 kvm_backup.replicate web1 /srv/backup host=kvm2
     """
     if "password" in kwargs:
         raise CommandExecutionError(NO_PASSWORD.format(where="password"))
@@ -418,7 +463,30 @@ def replicate(
     if unknown:
         raise CommandExecutionError(
             f"replicate: unknown argument(s) {', '.join(unknown)} "
-            "(accepted: key_filename, keep, host_key, known_hosts, password_pillar)"
+            "(accepted: host, key_filename, keep, host_key, known_hosts, password_pillar)"
+        )
+    if host is not None or (target is not None and backup_hosts.is_host_name(target)):
+        if host is not None and target is not None:
+            raise CommandExecutionError(
+                "replicate: give target or host, not both (accepted: host=<name of "
+                "kvm:hosts>, or target=<folder or ssh:// URL>)"
+            )
+        with command_errors():
+            entry = backup_hosts.lookup(_hosts(), host if host is not None else target)
+            named = entry.copy_args()
+        target = named.pop("target")
+        given = {
+            "key_filename": key_filename,
+            "host_key": host_key,
+            "known_hosts": known_hosts,
+            "password_pillar": password_pillar,
+        }
+        given.update({k: v for k, v in named.items() if given.get(k) is None})
+        key_filename, host_key = given["key_filename"], given["host_key"]
+        known_hosts, password_pillar = given["known_hosts"], given["password_pillar"]
+    if target is None:
+        raise CommandExecutionError(
+            "replicate: no target (accepted: a folder, an ssh:// URL, or host=<name of kvm:hosts>)"
         )
     password = _password(password_pillar)
     with command_errors():
@@ -432,3 +500,62 @@ def replicate(
             host_key=host_key,
             known_hosts=known_hosts,
         )
+
+
+def takeover(
+    domain,
+    dest=None,
+    pool="default",
+    force=False,
+    timeout=10,
+    uri=None,
+    host=None,
+    start=True,
+):
+    """
+    Take ``domain`` over on this hypervisor after its host is lost, as one call:
+    the newest point of its replica here that verifies (newer ones that do not
+    are skipped and listed under ``skipped`` with why) is restored under its own
+    name, its UUID, MAC addresses and disks (the minion's id and key) kept, and
+    started. What the call made is removed again when a step fails.
+
+    ``dest``: the replica folder; default the ``backup`` folder of this host's
+    entry in ``kvm:hosts`` (this host: ``host``, else ``kvm:host``, else the
+    minion id). Every other host of ``kvm:hosts`` with a ``uri`` is asked first,
+    each within ``timeout`` seconds: where the guest still runs the takeover is
+    refused (two copies would share its MACs and minion key) unless
+    ``force=True``; a host that does not answer does not block it and is listed
+    under ``unreachable``. A domain of that name on this host is refused.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt kvm2 kvm_backup.takeover web1
+        salt kvm2 kvm_backup.takeover web1 dest=/srv/replica timeout=5
+        salt kvm2 kvm_backup.takeover web1 force=True
+    """
+    hosts = _hosts()
+    with command_errors():
+        mine = config_value(__opts__, __pillar__, backup_hosts.SELF_KEY)
+        if host is not None:
+            mine = backup_hosts.lookup(hosts, host, "host").name
+        elif mine is not None or dest is None:
+            mine = backup_hosts.this_host(hosts, mine, __opts__.get("id")).name
+        elif __opts__.get("id") in hosts:
+            mine = __opts__["id"]
+        if dest is None:
+            dest = hosts[mine].replica_folder()
+        peers = {h.name: h.uri for h in hosts.values() if h.uri and h.name != mine}
+        takeovers.check_timeout(timeout)
+    return _with_conn(
+        uri,
+        takeovers.takeover,
+        domain,
+        dest,
+        peers=peers,
+        pool=pool,
+        force=force,
+        timeout=timeout,
+        start=start,
+    )

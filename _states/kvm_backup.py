@@ -14,6 +14,7 @@ States for guest backups and snapshots.
           - target: ssh://root@kvm2/srv/replica
             key_filename: /root/.ssh/id_ed25519
             keep: 30                     # this copy keeps more
+          - kvm3                         # a host of kvm:hosts, by name
 
     web1-before-upgrade:
       kvm_backup.snapshot_present:
@@ -80,8 +81,10 @@ def backed_up(
         receive only the kept chains.
     copies
         Second destinations (see ``kvm_backup.create``): folders, ``ssh://``
-        URLs, or dicts with ``target`` and its options. A dict's own ``keep``
-        overrides the retention for that copy (e.g. ``keep: 30`` on a NAS).
+        URLs, host names of ``kvm:hosts`` (another hypervisor's ``backup``
+        folder, with its SSH options), or dicts with ``target`` (or ``host``)
+        and its options. A dict's own ``keep`` overrides the retention for
+        that copy (e.g. ``keep: 30`` on a NAS).
     method
         ``auto`` (default), ``api`` or ``snapshot``: how the disks are copied
         (see ``kvm_backup.create``).

@@ -14,16 +14,15 @@ first in alphabetical order: the same facts always give the same host.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from salt_kvm.errors import SaltKvmError, SpecError
 from salt_kvm.virt.checks import shown
+from salt_kvm.virt.names import HOST_NAME_RE
 
 AUTO = "auto"
-HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 HOSTS_ACCEPTED = "a mapping of host name (letters, digits, '.', '_', '-') to a libvirt URI"
 
 

@@ -17,6 +17,11 @@ NAME_RULE = (
 )
 
 
+# A hypervisor's name among several (a provider's ``hosts``, the minions'
+# ``kvm:hosts``): one plain token, never a path or an option.
+HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
 def check_vm_name(name: object, key: str = "name") -> str:
     if not isinstance(name, str) or not name:
         raise SpecError(key, f"{name!r} is not a name", NAME_RULE)

@@ -4,7 +4,9 @@ SIGKILL, broken checkpoints, second copies (folder and SSH), the snapshot
 method (its points, a copy that fails half-way, a killed run), external and
 internal snapshots, events on a master's bus, a shut-off guest, the
 execution/state modules through salt-call, and last a takeover from a copy
-sent over SSH after the guest is lost: the same guest and minion come back."""
+sent over SSH after the guest is lost: the same guest and minion come back,
+first on this host, then on the second hypervisor (hv2) from a copy sent to
+it by its host name, with one ``kvm_backup.takeover`` there."""
 
 import contextlib
 import json
@@ -804,6 +806,78 @@ def test_takeover_from_the_ssh_copy_after_the_guest_is_lost(
         assert _keys_held(minion.env, minion.id) == held  # nothing new to accept
     finally:
         shutil.rmtree(other, ignore_errors=True)
+
+
+def _hosts_config(replica, fingerprint, uri2):
+    """The hypervisors' ``kvm:hosts``: hv1 (this bed's libvirtd) and hv2, whose
+    replica folder is reached over SSH (the loopback server stands for its sshd)."""
+    return {
+        "hosts": {
+            "hv1": {"uri": URI},
+            "hv2": {
+                "uri": uri2,
+                "backup": f"ssh://root@127.0.0.1:{SSH_PORT}{replica}",
+                "host_key": fingerprint,
+                "password_pillar": "kvm:backup:ssh_password",
+            },
+        },
+        "backup": {"ssh_password": GUEST_PASSWORD},
+    }
+
+
+def test_takeover_on_the_second_host_by_name(hv, hv2, guest, minion, tmp_path):
+    """The guest (a minion) backed up on hv1 and replicated to hv2 by its host
+    name; a takeover on hv2 is refused while the guest runs on hv1; then hv1
+    loses it and one ``kvm_backup.takeover`` on hv2 brings it up there: the
+    data written before the backup, the same MACs and UUID, the same minion
+    answering with the key its master holds."""
+    uri2, conn2 = hv2
+    dom = hv.lookupByName(guest.name)  # the takeover above brought it back as a new object
+    if not dom.isActive():
+        dom.create()
+    g = guests.TestGuest(guest.name, dom, guests.wait_booted(dom), None)
+    assert _pinged(minion.env, minion.id)
+    mark = write(g, "/root/takeover-mark", 4)
+    before, held = _identity(dom), _keys_held(minion.env, minion.id)
+    source, replica = backup_dest("tko-src"), backup_dest("tko-hv2")
+    hv1_conf, hv2_conf = tmp_path / "hv1", tmp_path / "hv2"
+    hv1_conf.mkdir()
+    hv2_conf.mkdir()
+    try:
+        made = backup.create(hv, guest.name, source)
+        with SshServer(SSH_PORT, "root", GUEST_PASSWORD) as server:
+            kvm = _hosts_config(replica, server.fingerprint, uri2)
+            sent = _salt_call(
+                hv1_conf,
+                "kvm_backup.replicate",
+                guest.name,
+                source,
+                "host=hv2",
+                extra={"id": "hv1", "kvm": kvm},
+            )
+        assert sent["copied"] == [made["point"]] and sent["target"].endswith(replica), sent
+        takeover = ("kvm_backup.takeover", guest.name, f"uri={uri2}", "timeout=5")
+        refused = _salt_call(hv2_conf, *takeover, fails=True, extra={"id": "hv2", "kvm": kvm})
+        assert f"{guest.name} still runs on hv1" in refused and "force=True" in refused
+        with pytest.raises(libvirt.libvirtError):
+            conn2.lookupByName(guest.name)
+        _lose(hv, g)  # hv1 is "gone": its guest with it
+        started = time.monotonic()
+        done = _salt_call(hv2_conf, *takeover, extra={"id": "hv2", "kvm": kvm})
+        print(f"\ntakeover on hv2: {time.monotonic() - started:.1f} s")
+        assert done["domain"] == guest.name and done["started"] is True, done
+        assert done["point"] == made["point"] and done["skipped"] == {}
+        assert done["identity"] == "kept" and done["hosts"] == {"hv1": "absent"}
+        back = conn2.lookupByName(guest.name)
+        assert _identity(back) == before and back.isActive()
+        assert _pinged(minion.env, minion.id), "the minion never answered from hv2"
+        out = minion.env.salt(minion.id, "cmd.run", "md5sum /root/takeover-mark", timeout=60)
+        assert out[minion.id].split()[0] == mark
+        assert _keys_held(minion.env, minion.id) == held  # nothing new to accept
+    finally:
+        guests.remove_guest(conn2, guest.name)
+        shutil.rmtree(source, ignore_errors=True)
+        shutil.rmtree(replica, ignore_errors=True)
 
 
 # ---- a snapshot during a method=snapshot run ------------------------------------------
