@@ -346,7 +346,8 @@ def plan(
     found = Plan(name, source, target, live, request, target_uri)
     if not live and state != libvirt.VIR_DOMAIN_SHUTOFF:
         found.refused.append("it is neither running nor shut off")
-    if _host_uuid(conn) == _host_uuid(dconn):
+    uuid = _host_uuid(conn)
+    if uuid is not None and uuid == _host_uuid(dconn):
         found.refused.append(f"{target} is the host it is on ({source})")
         _raise(found)
     xml = Domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))

@@ -705,7 +705,7 @@ def migrate(name, kwargs=None, call=None):
         request = vmigrate.parse_request(kwargs, ignore=("location",))
         with hosts.guest(name) as (source, conn):
             target = guest_migration.check_target(kwargs["location"], hosts.hosts, source)
-            with connected(hosts.hosts[target], **hosts.auth) as dconn:
+            with contextlib.closing(hosts.connect(hosts.hosts[target])) as dconn:
                 placements = placement.Placements(__opts__["cachedir"])
                 with placements.locked():
                     planned = guest_migration.plan(
