@@ -473,8 +473,8 @@ def run(
         )
         emit("migrate_copying", {**base, "disks": [d.target for d in plan.disks]})
         mig.migrate(dom, dconn, parameters, mig.flags(plan.live, plan.incremental))
-        moved = dconn.lookupByName(plan.name)
         rollback.forget()  # the guest is on the target: nothing there is undone now
+    moved = dconn.lookupByName(plan.name)
     if not plan.live and moved.isActive():
         moved.destroy()  # moved paused: it was off
     _verify(plan, conn, dconn)

@@ -9,7 +9,7 @@ from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
 
 from salt_kvm.cloud import migration
 from salt_kvm.clouds import libvirt as driver
-from salt_kvm.errors import ConflictError
+from salt_kvm.errors import ConflictError, SaltKvmError
 from salt_kvm.nat import forwards
 from salt_kvm.nat import rules as nat
 from salt_kvm.nat.store import Entry, Placement, Store
@@ -197,3 +197,41 @@ def test_a_one_host_provider_has_nowhere_to_migrate(monkeypatch, tmp_path):
     monkeypatch.setattr(driver, "__active_provider_name__", "one:libvirt", raising=False)
     with pytest.raises(SaltCloudConfigError, match="location: this provider has one hypervisor"):
         driver.migrate("test", {"location": "hv2"}, call="action")
+
+
+def test_a_failed_move_leaves_nothing_on_the_target_and_the_guest_where_it_was(hosts, monkeypatch):
+    """The failure injected where libvirt migrates: the copied base, the
+    volumes made for the disks and the reservation added there are removed."""
+    hv1, hv2 = hosts["hv1"], hosts["hv2"]
+    base = _volume(hv1, "base-f.qcow2")
+    overlay = _volume(hv1, "vm-f.qcow2", backing=base.path())
+    mac = "52:54:00:aa:bb:0f"
+    xml = new_domain("vm-f", "test", 256, 1, overlay.path())
+    xml.interfaces[0].mac = mac
+    xml.set_managed_info(
+        {
+            "base": "b",
+            "volumes": [overlay.path()],
+            "reservations": [f"default|{mac}|192.168.122.60"],
+        }
+    )
+    hv1.defineXML(xml.to_xml()).create()
+    before = (_volumes(hv2), _domains(hv2), hv2.networkLookupByName("default").XMLDesc(0))
+    planned = _plan(hosts, "vm-f", copy_base=True)
+    assert [b.volume for b in planned.bases if b.copy] == ["base-f.qcow2"]
+    made = []
+
+    def fail(dom, dconn, parameters, flags):
+        made.append(_volumes(dconn))
+        made.append(dconn.networkLookupByName("default").XMLDesc(0))
+        raise SaltKvmError("libvirt's migration failed: injected")
+
+    monkeypatch.setattr(mig, "copy_volume", lambda src, dconn, dst: 0)  # no streams here
+    monkeypatch.setattr(mig, "migrate", fail)
+    with pytest.raises(SaltKvmError, match="injected"):
+        migration.run(hv1, hv2, planned)
+    assert {"base-f.qcow2", "vm-f.qcow2"} <= set(made[0])  # they were made, then removed
+    assert "192.168.122.60" in made[1]
+    assert (_volumes(hv2), _domains(hv2), hv2.networkLookupByName("default").XMLDesc(0)) == before
+    assert hv1.lookupByName("vm-f").isActive()
+    assert {"base-f.qcow2", "vm-f.qcow2"} <= set(_volumes(hv1))
