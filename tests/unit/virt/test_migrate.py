@@ -2,6 +2,7 @@
 
 import libvirt
 import pytest
+from lxml import etree
 
 from salt_kvm.cloud.migration import check_target
 from salt_kvm.errors import SpecError
@@ -88,3 +89,40 @@ def test_location_names_a_host_of_the_provider_other_than_the_guest_s():
         check_target("hv1", hosts, "hv1")
     with pytest.raises(SpecError, match="^location: this provider has one hypervisor"):
         check_target("hv2", None)
+
+
+class _Dom:
+    """What refusals() asks a domain besides its XML."""
+
+    def snapshotListNames(self, flags):  # noqa: N802 - libvirt's name
+        return []
+
+    def listAllCheckpoints(self, flags):  # noqa: N802 - libvirt's name
+        return []
+
+
+def test_media_shared_and_non_file_disks_and_nvram_are_named():
+    xml = new_domain("vm1", "qemu", 512, 1, "/src/vm1.qcow2")
+    devices = xml.node.find("devices")
+    cdrom = etree.SubElement(devices, "disk", type="file", device="cdrom")
+    etree.SubElement(cdrom, "source", file="/src/seed.iso")
+    etree.SubElement(cdrom, "target", dev="sda")
+    etree.SubElement(cdrom, "readonly")
+    empty = etree.SubElement(devices, "disk", type="file", device="cdrom")
+    etree.SubElement(empty, "target", dev="sdb")
+    block = etree.SubElement(devices, "disk", type="block", device="disk")
+    etree.SubElement(block, "source", dev="/dev/vg/data")
+    etree.SubElement(block, "target", dev="vdb")
+    shared = etree.SubElement(devices, "disk", type="file", device="disk")
+    etree.SubElement(shared, "source", file="/src/shared.raw")
+    etree.SubElement(shared, "target", dev="vdc")
+    etree.SubElement(shared, "shareable")
+    etree.SubElement(xml.node.find("os"), "nvram").text = "/src/vm1_VARS.fd"
+    assert mig.refusals(_Dom(), Domain(xml.to_xml())) == [
+        "it has UEFI variables (NVRAM) of its own: not moved yet",
+        "disk sda is a read-only medium (/src/seed.iso): eject it first",
+        "disk vdb is not a file (block): only pool volumes move",
+        "disk vdc is shareable: storage the hosts would have to share",
+    ]
+    plain = new_domain("vm2", "qemu", 512, 1, "/src/vm2.qcow2")
+    assert mig.refusals(_Dom(), plain) == []
