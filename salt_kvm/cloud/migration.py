@@ -37,6 +37,7 @@ import libvirt
 from lxml import etree
 
 from salt_kvm.cloud import dhcp, placement
+from salt_kvm.cloud.fleet import Fleet
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
 from salt_kvm.nat import forwards
 from salt_kvm.virt import chains, connection, lifecycle
@@ -515,3 +516,30 @@ def check_target(value: object, hosts: dict[str, str] | None, source: str | None
     if value == source:
         raise SpecError("location", f"the guest is already on {value}", accepted)
     return value
+
+
+def across(
+    hosts: Fleet, name: str, location: object, request: mig.Request, cachedir: str, emit: Emit
+) -> dict:
+    """The driver's ``-a migrate``: ``name`` from whichever host it is on to
+    the host ``location`` names, its room counted with the creates still
+    running (under the master's placement lock, as ``auto`` counts it)."""
+    with hosts.guest(name) as (source, conn):
+        target = check_target(location, hosts.hosts, source)
+        dconn = hosts.connect(hosts.hosts[target])
+        try:
+            placements = placement.Placements(cachedir)
+            with placements.locked():
+                planned = plan(
+                    conn,
+                    dconn,
+                    name,
+                    (source, target),
+                    hosts.hosts[target],
+                    request,
+                    placements.running(),
+                )
+            return run(conn, dconn, planned, emit)
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                dconn.close()

@@ -703,20 +703,11 @@ def migrate(name, kwargs=None, call=None):
         hosts = _fleet()
         guest_migration.check_target(kwargs.get("location"), hosts.hosts if hosts else None)
         request = vmigrate.parse_request(kwargs, ignore=("location",))
-        with hosts.guest(name) as (source, conn):
-            target = guest_migration.check_target(kwargs["location"], hosts.hosts, source)
-            with contextlib.closing(hosts.connect(hosts.hosts[target])) as dconn:
-                placements = placement.Placements(__opts__["cachedir"])
-                with placements.locked():
-                    planned = guest_migration.plan(
-                        conn,
-                        dconn,
-                        name,
-                        (source, target),
-                        hosts.hosts[target],
-                        request,
-                        placements.running(),
-                    )
-                return guest_migration.run(
-                    conn, dconn, planned, lambda step, data: _fire(name, step, data)
-                )
+        return guest_migration.across(
+            hosts,
+            name,
+            kwargs["location"],
+            request,
+            __opts__["cachedir"],
+            lambda step, data: _fire(name, step, data),
+        )
