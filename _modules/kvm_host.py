@@ -10,8 +10,13 @@ import logging
 try:
     import libvirt  # noqa: F401
 
+    from salt_kvm import redact
+    from salt_kvm.cloud import migration
+    from salt_kvm.errors import SpecError
     from salt_kvm.saltutil import command_errors, connection_for
     from salt_kvm.virt import host
+    from salt_kvm.virt import migrate as vmigrate
+    from salt_kvm.virt.connection import connected
 
     HAS_LIBS = True
 except ImportError as _exc:  # pragma: no cover - depends on the minion
@@ -74,3 +79,43 @@ def ensure_pool(name, path, uri=None):
     """
     with command_errors(), connection_for(__opts__, __pillar__, uri) as conn:
         return host.ensure_dir_pool(conn, name, path)
+
+
+def migrate(name, uri, copy_base=False, address=None, port=None, source_uri=None):
+    """
+    Move domain ``name`` from this hypervisor to the one at ``uri`` with its
+    disks (no shared storage needed): live when it runs, offline when it is
+    shut off; for states and orchestration (``salt-cloud -a migrate`` does
+    the same with the provider's host names). Everything the target must
+    offer is checked first and every cause of a refusal named; on failure the
+    guest stays here as it was and nothing is left on the target. A quick
+    clone's base must be on the target (``copy_base=True`` copies it there).
+    ``address``/``port``: where the QEMU stream goes (default: the host of
+    ``uri``, on a port the target's libvirtd picks). Fires
+    ``salt/kvm/<name>/migrating`` ... ``migrated`` events.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt hv1 kvm_host.migrate vm1 uri=qemu+ssh://root@hv2.example.com/system
+        salt hv1 kvm_host.migrate vm1 uri=qemu+ssh://root@hv2/system copy_base=True port=49300
+    """
+    with command_errors(f"migrate {name}: ", also=(libvirt.libvirtError,)):
+        if not isinstance(uri, str) or not uri.strip():
+            raise SpecError("uri", "is required", "the target hypervisor's libvirt URI")
+        request = vmigrate.parse_request({"copy_base": copy_base, "address": address, "port": port})
+        target = redact.url(uri)
+        with connection_for(__opts__, __pillar__, source_uri) as conn, connected(uri) as dconn:
+            planned = migration.plan(conn, dconn, name, ("this host", target), uri, request)
+            return migration.run(conn, dconn, planned, _event_sender(name))
+
+
+def _event_sender(name):
+    def send(step, data):
+        try:
+            __salt__["event.send"](f"salt/kvm/{name}/{step}", data)
+        except Exception as exc:  # noqa: BLE001 - an event never fails the migration
+            log.debug("event %s of %s not sent: %s", step, name, exc)
+
+    return send

@@ -39,6 +39,7 @@ try:
     from salt_kvm.cloud import actions, intent, inventory, placement
     from salt_kvm.cloud import console as guest_console
     from salt_kvm.cloud import deploy as cloud_deploy
+    from salt_kvm.cloud import migration as guest_migration
     from salt_kvm.cloud.spec import (
         build_spec,
         check_mapping,
@@ -59,6 +60,7 @@ try:
         written_config,
     )
     from salt_kvm.virt import host
+    from salt_kvm.virt import migrate as vmigrate
     from salt_kvm.virt.checks import boolean, seconds
     from salt_kvm.virt.connection import DEFAULT_URI, connected, open_connection
     from salt_kvm.virt.rollback import Interrupted, Rollback, interruptible
@@ -587,3 +589,39 @@ def cleanup(kwargs=None, call=None):
             with _connect() as conn:
                 return actions.cleanup(conn, __opts__, remove_key)
         return saltcloud.cleanup_hosts(__opts__, hosts, remove_key)
+
+
+# ---- migration (issue #15 item 2) ----------------------------------------------
+
+
+def migrate(name, kwargs=None, call=None):
+    """
+    Move a guest to another host of the provider (``location=<host>``) with
+    its disks, no shared storage needed: a running guest live, a shut-off one
+    offline. Refused before anything moves, naming every cause. A quick
+    clone's base must be on the target (``copy_base=true`` copies it there);
+    ``address``/``port`` set where the QEMU stream goes (default: the target's
+    host name, on a port the target's libvirtd picks). Fires
+    ``salt/cloud/<name>/migrating`` ... ``migrated`` events.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-cloud -a migrate vm1 location=hv2
+        salt-cloud -a migrate vm1 location=hv2 copy_base=true address=10.0.0.2 port=49300
+    """
+    _only(call == "action", "migrate is an action: use -a migrate")
+    kwargs = dict(kwargs or {})
+    with cloud_errors(f"migrate {name}: ", f"migrate {name}: ", also=(libvirt.libvirtError,)):
+        hosts = _fleet()
+        guest_migration.check_target(kwargs.get("location"), hosts.hosts if hosts else None)
+        request = vmigrate.parse_request(kwargs, ignore=("location",))
+        return guest_migration.across(
+            hosts,
+            name,
+            kwargs["location"],
+            request,
+            __opts__["cachedir"],
+            lambda step, data: _fire(name, step, data),
+        )

@@ -37,6 +37,7 @@ PORT_RANGES = {  # name: (first offset, how many ports)
     "cloud_forward": (40, 1),  # test_cloud's forward
     "takeover_master": (50, 2),  # test_backup's master (the takeover's minion)
     "mirror": (60, 1),  # test_salt_source's wheelhouse
+    "migration": (72, 2),  # test_multihost's migration stream and its disks' NBD
     "nat_ipv6": (86, 2),  # test_nat_ipv6's forwards
 }
 

@@ -8,6 +8,7 @@ both hosts with ``auto`` choosing the emptier one.
 """
 
 import json
+import time
 
 import libvirt
 import pytest
@@ -16,6 +17,7 @@ import yaml
 from salt_kvm.virt import pools
 from salt_kvm.virt.domain import new_domain
 
+from . import saltenv
 from .cloudcheck import cloud_error, sized_profile
 from .conftest import POOL, PREFIX, URI, unique
 
@@ -96,7 +98,8 @@ def test_a_map_spreads_over_both_hosts_auto_takes_the_emptier(
 ):
     """vm a: location hv1, b: location hv2, c: auto (hv1 carries the ballast,
     so hv2 is emptier; rack7 does not answer). Created in parallel (-P), they all answer test.ping;
-    -Q shows each one's host; -d removes each from its host."""
+    -Q shows each one's host; then a moves live to hv2 and b offline to hv1
+    (_migrations); -d removes each from its host."""
     _uri, conn2 = hv2
     names = {role: unique(f"mh{role}") for role in "abc"}
     profile = sized_profile(base_domain, cluster, provider="test-multi", memory=512)
@@ -125,6 +128,7 @@ def test_a_map_spreads_over_both_hosts_auto_takes_the_emptier(
         conn2.lookupByName(names["c"])  # really on hv2
         shown = json.loads(cluster.cloud("-a", "show_instance", names["c"]).stdout)
         assert names["c"] in json.dumps(shown) and '"location": "hv2"' in json.dumps(shown)
+        _migrations(cluster, hv, conn2, names)
     finally:
         cluster.cloud("-d", *names.values(), check=False)
     for name in names.values():
@@ -133,3 +137,57 @@ def test_a_map_spreads_over_both_hosts_auto_takes_the_emptier(
                 conn.lookupByName(name)
         assert name not in cluster.accepted_keys()
     assert (_volumes(hv), _volumes(conn2)) == before
+
+
+def _pinged(cluster, name, within):
+    deadline = time.monotonic() + within
+    while True:
+        if cluster.salt(name, "test.ping", timeout=20).get(name) is True:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(5)
+
+
+def _migrations(cluster, hv, conn2, names):
+    """The map's guests, reused (#15 item 2): a (running on hv1, a quick clone)
+    moves live to hv2 and its minion answers at once; b (on hv2) is shut off,
+    moved offline to hv1, started, and answers. Each disk leaves its source
+    pool; the migration's events are on the bus; bad input is refused first."""
+    a, b = names["a"], names["b"]
+    began = time.monotonic()
+    port = f"port={saltenv.port('migration')}"
+    refused = cluster.cloud("-a", "migrate", a, "location=hv9", check=False)
+    assert "location: 'hv9' is not one of this provider's hosts" in cloud_error(refused, a)
+    assert "accepted: hv1, hv2, rack7" in cloud_error(refused, a)
+    a_disk = {v for v in _volumes(hv) if v.startswith(a)}
+    assert a_disk
+    watcher = cluster.watch_events(f"salt/cloud/{a}/*")
+    started = time.monotonic()
+    cluster.cloud("-a", "migrate", a, "location=hv2", port)
+    live_seconds = time.monotonic() - started
+    events = cluster.collected_events(watcher)
+    steps = [tag.rsplit("/", 1)[1] for tag, _ in events]
+    assert steps == ["migrating", "migrate_copying", "migrated"], events
+    assert conn2.lookupByName(a).isActive()
+    with pytest.raises(libvirt.libvirtError):
+        hv.lookupByName(a)
+    assert cluster.salt(a, "test.ping") == {a: True}  # same key, same address
+    assert _nodes(cluster, "-Q")[a]["location"] == "hv2"
+    assert a_disk <= _volumes(conn2) and not a_disk & _volumes(hv)
+    again = cluster.cloud("-a", "migrate", a, "location=hv2", check=False)
+    assert "location: the guest is already on hv2" in cloud_error(again, a)
+
+    cluster.cloud("-a", "stop", b)
+    b_disk = {v for v in _volumes(conn2) if v.startswith(b)}
+    started = time.monotonic()
+    cluster.cloud("-a", "migrate", b, "location=hv1", port)
+    offline_seconds = time.monotonic() - started
+    assert not hv.lookupByName(b).isActive() and hv.lookupByName(b).isPersistent()
+    with pytest.raises(libvirt.libvirtError):
+        conn2.lookupByName(b)
+    assert b_disk <= _volumes(hv) and not b_disk & _volumes(conn2)
+    cluster.cloud("-a", "start", b)
+    assert _pinged(cluster, b, 240), f"{b} does not answer after its offline migration"
+    total = time.monotonic() - began
+    print(f"\nmigration: live {live_seconds:.1f} s, offline {offline_seconds:.1f} s, {total:.0f} s")

@@ -44,3 +44,13 @@ def test_the_uri_comes_from_the_argument_pillar_or_config(monkeypatch):
     monkeypatch.setattr(kvm_host.host, "pool_state", lambda conn, name: None)
     assert kvm_host.pool_info("default", uri="test:///default") is None
     assert seen == ["test:///default"]
+
+
+def test_migrate_refuses_bad_input_naming_the_key_before_connecting(monkeypatch):
+    monkeypatch.setattr(kvm_host, "connected", raising(AssertionError("no connection")))
+    with pytest.raises(CommandExecutionError, match="^migrate vm1: uri: is required"):
+        kvm_host.migrate("vm1", "")
+    with pytest.raises(CommandExecutionError, match=r"^migrate vm1: port: 99999 is out of range"):
+        kvm_host.migrate("vm1", "qemu+ssh://hv2/system", port=99999)
+    with pytest.raises(CommandExecutionError, match="^migrate vm1: copy_base: 'sure' is not a"):
+        kvm_host.migrate("vm1", "qemu+ssh://hv2/system", copy_base="sure")

@@ -1,0 +1,237 @@
+"""Migration between two private test-driver hosts (#15 item 2): everything
+that blocks a move is named before anything moves, a quick clone's base and
+the DHCP reservations are planned, and the driver's action checks its input.
+The move itself needs QEMU (tests/integration/test_multihost.py)."""
+
+import pytest
+from lxml import etree
+from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
+
+from salt_kvm.cloud import migration
+from salt_kvm.clouds import libvirt as driver
+from salt_kvm.errors import ConflictError, SaltKvmError
+from salt_kvm.nat import forwards
+from salt_kvm.nat import rules as nat
+from salt_kvm.nat.store import Entry, Placement, Store
+from salt_kvm.virt import migrate as mig
+from salt_kvm.virt.domain import Domain, new_domain
+from salt_kvm.virt.volumes import Volume
+
+from .twohosts import guest
+
+GIB = 1024**3
+HV2 = "test:///hv2"
+
+
+def _plan(hosts, name, copy_base=False):
+    request = mig.Request(copy_base=copy_base)
+    return migration.plan(hosts["hv1"], hosts["hv2"], name, ("hv1", "hv2"), HV2, request)
+
+
+def _volume(conn, name, capacity=GIB, backing=None):
+    vol = Volume.new(name, capacity, "qcow2")
+    if backing is not None:
+        vol.set_backing(backing, "qcow2")
+    pool = conn.storagePoolLookupByName("default-pool")
+    return pool.createXML(vol.to_xml(), 0)
+
+
+def _volumes(conn):
+    return sorted(conn.storagePoolLookupByName("default-pool").listVolumes())
+
+
+def _domains(conn):
+    return sorted(d.name() for d in conn.listAllDomains(0))
+
+
+def test_everything_that_blocks_a_move_is_named_before_anything_moves(hosts):
+    hv1, hv2 = hosts["hv1"], hosts["hv2"]
+    xml = new_domain("vm-a", "test", 64 * 1024, 2, "/nowhere/vm-a.qcow2", networks=("lan9",))
+    xml.set_managed_info({"base": "base", "volumes": []})
+    devices = xml.node.find("devices")
+    usb = etree.SubElement(devices, "hostdev", mode="subsystem", type="usb")
+    source = etree.SubElement(usb, "source")
+    etree.SubElement(source, "vendor", id="0x1234")
+    etree.SubElement(source, "product", id="0x5678")
+    share = etree.SubElement(devices, "filesystem", type="mount", accessmode="passthrough")
+    etree.SubElement(share, "driver", type="virtiofs")
+    etree.SubElement(share, "source", dir="/srv/data")
+    etree.SubElement(share, "target", dir="data")
+    dom = hv1.defineXML(xml.to_xml())
+    dom.snapshotCreateXML("<domainsnapshot><name>before-upgrade</name></domainsnapshot>", 0)
+    guest(hv2, "vm-a")  # the name is taken there
+    before = (_volumes(hv2), _domains(hv2))
+    with pytest.raises(ConflictError) as refused:
+        _plan(hosts, "vm-a")
+    text = str(refused.value)
+    assert text.startswith("migration of vm-a to hv2 refused, nothing moved: ")
+    for cause in (
+        "it has snapshots (before-upgrade)",
+        "it has host devices",
+        "it has virtiofs shares (data)",
+        "hv2 already has a domain named vm-a",
+        "uncommitted memory, the guest needs 65536 MiB",
+        "hv2 has no active network lan9",
+        "disk vda (/nowhere/vm-a.qcow2) is in no storage pool of hv1",
+    ):
+        assert cause in text
+    assert (_volumes(hv2), _domains(hv2)) == before
+
+
+def test_the_same_host_under_two_names_is_refused(hosts, monkeypatch):
+    guest(hosts["hv1"], "vm-s")
+    # the test driver reports no host UUID; libvirtd always does
+    monkeypatch.setattr(migration, "_host_uuid", lambda conn: "5f0f8a2e-host-uuid")
+    with pytest.raises(ConflictError, match=r"hv1b is the host it is on \(hv1\)"):
+        migration.plan(hosts["hv1"], hosts["hv2"], "vm-s", ("hv1", "hv1b"), "x", mig.Request())
+
+
+def test_a_quick_clone_needs_its_base_on_the_target_or_copy_base(hosts):
+    hv1, hv2 = hosts["hv1"], hosts["hv2"]
+    base = _volume(hv1, "base-img.qcow2")
+    overlay = _volume(hv1, "vm-q.qcow2", backing=base.path())
+    if Volume(overlay.XMLDesc(0)).backing_path != base.path():
+        pytest.skip("this libvirt's test driver keeps no backing store")
+    hv1.defineXML(new_domain("vm-q", "test", 256, 1, overlay.path()).to_xml())
+    with pytest.raises(
+        ConflictError,
+        match=r"the base base-img.qcow2 of disk vda \(a quick clone\) "
+        r"is not on hv2 in pool default-pool: copy_base=true copies it there",
+    ):
+        _plan(hosts, "vm-q")
+    planned = _plan(hosts, "vm-q", copy_base=True)
+    assert [(b.volume, b.copy, b.target_path) for b in planned.bases] == [
+        ("base-img.qcow2", True, "/default-pool/base-img.qcow2")
+    ]
+    assert planned.incremental
+    assert planned.paths == {overlay.path(): "/default-pool/vm-q.qcow2"}
+    _volume(hv2, "base-img.qcow2", capacity=2 * GIB)  # another image of that name
+    with pytest.raises(ConflictError, match="the base base-img.qcow2 of disk vda differs on hv2"):
+        _plan(hosts, "vm-q", copy_base=True)
+
+
+def test_a_volume_name_taken_on_the_target_is_refused(hosts):
+    hv1, hv2 = hosts["hv1"], hosts["hv2"]
+    vol = _volume(hv1, "vm-t.qcow2")
+    hv1.defineXML(new_domain("vm-t", "test", 256, 1, vol.path()).to_xml())
+    _volume(hv2, "vm-t.qcow2")
+    with pytest.raises(
+        ConflictError, match="hv2's pool default-pool already has a volume vm-t.qcow2"
+    ):
+        _plan(hosts, "vm-t")
+
+
+def _network(conn, name, ip=None):
+    net = f"<network><name>{name}</name><bridge name='br-{name}'/>"
+    if ip:
+        low, high = f"{ip[:-1]}100", f"{ip[:-1]}200"
+        net += f"<ip address='{ip}' netmask='255.255.255.0'><dhcp>"
+        net += f"<range start='{low}' end='{high}'/></dhcp></ip>"
+    conn.networkDefineXML(net + "</network>").create()
+
+
+def _reserved(conn, name, reservations, network):
+    vol = _volume(conn, f"{name}.qcow2")
+    xml = new_domain(name, "test", 256, 1, vol.path(), networks=(network,))
+    xml.set_managed_info({"base": "base", "volumes": [vol.path()], "reservations": reservations})
+    conn.defineXML(xml.to_xml())
+
+
+def test_reservations_move_where_the_target_serves_dhcp_stay_on_a_bridged_segment(hosts):
+    hv1, hv2 = hosts["hv1"], hosts["hv2"]
+    mac = "52:54:00:aa:bb:01"
+    _reserved(hv1, "vm-r", [f"default|{mac}|192.168.122.50"], "default")
+    assert _plan(hosts, "vm-r").reservations == [("default", mac, "192.168.122.50")]
+    # hv2's lan is bridged onto the segment hv1's lan serves: the reservation stays there
+    _network(hv1, "lan", "10.9.0.1")
+    _network(hv2, "lan")
+    _reserved(hv1, "vm-b", [f"lan|{mac}|10.9.0.50"], "lan")
+    planned = _plan(hosts, "vm-b")
+    assert (planned.reservations, planned.kept_reservations) == ([], [f"lan|{mac}|10.9.0.50"])
+    # a target network serving another subnet cannot take it
+    _network(hv1, "dmz", "10.7.0.1")
+    _network(hv2, "dmz", "10.8.0.1")
+    _reserved(hv1, "vm-d", [f"dmz|{mac}|10.7.0.50"], "dmz")
+    with pytest.raises(ConflictError, match="hv2's dmz serves no DHCP for 10.7.0.50"):
+        _plan(hosts, "vm-d")
+
+
+def test_nat_forwards_are_refused_by_name(hosts, tmp_path, monkeypatch):
+    store = Store(tmp_path / "nat.json")
+    monkeypatch.setenv("SALT_KVM_NAT_STATE", str(store.path))
+    vol = _volume(hosts["hv1"], "vm-n.qcow2")
+    hosts["hv1"].defineXML(new_domain("vm-n", "test", 256, 1, vol.path()).to_xml())
+    placement = Placement("default", "virbr0", "192.168.122.0/24", "192.168.122.5")
+    store.save({"vm-n": Entry([nat.Rule(guest=22, host=10022)], placement)})
+    assert forwards.current("vm-n")
+    with pytest.raises(ConflictError, match=r"it has NAT forwards on hv1 \(tcp 10022->22\)"):
+        _plan(hosts, "vm-n")
+
+
+def test_the_driver_action_checks_its_input_first(provider, hosts):
+    vol = _volume(hosts["hv1"], "vm-m.qcow2")
+    hosts["hv1"].defineXML(new_domain("vm-m", "test", 256, 1, vol.path()).to_xml())
+    with pytest.raises(SaltCloudSystemExit, match="migrate is an action"):
+        driver.migrate("vm-m", {"location": "hv2"}, call="function")
+    with pytest.raises(
+        SaltCloudConfigError, match=r"location: is required .*accepted: hv1, hv2, rack7"
+    ):
+        driver.migrate("vm-m", {}, call="action")
+    with pytest.raises(SaltCloudConfigError, match="location: 'hv9' is not one of"):
+        driver.migrate("vm-m", {"location": "hv9"}, call="action")
+    with pytest.raises(SaltCloudConfigError, match="location: the guest is already on hv1"):
+        driver.migrate("vm-m", {"location": "hv1"}, call="action")
+    with pytest.raises(SaltCloudConfigError, match="port: 22 is out of range"):
+        driver.migrate("vm-m", {"location": "hv2", "port": 22}, call="action")
+    with pytest.raises(SaltCloudConfigError, match="live: is not a migration option"):
+        driver.migrate("vm-m", {"location": "hv2", "live": True}, call="action")
+    hosts["hv2"].defineXML(new_domain("vm-m", "test", 256, 1, "/x.qcow2").to_xml())
+    with pytest.raises(SaltCloudSystemExit, match="hv2 already has a domain named vm-m"):
+        driver.migrate("vm-m", {"location": "hv2"}, call="action")
+    assert Domain(hosts["hv1"].lookupByName("vm-m").XMLDesc(0)).disks[0].path == vol.path()
+
+
+def test_a_one_host_provider_has_nowhere_to_migrate(monkeypatch, tmp_path):
+    opts = {"providers": {"one": {"libvirt": {"driver": "libvirt", "url": "test:///default"}}}}
+    monkeypatch.setattr(driver, "__opts__", {**opts, "cachedir": str(tmp_path)}, raising=False)
+    monkeypatch.setattr(driver, "__active_provider_name__", "one:libvirt", raising=False)
+    with pytest.raises(SaltCloudConfigError, match="location: this provider has one hypervisor"):
+        driver.migrate("test", {"location": "hv2"}, call="action")
+
+
+def test_a_failed_move_leaves_nothing_on_the_target_and_the_guest_where_it_was(hosts, monkeypatch):
+    """The failure injected where libvirt migrates: the copied base, the
+    volumes made for the disks and the reservation added there are removed."""
+    hv1, hv2 = hosts["hv1"], hosts["hv2"]
+    base = _volume(hv1, "base-f.qcow2")
+    overlay = _volume(hv1, "vm-f.qcow2", backing=base.path())
+    mac = "52:54:00:aa:bb:0f"
+    xml = new_domain("vm-f", "test", 256, 1, overlay.path())
+    xml.interfaces[0].mac = mac
+    xml.set_managed_info(
+        {
+            "base": "b",
+            "volumes": [overlay.path()],
+            "reservations": [f"default|{mac}|192.168.122.60"],
+        }
+    )
+    hv1.defineXML(xml.to_xml()).create()
+    before = (_volumes(hv2), _domains(hv2), hv2.networkLookupByName("default").XMLDesc(0))
+    planned = _plan(hosts, "vm-f", copy_base=True)
+    assert [b.volume for b in planned.bases if b.copy] == ["base-f.qcow2"]
+    made = []
+
+    def fail(dom, dconn, parameters, flags):
+        made.append(_volumes(dconn))
+        made.append(dconn.networkLookupByName("default").XMLDesc(0))
+        raise SaltKvmError("libvirt's migration failed: injected")
+
+    monkeypatch.setattr(mig, "copy_volume", lambda src, dconn, dst: 0)  # no streams here
+    monkeypatch.setattr(mig, "migrate", fail)
+    with pytest.raises(SaltKvmError, match="injected"):
+        migration.run(hv1, hv2, planned)
+    assert {"base-f.qcow2", "vm-f.qcow2"} <= set(made[0])  # they were made, then removed
+    assert "192.168.122.60" in made[1]
+    assert (_volumes(hv2), _domains(hv2), hv2.networkLookupByName("default").XMLDesc(0)) == before
+    assert hv1.lookupByName("vm-f").isActive()
+    assert {"base-f.qcow2", "vm-f.qcow2"} <= set(_volumes(hv1))
