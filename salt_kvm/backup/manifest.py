@@ -3,7 +3,8 @@
 A store may sit on a NAS or be a replica, so every manifest goes through one
 validator (``parse_manifest``) before anything uses a field of it. A chain is
 a full point and the incrementals that follow it; prune removes whole chains.
-Pure logic: no file here is opened except by ``sha256_file``.
+Pure logic: no file here is opened except by ``sha256_file`` and
+``checksum_file``, and /proc/cpuinfo by ``preferred_algorithm``.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class DiskImage:
     @property
     def checksum(self) -> str:
         """The image file's digest, in ``algorithm``."""
-        value = getattr(self, self.algorithm)
+        value = getattr(self, self.algorithm) if self.algorithm in DIGEST_RES else None
         if not isinstance(value, str):
             raise SaltKvmError(f"disk {self.target}: no {self.algorithm} digest")
         return value

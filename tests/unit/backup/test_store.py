@@ -244,6 +244,15 @@ def test_new_points_use_the_faster_digest_of_the_cpu(cpuinfo, algorithm):
     assert bs.preferred_algorithm() in bs.ALGORITHMS
 
 
+def test_a_disk_without_a_digest_in_its_algorithm_has_no_checksum():
+    image = point("20260101T000000Z").disks["vda"]
+    assert image.checksum == "0" * 64
+    for algorithm in ("blake2b", "target"):  # no digest; not an algorithm
+        image.algorithm = algorithm
+        with pytest.raises(SaltKvmError, match=f"no {algorithm} digest"):
+            image.checksum  # noqa: B018
+
+
 def test_manifest_round_trip():
     p = point("20260101T000000Z")
     p.disks["vda"] = bs.DiskImage("vda", "vda.qcow2", "qcow2", 10, 5, "ab", "../x/vda.qcow2")
