@@ -233,10 +233,11 @@ class Run:
     frozen: bool = False
     offline: bool = False
     stats: dict = field(default_factory=dict)
-    # the sha256 of each image, when the method hashed it while writing it
+    # the digest of each image, when the method hashed it while writing it
     # (then its header already names its parent's image)
     digests: dict[str, str] = field(default_factory=dict)
     read_bytes: int = 0
+    algorithm: str = field(default_factory=lambda: bs.preferred_algorithm())  # of every digest
 
     @property
     def consistency(self) -> str:
@@ -296,6 +297,7 @@ def finish_images(
     partial: Path,
     parent: bs.Point | None,
     digests: dict[str, str] | None = None,
+    algorithm: str = bs.SHA256,
 ) -> dict[str, bs.DiskImage]:
     """Check each copied image, point an incremental's at its parent's (relative
     path: a copy of the folder stays usable anywhere), record size and checksum.
@@ -327,8 +329,10 @@ def finish_images(
             format="qcow2",
             virtual_size=int(info["virtual-size"]),
             size=path.stat().st_size,
-            sha256=digests.get(disk.target) or bs.sha256_file(path),
             backing=backing,
             source=disk.path,
+            **bs.digest_fields(
+                algorithm, digests.get(disk.target) or bs.checksum_file(path, algorithm)
+            ),
         )
     return images

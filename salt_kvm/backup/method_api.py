@@ -272,7 +272,12 @@ def _read_exports(run: Run, socket: str) -> None:
                 run.progress(done + read, total, disk=target, phase="copy")
 
             digest, read = pull.copy_disk(
-                client, run.partial / bs.image_file(disk.target), backing, dirty, progress
+                client,
+                run.partial / bs.image_file(disk.target),
+                backing,
+                dirty,
+                progress,
+                run.algorithm,
             )
         run.digests[disk.target] = digest
         run.read_bytes += read

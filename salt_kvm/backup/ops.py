@@ -185,9 +185,17 @@ def _open_source(store: bs.Store, point: bs.Point, name: str):
         raise SaltKvmError(f"{point.id}/{name} cannot be copied: {exc.strerror}") from exc
 
 
-def _files(point: bs.Point) -> list[tuple[str, str | None]]:
-    files = [(d.file, d.sha256) for d in point.disks.values()]
-    return files + [(bs.DOMAIN_XML, point.domain_xml_sha256)] + firmware_state.stored_files(point)
+def _files(point: bs.Point) -> list[tuple[str, str, str | None]]:
+    """(file name, checksum algorithm, digest) of each file of a point."""
+    files: list[tuple[str, str, str | None]]
+    files = [(d.file, d.algorithm, d.checksum) for d in point.disks.values()]
+    files.append((bs.DOMAIN_XML, bs.SHA256, point.domain_xml_sha256))
+    # the UEFI variables and TPM state files: sha256 always (they are small)
+    return files + [(f, bs.SHA256, digest) for f, digest in firmware_state.stored_files(point)]
+
+
+# the command that prints a file's digest on an SSH target (coreutils)
+SUM_COMMANDS = {bs.SHA256: "sha256sum", bs.BLAKE2B: "b2sum"}
 
 
 class _DirCopier:
@@ -202,12 +210,12 @@ class _DirCopier:
             self.target.clean_partials()
             partial = self.target.begin(point.id)
             try:
-                for name, digest in _files(point):
+                for name, algorithm, digest in _files(point):
                     with _open_source(store, point, name) as source:
                         fd = os.open(partial / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                         with os.fdopen(fd, "wb") as copy:
                             shutil.copyfileobj(source, copy, 4 * 1024 * 1024)
-                    if digest and bs.sha256_file(partial / name) != digest:
+                    if digest and bs.checksum_file(partial / name, algorithm) != digest:
                         raise SaltKvmError(f"copy of {point.id}/{name} has a wrong checksum")
                 self.target.commit(partial, point)
             except BaseException:
@@ -222,7 +230,7 @@ class _DirCopier:
 
 
 class _SshCopier:
-    """The same layout on another host, written over one SSH session (SFTP + sha256sum)."""
+    """The same layout on another host, written over one SSH session (SFTP + sha256sum or b2sum)."""
 
     def __init__(self, where: SshTarget, domain: str, password, key_filename, trust):
         self.where = where
@@ -257,12 +265,12 @@ class _SshCopier:
         quoted = shlex.quote(partial)
         self._sh(f"rm -rf {quoted} && mkdir -m 700 {quoted}")
         try:
-            for name, digest in _files(point):
+            for name, algorithm, digest in _files(point):
                 remote = posixpath.join(partial, name)
                 with _open_source(store, point, name) as source:
                     self.sftp.putfo(source, remote)
                 self.sftp.chmod(remote, 0o600)
-                out = self._sh(f"sha256sum {shlex.quote(remote)}")
+                out = self._sh(f"{SUM_COMMANDS[algorithm]} {shlex.quote(remote)}")
                 if digest and out.split()[0] != digest:
                     raise SaltKvmError(f"copy of {point.id}/{name} on {self.where.host} differs")
             with self.sftp.open(posixpath.join(partial, bs.MANIFEST), "w") as handle:

@@ -56,13 +56,14 @@ def copy_disk(
     backing: str | None,
     dirty: str | None,
     progress: Callable[[int, int], None] | None = None,
+    algorithm: str = qcow2.SHA256,
 ) -> tuple[str, int]:
     """Write the export into the new qcow2 ``dest`` (0600, never through a link);
-    return its sha256 and the guest bytes read."""
+    return its digest in ``algorithm`` and the guest bytes read."""
     kinds = cluster_map(client, dirty)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        writer = qcow2.Writer(fd, client.size, kinds, backing)
+        writer = qcow2.Writer(fd, client.size, kinds, backing, algorithm)
         writer.begin()
         _stream(client, writer, progress)
         digest = writer.finish()

@@ -1,6 +1,6 @@
 """Writing a qcow2 v3 image front to back in one pass, hashing it as it goes.
 
-A point's checksum is the sha256 of its image file's bytes. Written by QEMU or
+A point's checksum is a digest (sha256 or BLAKE2b) of its image file's bytes. Written by QEMU or
 qemu-img, the file had to be read again to get it; laid out here, every byte
 of the file is known in file order before it is written: the header (with the
 backing file an incremental follows), the refcount table and blocks, the L1
@@ -16,12 +16,12 @@ whatever the backing file holds: qcow2 v3's zero flag, nothing stored) or
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import struct
 from collections.abc import Iterator
 
+from salt_kvm.backup.manifest import SHA256, new_hash
 from salt_kvm.errors import SaltKvmError
 
 CLUSTER_BITS = 16
@@ -51,13 +51,20 @@ class Writer:
     """``kinds``: one byte per cluster of a ``size``-byte disk (``DATA``, ``ZERO``
     or ``UNALLOCATED``). Create the file, then ``write`` exactly the guest's
     bytes of every ``DATA`` cluster in order (the last cluster's may stop at
-    ``size``), then ``finish`` for the file's sha256."""
+    ``size``), then ``finish`` for the file's digest in ``algorithm``."""
 
-    def __init__(self, fd: int, size: int, kinds: bytes | bytearray, backing: str | None = None):
+    def __init__(
+        self,
+        fd: int,
+        size: int,
+        kinds: bytes | bytearray,
+        backing: str | None = None,
+        algorithm: str = SHA256,
+    ):
         if len(kinds) != clusters(size):
             raise SaltKvmError(f"a map of {len(kinds)} clusters for a disk of {size} bytes")
         self.fd, self.size, self.kinds, self.backing = fd, size, kinds, backing
-        self.digest = hashlib.sha256()
+        self.digest = new_hash(algorithm)
         self.data_clusters = kinds.count(DATA)
         self.l1_entries = max(1, -(-len(kinds) // L2_ENTRIES))
         self.l2_used = [

@@ -137,7 +137,7 @@ def _run(engine: core.Method, dom, store, point_id, disks, parent, reason, quies
     )
     try:
         engine.copy(run)
-        images = core.finish_images(disks, partial, run.parent, run.digests)
+        images = core.finish_images(disks, partial, run.parent, run.digests, run.algorithm)
         xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
         # a secure dump (it may hold passwords): 0600 from its first byte
         fd = os.open(

@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from salt_kvm.backup.manifest import (
+    ALGORITHMS,
+    BLAKE2B,
     DOMAIN_XML,
     FORMAT,
     IMAGE_FORMAT,
@@ -39,6 +41,7 @@ from salt_kvm.backup.manifest import (
     MANIFEST_MAX,
     PARTIAL,
     POINT_RE,
+    SHA256,
     DiskImage,
     ManifestError,
     Point,
@@ -47,10 +50,13 @@ from salt_kvm.backup.manifest import (
     check_domain,
     check_keep,
     check_point_ref,
+    checksum_file,
+    digest_fields,
     image_backing,
     image_file,
     new_point_id,
     parse_manifest,
+    preferred_algorithm,
     prune_plan,
     sha256_file,
 )
@@ -88,6 +94,12 @@ __all__ = [
     "prune_plan",
     "read_no_follow",
     "sha256_file",
+    "ALGORITHMS",
+    "BLAKE2B",
+    "SHA256",
+    "checksum_file",
+    "digest_fields",
+    "preferred_algorithm",
 ]
 
 

@@ -11,7 +11,14 @@ import stat
 from pathlib import Path
 
 from salt_kvm.backup import firmware_state
-from salt_kvm.backup.manifest import DOMAIN_XML, IMAGE_FORMAT, DiskImage, Point, sha256_file
+from salt_kvm.backup.manifest import (
+    DOMAIN_XML,
+    IMAGE_FORMAT,
+    DiskImage,
+    Point,
+    checksum_file,
+    sha256_file,
+)
 from salt_kvm.backup.store import Store
 from salt_kvm.errors import SaltKvmError
 
@@ -42,7 +49,7 @@ def verify_point(store: Store, point: Point, deep: bool = True) -> list[str]:
         if size != disk.size:
             problems.append(f"{name}: size {size} != {disk.size}")
             continue
-        if deep and sha256_file(folder / disk.file) != disk.sha256:
+        if deep and checksum_file(folder / disk.file, disk.algorithm) != disk.checksum:
             problems.append(f"{name}: checksum mismatch")
             continue
         problems += [f"{name} ({target}): {p}" for p in image_problems(folder / disk.file, disk)]

@@ -316,9 +316,10 @@ def test_second_copies_folder_and_ssh(hv, guest, dest, killed_run):
         sent = backup_ops.replicate(small, guest.name, url, password=GUEST_PASSWORD, host_key=pins)
         assert sent["copied"] == [made["point"]]
         remote = f"/root/replica/{guest.name}/{made['point']}"
-        sums = guest.run(f"cd {remote} && sha256sum vdb.qcow2")
         point = bs.Store(small, guest.name).point("latest")
-        assert sums.split()[0] == point.disks["vdb"].sha256
+        summer = backup_ops.SUM_COMMANDS[point.disks["vdb"].algorithm]  # the host's choice
+        sums = guest.run(f"cd {remote} && {summer} vdb.qcow2")
+        assert sums.split()[0] == point.disks["vdb"].checksum
         again = backup_ops.replicate(small, guest.name, url, password=GUEST_PASSWORD, host_key=pins)
         assert again["copied"] == [] and again["already_there"] == [made["point"]]
         # two destinations keep their own checkpoints

@@ -6,8 +6,9 @@ import subprocess
 from salt_kvm.backup import store as bs
 
 
-def commit(store, pid, parent=None, chain=None):
-    """A complete point with a real (small) qcow2, as a backup would leave it."""
+def commit(store, pid, parent=None, chain=None, algorithm=bs.SHA256):
+    """A complete point with a real (small) qcow2, as a backup would leave it
+    (its image's checksum in ``algorithm``)."""
     partial = store.begin(pid)
     image = partial / "vda.qcow2"
     backing = ["-b", f"../{parent}/vda.qcow2", "-F", "qcow2"] if parent else []
@@ -33,8 +34,8 @@ def commit(store, pid, parent=None, chain=None):
                 "qcow2",
                 1 << 20,
                 len(data),
-                hashlib.sha256(data).hexdigest(),
-                f"../{parent}/vda.qcow2" if parent else None,
+                backing=f"../{parent}/vda.qcow2" if parent else None,
+                **bs.digest_fields(algorithm, hashlib.new(algorithm, data).hexdigest()),
             )
         },
         domain_xml_sha256=hashlib.sha256(b"<domain/>").hexdigest(),

@@ -167,6 +167,19 @@ def test_full_and_incremental_copies_read_as_the_source(tmp_path, source):
         served.close()
 
 
+def test_a_copy_is_hashed_in_the_algorithm_asked_for(tmp_path, source):
+    src, _parent = source
+    served = Served(tmp_path, src)
+    try:
+        with nbd.Client(served.sock, "vda", (nbd.BASE_ALLOCATION,)) as client:
+            full = tmp_path / "full.qcow2"
+            digest, _read = pull.copy_disk(client, full, None, None, algorithm="blake2b")
+    finally:
+        served.close()
+    assert digest == hashlib.blake2b(full.read_bytes()).hexdigest()
+    assert same(full, src)
+
+
 def test_copy_never_writes_through_a_planted_link(tmp_path, source):
     src, _parent = source
     victim = tmp_path / "victim"

@@ -142,9 +142,11 @@ def _edit(store, pid, change):
 
 
 def _describe(data, path):
-    """Make a manifest entry describe the file at ``path`` (size, checksum)."""
+    """Make a manifest entry describe the file at ``path`` (size, checksum in
+    the entry's algorithm)."""
     data["size"] = os.path.getsize(path)
-    data["sha256"] = bs.sha256_file(os.path.realpath(path))
+    algorithm = data.get("algorithm") or bs.SHA256
+    data[algorithm] = bs.checksum_file(os.path.realpath(path), algorithm)
 
 
 def _absolute_file(store, points, secret):

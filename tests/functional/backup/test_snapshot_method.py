@@ -15,7 +15,7 @@ from salt_kvm.backup import method_api, method_snapshot, restore
 from salt_kvm.backup import ops as backup_ops
 from salt_kvm.backup import run as backup
 from salt_kvm.backup import store as bs
-from salt_kvm.errors import SpecError
+from salt_kvm.errors import SaltKvmError, SpecError
 from salt_kvm.virt import qemuimg
 from salt_kvm.virt.domain import Disk, Domain, new_domain
 
@@ -121,6 +121,33 @@ def test_full_then_incremental_by_content_and_restore(conn, vm, dest, tmp_path):
     made = restore.restore(conn, "vm", dest, point=full["point"], target="vm3", pool="restore")
     assert pattern_at(made["volumes"][0], 40 * MIB, 8 * MIB, 0)
     assert pattern_at(made["volumes"][1], 4 * MIB, 4 * MIB, 3)
+
+
+def test_a_host_without_sha_instructions_writes_and_checks_blake2b_points(
+    conn, vm, dest, tmp_path, monkeypatch
+):
+    """The algorithm a run uses is the host's (BLAKE2b here); a restore checks
+    each point in the algorithm its manifest names, and refuses a changed byte."""
+    dom, disk, data, base = vm
+    monkeypatch.setattr(bs, "preferred_algorithm", lambda: bs.BLAKE2B)
+    full = backup.create(conn, "vm", dest, method="snapshot")
+    qemu_io(disk, "write -P 4 40M 8M")
+    inc = backup.create(conn, "vm", dest, method="snapshot")
+    store = bs.Store(dest, "vm")
+    for pid in (full["point"], inc["point"]):
+        for image in store.point(pid).disks.values():
+            assert image.algorithm == bs.BLAKE2B and image.sha256 is None
+            assert image.checksum == bs.checksum_file(store.path(pid, image.file), bs.BLAKE2B)
+    assert backup_ops.verify(dest, "vm")["ok"]
+    dir_pool(conn, "restore", tmp_path / "pool")
+    made = restore.restore(conn, "vm", dest, target="vm2", pool="restore")
+    qemuimg.run("compare", "-q", disk, made["volumes"][0])
+    with open(store.path(full["point"], "vdb.qcow2"), "r+b") as handle:
+        handle.seek(60000)  # past the header, in its cluster: the image stays sound
+        handle.write(b"\xff")
+    with pytest.raises(SaltKvmError, match=rf"{full['point']}/vdb.qcow2: checksum mismatch"):
+        restore.restore(conn, "vm", dest, target="vm3", pool="restore")
+    assert "vm3" not in conn.listDefinedDomains()
 
 
 def test_a_snapshot_point_makes_the_next_api_run_full(conn, vm, dest):

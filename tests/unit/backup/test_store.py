@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from salt_kvm.backup import manifest, verify
 from salt_kvm.backup import ops as backup_ops
 from salt_kvm.backup import store as bs
-from salt_kvm.backup import verify
 from salt_kvm.errors import ConflictError, NotFoundError, SaltKvmError, SpecError
 from salt_kvm.virt import qemuimg
 from salt_kvm.virt.units import parse_duration
@@ -155,6 +155,102 @@ def test_verify_point_finds_changed_and_missing_files(tmp_path):
     assert report["ok"] is False and p.id in report["problems"]
     store.path(p, "vda.qcow2").unlink()
     assert verify.verify_point(store, p) == [f"{p.id}/vda.qcow2: missing"]
+
+
+def _checksummed_point(store, algorithm):
+    """A stored point whose one image carries a digest in ``algorithm``."""
+    p = point("20260101T000000Z")
+    partial = store.begin(p.id)
+    image = _image(partial, "vda.qcow2")
+    digest = bs.checksum_file(image, algorithm)
+    size = image.stat().st_size
+    fields = bs.digest_fields(algorithm, digest)
+    p.disks["vda"] = bs.DiskImage("vda", "vda.qcow2", "qcow2", 1024**2, size, **fields)
+    store.commit(partial, p)
+    return p
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "blake2b"])
+def test_a_point_verifies_with_the_algorithm_its_manifest_names(tmp_path, algorithm):
+    store = bs.Store(tmp_path, "vm")
+    p = _checksummed_point(store, algorithm)
+    data = json.loads(store.path(p, bs.MANIFEST).read_text())
+    entry = data["disks"]["vda"]
+    assert entry["algorithm"] == algorithm
+    assert len(entry[algorithm]) == {"sha256": 64, "blake2b": 128}[algorithm]
+    assert entry[{"sha256": "blake2b", "blake2b": "sha256"}[algorithm]] is None
+    stored = store.point(p.id)
+    assert stored.disks["vda"].checksum == p.disks["vda"].checksum
+    assert verify.verify_point(store, stored) == []
+    with open(store.path(p, "vda.qcow2"), "r+b") as handle:  # one byte changed
+        handle.seek(150000)
+        handle.write(b"x")
+    assert verify.verify_point(store, store.point(p.id)) == [f"{p.id}/vda.qcow2: checksum mismatch"]
+
+
+def test_a_manifest_of_before_the_algorithm_field_still_verifies(tmp_path):
+    """A point written by an older version: ``sha256`` and no ``algorithm``."""
+    store = bs.Store(tmp_path, "vm")
+    p = _checksummed_point(store, "sha256")
+    path = store.path(p, bs.MANIFEST)
+    data = json.loads(path.read_text())
+    for key in ("algorithm", "blake2b"):
+        del data["disks"]["vda"][key]
+    path.write_text(json.dumps(data))
+    stored = store.point(p.id)
+    assert (stored.disks["vda"].algorithm, stored.disks["vda"].sha256) == (
+        "sha256",
+        p.disks["vda"].sha256,
+    )
+    assert verify.verify_point(store, stored) == []
+    with open(store.path(p, "vda.qcow2"), "r+b") as handle:
+        handle.seek(150000)
+        handle.write(b"x")
+    assert verify.verify_point(store, store.point(p.id)) == [f"{p.id}/vda.qcow2: checksum mismatch"]
+
+
+@pytest.mark.parametrize(
+    "change,key",
+    [
+        ({"algorithm": "md5"}, "algorithm"),
+        ({"algorithm": "SHA256"}, "algorithm"),
+        ({"algorithm": "blake2b"}, "blake2b"),  # a sha256 digest, no blake2b one
+        ({"algorithm": "blake2b", "blake2b": "ab" * 32}, "blake2b"),  # too short
+        ({"algorithm": "blake2b", "blake2b": "AB" * 64}, "blake2b"),
+        ({"algorithm": "sha256", "sha256": "ab" * 64}, "sha256"),
+        ({"algorithm": None, "sha256": None, "blake2b": "ab" * 64}, "sha256"),
+    ],
+)
+def test_parse_manifest_refuses_a_checksum_that_does_not_fit_its_algorithm(change, key):
+    data = _valid_manifest()
+    data["disks"]["vda"].update(change)
+    with pytest.raises(bs.ManifestError, match=rf": disks\.vda\.{key}: .*\(accepted: "):
+        bs.parse_manifest(data, "20260102T000000Z", "vm")
+
+
+@pytest.mark.parametrize(
+    "cpuinfo,algorithm",
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 sha_ni avx512f\n", "sha256"),
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n", "blake2b"),
+        ("processor\t: 0\nFeatures\t: fp asimd aes pmull sha1 sha2 crc32\n", "sha256"),
+        ("processor\t: 0\nFeatures\t: fp asimd crc32\n", "blake2b"),
+        ("model name\t: sha_ni in the name only\n", "blake2b"),
+        ("", "blake2b"),
+    ],
+)
+def test_new_points_use_the_faster_digest_of_the_cpu(cpuinfo, algorithm):
+    assert manifest.algorithm_for_cpu(cpuinfo) == algorithm
+    assert bs.preferred_algorithm() in bs.ALGORITHMS
+
+
+def test_a_disk_without_a_digest_in_its_algorithm_has_no_checksum():
+    image = point("20260101T000000Z").disks["vda"]
+    assert image.checksum == "0" * 64
+    for algorithm in ("blake2b", "target"):  # no digest; not an algorithm
+        image.algorithm = algorithm
+        with pytest.raises(SaltKvmError, match=f"no {algorithm} digest"):
+            image.checksum  # noqa: B018
 
 
 def test_manifest_round_trip():
