@@ -18,7 +18,7 @@ from typing import TypeGuard
 import libvirt
 
 from salt_kvm.errors import ConflictError, ForwardsBlocked, NotFoundError, SaltKvmError, SpecError
-from salt_kvm.nat import firewall
+from salt_kvm.nat import firewall, relays
 from salt_kvm.nat import rules as nat
 from salt_kvm.nat.placement import locate, managed_domains
 from salt_kvm.nat.store import Entry, Placement, Store, all_forwards
@@ -111,7 +111,14 @@ def sync_kernel(entries: dict[str, Entry], replace: bool = True, strict: bool = 
             if strict:
                 raise
             log.error("forwards cannot pass the host's firewall: %s", exc)
-    return done
+    return done + sync_relays(forwards)
+
+
+def sync_relays(forwards: list[nat.Forward]) -> list[str]:
+    """Start and stop the userspace relays (``[::1]``, IPv6 to IPv4-only
+    guests) with the forwards, in the same code path as the table."""
+    v4_only = {f.bridge for f in forwards if not f.address6 and f.rule.host_address is None}
+    return relays.sync(relays.planned(forwards, firewall.bridge_addresses6(v4_only)))
 
 
 def refuse_if_blocked() -> None:
