@@ -216,12 +216,15 @@ class Supervised:
     def _pidfile(self, name: str) -> Path:
         return self.run_dir / f"{name}.pid"
 
-    def _pid(self, name: str) -> int | None:
+    def _recorded(self, name: str) -> int | None:
         try:
-            pid = int(self._pidfile(name).read_text().strip())
+            return int(self._pidfile(name).read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid, name) else None
+
+    def _pid(self, name: str) -> int | None:
+        pid = self._recorded(name)
+        return pid if pid is not None and _alive(pid, name) else None
 
     def running(self) -> set[str]:
         if not self.run_dir.is_dir():
@@ -231,8 +234,13 @@ class Supervised:
             name = path.name.removesuffix(".pid")
             if self._pid(name) is not None:
                 found.add(name)
-            else:  # died (killed, host trouble): the next sync starts it again
-                path.unlink(missing_ok=True)
+                continue
+            # died (killed, host trouble): the next sync starts it again, once
+            # the dying process has let go of its port
+            pid = self._recorded(name)
+            if pid is not None:
+                _settle(pid)
+            path.unlink(missing_ok=True)
         return found
 
     def argv(self, relay: Relay, fd: int, ready: int) -> list[str]:
@@ -333,6 +341,19 @@ def _exited(pid: int) -> bool:
     except (OSError, IndexError):
         return True
     return state in ("Z", "X")
+
+
+def _settle(pid: int) -> None:
+    """Wait (boundedly) while ``pid`` is exiting: its command line is already
+    empty then, but its sockets are still open."""
+    deadline = time.monotonic() + STOP_WAIT
+    while time.monotonic() < deadline and not _exited(pid):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes():
+                return  # another process that took the pid: not ours to wait for
+        except OSError:
+            return
+        time.sleep(0.02)
 
 
 def _terminate(pid: int, name: str) -> None:
