@@ -124,6 +124,13 @@ def test_forwards_start_and_stop_their_relays(kernel, tmp_path, relay_runner):
     assert relay_runner.running() == {relay.name}
     forwards.reapply(store)  # a hook: nothing new
     assert relay_runner.started == [relay]
+    assert forwards.listing(store=store)["vm1"]["relays"] == [
+        {"listen": "[::1]:10022", "to": "192.168.214.11:22", "running": True}
+    ]
+    relay_runner.stop(relay.name)  # died: shown, and started again by the next reapply
+    assert forwards.listing(store=store)["vm1"]["relays"][0]["running"] is False
+    forwards.reapply(store)
+    assert relay_runner.running() == {relay.name}
     forwards.forget("vm1", store)  # salt-cloud -d, the qemu release hook
     assert relay_runner.running() == set()
 
