@@ -134,6 +134,9 @@ def test_a_forward_answers_on_ipv6_loopback_through_the_relay(conn, guest):
     name, mac, _ = guest
     forwards.apply(conn, name, [{"guest": 22, "host": SSH}])
     assert len(relays_of(name)) == 1
+    address = Store().load()[name].placement.address
+    shown = forwards.listing(name)[name]["relays"]
+    assert shown == [{"listen": f"[::1]:{SSH}", "to": f"{address}:22", "running": True}]
     assert mac_via("::1") == mac
     forwards.apply(conn, name, [])  # the forward goes: its relay with it
     assert relays_of(name) == []
