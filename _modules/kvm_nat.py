@@ -122,8 +122,10 @@ def list_(name=None):
     The forwards of every domain (or of ``name``): ports, guest address,
     whether each one is in the kernel's table and passes libvirt's forward
     rules now (``active``; ``firewall`` says how, or why not), whether the libvirt hooks
-    that put them back after restarts are active (``hooks``) and the hooks'
-    latest failures about the domain or its network (``hook_errors``).
+    that put them back after restarts are active (``hooks``), the hooks'
+    latest failures about the domain or its network (``hook_errors``) and the
+    userspace relays for ``[::1]`` and IPv6 to an IPv4-only guest (``relays``:
+    ``listen``, ``to``, ``running``).
 
     CLI Example:
 

@@ -39,3 +39,36 @@ def _private_lock_dir(request, tmp_path_factory, monkeypatch):
     if request.node.get_closest_marker("integration") is None:
         if "SALT_KVM_LOCK_DIR" not in os.environ:
             monkeypatch.setenv("SALT_KVM_LOCK_DIR", str(tmp_path_factory.mktemp("locks")))
+
+
+class RecordedRelays:
+    """The relay runner of unit and functional tests: remembers, starts nothing."""
+
+    def __init__(self):
+        self.names: set[str] = set()
+        self.started: list = []
+
+    def running(self):
+        return set(self.names)
+
+    def start(self, relay):
+        self.names.add(relay.name)
+        self.started.append(relay)
+
+    def stop(self, name):
+        self.names.discard(name)
+
+
+@pytest.fixture(autouse=True)
+def relay_runner(request, monkeypatch):
+    """Unit and functional tests never start a real relay on the host's
+    ``[::1]`` (or read its bridges): the forwards' relays go to a recorder.
+    Tests of the relay itself hand ``relays.sync`` a runner of their own."""
+    if request.node.get_closest_marker("integration") is not None:
+        return None
+    from salt_kvm.nat import firewall, relays
+
+    recorded = RecordedRelays()
+    monkeypatch.setattr(relays, "runner", lambda: recorded)
+    monkeypatch.setattr(firewall, "bridge_addresses6", lambda bridges: {})
+    return recorded

@@ -361,6 +361,22 @@ def local_addresses() -> set[str]:
     }
 
 
+def bridge_addresses6(bridges: set[str]) -> dict[str, list[str]]:
+    """Bridge → its global IPv6 addresses (a dual-stack libvirt network's host
+    address); bridges without any are left out."""
+    if not bridges:
+        return {}
+    proc = _run(["ip", "-j", "-6", "addr", "show", "scope", "global"], check=False)
+    found: dict[str, list[str]] = {}
+    for link in json.loads(proc.stdout or "[]"):
+        if link.get("ifname") not in bridges:
+            continue
+        for info in link.get("addr_info", []):
+            if info.get("local") and not info.get("tentative"):
+                found.setdefault(link["ifname"], []).append(info["local"])
+    return {bridge: sorted(found[bridge]) for bridge in sorted(found)}
+
+
 # ---- sockets already on a port --------------------------------------------
 
 

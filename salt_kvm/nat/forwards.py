@@ -18,7 +18,7 @@ from typing import TypeGuard
 import libvirt
 
 from salt_kvm.errors import ConflictError, ForwardsBlocked, NotFoundError, SaltKvmError, SpecError
-from salt_kvm.nat import firewall
+from salt_kvm.nat import firewall, relays
 from salt_kvm.nat import rules as nat
 from salt_kvm.nat.placement import locate, managed_domains
 from salt_kvm.nat.store import Entry, Placement, Store, all_forwards
@@ -111,7 +111,18 @@ def sync_kernel(entries: dict[str, Entry], replace: bool = True, strict: bool = 
             if strict:
                 raise
             log.error("forwards cannot pass the host's firewall: %s", exc)
-    return done
+    return done + sync_relays(forwards)
+
+
+def sync_relays(forwards: list[nat.Forward]) -> list[str]:
+    """Start and stop the userspace relays (``[::1]``, IPv6 to IPv4-only
+    guests) with the forwards, in the same code path as the table."""
+    return relays.sync(_planned_relays(forwards))
+
+
+def _planned_relays(forwards: list[nat.Forward]) -> list[relays.Relay]:
+    v4_only = {f.bridge for f in forwards if not f.address6 and f.rule.host_address is None}
+    return relays.planned(forwards, firewall.bridge_addresses6(v4_only))
 
 
 def refuse_if_blocked() -> None:
@@ -394,6 +405,8 @@ def listing(domain: str | None = None, store: Store | None = None) -> dict[str, 
     active = set(firewall.table_comments().get("prerouting", []))
     result = {}
     through, why = firewall.passable() if entries else (True, "")
+    planned = _planned_relays(all_forwards(entries)) if entries else []
+    running = relays.runner().running() if planned else set()
     for name, entry in sorted(entries.items()):
         if domain is not None and name != domain:
             continue
@@ -406,6 +419,12 @@ def listing(domain: str | None = None, store: Store | None = None) -> dict[str, 
             "forwards": [
                 {**r.as_dict(), "active": through and nat.comment_for(name, r) in active}
                 for r in entry.rules
+            ],
+            # What the userspace relays carry ([::1], IPv6 to an IPv4-only guest).
+            "relays": [
+                {"listen": f"[{r.listen}]:{r.port}", "to": r.to, "running": r.name in running}
+                for r in planned
+                if r.domain == name
             ],
         }
     return result

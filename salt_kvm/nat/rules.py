@@ -289,7 +289,7 @@ def _dnat6(forward: Forward, arriving: str | None = None) -> str:
     """The IPv6 DNAT of a default forward: to the host's own IPv6 addresses,
     from the host itself (``output``) or from the guests' bridges. Not ``::1``:
     the kernel drops a packet with a loopback source that would leave ``lo``,
-    and IPv6 has no route_localnet."""
+    and IPv6 has no route_localnet (``relays`` carries ``[::1]`` in userspace)."""
     match = f"fib daddr type local ip6 daddr != {LOOPBACK6}"
     if arriving is not None:
         match = f"iifname {arriving} {match}"

@@ -6,8 +6,10 @@ unchanged. Not exclusive: it adds and removes only its own forwards (the state
 file and table are changed under the NAT lock) and restarts nothing."""
 
 import contextlib
+import dataclasses
 import socket
 import time
+from pathlib import Path
 
 import libvirt
 import pytest
@@ -16,7 +18,7 @@ from salt_kvm import ssh
 from salt_kvm.cloud import inventory, provision
 from salt_kvm.cloud.spec import build_spec
 from salt_kvm.errors import SaltKvmError
-from salt_kvm.nat import firewall, forwards
+from salt_kvm.nat import firewall, forwards, relays
 from salt_kvm.nat import rules as nat
 from salt_kvm.nat.store import Store
 from salt_kvm.virt import connection, lifecycle
@@ -87,10 +89,26 @@ def guest(conn, base_domain):
         print(f"guest with a DHCPv6 lease: {time.monotonic() - started:.1f} s")
         yield name, mac, address6
     finally:
-        forwards.forget(name)
         with contextlib.suppress(SaltKvmError, libvirt.libvirtError):
             lifecycle.remove(conn, name)
+        forwards.forget(name)  # as salt-cloud -d does (or the qemu release hook)
         net.destroy()
+    # Nothing of the guest's forwards left running: no relay process, no pidfile.
+    assert relays_of(name) == [], "a relay outlived its guest"
+
+
+def relays_of(name):
+    """The pids of relay processes (any runner) for ``name``'s forwards."""
+    safe = name.replace("/", "_")
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            if f"{relays.PREFIX}{safe}-" in cmdline:
+                found.append(int(proc.name))
+    return found
 
 
 def mac_via(host, timeout=120):
@@ -110,6 +128,40 @@ def test_a_forward_answers_on_the_networks_ipv6_address(conn, guest):
     assert nat.comment_for(name, nat.Rule(22, SSH)) in comments["output"]
 
 
+def test_a_forward_answers_on_ipv6_loopback_through_the_relay(conn, guest):
+    """``[::1]`` cannot be DNATed: a userspace relay, started by the same apply,
+    carries it to the guest's IPv4 address."""
+    name, mac, _ = guest
+    forwards.apply(conn, name, [{"guest": 22, "host": SSH}])
+    assert len(relays_of(name)) == 1
+    address = Store().load()[name].placement.address
+    shown = forwards.listing(name)[name]["relays"]
+    assert shown == [{"listen": f"[::1]:{SSH}", "to": f"{address}:22", "running": True}]
+    assert mac_via("::1") == mac
+    forwards.apply(conn, name, [])  # the forward goes: its relay with it
+    assert relays_of(name) == []
+    with pytest.raises(OSError):
+        socket.create_connection(("::1", SSH), timeout=5).close()
+
+
+def test_an_ipv4_only_guest_answers_on_the_networks_ipv6_address_through_a_relay(conn, guest):
+    """Without an IPv6 record for the guest (an IPv4-only guest: this one's
+    placement with its IPv6 side left out), nft has nothing to DNAT to; relays
+    on ``[::1]`` and on the network's IPv6 host address carry it to IPv4."""
+    name, mac, _ = guest
+    forwards.apply(conn, name, [{"guest": 22, "host": SSH}])
+    located = Store().load()[name].placement
+    ipv4_only = dataclasses.replace(located, address6="", subnet6="")
+    forwards.apply(conn, name, [{"guest": 22, "host": SSH}], placement=ipv4_only)
+    assert name not in str(firewall.table_comments(nat.TABLE6_FAMILY))  # no ip6 DNAT
+    assert len(relays_of(name)) == 2
+    assert mac_via(HOST6) == mac
+    assert mac_via("::1") == mac
+    forwards.apply(conn, name, [{"guest": 22, "host": SSH}])  # its IPv6 lease again: DNAT
+    assert len(relays_of(name)) == 1  # [::1] only
+    assert mac_via(HOST6) == mac
+
+
 def test_show_instance_reports_the_ipv6_address_beside_the_ipv4_one(conn, guest):
     name, _, address6 = guest
     shown = inventory.describe(conn, conn.lookupByName(name))
@@ -122,5 +174,6 @@ def test_removing_the_forward_empties_the_ipv6_side(conn, guest):
     forwards.apply(conn, name, [{"guest": 22, "host": SSH}])
     forwards.apply(conn, name, [])
     assert name not in str(firewall.table_comments(nat.TABLE6_FAMILY))
+    assert relays_of(name) == []
     with pytest.raises(OSError):
         socket.create_connection((HOST6, SSH), timeout=5).close()

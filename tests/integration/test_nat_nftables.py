@@ -15,6 +15,7 @@ checks the live rules still have that shape.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 
 import salt_kvm
-from salt_kvm.nat import firewall, hookfiles
+from salt_kvm.nat import firewall, hookfiles, relays
 from salt_kvm.nat import rules as nat
 
 from . import nftbed
@@ -64,6 +65,12 @@ place = Placement(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6
 rules = [{"guest": int(sys.argv[7]), "host": int(sys.argv[8]), "host_address": sys.argv[9]},
          {"guest": int(sys.argv[7]), "host": int(sys.argv[10])}]
 print(forwards.apply(None, "skn-nftvm", rules, store=Store(sys.argv[1]), placement=place))
+"""
+FORGET = """
+import sys
+from salt_kvm.nat import forwards
+from salt_kvm.nat.store import Store
+print(forwards.forget("skn-nftvm", Store(sys.argv[1])))
 """
 REAPPLY = """
 import sys
@@ -128,6 +135,10 @@ def bed(tmp_path_factory):
         server = guest.popen(sys.executable, "-c", GUEST_SERVER)
         made.append(server)
         yield {"host": host, "guest": guest, "client": client, "state": state, "log": log}
+        # The forwards go before their namespace: their [::1] relay (a process
+        # in that network namespace) with them.
+        salt_kvm_in({"host": host, "state": state}, FORGET)
+        assert relay_pids("skn-nftvm") == []
     finally:
         for item in reversed(made):
             if isinstance(item, subprocess.Popen):
@@ -135,6 +146,17 @@ def bed(tmp_path_factory):
                 item.wait(timeout=30)
             else:
                 item.stop()
+
+
+def relay_pids(domain):
+    """Relay processes of ``domain``'s forwards, in any namespace."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if f"{relays.PREFIX}{domain}-".encode() in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+    return found
 
 
 def forwarding(host):
