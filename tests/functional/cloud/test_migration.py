@@ -7,7 +7,7 @@ import pytest
 from lxml import etree
 from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
 
-from salt_kvm.cloud import migration
+from salt_kvm.cloud import migration, migrationplan
 from salt_kvm.clouds import libvirt as driver
 from salt_kvm.errors import ConflictError, SaltKvmError
 from salt_kvm.nat import forwards
@@ -81,7 +81,7 @@ def test_everything_that_blocks_a_move_is_named_before_anything_moves(hosts):
 def test_the_same_host_under_two_names_is_refused(hosts, monkeypatch):
     guest(hosts["hv1"], "vm-s")
     # the test driver reports no host UUID; libvirtd always does
-    monkeypatch.setattr(migration, "_host_uuid", lambda conn: "5f0f8a2e-host-uuid")
+    monkeypatch.setattr(migrationplan, "_host_uuid", lambda conn: "5f0f8a2e-host-uuid")
     with pytest.raises(ConflictError, match=r"hv1b is the host it is on \(hv1\)"):
         migration.plan(hosts["hv1"], hosts["hv2"], "vm-s", ("hv1", "hv1b"), "x", mig.Request())
 
