@@ -26,6 +26,7 @@ from salt_kvm.nat import forwards
 from salt_kvm.virt import connection, lifecycle
 from salt_kvm.virt import migrate as mig
 from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.host import network_active
 from salt_kvm.virt.network import Network
 from salt_kvm.virt.pools import Pool, refresh
 from salt_kvm.virt.volumes import Volume
@@ -111,13 +112,8 @@ def _check_target_room(
 def _check_networks(plan: Plan, dconn: libvirt.virConnect, xml: Domain) -> None:
     for iface in xml.interfaces:
         network = iface.source_network
-        if iface.type == "network" and network:
-            try:
-                active = dconn.networkLookupByName(network).isActive()
-            except libvirt.libvirtError:
-                active = False
-            if not active:
-                plan.refused.append(f"{plan.target} has no active network {network}")
+        if iface.type == "network" and network and not network_active(dconn, network):
+            plan.refused.append(f"{plan.target} has no active network {network}")
 
 
 def _check_cpu(plan: Plan, conn: libvirt.virConnect, dconn: libvirt.virConnect, xml: Domain):

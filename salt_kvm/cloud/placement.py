@@ -30,6 +30,7 @@ from salt_kvm.cloud.spec import VMSpec
 from salt_kvm.errors import SaltKvmError
 from salt_kvm.virt import locks
 from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.host import network_active
 
 log = logging.getLogger(__name__)
 SUBDIR = "salt-kvm/placing"
@@ -87,11 +88,7 @@ def room(conn: libvirt.virConnect, name: str, spec: VMSpec | None = None) -> Roo
             conn.lookupByName(spec.name)
             found.holds_name = True
         for network in dict.fromkeys(_base_needs(conn, spec, found)):
-            try:
-                active = conn.networkLookupByName(network).isActive()
-            except libvirt.libvirtError:
-                active = False
-            if not active:
+            if not network_active(conn, network):
                 found.missing.append(f"network {network}")
     return found
 

@@ -38,6 +38,14 @@ def info(conn: libvirt.virConnect) -> dict:
     return facts
 
 
+def network_active(conn: libvirt.virConnect, name: str) -> bool:
+    """Whether the host has libvirt network ``name`` and it runs."""
+    try:
+        return bool(conn.networkLookupByName(name).isActive())
+    except libvirt.libvirtError:
+        return False
+
+
 def pool_state(conn: libvirt.virConnect, name: str) -> dict | None:
     try:
         pool = conn.storagePoolLookupByName(name)
