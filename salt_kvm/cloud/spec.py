@@ -280,9 +280,18 @@ def check_key_typos(keys: Iterable[str], known: Iterable[str]) -> None:
     """Refuse a key that is not one we read but is one letter or two away from
     one (``memroy``, ``cpu``): left alone it would be ignored silently and the
     guest made with the default. Keys unlike any of ours pass (salt-cloud's
-    own, other tools')."""
+    own, other tools'); a key that is not a string (YAML's ``1:``) is no one's."""
     known = tuple(known)
-    for key in sorted(k for k in keys if isinstance(k, str)):
+    keys = tuple(keys)
+    for odd in keys:
+        if not isinstance(odd, str):  # YAML's `1: x`, `true: y`, `null:`
+            raise SpecError(
+                str(odd),
+                f"{odd!r} is not a string (YAML read it as {type(odd).__name__}): no key "
+                "salt-kvm or salt-cloud reads",
+                "key names (quote a key that looks like a number or true/false)",
+            )
+    for key in sorted(keys):
         if key in known or key in SALT_CLOUD_LOOKALIKES:
             continue
         close = difflib.get_close_matches(key, known, 1, 0.8)

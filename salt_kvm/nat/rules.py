@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from salt_kvm.errors import SpecError
-from salt_kvm.virt.checks import whole_number
+from salt_kvm.virt.checks import check_keys, whole_number
 
 HOST_PORT_OFFSET = 10000
 SLAPOS_DEFAULT_PORTS = (22, 80, 443)
@@ -118,9 +118,7 @@ def parse_rule(item: Any, key: str) -> Rule:
     if not isinstance(item, dict):
         guest = parse_port(item, key)
         return Rule(guest=guest, host=_default_host(guest, key))
-    unknown = set(item) - set(RULE_KEYS)
-    if unknown:
-        raise SpecError(key, f"unknown key(s) {', '.join(sorted(unknown))}", RULE_KEYS)
+    check_keys(item, RULE_KEYS, key)
     if item.get("guest") is None:
         raise SpecError(f"{key}.guest", "is required", PORTS)
     guest = parse_port(item["guest"], f"{key}.guest")

@@ -216,3 +216,55 @@ def test_one_ip_on_two_nics_of_one_network_is_refused():
         },
         "nics[1].ip",
     )
+
+
+# ---- keys that are not strings (YAML `1: x`, `true: y`, `null:`) ------------------
+
+
+@pytest.mark.parametrize("odd", [1, True, None, 2.5])
+@pytest.mark.parametrize(
+    "values,key",
+    [
+        ({"nat_rules": [{"guest": 22, "ODD": "x"}]}, "nat_rules[0]"),
+        ({"nics": [{"network": "default", "ODD": "x"}]}, "nics[0]"),
+        ({"disks": {"data": {"size": 1, "ODD": "x"}}}, "disks.data"),
+        ({"cpu_options": {"cores": 1, "ODD": "x"}}, "cpu_options"),
+        ({"cloud_init": {"user_data": "x", "ODD": "x"}}, "cloud_init"),
+        ({"shares": [{"source": "/srv", "ODD": "x"}]}, "shares[0]"),
+        (
+            {
+                "hostdevs": [{"pci": "8086:10fb", "ODD": 1}],
+                "hostdev_allowed": [{"pci": "8086:10fb"}],
+            },
+            "hostdevs[0]",
+        ),
+    ],
+)
+def test_a_key_that_is_not_a_string_is_refused_by_name(values, key, odd):
+    def swap(value):
+        if isinstance(value, dict):
+            return {(odd if k == "ODD" else k): swap(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [swap(v) for v in value]
+        return value
+
+    for extra in ({}, {"zz": 1}):  # alone, and beside a string key (sorting both)
+        given = swap(values)
+        inner = given[key.split("[")[0].split(".")[0]]
+        target = inner[0] if isinstance(inner, list) else inner
+        if key.startswith("disks."):
+            target = target["data"]
+        target.update(extra)
+        err = refused(given, key)
+        assert repr(odd) in err.problem or str(odd) in err.problem
+
+
+@pytest.mark.parametrize("odd", [1, True, None])
+def test_a_profile_key_that_is_not_a_string_is_refused_by_name(odd):
+    from salt_kvm.cloud.spec import check_written_keys
+
+    for profile, provider in (({odd: "x"}, {}), ({}, {odd: "x"}), ({odd: "x", "memroy": 1}, {})):
+        with pytest.raises(SpecError) as err:
+            check_written_keys(profile, provider)
+        assert err.value.key == str(odd), str(err.value)
+        assert "not a string" in err.value.problem
