@@ -22,7 +22,7 @@ try:
     from salt_kvm.nat import forwards, hookfiles, hooks
     from salt_kvm.nat import rules as nat
     from salt_kvm.nat.store import Store
-    from salt_kvm.saltutil import command_errors, config_value, connection_for
+    from salt_kvm.saltutil import command_errors, config_value, connection_for, flag
     from salt_kvm.virt.checks import whole_number
 
     HAS_LIBS = True
@@ -168,9 +168,8 @@ def apply(name, rules=None, test=False, uri=None):
                 "a list of ports or {guest, host, proto, host_address} mappings, "
                 "True for 22 80 443, [] to remove every forward",
             )
-    changes = _call(
-        lambda conn: forwards.apply(conn, name, rules, _max_rules(), test=bool(test)), uri
-    )
+    test = flag(test, "test")
+    changes = _call(lambda conn: forwards.apply(conn, name, rules, _max_rules(), test=test), uri)
     return changes if test else _hooks_warning(changes, name)
 
 
@@ -206,7 +205,7 @@ def install_hooks(hooks_dir="/etc/libvirt/hooks", test=False):
         salt hypervisor kvm_nat.install_hooks
     """
     with command_errors("cannot install the hooks: ", also=(OSError, ValueError)):
-        return hooks.install(hooks_dir, test=bool(test))
+        return hooks.install(hooks_dir, test=flag(test, "test"))
 
 
 def hooks_status(hooks_dir="/etc/libvirt/hooks"):

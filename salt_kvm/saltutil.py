@@ -33,6 +33,7 @@ from salt.exceptions import (
 )
 
 from salt_kvm.errors import SaltKvmError, SpecError
+from salt_kvm.virt.checks import boolean
 from salt_kvm.virt.choices import DEFAULT_URI
 from salt_kvm.virt.connection import connected
 
@@ -113,6 +114,17 @@ def create_errors(
         raise SaltCloudSystemExit(
             f"creating {name} failed: {exc}. Everything this run created was removed{leftover}."
         ) from exc
+
+
+def flag(value: Any, key: str, default: bool | None = False) -> Any:
+    """An execution function's yes/no argument ``key``: a bool, or the usual
+    spellings (``'false'``, ``no``, ``0``...: a quoted ``'false'`` reaches the
+    function as a string, which Python finds true); ``None`` is ``default``;
+    anything else is refused naming ``key``."""
+    if value is None:
+        return default
+    with command_errors():
+        return boolean({key: value}, key, False)
 
 
 def profile_prefix(vm_: dict) -> str:
