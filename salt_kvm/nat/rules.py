@@ -182,6 +182,37 @@ def parse_rules(
     return sorted(rules)
 
 
+NO_RULES = (
+    "a list of ports or {guest, host, proto, host_address} mappings, True for 22 80 443; "
+    "remove_all=True (the kvm_nat.absent state) to remove every forward"
+)
+
+
+def check_rule_set(rules: Any, remove_all: bool = False) -> Any:
+    """``rules`` as ``kvm_nat.apply`` and the ``forwarded`` state take them: a
+    set that is empty or absent (``[]``, ``''``, ``0``: a pillar lookup that
+    found nothing) would remove every forward, which only ``remove_all`` asks."""
+    empty = rules is None or rules is False or (isinstance(rules, str) and not rules.strip())
+    empty = empty or (isinstance(rules, list | tuple | dict | int) and not rules)
+    if remove_all:
+        if not empty:
+            raise SpecError(
+                "remove_all", "removes every forward: it takes no rules", "rules or remove_all"
+            )
+        return []
+    if rules is None:
+        raise SpecError(
+            "rules", "required: without it every forward of the domain would be removed", NO_RULES
+        )
+    if empty:
+        raise SpecError(
+            "rules",
+            f"{rules!r} would remove every forward of the domain (refused, nothing changed)",
+            NO_RULES,
+        )
+    return rules
+
+
 def rule_from_dict(data: dict) -> Rule:
     return Rule(**{k: data[k] for k in RULE_KEYS if k in data})
 
