@@ -312,20 +312,42 @@ def check_mapping(key: str, value: Any) -> None:
 
 
 def _deploy_settings(deploy: DeploySpec, values: dict) -> None:
-    """salt-cloud's deploy settings, taken as salt-cloud takes them."""
-    deploy.script = values.get("script") or DEPLOY_SETTING_DEFAULTS["script"]
-    deploy.script_args = values.get("script_args")
-    deploy.deploy_command = values.get("deploy_command")
-    deploy.force_minion_config = bool(values.get("force_minion_config", False))
-    deploy.keysize = values.get("keysize") or DEPLOY_SETTING_DEFAULTS["keysize"]
-    deploy.sudo = bool(values.get("sudo", deploy.ssh_username != "root"))
-    deploy.sudo_password = values.get("sudo_password") or deploy.password
-    deploy.tmp_dir = values.get("tmp_dir")
+    """salt-cloud's deploy settings, taken as salt-cloud takes them, with
+    their types checked: they end up in shell commands on the guest."""
+    deploy.script = text(values, "script") or DEPLOY_SETTING_DEFAULTS["script"]
+    deploy.script_args = text(values, "script_args")
+    deploy.deploy_command = text(values, "deploy_command")
+    deploy.force_minion_config = boolean(values, "force_minion_config", False)
+    keysize = values.get("keysize")
+    deploy.keysize = (
+        DEPLOY_SETTING_DEFAULTS["keysize"]
+        if keysize in (None, "")
+        else whole_number(keysize, "keysize", 2048, 16384)
+    )
+    deploy.sudo = boolean(values, "sudo", deploy.ssh_username != "root")
+    deploy.sudo_password = text(values, "sudo_password") or deploy.password
+    deploy.tmp_dir = text(values, "tmp_dir")
+    if deploy.tmp_dir is not None and (
+        not deploy.tmp_dir.startswith("/") or any(c.isspace() for c in deploy.tmp_dir)
+    ):
+        raise SpecError(
+            "tmp_dir", f"{deploy.tmp_dir!r} is not an absolute path", "/path/without/spaces"
+        )
     deploy.minion_timeout = seconds(
         values.get("wait_for_minion_timeout", DEPLOY_SETTING_DEFAULTS["wait_for_minion_timeout"]),
         "wait_for_minion_timeout",
         0,
     )
+
+
+def _ssh_username(values: dict) -> str:
+    """A user name goes into SSH's login and ``sudo``: no spaces around or in it."""
+    username = text(values, "ssh_username") or DEFAULTS["ssh_username"]
+    if any(c.isspace() for c in username):
+        raise SpecError(
+            "ssh_username", f"{username!r} holds a space", "a user name without spaces (root)"
+        )
+    return username
 
 
 def _check_network_config(
@@ -397,7 +419,7 @@ def build_spec(values: dict) -> VMSpec:
     deploy = DeploySpec(
         method=deploy_method,
         enabled=boolean(values, "deploy", DEFAULTS["deploy"]) and deploy_method != "none",
-        ssh_username=text(values, "ssh_username") or DEFAULTS["ssh_username"],
+        ssh_username=_ssh_username(values),
         ssh_port=whole_number(values.get("ssh_port", DEFAULTS["ssh_port"]), "ssh_port", 1, 65535),
         password=text(values, "password"),
         private_key=text(values, "private_key"),

@@ -268,3 +268,61 @@ def test_a_profile_key_that_is_not_a_string_is_refused_by_name(odd):
             check_written_keys(profile, provider)
         assert err.value.key == str(odd), str(err.value)
         assert "not a string" in err.value.problem
+
+
+# ---- salt-cloud's deploy settings ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("sudo", "maybe"),
+        ("force_minion_config", "perhaps"),
+        ("keysize", "big"),
+        ("keysize", -1),
+        ("keysize", 1024),
+        ("keysize", 4096.5),
+        ("script", ["bootstrap-salt"]),
+        ("script", "bootstrap-salt\n"),
+        ("script_args", {"-P": True}),
+        ("script_args", "-P\nrm -rf /"),
+        ("deploy_command", ["sh", "x"]),
+        ("deploy_command", "sh /tmp/x\nreboot"),
+        ("sudo_password", ["pw"]),
+        ("tmp_dir", ["/tmp/x"]),
+        ("tmp_dir", "relative/dir"),
+        ("tmp_dir", "/tmp/x\n"),
+        ("tmp_dir", "/tmp/my dir"),
+        ("ssh_username", " root"),
+        ("ssh_username", "ro ot"),
+        ("ssh_username", "root "),
+    ],
+)
+def test_bad_deploy_settings_are_refused_by_name(key, value):
+    refused({key: value}, key)
+
+
+@pytest.mark.parametrize("value,expected", [("false", False), ("no", False), ("yes", True)])
+def test_deploy_yes_no_settings_read_strings(value, expected):
+    for key in ("sudo", "force_minion_config"):
+        deploy = build_spec({**MINIMAL, key: value}).deploy
+        assert getattr(deploy, key) is expected, key
+
+
+def test_deploy_settings_keep_their_good_values():
+    deploy = build_spec(
+        {
+            **MINIMAL,
+            "keysize": 4096,
+            "script": "bootstrap-salt",
+            "script_args": "-P stable 3008",
+            "tmp_dir": "/var/tmp/.saltcloud",
+            "ssh_username": "debian",
+        }
+    ).deploy
+    assert (deploy.keysize, deploy.script_args, deploy.tmp_dir) == (
+        4096,
+        "-P stable 3008",
+        "/var/tmp/.saltcloud",
+    )
+    assert deploy.sudo is True  # not root: salt-cloud's default
