@@ -13,7 +13,7 @@ try:
     from salt_kvm import redact
     from salt_kvm.cloud import migration
     from salt_kvm.errors import SpecError
-    from salt_kvm.saltutil import command_errors, connection_for
+    from salt_kvm.saltutil import command_errors, connection_for, flag
     from salt_kvm.virt import host
     from salt_kvm.virt import migrate as vmigrate
     from salt_kvm.virt.connection import connected
@@ -66,10 +66,13 @@ def pool_info(name, uri=None):
         return host.pool_state(conn, name)
 
 
-def ensure_pool(name, path, uri=None):
+def ensure_pool(name, path, uri=None, adopt=False):
     """
     Make ``name`` a running, autostarted ``dir`` storage pool on ``path``.
-    Returns the changes (empty when there were none).
+    Returns the changes (empty when there were none). ``path`` is absolute,
+    without ``.``/``..`` parts; on this host a path through a symlink is
+    refused naming where it leads, and a new pool on a directory that already
+    holds files needs ``adopt=True`` (each file becomes a volume).
 
     CLI Example:
 
@@ -78,7 +81,7 @@ def ensure_pool(name, path, uri=None):
         salt hypervisor kvm_host.ensure_pool default /var/lib/libvirt/images
     """
     with command_errors(), connection_for(__opts__, __pillar__, uri) as conn:
-        return host.ensure_dir_pool(conn, name, path)
+        return host.ensure_dir_pool(conn, name, path, flag(adopt, "adopt"))
 
 
 def migrate(name, uri, copy_base=False, address=None, port=None, source_uri=None):
