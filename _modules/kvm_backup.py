@@ -153,7 +153,7 @@ def create(
     (or with ``full=True``, or once a chain has ``full_every`` points),
     incremental after. Works on running guests (filesystems frozen through the
     agent when present; ``frozen`` in the result says whether) and shut-off ones.
-    ``disks`` limits it to some targets (``[vdb]``).
+    ``disks`` limits it to some targets (``vdb``, ``vda,vdb`` or ``[vda, vdb]``).
 
     ``keep``: the retention, in chains (a full and its incrementals). When
     given, ``dest`` is pruned to the newest ``keep`` chains after the backup
