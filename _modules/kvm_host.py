@@ -16,6 +16,7 @@ try:
     from salt_kvm.saltutil import command_errors, connection_for, flag
     from salt_kvm.virt import host
     from salt_kvm.virt import migrate as vmigrate
+    from salt_kvm.virt.checks import uri as check_uri
     from salt_kvm.virt.connection import connected
 
     HAS_LIBS = True
@@ -107,6 +108,7 @@ def migrate(name, uri, copy_base=False, address=None, port=None, source_uri=None
     with command_errors(f"migrate {name}: ", also=(libvirt.libvirtError,)):
         if not isinstance(uri, str) or not uri.strip():
             raise SpecError("uri", "is required", "the target hypervisor's libvirt URI")
+        check_uri(uri, "uri")
         request = vmigrate.parse_request({"copy_base": copy_base, "address": address, "port": port})
         target = redact.url(uri)
         with connection_for(__opts__, __pillar__, source_uri) as conn, connected(uri) as dconn:
