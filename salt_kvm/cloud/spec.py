@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from salt_kvm.cloud import choices, cloudinit, features, saltsource
+from salt_kvm.cloud import choices, cloudinit, features, saltsource, sshdeploy
 from salt_kvm.cloud import shares as profile_shares
 from salt_kvm.cloud.features import GuestFeatures
 from salt_kvm.cloud.hostdevs import HostdevSpec, check_allowed, parse_allowed, parse_hostdevs
@@ -144,6 +144,8 @@ DEPLOY_SETTING_DEFAULTS: dict[str, Any] = {
     "wait_for_minion_timeout": 300,
 }
 DEPLOY_METHODS = ("ssh", "cloud-init", "none")
+# Where a tmp_dir the deploy works in exactly (and removes) may be.
+TMP_DIR_PARENTS = ("/tmp/", "/var/tmp/")
 KEYMAP_RE = re.compile(r"[a-z]{2}(-[a-z]{2,5})?")
 # Proxmox-style keys from Salt's old docs that have no libvirt meaning here.
 REJECTED = {
@@ -332,6 +334,16 @@ def _deploy_settings(deploy: DeploySpec, values: dict) -> None:
     ):
         raise SpecError(
             "tmp_dir", f"{deploy.tmp_dir!r} is not an absolute path", "/path/without/spaces"
+        )
+    tmp_dir = deploy.tmp_dir
+    exact = tmp_dir is not None and sshdeploy.names_tmp_dir(tmp_dir, deploy.deploy_command)
+    if tmp_dir is not None and exact and not tmp_dir.rstrip("/").startswith(TMP_DIR_PARENTS):
+        # the deploy empties and removes its working directory in the guest
+        raise SpecError(
+            "tmp_dir",
+            f"{deploy.tmp_dir!r} is named by deploy_command, so the deploy works in it and "
+            "removes it (rm -rf) in the guest",
+            "a directory below /tmp or /var/tmp, e.g. /tmp/.saltcloud",
         )
     deploy.minion_timeout = seconds(
         values.get("wait_for_minion_timeout", DEPLOY_SETTING_DEFAULTS["wait_for_minion_timeout"]),

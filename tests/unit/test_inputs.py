@@ -326,3 +326,17 @@ def test_deploy_settings_keep_their_good_values():
         "/var/tmp/.saltcloud",
     )
     assert deploy.sudo is True  # not root: salt-cloud's default
+
+
+@pytest.mark.parametrize("tmp_dir", ["/etc", "/root", "/tmp", "/usr/bin", "/home"])
+def test_a_tmp_dir_the_deploy_command_names_must_be_below_tmp(tmp_dir):
+    # The deploy empties and removes its working directory (rm -rf) in the
+    # guest; a deploy_command naming tmp_dir itself makes it exactly tmp_dir.
+    refused({"tmp_dir": tmp_dir, "deploy_command": f"sh {tmp_dir}/deploy.sh"}, "tmp_dir")
+    # without the command naming it, the files go to a new <tmp_dir>-<uuid>
+    assert build_spec({**MINIMAL, "tmp_dir": tmp_dir}).deploy.tmp_dir == tmp_dir
+
+
+def test_a_tmp_dir_below_tmp_works_with_a_command_naming_it():
+    values = {"tmp_dir": "/tmp/.saltcloud", "deploy_command": "sh /tmp/.saltcloud/deploy.sh"}
+    assert build_spec({**MINIMAL, **values}).deploy.tmp_dir == "/tmp/.saltcloud"
