@@ -25,7 +25,7 @@ try:
     from salt_kvm.backup import snapshots
     from salt_kvm.backup import store as backup_store
     from salt_kvm.backup import takeover as takeovers
-    from salt_kvm.saltutil import command_errors, config_value, connection_for
+    from salt_kvm.saltutil import command_errors, config_value, connection_for, flag
     from salt_kvm.virt import qemuimg
 
     HAS_LIBS = True
@@ -82,6 +82,7 @@ def snapshot(domain, name=None, disk_only=True, quiesce="auto", description=None
         salt hypervisor kvm_backup.snapshot web1 before-upgrade
         salt hypervisor kvm_backup.snapshot web1 quiesce=True
     """
+    disk_only = flag(disk_only, "disk_only", True)
     return _with_conn(uri, snapshots.create, domain, name, disk_only, quiesce, description)
 
 
@@ -115,7 +116,7 @@ def snapshot_revert(domain, name, force=False, uri=None):
 
         salt hypervisor kvm_backup.snapshot_revert web1 before-upgrade force=True
     """
-    return _with_conn(uri, snapshots.revert, domain, name, force)
+    return _with_conn(uri, snapshots.revert, domain, name, flag(force, "force"))
 
 
 def snapshot_delete(domain, name, uri=None):
@@ -152,7 +153,7 @@ def create(
     (or with ``full=True``, or once a chain has ``full_every`` points),
     incremental after. Works on running guests (filesystems frozen through the
     agent when present; ``frozen`` in the result says whether) and shut-off ones.
-    ``disks`` limits it to some targets (``[vdb]``).
+    ``disks`` limits it to some targets (``vdb``, ``vda,vdb`` or ``[vda, vdb]``).
 
     ``keep``: the retention, in chains (a full and its incrementals). When
     given, ``dest`` is pruned to the newest ``keep`` chains after the backup
@@ -188,6 +189,8 @@ def create(
             copies='[{target: /mnt/nas/backup, keep: 30}]'
         salt hypervisor kvm_backup.create web1 dest=/srv/backup method=snapshot
     """
+    full = flag(full, "full")
+    events = flag(events, "events", True)
     if keep is not None:
         with command_errors():
             backup_store.check_keep(keep)
@@ -343,7 +346,7 @@ def verify(domain, dest, point=None, deep=True):
         salt hypervisor kvm_backup.verify web1 /srv/backup
     """
     with command_errors():
-        return backup_ops.verify(dest, domain, point, deep)
+        return backup_ops.verify(dest, domain, point, flag(deep, "deep", True))
 
 
 def prune(domain, dest, keep, test=False, uri=None):
@@ -359,6 +362,7 @@ def prune(domain, dest, keep, test=False, uri=None):
 
         salt hypervisor kvm_backup.prune web1 /srv/backup keep=4
     """
+    test = flag(test, "test")
     return _with_conn(uri, lambda conn: backup_ops.prune(dest, domain, keep, test, conn=conn))
 
 
@@ -405,6 +409,8 @@ def restore(
         salt hypervisor kvm_backup.restore web1 /srv/backup point=20261121T041100Z force=True
         salt kvm2 kvm_backup.restore web1 /srv/replica target=web1 start=True
     """
+    force, start = flag(force, "force"), flag(start, "start")
+    new_identity = flag(new_identity, "new_identity", None)
     return _with_conn(
         uri, restoring.restore, domain, dest, point, target, force, pool, start, new_identity
     )
@@ -535,6 +541,7 @@ def takeover(
         salt kvm2 kvm_backup.takeover web1 dest=/srv/replica timeout=5
         salt kvm2 kvm_backup.takeover web1 force=True
     """
+    force, start = flag(force, "force"), flag(start, "start", True)
     hosts = _hosts()
     with command_errors():
         mine = config_value(__opts__, __pillar__, backup_hosts.SELF_KEY)

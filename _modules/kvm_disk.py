@@ -17,9 +17,9 @@ try:
 
     from salt_kvm.disks import ops as diskops
     from salt_kvm.disks import spec as disks
-    from salt_kvm.saltutil import command_errors, connection_for
+    from salt_kvm.saltutil import command_errors, connection_for, flag
     from salt_kvm.virt import lifecycle
-    from salt_kvm.virt.checks import boolean, seconds
+    from salt_kvm.virt.checks import seconds
 
     HAS_LIBS = True
 except ImportError as _exc:  # pragma: no cover - depends on the minion
@@ -117,8 +117,8 @@ def attach(
     with command_errors():
         spec = disks.parse_disk(name, {k: v for k, v in values.items() if v is not None})
     allowed = _allowed_dirs()
-    live, persistent = _bool(live, "live"), _bool(persistent, "persistent")
-    if _bool(test, "test", False):
+    live, persistent = flag(live, "live", True), flag(persistent, "persistent", True)
+    if flag(test, "test"):
         return _run(
             uri,
             domain,
@@ -129,11 +129,6 @@ def attach(
         domain,
         lambda conn, dom: diskops.attach(conn, dom, spec, allowed, live, persistent),
     )
-
-
-def _bool(value, key, default=True):
-    with command_errors():
-        return boolean({key: value}, key, default)
 
 
 def _planned(plan):
@@ -182,12 +177,12 @@ def detach(
             conn,
             dom,
             name,
-            delete=_bool(delete, "delete", False),
-            live=_bool(live, "live"),
-            persistent=_bool(persistent, "persistent"),
+            delete=flag(delete, "delete"),
+            live=flag(live, "live", True),
+            persistent=flag(persistent, "persistent", True),
             timeout=seconds(timeout, "timeout", 0),
-            force=_bool(force, "force", False),
-            check_only=_bool(test, "test", False),
+            force=flag(force, "force"),
+            check_only=flag(test, "test"),
         ),
     )
 

@@ -13,9 +13,10 @@ try:
     from salt_kvm import redact
     from salt_kvm.cloud import migration
     from salt_kvm.errors import SpecError
-    from salt_kvm.saltutil import command_errors, connection_for
+    from salt_kvm.saltutil import command_errors, connection_for, flag
     from salt_kvm.virt import host
     from salt_kvm.virt import migrate as vmigrate
+    from salt_kvm.virt.checks import uri as check_uri
     from salt_kvm.virt.connection import connected
 
     HAS_LIBS = True
@@ -66,10 +67,13 @@ def pool_info(name, uri=None):
         return host.pool_state(conn, name)
 
 
-def ensure_pool(name, path, uri=None):
+def ensure_pool(name, path, uri=None, adopt=False):
     """
     Make ``name`` a running, autostarted ``dir`` storage pool on ``path``.
-    Returns the changes (empty when there were none).
+    Returns the changes (empty when there were none). ``path`` is absolute,
+    without ``.``/``..`` parts; on this host a path through a symlink is
+    refused naming where it leads, and a new pool on a directory that already
+    holds files needs ``adopt=True`` (each file becomes a volume).
 
     CLI Example:
 
@@ -78,7 +82,7 @@ def ensure_pool(name, path, uri=None):
         salt hypervisor kvm_host.ensure_pool default /var/lib/libvirt/images
     """
     with command_errors(), connection_for(__opts__, __pillar__, uri) as conn:
-        return host.ensure_dir_pool(conn, name, path)
+        return host.ensure_dir_pool(conn, name, path, flag(adopt, "adopt"))
 
 
 def migrate(name, uri, copy_base=False, address=None, port=None, source_uri=None):
@@ -104,6 +108,7 @@ def migrate(name, uri, copy_base=False, address=None, port=None, source_uri=None
     with command_errors(f"migrate {name}: ", also=(libvirt.libvirtError,)):
         if not isinstance(uri, str) or not uri.strip():
             raise SpecError("uri", "is required", "the target hypervisor's libvirt URI")
+        check_uri(uri, "uri")
         request = vmigrate.parse_request({"copy_base": copy_base, "address": address, "port": port})
         target = redact.url(uri)
         with connection_for(__opts__, __pillar__, source_uri) as conn, connected(uri) as dconn:

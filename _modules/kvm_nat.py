@@ -17,12 +17,12 @@ import logging
 try:
     import libvirt  # noqa: F401
 
-    from salt_kvm.errors import SaltKvmError, SpecError
+    from salt_kvm.errors import SaltKvmError
     from salt_kvm.nat import firewall as hostnet
     from salt_kvm.nat import forwards, hookfiles, hooks
     from salt_kvm.nat import rules as nat
     from salt_kvm.nat.store import Store
-    from salt_kvm.saltutil import command_errors, config_value, connection_for
+    from salt_kvm.saltutil import command_errors, config_value, connection_for, flag
     from salt_kvm.virt.checks import whole_number
 
     HAS_LIBS = True
@@ -143,14 +143,16 @@ def list_(name=None):
     return listed
 
 
-def apply(name, rules=None, test=False, uri=None):
+def apply(name, rules=None, test=False, uri=None, remove_all=False):
     """
     Make ``rules`` exactly the forwards of domain ``name``, in one transaction:
     what is missing is added, what is not listed is removed, and the guest's
-    current address is used. ``rules`` (required: a call without it would
-    remove every forward): a list of ports or of ``{guest, host, proto,
-    host_address}`` mappings, ``True`` for 22 80 443, an empty list to remove
-    every forward. Returns old/new (empty: nothing changed).
+    current address is used. ``rules``: a list of ports or of ``{guest, host,
+    proto, host_address}`` mappings, or ``True`` for 22 80 443. Removing every
+    forward takes ``remove_all=True`` (without ``rules``): a call without
+    rules, or with an empty set (``[]``, ``''``, ``0``: a pillar lookup that
+    found nothing), is refused by name and changes nothing. Returns old/new
+    (empty: nothing changed).
 
     CLI Example:
 
@@ -158,19 +160,12 @@ def apply(name, rules=None, test=False, uri=None):
 
         salt hypervisor kvm_nat.apply vm1 rules='[22, 80, 443]'
         salt hypervisor kvm_nat.apply vm1 rules='[{guest: 53, host: 5353, proto: udp}]'
-        salt hypervisor kvm_nat.apply vm1 rules='[]'
+        salt hypervisor kvm_nat.apply vm1 remove_all=True
     """
-    if rules is None:
-        with command_errors():
-            raise SpecError(
-                "rules",
-                "required: without it every forward of the domain would be removed",
-                "a list of ports or {guest, host, proto, host_address} mappings, "
-                "True for 22 80 443, [] to remove every forward",
-            )
-    changes = _call(
-        lambda conn: forwards.apply(conn, name, rules, _max_rules(), test=bool(test)), uri
-    )
+    with command_errors():
+        rules = nat.check_rule_set(rules, flag(remove_all, "remove_all"))
+    test = flag(test, "test")
+    changes = _call(lambda conn: forwards.apply(conn, name, rules, _max_rules(), test=test), uri)
     return changes if test else _hooks_warning(changes, name)
 
 
@@ -206,7 +201,7 @@ def install_hooks(hooks_dir="/etc/libvirt/hooks", test=False):
         salt hypervisor kvm_nat.install_hooks
     """
     with command_errors("cannot install the hooks: ", also=(OSError, ValueError)):
-        return hooks.install(hooks_dir, test=bool(test))
+        return hooks.install(hooks_dir, test=flag(test, "test"))
 
 
 def hooks_status(hooks_dir="/etc/libvirt/hooks"):

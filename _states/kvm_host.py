@@ -25,7 +25,7 @@ def __virtual__():
     return __virtualname__
 
 
-def pool_present(name, path, uri=None):
+def pool_present(name, path, uri=None, adopt=False):
     """
     Ensure a ``dir`` storage pool named ``name`` exists on ``path``, running
     and autostarted.
@@ -36,8 +36,13 @@ def pool_present(name, path, uri=None):
         The directory holding its volumes (created if missing).
     uri
         libvirt URI; default from ``kvm:connection:uri`` or ``qemu:///system``.
+    adopt
+        Define a new pool on a directory that already holds files (each
+        becomes a volume); refused without it.
     """
     ret = state_ret(name)
+    if isinstance(path, str) and path != "/":
+        path = path.rstrip("/")  # as libvirt stores it
     try:
         before = __salt__["kvm_host.pool_info"](name, uri=uri)
     except STATE_ERRORS as exc:
@@ -56,7 +61,7 @@ def pool_present(name, path, uri=None):
             test=True,
         )
     try:
-        changes = __salt__["kvm_host.ensure_pool"](name, path, uri=uri)
+        changes = __salt__["kvm_host.ensure_pool"](name, path, uri=uri, adopt=adopt)
     except STATE_ERRORS as exc:
         return state_failed(ret, exc)
     return state_changed(ret, changes, f"Pool {name} is present on {path}")

@@ -21,6 +21,7 @@ NAT port forwards of a domain, converged to exactly the listed set.
 """
 
 try:
+    from salt_kvm.nat.rules import check_rule_set
     from salt_kvm.saltutil import STATE_ERRORS, state_changed, state_failed, state_ret
 
     HAS_LIBS = True
@@ -45,12 +46,15 @@ def _hooks_note():
     return note
 
 
-def _converge(name, rules, uri, what):
+def _converge(name, rules, uri, what, remove_all=False):
     ret = state_ret(name)
     not_changed = f"Forwards of {name} not changed: "
     try:
+        check_rule_set(rules, remove_all)
         note = _hooks_note() if rules else ""
-        would = __salt__["kvm_nat.apply"](name, rules=rules, test=True, uri=uri)
+        would = __salt__["kvm_nat.apply"](
+            name, rules=rules, test=True, uri=uri, remove_all=remove_all
+        )
     except Exception as exc:  # noqa: BLE001 - CommandExecutionError: refused, nothing changed
         return state_failed(ret, exc, not_changed)
     if not would:
@@ -59,7 +63,7 @@ def _converge(name, rules, uri, what):
     if __opts__["test"]:
         return state_changed(ret, would, f"Forwards of {name} would be made {what}{note}", True)
     try:
-        changes = __salt__["kvm_nat.apply"](name, rules=rules, uri=uri)
+        changes = __salt__["kvm_nat.apply"](name, rules=rules, uri=uri, remove_all=remove_all)
     except Exception as exc:  # noqa: BLE001 - as above: the transaction changed nothing
         return state_failed(ret, exc, not_changed)
     changes.pop("warning", None)  # both said in the comment (_hooks_note)
@@ -75,7 +79,9 @@ def forwarded(name, rules=True, uri=None):
     name
         The domain.
     rules
-        The whole set; forwards of the domain not listed are removed.
+        The whole set; forwards of the domain not listed are removed. An
+        empty set (``[]``, or a pillar value that is missing) is refused:
+        ``kvm_nat.absent`` removes every forward.
     uri
         libvirt URI; default from ``kvm:connection:uri`` or ``qemu:///system``.
 
@@ -98,7 +104,7 @@ def absent(name, uri=None):
 
         salt hypervisor state.single kvm_nat.absent vm1
     """
-    return _converge(name, [], uri, "absent")
+    return _converge(name, None, uri, "absent", remove_all=True)
 
 
 def hooks_installed(name="libvirt-hooks", hooks_dir="/etc/libvirt/hooks"):

@@ -33,6 +33,8 @@ from salt.exceptions import (
 )
 
 from salt_kvm.errors import SaltKvmError, SpecError
+from salt_kvm.virt.checks import boolean
+from salt_kvm.virt.checks import uri as check_uri
 from salt_kvm.virt.choices import DEFAULT_URI
 from salt_kvm.virt.connection import connected
 
@@ -115,6 +117,17 @@ def create_errors(
         ) from exc
 
 
+def flag(value: Any, key: str, default: bool | None = False) -> Any:
+    """An execution function's yes/no argument ``key``: a bool, or the usual
+    spellings (``'false'``, ``no``, ``0``...: a quoted ``'false'`` reaches the
+    function as a string, which Python finds true); ``None`` is ``default``;
+    anything else is refused naming ``key``."""
+    if value is None:
+        return default
+    with command_errors():
+        return boolean({key: value}, key, False)
+
+
 def profile_prefix(vm_: dict) -> str:
     """How the driver's configuration errors begin: the profile they are about."""
     return f"profile {vm_.get('profile')!r}: "
@@ -153,12 +166,10 @@ def _traverse(data: dict, path: str) -> Any:
 
 def hypervisor_uri(opts: dict, pillar: dict, uri: str | None = None) -> str:
     """An explicit ``uri``, else pillar, else minion config ``kvm:connection:uri``."""
-    return (
-        uri
-        or _traverse(pillar or {}, CONFIG_KEY)
-        or _traverse(opts or {}, CONFIG_KEY)
-        or DEFAULT_URI
-    )
+    if uri not in (None, ""):
+        return check_uri(uri, "uri")
+    configured = _traverse(pillar or {}, CONFIG_KEY) or _traverse(opts or {}, CONFIG_KEY)
+    return check_uri(configured, CONFIG_KEY) if configured else DEFAULT_URI
 
 
 def connection_for(opts: dict, pillar: dict, uri: str | None = None):
@@ -203,7 +214,7 @@ def connection_args(opts: dict, source: dict) -> dict[str, Any]:
         )
 
     return {
-        "uri": get("url", DEFAULT_URI),
+        "uri": check_uri(get("url", DEFAULT_URI), "url"),
         "username": get("libvirt_username"),
         "password": get("libvirt_password"),
     }

@@ -34,7 +34,7 @@ class HostKeyError(SaltKvmError):
     """The host presented a key that is unknown or differs from the trusted one."""
 
 
-FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
+FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}\Z")
 HOST_KEY_ACCEPTED = "SHA256:<43 base64 characters> as ssh-keygen -lf prints it, or a list of them"
 KNOWN_HOSTS_ACCEPTED = "an absolute path of a readable known_hosts file, or a list of them"
 SYSTEM_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "~/.ssh/known_hosts")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +75,24 @@ def check_full_every(value: object) -> int | None:
     return value
 
 
+DISKS_ACCEPTED = "disk targets: vdb, vda,vdb or [vda, vdb]"
+
+
+def check_disks(value: object) -> list[str] | None:
+    """``disks`` as the CLI gives it: ``disks=vdb`` is a string (one target,
+    or several with commas), not a list of its letters; None: every disk."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",")]
+    if not isinstance(value, list | tuple):
+        raise SpecError("disks", f"{value!r} is not a list of disk targets", DISKS_ACCEPTED)
+    for target in value:
+        if not isinstance(target, str) or not re.fullmatch(r"[a-z]{2,4}[a-z0-9]*", target):
+            raise SpecError("disks", f"{target!r} is not a disk target", DISKS_ACCEPTED)
+    return list(value)
+
+
 def source_disks(dom: libvirt.virDomain, only: list[str] | None = None) -> list[SourceDisk]:
     """The domain's file-backed disks (not CD-ROMs, read-only or shared ones)."""
     xml = Domain(dom.XMLDesc(0))
@@ -88,6 +107,7 @@ def source_disks(dom: libvirt.virDomain, only: list[str] | None = None) -> list[
             data = qemuimg.info(disk.path, fmt="qcow2")
             bitmaps = (data.get("format-specific", {}).get("data", {}) or {}).get("compat") == "1.1"
         found.append(SourceDisk(disk.target_dev, disk.path, fmt, bitmaps))
+    only = check_disks(only)
     if only:
         known = [d.target for d in found]
         unknown = [t for t in only if t not in known]

@@ -99,6 +99,13 @@ class SshTarget:
 def parse_target(value: object) -> Path | SshTarget:
     if not isinstance(value, str) or not value:
         raise SpecError("target", f"{value!r} is not a copy destination", TARGET_ACCEPTED)
+    if any(c.isspace() or not c.isprintable() for c in value):
+        # urlsplit drops a newline or tab silently; a folder "nas\n" is a typo.
+        raise SpecError(
+            "target",
+            f"{redact.url(value)!r} holds whitespace or a control character",
+            TARGET_ACCEPTED,
+        )
     if value.startswith("ssh://"):
         parts = urlsplit(value)
         if parts.password is not None:

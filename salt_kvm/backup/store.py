@@ -118,18 +118,33 @@ def read_no_follow(path: Path, limit: int | None = None) -> bytes:
     return data
 
 
+DEST_ACCEPTED = "an absolute directory path without '.' or '..' parts, spaces or newlines"
+
+
+def check_dest(dest: object) -> Path:
+    """A backup destination as the caller wrote it: absolute, no ``.``/``..``
+    parts, no whitespace or control character (``/srv/backup\\n`` from
+    ``$(cat file)`` would make a second folder beside the real one)."""
+    if not isinstance(dest, str | os.PathLike):
+        raise SpecError("dest", f"{dest!r} is not a path", DEST_ACCEPTED)
+    raw = os.fspath(dest)
+    if not isinstance(raw, str) or not os.path.isabs(raw):
+        raise SpecError("dest", f"{raw!r} is not an absolute path", DEST_ACCEPTED)
+    if any(c.isspace() or not c.isprintable() for c in raw):
+        raise SpecError("dest", f"{raw!r} holds whitespace or a control character", DEST_ACCEPTED)
+    trimmed = raw.rstrip("/") or "/"
+    if os.path.normpath(trimmed) != trimmed:
+        raise SpecError("dest", f"{raw!r} has '.' or '..' parts", DEST_ACCEPTED)
+    return Path(raw)
+
+
 class Store:
     """The backups of one domain below ``dest``."""
 
     def __init__(self, dest: str | Path, domain: str):
-        dest = Path(dest)
-        if not dest.is_absolute():
-            raise SpecError(
-                "dest", f"{str(dest)!r} is not an absolute path", "an absolute directory path"
-            )
-        self.dest = dest
+        self.dest = check_dest(dest)
         self.domain = check_domain(domain)
-        self.root = dest / domain
+        self.root = self.dest / self.domain
 
     # ---- reading -------------------------------------------------------------
     def scan(self) -> tuple[list[Point], dict[str, SaltKvmError]]:
@@ -212,7 +227,12 @@ class Store:
         return self.root / pid / name if name else self.root / pid
 
     def partials(self) -> list[Path]:
-        if not self.root.is_dir():
+        """Unfinished points: real folders only (a link named like one is
+        never followed: ``clean_partials`` removes the link alone)."""
+        return [p for p in self._partial_entries() if not p.is_symlink()]
+
+    def _partial_entries(self) -> list[Path]:
+        if self.root.is_symlink() or not self.root.is_dir():
             return []
         return sorted(p for p in self.root.iterdir() if p.name.startswith(PARTIAL))
 
@@ -288,8 +308,11 @@ class Store:
 
     def clean_partials(self) -> list[str]:
         removed = []
-        for partial in self.partials():
-            shutil.rmtree(partial, ignore_errors=True)
+        for partial in self._partial_entries():
+            if partial.is_symlink() or not partial.is_dir():
+                partial.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(partial, ignore_errors=True)
             removed.append(partial.name)
         return removed
 

@@ -36,7 +36,7 @@ import yaml
 
 from salt_kvm import redact
 from salt_kvm.errors import SpecError
-from salt_kvm.virt.checks import one_of
+from salt_kvm.virt.checks import check_keys, one_of
 
 KEY = "cloud_init"
 KEYS = (
@@ -240,9 +240,7 @@ def parse(value: Any) -> CloudInitSpec:
             f"{redact.value(KEY, value)} is not a mapping",
             f"a mapping with keys {', '.join(KEYS)}",
         )
-    unknown = set(value) - set(KEYS)
-    if unknown:
-        raise SpecError(KEY, f"unknown key(s) {', '.join(sorted(map(str, unknown)))}", KEYS)
+    check_keys(value, KEYS, KEY)
     spec = CloudInitSpec()
     spec.template = one_of(value, "template", (None, "jinja"), None, f"{KEY}.template") == "jinja"
     if value.get("user_data") is not None:

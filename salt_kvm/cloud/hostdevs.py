@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from salt_kvm.errors import SpecError
-from salt_kvm.virt.checks import boolean, whole_number
+from salt_kvm.virt.checks import boolean, check_keys, whole_number
 
 PCI = "pci"
 USB = "usb"
@@ -114,9 +114,7 @@ def parse_hostdevs(value: Any, key: str = "hostdevs") -> list[HostdevSpec]:
         where = f"{key}[{index}]"
         if not isinstance(item, dict):
             raise SpecError(where, f"{item!r} is not a host device", ACCEPTED)
-        unknown = set(item) - set(HOSTDEV_KEYS)
-        if unknown:
-            raise SpecError(where, f"unknown key(s) {', '.join(sorted(unknown))}", HOSTDEV_KEYS)
+        check_keys(item, HOSTDEV_KEYS, where)
         buses = [b for b in (PCI, USB) if item.get(b) not in (None, "")]
         if len(buses) != 1:
             raise SpecError(where, "needs exactly one of pci or usb", ACCEPTED)

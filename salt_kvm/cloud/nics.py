@@ -16,7 +16,7 @@ from typing import Any
 
 from salt_kvm.cloud import choices, nickinds
 from salt_kvm.errors import SpecError
-from salt_kvm.virt.checks import one_of, text
+from salt_kvm.virt.checks import check_keys, one_of, text
 
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "ne2k_pci", "pcnet")
 NIC_KEYS = (
@@ -191,9 +191,7 @@ def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
             item = {"network": item}
         if not isinstance(item, dict):
             raise SpecError(where, f"{item!r} is not a NIC", accepted)
-        unknown = set(item) - set(NIC_KEYS)
-        if unknown:
-            raise SpecError(where, f"unknown key(s) {', '.join(sorted(unknown))}", NIC_KEYS)
+        check_keys(item, NIC_KEYS, where)
         nic = NicSpec(
             kind=nickinds.kind_of(item, where),
             network=text(item, "network", label=f"{where}.network"),

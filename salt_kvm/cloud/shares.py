@@ -28,7 +28,7 @@ from typing import Any
 
 from salt_kvm.disks.spec import parse_allowed_dirs, within
 from salt_kvm.errors import SpecError
-from salt_kvm.virt.checks import boolean
+from salt_kvm.virt.checks import boolean, check_keys
 
 KEY = "shares"
 ALLOWED_KEY = "share_allowed_dirs"
@@ -98,9 +98,7 @@ def _one(item: Any, index: int) -> ShareSpec:
     where = f"{KEY}[{index}]"
     if not isinstance(item, dict):
         raise SpecError(where, f"a {type(item).__name__} is not a share", ACCEPTED)
-    unknown = sorted(str(k) for k in set(item) - set(SHARE_KEYS))
-    if unknown:
-        raise SpecError(where, f"unknown key(s) {', '.join(unknown)}", SHARE_KEYS)
+    check_keys(item, SHARE_KEYS, where)
     for needed in ("source", "tag"):
         if item.get(needed) in (None, ""):
             raise SpecError(f"{where}.{needed}", "is required", ACCEPTED)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from salt_kvm.cloud import choices, cloudinit, features, saltsource
+from salt_kvm.cloud import choices, cloudinit, features, saltsource, sshdeploy
 from salt_kvm.cloud import shares as profile_shares
 from salt_kvm.cloud.features import GuestFeatures
 from salt_kvm.cloud.hostdevs import HostdevSpec, check_allowed, parse_allowed, parse_hostdevs
@@ -144,6 +144,8 @@ DEPLOY_SETTING_DEFAULTS: dict[str, Any] = {
     "wait_for_minion_timeout": 300,
 }
 DEPLOY_METHODS = ("ssh", "cloud-init", "none")
+# Where a tmp_dir the deploy works in exactly (and removes) may be.
+TMP_DIR_PARENTS = ("/tmp/", "/var/tmp/")
 KEYMAP_RE = re.compile(r"[a-z]{2}(-[a-z]{2,5})?")
 # Proxmox-style keys from Salt's old docs that have no libvirt meaning here.
 REJECTED = {
@@ -280,9 +282,18 @@ def check_key_typos(keys: Iterable[str], known: Iterable[str]) -> None:
     """Refuse a key that is not one we read but is one letter or two away from
     one (``memroy``, ``cpu``): left alone it would be ignored silently and the
     guest made with the default. Keys unlike any of ours pass (salt-cloud's
-    own, other tools')."""
+    own, other tools'); a key that is not a string (YAML's ``1:``) is no one's."""
     known = tuple(known)
-    for key in sorted(k for k in keys if isinstance(k, str)):
+    keys = tuple(keys)
+    for odd in keys:
+        if not isinstance(odd, str):  # YAML's `1: x`, `true: y`, `null:`
+            raise SpecError(
+                str(odd),
+                f"{odd!r} is not a string (YAML read it as {type(odd).__name__}): no key "
+                "salt-kvm or salt-cloud reads",
+                "key names (quote a key that looks like a number or true/false)",
+            )
+    for key in sorted(keys):
         if key in known or key in SALT_CLOUD_LOOKALIKES:
             continue
         close = difflib.get_close_matches(key, known, 1, 0.8)
@@ -303,20 +314,52 @@ def check_mapping(key: str, value: Any) -> None:
 
 
 def _deploy_settings(deploy: DeploySpec, values: dict) -> None:
-    """salt-cloud's deploy settings, taken as salt-cloud takes them."""
-    deploy.script = values.get("script") or DEPLOY_SETTING_DEFAULTS["script"]
-    deploy.script_args = values.get("script_args")
-    deploy.deploy_command = values.get("deploy_command")
-    deploy.force_minion_config = bool(values.get("force_minion_config", False))
-    deploy.keysize = values.get("keysize") or DEPLOY_SETTING_DEFAULTS["keysize"]
-    deploy.sudo = bool(values.get("sudo", deploy.ssh_username != "root"))
-    deploy.sudo_password = values.get("sudo_password") or deploy.password
-    deploy.tmp_dir = values.get("tmp_dir")
+    """salt-cloud's deploy settings, taken as salt-cloud takes them, with
+    their types checked: they end up in shell commands on the guest."""
+    deploy.script = text(values, "script") or DEPLOY_SETTING_DEFAULTS["script"]
+    deploy.script_args = text(values, "script_args")
+    deploy.deploy_command = text(values, "deploy_command")
+    deploy.force_minion_config = boolean(values, "force_minion_config", False)
+    keysize = values.get("keysize")
+    deploy.keysize = (
+        DEPLOY_SETTING_DEFAULTS["keysize"]
+        if keysize in (None, "")
+        else whole_number(keysize, "keysize", 2048, 16384)
+    )
+    deploy.sudo = boolean(values, "sudo", deploy.ssh_username != "root")
+    deploy.sudo_password = text(values, "sudo_password") or deploy.password
+    deploy.tmp_dir = text(values, "tmp_dir")
+    if deploy.tmp_dir is not None and (
+        not deploy.tmp_dir.startswith("/") or any(c.isspace() for c in deploy.tmp_dir)
+    ):
+        raise SpecError(
+            "tmp_dir", f"{deploy.tmp_dir!r} is not an absolute path", "/path/without/spaces"
+        )
+    tmp_dir = deploy.tmp_dir
+    exact = tmp_dir is not None and sshdeploy.names_tmp_dir(tmp_dir, deploy.deploy_command)
+    if tmp_dir is not None and exact and not tmp_dir.rstrip("/").startswith(TMP_DIR_PARENTS):
+        # the deploy empties and removes its working directory in the guest
+        raise SpecError(
+            "tmp_dir",
+            f"{deploy.tmp_dir!r} is named by deploy_command, so the deploy works in it and "
+            "removes it (rm -rf) in the guest",
+            "a directory below /tmp or /var/tmp, e.g. /tmp/.saltcloud",
+        )
     deploy.minion_timeout = seconds(
         values.get("wait_for_minion_timeout", DEPLOY_SETTING_DEFAULTS["wait_for_minion_timeout"]),
         "wait_for_minion_timeout",
         0,
     )
+
+
+def _ssh_username(values: dict) -> str:
+    """A user name goes into SSH's login and ``sudo``: no spaces around or in it."""
+    username = text(values, "ssh_username") or DEFAULTS["ssh_username"]
+    if any(c.isspace() for c in username):
+        raise SpecError(
+            "ssh_username", f"{username!r} holds a space", "a user name without spaces (root)"
+        )
+    return username
 
 
 def _check_network_config(
@@ -388,7 +431,7 @@ def build_spec(values: dict) -> VMSpec:
     deploy = DeploySpec(
         method=deploy_method,
         enabled=boolean(values, "deploy", DEFAULTS["deploy"]) and deploy_method != "none",
-        ssh_username=text(values, "ssh_username") or DEFAULTS["ssh_username"],
+        ssh_username=_ssh_username(values),
         ssh_port=whole_number(values.get("ssh_port", DEFAULTS["ssh_port"]), "ssh_port", 1, 65535),
         password=text(values, "password"),
         private_key=text(values, "private_key"),

@@ -51,9 +51,16 @@ def working_dir(tmp_dir: str, deploy_command: str | None) -> str:
     ``sh /tmp/.saltcloud/deploy.sh``) gets exactly ``tmp_dir`` so it works.
     """
     tmp_dir = tmp_dir.rstrip("/") or DEFAULT_TMP_DIR
-    if deploy_command and f"{tmp_dir}/" in deploy_command:
+    if names_tmp_dir(tmp_dir, deploy_command):
         return tmp_dir
     return f"{tmp_dir}-{uuid.uuid4()}"
+
+
+def names_tmp_dir(tmp_dir: str, deploy_command: str | None) -> bool:
+    """Whether ``deploy_command`` names ``tmp_dir`` itself: the deploy then
+    works in (and empties, then removes) exactly ``tmp_dir``."""
+    tmp_dir = tmp_dir.rstrip("/") or DEFAULT_TMP_DIR
+    return bool(deploy_command) and f"{tmp_dir}/" in str(deploy_command)
 
 
 def command_line(bundle: Bundle, workdir: str, shown: bool = False) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from salt_kvm.errors import SpecError
-from salt_kvm.virt.checks import whole_number
+from salt_kvm.virt.checks import check_keys, whole_number
 from salt_kvm.virt.units import MIB, parse_size
 
 CPU_OPTION_KEYS = ("cores", "threads", "sockets", "maxcpus")
@@ -42,9 +42,7 @@ def parse_cpu_options(value: Any, cpus: int | None, key: str = "cpu_options") ->
         items = dict(value)
     else:
         raise SpecError(key, f"{value!r} is not a CPU option string", accepted)
-    unknown = set(items) - set(CPU_OPTION_KEYS)
-    if unknown:
-        raise SpecError(key, f"unknown option(s) {', '.join(sorted(unknown))}", CPU_OPTION_KEYS)
+    check_keys(items, CPU_OPTION_KEYS, key, "option(s)")
     nums = {k: whole_number(v, f"{key}.{k}", 1, 4096) for k, v in items.items()}
     wanted_max = nums.get("maxcpus")
     threads = nums.get("threads", 1)

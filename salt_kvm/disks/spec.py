@@ -19,7 +19,7 @@ from typing import Any
 from lxml import etree
 
 from salt_kvm.errors import SpecError
-from salt_kvm.virt.checks import boolean, one_of, text, whole_number
+from salt_kvm.virt.checks import boolean, check_keys, one_of, text, whole_number
 from salt_kvm.virt.domain import Disk
 from salt_kvm.virt.units import GIB, parse_size
 
@@ -136,9 +136,7 @@ def _label(where: str, key: str) -> str:
 def parse_disk(name: object, values: dict[str, Any], where: str = "") -> DiskSpec:
     """Validate one disk. ``where`` prefixes keys in errors (``disks.data``)."""
     name = check_name(name, where or "name")
-    unknown = sorted(set(values) - set(DISK_KEYS))
-    if unknown:
-        raise SpecError(where or "disk", f"unknown key(s) {', '.join(unknown)}", DISK_KEYS)
+    check_keys(values, DISK_KEYS, where or "disk")
     has_size = values.get("size") not in (None, "")
     has_path = values.get("path") not in (None, "")
     if has_size == has_path:

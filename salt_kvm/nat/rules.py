@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from salt_kvm.errors import SpecError
-from salt_kvm.virt.checks import whole_number
+from salt_kvm.virt.checks import check_keys, whole_number
 
 HOST_PORT_OFFSET = 10000
 SLAPOS_DEFAULT_PORTS = (22, 80, 443)
@@ -118,9 +118,7 @@ def parse_rule(item: Any, key: str) -> Rule:
     if not isinstance(item, dict):
         guest = parse_port(item, key)
         return Rule(guest=guest, host=_default_host(guest, key))
-    unknown = set(item) - set(RULE_KEYS)
-    if unknown:
-        raise SpecError(key, f"unknown key(s) {', '.join(sorted(unknown))}", RULE_KEYS)
+    check_keys(item, RULE_KEYS, key)
     if item.get("guest") is None:
         raise SpecError(f"{key}.guest", "is required", PORTS)
     guest = parse_port(item["guest"], f"{key}.guest")
@@ -182,6 +180,37 @@ def parse_rules(
                 )
         rules.append(rule)
     return sorted(rules)
+
+
+NO_RULES = (
+    "a list of ports or {guest, host, proto, host_address} mappings, True for 22 80 443; "
+    "remove_all=True (the kvm_nat.absent state) to remove every forward"
+)
+
+
+def check_rule_set(rules: Any, remove_all: bool = False) -> Any:
+    """``rules`` as ``kvm_nat.apply`` and the ``forwarded`` state take them: a
+    set that is empty or absent (``[]``, ``''``, ``0``: a pillar lookup that
+    found nothing) would remove every forward, which only ``remove_all`` asks."""
+    empty = rules is None or rules is False or (isinstance(rules, str) and not rules.strip())
+    empty = empty or (isinstance(rules, list | tuple | dict | int) and not rules)
+    if remove_all:
+        if not empty:
+            raise SpecError(
+                "remove_all", "removes every forward: it takes no rules", "rules or remove_all"
+            )
+        return []
+    if rules is None:
+        raise SpecError(
+            "rules", "required: without it every forward of the domain would be removed", NO_RULES
+        )
+    if empty:
+        raise SpecError(
+            "rules",
+            f"{rules!r} would remove every forward of the domain (refused, nothing changed)",
+            NO_RULES,
+        )
+    return rules
 
 
 def rule_from_dict(data: dict) -> Rule:

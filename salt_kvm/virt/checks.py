@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from typing import Any, Literal, overload
 
 from salt_kvm import redact
@@ -153,3 +154,32 @@ def one_of(values: dict, key: str, choices: tuple, default: Any, label: str | No
 
 
 # ---- composite values ------------------------------------------------------
+
+
+def uri(value: Any, key: str) -> str:
+    """A libvirt URI: a string without whitespace (libvirt fails on one later,
+    far from the key that held it: ``$(cat file)`` leaves a newline)."""
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise SpecError(
+            key,
+            f"{shown('url', value)} is not a libvirt URI (it holds whitespace)"
+            if isinstance(value, str) and value
+            else f"{shown('url', value)} is not a libvirt URI",
+            "e.g. qemu:///system or qemu+ssh://root@hv1/system, without spaces or newlines",
+        )
+    plain(value, key)
+    return value
+
+
+def key_names(keys: Iterable[Any]) -> str:
+    """Keys for a message, sorted: YAML gives ``1:``, ``true:`` and ``null:``
+    keys as int, bool and None, which neither sort beside strings nor join."""
+    return ", ".join(sorted(repr(k) if not isinstance(k, str) else k for k in keys))
+
+
+def check_keys(mapping: dict, known: Iterable[str], where: str, what: str = "key(s)") -> None:
+    """Refuse the keys of ``mapping`` that are not in ``known`` (any type of key)."""
+    known = tuple(known)
+    unknown = [k for k in mapping if not isinstance(k, str) or k not in known]
+    if unknown:
+        raise SpecError(where, f"unknown {what} {key_names(unknown)}", known)

@@ -9,7 +9,8 @@ import libvirt
 from salt_kvm import __version__
 from salt_kvm.errors import SaltKvmError, SpecError
 from salt_kvm.virt.accel import kvm_access
-from salt_kvm.virt.connection import kvm_available
+from salt_kvm.virt.connection import kvm_available, remote_host
+from salt_kvm.virt.names import HOST_NAME_RE
 from salt_kvm.virt.pools import Pool
 
 
@@ -64,20 +65,66 @@ def pool_xml(name: str, path: str) -> str:
     return Pool.new_dir(name, path).to_xml()
 
 
-def ensure_dir_pool(conn: libvirt.virConnect, name: str, path: str) -> dict:
+POOL_NAME_RULE = "letters, digits, '_', '.' or '-', starting with a letter or digit"
+
+
+def check_pool_args(name: object, path: object) -> tuple[str, str]:
+    """A pool's name and directory as the caller gave them: a plain name, an
+    absolute path without ``.``/``..`` parts or whitespace (a trailing ``/``
+    is dropped: libvirt stores the path without it)."""
+    if not isinstance(name, str) or not HOST_NAME_RE.fullmatch(name):
+        raise SpecError("name", f"{name!r} is not a pool name", POOL_NAME_RULE)
+    accepted = "an absolute directory path without '.' or '..' parts, spaces or newlines"
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise SpecError("path", f"{path!r} is not an absolute path", accepted)
+    if path != "/":
+        path = path.rstrip("/")
+    if any(c.isspace() or not c.isprintable() for c in path) or os.path.normpath(path) != path:
+        raise SpecError("path", f"{path!r} is not a plain absolute path", accepted)
+    return name, path
+
+
+def _check_pool_dir(conn: libvirt.virConnect, path: str, adopt: bool) -> None:
+    """On this host (the path is out of reach on a remote one): a path through
+    a symlink (someone else's, leading anywhere) is refused naming where it
+    leads; a directory that holds files only with ``adopt`` (every file becomes
+    a volume that volume calls may delete)."""
+    if remote_host(conn) is not None:
+        return
+    real = os.path.realpath(path)
+    if real != path:
+        raise SpecError(
+            "path",
+            f"{path!r} goes through a symlink to {real!r}",
+            f"the real path ({real}) if that directory is meant",
+        )
+    if not adopt and os.path.isdir(path) and any(os.scandir(path)):
+        raise SpecError(
+            "path",
+            f"{path!r} already holds files: a pool on it makes each a volume that volume "
+            "calls may delete",
+            "an empty or new directory, or adopt=True to define the pool on it anyway",
+        )
+
+
+def ensure_dir_pool(
+    conn: libvirt.virConnect, name: object, path: object, adopt: bool = False
+) -> dict:
     """Make ``name`` a defined, running, autostarted ``dir`` pool on ``path``.
 
     Returns what changed (``{}`` when nothing did). An existing pool of the
     same name on another path is an error: its volumes are not ours to move.
+    A new pool on a directory that holds files needs ``adopt``.
     """
-    if not os.path.isabs(path):
-        raise SpecError("path", f"{path!r} is not an absolute path", "an absolute directory path")
+    name, path = check_pool_args(name, path)
     before = pool_state(conn, name)
     if before is not None and before["path"] != path:
         raise SaltKvmError(
             f"pool {name!r} already exists on {before['path']!r}, not {path!r}; "
             "salt-kvm will not redefine it"
         )
+    if before is None:
+        _check_pool_dir(conn, path, adopt)
     try:
         if before is None:
             pool = conn.storagePoolDefineXML(pool_xml(name, path), 0)

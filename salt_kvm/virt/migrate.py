@@ -28,7 +28,7 @@ from salt_kvm.virt.domain import DISKS_NS, Disk, Domain, has_hostdevs
 
 OPTIONS = ("copy_base", "address", "port")
 ACCEPTED_OPTIONS = ", ".join(OPTIONS)
-HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\Z")
 LOOPBACK = "127.0.0.1"
 # The QEMU stream and the disks' NBD server use two ports: PORT and PORT + 1.
 PORT_LOW, PORT_HIGH = 1024, 65534

@@ -19,7 +19,7 @@ NAME_RULE = (
 
 # A hypervisor's name among several (a provider's ``hosts``, the minions'
 # ``kvm:hosts``): one plain token, never a path or an option.
-HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 
 
 def check_vm_name(name: object, key: str = "name") -> str:

@@ -216,3 +216,127 @@ def test_one_ip_on_two_nics_of_one_network_is_refused():
         },
         "nics[1].ip",
     )
+
+
+# ---- keys that are not strings (YAML `1: x`, `true: y`, `null:`) ------------------
+
+
+@pytest.mark.parametrize("odd", [1, True, None, 2.5])
+@pytest.mark.parametrize(
+    "values,key",
+    [
+        ({"nat_rules": [{"guest": 22, "ODD": "x"}]}, "nat_rules[0]"),
+        ({"nics": [{"network": "default", "ODD": "x"}]}, "nics[0]"),
+        ({"disks": {"data": {"size": 1, "ODD": "x"}}}, "disks.data"),
+        ({"cpu_options": {"cores": 1, "ODD": "x"}}, "cpu_options"),
+        ({"cloud_init": {"user_data": "x", "ODD": "x"}}, "cloud_init"),
+        ({"shares": [{"source": "/srv", "ODD": "x"}]}, "shares[0]"),
+        (
+            {
+                "hostdevs": [{"pci": "8086:10fb", "ODD": 1}],
+                "hostdev_allowed": [{"pci": "8086:10fb"}],
+            },
+            "hostdevs[0]",
+        ),
+    ],
+)
+def test_a_key_that_is_not_a_string_is_refused_by_name(values, key, odd):
+    def swap(value):
+        if isinstance(value, dict):
+            return {(odd if k == "ODD" else k): swap(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [swap(v) for v in value]
+        return value
+
+    for extra in ({}, {"zz": 1}):  # alone, and beside a string key (sorting both)
+        given = swap(values)
+        inner = given[key.split("[")[0].split(".")[0]]
+        target = inner[0] if isinstance(inner, list) else inner
+        if key.startswith("disks."):
+            target = target["data"]
+        target.update(extra)
+        err = refused(given, key)
+        assert repr(odd) in err.problem or str(odd) in err.problem
+
+
+@pytest.mark.parametrize("odd", [1, True, None])
+def test_a_profile_key_that_is_not_a_string_is_refused_by_name(odd):
+    from salt_kvm.cloud.spec import check_written_keys
+
+    for profile, provider in (({odd: "x"}, {}), ({}, {odd: "x"}), ({odd: "x", "memroy": 1}, {})):
+        with pytest.raises(SpecError) as err:
+            check_written_keys(profile, provider)
+        assert err.value.key == str(odd), str(err.value)
+        assert "not a string" in err.value.problem
+
+
+# ---- salt-cloud's deploy settings ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("sudo", "maybe"),
+        ("force_minion_config", "perhaps"),
+        ("keysize", "big"),
+        ("keysize", -1),
+        ("keysize", 1024),
+        ("keysize", 4096.5),
+        ("script", ["bootstrap-salt"]),
+        ("script", "bootstrap-salt\n"),
+        ("script_args", {"-P": True}),
+        ("script_args", "-P\nrm -rf /"),
+        ("deploy_command", ["sh", "x"]),
+        ("deploy_command", "sh /tmp/x\nreboot"),
+        ("sudo_password", ["pw"]),
+        ("tmp_dir", ["/tmp/x"]),
+        ("tmp_dir", "relative/dir"),
+        ("tmp_dir", "/tmp/x\n"),
+        ("tmp_dir", "/tmp/my dir"),
+        ("ssh_username", " root"),
+        ("ssh_username", "ro ot"),
+        ("ssh_username", "root "),
+    ],
+)
+def test_bad_deploy_settings_are_refused_by_name(key, value):
+    refused({key: value}, key)
+
+
+@pytest.mark.parametrize("value,expected", [("false", False), ("no", False), ("yes", True)])
+def test_deploy_yes_no_settings_read_strings(value, expected):
+    for key in ("sudo", "force_minion_config"):
+        deploy = build_spec({**MINIMAL, key: value}).deploy
+        assert getattr(deploy, key) is expected, key
+
+
+def test_deploy_settings_keep_their_good_values():
+    deploy = build_spec(
+        {
+            **MINIMAL,
+            "keysize": 4096,
+            "script": "bootstrap-salt",
+            "script_args": "-P stable 3008",
+            "tmp_dir": "/var/tmp/.saltcloud",
+            "ssh_username": "debian",
+        }
+    ).deploy
+    assert (deploy.keysize, deploy.script_args, deploy.tmp_dir) == (
+        4096,
+        "-P stable 3008",
+        "/var/tmp/.saltcloud",
+    )
+    assert deploy.sudo is True  # not root: salt-cloud's default
+
+
+@pytest.mark.parametrize("tmp_dir", ["/etc", "/root", "/tmp", "/usr/bin", "/home"])
+def test_a_tmp_dir_the_deploy_command_names_must_be_below_tmp(tmp_dir):
+    # The deploy empties and removes its working directory (rm -rf) in the
+    # guest; a deploy_command naming tmp_dir itself makes it exactly tmp_dir.
+    refused({"tmp_dir": tmp_dir, "deploy_command": f"sh {tmp_dir}/deploy.sh"}, "tmp_dir")
+    # without the command naming it, the files go to a new <tmp_dir>-<uuid>
+    assert build_spec({**MINIMAL, "tmp_dir": tmp_dir}).deploy.tmp_dir == tmp_dir
+
+
+def test_a_tmp_dir_below_tmp_works_with_a_command_naming_it():
+    values = {"tmp_dir": "/tmp/.saltcloud", "deploy_command": "sh /tmp/.saltcloud/deploy.sh"}
+    assert build_spec({**MINIMAL, **values}).deploy.tmp_dir == "/tmp/.saltcloud"

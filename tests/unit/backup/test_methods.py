@@ -176,3 +176,31 @@ def test_one_run_per_domain_whatever_the_destination(tmp_path):
             pass
     with bs.domain_locked("uuid-1", "vm", Path("/b"), locks):  # released
         pass
+
+
+# ---- disks= as the CLI gives it ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (None, None),
+        ("vdb", ["vdb"]),  # disks=vdb on the CLI: a string, not a list of letters
+        ("vda,vdb", ["vda", "vdb"]),
+        ("vda, vdb", ["vda", "vdb"]),
+        (["vdb"], ["vdb"]),
+    ],
+)
+def test_disks_read_a_target_a_list_or_a_comma_list(value, expected):
+    from salt_kvm.backup.core import check_disks
+
+    assert check_disks(value) == expected
+
+
+@pytest.mark.parametrize("value", [[1], [None], ["vda\n"], {"vda": 1}, 5, True, ["vd a"]])
+def test_bad_disks_are_refused_by_name(value):
+    from salt_kvm.backup.core import check_disks
+
+    with pytest.raises(SpecError) as err:
+        check_disks(value)
+    assert err.value.key == "disks" and err.value.accepted

@@ -121,6 +121,33 @@ def test_store_needs_an_absolute_destination():
         bs.Store("relative/dir", "vm")
 
 
+@pytest.mark.parametrize(
+    "dest", ["/srv/backup\n", "/srv/backup ", "/srv/back\tup", "/srv/../etc", "/srv/./backup", 5]
+)
+def test_a_destination_with_whitespace_or_dot_parts_is_refused(tmp_path, dest):
+    # /srv/backup\n (from $(cat file)) made a folder "backup\n" beside the real one.
+    if isinstance(dest, str):
+        dest = str(tmp_path) + dest
+    with pytest.raises(SpecError, match="^dest:"):
+        bs.Store(dest, "vm")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_partial_folder_that_is_a_symlink_is_never_followed(tmp_path):
+    # Someone plants dest/vm/.partial-x -> a folder of theirs (or of libvirt's):
+    # a cleanup removes the link, never what it leads to, nor lists its files.
+    store = bs.Store(tmp_path / "dest", "vm")
+    store.make_root()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "disk.qcow2").write_bytes(b"keep me")
+    link = store.root / f"{bs.PARTIAL}20260101T000000Z"
+    link.symlink_to(elsewhere)
+    assert store.partials() == []
+    assert store.clean_partials() == [link.name]
+    assert not link.is_symlink() and (elsewhere / "disk.qcow2").read_bytes() == b"keep me"
+
+
 def test_lock_refuses_a_second_run(tmp_path):
     store = bs.Store(tmp_path, "vm")
     with store.locked("backup"):

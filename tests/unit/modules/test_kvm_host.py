@@ -54,3 +54,14 @@ def test_migrate_refuses_bad_input_naming_the_key_before_connecting(monkeypatch)
         kvm_host.migrate("vm1", "qemu+ssh://hv2/system", port=99999)
     with pytest.raises(CommandExecutionError, match="^migrate vm1: copy_base: 'sure' is not a"):
         kvm_host.migrate("vm1", "qemu+ssh://hv2/system", copy_base="sure")
+
+
+@pytest.mark.parametrize(
+    "uri", ["qemu+ssh://root@hv2/system\n", " qemu+ssh://root@hv2/system", "qemu+ssh://hv 2/system"]
+)
+def test_migrate_refuses_a_target_uri_with_whitespace_by_name(monkeypatch, uri):
+    from tests.unit.loader import never
+
+    monkeypatch.setattr(kvm_host, "connected", never)
+    with pytest.raises(CommandExecutionError, match="^migrate vm1: uri: .*not a libvirt URI"):
+        kvm_host.migrate("vm1", uri)

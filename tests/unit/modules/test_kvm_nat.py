@@ -80,13 +80,25 @@ def test_add_warns_when_the_hooks_are_not_active(monkeypatch):
 
 def test_apply_without_rules_is_refused_and_removes_nothing(monkeypatch):
     # "kvm_nat.apply vm1" alone used to remove every forward of vm1: a
-    # destructive call needs its intent said (rules='[]').
+    # destructive call needs its intent said (remove_all=True).
     monkeypatch.setattr(kvm_nat.forwards, "apply", never)
-    with pytest.raises(CommandExecutionError, match=r"^rules: .*\[\] to remove every forward"):
+    with pytest.raises(CommandExecutionError, match=r"^rules: .*remove_all=True"):
         kvm_nat.apply("vm1")
 
 
-def test_apply_with_an_empty_list_removes_every_forward(monkeypatch, hooks_active):
+@pytest.mark.parametrize("rules", [[], "", " ", 0, False, (), None])
+def test_apply_with_no_rules_is_refused_without_remove_all(monkeypatch, rules):
+    # An empty set (a pillar lookup that found nothing, rules=0, rules='')
+    # would remove every forward of the domain: that needs remove_all=True.
+    monkeypatch.setattr(kvm_nat.forwards, "apply", never)
+    with pytest.raises(CommandExecutionError, match=r"^rules: .*remove_all=True"):
+        kvm_nat.apply("vm1", rules=rules)
+    with pytest.raises(CommandExecutionError, match=r"^rules: .*remove_all=True"):
+        kvm_nat.apply("vm1", rules=rules, test=True)
+
+
+@pytest.mark.parametrize("rules", [None, []])
+def test_apply_with_remove_all_removes_every_forward(monkeypatch, hooks_active, rules):
     seen = {}
 
     def apply(conn, name, rules, max_rules, test=False):
@@ -94,5 +106,14 @@ def test_apply_with_an_empty_list_removes_every_forward(monkeypatch, hooks_activ
         return {"old": [22], "new": []}
 
     monkeypatch.setattr(kvm_nat.forwards, "apply", apply)
-    assert kvm_nat.apply("vm1", rules=[])["new"] == []
+    assert kvm_nat.apply("vm1", rules=rules, remove_all=True)["new"] == []
     assert seen["rules"] == []
+    assert kvm_nat.apply("vm1", rules=rules, remove_all="yes")["new"] == []
+
+
+def test_apply_with_rules_and_remove_all_is_refused(monkeypatch):
+    monkeypatch.setattr(kvm_nat.forwards, "apply", never)
+    with pytest.raises(CommandExecutionError, match=r"^remove_all: "):
+        kvm_nat.apply("vm1", rules=[22], remove_all=True)
+    with pytest.raises(CommandExecutionError, match=r"^remove_all: "):
+        kvm_nat.apply("vm1", rules=[22], remove_all="perhaps")

@@ -60,7 +60,7 @@ def test_a_failed_call_is_result_false_with_its_message(salt):
 
 
 def test_the_pool_is_made_and_its_changes_shown(salt):
-    salt["kvm_host.ensure_pool"] = lambda name, path, uri=None: {"created": name}
+    salt["kvm_host.ensure_pool"] = lambda name, path, uri=None, adopt=False: {"created": name}
     ret = kvm_host.pool_present("default", "/srv/pool")
     assert ret == {
         "name": "default",
@@ -68,3 +68,20 @@ def test_the_pool_is_made_and_its_changes_shown(salt):
         "changes": {"created": "default"},
         "comment": "Pool default is present on /srv/pool",
     }
+
+
+def test_a_trailing_slash_names_the_same_pool_path(salt):
+    # libvirt stores /srv/pool: "/srv/pool/" (a templated path) is the same pool.
+    salt["kvm_host.pool_info"] = lambda name, uri=None: dict(WANTED)
+    salt["kvm_host.ensure_pool"] = never
+    ret = kvm_host.pool_present("default", "/srv/pool/")
+    assert (ret["result"], ret["changes"]) == (True, {})
+
+
+def test_adopt_is_passed_on(salt):
+    seen = {}
+    salt["kvm_host.ensure_pool"] = lambda name, path, uri=None, adopt=False: (
+        seen.update(adopt=adopt) or {"created": name}
+    )
+    kvm_host.pool_present("default", "/srv/pool", adopt=True)
+    assert seen == {"adopt": True}

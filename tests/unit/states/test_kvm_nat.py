@@ -22,7 +22,7 @@ def configure_loader_modules(salt):
 
 
 def only_test_runs(would):
-    def apply(name, rules=None, test=False, uri=None):
+    def apply(name, rules=None, test=False, uri=None, remove_all=False):
         if not test:
             raise AssertionError("applied for real")
         return would
@@ -58,7 +58,7 @@ def test_a_refusal_is_result_false_with_its_message(salt):
 
 
 def test_forwarded_applies_and_reports_inactive_hooks_in_the_comment(salt):
-    def apply(name, rules=None, test=False, uri=None):
+    def apply(name, rules=None, test=False, uri=None, remove_all=False):
         return {"old": [], "new": [22], **({} if test else {"warning": "w", "hook_errors": ["e"]})}
 
     salt["kvm_nat.apply"] = apply
@@ -89,15 +89,26 @@ def test_hooks_installed_test_true_writes_nothing(salt, monkeypatch):
 def test_absent_removes_every_forward(salt):
     calls = []
 
-    def apply(name, rules=None, test=False, uri=None):
-        calls.append((rules, test))
+    def apply(name, rules=None, test=False, uri=None, remove_all=False):
+        calls.append((rules, test, remove_all))
         return {"old": [22], "new": []}
 
     salt["kvm_nat.apply"] = apply
     salt["kvm_nat.hooks_status"] = never  # no rules: the hooks do not matter
     ret = kvm_nat.absent("vm1")
     assert ret["result"] is True and ret["comment"] == "Forwards of vm1 are absent"
-    assert calls == [([], True), ([], False)]
+    assert calls == [(None, True, True), (None, False, True)]
+
+
+@pytest.mark.parametrize("rules", [[], None, "", 0, False])
+def test_forwarded_with_no_rules_is_refused_and_removes_nothing(salt, rules):
+    # rules: {{ pillar.get('ports') }} that found nothing would remove every
+    # forward; kvm_nat.absent says that intent.
+    salt["kvm_nat.apply"] = never
+    ret = kvm_nat.forwarded("vm1", rules=rules)
+    assert ret["result"] is False and ret["changes"] == {}
+    assert ret["comment"].startswith("Forwards of vm1 not changed: rules: ")
+    assert "kvm_nat.absent" in ret["comment"]
 
 
 def test_hooks_that_cannot_be_written_are_result_false_with_the_message(salt):
