@@ -5,10 +5,11 @@ Everything the target must offer is checked, and every cause is named at
 once: the same host, room (memory and vCPUs, as ``location: auto`` counts
 it), the guest's networks, its CPU, its disks' pools and the base of a quick
 clone, a name or UUID already there, and what cannot move at all (snapshots,
-checkpoints, host devices, virtiofs shares, UEFI variables, read-only media,
-the NAT forwards of a target that serves addresses itself). The result, a
-``Plan``, lists each disk's volume on the target, the base to copy, the DHCP
-reservations to move and what becomes of the guest's NAT forwards.
+checkpoints, host devices, virtiofs shares, a TPM, read-only media, the NAT
+forwards of a target that serves addresses itself). The result, a ``Plan``,
+lists each disk's volume on the target, the base to copy, the UEFI variables
+file, the DHCP reservations to move and what becomes of the guest's NAT
+forwards.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from lxml import etree
 from salt_kvm.cloud import dhcp, placement
 from salt_kvm.errors import ConflictError, SaltKvmError
 from salt_kvm.nat.store import Store
-from salt_kvm.virt import connection, lifecycle
+from salt_kvm.virt import connection, firmware, lifecycle
 from salt_kvm.virt import migrate as mig
 from salt_kvm.virt.domain import Domain
 from salt_kvm.virt.host import network_active
@@ -72,6 +73,18 @@ class ForwardsMove:
 
 
 @dataclass
+class NvramMove:
+    """The guest's UEFI variables file (a pool volume): copied to the pool of
+    the same name on the target before the move."""
+
+    source_path: str
+    pool: str
+    volume: str
+    capacity: int
+    target_path: str
+
+
+@dataclass
 class Plan:
     name: str
     source: str
@@ -84,6 +97,7 @@ class Plan:
     kept_reservations: list[str] = field(default_factory=list)  # on a bridged segment
     refused: list[str] = field(default_factory=list)
     forwards: ForwardsMove | None = None  # NAT forwards of this host for the guest
+    nvram: NvramMove | None = None
 
     @property
     def bases(self) -> list[Base]:
@@ -99,7 +113,10 @@ class Plan:
 
     @property
     def paths(self) -> dict[str, str]:
-        return {d.source_path: d.target_path for d in self.disks}
+        found = {d.source_path: d.target_path for d in self.disks}
+        if self.nvram is not None:
+            found[self.nvram.source_path] = self.nvram.target_path
+        return found
 
 
 # ---- the checks -------------------------------------------------------------
@@ -273,6 +290,29 @@ def _plan_disks(plan: Plan, conn, dconn, xml: Domain) -> None:
         plan.disks.append(move)
 
 
+def _plan_nvram(plan: Plan, conn, dconn, xml: Domain) -> None:
+    """UEFI variables of its own move as a volume of the same name in the
+    target's pool of the same name (the domain's ``<nvram>`` then names it)."""
+    path = firmware.nvram_path(xml)
+    if not path:
+        return
+    vol, pool_name = _volume_of(conn, path)
+    if vol is None or pool_name is None:
+        plan.refused.append(
+            f"its UEFI variables (NVRAM) {path} are in no storage pool of {plan.source}"
+        )
+        return
+    pool = _target_pool(plan, dconn, pool_name)
+    if pool is None:
+        return
+    with contextlib.suppress(libvirt.libvirtError):
+        pool.storageVolLookupByName(vol.name())
+        plan.refused.append(f"{plan.target}'s pool {pool_name} already has a volume {vol.name()}")
+        return
+    target = f"{Pool(pool.XMLDesc(0)).target_path}/{vol.name()}"
+    plan.nvram = NvramMove(path, pool_name, vol.name(), vol.info()[1], target)
+
+
 def _plan_reservations(plan: Plan, dconn, info: dict) -> None:
     """A reservation moves to the target's network of the same name when it
     serves DHCP for the address; a network there without addresses (bridged
@@ -391,6 +431,7 @@ def plan(
     _check_networks(found, dconn, xml)
     _check_cpu(found, conn, dconn, xml)
     _plan_disks(found, conn, dconn, xml)
+    _plan_nvram(found, conn, dconn, xml)
     _plan_reservations(found, dconn, xml.managed_info() or {})
     _plan_forwards(found, conn, dconn)
     _raise(found)

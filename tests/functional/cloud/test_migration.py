@@ -317,3 +317,59 @@ def test_a_failed_move_leaves_nothing_on_the_target_and_the_guest_where_it_was(h
     assert (_volumes(hv2), _domains(hv2), hv2.networkLookupByName("default").XMLDesc(0)) == before
     assert hv1.lookupByName("vm-f").isActive()
     assert {"base-f.qcow2", "vm-f.qcow2"} <= set(_volumes(hv1))
+
+
+def _efi_guest(hv1, name):
+    """A running guest with its own UEFI variables volume (as firmware: efi makes it)."""
+    disk = _volume(hv1, f"{name}.qcow2")
+    pool = hv1.storagePoolLookupByName("default-pool")
+    nvram = pool.createXML(Volume.new(f"{name}_VARS.fd", 540672, "raw").to_xml(), 0)
+    xml = new_domain(name, "test", 256, 1, disk.path())
+    loader = etree.SubElement(xml.node.find("os"), "loader", readonly="yes", type="pflash")
+    loader.text = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    etree.SubElement(xml.node.find("os"), "nvram").text = nvram.path()
+    xml.set_managed_info({"base": "b", "volumes": [disk.path()], "nvram": nvram.path()})
+    hv1.defineXML(xml.to_xml()).create()
+    return nvram.path()
+
+
+def test_uefi_variables_move_with_the_guest_and_go_on_a_failure(hosts, monkeypatch):
+    """The NVRAM volume is copied to the target's pool before the move, the
+    target's definition (and salt-kvm's record) name the copy, the source's
+    goes after; a failed move removes the copy and keeps the source's."""
+    hv1, hv2 = hosts["hv1"], hosts["hv2"]
+    source = _efi_guest(hv1, "vm-e")
+    planned = _plan(hosts, "vm-e")
+    assert (planned.nvram.volume, planned.nvram.capacity) == ("vm-e_VARS.fd", 540672)
+    copied = []
+    monkeypatch.setattr(mig, "copy_volume", lambda src, dconn, dst: copied.append(dst.path()))
+
+    def fail(dom, dconn, parameters, flags):
+        assert "vm-e_VARS.fd" in _volumes(dconn)
+        raise SaltKvmError("libvirt's migration failed: injected")
+
+    monkeypatch.setattr(mig, "migrate", fail)
+    with pytest.raises(SaltKvmError, match="injected"):
+        migration.run(hv1, hv2, planned)
+    assert "vm-e_VARS.fd" not in _volumes(hv2) and "vm-e_VARS.fd" in _volumes(hv1)
+
+    monkeypatch.setattr(mig, "migrate", _moved)
+    moved = migration.run(hv1, hv2, _plan(hosts, "vm-e"))
+    target = planned.nvram.target_path
+    assert moved["nvram"] == target and copied[-1] == target
+    xml = Domain(hv2.lookupByName("vm-e").XMLDesc(0))
+    assert xml.node.find("os/nvram").text == target
+    assert xml.managed_info()["nvram"] == target
+    assert source in moved["source"]["deleted_volumes"]
+    assert "vm-e_VARS.fd" not in _volumes(hv1)
+
+
+def test_a_tpm_guest_is_refused_by_name(hosts):
+    hv1 = hosts["hv1"]
+    disk = _volume(hv1, "vm-t2.qcow2")
+    xml = new_domain("vm-t2", "test", 256, 1, disk.path())
+    tpm = etree.SubElement(xml.node.find("devices"), "tpm", model="tpm-crb")
+    etree.SubElement(tpm, "backend", type="emulator", version="2.0")
+    hv1.defineXML(xml.to_xml())
+    with pytest.raises(ConflictError, match="it has a TPM: its state"):
+        _plan(hosts, "vm-t2")
