@@ -224,6 +224,14 @@ def test_nat_forwards_stay_here_with_the_address_pinned_on_a_bridged_segment(
     assert nathooks.on_qemu("vm-n", "release", store) == []
     assert forwards._gone(hv1, store, set()) == set()
     assert forwards.listing("vm-n", store)["vm-n"]["moved_to"] == "hv2"
+    # back on hv1 (the network whose bridge the forwards point at), they are its own again
+    request = mig.Request()
+    home = migration.plan(hv2, hv1, "vm-n", ("hv2", "hv1"), "test:///hv1", request)
+    assert (home.forwards.moved_to, home.forwards.pin) == ("", None)
+    assert migration.run(hv2, hv1, home)["nat"]["on_host"] == "this host"
+    assert forwards.elsewhere("vm-n") == "" and forwards.pin_of("vm-n") is not None
+    migration.run(hv1, hv2, _plan(hosts, "vm-n"))
+    assert forwards.elsewhere("vm-n") == "hv2"  # and away again, the pin kept
     # -d on hv2 removes them here and releases the pin on hv1
     monkeypatch.setattr(forwards, "sync_kernel", lambda entries, **_: [])
     monkeypatch.setattr(actions.connection, "connected", lambda uri: contextlib.nullcontext(hv1))
