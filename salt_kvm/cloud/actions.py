@@ -9,11 +9,11 @@ from collections.abc import Callable
 
 import libvirt
 
-from salt_kvm.cloud import intent, inventory, machine, provision
+from salt_kvm.cloud import dhcp, intent, inventory, machine, provision
 from salt_kvm.disks import ops as diskops
 from salt_kvm.errors import SaltKvmError
 from salt_kvm.nat import forwards
-from salt_kvm.virt import lifecycle
+from salt_kvm.virt import connection, lifecycle
 from salt_kvm.virt.domain import Domain
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,23 @@ def destroy(conn: libvirt.virConnect, name: str, delete_disks: bool) -> dict:
     removed = lifecycle.remove(conn, name, also=doomed)
     removed["reservations"] = provision.release_reservations(conn, info)
     removed.update(disks=diskops.delete_volumes(conn, doomed), kept_disks=kept)
+    pin = forwards.pin_of(name)
     removed["nat"] = forwards.forget(name)
+    if pin is not None and _release_pin(*pin):
+        removed["reservations"].append("|".join(pin[1:]))
     return removed
+
+
+def _release_pin(uri: str, network: str, mac: str, ip: str) -> bool:
+    """The reservation a migration made on the host that keeps the guest's
+    NAT forwards (the guest may be on another host now)."""
+    try:
+        with connection.connected(uri) as here:
+            dhcp.release(here, network, mac, ip)
+        return True
+    except (SaltKvmError, libvirt.libvirtError) as exc:
+        log.warning("reservation %s on %s was not released: %s", ip, uri, exc)
+        return False
 
 
 def on_managed(

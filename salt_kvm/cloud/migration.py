@@ -6,9 +6,14 @@ Everything the target must offer is checked before anything moves
 
 1. a quick clone's base is copied to the target when the caller asked
    (``copy_base``), through libvirt streams;
-2. each disk's volume is made in the target's pool of the same name (an
-   overlay on the target's copy of the base for a quick clone);
-3. the DHCP reservations are added on the target's network;
+2. the UEFI variables file (a pool volume) is copied to the target's pool
+   of the same name through libvirt streams; each disk's volume is made in
+   the target's pool of the same name (an overlay on the target's copy of
+   the base for a quick clone);
+3. the DHCP reservations are added on the target's network; a guest with
+   NAT forwards (kept in this host's kernel) gets its address pinned by a
+   reservation on the source's network, and the forwards' store records the
+   host it goes to (they stay here and still reach it on a bridged segment);
 4. libvirt migrates: a running guest live, a shut-off one started paused on
    the source and moved paused (its CPUs never run; QEMU writes the target's
    overlays with the target's own backing path), then stopped on the target;
@@ -16,8 +21,8 @@ Everything the target must offer is checked before anything moves
    from the source: the source's reservations are released and its volumes
    deleted through the delete gate (never a base another guest stands on).
 
-A failure before the guest is on the target undoes 1-3 there (the source
-keeps the guest as it was, running or not).
+A failure before the guest is on the target undoes 1-3 (the source keeps
+the guest as it was, running or not).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from salt_kvm.cloud import dhcp, placement
 from salt_kvm.cloud.fleet import Fleet
 from salt_kvm.cloud.migrationplan import Plan, plan
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
+from salt_kvm.nat import forwards
 from salt_kvm.virt import chains, lifecycle
 from salt_kvm.virt import migrate as mig
 from salt_kvm.virt.checks import shown
@@ -60,6 +66,8 @@ def _prepare_target(plan: Plan, conn, dconn, rollback: Rollback, emit: Emit) -> 
         rollback.add(f"base copy {made.path()}", _deleter(dconn, made.path()))
         copied = mig.copy_volume(conn.storageVolLookupByPath(base.source_path), dconn, made)
         log.info("copied base %s to %s (%d bytes)", base.volume, plan.target, copied)
+    if plan.nvram is not None:
+        _copy_nvram(plan, conn, dconn, rollback)
     for disk in plan.disks:
         vol = Volume.new(disk.volume, disk.capacity, disk.fmt, v3=True)
         if disk.base is not None:
@@ -70,6 +78,34 @@ def _prepare_target(plan: Plan, conn, dconn, rollback: Rollback, emit: Emit) -> 
     for network, mac, ip in plan.reservations:
         if dhcp.reserve(dconn, network, mac, ip, plan.name):
             rollback.add(f"reservation {ip} on {plan.target}", _releaser(dconn, network, mac, ip))
+
+
+def _keep_forwards(plan: Plan, conn, rollback: Rollback) -> None:
+    """Before the move: pin the address the forwards point at, and record
+    where the guest goes, so nothing here drops its forwards when the domain
+    leaves this host's libvirt (the qemu release hook, kvm_nat.refresh)."""
+    if plan.forwards is None:
+        return
+    pinned_on = None
+    if plan.forwards.pin is not None:
+        network, mac, ip = plan.forwards.pin
+        if dhcp.reserve(conn, network, mac, ip, plan.name):
+            rollback.add(f"reservation {ip} on {plan.source}", _releaser(conn, network, mac, ip))
+            pinned_on = conn.getURI()
+    undo = forwards.relocate(plan.name, plan.forwards.moved_to, pinned_on)
+    rollback.add(f"where the NAT forwards of {plan.name} point", undo)
+
+
+def _copy_nvram(plan: Plan, conn, dconn, rollback: Rollback) -> None:
+    """The UEFI variables, through libvirt streams, before the guest moves:
+    QEMU's stream carries the firmware's flash as it is in memory, the file
+    is what the target's QEMU writes the guest's later changes into."""
+    nvram = plan.nvram
+    assert nvram is not None
+    pool = dconn.storagePoolLookupByName(nvram.pool)
+    made = pool.createXML(Volume.new(nvram.volume, nvram.capacity, Volume.FORMAT_RAW).to_xml(), 0)
+    rollback.add(f"NVRAM copy {made.path()}", _deleter(dconn, made.path()))
+    mig.copy_volume(conn.storageVolLookupByPath(nvram.source_path), dconn, made)
 
 
 def _deleter(dconn: libvirt.virConnect, path: str) -> Callable[[], object]:
@@ -112,13 +148,16 @@ def _clean_source(plan: Plan, conn) -> dict:
             released.append(f"{network}|{mac}|{ip}")
         except (SaltKvmError, libvirt.libvirtError) as exc:
             log.warning("reservation %s on %s was not released: %s", ip, plan.source, exc)
-    for disk in plan.disks:
+    moved = [d.source_path for d in plan.disks]
+    if plan.nvram is not None:
+        moved.append(plan.nvram.source_path)
+    for path in moved:
         try:
-            if chains.delete_volume(conn, disk.source_path, f"migration of {plan.name}"):
-                deleted.append(disk.source_path)
+            if chains.delete_volume(conn, path, f"migration of {plan.name}"):
+                deleted.append(path)
         except (ConflictError, libvirt.libvirtError) as exc:
-            log.warning("volume %s on %s is kept: %s", disk.source_path, plan.source, exc)
-            kept.append(disk.source_path)
+            log.warning("volume %s on %s is kept: %s", path, plan.source, exc)
+            kept.append(path)
     return {"released": released, "deleted_volumes": deleted, "kept_volumes": kept}
 
 
@@ -135,6 +174,7 @@ def run(
     emit("migrating", base)
     with rollback:
         _prepare_target(plan, conn, dconn, rollback, emit)
+        _keep_forwards(plan, conn, rollback)
         if not plan.live:
             _start_paused(dom, rollback)
         live_xml, persistent_xml = _definitions(dom, plan)
@@ -159,15 +199,25 @@ def run(
         **base,
         "disks": {d.target: d.target_path for d in plan.disks},
         "copied_bases": [b.target_path for b in plan.bases if b.copy],
+        "nvram": plan.nvram.target_path if plan.nvram is not None else None,
         "reservations": {
             "moved": [f"{n}|{m}|{i}" for n, m, i in plan.reservations],
             "kept_on_source": plan.kept_reservations,
         },
         "source": cleaned,
+        "nat": _forwards_shown(plan),
         "seconds": round(time.monotonic() - started, 2),
     }
     emit("migrated", result)
     return result
+
+
+def _forwards_shown(plan: Plan) -> dict:
+    if plan.forwards is None:
+        return {}
+    moved = plan.forwards
+    pin = "|".join(moved.pin) if moved.pin else None
+    return {"forwards": moved.shown, "on_host": moved.moved_to or "this host", "pinned": pin}
 
 
 # ---- the driver's request ------------------------------------------------------

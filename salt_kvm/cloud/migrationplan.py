@@ -5,9 +5,11 @@ Everything the target must offer is checked, and every cause is named at
 once: the same host, room (memory and vCPUs, as ``location: auto`` counts
 it), the guest's networks, its CPU, its disks' pools and the base of a quick
 clone, a name or UUID already there, and what cannot move at all (snapshots,
-checkpoints, host devices, virtiofs shares, UEFI variables, read-only media,
-NAT forwards). The result, a ``Plan``, lists each disk's volume on the target,
-the base to copy and the DHCP reservations to move.
+checkpoints, host devices, virtiofs shares, a TPM, read-only media, the NAT
+forwards of a target that serves addresses itself). The result, a ``Plan``,
+lists each disk's volume on the target, the base to copy, the UEFI variables
+file, the DHCP reservations to move and what becomes of the guest's NAT
+forwards.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from lxml import etree
 
 from salt_kvm.cloud import dhcp, placement
 from salt_kvm.errors import ConflictError, SaltKvmError
-from salt_kvm.nat import forwards
-from salt_kvm.virt import connection, lifecycle
+from salt_kvm.nat.store import Store
+from salt_kvm.virt import connection, firmware, lifecycle
 from salt_kvm.virt import migrate as mig
 from salt_kvm.virt.domain import Domain
 from salt_kvm.virt.host import network_active
@@ -60,6 +62,29 @@ class DiskMove:
 
 
 @dataclass
+class ForwardsMove:
+    """The guest's NAT forwards, kept in this host's kernel and store
+    (salt_kvm.nat): they stay here while the guest runs on a host bridged onto
+    the segment this host serves (its address does not change)."""
+
+    shown: str  # "tcp 10022->22, ..."
+    moved_to: str  # where the store records the guest after ("": this host)
+    pin: tuple[str, str, str] | None = None  # (network, mac, ip) to reserve on the source
+
+
+@dataclass
+class NvramMove:
+    """The guest's UEFI variables file (a pool volume): copied to the pool of
+    the same name on the target before the move."""
+
+    source_path: str
+    pool: str
+    volume: str
+    capacity: int
+    target_path: str
+
+
+@dataclass
 class Plan:
     name: str
     source: str
@@ -71,6 +96,8 @@ class Plan:
     reservations: list[tuple[str, str, str]] = field(default_factory=list)  # moved
     kept_reservations: list[str] = field(default_factory=list)  # on a bridged segment
     refused: list[str] = field(default_factory=list)
+    forwards: ForwardsMove | None = None  # NAT forwards of this host for the guest
+    nvram: NvramMove | None = None
 
     @property
     def bases(self) -> list[Base]:
@@ -86,7 +113,10 @@ class Plan:
 
     @property
     def paths(self) -> dict[str, str]:
-        return {d.source_path: d.target_path for d in self.disks}
+        found = {d.source_path: d.target_path for d in self.disks}
+        if self.nvram is not None:
+            found[self.nvram.source_path] = self.nvram.target_path
+        return found
 
 
 # ---- the checks -------------------------------------------------------------
@@ -260,6 +290,29 @@ def _plan_disks(plan: Plan, conn, dconn, xml: Domain) -> None:
         plan.disks.append(move)
 
 
+def _plan_nvram(plan: Plan, conn, dconn, xml: Domain) -> None:
+    """UEFI variables of its own move as a volume of the same name in the
+    target's pool of the same name (the domain's ``<nvram>`` then names it)."""
+    path = firmware.nvram_path(xml)
+    if not path:
+        return
+    vol, pool_name = _volume_of(conn, path)
+    if vol is None or pool_name is None:
+        plan.refused.append(
+            f"its UEFI variables (NVRAM) {path} are in no storage pool of {plan.source}"
+        )
+        return
+    pool = _target_pool(plan, dconn, pool_name)
+    if pool is None:
+        return
+    with contextlib.suppress(libvirt.libvirtError):
+        pool.storageVolLookupByName(vol.name())
+        plan.refused.append(f"{plan.target}'s pool {pool_name} already has a volume {vol.name()}")
+        return
+    target = f"{Pool(pool.XMLDesc(0)).target_path}/{vol.name()}"
+    plan.nvram = NvramMove(path, pool_name, vol.name(), vol.info()[1], target)
+
+
 def _plan_reservations(plan: Plan, dconn, info: dict) -> None:
     """A reservation moves to the target's network of the same name when it
     serves DHCP for the address; a network there without addresses (bridged
@@ -289,19 +342,64 @@ def _plan_reservations(plan: Plan, dconn, info: dict) -> None:
         plan.reservations.append((network, mac, ip))
 
 
-def _check_forwards(plan: Plan, conn: libvirt.virConnect) -> None:
-    """NAT forwards live in the source host's store and kernel (salt_kvm.nat):
-    this process can only see them when the source is this machine. The target
-    is another machine's kernel: they cannot follow from here."""
-    if connection.remote_host(conn) is not None:
+def _target_network(dconn: libvirt.virConnect, name: str) -> Network | None:
+    try:
+        return Network(dconn.networkLookupByName(name).XMLDesc(0))
+    except libvirt.libvirtError:
+        return None
+
+
+def _reserved(conn: libvirt.virConnect, network: str, mac: str, ip: str) -> bool:
+    try:
+        net = Network(conn.networkLookupByName(network).XMLDesc(0))
+    except libvirt.libvirtError:
+        return False
+    return any((h.mac or "").lower() == mac and h.ip == ip for h in net.dhcp_hosts())
+
+
+def _plan_forwards(plan: Plan, conn: libvirt.virConnect, dconn: libvirt.virConnect) -> None:
+    """NAT forwards live in the kernel and ``/var/lib/salt-kvm/nat.json`` of
+    the host this process runs on. A guest that leaves it (or moves on from
+    the host it went to) keeps them when the target's network of that name is
+    bridged onto the segment this host serves (no addresses of its own): the
+    guest keeps its address, this host's DNAT still reaches it. Its address
+    is pinned by a reservation on the source's network (made if it had none).
+    Back on this host, they are its own again. A target network that serves
+    addresses itself is another kernel's: refused by name."""
+    entry = Store().load().get(plan.name)
+    if entry is None or not entry.rules:
         return
-    rules = forwards.current(plan.name)
-    if rules:
-        shown = ", ".join(f"{r.proto} {r.host}->{r.guest}" for r in rules)
+    here = connection.remote_host(conn) is None
+    if not entry.moved_to and not here:
+        return  # another machine's guest of that name: its forwards are not in this store
+    where = entry.placement
+    shown = ", ".join(f"{r.proto} {r.host}->{r.guest}" for r in entry.rules)
+    net = _target_network(dconn, where.network)
+    if net is None:
+        return  # named by _check_networks
+    if net.ips:
+        home = net.bridge == where.bridge and connection.remote_host(dconn) is None
+        if entry.moved_to and home:
+            plan.forwards = ForwardsMove(shown, "")  # back on the host that has them
+            return
         plan.refused.append(
-            f"it has NAT forwards on {plan.source} ({shown}): remove them first "
-            f"(kvm_nat on {plan.source}) and add them on {plan.target} after"
+            f"it has NAT forwards on {entry.moved_to or plan.source} ({shown}) and "
+            f"{plan.target}'s network {where.network} serves addresses itself: the "
+            "forwards could not follow (another host's kernel); remove them first "
+            f"(kvm_nat) and add them on {plan.target} after"
         )
+        return
+    found = ForwardsMove(shown, plan.target)
+    if not entry.moved_to and not _reserved(conn, where.network, where.mac, where.address):
+        try:
+            dhcp.check(conn, where.network, where.mac, where.address, "nat_rules")
+        except SaltKvmError as exc:
+            plan.refused.append(
+                f"its NAT forwards need its address {where.address} pinned on {plan.source}: {exc}"
+            )
+            return
+        found.pin = (where.network, where.mac, where.address)
+    plan.forwards = found
 
 
 def plan(
@@ -333,8 +431,9 @@ def plan(
     _check_networks(found, dconn, xml)
     _check_cpu(found, conn, dconn, xml)
     _plan_disks(found, conn, dconn, xml)
+    _plan_nvram(found, conn, dconn, xml)
     _plan_reservations(found, dconn, xml.managed_info() or {})
-    _check_forwards(found, conn)
+    _plan_forwards(found, conn, dconn)
     _raise(found)
     return found
 

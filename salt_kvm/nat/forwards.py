@@ -245,10 +245,11 @@ def _gone(conn: libvirt.virConnect | None, store: Store, keep: set[str]) -> set[
     """Domains with stored forwards that no longer exist as salt-kvm domains.
 
     Only names stored BEFORE libvirt is asked count: a domain being created
-    meanwhile is defined before its forwards are stored."""
+    meanwhile is defined before its forwards are stored. A guest migrated to
+    another host (``moved_to``) is not gone: its forwards stay here."""
     if conn is None or connection.remote_host(conn) is not None:
         return set()
-    stored = set(store.load()) - keep
+    stored = {name for name, entry in store.load().items() if not entry.moved_to} - keep
     if not stored:
         return set()
     return stored - managed_domains(conn)
@@ -262,7 +263,8 @@ def _set(entries, domain, rules, placement, busy) -> dict:
     if rules:
         if placement is None:
             raise ConflictError(f"{domain} has no known address for its forwards")
-        entries[domain] = Entry(rules, placement)
+        moved_to, pinned_on = (old_entry.moved_to, old_entry.pinned_on) if old_entry else ("", "")
+        entries[domain] = Entry(rules, placement, moved_to, pinned_on)
     else:
         entries.pop(domain, None)
     changes = _changes(old_entry.rules if old_entry else [], rules)
@@ -342,6 +344,49 @@ def remove(conn, domain: str, guest_port=None, host_port=None, proto="tcp", **kw
     return apply(conn, domain, Edit(change, located=False), **kw)
 
 
+def elsewhere(domain: str, store: Store | None = None) -> str:
+    """The host ``domain``'s guest was migrated to, its forwards kept here ("": none)."""
+    entry = (store or Store()).load().get(domain)
+    return entry.moved_to if entry else ""
+
+
+def pin_of(domain: str, store: Store | None = None) -> tuple[str, str, str, str] | None:
+    """(URI, network, MAC, address) of the reservation a migration made for
+    ``domain``'s forwards, to release with them."""
+    entry = (store or Store()).load().get(domain)
+    return entry.pin if entry else None
+
+
+def relocate(
+    domain: str, moved_to: str, pinned_on: str | None = None, store: Store | None = None
+) -> Callable[[], object]:
+    """Record that ``domain``'s guest runs on ``moved_to`` ("": this host
+    again) while its forwards stay in this kernel (a migration on a bridged
+    segment; the table does not change). ``pinned_on``: the URI of the
+    reservation made for them (None: as it was). Returns what undoes it."""
+    store = store or Store()
+    with _locked(store):
+        entries = store.load()
+        if domain not in entries:
+            return lambda: None
+        old = entries[domain]
+        entries[domain] = Entry(
+            old.rules, old.placement, moved_to, old.pinned_on if pinned_on is None else pinned_on
+        )
+        store.save(entries)
+
+    def undo() -> None:
+        with _locked(store):
+            now = store.load()
+            if domain in now:
+                now[domain] = Entry(
+                    now[domain].rules, now[domain].placement, old.moved_to, old.pinned_on
+                )
+                store.save(now)
+
+    return undo
+
+
 def forget(domain: str, store: Store | None = None) -> dict:
     """Drop a (removed) domain's forwards; no libvirt needed."""
     store = store or Store()
@@ -411,6 +456,8 @@ def listing(domain: str | None = None, store: Store | None = None) -> dict[str, 
         if domain is not None and name != domain:
             continue
         result[name] = {
+            # The host the guest was migrated to (its forwards stay here), None: this one.
+            "moved_to": entry.moved_to or None,
             "network": entry.placement.network,
             "address": entry.placement.address,
             # The forwards also answer over IPv6, at this address (None: IPv4 only).
@@ -446,6 +493,9 @@ def refresh(
     apply_all(conn, {}, max_rules, store)  # drops the forwards of domains that are gone
     changes = {}
     for name, entry in sorted(store.load().items()):
+        if entry.moved_to:
+            log.info("forwards of %s kept: it runs on %s", name, entry.moved_to)
+            continue
         try:
             placement = locate(conn, name, entry.placement)
         except NotFoundError:

@@ -10,7 +10,9 @@ with ``<object> <operation> <phase> -`` and the object's XML on stdin:
 - qemu ``started`` / ``reconnect`` (a guest start; every running guest when
   libvirtd restarts): restore the table and the accept ahead of libvirt's rules.
 - qemu ``release`` of a domain that has no persistent definition any more
-  (transient, or undefined while running): drop its forwards.
+  (transient, or undefined while running): drop its forwards, unless it was
+  migrated to another host on a bridged segment (``moved_to`` in the state
+  file): its forwards stay here and still reach it.
 
 Hooks must not call libvirtd (it waits for them): they work from the state
 file only. The hook files themselves are small ``/bin/sh`` scripts
@@ -58,7 +60,8 @@ def on_network(name: str, operation: str, store: Store) -> list[str]:
 def on_qemu(name: str, operation: str, store: Store) -> list[str]:
     if operation in ("started", "reconnect"):
         return forwards.reapply(store)
-    if operation == "release" and name in store.load():
+    entry = store.load().get(name) if operation == "release" else None
+    if entry is not None and not entry.moved_to:  # migrated away: the forwards stay
         if not (QEMU_CONFIG / f"{name}.xml").exists():
             forwards.forget(name, store)
             return [f"forgot {name}"]

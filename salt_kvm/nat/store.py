@@ -45,6 +45,14 @@ class Placement:
 class Entry:
     rules: list[nat.Rule]
     placement: Placement
+    # The host the guest was migrated to ("": this one). On a bridged segment
+    # it keeps its address, and this host's DNAT still reaches it: the
+    # forwards stay here, and nothing that sees the domain gone from this
+    # host's libvirt may drop them.
+    moved_to: str = ""
+    # The libvirt URI whose network holds the DHCP reservation a migration
+    # made so the address cannot change under the forwards (released with them).
+    pinned_on: str = ""
 
     def forwards(self, domain: str) -> list[nat.Forward]:
         p = self.placement
@@ -54,7 +62,19 @@ class Entry:
         ]
 
     def to_json(self) -> dict:
-        return {"rules": [r.as_dict() for r in self.rules], **self.placement.__dict__}
+        found = {"rules": [r.as_dict() for r in self.rules], **self.placement.__dict__}
+        for key in ("moved_to", "pinned_on"):
+            if getattr(self, key):
+                found[key] = getattr(self, key)
+        return found
+
+    @property
+    def pin(self) -> tuple[str, str, str, str] | None:
+        """(URI, network, MAC, address) of the reservation a migration made."""
+        if not self.pinned_on:
+            return None
+        p = self.placement
+        return self.pinned_on, p.network, p.mac, p.address
 
 
 def _entry(data: dict) -> Entry:
@@ -65,7 +85,12 @@ def _entry(data: dict) -> Entry:
         address6=data.get("address6", ""),
         subnet6=data.get("subnet6", ""),
     )
-    return Entry([nat.rule_from_dict(r) for r in data.get("rules", [])], placement)
+    return Entry(
+        [nat.rule_from_dict(r) for r in data.get("rules", [])],
+        placement,
+        moved_to=data.get("moved_to", ""),
+        pinned_on=data.get("pinned_on", ""),
+    )
 
 
 class Store:

@@ -157,6 +157,22 @@ def nvram_path(xml: Domain) -> str | None:
     return (nvram.text or "").strip() or None
 
 
+def set_nvram_path(xml: Domain, path: str) -> None:
+    """Point the domain's UEFI variables at ``path`` (a file ``<nvram>``)."""
+    nvram = xml.node.find("os/nvram")
+    if nvram is None:
+        return
+    source = nvram.find("source")
+    if source is not None and source.get("file"):
+        source.set("file", path)
+    else:
+        nvram.text = path
+
+
+def has_tpm(xml: Domain) -> bool:
+    return xml.node.find("devices/tpm") is not None
+
+
 def set_bios(xml: Domain) -> None:
     """Drop whatever UEFI the base had: SeaBIOS boots the disk's MBR."""
     os_node = xml.node.find("os")

@@ -145,8 +145,11 @@ def refusals(dom: libvirt.virDomain, xml: Domain) -> list[str]:
     if shares:
         tags = ", ".join(sorted(fs.tag or "?" for fs in shares))
         why.append(f"it has virtiofs shares ({tags}): a folder of the source host")
-    if firmware.nvram_path(xml):
-        why.append("it has UEFI variables (NVRAM) of its own: not moved yet")
+    if firmware.has_tpm(xml):
+        why.append(
+            "it has a TPM: its state (swtpm's files, outside any storage pool) "
+            "is not moved, and a TPM whose state forks breaks what it sealed"
+        )
     for disk in xml.disks:
         label = disk.target_dev or "?"
         if disk.device not in (Disk.DEVICE_DISK, Disk.DEVICE_CDROM):
@@ -162,18 +165,25 @@ def refusals(dom: libvirt.virDomain, xml: Domain) -> list[str]:
 
 
 def rewrite(xml: Domain, paths: dict[str, str]) -> Domain:
-    """The definition for the target: each moved disk on its target path, and
-    salt-kvm's metadata (the volumes it made) naming the target's files."""
+    """The definition for the target: each moved disk and the UEFI variables
+    on their target paths, and salt-kvm's metadata (the volumes it made, the
+    NVRAM) naming the target's files."""
     moved = Domain(xml.to_xml())
     for disk in moved.disks:
         if disk.path in paths:
             disk.path = paths[disk.path]
+    nvram = firmware.nvram_path(moved)
+    if nvram in paths:
+        firmware.set_nvram_path(moved, paths[nvram])
     info = moved.managed_info()
     if info is not None:
         volumes = info.get("volumes")
         if isinstance(volumes, list):
             info["volumes"] = [paths.get(v, v) for v in volumes]
-            moved.set_managed_info(info)
+        recorded = info.get("nvram")
+        if isinstance(recorded, str) and recorded in paths:
+            info["nvram"] = paths[recorded]
+        moved.set_managed_info(info)
     _rewrite_created_disks(moved, paths)
     return moved
 

@@ -38,6 +38,8 @@ PORT_RANGES = {  # name: (first offset, how many ports)
     "takeover_master": (50, 2),  # test_backup's master (the takeover's minion)
     "mirror": (60, 1),  # test_salt_source's wheelhouse
     "migration": (72, 2),  # test_multihost's migration stream and its disks' NBD
+    "migration_forward": (74, 1),  # test_multihost's forward to the migrated guest's sshd
+    "migration_firmware": (76, 2),  # test_firmware's migration stream and its disks' NBD
     "nat_ipv6": (86, 2),  # test_nat_ipv6's forwards
 }
 

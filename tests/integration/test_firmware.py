@@ -10,7 +10,8 @@ two booted guests for the whole module (TCG + OVMF is slow):
   state come back (kvm_backup's ``firmware`` entry), and it starts on them.
 - ``efi``: ``firmware: efi``, ``graphics: vnc`` through real ``salt-cloud -p``:
   it boots the test image from its ESP (the create waits for its DHCP lease)
-  and the guest sees UEFI (``/sys/firmware/efi``).
+  and the guest sees UEFI (``/sys/firmware/efi``). It moves live to the
+  second hypervisor and back with its UEFI variables file (#15 item 2).
 """
 
 import json
@@ -28,15 +29,16 @@ from salt_kvm.backup import ops as backup_ops
 from salt_kvm.backup import restore
 from salt_kvm.backup import run as backup
 from salt_kvm.backup import store as bs
-from salt_kvm.cloud import provision
+from salt_kvm.cloud import migration, provision
 from salt_kvm.cloud.spec import build_spec
-from salt_kvm.virt import firmware, lifecycle
+from salt_kvm.virt import firmware, lifecycle, pools
+from salt_kvm.virt import migrate as mig
 from salt_kvm.virt.domain import Domain
 from salt_kvm.virt.rollback import Rollback
 
-from . import guests
+from . import guests, saltenv
 from .cloudcheck import created, sized_profile
-from .conftest import IMAGES, NETWORK, backup_dest, unique
+from .conftest import IMAGES, NETWORK, POOL, URI, backup_dest, unique
 from .guests import remove_guest
 
 SWTPM_DIR = "/var/lib/libvirt/swtpm"
@@ -216,6 +218,57 @@ def test_a_backup_brings_back_the_uefi_variables_and_the_tpm_state(hv, secure):
     finally:
         shutil.rmtree(dest, ignore_errors=True)
     print(f"\n{secure}: backed up, lost and restored in {time.monotonic() - started:.1f} s")
+
+
+def _moved(conn, dconn, name, hosts, target_uri):
+    request = mig.Request(port=saltenv.port("migration_firmware"))
+    planned = migration.plan(conn, dconn, name, hosts, target_uri, request)
+    return migration.run(conn, dconn, planned)
+
+
+def _vars(conn, name):
+    """The guest's UEFI variables file on ``conn``'s host: its path and bytes
+    (read through libvirt: hv2's pool is in its own mount namespace's view)."""
+    pool = conn.storagePoolLookupByName(POOL)
+    pools.refresh(pool)
+    vol = pool.storageVolLookupByName(firmware.nvram_volume_name(name))
+    stream = conn.newStream(0)
+    vol.download(stream, 0, 0, 0)
+    data = b""
+    while True:
+        chunk = stream.recv(1 << 20)
+        if chunk in (None, b"", -2):
+            break
+        data += chunk
+    stream.finish()
+    return vol.path(), data
+
+
+def test_an_efi_guest_moves_live_to_another_host_and_back_with_its_variables(hv, hv2, efi):
+    """Its UEFI variables file goes with it (copied through libvirt, the
+    definition naming the target's copy, the source's removed after), and the
+    guest keeps running UEFI on each host."""
+    name, info = efi
+    uri2, conn2 = hv2
+    _path, before = _vars(hv, name)
+    started = time.monotonic()
+    there = _moved(hv, conn2, name, ("hv1", "hv2"), uri2)
+    assert conn2.lookupByName(name).isActive()
+    path2, copied = _vars(conn2, name)
+    assert there["nvram"] == path2 and copied == before
+    assert firmware.nvram_path(Domain(conn2.lookupByName(name).XMLDesc(0))) == path2
+    assert not os.path.exists(f"{IMAGES}/{firmware.nvram_volume_name(name)}")
+    guest = guests.TestGuest(name, conn2.lookupByName(name), info["ip_address"], None)
+    assert guest.run("test -d /sys/firmware/efi && echo uefi").strip() == "uefi"
+    back = _moved(conn2, hv, name, ("hv2", "hv1"), URI)
+    assert back["nvram"] == f"{IMAGES}/{firmware.nvram_volume_name(name)}"
+    assert firmware.nvram_path(Domain(hv.lookupByName(name).XMLDesc(0))) == back["nvram"]
+    assert open(back["nvram"], "rb").read() == before
+    with pytest.raises(libvirt.libvirtError):
+        conn2.lookupByName(name)
+    guest = guests.TestGuest(name, hv.lookupByName(name), info["ip_address"], None)
+    assert guest.run("test -d /sys/firmware/efi && echo uefi").strip() == "uefi"
+    print(f"\n{name}: to hv2 and back in {time.monotonic() - started:.1f} s")
 
 
 def test_destroy_removes_the_nvram_and_the_tpm_state(hv, salt, secure, efi):

@@ -8,12 +8,14 @@ both hosts with ``auto`` choosing the emptier one.
 """
 
 import json
+import socket
 import time
 
 import libvirt
 import pytest
 import yaml
 
+from salt_kvm.nat import forwards
 from salt_kvm.virt import pools
 from salt_kvm.virt.domain import new_domain
 
@@ -22,6 +24,7 @@ from .cloudcheck import cloud_error, sized_profile
 from .conftest import POOL, PREFIX, URI, unique
 
 BALLAST_MIB = 16384
+FORWARD = saltenv.port("migration_forward")
 # A host that does not answer: skipped by auto, named in the listings.
 SILENT = f"qemu+unix:///system?socket=/nonexistent/{PREFIX}libvirt-sock"
 
@@ -94,13 +97,14 @@ def test_locations_list_both_hosts_and_bad_locations_are_refused_first(
 
 
 def test_a_map_spreads_over_both_hosts_auto_takes_the_emptier(
-    cluster, hv, hv2, base_domain, ballast
+    cluster, hv, hv2, base_domain, ballast, tmp_path
 ):
     """vm a: location hv1, b: location hv2, c: auto (hv1 carries the ballast,
     so hv2 is emptier; rack7 does not answer). Created in parallel (-P), they all answer test.ping;
-    -Q shows each one's host; then a moves live to hv2 and b offline to hv1
-    (_migrations); -d removes each from its host."""
-    _uri, conn2 = hv2
+    -Q shows each one's host; then a moves live to hv2 with its NAT forward and
+    b offline to hv1 (_migrations); -d removes each from its host, and a's
+    forward and the reservation pinning its address on hv1."""
+    uri2, conn2 = hv2
     names = {role: unique(f"mh{role}") for role in "abc"}
     profile = sized_profile(base_domain, cluster, provider="test-multi", memory=512)
     cluster.write_profiles({"multi": profile}, "multi.conf")
@@ -128,9 +132,15 @@ def test_a_map_spreads_over_both_hosts_auto_takes_the_emptier(
         conn2.lookupByName(names["c"])  # really on hv2
         shown = json.loads(cluster.cloud("-a", "show_instance", names["c"]).stdout)
         assert names["c"] in json.dumps(shown) and '"location": "hv2"' in json.dumps(shown)
-        _migrations(cluster, hv, conn2, names)
+        _migrations(cluster, hv, (uri2, conn2), names, tmp_path)
     finally:
+        pinned = forwards.pin_of(names["a"])
         cluster.cloud("-d", *names.values(), check=False)
+        forwards.forget(names["a"])  # a failed test's forward, if -d did not remove it
+    assert forwards.current(names["a"]) == []
+    if pinned is not None:  # the reservation the migration made for a's forward is gone
+        _uri, network, mac, _ip = pinned
+        assert mac not in hv.networkLookupByName(network).XMLDesc(0)
     for name in names.values():
         for conn in (hv, conn2):
             with pytest.raises(libvirt.libvirtError):
@@ -149,11 +159,31 @@ def _pinged(cluster, name, within):
         time.sleep(5)
 
 
-def _migrations(cluster, hv, conn2, names):
-    """The map's guests, reused (#15 item 2): a (running on hv1, a quick clone)
-    moves live to hv2 and its minion answers at once; b (on hv2) is shut off,
-    moved offline to hv1, started, and answers. Each disk leaves its source
-    pool; the migration's events are on the bus; bad input is refused first."""
+def _banner(port, within=60):
+    """The first line the forwarded port answers with (sshd: SSH-2.0-...)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                data = sock.recv(64)
+                if data:
+                    return data.split(b"\r\n")[0].decode(errors="replace")
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return ""
+        time.sleep(2)
+
+
+def _migrations(cluster, hv, hv2, names, tmp_path):
+    """The map's guests, reused (#15 item 2): a (running on hv1, a quick clone,
+    with a NAT forward to its sshd) moves live to hv2 and its minion answers
+    at once, the forward still reaches it (also after kvm_nat's refresh and
+    re-apply on hv1); b (on hv2) is shut off, moved offline to hv1 by
+    kvm_host.migrate (salt-call on the hypervisor), started, and answers.
+    Each disk leaves its source pool; the migration's events are on the bus;
+    bad input is refused first."""
+    uri2, conn2 = hv2
     a, b = names["a"], names["b"]
     began = time.monotonic()
     port = f"port={saltenv.port('migration')}"
@@ -162,6 +192,8 @@ def _migrations(cluster, hv, conn2, names):
     assert "accepted: hv1, hv2, rack7" in cloud_error(refused, a)
     a_disk = {v for v in _volumes(hv) if v.startswith(a)}
     assert a_disk
+    forwards.add(hv, a, 22, FORWARD)
+    assert _banner(FORWARD).startswith("SSH-2.0"), "the forward does not reach a's sshd"
     watcher = cluster.watch_events(f"salt/cloud/{a}/*")
     started = time.monotonic()
     cluster.cloud("-a", "migrate", a, "location=hv2", port)
@@ -175,13 +207,28 @@ def _migrations(cluster, hv, conn2, names):
     assert cluster.salt(a, "test.ping") == {a: True}  # same key, same address
     assert _nodes(cluster, "-Q")[a]["location"] == "hv2"
     assert a_disk <= _volumes(conn2) and not a_disk & _volumes(hv)
+    # a's forward stays in hv1's kernel (hv2 is bridged onto hv1's segment)
+    assert forwards.listing(a)[a]["moved_to"] == "hv2"
+    assert _banner(FORWARD).startswith("SSH-2.0"), "the forward lost a after the move"
+    forwards.refresh(hv)
+    forwards.reapply()
+    assert forwards.current(a) and _banner(FORWARD).startswith("SSH-2.0")
     again = cluster.cloud("-a", "migrate", a, "location=hv2", check=False)
     assert "location: the guest is already on hv2" in cloud_error(again, a)
 
     cluster.cloud("-a", "stop", b)
     b_disk = {v for v in _volumes(conn2) if v.startswith(b)}
     started = time.monotonic()
-    cluster.cloud("-a", "migrate", b, "location=hv1", port)
+    # the execution-module function, as a state or orchestration calls it on the hypervisor
+    moved = saltenv.salt_call(
+        saltenv.minion_config(tmp_path),
+        "kvm_host.migrate",
+        b,
+        f"uri={URI}",
+        f"source_uri={uri2}",
+        port,
+    )
+    assert (moved["name"], moved["live"]) == (b, False), moved
     offline_seconds = time.monotonic() - started
     assert not hv.lookupByName(b).isActive() and hv.lookupByName(b).isPersistent()
     with pytest.raises(libvirt.libvirtError):

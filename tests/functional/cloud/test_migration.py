@@ -3,14 +3,18 @@ that blocks a move is named before anything moves, a quick clone's base and
 the DHCP reservations are planned, and the driver's action checks its input.
 The move itself needs QEMU (tests/integration/test_multihost.py)."""
 
+import contextlib
+
+import libvirt
 import pytest
 from lxml import etree
 from salt.exceptions import SaltCloudConfigError, SaltCloudSystemExit
 
-from salt_kvm.cloud import migration, migrationplan
+from salt_kvm.cloud import actions, migration, migrationplan
 from salt_kvm.clouds import libvirt as driver
 from salt_kvm.errors import ConflictError, SaltKvmError
 from salt_kvm.nat import forwards
+from salt_kvm.nat import hooks as nathooks
 from salt_kvm.nat import rules as nat
 from salt_kvm.nat.store import Entry, Placement, Store
 from salt_kvm.virt import migrate as mig
@@ -156,16 +160,102 @@ def test_reservations_move_where_the_target_serves_dhcp_stay_on_a_bridged_segmen
         _plan(hosts, "vm-d")
 
 
-def test_nat_forwards_are_refused_by_name(hosts, tmp_path, monkeypatch):
+def _forwarded(hosts, store, network, mac, address):
+    """vm-n running on hv1's ``network`` with a forward 10022->22 in ``store``."""
+    vol = _volume(hosts["hv1"], "vm-n.qcow2")
+    xml = new_domain("vm-n", "test", 256, 1, vol.path(), networks=(network,))
+    xml.interfaces[0].mac = mac
+    xml.set_managed_info({"base": "base", "volumes": [vol.path()]})
+    hosts["hv1"].defineXML(xml.to_xml()).create()  # the test driver starts nothing paused
+    subnet = address.rsplit(".", 1)[0] + ".0/24"
+    placement = Placement(network, f"br-{network}", subnet, address, mac)
+    store.save({"vm-n": Entry([nat.Rule(guest=22, host=10022)], placement)})
+
+
+def _moved(dom, dconn, parameters, flags):
+    """libvirt's part, as the test driver cannot migrate: defined and running
+    on the target, gone from the source."""
+    dconn.defineXML(parameters[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML]).create()
+    dom.destroy()
+    dom.undefine()
+
+
+def test_nat_forwards_stay_here_with_the_address_pinned_on_a_bridged_segment(
+    hosts, tmp_path, monkeypatch
+):
+    """hv2's lan is bridged onto the segment hv1's lan serves: the forwards
+    stay in hv1's kernel and reach the guest there; its address is reserved
+    on hv1 and the store says where it runs, so nothing that sees it gone
+    from hv1 (the release hook, kvm_nat.refresh) drops them."""
+    hv1, hv2 = hosts["hv1"], hosts["hv2"]
     store = Store(tmp_path / "nat.json")
     monkeypatch.setenv("SALT_KVM_NAT_STATE", str(store.path))
-    vol = _volume(hosts["hv1"], "vm-n.qcow2")
-    hosts["hv1"].defineXML(new_domain("vm-n", "test", 256, 1, vol.path()).to_xml())
-    placement = Placement("default", "virbr0", "192.168.122.0/24", "192.168.122.5")
-    store.save({"vm-n": Entry([nat.Rule(guest=22, host=10022)], placement)})
-    assert forwards.current("vm-n")
-    with pytest.raises(ConflictError, match=r"it has NAT forwards on hv1 \(tcp 10022->22\)"):
+    mac = "52:54:00:aa:bb:0e"
+    _network(hv1, "lan", "10.9.0.1")
+    _network(hv2, "lan")
+    _forwarded(hosts, store, "lan", mac, "10.9.0.50")
+    planned = _plan(hosts, "vm-n")
+    assert (planned.forwards.moved_to, planned.forwards.pin) == ("hv2", ("lan", mac, "10.9.0.50"))
+
+    def fail(dom, dconn, parameters, flags):
+        assert forwards.elsewhere("vm-n") == "hv2"
+        assert "10.9.0.50" in hv1.networkLookupByName("lan").XMLDesc(0)
+        raise SaltKvmError("libvirt's migration failed: injected")
+
+    monkeypatch.setattr(mig, "migrate", fail)
+    with pytest.raises(SaltKvmError, match="injected"):
+        migration.run(hv1, hv2, planned)
+    assert forwards.elsewhere("vm-n") == "" and forwards.pin_of("vm-n") is None
+    assert "10.9.0.50" not in hv1.networkLookupByName("lan").XMLDesc(0)
+
+    monkeypatch.setattr(mig, "migrate", _moved)
+    moved = migration.run(hv1, hv2, _plan(hosts, "vm-n"))
+    assert moved["nat"] == {
+        "forwards": "tcp 10022->22",
+        "on_host": "hv2",
+        "pinned": f"lan|{mac}|10.9.0.50",
+    }
+    assert hv2.lookupByName("vm-n").isActive()
+    assert forwards.elsewhere("vm-n") == "hv2"
+    assert forwards.pin_of("vm-n") == (hv1.getURI(), "lan", mac, "10.9.0.50")
+    assert "10.9.0.50" in hv1.networkLookupByName("lan").XMLDesc(0)
+    assert forwards.current("vm-n") == [nat.Rule(guest=22, host=10022)]
+    # gone from hv1's libvirt, but not gone: the release hook and refresh keep it
+    assert nathooks.on_qemu("vm-n", "release", store) == []
+    assert forwards._gone(hv1, store, set()) == set()
+    assert forwards.listing("vm-n", store)["vm-n"]["moved_to"] == "hv2"
+    # back on hv1 (the network whose bridge the forwards point at), they are its own again
+    request = mig.Request()
+    home = migration.plan(hv2, hv1, "vm-n", ("hv2", "hv1"), "test:///hv1", request)
+    assert (home.forwards.moved_to, home.forwards.pin) == ("", None)
+    assert migration.run(hv2, hv1, home)["nat"]["on_host"] == "this host"
+    assert forwards.elsewhere("vm-n") == "" and forwards.pin_of("vm-n") is not None
+    migration.run(hv1, hv2, _plan(hosts, "vm-n"))
+    assert forwards.elsewhere("vm-n") == "hv2"  # and away again, the pin kept
+    # -d on hv2 removes them here and releases the pin on hv1
+    monkeypatch.setattr(forwards, "sync_kernel", lambda entries, **_: [])
+    monkeypatch.setattr(actions.connection, "connected", lambda uri: contextlib.nullcontext(hv1))
+    removed = actions.destroy(hv2, "vm-n", False)
+    assert f"lan|{mac}|10.9.0.50" in removed["reservations"]
+    assert "10.9.0.50" not in hv1.networkLookupByName("lan").XMLDesc(0)
+    assert forwards.current("vm-n") == []
+
+
+def test_nat_forwards_are_refused_where_the_target_serves_addresses_itself(
+    hosts, tmp_path, monkeypatch
+):
+    store = Store(tmp_path / "nat.json")
+    monkeypatch.setenv("SALT_KVM_NAT_STATE", str(store.path))
+    _network(hosts["hv1"], "dmz", "10.7.0.1")
+    _network(hosts["hv2"], "dmz", "10.8.0.1")
+    _forwarded(hosts, store, "dmz", "52:54:00:aa:bb:0d", "10.7.0.50")
+    with pytest.raises(
+        ConflictError,
+        match=r"it has NAT forwards on hv1 \(tcp 10022->22\) and hv2's network dmz serves "
+        r"addresses itself: the forwards could not follow",
+    ):
         _plan(hosts, "vm-n")
+    assert forwards.elsewhere("vm-n") == ""
 
 
 def test_the_driver_action_checks_its_input_first(provider, hosts):
@@ -235,3 +325,59 @@ def test_a_failed_move_leaves_nothing_on_the_target_and_the_guest_where_it_was(h
     assert (_volumes(hv2), _domains(hv2), hv2.networkLookupByName("default").XMLDesc(0)) == before
     assert hv1.lookupByName("vm-f").isActive()
     assert {"base-f.qcow2", "vm-f.qcow2"} <= set(_volumes(hv1))
+
+
+def _efi_guest(hv1, name):
+    """A running guest with its own UEFI variables volume (as firmware: efi makes it)."""
+    disk = _volume(hv1, f"{name}.qcow2")
+    pool = hv1.storagePoolLookupByName("default-pool")
+    nvram = pool.createXML(Volume.new(f"{name}_VARS.fd", 540672, "raw").to_xml(), 0)
+    xml = new_domain(name, "test", 256, 1, disk.path())
+    loader = etree.SubElement(xml.node.find("os"), "loader", readonly="yes", type="pflash")
+    loader.text = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    etree.SubElement(xml.node.find("os"), "nvram").text = nvram.path()
+    xml.set_managed_info({"base": "b", "volumes": [disk.path()], "nvram": nvram.path()})
+    hv1.defineXML(xml.to_xml()).create()
+    return nvram.path()
+
+
+def test_uefi_variables_move_with_the_guest_and_go_on_a_failure(hosts, monkeypatch):
+    """The NVRAM volume is copied to the target's pool before the move, the
+    target's definition (and salt-kvm's record) name the copy, the source's
+    goes after; a failed move removes the copy and keeps the source's."""
+    hv1, hv2 = hosts["hv1"], hosts["hv2"]
+    source = _efi_guest(hv1, "vm-e")
+    planned = _plan(hosts, "vm-e")
+    assert (planned.nvram.volume, planned.nvram.capacity) == ("vm-e_VARS.fd", 540672)
+    copied = []
+    monkeypatch.setattr(mig, "copy_volume", lambda src, dconn, dst: copied.append(dst.path()))
+
+    def fail(dom, dconn, parameters, flags):
+        assert "vm-e_VARS.fd" in _volumes(dconn)
+        raise SaltKvmError("libvirt's migration failed: injected")
+
+    monkeypatch.setattr(mig, "migrate", fail)
+    with pytest.raises(SaltKvmError, match="injected"):
+        migration.run(hv1, hv2, planned)
+    assert "vm-e_VARS.fd" not in _volumes(hv2) and "vm-e_VARS.fd" in _volumes(hv1)
+
+    monkeypatch.setattr(mig, "migrate", _moved)
+    moved = migration.run(hv1, hv2, _plan(hosts, "vm-e"))
+    target = planned.nvram.target_path
+    assert moved["nvram"] == target and copied[-1] == target
+    xml = Domain(hv2.lookupByName("vm-e").XMLDesc(0))
+    assert xml.node.find("os/nvram").text == target
+    assert xml.managed_info()["nvram"] == target
+    assert source in moved["source"]["deleted_volumes"]
+    assert "vm-e_VARS.fd" not in _volumes(hv1)
+
+
+def test_a_tpm_guest_is_refused_by_name(hosts):
+    hv1 = hosts["hv1"]
+    disk = _volume(hv1, "vm-t2.qcow2")
+    xml = new_domain("vm-t2", "test", 256, 1, disk.path())
+    tpm = etree.SubElement(xml.node.find("devices"), "tpm", model="tpm-crb")
+    etree.SubElement(tpm, "backend", type="emulator", version="2.0")
+    hv1.defineXML(xml.to_xml())
+    with pytest.raises(ConflictError, match="it has a TPM: its state"):
+        _plan(hosts, "vm-t2")

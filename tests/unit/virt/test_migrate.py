@@ -101,7 +101,7 @@ class _Dom:
         return []
 
 
-def test_media_shared_and_non_file_disks_and_nvram_are_named():
+def test_media_shared_and_non_file_disks_and_a_tpm_are_named():
     xml = new_domain("vm1", "qemu", 512, 1, "/src/vm1.qcow2")
     devices = xml.node.find("devices")
     cdrom = etree.SubElement(devices, "disk", type="file", device="cdrom")
@@ -117,12 +117,26 @@ def test_media_shared_and_non_file_disks_and_nvram_are_named():
     etree.SubElement(shared, "source", file="/src/shared.raw")
     etree.SubElement(shared, "target", dev="vdc")
     etree.SubElement(shared, "shareable")
-    etree.SubElement(xml.node.find("os"), "nvram").text = "/src/vm1_VARS.fd"
+    etree.SubElement(xml.node.find("os"), "nvram").text = "/src/vm1_VARS.fd"  # moves
+    tpm = etree.SubElement(devices, "tpm", model="tpm-crb")
+    etree.SubElement(tpm, "backend", type="emulator", version="2.0")
     assert mig.refusals(_Dom(), Domain(xml.to_xml())) == [
-        "it has UEFI variables (NVRAM) of its own: not moved yet",
+        "it has a TPM: its state (swtpm's files, outside any storage pool) is not moved, "
+        "and a TPM whose state forks breaks what it sealed",
         "disk sda is a read-only medium (/src/seed.iso): eject it first",
         "disk vdb is not a file (block): only pool volumes move",
         "disk vdc is shareable: storage the hosts would have to share",
     ]
     plain = new_domain("vm2", "qemu", 512, 1, "/src/vm2.qcow2")
     assert mig.refusals(_Dom(), plain) == []
+
+
+def test_the_target_definition_names_the_moved_nvram():
+    xml = new_domain("vm1", "qemu", 512, 1, "/src/vm1.qcow2")
+    etree.SubElement(xml.node.find("os"), "nvram").text = "/src/vm1_VARS.fd"
+    xml.set_managed_info({"volumes": ["/src/vm1.qcow2"], "nvram": "/src/vm1_VARS.fd"})
+    paths = {"/src/vm1.qcow2": "/dst/vm1.qcow2", "/src/vm1_VARS.fd": "/dst/vm1_VARS.fd"}
+    moved = mig.rewrite(xml, paths)
+    assert moved.node.find("os/nvram").text == "/dst/vm1_VARS.fd"
+    assert moved.managed_info()["nvram"] == "/dst/vm1_VARS.fd"
+    assert moved.managed_info()["volumes"] == ["/dst/vm1.qcow2"]
