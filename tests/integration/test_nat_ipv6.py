@@ -8,6 +8,7 @@ file and table are changed under the NAT lock) and restarts nothing."""
 import contextlib
 import dataclasses
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -177,3 +178,49 @@ def test_removing_the_forward_empties_the_ipv6_side(conn, guest):
     assert relays_of(name) == []
     with pytest.raises(OSError):
         socket.create_connection((HOST6, SSH), timeout=5).close()
+
+
+@contextlib.contextmanager
+def dummy_ula():
+    """A ULA on a dummy interface this test makes and removes (never an
+    address of the machine's uplink): an IPv6 address of the host that is on
+    no libvirt network, so the guest has no route back to it."""
+    link, address = f"{STEM}-d6", f"fd5b:5d00:{OCTET}::7"
+    subprocess.run(["ip", "link", "add", link, "type", "dummy"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", f"{address}/64", "dev", link, "nodad"], check=True)
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+        yield address
+    finally:
+        subprocess.run(["ip", "link", "del", link], check=False)
+
+
+def test_a_forward_on_a_host_ipv6_address_answers_there_only(conn, guest):
+    """``host_address``: the network's IPv6 host address given explicitly,
+    then a ULA of the host on no guest network; DNATed to the guest's IPv6
+    address, and relayed when the guest is treated as IPv4-only."""
+    name, mac, _ = guest
+    try:
+        forwards.apply(conn, name, [{"guest": 22, "host": SSH, "host_address": HOST6}])
+        assert mac_via(HOST6) == mac
+        assert relays_of(name) == []  # DNAT only, not even [::1]
+        with pytest.raises(OSError):  # IPv6 only: nothing on IPv4
+            socket.create_connection(("127.0.0.1", SSH), timeout=5).close()
+        with dummy_ula() as ula:
+            forwards.apply(conn, name, [{"guest": 22, "host": SSH, "host_address": ula}])
+            assert nat.comment_for(name, nat.Rule(22, SSH, "tcp", ula)) in str(
+                firewall.table_comments(nat.TABLE6_FAMILY)
+            )
+            assert mac_via(ula) == mac  # DNAT, the host's own connection masqueraded
+            located = Store().load()[name].placement
+            ipv4_only = dataclasses.replace(located, address6="", subnet6="")
+            rule = [{"guest": 22, "host": SSH, "host_address": ula}]
+            forwards.apply(conn, name, rule, placement=ipv4_only)
+            assert len(relays_of(name)) == 1 and name not in str(
+                firewall.table_comments(nat.TABLE6_FAMILY)
+            )
+            assert mac_via(ula) == mac  # the relay on [ula], to the guest's IPv4
+            forwards.apply(conn, name, [])
+            assert relays_of(name) == []
+    finally:
+        forwards.apply(conn, name, [])
