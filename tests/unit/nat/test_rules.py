@@ -311,3 +311,25 @@ def test_ipv6_loopback_as_host_address_is_never_dnated():
 
 def test_an_ipv6_rule_prints_its_address_in_brackets():
     assert str(nat.Rule(22, 10022, host_address="fd99::7")) == "[fd99::7]:10022/tcp -> 22"
+
+
+def test_the_lease_reserved_for_the_macs_duid_ll_is_the_ipv6_target():
+    """A guest told to ask with its DUID-LL (nics[].ip6) asked first with its
+    machine-id DUID: both leases carry its MAC; the reserved one is taken."""
+    from lxml import etree
+
+    from salt_kvm.nat import placement
+
+    mac = "52:54:00:00:00:0a"
+    root = etree.fromstring(
+        "<network><ip family='ipv6' address='fd00:160::1' prefix='64'><dhcp>"
+        "<range start='fd00:160::100' end='fd00:160::1ff'/>"
+        f"<host id='00:03:00:01:{mac}' ip='fd00:160::60'/>"
+        "<host id='00:03:00:01:52:54:00:00:00:0b' ip='fd00:160::61'/>"
+        "</dhcp></ip></network>"
+    )
+    leased = ["fd00:160::1a2", "fd00:160::60"]
+    assert placement._address6(root, mac, leased, "")[1] == "fd00:160::60"
+    assert placement._address6(root, mac, ["fd00:160::1a2"], "")[1] == "fd00:160::1a2"
+    # a reservation alone (no lease for the MAC) is not where the guest is
+    assert placement._address6(root, "52:54:00:00:00:0b", [], "")[1] == ""
