@@ -40,6 +40,10 @@ def _host_xml(mac: str, ip: str, name: str | None) -> str:
 
 
 def _flags(net: libvirt.virNetwork) -> int:
+    """Live and persistent; a transient network (net-create) has no
+    persistent config, an inactive one no live state."""
+    if not net.isPersistent():
+        return libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE
     return LIVE_AND_CONFIG if net.isActive() else libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
 
 

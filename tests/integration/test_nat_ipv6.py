@@ -197,18 +197,17 @@ def test_removing_the_forward_empties_the_ipv6_side(conn, guest):
 
 
 @contextlib.contextmanager
-def dummy_ula():
-    """A ULA on a dummy interface this test makes and removes (never an
-    address of the machine's uplink): an IPv6 address of the host that is on
-    no libvirt network, so the guest has no route back to it."""
-    link, address = f"{STEM}-d6", f"fd5b:5d00:{OCTET}::7"
-    subprocess.run(["ip", "link", "add", link, "type", "dummy"], check=True)
+def host_ula():
+    """A ULA this test adds to the loopback interface and removes (never an
+    address of the machine's uplink; this kernel has no dummy links): an
+    IPv6 address of the host on no libvirt network, so the guest has no
+    on-link route back to it."""
+    address = f"fd5b:5d00:{OCTET}::7"
+    subprocess.run(["ip", "-6", "addr", "add", f"{address}/128", "dev", "lo"], check=True)
     try:
-        subprocess.run(["ip", "addr", "add", f"{address}/64", "dev", link, "nodad"], check=True)
-        subprocess.run(["ip", "link", "set", link, "up"], check=True)
         yield address
     finally:
-        subprocess.run(["ip", "link", "del", link], check=False)
+        subprocess.run(["ip", "-6", "addr", "del", f"{address}/128", "dev", "lo"], check=False)
 
 
 def test_a_forward_on_a_host_ipv6_address_answers_there_only(conn, guest):
@@ -222,7 +221,7 @@ def test_a_forward_on_a_host_ipv6_address_answers_there_only(conn, guest):
         assert relays_of(name) == []  # DNAT only, not even [::1]
         with pytest.raises(OSError):  # IPv6 only: nothing on IPv4
             socket.create_connection(("127.0.0.1", SSH), timeout=5).close()
-        with dummy_ula() as ula:
+        with host_ula() as ula:
             forwards.apply(conn, name, [{"guest": 22, "host": SSH, "host_address": ula}])
             assert nat.comment_for(name, nat.Rule(22, SSH, "tcp", ula)) in str(
                 firewall.table_comments(nat.TABLE6_FAMILY)

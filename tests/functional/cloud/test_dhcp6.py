@@ -115,3 +115,15 @@ def test_an_ip6_the_network_cannot_take_stops_the_create_first(conn, pool, base)
         provision.create(conn, build_spec(values), Rollback(), lambda *a: None)
     assert err.value.key == "nics[0].ip6"
     assert sorted(d.name() for d in conn.listAllDomains(0)) == before
+
+
+def test_a_transient_network_takes_reservations_live_only(conn):
+    """A network made by net-create has no persistent config to change."""
+    net = conn.networkCreateXML(DUAL.replace("<name>dual", "<name>dual-t"))
+    assert not net.isPersistent()
+    assert dhcp.reserve(conn, "dual-t", MAC, "fd00:160::50", "vm1") is True
+    assert dhcp.reserve(conn, "dual-t", MAC, "192.168.160.50", "vm1") is True
+    assert hosts6(net) == [{"id": dhcp.duid_ll(MAC), "ip": "fd00:160::50"}]
+    dhcp.release(conn, "dual-t", MAC, "fd00:160::50")
+    dhcp.release(conn, "dual-t", MAC, "192.168.160.50")
+    assert "<host " not in net.XMLDesc(0)
