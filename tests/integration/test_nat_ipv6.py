@@ -94,6 +94,9 @@ def guest(conn, base_domain):
             made = provision.create(conn, spec, rollback, lambda *_: None, seed_iso=seed)
             rollback.forget()
         mac = made.macs[0]
+        print(f"created, first address: {time.monotonic() - started:.1f} s")
+        dhcp_lease(net, mac)
+        print(f"a first DHCPv6 lease: {time.monotonic() - started:.1f} s")
         address6 = dhcp_lease(net, mac, want=RESERVED6)
         dhcp_lease(net, mac, libvirt.VIR_IP_ADDR_TYPE_IPV4)  # the IPv4 forward's target
         print(f"guest with its reserved DHCPv6 lease: {time.monotonic() - started:.1f} s")
