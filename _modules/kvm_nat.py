@@ -81,6 +81,7 @@ def add(name, guest_port, host_port=None, proto="tcp", host_address=None, uri=No
         salt hypervisor kvm_nat.add vm1 22
         salt hypervisor kvm_nat.add vm1 53 host_port=5353 proto=udp
         salt hypervisor kvm_nat.add vm1 80 host_address=203.0.113.7
+        salt hypervisor kvm_nat.add vm1 22 host_address=2001:db8::7  # IPv6 only
     """
     changes = _call(
         lambda conn: forwards.add(

@@ -423,3 +423,25 @@ def network_config(nics: list) -> dict | None:
             entry["dhcp4"] = True
         ethernets[f"eth{index}"] = entry
     return {"version": 2, "ethernets": ethernets}
+
+
+# ---- IPv6 reservations: the DUID the guest asks with ------------------------
+
+DUID_CONF = "/etc/systemd/networkd.conf.d/50-salt-kvm-duid.conf"
+
+
+def duid_config(nics: list) -> dict:
+    """A ``bootcmd`` that makes systemd-networkd's DHCPv6 client send the
+    DUID-LL of each NIC's MAC (``DUIDType=link-layer``), the key of the NICs'
+    ``ip6`` reservations; empty without one. Written and networkd restarted
+    on the first boot only (it may have asked with its machine-id DUID by
+    then; it asks again). An image without networkd is left as it is."""
+    if not any(getattr(n, "ip6", None) for n in nics):
+        return {}
+    script = (
+        f"[ -e {DUID_CONF} ] || ! [ -d /etc/systemd/network ] || {{ "
+        f"mkdir -p {DUID_CONF.rsplit('/', 1)[0]} && "
+        f"printf '[DHCPv6]\\nDUIDType=link-layer\\n' > {DUID_CONF} && "
+        "systemctl try-restart systemd-networkd; }"
+    )
+    return {"bootcmd": [["sh", "-c", script]]}

@@ -337,6 +337,10 @@ def seed_iso(spec: VMSpec, plan: Plan | None, grains: dict | None, **extra: Any)
     mounts = shares.cloud_config(spec.shares)
     if mounts:
         minion = cloudinit.merge(mounts, minion or {})
+    # nics[].ip6: the guest's DHCPv6 client asks with the reservation's DUID.
+    duid = cloudinit.duid_config(spec.nics or [])
+    if duid:
+        minion = cloudinit.merge(duid, minion or {})
     ci = spec.cloud_init
     # nics[].ip on a bridge: the guest's network config (the spec refuses it
     # beside cloud_init.network_config).

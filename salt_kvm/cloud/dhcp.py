@@ -1,4 +1,9 @@
-"""DHCP host reservations on libvirt-managed networks (pre-provisioned name/MAC/IP)."""
+"""DHCP host reservations on libvirt-managed networks (pre-provisioned name/MAC/IP).
+
+IPv4 reservations are keyed by MAC; IPv6 ones (``nics[].ip6``) by the DUID-LL
+made from the MAC, in the network's IPv6 ``<dhcp>``: libvirt accepts no MAC
+there. The same ``network|mac|ip`` record names both (the address's family
+tells them apart), so rollback and ``salt-cloud -d`` release them alike."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import ipaddress
 import libvirt
 
 from salt_kvm.errors import ConflictError, NotFoundError, SpecError
-from salt_kvm.virt.network import DhcpHost, Network
+from salt_kvm.virt.network import DhcpHost, Network, NetworkIP, duid_ll
 
 LIVE_AND_CONFIG = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
 
@@ -35,11 +40,21 @@ def _host_xml(mac: str, ip: str, name: str | None) -> str:
 
 
 def _flags(net: libvirt.virNetwork) -> int:
+    """Live and persistent; a transient network (net-create) has no
+    persistent config, an inactive one no live state."""
+    if not net.isPersistent():
+        return libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE
     return LIVE_AND_CONFIG if net.isActive() else libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+
+
+def _is6(ip: str) -> bool:
+    return ipaddress.ip_address(ip).version == 6
 
 
 def check(conn: libvirt.virConnect, network: str, mac: str, ip: str, key: str) -> None:
     """Refuse, before anything is made, a reservation the network cannot take."""
+    if _is6(ip):
+        return _check6(conn, network, mac, ip, key)
     net = _network(conn, network)
     xml = _config_xml(net)
     address = ipaddress.ip_address(ip)
@@ -64,6 +79,83 @@ def check(conn: libvirt.virConnect, network: str, mac: str, ip: str, key: str) -
     )
 
 
+def _ipv6_dhcp(xml: Network) -> tuple[int, NetworkIP] | None:
+    """The network's IPv6 ``<ip>`` with a ``<dhcp>`` and its index among the
+    ``<ip>`` elements (``net.update``'s parent index), None without one."""
+    for index, ip_node in enumerate(xml.ips):
+        if ip_node.family == "ipv6" and ip_node.dhcp:
+            return index, ip_node
+    return None
+
+
+def _check6(conn: libvirt.virConnect, network: str, mac: str, ip: str, key: str) -> None:
+    xml = _config_xml(_network(conn, network))
+    found = _ipv6_dhcp(xml)
+    if found is None:
+        raise SpecError(
+            key,
+            f"network {network!r} has no IPv6 DHCP (an <ip family='ipv6'> with <dhcp>)",
+            "a dual-stack libvirt network with a DHCPv6 range, or leave ip6 out",
+        )
+    _, ip_node = found
+    subnet = ip_node.subnet()
+    address = ipaddress.ip_address(ip)
+    if subnet is None or address not in subnet:
+        raise SpecError(
+            key, f"{ip} is not in network {network!r}'s IPv6 subnet", f"an address in {subnet}"
+        )
+    if address == ipaddress.ip_address(ip_node.address):
+        raise SpecError(key, f"{ip} is the network's own address", f"an address in {subnet}")
+    duid = duid_ll(mac)
+    for host in ip_node.hosts:
+        same = host.ip is not None and ipaddress.ip_address(host.ip) == address
+        if same and (host.id or "").lower() != duid:
+            raise ConflictError(
+                f"{key}: {ip} is already reserved on network {network!r} for {host.id or host.name}"
+            )
+        if (host.id or "").lower() == duid and not same:
+            raise ConflictError(
+                f"{key}: {mac} already has an IPv6 reservation for {host.ip} on {network!r}"
+            )
+
+
+def _reserve6(net: libvirt.virNetwork, mac: str, ip: str) -> bool:
+    xml = _config_xml(net)
+    found = _ipv6_dhcp(xml)
+    if found is None:
+        raise SpecError("ip6", f"network {net.name()!r} has no IPv6 DHCP", "a dual-stack network")
+    index, ip_node = found
+    duid, address = duid_ll(mac), ipaddress.ip_address(ip)
+    for host in ip_node.hosts:
+        if (host.id or "").lower() == duid and ipaddress.ip_address(host.ip) == address:
+            return False
+    net.update(
+        libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+        libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+        index,
+        DhcpHost.new6(duid, str(address)).to_xml(),
+        _flags(net),
+    )
+    return True
+
+
+def _release6(net: libvirt.virNetwork, mac: str, ip: str) -> None:
+    found = _ipv6_dhcp(_config_xml(net))
+    if found is None:
+        return
+    index, ip_node = found
+    duid, address = duid_ll(mac), ipaddress.ip_address(ip)
+    for host in ip_node.hosts:
+        if (host.id or "").lower() == duid and ipaddress.ip_address(host.ip) == address:
+            net.update(
+                libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
+                libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                index,
+                host.to_xml(),
+                _flags(net),
+            )
+
+
 def reserve(conn: libvirt.virConnect, network: str, mac: str, ip: str, name: str) -> bool:
     """Add the reservation; ``False`` when it already existed (nothing to undo).
 
@@ -72,6 +164,8 @@ def reserve(conn: libvirt.virConnect, network: str, mac: str, ip: str, name: str
     two entries with one name, and it is the guest's one DNS name there).
     """
     net = _network(conn, network)
+    if _is6(ip):
+        return _reserve6(net, mac, ip)
     xml = _config_xml(net)
     named = False
     for host in xml.dhcp_hosts():
@@ -90,6 +184,8 @@ def reserve(conn: libvirt.virConnect, network: str, mac: str, ip: str, name: str
 
 def release(conn: libvirt.virConnect, network: str, mac: str, ip: str) -> None:
     net = _network(conn, network)
+    if _is6(ip):
+        return _release6(net, mac, ip)
     xml = _config_xml(net)
     for host in xml.dhcp_hosts():
         if (host.mac or "").lower() == mac and host.ip == ip:

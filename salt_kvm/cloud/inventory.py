@@ -90,12 +90,27 @@ def _disk_sizes(xml: Domain, stats: dict) -> list[dict]:
     return disks
 
 
-def _nics(xml: Domain) -> list[dict]:
-    """Each NIC's kind (network, bridge, direct...) and what it is on."""
+def _reserved(info: dict) -> dict[tuple[str, int], str]:
+    """(MAC, IP version) → the address reserved for it (``network|mac|ip``
+    records of the create: nics[].ip, nics[].ip6)."""
+    found: dict[tuple[str, int], str] = {}
+    for item in info.get("reservations") or []:
+        _, mac, ip = item.split("|")
+        found[(mac.lower(), ipaddress.ip_address(ip).version)] = ip
+    return found
+
+
+def _nics(xml: Domain, info: dict | None = None) -> list[dict]:
+    """Each NIC's kind (network, bridge, direct...), what it is on and its
+    DHCP reservations (``ip``, ``ip6``)."""
     shown = []
+    reserved = _reserved(info or {})
     for iface in xml.interfaces:
         entry = {"type": iface.type, "source": iface.source, "mac": iface.mac, "model": iface.model}
+        mac = (iface.mac or "").lower()
         extra = {
+            "ip": reserved.get((mac, 4)),
+            "ip6": reserved.get((mac, 6)),
             "mode": iface.source_mode if iface.type == "direct" else None,
             "virtualport": iface.virtualport,
             "vlan": iface.vlans or None,
@@ -167,7 +182,7 @@ def describe(
         "vcpus": vcpus,
         "memory_mib": memory_mib,
         "macs": macs,
-        "nics": _nics(xml),
+        "nics": _nics(xml, info),
         "hostdevs": _hostdevs(xml),
         "disks": disks,
         "shares": sharehost.describe(xml),

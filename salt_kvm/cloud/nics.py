@@ -24,6 +24,7 @@ NIC_KEYS = (
     "bridge",
     "mac",
     "ip",
+    "ip6",
     "prefix",
     "netmask",
     "gateway",
@@ -42,6 +43,8 @@ class NicSpec:
     bridge: str | None = None
     mac: str | None = None
     ip: str | None = None
+    # A static IPv6 reservation on a dual-stack libvirt network (its DHCPv6).
+    ip6: str | None = None
     model: str = DEFAULT_MODEL
     # A bridge NIC's static plan (None/empty on a libvirt network).
     prefix: int | None = None
@@ -165,6 +168,36 @@ def _ip(nic: NicSpec, item: dict, where: str) -> int | None:
     return int(length) if slash else None
 
 
+def _ip6(nic: NicSpec, item: dict, where: str) -> str:
+    """``nic.ip6``: reserved in the network's IPv6 DHCP for the DUID-LL made
+    from the NIC's MAC (libvirt keys IPv6 reservations by DUID, not MAC)."""
+    accepted = "a global or unique-local IPv6 address such as fd00:160::50 (no prefix)"
+    if nic.network is None:
+        raise SpecError(
+            f"{where}.ip6",
+            "an IPv6 reservation is made in a libvirt network's DHCPv6",
+            "network, mac and ip6 together (a dual-stack libvirt network)",
+        )
+    try:
+        address = ipaddress.IPv6Address(str(item["ip6"]).strip())
+    except ValueError:
+        raise SpecError(
+            f"{where}.ip6", f"{item['ip6']!r} is not an IPv6 address", accepted
+        ) from None
+    if address.is_link_local or address.is_multicast or address.is_loopback:
+        raise SpecError(f"{where}.ip6", f"{address} cannot be reserved", accepted)
+    if address.is_unspecified or address.ipv4_mapped is not None:
+        raise SpecError(f"{where}.ip6", f"{address} cannot be reserved", accepted)
+    if nic.mac is None:
+        raise SpecError(
+            f"{where}.ip6",
+            "a fixed ip6 needs a fixed mac: the reservation's DUID is made from it",
+            "mac and ip6 together",
+        )
+    nic.ip6 = str(address)
+    return nic.ip6
+
+
 def _kind_keys(nic: NicSpec, item: dict, where: str) -> None:
     """The keys that depend on the NIC's kind (nickinds)."""
     if nic.kind == nickinds.KIND_DIRECT:
@@ -177,7 +210,8 @@ def _kind_keys(nic: NicSpec, item: dict, where: str) -> None:
 def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
     accepted = (
         "a list of network names or mappings with network|bridge (or type: direct with "
-        "source, mode), mac, ip, model, mtu, virtualport, vlan, trunk "
+        "source, mode), mac, ip, ip6 (a dual-stack network), model, mtu, virtualport, vlan, "
+        "trunk "
         "(and prefix|netmask, gateway, dns with an ip on a bridge)"
     )
     if not isinstance(value, list) or not value:
@@ -212,6 +246,15 @@ def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
             macs.add(mac)
             nic.mac = mac
         cidr = _ip(nic, item, where) if item.get("ip") is not None else None
+        if item.get("ip6") not in (None, ""):
+            ip6 = _ip6(nic, item, where)
+            if ip6 in fixed:
+                raise SpecError(
+                    f"{where}.ip6",
+                    f"{ip6} is used twice (nics[{fixed[ip6]}] has it)",
+                    "distinct IPs",
+                )
+            fixed[ip6] = index
         for plan_key in PLAN_KEYS:
             if item.get(plan_key) not in (None, "", []) and not nic.static:
                 raise SpecError(

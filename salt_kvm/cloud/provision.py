@@ -88,6 +88,8 @@ def _check_fixed_macs(conn: libvirt.virConnect, spec: VMSpec, taken: set[str]) -
             raise ConflictError(f"nics[{index}].mac: {nic.mac} is already used by another domain")
         if nic.ip and nic.network and nic.mac:  # a fixed ip comes with its mac (spec)
             dhcp.check(conn, nic.network, nic.mac, nic.ip, f"nics[{index}].ip")
+        if nic.ip6 and nic.network and nic.mac:  # so does ip6
+            dhcp.check(conn, nic.network, nic.mac, nic.ip6, f"nics[{index}].ip6")
 
 
 def _customize(
@@ -117,14 +119,18 @@ def _customize(
 def _reserve(conn, spec: VMSpec, rollback: Rollback) -> list[str]:
     made = []
     for nic in spec.nics or []:
-        if nic.ip and nic.network and nic.mac:  # a fixed ip comes with its mac (spec)
-            rollback.intend("reservation", network=nic.network, mac=nic.mac, ip=nic.ip)
-            if dhcp.reserve(conn, nic.network, nic.mac, nic.ip, spec.name):
+        if not (nic.network and nic.mac):  # a fixed ip comes with its mac (spec)
+            continue
+        for ip in (nic.ip, nic.ip6):  # IPv4 by MAC, IPv6 by the MAC's DUID-LL
+            if not ip:
+                continue
+            rollback.intend("reservation", network=nic.network, mac=nic.mac, ip=ip)
+            if dhcp.reserve(conn, nic.network, nic.mac, ip, spec.name):
                 rollback.add(
-                    f"DHCP reservation {nic.ip} on {nic.network}",
-                    _releaser(conn, rollback, nic.network, nic.mac, nic.ip),
+                    f"DHCP reservation {ip} on {nic.network}",
+                    _releaser(conn, rollback, nic.network, nic.mac, ip),
                 )
-            made.append(f"{nic.network}|{nic.mac}|{nic.ip}")
+            made.append(f"{nic.network}|{nic.mac}|{ip}")
     return made
 
 

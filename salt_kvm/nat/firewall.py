@@ -8,6 +8,7 @@ call back into libvirtd).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import shutil
@@ -351,10 +352,11 @@ def guarded_bridges() -> set[str]:
 
 
 def local_addresses() -> set[str]:
-    """The IPv4 addresses of this host's interfaces."""
-    proc = _run(["ip", "-j", "-4", "addr", "show"])
+    """The IPv4 and IPv6 addresses of this host's interfaces (IPv6 as
+    ``ipaddress`` writes them, the form a parsed host_address has)."""
+    proc = _run(["ip", "-j", "addr", "show"])
     return {
-        info["local"]
+        str(ipaddress.ip_address(info["local"]))
         for link in json.loads(proc.stdout or "[]")
         for info in link.get("addr_info", [])
         if info.get("local")

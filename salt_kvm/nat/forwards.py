@@ -284,8 +284,8 @@ def _active(entries: dict[str, Entry]) -> bool:
     """Whether the kernel's table holds exactly what the state says (forwards and guards)."""
     forwards = all_forwards(entries)
     chains = firewall.table_comments()
-    wanted = sorted(f.comment for f in forwards)
-    guards = sorted(nat.GUARD + b for b in {f.bridge for f in forwards})
+    wanted = sorted(f.comment for f in forwards if f.answers_ipv4)
+    guards = sorted(nat.GUARD + b for b in {f.bridge for f in forwards if f.answers_ipv4})
     wanted6 = sorted(f.comment for f in forwards if f.answers_ipv6)
     chains6 = firewall.table_comments(nat.TABLE6_FAMILY)
     return (
@@ -408,12 +408,13 @@ def undo_for(domain: str, store: Store | None = None) -> Callable[[], object]:
 
 def check_host_addresses(rules: list[nat.Rule], key: str = "rules") -> None:
     """A forward listens only on an address of this host (or the documented wildcards)."""
-    explicit = [r.host_address for r in rules if r.host_address not in (None, nat.EVERY)]
+    wide = (None, nat.EVERY, nat.EVERY6)
+    explicit = [r.host_address for r in rules if r.host_address not in wide]
     if not explicit:
         return
     local = firewall.local_addresses()
     for address in explicit:
-        if address not in local and not ipaddress.IPv4Address(address).is_loopback:
+        if address not in local and not ipaddress.ip_address(address).is_loopback:
             raise SpecError(
                 f"{key}.host_address",
                 f"{address} is not an address of this host",
@@ -448,10 +449,14 @@ def listing(domain: str | None = None, store: Store | None = None) -> dict[str, 
     (``firewall`` says how, or why not)."""
     entries = (store or Store()).load()
     active = set(firewall.table_comments().get("prerouting", []))
+    if any(r.ipv6_only for e in entries.values() for r in e.rules):
+        # an IPv6 host_address: the ip6 table's DNAT, or relays only
+        active |= set(firewall.table_comments(nat.TABLE6_FAMILY).get("prerouting", []))
     result = {}
     through, why = firewall.passable() if entries else (True, "")
     planned = _planned_relays(all_forwards(entries)) if entries else []
     running = relays.runner().running() if planned else set()
+    relayed = {(r.domain, r.port) for r in planned if r.name in running}
     for name, entry in sorted(entries.items()):
         if domain is not None and name != domain:
             continue
@@ -464,7 +469,7 @@ def listing(domain: str | None = None, store: Store | None = None) -> dict[str, 
             "address6": entry.placement.address6 or None,
             "firewall": why,
             "forwards": [
-                {**r.as_dict(), "active": through and nat.comment_for(name, r) in active}
+                {**r.as_dict(), "active": _shown_active(name, r, active, relayed, through)}
                 for r in entry.rules
             ],
             # What the userspace relays carry ([::1], IPv6 to an IPv4-only guest).
@@ -475,6 +480,16 @@ def listing(domain: str | None = None, store: Store | None = None) -> dict[str, 
             ],
         }
     return result
+
+
+def _shown_active(
+    name: str, rule: nat.Rule, active: set[str], relayed: set[tuple[str, int]], through: bool
+) -> bool:
+    """In a table (and passing libvirt's rules); an IPv6-only forward to an
+    IPv4-only guest: its relay runs."""
+    if rule.ipv6_only and nat.comment_for(name, rule) not in active:
+        return (name, rule.host) in relayed
+    return through and nat.comment_for(name, rule) in active
 
 
 def reapply(store: Store | None = None) -> list[str]:

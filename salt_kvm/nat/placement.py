@@ -14,6 +14,7 @@ from lxml import etree
 from salt_kvm.errors import ConflictError, NotFoundError, SpecError
 from salt_kvm.nat.store import Placement
 from salt_kvm.virt.domain import Domain
+from salt_kvm.virt.network import duid_ll
 
 
 def _networks(conn: libvirt.virConnect) -> dict[str, libvirt.virNetwork]:
@@ -40,15 +41,25 @@ def _subnet6(root: etree._Element) -> ipaddress.IPv6Network | None:
 
 
 def _address6(
-    root: etree._Element, leased: list[str], known: str
+    root: etree._Element, mac: str, leased: list[str], known: str
 ) -> tuple[ipaddress.IPv6Network | None, str]:
     """The guest's IPv6 address on a dual-stack network: dnsmasq's DHCPv6
-    lease for the NIC's MAC (libvirt records the MAC with it), else the one
-    last recorded for that MAC (``known``). Never a SLAAC address the guest
-    made itself, nor a reservation by DUID or name: those are the guest's word."""
+    lease for the NIC's MAC (libvirt records the MAC with it), the one
+    salt-kvm reserved for that MAC's DUID-LL first (``nics[].ip6``; an
+    earlier lease under the guest's first DUID may still be listed), else the
+    one last recorded for that MAC (``known``). Never a SLAAC address the
+    guest made itself, nor a reservation alone: a DUID is the guest's word,
+    the lease for the MAC is the host's record."""
     subnet = _subnet6(root)
     if subnet is None:
         return None, ""
+    duid = duid_ll(mac)
+    reserved = {
+        str(ipaddress.ip_address(host.get("ip")))
+        for host in root.findall("ip[@family='ipv6']/dhcp/host")
+        if (host.get("id") or "").lower() == duid and host.get("ip")
+    }
+    leased = sorted(leased, key=lambda a: str(ipaddress.ip_address(a)) not in reserved)
     for address in [*leased, known]:
         if address and ipaddress.ip_address(address) in subnet:
             return subnet, address
@@ -119,7 +130,9 @@ def locate(conn: libvirt.virConnect, name: str, known: Placement | None = None) 
             candidates.append(recorded.address)
         for address in candidates:
             if ipaddress.ip_address(address) in subnet:
-                subnet6, address6 = _address6(root, leased, recorded.address6 if recorded else "")
+                subnet6, address6 = _address6(
+                    root, mac, leased, recorded.address6 if recorded else ""
+                )
                 return Placement(
                     net.name(),
                     net.bridgeName(),

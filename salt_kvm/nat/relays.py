@@ -93,19 +93,33 @@ def planned(forwards: Iterable[nat.Forward], bridge6: dict[str, list[str]]) -> l
     also the IPv6 host addresses of its own network's bridge (``bridge6``:
     bridge → addresses), the IPv6 addresses that forward would answer on from
     the host and that network's guests. Other IPv6 addresses of the host are
-    not relayed: a listening socket there would answer other machines too.
+    relayed only when the operator names one (``host_address``) or ``::``:
+    a listening socket there answers other machines too.
     """
     found = set()
     for forward in forwards:
         rule = forward.rule
         if rule.proto != "tcp":
             continue
-        if rule.host_address in (None, nat.EVERY):
-            found.add(Relay(forward.domain, nat.LOOPBACK6, rule.host, forward.address, rule.guest))
-        if rule.host_address is None and not forward.address6:
-            for address in bridge6.get(forward.bridge, []):
-                found.add(Relay(forward.domain, address, rule.host, forward.address, rule.guest))
+        for address in _listens(forward, bridge6):
+            found.add(Relay(forward.domain, address, rule.host, forward.address, rule.guest))
     return sorted(found)
+
+
+def _listens(forward: nat.Forward, bridge6: dict[str, list[str]]) -> list[str]:
+    """The IPv6 addresses a relay of ``forward`` listens on: ``::1`` where the
+    forward listens on loopback, and what the ip6 table cannot DNAT for a
+    guest without an IPv6 address (its bridge's addresses for a default
+    forward; the one IPv6 host_address, or every one for ``::``)."""
+    address = forward.rule.host_address
+    if address in (None, nat.EVERY):
+        dual = bool(forward.address6) or address == nat.EVERY
+        return [nat.LOOPBACK6, *([] if dual else bridge6.get(forward.bridge, []))]
+    if not forward.rule.ipv6_only:
+        return []  # one IPv4 address
+    if address == nat.LOOPBACK6 or not forward.address6:
+        return [address]  # [::1]; or [::] (::1 with it) / [A] to an IPv4-only guest
+    return [nat.LOOPBACK6] if address == nat.EVERY6 else []
 
 
 # ---- systemd: a transient socket unit and systemd-socket-proxyd ------------------

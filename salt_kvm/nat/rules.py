@@ -40,9 +40,12 @@ LOOPBACK6 = "::1"
 # documented, safe default); EVERY (or "*") = every address of the host, the
 # public ones too: the operator must say so.
 EVERY = "0.0.0.0"
+# ``::``: every IPv6 address of the host (the IPv6 side only; 0.0.0.0 is the IPv4 one).
+EVERY6 = "::"
 HOST_ADDRESSES = (
-    "not given (loopback and the guests' bridges), 0.0.0.0 or * (every address of this "
-    "host), or one IPv4 address of this host"
+    "not given (loopback and the guests' bridges), 0.0.0.0 or * (every IPv4 address of "
+    "this host), :: (every IPv6 address of this host), or one IPv4 or IPv6 address this "
+    "host has"
 )
 PORTS = "a whole number from 1 to 65535"
 ACCEPTED_RULES = (
@@ -72,7 +75,7 @@ class Rule:
 
     def clashes(self, other: Rule) -> bool:
         """Same protocol and port on the same (or on a wider) host address."""
-        wide = (None, EVERY)
+        wide = (None, EVERY, EVERY6)
         return (
             self.proto == other.proto
             and self.host == other.host
@@ -84,16 +87,25 @@ class Rule:
         )
 
     @property
+    def ipv6_only(self) -> bool:
+        """Whether it listens on IPv6 only (an IPv6 host_address, or ``::``):
+        nothing for it in the IPv4 table."""
+        return self.host_address is not None and ":" in self.host_address
+
+    @property
     def reaches_loopback(self) -> bool:
         """Whether it listens on 127.0.0.1: DNAT from there needs route_localnet."""
         address = self.host_address
-        return address in (None, EVERY) or ipaddress.IPv4Address(address).is_loopback
+        if address in (None, EVERY):
+            return True
+        return not self.ipv6_only and ipaddress.IPv4Address(address).is_loopback
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
-        where = f"{self.host_address}:" if self.host_address else ""
+        address = self.host_address
+        where = f"[{address}]:" if self.ipv6_only else f"{address}:" if address else ""
         return f"{where}{self.host}/{self.proto} -> {self.guest}"
 
 
@@ -107,10 +119,10 @@ def _host_address(value: Any, key: str) -> str | None:
     if value in (EVERY, "*"):
         return EVERY
     try:
-        address = ipaddress.IPv4Address(value.strip() if isinstance(value, str) else value)
+        address = ipaddress.ip_address(value.strip() if isinstance(value, str) else value)
     except ValueError:
-        raise SpecError(key, f"{value!r} is not an IPv4 address", HOST_ADDRESSES) from None
-    return str(address)
+        raise SpecError(key, f"{value!r} is not an IP address", HOST_ADDRESSES) from None
+    return str(address)  # compressed, lower case: ``::`` is EVERY6
 
 
 def parse_rule(item: Any, key: str) -> Rule:
@@ -233,11 +245,18 @@ class Forward:
     subnet6: str = ""
 
     @property
+    def answers_ipv4(self) -> bool:
+        """Whether the IPv4 table has it (not for an IPv6 host_address or ``::``)."""
+        return not self.rule.ipv6_only
+
+    @property
     def answers_ipv6(self) -> bool:
-        """Whether the forward also answers on the host's IPv6 addresses: the
-        guest has one (the host's record) and the rule listens by default
-        (an explicit host_address is an IPv4 one)."""
-        return bool(self.address6) and self.rule.host_address is None
+        """Whether the IPv6 table DNATs it: the guest has an IPv6 address (the
+        host's record) and the rule listens by default, on ``::`` or on one
+        IPv6 address of the host other than ``::1`` (never DNATed: a relay)."""
+        address = self.rule.host_address
+        listens6 = address is None or (self.rule.ipv6_only and address != LOOPBACK6)
+        return bool(self.address6) and listens6
 
     @property
     def comment(self) -> str:
@@ -290,7 +309,7 @@ def _dnat_to(match: str, forward: Forward, target: str) -> str:
 
 def ruleset(forwards: list[Forward]) -> dict[str, list[str]]:
     """Chain name → rules (nft syntax), in order. Empty when there is nothing to forward."""
-    forwards = sorted(forwards)
+    forwards = sorted(f for f in forwards if f.answers_ipv4)
     if not forwards:
         return {}
     bridges = sorted({f.bridge for f in forwards})
@@ -315,13 +334,19 @@ def ruleset(forwards: list[Forward]) -> dict[str, list[str]]:
 
 
 def _dnat6(forward: Forward, arriving: str | None = None) -> str:
-    """The IPv6 DNAT of a default forward: to the host's own IPv6 addresses,
-    from the host itself (``output``) or from the guests' bridges. Not ``::1``:
-    the kernel drops a packet with a loopback source that would leave ``lo``,
-    and IPv6 has no route_localnet (``relays`` carries ``[::1]`` in userspace)."""
-    match = f"fib daddr type local ip6 daddr != {LOOPBACK6}"
-    if arriving is not None:
-        match = f"iifname {arriving} {match}"
+    """The IPv6 DNAT of a forward: a default one to the host's own IPv6
+    addresses, from the host itself (``output``) or from the guests' bridges;
+    ``::`` to every IPv6 address of the host, from anywhere; one address:
+    that one. Never ``::1``: the kernel drops a packet with a loopback source
+    that would leave ``lo``, and IPv6 has no route_localnet (``relays``
+    carries ``[::1]`` in userspace)."""
+    address = forward.rule.host_address
+    if address not in (None, EVERY6):
+        match = f"ip6 daddr {address}"
+    else:
+        match = f"fib daddr type local ip6 daddr != {LOOPBACK6}"
+        if address is None and arriving is not None:
+            match = f"iifname {arriving} {match}"
     return _dnat_to(match, forward, f"[{forward.address6}]")
 
 
@@ -333,11 +358,19 @@ def ruleset6(forwards: list[Forward]) -> dict[str, list[str]]:
     bridge_set = "{ " + ", ".join(f'"{b}"' for b in sorted({f.bridge for f in forwards})) + " }"
     marked = f"ct mark and {CT_MARK:#x} == {CT_MARK:#x}"
     subnets = sorted({(f.bridge, f.subnet6) for f in forwards})
+    # The host's own connections to a forward on one of its other IPv6
+    # addresses (a host_address, ``::``) come from that address: the guest may
+    # have no route back to it (an isolated network's RAs give no default
+    # route), so they leave with the bridge's address.
+    own = sorted({f.bridge for f in forwards if f.rule.host_address is not None})
     return {
         "prerouting": [_dnat6(f, bridge_set) for f in forwards],
         "output": [_dnat6(f) for f in forwards],
-        # Hairpin: a guest reaching a forward on its own network.
-        "postrouting": [f'{marked} oifname "{b}" ip6 saddr {s} masquerade' for b, s in subnets],
+        "postrouting": [
+            # Hairpin: a guest reaching a forward on its own network.
+            *(f'{marked} oifname "{b}" ip6 saddr {s} masquerade' for b, s in subnets),
+            *(f'{marked} oifname "{b}" fib saddr type local masquerade' for b in own),
+        ],
     }
 
 

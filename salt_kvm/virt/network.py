@@ -8,12 +8,21 @@ import ipaddress
 from salt_kvm.virt.xmlmodel import XMLChildren, XMLFlag, XMLObject, XMLProperty
 
 
+def duid_ll(mac: str) -> str:
+    """The DUID-LL (type 3, Ethernet) of ``mac``: the key of a NIC's IPv6
+    reservation (``nics[].ip6``), and the DUID its guest's DHCPv6 client is
+    told to send (``DUIDType=link-layer``)."""
+    return "00:03:00:01:" + mac.lower()
+
+
 class DhcpHost(XMLObject):
     """One DHCP reservation: ``<host mac=... name=... ip=.../>``."""
 
     TAG = "host"
 
     mac = XMLProperty("./@mac")
+    # An IPv6 reservation's key: a DUID (libvirt takes no MAC there).
+    id = XMLProperty("./@id")
     name = XMLProperty("./@name")
     ip = XMLProperty("./@ip")
 
@@ -22,6 +31,14 @@ class DhcpHost(XMLObject):
         host = cls()
         host.mac = mac
         host.name = name
+        host.ip = ip
+        return host
+
+    @classmethod
+    def new6(cls, duid: str, ip: str) -> DhcpHost:
+        """An IPv6 reservation: ``<host id=DUID ip=.../>``."""
+        host = cls()
+        host.id = duid
         host.ip = ip
         return host
 

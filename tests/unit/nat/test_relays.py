@@ -149,3 +149,92 @@ def test_a_relay_that_cannot_start_refuses_the_forward_and_changes_nothing(
     with pytest.raises(SaltKvmError, match="cannot listen"):
         forwards.apply(None, "vm1", [22], store=store, placement=V4)
     assert store.load() == {} and "vm1" not in kernel.script
+
+
+@pytest.mark.parametrize(
+    "address,dual,v4_only",
+    [
+        ("fd99::7", [], ["fd99::7"]),  # DNAT to a dual-stack guest; a relay to an IPv4-only one
+        (nat.EVERY6, ["::1"], ["::"]),  # every IPv6 address: one socket on [::] covers ::1 too
+        ("::1", ["::1"], ["::1"]),  # never DNATed
+    ],
+)
+def test_an_ipv6_host_address_is_relayed_for_ipv4_only_guests(address, dual, v4_only):
+    rule = R(22, 10022, "tcp", address)
+    assert [r.listen for r in relays.planned([forward(rule, DUAL)], BRIDGE6)] == dual
+    assert [r.listen for r in relays.planned([forward(rule)], BRIDGE6)] == v4_only
+
+
+@pytest.mark.parametrize("listen", ["fd99::7", "::", "::1"])
+def test_relays_are_found_again_by_exact_name_whatever_the_address(listen, tmp_path):
+    """kvm_nat.list's ``running`` and reapply's dead-relay detection match a
+    relay by its name, which has no address in it (brackets and colons never
+    reach a match), and the command line by whole arguments."""
+    relay = relays.Relay("vm1", listen, 10022, "192.168.214.11", 22)
+    other = relays.Relay("vm1", "fd99::70", 10022, "192.168.214.11", 22)
+    assert ":" not in relay.name and "[" not in relay.name and relay.name != other.name
+    argv = relays.systemd_run_argv(relay, "/usr/lib/systemd/systemd-socket-proxyd", 8)
+    assert f"--socket-property=ListenStream=[{listen}]:10022" in argv
+    supervised = relays.Supervised(tmp_path)
+    command = supervised.argv(relay, 3, 4)
+    assert command[command.index("--name") + 1] == relay.name
+    assert other.name not in command and relay.name.startswith(relays.PREFIX)
+
+
+def test_forwards_on_a_host_ipv6_address(kernel, tmp_path, relay_runner, monkeypatch):
+    monkeypatch.setattr(firewall, "local_addresses", lambda: {"127.0.0.1", "fd99::7", "::1"})
+    store = Store(tmp_path / "nat.json")
+    rules = [{"guest": 22, "host_address": "FD99::7"}]
+    forwards.apply(None, "vm1", rules, store=store, placement=DUAL)
+    assert "ip6 daddr fd99::7 tcp dport 10022" in kernel.script
+    assert "ip daddr" not in kernel.script and relay_runner.running() == set()
+    forwards.apply(None, "vm1", rules, store=store, placement=V4)  # its IPv6 lease gone
+    assert "ip6 daddr fd99::7" not in kernel.script
+    relay = relays.Relay("vm1", "fd99::7", 10022, "192.168.214.11", 22)
+    assert relay_runner.running() == {relay.name}
+    assert forwards.listing(store=store)["vm1"]["relays"] == [
+        {"listen": "[fd99::7]:10022", "to": "192.168.214.11:22", "running": True}
+    ]
+
+
+@pytest.mark.parametrize("address", ["fd99::8", "2001:db8::1"])
+def test_an_ipv6_address_the_host_does_not_have_is_refused_first(
+    kernel, tmp_path, relay_runner, monkeypatch, address
+):
+    from salt_kvm.errors import SpecError
+
+    monkeypatch.setattr(firewall, "local_addresses", lambda: {"127.0.0.1", "fd99::7", "::1"})
+    store = Store(tmp_path / "nat.json")
+    with pytest.raises(SpecError) as err:
+        forwards.apply(
+            None, "vm1", [{"guest": 22, "host_address": address}], store=store, placement=DUAL
+        )
+    assert err.value.key == "rules.host_address" and "::" in str(err.value)
+    with pytest.raises(SpecError):
+        forwards.check_free("vm1", [R(22, 10022, "tcp", address)], store)
+    assert store.load() == {} and kernel.script == "" and relay_runner.started == []
+
+
+def test_local_addresses_are_both_families(monkeypatch):
+    out = (
+        '[{"ifname":"lo","addr_info":[{"local":"127.0.0.1"},{"local":"::1"}]},'
+        '{"ifname":"dummy0","addr_info":[{"local":"FD99::7"}]}]'
+    )
+
+    class Proc:
+        stdout = out
+
+    monkeypatch.setattr(firewall, "_run", lambda argv, **k: Proc())
+    assert firewall.local_addresses() == {"127.0.0.1", "::1", "fd99::7"}
+
+
+def test_an_ipv6_only_forward_is_shown_active_by_its_table_or_its_relay(
+    kernel, tmp_path, relay_runner, monkeypatch
+):
+    monkeypatch.setattr(firewall, "local_addresses", lambda: {"127.0.0.1", "fd99::7"})
+    store = Store(tmp_path / "nat.json")
+    rules = [{"guest": 22, "host_address": "fd99::7"}]
+    forwards.apply(None, "vm1", rules, store=store, placement=V4)
+    assert forwards.listing(store=store)["vm1"]["forwards"][0]["active"] is True
+    relay_runner.stop(next(iter(relay_runner.running())))
+    assert forwards.listing(store=store)["vm1"]["forwards"][0]["active"] is False

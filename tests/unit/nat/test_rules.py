@@ -244,3 +244,92 @@ def test_store_keeps_the_ipv6_placement_and_reads_old_files(tmp_path):
         del item["address6"], item["subnet6"]
     (tmp_path / "nat.json").write_text(json.dumps(old))
     assert store.load()["vm1"].placement.address6 == ""
+
+
+# ---- host_address: IPv6 (issue 16 item 7) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "given,kept",
+    [
+        ("fd00:214::1", "fd00:214::1"),
+        ("FD00:0214:0::0001", "fd00:214::1"),  # as ``ip`` and nft write it
+        ("::", nat.EVERY6),
+        ("::1", "::1"),
+        ("0.0.0.0", nat.EVERY),
+        ("192.0.2.7", "192.0.2.7"),
+    ],
+)
+def test_host_address_takes_ipv6_addresses_and_every_ipv6_address(given, kept):
+    assert nat.parse_rules([{"guest": 22, "host_address": given}])[0].host_address == kept
+
+
+def test_a_bad_host_address_names_the_key_and_every_accepted_value():
+    with pytest.raises(SpecError) as err:
+        nat.parse_rules([{"guest": 22, "host_address": "fd00::zz"}])
+    assert err.value.key == "nat_rules[0].host_address"
+    for accepted in ("IPv4", "IPv6", "0.0.0.0", "::"):
+        assert accepted in str(err.value)
+
+
+def test_an_ipv6_host_address_dnats_that_address_only_and_nothing_on_ipv4():
+    forwards = [
+        fwd6("vm1", nat.Rule(22, 10022, host_address="fd99::7"), "192.168.214.11", "fd00:214::11"),
+        fwd6("vm1", nat.Rule(80, 10080, host_address=nat.EVERY6), "192.168.214.11", "fd00:214::11"),
+    ]
+    assert nat.ruleset(forwards) == {}  # no IPv4 side, no guard, no route_localnet
+    assert nat.localnet_bridges(forwards) == []
+    chains = nat.ruleset6(forwards)
+    mark = "ct mark set ct mark or 0x100000"
+    assert (
+        chains["prerouting"]
+        == chains["output"]
+        == [
+            f"ip6 daddr fd99::7 tcp dport 10022 {mark} "
+            'dnat to [fd00:214::11]:22 comment "vm1|tcp|fd99::7|10022"',
+            f"fib daddr type local ip6 daddr != ::1 tcp dport 10080 {mark} "
+            'dnat to [fd00:214::11]:80 comment "vm1|tcp|::|10080"',
+        ]
+    )
+    # The host's own connections (from its address, not on the guest's
+    # subnet, maybe without a route back) are masqueraded to the bridge.
+    assert (
+        'ct mark and 0x100000 == 0x100000 oifname "virbr1" fib saddr type local masquerade'
+        in chains["postrouting"]
+    )
+
+
+def test_an_ipv6_host_address_to_an_ipv4_only_guest_has_no_dnat():
+    forward = fwd("vm2", nat.Rule(22, 10122, host_address="fd99::7"), "192.168.214.12")
+    assert nat.ruleset([forward]) == {} and nat.ruleset6([forward]) == {}
+
+
+def test_ipv6_loopback_as_host_address_is_never_dnated():
+    forward = fwd6("vm1", nat.Rule(22, 10022, host_address="::1"), "192.168.214.11", "fd00::11")
+    assert nat.ruleset([forward]) == {} and nat.ruleset6([forward]) == {}
+
+
+def test_an_ipv6_rule_prints_its_address_in_brackets():
+    assert str(nat.Rule(22, 10022, host_address="fd99::7")) == "[fd99::7]:10022/tcp -> 22"
+
+
+def test_the_lease_reserved_for_the_macs_duid_ll_is_the_ipv6_target():
+    """A guest told to ask with its DUID-LL (nics[].ip6) asked first with its
+    machine-id DUID: both leases carry its MAC; the reserved one is taken."""
+    from lxml import etree
+
+    from salt_kvm.nat import placement
+
+    mac = "52:54:00:00:00:0a"
+    root = etree.fromstring(
+        "<network><ip family='ipv6' address='fd00:160::1' prefix='64'><dhcp>"
+        "<range start='fd00:160::100' end='fd00:160::1ff'/>"
+        f"<host id='00:03:00:01:{mac}' ip='fd00:160::60'/>"
+        "<host id='00:03:00:01:52:54:00:00:00:0b' ip='fd00:160::61'/>"
+        "</dhcp></ip></network>"
+    )
+    leased = ["fd00:160::1a2", "fd00:160::60"]
+    assert placement._address6(root, mac, leased, "")[1] == "fd00:160::60"
+    assert placement._address6(root, mac, ["fd00:160::1a2"], "")[1] == "fd00:160::1a2"
+    # a reservation alone (no lease for the MAC) is not where the guest is
+    assert placement._address6(root, "52:54:00:00:00:0b", [], "")[1] == ""
