@@ -208,9 +208,10 @@ def test_compressed_full_and_incremental_are_smaller_and_restore(hv, guest):
             "zstd",
             "zstd",
         )
-        # 48 MiB of repeated text: the uncompressed point holds it all, the others little
+        # 48 MiB of repeated text: the uncompressed point holds it all, the
+        # compressed one little of it (what earlier tests wrote is random: as large)
         sizes = (ref["bytes"], full["bytes"], inc["bytes"])
-        assert ref["bytes"] > 48 * MIB > 8 * MIB > full["bytes"], sizes
+        assert ref["bytes"] - full["bytes"] > 40 * MIB, sizes
         assert inc["bytes"] < 4 * MIB, sizes  # the 16 MiB appended
         assert backup_ops.verify(packed, guest.name)["ok"]
         for made in (full, inc):
