@@ -25,7 +25,7 @@ States for guest backups and snapshots.
 import datetime
 
 try:
-    from salt_kvm.backup.core import check_method
+    from salt_kvm.backup.core import check_compress, check_method
     from salt_kvm.saltutil import STATE_ERRORS, state_changed, state_failed, state_ret
     from salt_kvm.virt.units import parse_duration
 
@@ -60,6 +60,7 @@ def backed_up(
     copies=None,
     uri=None,
     method="auto",
+    compress=False,
 ):
     """
     Ensure ``dest`` holds a backup of domain ``name`` younger than ``max_age``
@@ -88,11 +89,16 @@ def backed_up(
     method
         ``auto`` (default), ``api`` or ``snapshot``: how the disks are copied
         (see ``kvm_backup.create``).
+    compress
+        ``True``: the new points' images are qcow2 with compressed clusters
+        (``method`` ``api`` or ``auto`` on libvirt 7.6 or later; see
+        ``kvm_backup.create``). Default ``False``.
     """
     ret = state_ret(name)
     try:
         limit = parse_duration(max_age, "max_age")
         method = check_method(method)
+        compress = check_compress(compress)
         points = __salt__["kvm_backup.list"](name, dest)
     except STATE_ERRORS as exc:
         return state_failed(ret, exc)
@@ -122,6 +128,7 @@ def backed_up(
             uri=uri,
             method=method,
             keep=keep,
+            compress=compress,
         )
     except STATE_ERRORS as exc:
         return state_failed(ret, exc, f"Backup of {name} failed: ")
@@ -133,6 +140,7 @@ def backed_up(
             "bytes": made["bytes"],
             "frozen": made["frozen"],
             "method": made.get("method"),
+            "compression": made.get("compression"),
         }
     }
     if made.get("pruned"):

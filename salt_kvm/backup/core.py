@@ -69,6 +69,16 @@ def check_method(value: object) -> str:
     return value.lower()
 
 
+def check_compress(value: object) -> bool:
+    """Strict: a boolean, or its name as quiesce takes it (``true``/``false``
+    from a CLI or a state); ``yes``, ``1`` or ``zstd`` are refused, not guessed."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if not isinstance(value, bool):
+        raise SpecError("compress", f"{value!r} is not true or false", ("True", "False"))
+    return value
+
+
 def check_full_every(value: object) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise SpecError("full_every", f"{value!r} is not a number of points", "1 or more")
@@ -258,6 +268,8 @@ class Run:
     digests: dict[str, str] = field(default_factory=dict)
     read_bytes: int = 0
     algorithm: str = field(default_factory=lambda: bs.preferred_algorithm())  # of every digest
+    compress: bool = False  # asked for: images with compressed clusters
+    compression: str | None = None  # set by the method: what it wrote (zstd, zlib)
 
     @property
     def consistency(self) -> str:
@@ -270,6 +282,8 @@ class Method:
     """A way of copying a domain's disks into a run's partial folder."""
 
     name = ""
+    compresses = False  # can write images with compressed clusters (``compress``)
+    why_no_compression = ""
 
     def plan(
         self,

@@ -46,6 +46,7 @@ DIGEST_RES = {SHA256: SHA256_RE, BLAKE2B: re.compile(r"^[0-9a-f]{128}\Z")}
 ALGORITHMS = tuple(DIGEST_RES)
 CONSISTENCIES = ("frozen", "crash-consistent", "shut-off")
 POINT_METHODS = ("api", "snapshot")
+COMPRESSIONS = ("zlib", "zstd")  # qcow2's compression types
 LATEST = "latest"
 
 
@@ -88,6 +89,9 @@ class Point:
     method: str = "api"  # how it was taken: "api" (backup API) or "snapshot" (fallback)
     format: int = FORMAT
     firmware: FirmwareState | None = None  # UEFI variables, TPM state (statefiles)
+    # the images' clusters are compressed, in this qcow2 compression type (older
+    # manifests name none: not compressed)
+    compression: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,6 +120,7 @@ class Point:
             "consistency": self.consistency,
             "frozen": self.frozen,
             "method": self.method,
+            "compression": self.compression,
             "bytes": self.bytes,
             "disks": sorted(self.disks),
         }
@@ -221,6 +226,12 @@ def parse_manifest(data: object, folder: str, domain: str) -> Point:
         domain_xml_sha256=pick("domain_xml_sha256", _is(str, SHA256_RE), "a sha256", True),
         duration=pick("duration", _seconds, "a number of seconds", True),
         method=pick("method", _is(str, choices=POINT_METHODS), ", ".join(POINT_METHODS)),
+        compression=pick(
+            "compression",
+            _is(str, choices=COMPRESSIONS),
+            f"null, {', '.join(COMPRESSIONS)}",
+            optional=True,
+        ),
     )
     disks = data.get("disks")
     if not isinstance(disks, dict) or not disks:

@@ -39,6 +39,7 @@ from salt_kvm.backup import core, nbd, pull
 from salt_kvm.backup import store as bs
 from salt_kvm.backup.core import CHECKPOINT_PREFIX, Run, SourceDisk
 from salt_kvm.errors import SaltKvmError
+from salt_kvm.virt import qemuimg
 from salt_kvm.virt.snapshots import BackupJob, Checkpoint
 
 log = logging.getLogger(__name__)
@@ -271,6 +272,9 @@ def _read_exports(run: Run, socket: str) -> None:
             def progress(read: int, _expected: int, done=done, target=disk.target) -> None:
                 run.progress(done + read, total, disk=target, phase="copy")
 
+            def compressing(percent: float, done=done, target=disk.target) -> None:
+                run.progress(done, total, disk=target, phase="compress", percent_done=percent)
+
             digest, read = pull.copy_disk(
                 client,
                 run.partial / bs.image_file(disk.target),
@@ -278,6 +282,7 @@ def _read_exports(run: Run, socket: str) -> None:
                 dirty,
                 progress,
                 run.algorithm,
+                compress=compressing if run.compression else False,
             )
         run.digests[disk.target] = digest
         run.read_bytes += read
@@ -287,12 +292,14 @@ def _read_exports(run: Run, socket: str) -> None:
 
 class ApiMethod(core.Method):
     name = core.METHOD_API
+    compresses = True
 
     def plan(self, dom, disks, latest, full, full_every, chain_length):
         return _plan_kind(dom, disks, latest, full, full_every, chain_length)
 
     def copy(self, run: Run) -> None:
         dom, disks, partial = run.dom, run.disks, run.partial
+        run.compression = qemuimg.compression_type() if run.compress else None
         if all(d.bitmaps for d in disks):
             run.checkpoint = f"{CHECKPOINT_PREFIX}{core.store_tag(run.store)}-{run.point_id}"
         all_targets = [d.target for d in core.source_disks(dom)]

@@ -75,6 +75,10 @@ class Frozen:
 
 class SnapshotMethod(core.Method):
     name = core.METHOD_SNAPSHOT
+    why_no_compression = (
+        "its incremental is written by qemu-img rebase, which writes no compressed "
+        "clusters (before QEMU 8.2)"
+    )
 
     def plan(self, dom, disks, latest, full, full_every, chain_length):
         parent, reason = core.plan_chain(disks, latest, full)

@@ -15,6 +15,16 @@ While the next chunk is read, a second thread writes the last one and a
 third hashes it (both calls release the GIL; QEMU serves the reads in its own
 process): the sha256 is the slowest of the three, so the run costs about
 what hashing the data costs.
+
+A compressed image (``compress``) cannot be laid out front to back: qcow2's
+tables, before the data, hold each compressed cluster's offset and length,
+known only once it is compressed. So the export is first written, unhashed,
+into a scratch image beside the point's (``vda.uncompressed.qcow2``, in the
+partial folder: removed with it on any failure), then ``qemu-img convert -c``
+writes the point's image from it (for an incremental only the scratch
+image's own clusters, on the same backing file) and the scratch image goes;
+the final file is hashed in one read. That second pass is the price of
+compression, paid only when it is asked for.
 """
 
 from __future__ import annotations
@@ -26,7 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from salt_kvm.backup import nbd, qcow2
+from salt_kvm.backup.manifest import new_hash
 from salt_kvm.errors import SaltKvmError
+from salt_kvm.virt import qemuimg
 
 CHUNK = 4 * 1024 * 1024
 BUFFERS = 4
@@ -50,6 +62,14 @@ def cluster_map(client: nbd.Client, dirty: str | None) -> bytearray:
     return kinds
 
 
+SCRATCH = ".uncompressed"
+
+
+def scratch_for(dest: Path) -> Path:
+    """Where a compressed image's data is written first: beside it."""
+    return dest.with_name(f"{dest.stem}{SCRATCH}{dest.suffix}")
+
+
 def copy_disk(
     client: nbd.Client,
     dest: Path,
@@ -57,27 +77,69 @@ def copy_disk(
     dirty: str | None,
     progress: Callable[[int, int], None] | None = None,
     algorithm: str = qcow2.SHA256,
+    compress: Callable[[float], None] | bool = False,
 ) -> tuple[str, int]:
     """Write the export into the new qcow2 ``dest`` (0600, never through a link);
-    return its digest in ``algorithm`` and the guest bytes read."""
+    return its digest in ``algorithm`` and the guest bytes read. ``compress``
+    (true, or a callback for the compression's percentage) makes ``dest`` a
+    qcow2 with compressed clusters, through a scratch image."""
+    if not compress:
+        return _write(client, dest, backing, dirty, progress, algorithm, final=True)
+    scratch = scratch_for(dest)
+    try:
+        _digest, read = _write(client, scratch, backing, dirty, progress, algorithm, final=False)
+        percent = compress if callable(compress) else None
+        qemuimg.compress(str(scratch), str(dest), backing, progress=percent)
+    finally:
+        scratch.unlink(missing_ok=True)
+    return digest_synced(dest, algorithm), read
+
+
+def digest_synced(path: Path, algorithm: str, chunk: int = CHUNK) -> str:
+    """The digest of a file another process wrote, read once, then the file
+    synced (a point's images are on disk before its manifest)."""
+    digest = new_hash(algorithm)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+        os.fsync(handle.fileno())
+    return digest.hexdigest()
+
+
+def _write(
+    client: nbd.Client,
+    dest: Path,
+    backing: str | None,
+    dirty: str | None,
+    progress: Callable[[int, int], None] | None,
+    algorithm: str,
+    final: bool,
+) -> tuple[str, int]:
+    """The export into ``dest``; a ``final`` image is hashed and synced, a
+    scratch image (read back at once, then deleted) neither."""
     kinds = cluster_map(client, dirty)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         writer = qcow2.Writer(fd, client.size, kinds, backing, algorithm)
         writer.begin()
-        _stream(client, writer, progress)
+        _stream(client, writer, progress, hashed=final)
         digest = writer.finish()
-        os.fsync(fd)
+        if final:
+            os.fsync(fd)
     finally:
         os.close(fd)
     return digest, writer.expected
 
 
 def _stream(
-    client: nbd.Client, writer: qcow2.Writer, progress: Callable[[int, int], None] | None
+    client: nbd.Client,
+    writer: qcow2.Writer,
+    progress: Callable[[int, int], None] | None,
+    hashed: bool = True,
 ) -> None:
-    """Read (this thread), write (a second) and hash (a third), in file order;
-    a buffer is read into again only once it is written and hashed."""
+    """Read (this thread), write (a second) and hash (a third, when ``hashed``),
+    in file order; a buffer is read into again only once it is written and hashed."""
     free: queue.Queue[bytearray] = queue.Queue()
     for _ in range(BUFFERS):
         free.put(bytearray(CHUNK))
@@ -97,7 +159,8 @@ def _stream(
 
     def digest() -> None:
         while (item := to_hash.get()) is not None:
-            writer.digest.update(memoryview(item[0])[: item[1]])
+            if hashed:
+                writer.digest.update(memoryview(item[0])[: item[1]])
             free.put(item[0])
 
     threads = [

@@ -31,7 +31,7 @@ from salt_kvm.backup.core import (
     source_disks,
     store_tag,
 )
-from salt_kvm.errors import SaltKvmError
+from salt_kvm.errors import SaltKvmError, SpecError
 from salt_kvm.virt import chains
 from salt_kvm.virt.lifecycle import lookup
 
@@ -84,12 +84,21 @@ def create(
     disks: list[str] | None = None,
     emit: Emit | None = None,
     method: str = core.METHOD_AUTO,
+    compress: bool = False,
 ) -> dict:
-    """Back up ``name`` into ``dest``/``name``: full, or incremental after the last point."""
+    """Back up ``name`` into ``dest``/``name``: full, or incremental after the last
+    point; with ``compress``, into qcow2 images with compressed clusters."""
     emit = emit or core.no_emit
     quiesce = check_quiesce(quiesce)
     full_every = core.check_full_every(full_every)
+    compress = core.check_compress(compress)
     engine = choose_method(conn, check_method(method))
+    if compress and not engine.compresses:
+        raise SpecError(
+            "compress",
+            f"method={engine.name} cannot compress: {engine.why_no_compression}",
+            "False with method=snapshot; True with method=api",
+        )
     dom = lookup(conn, name)
     store = bs.Store(dest, name)
     source_disks(dom, disks)  # checked before anything is written
@@ -100,10 +109,11 @@ def create(
         chosen = source_disks(dom, disks)  # again: a killed run's overlay is merged back now
         length = len([p for p in points if latest and p.chain == latest.chain])
         parent, reason = engine.plan(dom, chosen, latest, full, full_every, length)
-        if parent is not None and engine.name == core.METHOD_SNAPSHOT:
+        if parent is not None and (engine.name == core.METHOD_SNAPSHOT or compress):
+            # qemu-img opens the previous point's images, through their chain
             parent, reason = _readable_parent(store, parent, reason)
         point_id = bs.new_point_id({p.id for p in points} | set(unusable))
-        result = _run(engine, dom, store, point_id, chosen, parent, reason, quiesce, emit)
+        result = _run(engine, dom, store, point_id, chosen, parent, reason, quiesce, emit, compress)
         result["cleaned"] = cleaned
         return result
 
@@ -111,8 +121,9 @@ def create(
 def _readable_parent(
     store: bs.Store, parent: bs.Point, reason: str | None
 ) -> tuple[bs.Point | None, str | None]:
-    """method=snapshot reads the previous point's images (and their chain): only
-    when their headers fit the store's layout, else a new full chain."""
+    """method=snapshot and a compressed incremental read the previous point's
+    images (and their chain): only when their headers fit the store's layout,
+    else a new full chain."""
     try:
         chain = store.chain(parent.id)[1]
     except SaltKvmError as exc:
@@ -126,15 +137,21 @@ def _readable_parent(
     return parent, reason
 
 
-def _run(engine: core.Method, dom, store, point_id, disks, parent, reason, quiesce, emit) -> dict:
+def _run(
+    engine: core.Method, dom, store, point_id, disks, parent, reason, quiesce, emit, compress
+) -> dict:
     started = time.monotonic()
     base = {"domain": dom.name(), "point": point_id}
     kind = bs.KIND_INCREMENTAL if parent else bs.KIND_FULL
-    emit("start", {**base, "kind": kind, "reason": reason, "method": engine.name})
+    emit(
+        "start",
+        {**base, "kind": kind, "reason": reason, "method": engine.name, "compress": compress},
+    )
     partial = store.begin(point_id)
     run = core.Run(
         dom, store, point_id, partial, disks, parent, reason, quiesce, core.Progress(emit, base)
     )
+    run.compress = compress
     try:
         engine.copy(run)
         images = core.finish_images(disks, partial, run.parent, run.digests, run.algorithm)
@@ -160,6 +177,7 @@ def _run(engine: core.Method, dom, store, point_id, disks, parent, reason, quies
             duration=round(time.monotonic() - started, 2),
             method=engine.name,
             firmware=firmware_state.capture(dom, partial),
+            compression=run.compression,
         )
         store.commit(partial, point)
     except BaseException as exc:

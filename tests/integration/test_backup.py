@@ -1,5 +1,6 @@
 """kvm_backup on one booted guest with a small data disk: full and incremental
-backups, restores (new domain booted, full point, in place), a run killed with
+backups, restores (new domain booted, full point, in place), compressed
+points, a run killed with
 SIGKILL, broken checkpoints, second copies (folder and SSH), the snapshot
 method (its points, a copy that fails half-way, a killed run), external and
 internal snapshots, events on a master's bus, a shut-off guest, the
@@ -186,6 +187,48 @@ def test_a_destination_only_the_caller_can_enter(hv, guest):
             guest.dom, backup_core.store_tag(bs.Store(private, guest.name))
         ):
             backup_core.delete_checkpoint(guest.dom, name)
+
+
+def test_compressed_full_and_incremental_are_smaller_and_restore(hv, guest):
+    """compress=True: a full and an incremental on it, both of compressed
+    clusters, the full well under an uncompressed one of the same data,
+    verified, and each restores its own content; no scratch image stays."""
+    plain, packed = backup_dest("plain"), backup_dest("compressed")
+    restored = []
+    text = "yes 'salt-kvm backups compress what repeats' | head -c {} {} /data/z"
+    try:
+        z1 = guest.run(f"{text.format('48M', '>')} && sync && md5sum /data/z").split()[0]
+        ref = backup.create(hv, guest.name, plain, disks=["vdb"])
+        full = backup.create(hv, guest.name, packed, disks=["vdb"], compress=True)
+        z2 = guest.run(f"{text.format('16M', '>>')} && sync && md5sum /data/z").split()[0]
+        inc = backup.create(hv, guest.name, packed, disks=["vdb"], compress=True)
+        assert (full["kind"], inc["kind"], inc["parent"]) == ("full", "incremental", full["point"])
+        assert (ref["compression"], full["compression"], inc["compression"]) == (
+            None,
+            "zstd",
+            "zstd",
+        )
+        # 48 MiB of repeated text: the uncompressed point holds it all, the
+        # compressed one little of it (what earlier tests wrote is random: as large)
+        sizes = (ref["bytes"], full["bytes"], inc["bytes"])
+        assert ref["bytes"] - full["bytes"] > 40 * MIB, sizes
+        assert inc["bytes"] < 4 * MIB, sizes  # the 16 MiB appended
+        assert backup_ops.verify(packed, guest.name)["ok"]
+        for made in (full, inc):
+            assert sorted(os.listdir(made["path"])) == ["domain.xml", "manifest.json", "vdb.qcow2"]
+        for point, md5 in ((inc["point"], z2), (full["point"], z1)):
+            target = unique("bkz")
+            restored.append(target)
+            made = restore.restore(hv, guest.name, packed, point=point, target=target)
+            assert md5_on_attached(guest, hv, made["volumes"][0], "z") == md5
+    finally:
+        for target in restored:
+            guests.remove_guest(hv, target)
+        for store in (plain, packed):
+            tag = backup_core.store_tag(bs.Store(store, guest.name))
+            for name in backup_core.our_checkpoints(guest.dom, tag):
+                backup_core.delete_checkpoint(guest.dom, name)
+            shutil.rmtree(store, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Choosing and planning the backup methods (api, snapshot), the snapshot
 method's overlay names, manifests of either method, and the state's check of
-``method``."""
+``method`` and ``compress``."""
 
 from pathlib import Path
 
@@ -9,9 +9,9 @@ import pytest
 from salt_kvm.backup import method_api, method_snapshot, snapshots
 from salt_kvm.backup import run as backup
 from salt_kvm.backup import store as bs
-from salt_kvm.backup.core import SourceDisk, check_method
+from salt_kvm.backup.core import SourceDisk, check_compress, check_method
 from salt_kvm.errors import ConflictError, SaltKvmError, SpecError
-from tests.unit.backup.test_store import _load_state
+from tests.unit.backup.test_store import _load_state, _valid_manifest
 
 DISKS = [
     SourceDisk("vda", "/p/vm.qcow2", "qcow2", True),
@@ -204,3 +204,70 @@ def test_bad_disks_are_refused_by_name(value):
     with pytest.raises(SpecError) as err:
         check_disks(value)
     assert err.value.key == "disks" and err.value.accepted
+
+
+@pytest.mark.parametrize(
+    "value,expected", [(True, True), (False, False), ("true", True), ("False", False)]
+)
+def test_compress_takes_booleans_and_their_names(value, expected):
+    assert check_compress(value) is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "zstd", "", 1, 0, None, [True]])
+def test_compress_refuses_anything_else_by_name(value):
+    with pytest.raises(
+        SpecError, match=r"^compress: .* is not true or false \(accepted: True, False\)$"
+    ):
+        check_compress(value)
+
+
+def test_bad_compress_is_refused_before_libvirt_is_asked(tmp_path):
+    with pytest.raises(SpecError, match="^compress:"):
+        backup.create(None, "vm", str(tmp_path), compress="yes")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("version,method", [(9_000_000, "snapshot"), (7_005_000, "auto")])
+def test_the_snapshot_method_refuses_compress_saying_why(tmp_path, version, method):
+    with pytest.raises(
+        SpecError,
+        match=r"^compress: method=snapshot cannot compress: .*qemu-img rebase.*"
+        r"\(accepted: False with method=snapshot; True with method=api\)$",
+    ):
+        backup.create(FakeConn(version), "vm", str(tmp_path), method=method, compress=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifests_record_the_compression_and_old_ones_read_as_uncompressed():
+    data = {**_valid_manifest(), "compression": "zstd"}
+    made = bs.parse_manifest(data, data["id"], "vm")
+    assert made.compression == "zstd" and made.summary()["compression"] == "zstd"
+    assert bs.Point.from_dict(made.to_dict()).compression == "zstd"
+    del data["compression"]  # a point from before the option
+    assert bs.parse_manifest(data, data["id"], "vm").compression is None
+    assert bs.Point.from_dict(data).compression is None
+
+
+@pytest.mark.parametrize("test", [True, False])
+def test_state_refuses_a_bad_compress_before_doing_anything(test):
+    calls = []
+    salt = {
+        "kvm_backup.list": lambda *a, **k: calls.append(("list", a)) or [],
+        "kvm_backup.create": lambda *a, **k: calls.append(("create", a)),
+    }
+    ret = _load_state(salt, test).backed_up("vm", "/b", compress="yes")
+    assert ret["result"] is False and ret["changes"] == {} and not calls
+    assert "compress: 'yes' is not true or false (accepted: True, False)" in ret["comment"]
+
+
+def test_state_passes_compress_on_and_shows_the_compression():
+    got = {}
+
+    def create(name, dest, **kwargs):
+        got.update(kwargs)
+        return {"point": "p", "kind": "full", "bytes": 1, "frozen": True, "compression": "zstd"}
+
+    salt = {"kvm_backup.list": lambda *a, **k: [], "kvm_backup.create": create}
+    ret = _load_state(salt).backed_up("vm", "/b", compress=True)
+    assert ret["result"] is True and got["compress"] is True
+    assert ret["changes"]["backup"]["compression"] == "zstd"

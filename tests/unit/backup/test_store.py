@@ -389,6 +389,8 @@ def _valid_manifest():
         ("duration", float("inf")),
         ("consistency", "perfect"),
         ("method", "rsync"),
+        ("compression", "lz4"),
+        ("compression", True),
         ("domain_xml_sha256", "../domain.xml"),
         ("disks", {}),
         ("disks", []),
