@@ -23,6 +23,7 @@ import libvirt
 from salt_kvm.backup import store as bs
 from salt_kvm.errors import SaltKvmError, SpecError
 from salt_kvm.virt import qemuimg
+from salt_kvm.virt.checks import boolean
 from salt_kvm.virt.domain import Disk, Domain
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,10 @@ def check_method(value: object) -> str:
 
 
 def check_compress(value: object) -> bool:
-    """Strict: a boolean, or its name as quiesce takes it (``true``/``false``
-    from a CLI or a state); ``yes``, ``1`` or ``zstd`` are refused, not guessed."""
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        value = value.lower() == "true"
-    if not isinstance(value, bool):
-        raise SpecError("compress", f"{value!r} is not true or false", ("True", "False"))
-    return value
+    """A yes/no like every other flag of kvm_backup (``saltutil.flag``): a
+    boolean or its usual spellings (``'false'`` from a CLI is false);
+    ``None`` is the default, off; ``zstd`` or ``2`` are refused, not guessed."""
+    return boolean({"compress": value}, "compress", False)
 
 
 def check_full_every(value: object) -> int | None:
