@@ -178,6 +178,14 @@ def write_new_file(path: str, data: bytes, overwrite: bool = False) -> str:
     link planted at ``path``: a temporary file in the same folder, then linked
     (refused if ``path`` exists) or, with ``overwrite``, renamed over it (a link
     there is replaced, not followed). Returns the absolute path."""
+    if any(part != part.strip() for part in path.split("/")) or any(
+        ord(c) < 32 or ord(c) == 127 for c in path
+    ):
+        raise SpecError(
+            "path",
+            f"{path!r} has a name with surrounding whitespace or control characters",
+            "a file path without them",
+        )
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):

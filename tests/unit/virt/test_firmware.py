@@ -232,3 +232,13 @@ def test_a_new_screenshot_is_written_and_an_existing_one_refused(tmp_path):
 def test_passwords_are_random_and_vnc_sized():
     seen = {graphics.new_password() for _ in range(50)}
     assert len(seen) == 50 and all(len(p) == 8 and p.isalnum() for p in seen)
+
+
+@pytest.mark.parametrize("name", ["shot.png\n", "shot.png ", " shot.png", "sh\tot.png", "a\x00b"])
+def test_a_screenshot_path_with_whitespace_or_control_characters_is_refused(tmp_path, name):
+    # path=$(mktemp) or a templated path with a trailing newline made a file
+    # whose name ends in a newline, beside the one the operator looks for.
+    with pytest.raises(SpecError) as err:
+        graphics.write_new_file(str(tmp_path / name), b"png")
+    assert err.value.key == "path" and err.value.accepted
+    assert list(tmp_path.iterdir()) == []
