@@ -8,7 +8,7 @@ import urllib.parse
 
 import libvirt
 
-from salt_kvm.errors import SaltKvmError
+from salt_kvm.errors import SaltKvmError, SpecError
 from salt_kvm.virt import connection, graphics, lifecycle
 
 
@@ -45,6 +45,14 @@ def console(conn: libvirt.virConnect, name: str) -> dict:
             entry["tunnel"] = tunnel_line(conn.getURI(), item["address"], item["port"])
         shown.append(entry)
     return {name: {"consoles": shown}}
+
+
+def check_screenshot_path(path: object) -> str:
+    """``path`` of ``-a screenshot``, checked before any connection is opened."""
+    if not path or not isinstance(path, str):
+        raise SpecError("path", "is required", "path=/some/file.png")
+    graphics.check_file_path(path)
+    return path
 
 
 def screenshot(conn: libvirt.virConnect, name: str, path: str, overwrite: bool = False) -> dict:

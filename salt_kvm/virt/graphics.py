@@ -173,11 +173,10 @@ def screenshot(dom: libvirt.virDomain, screen: int = 0) -> bytes:
     return ppm_to_png(data)
 
 
-def write_new_file(path: str, data: bytes, overwrite: bool = False) -> str:
-    """Write ``data`` to ``path`` as this process's user, mode 0600, never through a
-    link planted at ``path``: a temporary file in the same folder, then linked
-    (refused if ``path`` exists) or, with ``overwrite``, renamed over it (a link
-    there is replaced, not followed). Returns the absolute path."""
+def check_file_path(path: str) -> None:
+    """A path an operator typed or templated: a name with surrounding spaces
+    or a control character (``$(mktemp)``'s trailing newline) is refused by
+    name rather than made into a file beside the one looked for."""
     if any(part != part.strip() for part in path.split("/")) or any(
         ord(c) < 32 or ord(c) == 127 for c in path
     ):
@@ -186,6 +185,14 @@ def write_new_file(path: str, data: bytes, overwrite: bool = False) -> str:
             f"{path!r} has a name with surrounding whitespace or control characters",
             "a file path without them",
         )
+
+
+def write_new_file(path: str, data: bytes, overwrite: bool = False) -> str:
+    """Write ``data`` to ``path`` as this process's user, mode 0600, never through a
+    link planted at ``path``: a temporary file in the same folder, then linked
+    (refused if ``path`` exists) or, with ``overwrite``, renamed over it (a link
+    there is replaced, not followed). Returns the absolute path."""
+    check_file_path(path)
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):

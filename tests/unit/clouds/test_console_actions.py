@@ -17,7 +17,11 @@ def test_they_are_actions(fn):
 
 @pytest.mark.parametrize(
     "kwargs,key",
-    [({}, "path"), ({"path": "/tmp/x.png", "overwrite": "perhaps"}, "overwrite")],
+    [
+        ({}, "path"),
+        ({"path": "/tmp/x.png\n"}, "path"),
+        ({"path": "/tmp/x.png", "overwrite": "perhaps"}, "overwrite"),
+    ],
 )
 def test_a_screenshot_needs_a_path_and_a_boolean_overwrite(monkeypatch, kwargs, key):
     def no_connection(*args):
