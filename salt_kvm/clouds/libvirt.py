@@ -45,7 +45,6 @@ try:
         check_mapping,
         check_written_keys,
     )
-    from salt_kvm.errors import SpecError
     from salt_kvm.images import cache as images
     from salt_kvm.saltutil import (
         SaltMaster,
@@ -266,9 +265,11 @@ def destroy(name, kwargs=None, call=None):
         salt-cloud -a destroy vm1 delete_disks=true
     """
     _only(call != "function", "destroy is an action: use -d or -a destroy")
+    with cloud_errors():
+        delete_disks = boolean(kwargs or {}, "delete_disks", False)
     _fire(name, "destroying", {"name": name})
     with cloud_errors():
-        removed = _destroy_on_hypervisor(name, kwargs)
+        removed = _destroy_on_hypervisor(name, delete_disks)
     salt.utils.cloud.remove_key(__opts__["pki_dir"], name)
     if __opts__.get("update_cachedir", False) is True:
         __utils__["cloud.delete_minion_cachedir"](name, _active_provider().split(":")[0], __opts__)
@@ -276,8 +277,7 @@ def destroy(name, kwargs=None, call=None):
     return {"destroyed": True, **removed}
 
 
-def _destroy_on_hypervisor(name, kwargs):
-    delete_disks = boolean(kwargs or {}, "delete_disks", False)
+def _destroy_on_hypervisor(name, delete_disks):
     with _guest_connection(name) as conn:
         return actions.destroy(conn, name, delete_disks)
 
@@ -387,9 +387,7 @@ def screenshot(name, kwargs=None, call=None):
     _only(call == "action", "screenshot is an action: use -a screenshot")
     kwargs = kwargs or {}
     with cloud_errors(also=(libvirt.libvirtError, OSError)):
-        path = kwargs.get("path")
-        if not path or not isinstance(path, str):
-            raise SpecError("path", "is required", "path=/some/file.png")
+        path = guest_console.check_screenshot_path(kwargs.get("path"))
         overwrite = boolean(kwargs, "overwrite", False)
         with _guest_connection(name) as conn:
             return guest_console.screenshot(conn, name, path, overwrite)
