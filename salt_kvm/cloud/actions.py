@@ -49,6 +49,8 @@ def destroy(conn: libvirt.virConnect, name: str, delete_disks: bool) -> dict:
     removed["nat"] = forwards.forget(name)
     if pin is not None and _release_pin(*pin):
         removed["reservations"].append("|".join(pin[1:]))
+    if isinstance(info.get("minion_id"), str):
+        removed["minion_id"] = info["minion_id"]
     return removed
 
 

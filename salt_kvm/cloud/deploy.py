@@ -371,6 +371,9 @@ def create(
     the minion) nothing tells that the guest has read it, and it stays until
     ``salt-cloud -d``."""
     planned = spec.ip_source == choices.SOURCE_PLAN
+    # The minion's key id, when it is not the VM's name (minion: id or
+    # append_domain), is recorded with the guest: -d removes that key too.
+    record = {"minion_id": plan.key_id} if plan is not None and plan.key_id != spec.name else None
     if plan is not None and spec.deploy.method == "cloud-init":
         # The minion's config and accepted keys are in the seed; no SSH. The
         # seed is ejected and deleted as soon as the minion has started.
@@ -380,14 +383,16 @@ def create(
             with minion_watch(master, plan, lambda: created[0], check):
                 emit("deploying", {"name": spec.name, "method": "cloud-init"})
                 created.append(
-                    provision.create(conn, spec, rollback, emit, seed_iso=seed, watch=check)
+                    provision.create(
+                        conn, spec, rollback, emit, seed_iso=seed, watch=check, record=record
+                    )
                 )
         finally:
             check.close()
         if plan.minion_timeout > 0 or not planned:
             provision.detach_seed(conn, created[0])
         return created[0], {"method": "cloud-init", "minion_id": plan.key_id}
-    guest = provision.create(conn, spec, rollback, emit, seed_iso=seed)
+    guest = provision.create(conn, spec, rollback, emit, seed_iso=seed, record=record)
     # cloud-init read the seed in its local stage, before the guest's network
     # (and so its address) came up: with an address learned, it can go now;
     # with a planned one, once the guest answers on it.

@@ -141,10 +141,12 @@ def create(
     emit: Emit,
     seed_iso: bytes | None = None,
     watch: Callable[[Guest], None] | None = None,
+    record: dict | None = None,
 ) -> Guest:
     """Clone and boot ``spec``; return the running guest with its addresses.
 
     ``seed_iso`` (a NoCloud ISO) is attached to a new clone's first boot.
+    ``record`` adds fields to a new clone's salt-kvm metadata (the minion id).
     ``watch`` is called now and then while the guest has no address yet; it
     raises when the guest reports that it cannot come up.
     """
@@ -157,7 +159,7 @@ def create(
         guest = Guest(spec.name, existing, addresses.domain_macs(existing), existed=True)
         emit("requesting", {"name": spec.name, "existing": True})
     else:
-        guest = _clone(conn, spec, rollback, emit, seed_iso)
+        guest = _clone(conn, spec, rollback, emit, seed_iso, record or {})
     guest.started = started
     guest.mark("clone")
     if not guest.domain.isActive():
@@ -248,7 +250,12 @@ def _boot_disk(plan: clone.ClonePlan) -> tuple[str, str] | None:
 
 
 def _clone(
-    conn: libvirt.virConnect, spec: VMSpec, rollback: Rollback, emit: Emit, seed_iso: bytes | None
+    conn: libvirt.virConnect,
+    spec: VMSpec,
+    rollback: Rollback,
+    emit: Emit,
+    seed_iso: bytes | None,
+    record: dict,
 ) -> Guest:
     _check_networks(conn, spec)
     hostcheck.check_direct(conn, spec)
@@ -287,6 +294,7 @@ def _clone(
     guest.virt_type_note = choice.note
     info: dict = {"reservations": reservations} if reservations else {}
     info.update(plan.image_info)
+    info.update(record)
     info.update(sharehost.mounts_info(spec.shares))
     if seed_iso is not None:
         seed_name = names.seed_volume_name(spec.name)

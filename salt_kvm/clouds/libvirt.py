@@ -270,11 +270,27 @@ def destroy(name, kwargs=None, call=None):
     _fire(name, "destroying", {"name": name})
     with cloud_errors():
         removed = _destroy_on_hypervisor(name, delete_disks)
-    salt.utils.cloud.remove_key(__opts__["pki_dir"], name)
+    for key_id in _minion_keys(name, removed.get("minion_id")):
+        salt.utils.cloud.remove_key(__opts__["pki_dir"], key_id)
     if __opts__.get("update_cachedir", False) is True:
         __utils__["cloud.delete_minion_cachedir"](name, _active_provider().split(":")[0], __opts__)
     _fire(name, "destroyed", {"name": name})
     return {"destroyed": True, **removed}
+
+
+def _minion_keys(name, recorded):
+    """The VM's name, and the minion id recorded at create when it differs
+    (``minion: id``, ``append_domain``): only a plain key name, never a path."""
+    keys = [name]
+    if (
+        isinstance(recorded, str)
+        and recorded != name
+        and recorded not in ("", ".", "..")
+        and "/" not in recorded
+        and recorded.isprintable()
+    ):
+        keys.append(recorded)
+    return keys
 
 
 def _destroy_on_hypervisor(name, delete_disks):
