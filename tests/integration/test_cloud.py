@@ -325,19 +325,25 @@ def _seeded_profile(base_domain, salt, bootcmd, **extra):
 
 def test_cloud_init_deploy_on_an_image_without_a_minion_unit(hv, salt, base_domain, pool_volumes):
     """No salt-minion.service in the image, salt-minion on PATH: the minion runs
-    as a transient unit and pings."""
+    as a transient unit and pings. Its id is not the VM's name (``minion: id``):
+    -d removes that minion's key too."""
     name = unique("nounit")
+    minion_id = f"{name}-m"
     before = pool_volumes()
-    salt.write_profiles({"nounit": _seeded_profile(base_domain, salt, [NO_UNIT])}, "nounit.conf")
+    profile = _seeded_profile(base_domain, salt, [NO_UNIT])
+    profile["minion"]["id"] = minion_id
+    salt.write_profiles({"nounit": profile}, "nounit.conf")
     info = created(salt.cloud("-p", "nounit", name), name)
     try:
         assert info["deploy"]["method"] == "cloud-init"
-        assert salt.salt(name, "test.ping") == {name: True}
-        active = salt.salt(name, "cmd.run", "systemctl is-active salt-kvm-minion.service")
-        assert active == {name: "active"}
+        assert salt.salt(minion_id, "test.ping") == {minion_id: True}
+        active = salt.salt(minion_id, "cmd.run", "systemctl is-active salt-kvm-minion.service")
+        assert active == {minion_id: "active"}
+        assert minion_id in salt.accepted_keys()
     finally:
         salt.cloud("-d", name)
     assert_gone(hv, salt, name, before, pool_volumes)
+    assert minion_id not in salt.accepted_keys()
 
 
 def test_cloud_init_deploy_fails_fast_when_the_guest_cannot_start_a_minion(
