@@ -12,6 +12,7 @@ from salt_kvm.virt import accel
 ME = pwd.getpwuid(os.getuid())
 NOBODY = pwd.getpwnam("nobody")
 DISK = ("/var/lib/libvirt/images/base.qcow2", "qcow2")
+DEFAULT_PROBE_CPU = accel.PROBE_CPU_SECONDS  # before the fixture makes the bar low
 
 
 class FakeDomain:
@@ -70,7 +71,18 @@ class FakeConn:
 @pytest.fixture(autouse=True)
 def fast_probe(monkeypatch):
     monkeypatch.setattr(accel, "PROBE_SECONDS", 30)
+    monkeypatch.setattr(accel, "PROBE_CPU_SECONDS", 3.0)  # a second of CPU per look
     accel._warned.clear()
+
+
+def test_a_kvm_guest_that_stops_later_in_its_boot_is_not_taken_for_working(monkeypatch):
+    # Seen on a machine with nested KVM: the probe guest ran 3.1 s of CPU, then
+    # paused; a 3 s bar said "works" and every virt_type auto create failed.
+    monkeypatch.setattr(accel, "PROBE_CPU_SECONDS", DEFAULT_PROBE_CPU)
+    running, paused = (libvirt.VIR_DOMAIN_RUNNING, 1), (libvirt.VIR_DOMAIN_PAUSED, 0)
+    conn = FakeConn(states=[running] * 8 + [paused])
+    works, seen = accel.probe_kvm(conn, DISK)
+    assert works is False and "stopped running after" in seen and "paused" in seen
 
 
 def node(tmp_path, mode, uid=None, gid=None):
@@ -241,3 +253,10 @@ def test_no_disk_to_boot_takes_libvirts_word(tmp_path):
     conn = FakeConn()
     assert accel.choose_virt_type(conn, "auto", None, None, str(tmp_path)).virt_type == "kvm"
     assert conn.created == []
+
+
+def test_answers_of_the_weaker_probe_are_not_reused(monkeypatch):
+    conn = FakeConn()
+    now = accel.cache_key(conn)
+    monkeypatch.setattr(accel, "CACHE_VERSION", 1)  # what a 3 s probe wrote down
+    assert accel.cache_key(conn) != now
