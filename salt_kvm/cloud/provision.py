@@ -159,7 +159,7 @@ def create(
         guest = Guest(spec.name, existing, addresses.domain_macs(existing), existed=True)
         emit("requesting", {"name": spec.name, "existing": True})
     else:
-        guest = _clone(conn, spec, rollback, emit, seed_iso, record or {})
+        guest = _clone(conn, spec, rollback, emit, seed_iso, record)
     guest.started = started
     guest.mark("clone")
     if not guest.domain.isActive():
@@ -255,7 +255,7 @@ def _clone(
     rollback: Rollback,
     emit: Emit,
     seed_iso: bytes | None,
-    record: dict,
+    record: dict | None = None,
 ) -> Guest:
     _check_networks(conn, spec)
     hostcheck.check_direct(conn, spec)
@@ -294,7 +294,7 @@ def _clone(
     guest.virt_type_note = choice.note
     info: dict = {"reservations": reservations} if reservations else {}
     info.update(plan.image_info)
-    info.update(record)
+    info.update(record or {})
     info.update(sharehost.mounts_info(spec.shares))
     if seed_iso is not None:
         seed_name = names.seed_volume_name(spec.name)
