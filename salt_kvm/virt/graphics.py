@@ -21,6 +21,7 @@ import libvirt
 from lxml import etree
 
 from salt_kvm.errors import SaltKvmError, SpecError
+from salt_kvm.virt.checks import plain
 from salt_kvm.virt.domain import Domain
 
 # VNC's authentication uses the first 8 characters only: 8, from 62 letters and digits.
@@ -177,13 +178,10 @@ def check_file_path(path: str) -> None:
     """A path an operator typed or templated: a name with surrounding spaces
     or a control character (``$(mktemp)``'s trailing newline) is refused by
     name rather than made into a file beside the one looked for."""
-    if any(part != part.strip() for part in path.split("/")) or any(
-        ord(c) < 32 or ord(c) == 127 for c in path
-    ):
+    plain(path, "path")
+    if any(part != part.strip() for part in path.split("/")):
         raise SpecError(
-            "path",
-            f"{path!r} has a name with surrounding whitespace or control characters",
-            "a file path without them",
+            "path", f"{path!r} has a name with surrounding whitespace", "a file path without it"
         )
 
 
