@@ -119,21 +119,28 @@ def _check6(conn: libvirt.virConnect, network: str, mac: str, ip: str, key: str)
             )
 
 
+def _host6(ip_node: NetworkIP, mac: str, ip: str) -> DhcpHost | None:
+    """The IPv6 reservation of ``mac`` (its DUID-LL) for ``ip``, if there is one."""
+    duid, address = duid_ll(mac), ipaddress.ip_address(ip)
+    for host in ip_node.hosts:
+        if (host.id or "").lower() == duid and ipaddress.ip_address(host.ip) == address:
+            return host
+    return None
+
+
 def _reserve6(net: libvirt.virNetwork, mac: str, ip: str) -> bool:
     xml = _config_xml(net)
     found = _ipv6_dhcp(xml)
     if found is None:
         raise SpecError("ip6", f"network {net.name()!r} has no IPv6 DHCP", "a dual-stack network")
     index, ip_node = found
-    duid, address = duid_ll(mac), ipaddress.ip_address(ip)
-    for host in ip_node.hosts:
-        if (host.id or "").lower() == duid and ipaddress.ip_address(host.ip) == address:
-            return False
+    if _host6(ip_node, mac, ip) is not None:
+        return False
     net.update(
         libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
         libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
         index,
-        DhcpHost.new6(duid, str(address)).to_xml(),
+        DhcpHost.new6(duid_ll(mac), str(ipaddress.ip_address(ip))).to_xml(),
         _flags(net),
     )
     return True
@@ -144,16 +151,15 @@ def _release6(net: libvirt.virNetwork, mac: str, ip: str) -> None:
     if found is None:
         return
     index, ip_node = found
-    duid, address = duid_ll(mac), ipaddress.ip_address(ip)
-    for host in ip_node.hosts:
-        if (host.id or "").lower() == duid and ipaddress.ip_address(host.ip) == address:
-            net.update(
-                libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
-                libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
-                index,
-                host.to_xml(),
-                _flags(net),
-            )
+    host = _host6(ip_node, mac, ip)
+    if host is not None:
+        net.update(
+            libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
+            libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+            index,
+            host.to_xml(),
+            _flags(net),
+        )
 
 
 def reserve(conn: libvirt.virConnect, network: str, mac: str, ip: str, name: str) -> bool:
