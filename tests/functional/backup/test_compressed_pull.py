@@ -6,8 +6,6 @@ stays, whether the compression succeeds or fails."""
 # ruff: noqa: F401, F811 - the source fixture of test_nbd_pull, shared
 
 import hashlib
-import json
-import subprocess
 
 import pytest
 
@@ -21,13 +19,7 @@ def compressed_clusters(path):
     """How many of the image's own clusters (not its backing file's) are stored
     compressed: ``qemu-img check`` counts them on every supported QEMU (the
     ``compressed`` field of ``qemu-img map`` is QEMU 8.2's, not Debian 12's 7.2)."""
-    out = subprocess.run(
-        ["qemu-img", "check", "--output=json", "-f", "qcow2", str(path)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out).get("compressed-clusters", 0)
+    return qemuimg.check(str(path), fmt="qcow2", backing=False).get("compressed-clusters", 0)
 
 
 def copy(tmp_path, served, name, backing=None, bitmap=None, compress=True):
