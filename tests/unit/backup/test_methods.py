@@ -136,15 +136,25 @@ def test_manifests_record_the_method_and_old_or_newer_ones_still_read():
 
 
 @pytest.mark.parametrize("test", [True, False])
-def test_state_refuses_a_bad_method_before_doing_anything(test):
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (
+            {"method": "copy"},
+            "method: 'copy' is not a backup method (accepted: auto, api, snapshot)",
+        ),
+        ({"compress": "zstd"}, "compress: 'zstd' is not a boolean (accepted: true, false"),
+    ],
+)
+def test_state_refuses_a_bad_argument_before_doing_anything(test, bad, message):
     calls = []
     salt = {
         "kvm_backup.list": lambda *a, **k: calls.append(("list", a)) or [],
         "kvm_backup.create": lambda *a, **k: calls.append(("create", a)),
     }
-    ret = _load_state(salt, test).backed_up("vm", "/b", method="copy")
+    ret = _load_state(salt, test).backed_up("vm", "/b", **bad)
     assert ret["result"] is False and ret["changes"] == {} and not calls
-    assert "method: 'copy' is not a backup method (accepted: auto, api, snapshot)" in ret["comment"]
+    assert message in ret["comment"]
 
 
 def test_state_passes_the_method_on():
@@ -248,18 +258,6 @@ def test_manifests_record_the_compression_and_old_ones_read_as_uncompressed():
     del data["compression"]  # a point from before the option
     assert bs.parse_manifest(data, data["id"], "vm").compression is None
     assert bs.Point.from_dict(data).compression is None
-
-
-@pytest.mark.parametrize("test", [True, False])
-def test_state_refuses_a_bad_compress_before_doing_anything(test):
-    calls = []
-    salt = {
-        "kvm_backup.list": lambda *a, **k: calls.append(("list", a)) or [],
-        "kvm_backup.create": lambda *a, **k: calls.append(("create", a)),
-    }
-    ret = _load_state(salt, test).backed_up("vm", "/b", compress="zstd")
-    assert ret["result"] is False and ret["changes"] == {} and not calls
-    assert "compress: 'zstd' is not a boolean (accepted: true, false" in ret["comment"]
 
 
 def test_state_passes_compress_on_and_shows_the_compression():
