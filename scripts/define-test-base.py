@@ -25,7 +25,7 @@ import libvirt
 from lxml import etree
 
 from salt_kvm.cloud import addresses
-from salt_kvm.virt import accel, connection, identity, lifecycle
+from salt_kvm.virt import accel, chains, connection, identity, lifecycle
 from salt_kvm.virt.domain import Domain, new_domain
 from salt_kvm.virt.rollback import Rollback
 
@@ -70,7 +70,12 @@ def existing_base(conn: libvirt.virConnect, key: str) -> bool:
     log(f"replacing base domain {BASE} (made from another image)")
     old_paths = [d.path for d in xml.disks if d.path]
     lifecycle.undefine(dom)
-    for path in old_paths:
+    # A quick clone of the old base (another checkout's guest, a run beside
+    # this one) still reads the old disk: it stays until nothing needs it.
+    doomed, kept = chains.dependents(conn).deletable(old_paths)
+    for path, needs in kept.items():
+        log(f"kept {path}: {chains.describe({path: needs})}")
+    for path in doomed:
         try:
             conn.storageVolLookupByPath(path).delete(0)
         except libvirt.libvirtError:
