@@ -268,6 +268,8 @@ class Run:
     algorithm: str = field(default_factory=lambda: bs.preferred_algorithm())  # of every digest
     compress: bool = False  # asked for: images with compressed clusters
     compression: str | None = None  # set by the method: what it wrote (zstd, zlib)
+    # seconds per step of the run (job start, map, stream, sync, check, ...): where time goes
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def consistency(self) -> str:

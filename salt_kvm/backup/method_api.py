@@ -283,6 +283,7 @@ def _read_exports(run: Run, socket: str) -> None:
                 progress,
                 run.algorithm,
                 compress=compressing if run.compression else False,
+                phases=run.phases,
             )
         run.digests[disk.target] = digest
         run.read_bytes += read
@@ -310,10 +311,13 @@ class ApiMethod(core.Method):
             try:
                 started = time.monotonic()
                 self._begin(run, folder, cp_xml)
+                run.phases["job start"] = time.monotonic() - started
                 try:
                     _read_exports(run, os.path.join(folder, "nbd.sock"))
                 finally:
+                    ending = time.monotonic()
                     _end_job(dom)
+                    run.phases["job end"] = time.monotonic() - ending
                 run.stats = {"time_elapsed": int((time.monotonic() - started) * 1000)}
             finally:
                 ids = _qemu_ids(dom) if dom.isActive() else None

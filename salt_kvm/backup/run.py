@@ -154,7 +154,10 @@ def _run(
     run.compress = compress
     try:
         engine.copy(run)
+        checking = time.monotonic()
         images = core.finish_images(disks, partial, run.parent, run.digests, run.algorithm)
+        run.phases["check"] = time.monotonic() - checking
+        writing = time.monotonic()
         xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
         # a secure dump (it may hold passwords): 0600 from its first byte
         fd = os.open(
@@ -180,6 +183,7 @@ def _run(
             compression=run.compression,
         )
         store.commit(partial, point)
+        run.phases["manifest"] = time.monotonic() - writing
     except BaseException as exc:
         with contextlib.suppress(Exception):
             engine.abort(run)
@@ -189,9 +193,11 @@ def _run(
             log.warning("%s", refused)
         emit("failed", {**base, "error": str(exc), "method": engine.name})
         raise
+    pruning = time.monotonic()
     for old in our_checkpoints(dom, store_tag(store)):  # only the newest one is needed
         if old != run.checkpoint:
             delete_checkpoint(dom, old)
+    run.phases["old checkpoints"] = time.monotonic() - pruning
     stats = run.stats
     result = {
         **point.summary(),
@@ -201,6 +207,8 @@ def _run(
         "duration": point.duration,
         "disk_bytes": {t: d.size for t, d in images.items()},
         "job_seconds": round(stats["time_elapsed"] / 1000, 2) if "time_elapsed" in stats else None,
+        # seconds per step, in the order they ran (docs/backup.rst lists them)
+        "phases": {step: round(spent, 3) for step, spent in run.phases.items()},
         "progress": {
             "processed": run.progress.processed,
             "total": run.progress.total,

@@ -138,6 +138,8 @@ def test_full_incremental_and_restores(hv, guest, dest, api_chain):
     assert full["kind"] == "full" and full["frozen"] is True and full["consistency"] == "frozen"
     assert events[0] == "start" and events[-1] == "done"
     assert full["progress"]["processed"] == full["progress"]["total"] > 0
+    steps = ["job start", "map", "stream", "sync", "job end", "check", "manifest"]
+    assert list(full["phases"]) == [*steps, "old checkpoints"], full["phases"]
     assert inc["kind"] == "incremental" and inc["parent"] == full["point"]
     # close to the 64 MiB changed, nowhere near the disks' size
     assert 64 * MIB <= inc["disk_bytes"]["vdb"] < 80 * MIB, inc

@@ -22,12 +22,14 @@ def compressed_clusters(path):
     return qemuimg.check(str(path), fmt="qcow2", backing=False).get("compressed-clusters", 0)
 
 
-def copy(tmp_path, served, name, backing=None, bitmap=None, compress=True):
+def copy(tmp_path, served, name, backing=None, bitmap=None, compress=True, phases=None):
     dirty = nbd.dirty_bitmap(bitmap) if bitmap else None
     contexts = (nbd.BASE_ALLOCATION,) + ((dirty,) if dirty else ())
     with nbd.Client(served.sock, "vda", contexts) as client:
         dest = tmp_path / name
-        digest, read = pull.copy_disk(client, dest, backing, dirty, compress=compress)
+        digest, read = pull.copy_disk(
+            client, dest, backing, dirty, compress=compress, phases=phases
+        )
     return dest, digest, read
 
 
@@ -40,7 +42,8 @@ def test_a_compressed_full_and_incremental_read_as_the_source(tmp_path, source):
     served = Served(tmp_path, src, "b0")
     try:
         plain, _digest, _read = copy(tmp_path, served, "plain.qcow2", compress=False)
-        full, digest, read = copy(tmp_path, served, "full.qcow2")
+        phases: dict[str, float] = {}
+        full, digest, read = copy(tmp_path, served, "full.qcow2", phases=phases)
         percents = []
         inc, inc_digest, inc_read = copy(
             tmp_path, served, "inc.qcow2", "full.qcow2", "b0", compress=percents.append
@@ -48,6 +51,7 @@ def test_a_compressed_full_and_incremental_read_as_the_source(tmp_path, source):
     finally:
         served.close()
     assert digest == hashlib.sha256(full.read_bytes()).hexdigest()
+    assert list(phases) == ["map", "stream", "compress", "sync"]  # the steps it reports
     assert inc_digest == hashlib.sha256(inc.read_bytes()).hexdigest()
     assert same(full, src) and same(inc, src)
     info = qemuimg.info(str(full), fmt="qcow2")

@@ -180,6 +180,38 @@ def test_a_copy_is_hashed_in_the_algorithm_asked_for(tmp_path, source):
     assert same(full, src)
 
 
+def test_a_copy_reports_its_steps_and_syncs_what_it_wrote_back_early(tmp_path, source, monkeypatch):
+    """Writeback started every 1 MiB while the copy goes on changes no byte of
+    the image; the caller learns the seconds of each step."""
+    src, _parent = source
+    monkeypatch.setattr(pull, "WRITEBACK", MIB)
+    served = Served(tmp_path, src)
+    phases: dict[str, float] = {}
+    try:
+        with nbd.Client(served.sock, "vda", (nbd.BASE_ALLOCATION,)) as client:
+            full = tmp_path / "full.qcow2"
+            digest, _read = pull.copy_disk(client, full, None, None, phases=phases)
+    finally:
+        served.close()
+    assert digest == sha256(full)
+    assert same(full, src)
+    qemuimg.check(str(full), fmt="qcow2")
+    assert list(phases) == ["map", "stream", "sync"]
+    assert all(spent >= 0 for spent in phases.values())
+
+
+def test_writeback_is_a_hint_on_the_bytes_written(tmp_path):
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"x" * 3 * MIB)
+        assert pull.start_writeback(fd, MIB, 2 * MIB)  # Linux: sync_file_range
+        assert not pull.start_writeback(fd, 0, 0)  # nothing to write back
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 3 * MIB
+
+
 def test_copy_never_writes_through_a_planted_link(tmp_path, source):
     src, _parent = source
     victim = tmp_path / "victim"

@@ -88,6 +88,8 @@ def test_full_then_incremental_by_content_and_restore(conn, vm, dest, tmp_path):
     assert {"copy", "copied"} <= phases
     assert events[0][1]["method"] == "snapshot"
     assert full["progress"]["processed"] == full["progress"]["total"] == 96 * MIB
+    # the steps every method's run reports, in the order they ran (seconds)
+    assert list(full["phases"]) == ["check", "manifest", "old checkpoints"]
     # the full point is flat: no backing file, the base's data inside
     folder = bs.Store(dest, "vm").path(full["point"])
     assert "backing-filename" not in qemuimg.info(str(folder / "vda.qcow2"))
