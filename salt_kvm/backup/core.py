@@ -10,11 +10,12 @@ of killed runs, manifest, commit, events) the same way for both.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -241,6 +242,17 @@ class Progress:
         }
         self.samples = (self.samples + [sample])[-20:]
         self.emit("progress", {**self.base, **sample})
+
+
+@contextlib.contextmanager
+def timed(phases: dict[str, float], step: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``phases[step]`` (a run's steps,
+    ``Run.phases``; a step done once per disk adds up)."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        phases[step] = phases.get(step, 0.0) + time.monotonic() - started
 
 
 @dataclass

@@ -310,14 +310,13 @@ class ApiMethod(core.Method):
             folder = _scratch_folder(dom)
             try:
                 started = time.monotonic()
-                self._begin(run, folder, cp_xml)
-                run.phases["job start"] = time.monotonic() - started
+                with core.timed(run.phases, "job start"):
+                    self._begin(run, folder, cp_xml)
                 try:
                     _read_exports(run, os.path.join(folder, "nbd.sock"))
                 finally:
-                    ending = time.monotonic()
-                    _end_job(dom)
-                    run.phases["job end"] = time.monotonic() - ending
+                    with core.timed(run.phases, "job end"):
+                        _end_job(dom)
                 run.stats = {"time_elapsed": int((time.monotonic() - started) * 1000)}
             finally:
                 ids = _qemu_ids(dom) if dom.isActive() else None

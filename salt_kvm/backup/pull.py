@@ -36,11 +36,11 @@ import ctypes
 import os
 import queue
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from salt_kvm.backup import nbd, qcow2
+from salt_kvm.backup.core import timed
 from salt_kvm.backup.manifest import new_hash
 from salt_kvm.errors import SaltKvmError
 from salt_kvm.virt import qemuimg
@@ -124,26 +124,12 @@ def copy_disk(
     try:
         _digest, read = _write(client, scratch, backing, dirty, progress, algorithm, False, phases)
         percent = compress if callable(compress) else None
-        with _timed(phases, "compress"):
+        with timed(phases, "compress"):
             qemuimg.compress(str(scratch), str(dest), backing, progress=percent)
     finally:
         scratch.unlink(missing_ok=True)
-    with _timed(phases, "sync"):
+    with timed(phases, "sync"):
         return digest_synced(dest, algorithm), read
-
-
-class _timed:
-    """Add the seconds of a block to ``phases[name]``."""
-
-    def __init__(self, phases: dict[str, float], name: str):
-        self.phases, self.name = phases, name
-
-    def __enter__(self) -> None:
-        self.started = time.monotonic()
-
-    def __exit__(self, *_exc) -> None:
-        spent = time.monotonic() - self.started
-        self.phases[self.name] = self.phases.get(self.name, 0.0) + spent
 
 
 def digest_synced(path: Path, algorithm: str, chunk: int = CHUNK) -> str:
@@ -171,17 +157,17 @@ def _write(
     """The export into ``dest``; a ``final`` image is hashed and synced (its
     writeback started as it is written), a scratch image (read back at once,
     then deleted) neither."""
-    with _timed(phases, "map"):
+    with timed(phases, "map"):
         kinds = cluster_map(client, dirty)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        with _timed(phases, "stream"):
+        with timed(phases, "stream"):
             writer = qcow2.Writer(fd, client.size, kinds, backing, algorithm)
             writer.begin()
             _stream(client, writer, progress, hashed=final, writeback=final)
             digest = writer.finish()
         if final:
-            with _timed(phases, "sync"):
+            with timed(phases, "sync"):
                 os.fsync(fd)
     finally:
         os.close(fd)

@@ -30,6 +30,7 @@ from salt_kvm.backup.core import (
     our_checkpoints,
     source_disks,
     store_tag,
+    timed,
 )
 from salt_kvm.errors import SaltKvmError, SpecError
 from salt_kvm.virt import chains
@@ -154,36 +155,34 @@ def _run(
     run.compress = compress
     try:
         engine.copy(run)
-        checking = time.monotonic()
-        images = core.finish_images(disks, partial, run.parent, run.digests, run.algorithm)
-        run.phases["check"] = time.monotonic() - checking
-        writing = time.monotonic()
-        xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-        # a secure dump (it may hold passwords): 0600 from its first byte
-        fd = os.open(
-            partial / bs.DOMAIN_XML, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
-        )
-        with os.fdopen(fd, "w") as handle:
-            handle.write(xml)
-        point = bs.Point(
-            id=point_id,
-            domain=dom.name(),
-            kind=bs.KIND_INCREMENTAL if run.parent else bs.KIND_FULL,
-            chain=run.parent.chain if run.parent else point_id,
-            parent=run.parent.id if run.parent else None,
-            checkpoint=run.checkpoint,
-            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            consistency=run.consistency,
-            frozen=run.frozen,
-            disks=images,
-            domain_xml_sha256=bs.sha256_file(partial / bs.DOMAIN_XML),
-            duration=round(time.monotonic() - started, 2),
-            method=engine.name,
-            firmware=firmware_state.capture(dom, partial),
-            compression=run.compression,
-        )
-        store.commit(partial, point)
-        run.phases["manifest"] = time.monotonic() - writing
+        with timed(run.phases, "check"):
+            images = core.finish_images(disks, partial, run.parent, run.digests, run.algorithm)
+        with timed(run.phases, "manifest"):
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+            # a secure dump (it may hold passwords): 0600 from its first byte
+            fd = os.open(
+                partial / bs.DOMAIN_XML, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+            )
+            with os.fdopen(fd, "w") as handle:
+                handle.write(xml)
+            point = bs.Point(
+                id=point_id,
+                domain=dom.name(),
+                kind=bs.KIND_INCREMENTAL if run.parent else bs.KIND_FULL,
+                chain=run.parent.chain if run.parent else point_id,
+                parent=run.parent.id if run.parent else None,
+                checkpoint=run.checkpoint,
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                consistency=run.consistency,
+                frozen=run.frozen,
+                disks=images,
+                domain_xml_sha256=bs.sha256_file(partial / bs.DOMAIN_XML),
+                duration=round(time.monotonic() - started, 2),
+                method=engine.name,
+                firmware=firmware_state.capture(dom, partial),
+                compression=run.compression,
+            )
+            store.commit(partial, point)
     except BaseException as exc:
         with contextlib.suppress(Exception):
             engine.abort(run)
@@ -193,11 +192,10 @@ def _run(
             log.warning("%s", refused)
         emit("failed", {**base, "error": str(exc), "method": engine.name})
         raise
-    pruning = time.monotonic()
-    for old in our_checkpoints(dom, store_tag(store)):  # only the newest one is needed
-        if old != run.checkpoint:
-            delete_checkpoint(dom, old)
-    run.phases["old checkpoints"] = time.monotonic() - pruning
+    with timed(run.phases, "old checkpoints"):
+        for old in our_checkpoints(dom, store_tag(store)):  # only the newest one is needed
+            if old != run.checkpoint:
+                delete_checkpoint(dom, old)
     stats = run.stats
     result = {
         **point.summary(),
