@@ -149,13 +149,28 @@ class Session:
         self.close()
 
 
-def _port_open(host: str, port: int, timeout: float) -> bool:
+def _greeted(host: str, port: int, timeout: float) -> socket.socket | None:
+    """A connection to ``host:port`` whose peer has greeted as an SSH server,
+    None when nothing greets within ``timeout``. The greeting is peeked, not
+    read: the login runs on this same connection (sshd forks and re-executes
+    itself for each one, a cost under TCG)."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.settimeout(timeout)
-            return sock.recv(4).startswith(b"SSH-")
+        sock = socket.create_connection((host, port), timeout=timeout)
     except OSError:
-        return False
+        return None
+    try:
+        sock.settimeout(timeout)
+        if sock.recv(4, socket.MSG_PEEK).startswith(b"SSH-"):
+            return sock
+    except OSError:
+        pass
+    sock.close()
+    return None
+
+
+def _drop(client: paramiko.SSHClient, sock: socket.socket) -> None:
+    client.close()
+    sock.close()  # closed already when paramiko got as far as a transport
 
 
 def connect(
@@ -172,11 +187,13 @@ def connect(
     """Wait until sshd on ``host`` greets (probing every ``interval``), check its
     host key against ``trust``, then log in."""
     deadline = time.monotonic() + timeout
-    while not _port_open(host, port, min(2.0, interval * 4)):
-        if time.monotonic() >= deadline:
-            raise TimeoutError_(f"sshd on {host}:{port} did not answer within {timeout:g}s")
-        time.sleep(interval)
     while True:
+        sock = _greeted(host, port, min(2.0, interval * 4))
+        if sock is None:
+            if time.monotonic() >= deadline:
+                raise TimeoutError_(f"sshd on {host}:{port} did not answer within {timeout:g}s")
+            time.sleep(interval)
+            continue
         client = paramiko.SSHClient()
         if trust is None:
             # A guest salt-kvm has just created: its key is new by design.
@@ -192,16 +209,17 @@ def connect(
                 key_filename=key_filename,
                 allow_agent=allow_agent,
                 look_for_keys=False,
+                sock=sock,
                 timeout=10,
                 banner_timeout=30,
                 auth_timeout=30,
             )
             return Session(client)
         except HostKeyError:
-            client.close()
+            _drop(client, sock)
             raise
         except paramiko.BadHostKeyException as exc:
-            client.close()
+            _drop(client, sock)
             where = trust.where() if trust else "the known key"
             raise HostKeyError(
                 f"{host}:{port} presented {exc.key.get_name()} {fingerprint(exc.key)}, which "
@@ -209,10 +227,10 @@ def connect(
                 "logging in"
             ) from None
         except paramiko.AuthenticationException as exc:
-            client.close()
+            _drop(client, sock)
             raise AuthError(f"SSH login as {username!r} on {host} was refused: {exc}") from exc
         except (paramiko.SSHException, OSError) as exc:
-            client.close()
+            _drop(client, sock)
             if time.monotonic() >= deadline:
                 raise TimeoutError_(f"SSH to {host}:{port} failed: {exc}") from exc
             log.debug("SSH to %s not ready: %s", host, exc)
