@@ -107,20 +107,17 @@ def _run(session: Session, bundle: Bundle, command: str) -> tuple[int, str, str]
     return session.run(full, timeout=900)
 
 
-def set_hostname(session: Session, bundle: Bundle, hostname: str) -> None:
+# Printed on stdout when the hostname could not be set (the deploy goes on).
+HOSTNAME_FAILED = "salt-kvm: the hostname was not set"
+
+
+def hostname_command(hostname: str) -> str:
     name = shlex.quote(hostname)
-    code, out, err = _run(
-        session,
-        bundle,
-        f"hostnamectl set-hostname {name} 2>/dev/null || "
-        f"{{ echo {name} > /etc/hostname && hostname {name}; }}",
+    return (
+        f"{{ hostnamectl set-hostname {name} 2>/dev/null || "
+        f"{{ echo {name} > /etc/hostname && hostname {name}; }}; }} >&2 "
+        f"|| echo {shlex.quote(HOSTNAME_FAILED)}"
     )
-    if code != 0:
-        log.warning(
-            "could not set the hostname to %s: %s",
-            bundle.hostname,
-            redact.text(err or out, secrets(bundle)),
-        )
 
 
 def run(session: Session, bundle: Bundle) -> str:
@@ -132,12 +129,20 @@ def run(session: Session, bundle: Bundle) -> str:
     prepare = f"rm -rf {quoted} && mkdir -m 700 -p {quoted}"
     if bundle.sudo:
         prepare += f" && chown {shlex.quote(user)} {quoted}"
+    if bundle.hostname:
+        # One command (each costs the guest a session) for both, before the
+        # minion starts: its grains read the hostname.
+        prepare = f"{prepare} || exit 1; {hostname_command(bundle.hostname)}"
     code, out, err = _run(session, bundle, prepare)
     if code != 0:
         output = redact.text(err or out, secrets(bundle))
         raise DeployError(f"cannot create {workdir} in the guest: {output}")
-    if bundle.hostname:
-        set_hostname(session, bundle, bundle.hostname)
+    if HOSTNAME_FAILED in out:
+        log.warning(
+            "could not set the hostname to %s: %s",
+            bundle.hostname,
+            redact.text(err.strip() or "no output", secrets(bundle)),
+        )
     for name, (data, mode) in bundle.files.items():
         session.put(data, posixpath.join(workdir, name), mode)
     if bundle.script is not None:
