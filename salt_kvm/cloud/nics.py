@@ -16,7 +16,7 @@ from typing import Any
 
 from salt_kvm.cloud import choices, nickinds
 from salt_kvm.errors import SpecError
-from salt_kvm.virt.checks import check_keys, one_of, text
+from salt_kvm.virt.checks import check_keys, object_name, one_of
 
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "ne2k_pci", "pcnet")
 NIC_KEYS = (
@@ -228,8 +228,8 @@ def parse_nics(value: Any, key: str = "nics") -> list[NicSpec]:
         check_keys(item, NIC_KEYS, where)
         nic = NicSpec(
             kind=nickinds.kind_of(item, where),
-            network=text(item, "network", label=f"{where}.network"),
-            bridge=text(item, "bridge", label=f"{where}.bridge"),
+            network=object_name(item, "network", label=f"{where}.network"),
+            bridge=object_name(item, "bridge", label=f"{where}.bridge"),
             model=one_of(item, "model", NIC_MODELS, DEFAULT_MODEL, f"{where}.model"),
         )
         _kind_keys(nic, item, where)

@@ -32,7 +32,7 @@ from salt_kvm.images import spec as images
 from salt_kvm.nat import rules as nat
 from salt_kvm.virt import choices as virt_choices
 from salt_kvm.virt import names
-from salt_kvm.virt.checks import boolean, one_of, seconds, text, whole_number
+from salt_kvm.virt.checks import boolean, object_name, one_of, seconds, text, whole_number
 from salt_kvm.virt.units import GIB, MIB, parse_size
 
 # Every key of a profile (or its provider) that build_spec reads: the driver
@@ -225,7 +225,7 @@ IMAGE_KEYS = ("image_checksum", "image_format", "image_pool")  # image_allowed_d
 def _base_or_image(values: dict) -> tuple[str | None, images.ImageSpec | None]:
     """A guest is cloned from a base domain or built on an image, never both."""
     has_image = values.get("image") not in (None, "")
-    base = text(values, "base_domain")
+    base = object_name(values, "base_domain")
     if has_image and base:
         raise SpecError(
             "image", "base_domain and image exclude each other", ("base_domain", "image")

@@ -19,7 +19,7 @@ from typing import Any
 from lxml import etree
 
 from salt_kvm.errors import SpecError
-from salt_kvm.virt.checks import boolean, check_keys, one_of, text, whole_number
+from salt_kvm.virt.checks import boolean, check_keys, object_name, one_of, text, whole_number
 from salt_kvm.virt.domain import Disk
 from salt_kvm.virt.units import GIB, parse_size
 
@@ -171,7 +171,7 @@ def parse_disk(name: object, values: dict[str, Any], where: str = "") -> DiskSpe
     index = values.get("index")
     if index is not None:
         index = whole_number(index, _label(where, "index"), 1, max_index(bus))
-    pool = text(values, "pool", label=_label(where, "pool")) or DEFAULT_POOL
+    pool = object_name(values, "pool", label=_label(where, "pool")) or DEFAULT_POOL
     if has_path and values.get("pool") not in (None, ""):
         raise SpecError(
             _label(where, "pool"), "goes with size (where to create the volume)", "leave it out"

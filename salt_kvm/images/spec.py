@@ -13,7 +13,7 @@ from salt_kvm.disks import spec as disks
 from salt_kvm.errors import SpecError
 from salt_kvm.images import fetch
 from salt_kvm.images.fetch import Checksum
-from salt_kvm.virt.checks import one_of, text
+from salt_kvm.virt.checks import object_name, one_of, text
 
 DEFAULT_POOL = "default"
 ACCEPTED_SOURCE = (
@@ -52,7 +52,7 @@ def parse_image(values: dict) -> ImageSpec:
         source=source,
         checksum=fetch.parse_checksum(checksum) if checksum not in (None, "") else None,
         format=one_of(values, "image_format", fetch.FORMAT_CHOICES, "auto"),
-        pool=text(values, "image_pool") or DEFAULT_POOL,
+        pool=object_name(values, "image_pool") or DEFAULT_POOL,
     )
 
 

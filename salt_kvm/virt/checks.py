@@ -144,6 +144,20 @@ def text(
     return plain(str(value), label, multiline)
 
 
+def object_name(values: dict, key: str, label: str | None = None) -> str | None:
+    """The name of a libvirt object the profile points at (a domain, a network,
+    a bridge, a pool): ``text``, and no spaces around it. libvirt allows them in
+    a name, but one padded in YAML is a typo that would fail only at lookup."""
+    value = text(values, key, label=label)
+    if value is not None and value != value.strip():
+        raise SpecError(
+            label or key,
+            f"{value!r} has spaces around it",
+            "the name as libvirt lists it, without spaces around it",
+        )
+    return value
+
+
 def one_of(values: dict, key: str, choices: tuple, default: Any, label: str | None = None) -> Any:
     value = values.get(key, default)
     if value is None:

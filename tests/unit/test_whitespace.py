@@ -64,3 +64,40 @@ def test_a_libvirt_uri_with_whitespace_is_refused_by_its_key(uri):
         )
         == "url"
     )
+
+
+@pytest.mark.parametrize("pad", [" {}", "{} ", "{}\n", "\t{}"])
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"base_domain": "{}"}, "base_domain"),
+        ({"base_domain": "base", "nics": [{"network": "{}"}]}, "nics[0].network"),
+        ({"base_domain": "base", "nics": ["{}"]}, "nics[0].network"),
+        (
+            {"base_domain": "base", "ip_source": "arp", "nics": [{"bridge": "{}"}]},
+            "nics[0].bridge",
+        ),
+        ({"image": "https://example.com/x.qcow2", "image_pool": "{}"}, "image_pool"),
+        ({"base_domain": "base", "disks": {"data": {"size": 1, "pool": "{}"}}}, "disks.data.pool"),
+    ],
+)
+def test_a_libvirt_object_name_padded_with_whitespace_is_refused_by_its_key(pad, values, key):
+    """A name libvirt looks up (a domain, network, bridge, pool): one padded in
+    the profile was accepted, then failed at lookup ("no network named
+    ' default'") or, for a pool, after the guest was defined."""
+    from salt_kvm.cloud.spec import build_spec
+
+    def fill(value):
+        if isinstance(value, str):
+            return value.replace("{}", pad.format("name0")) if "{}" in value else value
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        return value
+
+    base = {"name": "vm1", "deploy": False}
+    with pytest.raises(SpecError) as err:
+        build_spec({**base, **fill(values)})
+    assert err.value.key == key
+    assert any(w in str(err.value) for w in ("space", "control character"))
