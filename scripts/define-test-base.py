@@ -83,6 +83,37 @@ def existing_base(conn: libvirt.virConnect, key: str) -> bool:
     return False
 
 
+def sweep_old_disks(conn: libvirt.virConnect, current: str | None) -> None:
+    """Delete the disks of earlier bases (``BASE-<key>.qcow2`` in the pool)
+    that nothing reads any more: kept when a base was replaced while a quick
+    clone still read them, they would otherwise stay for good."""
+    pool = conn.storagePoolLookupByName(POOL)
+    pool.refresh(0)
+    old = [
+        vol.path()
+        for vol in pool.listAllVolumes(0)
+        if vol.name().startswith(f"{BASE}-")
+        and vol.name().endswith(".qcow2")
+        and vol.path() != current
+    ]
+    if not old:
+        return
+    doomed, kept = chains.dependents(conn).deletable(old)
+    for path, needs in kept.items():
+        log(f"kept {path}: {chains.describe({path: needs})}")
+    for path in doomed:
+        log(f"deleting {path}: an earlier base's disk nothing reads")
+        try:
+            conn.storageVolLookupByPath(path).delete(0)
+        except libvirt.libvirtError:
+            pass
+
+
+def current_disk(conn: libvirt.virConnect) -> str | None:
+    dom = conn.lookupByName(BASE)
+    return next((d.path for d in Domain(dom.XMLDesc(0)).disks if d.path), None)
+
+
 def import_volume(conn: libvirt.virConnect, image: str, key: str) -> str:
     pool = conn.storagePoolLookupByName(POOL)
     target_dir = Domain(pool.XMLDesc(0)).node.findtext("target/path")
@@ -129,6 +160,7 @@ def main() -> int:
     with connection.connected(URI) as conn:
         if existing_base(conn, key):
             log(f"base domain {BASE} is up to date")
+            sweep_old_disks(conn, current_disk(conn))
             print(BASE)
             return 0
         path = import_volume(conn, image, key)
@@ -146,6 +178,7 @@ def main() -> int:
         xml = new_domain(BASE, virt_type, 1024, 1, path, networks=(NETWORK,))
         xml.description = MARK + key
         lifecycle.define(conn, xml, Rollback())
+        sweep_old_disks(conn, path)
     print(BASE)
     return 0
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from salt_kvm.cloud import clone
+from salt_kvm.virt.domain import new_domain
 from salt_kvm.virt.rollback import Rollback
 
 SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "define-test-base.py"
@@ -19,6 +20,7 @@ def script(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "BASE", "base")
+    monkeypatch.setattr(module, "POOL", "default-pool")
     return module
 
 
@@ -38,3 +40,28 @@ def test_a_replaced_base_no_clone_reads_goes_with_its_disk(conn, pool, base, scr
     assert script.existing_base(conn, "another-image") is False
     assert "base" not in conn.listDefinedDomains()
     assert "base.qcow2" not in volumes(pool)
+
+
+def disk_volume(pool, name):
+    return pool.createXML(
+        f"<volume><name>{name}</name><capacity>{1024**3}</capacity>"
+        "<target><format type='qcow2'/></target></volume>",
+        0,
+    )
+
+
+def test_an_earlier_base_disk_goes_once_nothing_reads_it(conn, pool, base, script):
+    """What the keep case left: swept on a later run, once the domain reading
+    it is gone; the current base's disk and volumes not named like a base's
+    stay."""
+    old = disk_volume(pool, "base-oldkey.qcow2")
+    disk_volume(pool, "base-other.qcow2.tmp")
+    xml = new_domain("reader", "test", 512, 1, old.path())
+    reader = conn.defineXML(xml.to_xml())
+    script.sweep_old_disks(conn, None)
+    assert "base-oldkey.qcow2" in volumes(pool)  # a domain still reads it
+    reader.undefine()
+    current = disk_volume(pool, "base-newkey.qcow2")
+    script.sweep_old_disks(conn, current.path())
+    assert "base-oldkey.qcow2" not in volumes(pool)
+    assert {"base-newkey.qcow2", "base-other.qcow2.tmp", "base.qcow2"} <= set(volumes(pool))
