@@ -24,6 +24,9 @@ import paramiko
 from salt_kvm.errors import SaltKvmError, SpecError, TimeoutError_
 
 log = logging.getLogger(__name__)
+# How long a connected probe waits for sshd's greeting: a TCG guest's sshd
+# forks and re-executes itself first; probing faster must not cut this short.
+GREETING_WAIT = 2.0
 
 
 class AuthError(SaltKvmError):
@@ -188,7 +191,7 @@ def connect(
     host key against ``trust``, then log in."""
     deadline = time.monotonic() + timeout
     while True:
-        sock = _greeted(host, port, min(2.0, interval * 4))
+        sock = _greeted(host, port, max(GREETING_WAIT, interval * 4))
         if sock is None:
             if time.monotonic() >= deadline:
                 raise TimeoutError_(f"sshd on {host}:{port} did not answer within {timeout:g}s")

@@ -301,6 +301,8 @@ def run(master: Master, plan: Plan, spec: VMSpec, guest: Guest) -> dict:
             allow_agent=spec.deploy.ssh_agent,
             port=spec.deploy.ssh_port,
             timeout=spec.wait_for_ip_timeout,
+            # sshd may start after the lease: a refused probe costs nothing.
+            interval=0.25,
             trust=host_trust(spec),
         ) as session:
             guest.mark("ssh")
