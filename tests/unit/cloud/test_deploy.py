@@ -88,6 +88,13 @@ def test_image_with_the_unit_restarts_it_ignoring_its_ordering(tmp_path):
     )
     assert not any(c.startswith("systemd-run") for c in calls)
     assert not (root / "etc/systemd/system/salt-minion.service").exists()
+    # The start is queued first: each systemctl costs a TCG guest 0.1-0.2 s,
+    # and the CPU weight and the link for the next boots need not come before.
+    restart = calls.index(
+        "systemctl restart --no-block --job-mode=ignore-dependencies salt-minion.service"
+    )
+    later = [c for c in calls if c.startswith(("systemctl set-property", "systemctl --no-reload"))]
+    assert len(later) == 2 and all(calls.index(c) > restart for c in later)
 
 
 def test_image_without_the_unit_runs_the_minion_as_a_transient_unit(tmp_path):
