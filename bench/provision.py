@@ -225,6 +225,14 @@ def report(results: dict[str, list[dict]]) -> None:
 FLOOR = ("minion_start_to_ready", "ready_to_first_job_done")
 
 
+def entry_wait(variant: str, rounds: list[dict]) -> float | None:
+    """Median seconds from the lease until the guest itself let a deploy begin:
+    its sshd listening (SSH deploys), cloud-init reaching bootcmd (cloud-init)."""
+    key = "lease_to_bootcmd" if variant == "cloud-init" else "lease_to_sshd"
+    found = [r[key] for r in rounds if key in r]
+    return median(found) if found else None
+
+
 def above_floor(rounds: list[dict], bare_lease: float) -> tuple[float, float] | None:
     """(median floor, median total - floor) of a variant's rounds, or None when
     the guests' timelines lack a span. A round's boot-to-lease is its own where
@@ -255,6 +263,13 @@ def report_floor(results: dict[str, list[dict]]) -> None:
         floor, extra = found
         goal = "  (goal <= 3 s)" if variant != "salt3007" else ""
         print(f"  {variant:<11} floor {floor:6.1f} s   total - floor {extra:+6.1f} s{goal}")
+        wait = entry_wait(variant, rounds)
+        if wait is not None:
+            what = "cloud-init reached bootcmd" if variant == "cloud-init" else "sshd listened"
+            print(
+                f"  {'':<11} of which the guest's own wait until {what}: {wait:.1f} s;"
+                f" the rest {extra - wait:+.1f} s"
+            )
 
 
 def report_inside(results: dict[str, list[dict]]) -> None:
@@ -264,6 +279,8 @@ def report_inside(results: dict[str, list[dict]]) -> None:
         "minion_start_to_ready",
         "ready_to_first_job_done",
         "lease_to_first_job_done",
+        "lease_to_sshd",
+        "lease_to_bootcmd",
         "minion_cpu",
     )
     print("\nInside the guests (medians, guest clock, s):")
@@ -271,7 +288,7 @@ def report_inside(results: dict[str, list[dict]]) -> None:
     for variant, rounds in results.items():
         if variant == "bare":
             continue
-        row = [median([r[k] for r in rounds if k in r]) for k in keys]
+        row = [median([r[k] for r in rounds if k in r]) for k in keys]  # nan: not seen
         print(f"  {variant:<11}" + "".join(f"{v:26.1f}" for v in row))
 
 

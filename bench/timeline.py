@@ -18,6 +18,10 @@ import paramiko
 # (key, journal text); the first matching line wins.
 MARKERS = (
     ("lease", "DHCPv4 address"),
+    # Where a deploy can begin: sshd listening (SSH), cloud-init's bootcmd
+    # queueing salt-kvm's start unit (cloud-init).
+    ("sshd_ready", "Server listening on 0.0.0.0 port 22"),
+    ("bootcmd", "Running as unit: salt-kvm-minion-start"),
     ("cloud_init", "Starting cloud-init.service"),
     ("minion_started", "Started salt-minion.service"),
     ("minion_setup", "Setting up the Salt Minion"),
@@ -95,6 +99,12 @@ def spans(figures: dict) -> dict[str, float]:
     for key, start, end in pairs:
         if start in figures and end in figures:
             out[key] = round(figures[end] - figures[start], 1)
+    # The guest's own wait after its lease before a deploy can begin (none when
+    # sshd listened first).
+    if "lease" in figures and "sshd_ready" in figures:
+        out["lease_to_sshd"] = round(max(0.0, figures["sshd_ready"] - figures["lease"]), 1)
+    if "lease" in figures and "bootcmd" in figures:
+        out["lease_to_bootcmd"] = round(figures["bootcmd"] - figures["lease"], 1)
     if "minion_cpu" in figures:
         out["minion_cpu"] = round(figures["minion_cpu"], 1)
     return out
