@@ -31,6 +31,14 @@ def test_linked_clone_boots_gets_its_lease_and_takes_ssh(hv, base_domain, pool_v
         with ssh.connect(ips[0], GUEST_USER, password=GUEST_PASSWORD, timeout=180) as session:
             assert session.check("cat /sys/class/net/eth0/address").strip() == mac
             assert session.check("cat /etc/machine-id").strip()  # made at first boot
+        # A power cut right after the first login: the host keys (and the
+        # machine id) made at first boot must be on disk by then. Before, the
+        # keys came back empty (ext4 had not committed them) and sshd never
+        # started again (CI, 2026-12-02).
+        dom.destroy()
+        dom.create()
+        with ssh.connect(ips[0], GUEST_USER, password=GUEST_PASSWORD, timeout=180) as session:
+            assert session.check("cat /sys/class/net/eth0/address").strip() == mac
         rollback.forget()
 
     lifecycle.remove(hv, name)
