@@ -225,12 +225,17 @@ def report(results: dict[str, list[dict]]) -> None:
 FLOOR = ("minion_start_to_ready", "ready_to_first_job_done")
 
 
-def entry_wait(variant: str, rounds: list[dict]) -> float | None:
-    """Median seconds from the lease until the guest itself let a deploy begin:
-    its sshd listening (SSH deploys), cloud-init reaching bootcmd (cloud-init)."""
-    key = "lease_to_bootcmd" if variant == "cloud-init" else "lease_to_sshd"
+def entry_wait(variant: str, rounds: list[dict]) -> tuple[str, float] | None:
+    """What let a deploy begin and the median seconds from the lease until the
+    guest itself got there: sshd listening (SSH deploys), cloud-init reaching
+    bootcmd (cloud-init)."""
+    key, what = (
+        ("lease_to_bootcmd", "cloud-init reached bootcmd")
+        if variant == "cloud-init"
+        else ("lease_to_sshd", "sshd listened")
+    )
     found = [r[key] for r in rounds if key in r]
-    return median(found) if found else None
+    return (what, median(found)) if found else None
 
 
 def above_floor(rounds: list[dict], bare_lease: float) -> tuple[float, float] | None:
@@ -263,9 +268,9 @@ def report_floor(results: dict[str, list[dict]]) -> None:
         floor, extra = found
         goal = "  (goal <= 3 s)" if variant != "salt3007" else ""
         print(f"  {variant:<11} floor {floor:6.1f} s   total - floor {extra:+6.1f} s{goal}")
-        wait = entry_wait(variant, rounds)
-        if wait is not None:
-            what = "cloud-init reached bootcmd" if variant == "cloud-init" else "sshd listened"
+        entry = entry_wait(variant, rounds)
+        if entry is not None:
+            what, wait = entry
             print(
                 f"  {'':<11} of which the guest's own wait until {what}: {wait:.1f} s;"
                 f" the rest {extra - wait:+.1f} s"
@@ -288,7 +293,7 @@ def report_inside(results: dict[str, list[dict]]) -> None:
     for variant, rounds in results.items():
         if variant == "bare":
             continue
-        row = [median([r[k] for r in rounds if k in r]) for k in keys]  # nan: not seen
+        row = [median([r[k] for r in rounds if k in r]) for k in keys]
         print(f"  {variant:<11}" + "".join(f"{v:26.1f}" for v in row))
 
 

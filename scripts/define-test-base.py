@@ -72,15 +72,22 @@ def existing_base(conn: libvirt.virConnect, key: str) -> bool:
     lifecycle.undefine(dom)
     # A quick clone of the old base (another checkout's guest, a run beside
     # this one) still reads the old disk: it stays until nothing needs it.
-    doomed, kept = chains.dependents(conn).deletable(old_paths)
+    delete_unread(conn, old_paths)
+    return False
+
+
+def delete_unread(conn: libvirt.virConnect, paths: list[str]) -> None:
+    """Delete the volumes of ``paths`` that no domain reads (``chains.deletable``);
+    log why each other one stays."""
+    doomed, kept = chains.dependents(conn).deletable(paths)
     for path, needs in kept.items():
         log(f"kept {path}: {chains.describe({path: needs})}")
     for path in doomed:
+        log(f"deleting {path}: an earlier base's disk nothing reads")
         try:
             conn.storageVolLookupByPath(path).delete(0)
         except libvirt.libvirtError:
             pass
-    return False
 
 
 def sweep_old_disks(conn: libvirt.virConnect, current: str | None) -> None:
@@ -96,17 +103,8 @@ def sweep_old_disks(conn: libvirt.virConnect, current: str | None) -> None:
         and vol.name().endswith(".qcow2")
         and vol.path() != current
     ]
-    if not old:
-        return
-    doomed, kept = chains.dependents(conn).deletable(old)
-    for path, needs in kept.items():
-        log(f"kept {path}: {chains.describe({path: needs})}")
-    for path in doomed:
-        log(f"deleting {path}: an earlier base's disk nothing reads")
-        try:
-            conn.storageVolLookupByPath(path).delete(0)
-        except libvirt.libvirtError:
-            pass
+    if old:
+        delete_unread(conn, old)
 
 
 def current_disk(conn: libvirt.virConnect) -> str | None:
